@@ -1,0 +1,85 @@
+"""The contract between the runner and a stage module.
+
+A stage type is one module `stages/<type>.py` that defines:
+
+    CODE_VERSION: int             # bump by hand when the stage's outputs would change
+    USES: tuple[str, ...]         # recipe-wide sections folded into the fingerprint, from
+                                  # ("seed", "model", "quant", "data")
+    class Config(StageConfig):    # strict schema; `type: Literal["<type>"]`
+        ...                       # fields typed `StageRef` name another stage (or "model")
+    def check(config, recipe) -> list[tuple[str, str]]   # optional: semantic checks that need
+                                  # more than the schema (shapes, paths); (key path, message) pairs,
+                                  # key path relative to the stage, e.g. ("group_size", "must divide 1024")
+    def run(ctx: StageContext) -> dict[str, float]       # does the work, returns metrics
+    HEADLINE: str | None          # optional: the metric shown in the run summary
+
+Stages meet only through artifacts: `ctx.inputs[field]` is the *directory* of the referenced stage
+(or of the recipe's base model for the reference "model"); a stage never imports another stage.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from pipeline.checkpoint import Checkpointer
+    from pipeline.recipe import Recipe
+
+
+class _StageRefMarker:
+    """Annotation marker: this field holds the name of another stage in the recipe."""
+
+
+StageRef = Annotated[str, _StageRefMarker()]
+"""A reference to another stage by name, or "model" for the recipe's base model."""
+
+BASE_MODEL_REF = "model"
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's config: extra keys are errors, defaults live in the schema."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    when: StageRef | None = None
+    """Name of a `gate` stage; this stage is skipped (state `skipped`) when that gate fails."""
+
+
+def stage_ref_fields(config_cls: type[StageConfig]) -> list[str]:
+    """Names of the fields of `config_cls` typed `StageRef` or `StageRef | None`."""
+    names = []
+    for name, info in config_cls.model_fields.items():
+        if any(isinstance(m, _StageRefMarker) for m in info.metadata):
+            names.append(name)
+            continue
+        # `StageRef | None` keeps the marker on the inner Annotated type
+        for arg in getattr(info.annotation, "__args__", ()) or ():
+            if any(isinstance(m, _StageRefMarker) for m in getattr(arg, "__metadata__", ())):
+                names.append(name)
+                break
+    return names
+
+
+@dataclass
+class StageContext:
+    """What the runner hands to `run`."""
+
+    name: str
+    config: StageConfig
+    recipe: "Recipe"
+    out_dir: Path
+    """Temporary directory to write every output into; the runner renames it into place when `run`
+    returns and writes the manifest (with each file's sha256) last."""
+    inputs: dict[str, Path]
+    """Field name of each StageRef -> directory of the referenced artifact."""
+    input_manifests: dict[str, dict[str, Any]]
+    """Field name -> manifest of the referenced stage ({} for the base model)."""
+    checkpointer: "Checkpointer"
+    """Mid-stage checkpoints that survive a killed run (see pipeline.checkpoint)."""
+    log: logging.Logger
+    """Goes to the console and to `<root>/<recipe>/run.log`. Progress bars: `pipeline.progress`."""
