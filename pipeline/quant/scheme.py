@@ -1,11 +1,33 @@
 """Quantization schemes: the recipe's `quant` section, named presets, targets and ignore patterns.
 
 Field names follow compressed-tensors' `QuantizationArgs` (num_bits, group_size, symmetric) so that a
-scheme maps one to one onto the `quantization_config` of an exported checkpoint.
+scheme maps one to one onto the `quantization_config` of an exported checkpoint
+(`weight_quantization_args`).
+
+A recipe gives the section in one of three forms:
+
+    quant: w3g128                                        # a named preset
+    quant: {preset: w3g128, weights: {symmetric: true}}  # a preset with overrides (merged key by key)
+    quant: {weights: {num_bits: 3, group_size: 128, symmetric: false}}   # spelled out
+
+Presets (`PRESETS`):
+- `w3g128`, `w4g128`, `w2g128`: integer weights in groups of 128 input columns, asymmetric (one scale
+  and one integer zero point per group; what GPTQ W3G128 reports use), activations and KV in BF16.
+- `w4a4kv4`: 4-bit weights, symmetric, one scale per output channel (QuaRot / FlatQuant's weight
+  format: the rotation spreads outliers over the whole row, so groups buy little and per-channel
+  symmetric weights keep the int4 GEMM simple); 4-bit asymmetric per-token activations (dynamic,
+  computed from each token's min/max, as FlatQuant does); 4-bit asymmetric KV cache after RoPE, one
+  scale per token and head (group = head_dim).
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs
 
 
 class WeightSpec(BaseModel):
@@ -46,5 +68,136 @@ class QuantSpec(BaseModel):
     activations: ActivationSpec | None = None
     kv_cache: KVCacheSpec | None = None
     targets: tuple[str, ...] = ("Linear",)
-    """Module class names or `re:<regex>` on module names, as in llmcompressor."""
+    """Module class names, exact module names, or `re:<regex>` on module names, as in llmcompressor."""
     ignore: tuple[str, ...] = ("lm_head",)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return _preset_dict(data)
+        if isinstance(data, dict) and "preset" in data:
+            overrides = {k: v for k, v in data.items() if k != "preset"}
+            return _merge(_preset_dict(data["preset"]), overrides)
+        return data
+
+    @model_validator(mode="after")
+    def _targets_given(self):
+        if not self.targets:
+            raise ValueError("targets must name at least one module class or pattern")
+        return self
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "w3g128": {"weights": {"num_bits": 3, "group_size": 128, "symmetric": False}},
+    "w4g128": {"weights": {"num_bits": 4, "group_size": 128, "symmetric": False}},
+    "w2g128": {"weights": {"num_bits": 2, "group_size": 128, "symmetric": False}},
+    "w4a4kv4": {
+        "weights": {"num_bits": 4, "group_size": None, "symmetric": True},
+        "activations": {"num_bits": 4, "symmetric": False},
+        "kv_cache": {"num_bits": 4, "symmetric": False, "group_size": None},
+    },
+}
+
+
+def _preset_dict(name: Any) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` applied key by key, recursing into sections given as dicts on both sides."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve(spec: QuantSpec | str | dict[str, Any]) -> QuantSpec:
+    """A QuantSpec from any of the recipe's three forms."""
+    return spec if isinstance(spec, QuantSpec) else QuantSpec.model_validate(spec)
+
+
+def weight_quantization_args(weights: WeightSpec) -> "QuantizationArgs":
+    """compressed-tensors' QuantizationArgs for these weights (integer, static, min-max observer)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    return QuantizationArgs(
+        num_bits=weights.num_bits,
+        type="int",
+        symmetric=weights.symmetric,
+        strategy="channel" if weights.group_size is None else "group",
+        group_size=weights.group_size,
+    )
+
+
+def weight_spec_from_args(args: "QuantizationArgs") -> WeightSpec:
+    """The inverse of `weight_quantization_args`; refuses what our QuantLinear cannot represent."""
+    if args.type != "int" or args.dynamic or args.strategy not in ("group", "channel"):
+        raise ValueError(
+            f"only static integer group/channel weight quantization is supported, got "
+            f"type={args.type} strategy={args.strategy} dynamic={args.dynamic}"
+        )
+    return WeightSpec(
+        num_bits=args.num_bits,
+        group_size=args.group_size if args.strategy == "group" else None,
+        symmetric=args.symmetric,
+    )
+
+
+def check_fit(model_or_config: Any, spec: QuantSpec, where: str = "quant") -> list[tuple[str, str]]:
+    """Every way `spec` does not fit the model, as (key path, message) pairs; [] if it fits.
+
+    `model_or_config` is a model, a transformers `PretrainedConfig`, or a `pipeline.models.Qwen3Arch`.
+    A config is instantiated on the meta device (no memory, no weights) so that target matching sees
+    the same module names and widths as the real model.
+    """
+    import torch
+
+    model = model_or_config if isinstance(model_or_config, torch.nn.Module) else _meta_model(model_or_config)
+    from pipeline.quant.apply import match_targets
+
+    try:
+        matched = match_targets(model, spec)
+    except ValueError as e:
+        return [(f"{where}.targets", str(e))]
+    errors = []
+    group_size = spec.weights.group_size
+    if group_size is not None:
+        misfits = [(n, m.in_features) for n, m in matched if m.in_features % group_size]
+        if misfits:
+            name, width = misfits[0]
+            more = f" (and {len(misfits) - 1} more layers)" if len(misfits) > 1 else ""
+            errors.append((
+                f"{where}.weights.group_size",
+                f"{group_size} does not divide in_features {width} of {name}{more}",
+            ))
+    if spec.kv_cache is not None and spec.kv_cache.group_size is not None:
+        head_dim = _head_dim(model.config)
+        if head_dim % spec.kv_cache.group_size:
+            errors.append((
+                f"{where}.kv_cache.group_size",
+                f"{spec.kv_cache.group_size} does not divide head_dim {head_dim}",
+            ))
+    return errors
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _meta_model(config: Any) -> "torch.nn.Module":
+    import torch
+    from transformers import AutoModelForCausalLM, PretrainedConfig, Qwen3Config
+
+    if not isinstance(config, PretrainedConfig):
+        # a Qwen3Arch: its fields are Qwen3Config's keyword arguments. The vocabulary only sets
+        # lm_head's out_features (never a grouped dimension), so the Qwen3 default stands in for the
+        # tokenizer's until the model is built.
+        config = Qwen3Config(**config.model_dump())
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
