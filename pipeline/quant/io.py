@@ -1,0 +1,158 @@
+"""Save and load the quantized model (QuantLinear representation) as a Hugging Face directory.
+
+Our layout (`save_quantized`): `save_pretrained`'s config.json + safetensors, whose state dict holds
+each QuantLinear's latent `weight`, `weight_scale` and `weight_zero_point`, plus `QUANT_CONFIG`
+(JSON: the QuantSpec and the names of the quantized modules) and the tokenizer. Nothing is parsed
+out of a path; the JSON is the record.
+
+`load_quantized(path)` also reads a compressed-tensors checkpoint (our `export` output, or any
+integer group/channel weight-only one): stock transformers decompresses it and the decompressed
+modules become QuantLinears whose latent weights are the dequantized weights.
+
+`path` may be a stage directory (its `model/` is used) or a model directory.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+QUANT_CONFIG = "reasoning_qat_quant.json"
+FORMAT = "reasoning-qat/fake-quant"
+FORMAT_VERSION = 1
+
+
+def model_dir(path: str | Path) -> Path:
+    """A stage directory's `model/`, or the path itself when it is a model directory."""
+    path = Path(path)
+    if not (path / "config.json").exists() and (path / "model" / "config.json").exists():
+        return path / "model"
+    return path
+
+
+def _compressed_tensors_config(path: Path) -> dict | None:
+    config_file = path / "config.json"
+    if not config_file.exists():
+        return None
+    qconfig = json.loads(config_file.read_text()).get("quantization_config")
+    return qconfig if qconfig and qconfig.get("quant_method") == "compressed-tensors" else None
+
+
+def is_quantized(path: str | Path) -> bool:
+    """True when `path` holds a model `load_quantized` reads: ours, or a compressed-tensors checkpoint."""
+    path = model_dir(path)
+    return (path / QUANT_CONFIG).exists() or _compressed_tensors_config(path) is not None
+
+
+def read_quant_spec(path: str | Path):
+    """The QuantSpec of a quantized model directory (ours or compressed-tensors)."""
+    from pipeline.quant.scheme import QuantSpec, weight_spec_from_args
+
+    path = model_dir(path)
+    if (path / QUANT_CONFIG).exists():
+        record = json.loads((path / QUANT_CONFIG).read_text())
+        if record.get("format") != FORMAT or record.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path / QUANT_CONFIG}: unknown format {record.get('format')} v{record.get('version')}")
+        return QuantSpec.model_validate(record["spec"])
+    qconfig = _compressed_tensors_config(path)
+    if qconfig is None:
+        raise ValueError(f"{path} holds no quantized model")
+    groups = list(qconfig["config_groups"].values())
+    if len(groups) != 1:
+        raise ValueError(f"{path}: {len(groups)} quantization config groups; one is supported")
+    from compressed_tensors.quantization import QuantizationScheme
+
+    scheme = QuantizationScheme.model_validate(groups[0])
+    if scheme.input_activations is not None or qconfig.get("kv_cache_scheme") is not None:
+        raise ValueError(f"{path}: activation / KV-cache quantized checkpoints are not supported yet")
+    return QuantSpec(
+        weights=weight_spec_from_args(scheme.weights),
+        targets=tuple(scheme.targets),
+        ignore=tuple(qconfig.get("ignore") or ()),
+    )
+
+
+def save_quantized(model: nn.Module, tokenizer, path: str | Path, spec) -> Path:
+    """Write `model` (with QuantLinears), its QuantSpec and tokenizer to `path` in our layout."""
+    from pipeline.quant.apply import quant_linears
+
+    path = Path(path)
+    names = [name for name, _ in quant_linears(model)]
+    if not names:
+        raise ValueError("the model has no QuantLinear: nothing quantized to save")
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    record = {"format": FORMAT, "version": FORMAT_VERSION, "spec": spec.model_dump(mode="json"), "modules": names}
+    (path / QUANT_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def load_quantized(path: str | Path, device: str | torch.device | None = None) -> nn.Module:
+    """The quantized model at `path` with its QuantLinears calibrated, in eval mode, on `device`."""
+    path = model_dir(path)
+    if (path / QUANT_CONFIG).exists():
+        model = _load_ours(path)
+    elif _compressed_tensors_config(path) is not None:
+        model = _load_compressed_tensors(path)
+    else:
+        raise ValueError(f"{path} holds no quantized model")
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def _load_ours(path: Path) -> nn.Module:
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.quant.apply import prepare, quant_linears
+
+    spec = read_quant_spec(path)
+    record = json.loads((path / QUANT_CONFIG).read_text())
+    config = AutoConfig.from_pretrained(path)
+    # parameters on meta (filled by assign below), buffers such as RoPE's inv_freq built for real
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    names = prepare(model, spec)
+    if names != record["modules"]:
+        raise ValueError(f"{path}: the spec selects {len(names)} modules, the checkpoint has {len(record['modules'])}")
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(file))
+    result = model.load_state_dict(state, strict=False, assign=True)
+    tied = {key for key in result.missing_keys if _is_tied(model, key)}
+    if set(result.missing_keys) - tied or result.unexpected_keys:
+        raise ValueError(
+            f"{path}: checkpoint does not match the model: missing {sorted(set(result.missing_keys) - tied)[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    if tied:
+        model.tie_weights()
+    for _, module in quant_linears(model):
+        module.calibrated = True
+    return model
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    return model.config.get_text_config().tie_word_embeddings and key == "lm_head.weight"
+
+
+def _load_compressed_tensors(path: Path) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.quant.apply import from_compressed_tensors
+
+    # stock transformers + compressed-tensors load the packed modules; decompressing now (rather
+    # than in the hook it registers for the first forward) leaves Linears that carry
+    # quantization_scheme / weight_scale / weight_zero_point and the dequantized weight
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    model.hf_quantizer.compressor.decompress_model(model)
+    from_compressed_tensors(model)
+    # from here on it is our representation: no compressed-tensors quantizer behind save_pretrained
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    return model

@@ -1,0 +1,67 @@
+"""Tiny Qwen3 models and a byte-level tokenizer for the quantization tests (CPU, seconds).
+
+Hidden width 256 so that groups of 128 (and 32, 64) divide every Linear; random weights, fixed seed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    byte_vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    tok = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.add_special_tokens({"additional_special_tokens": SPECIAL})
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_config(vocab_size: int, **overrides) -> Qwen3Config:
+    kwargs = dict(
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return Qwen3Config(**kwargs)
+
+
+def tiny_model(vocab_size: int, seed: int = 0, **overrides) -> Qwen3ForCausalLM:
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(tiny_config(vocab_size, **overrides)).eval()
+
+
+def save_tiny(path: Path, seed: int = 0, dtype=torch.float32, **overrides) -> Path:
+    """A tiny model + tokenizer saved as a Hugging Face directory, as a teacher stage leaves it."""
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok), seed, **overrides).to(dtype)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_traces(path: Path, n: int = 8) -> Path:
+    """A traces artifact (`traces.jsonl`) of n short arithmetic chains."""
+    import json
+
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "traces.jsonl", "w") as f:
+        for i in range(n):
+            a, b = 3 + i, 7 * i + 2
+            completion = f"<think>{a} plus {b} is {a + b}. Then times 2 gives {2 * (a + b)}.</think> \\boxed{{{2 * (a + b)}}}"
+            row = {"id": str(i), "question": f"What is ({a} + {b}) * 2?", "answer": str(2 * (a + b)),
+                   "completion": completion, "correct": True, "num_tokens": len(completion)}
+            f.write(json.dumps(row) + "\n")
+    return path
