@@ -1,0 +1,204 @@
+"""`reasoning-qat`: run, inspect and validate recipes; evaluate and export models.
+
+    reasoning-qat run RECIPE [--artifacts DIR] [--from STAGE | --only STAGE] [--force] [--dry-run] [--set K=V ...]
+    reasoning-qat status RECIPE [--artifacts DIR] [--json] [--set K=V ...]
+    reasoning-qat validate RECIPE [--set K=V ...]
+    reasoning-qat eval MODEL_DIR --bench gsm8k --limit 200
+    reasoning-qat export STAGE_DIR --scheme w3g128 --out ckpt/
+    accelerate launch -m pipeline.cli run RECIPE
+
+Exit codes: 0 done (a stage skipped by its gate counts as done), 2 bad input (one line per problem,
+nothing written), 1 a failure while running (one line naming the stage; the traceback is in run.log).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Callable
+
+from rich.console import Console
+from rich.table import Table
+
+from pipeline import logs
+from pipeline.errors import InputError
+from pipeline.progress import console as err_console
+from pipeline.recipe import RecipeError, load_recipe
+
+DEFAULT_ARTIFACTS = "artifacts"
+
+# Subcommands whose code lives elsewhere and is heavy to import: (module, adds arguments, runs).
+DELEGATED = {
+    "eval": ("pipeline.evaluate", "add_eval_arguments", "cli_eval",
+             "evaluate a model on a benchmark (accuracy, samples.jsonl)"),
+    "export": ("pipeline.quant.export", "add_export_arguments", "cli_export",
+               "write a real low-bit checkpoint from a stage directory"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    try:
+        return args.handler(args)
+    except RecipeError as e:
+        for line in e.lines():
+            _error(line)
+        return 2
+    except InputError as e:
+        _error(str(e))
+        return 2
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as e:  # noqa: BLE001 - everything else is a run-time failure: one line, exit 1
+        from pipeline.runner import RunError
+        from pipeline.store import LockedError
+
+        if isinstance(e, (RunError, LockedError)):
+            _error(str(e))
+        else:
+            _error(f"internal error: {type(e).__name__}: {e}")
+        return 1
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reasoning-qat", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run what is missing or stale")
+    _recipe_arguments(run, artifacts=True)
+    which = run.add_mutually_exclusive_group()
+    which.add_argument("--from", dest="from_stage", metavar="STAGE",
+                       help="re-run this stage and everything downstream of it, even if up to date")
+    which.add_argument("--only", metavar="STAGE",
+                       help="run just this stage, even if up to date; its inputs must be up to date")
+    run.add_argument("--force", action="store_true",
+                     help="re-run every selected stage, and stages whose gate did not pass")
+    run.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    run.set_defaults(handler=cmd_run)
+
+    status = sub.add_parser("status", help="each stage: complete / stale / pending / skipped / failed, and why")
+    _recipe_arguments(status, artifacts=True)
+    status.add_argument("--json", action="store_true", help='print {"stages": [{"name", "type", "state", "reason"}]}')
+    status.set_defaults(handler=cmd_status)
+
+    validate = sub.add_parser("validate", help="check a recipe without running anything")
+    _recipe_arguments(validate, artifacts=False)
+    validate.set_defaults(handler=cmd_validate)
+
+    for name, (module_name, add_arguments, run_name, help_text) in DELEGATED.items():
+        command = sub.add_parser(name, help=help_text)
+        if argv[:1] == [name]:  # import the heavy module only for its own subcommand
+            _attach_delegated(command, name, module_name, add_arguments, run_name)
+    return parser
+
+
+def _recipe_arguments(parser: argparse.ArgumentParser, artifacts: bool) -> None:
+    parser.add_argument("recipe", help="the recipe YAML file")
+    if artifacts:
+        parser.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, metavar="DIR",
+                            help="artifacts root (default ./artifacts)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. stages.kd_qat.lr=1e-5 (value read as YAML)")
+
+
+def _attach_delegated(command, name, module_name, add_arguments, run_name) -> None:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name not in (module_name, module_name.rpartition(".")[0]):
+            raise
+        command.add_argument("rest", nargs=argparse.REMAINDER)
+        command.set_defaults(handler=_unavailable(name))
+        return
+    getattr(module, add_arguments)(command)
+    command.set_defaults(handler=getattr(module, run_name))
+
+
+def _unavailable(name: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        _error(f"reasoning-qat {name}: not available in this version")
+        return 2
+
+    return handler
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    names = ", ".join(f"{n} ({c.type})" for n, c in recipe.stages.items())
+    _out().print(f"{args.recipe}: ok: {len(recipe.stages)} stages: {names}", markup=False, highlight=False)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.runner import status
+    from pipeline.store import Store
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    decisions = status(recipe, Store(args.artifacts, recipe.name))
+    if args.json:
+        rows = [{"name": d.name, "type": d.type, "state": d.state, "reason": d.reason} for d in decisions]
+        print(json.dumps({"stages": rows}, indent=2))
+        return 0
+    table = Table(title=f"{recipe.name} ({args.artifacts}/{recipe.name})", title_justify="left")
+    for column in ("stage", "type", "state", "why"):
+        table.add_column(column)
+    styles = {"complete": "green", "stale": "yellow", "pending": "cyan", "skipped": "dim", "failed": "red"}
+    for d in decisions:
+        table.add_row(d.name, d.type, f"[{styles[d.state]}]{d.state}[/]", _plain(d.reason))
+    _out().print(table)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.runner import Options, Processes, plan, run
+    from pipeline.store import Store
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    options = Options(from_stage=args.from_stage, only=args.only, force=args.force)
+    if args.dry_run:
+        decisions = plan(recipe, Store(args.artifacts, recipe.name), options)
+        table = Table(title=f"plan for {recipe.name} (dry run: nothing written)", title_justify="left")
+        for column in ("stage", "type", "action", "why"):
+            table.add_column(column)
+        actions = {"run": "[bold]run[/]", "skip": "skip", "gate": "skip (gate)"}
+        for d in decisions:
+            table.add_row(d.name, d.type, actions[d.action], _plain(d.reason))
+        _out().print(table)
+        return 0
+    procs = Processes()
+    logs.setup_console(quiet=not procs.is_main)
+    outcomes = run(recipe, args.artifacts, options)
+    if procs.is_main:
+        table = Table(title=f"{recipe.name}: done ({args.artifacts}/{recipe.name})", title_justify="left")
+        for column in ("stage", "state", "wall", "headline"):
+            table.add_column(column)
+        for o in outcomes:
+            wall = "" if o.wall_seconds is None else f"{o.wall_seconds:.1f}s"
+            table.add_row(o.name, o.state, wall, _plain(o.headline))
+        _out().print(table)
+    return 0
+
+
+# -- output ----------------------------------------------------------------------------------------
+
+def _out() -> Console:
+    return Console(highlight=False)
+
+
+def _plain(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _error(line: str) -> None:
+    err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

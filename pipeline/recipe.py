@@ -1,0 +1,440 @@
+"""Recipes: load a YAML file, apply `--set` overrides, validate everything, report every error at once.
+
+A recipe is a declaration (like DVC's `dvc.yaml`): the recipe-wide sections `seed`, `model`, `quant`,
+`data`, and `stages`, a mapping of stage name to `type` plus that type's keys. The type picks its
+pydantic `Config` from the closed registry in `stages/`; nothing in a YAML file can import code.
+
+    recipe = load_recipe("recipes/demo.yaml", overrides=["stages.teacher.lr=1e-3"])
+
+`load_recipe` raises `RecipeError` holding every problem found, each as (key path, message), in the
+order the checks run: YAML -> top-level keys -> sections -> each stage's type and schema ->
+references -> cycles -> each stage type's `check` hook -> the base model's local path.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+import stages as stage_registry
+from pipeline.data import DataSpec
+from pipeline.errors import InputError
+from pipeline.models import ModelSpec
+from pipeline.quant.scheme import QuantSpec
+from pipeline.stage_api import BASE_MODEL_REF, StageConfig, stage_ref_fields
+
+SECTIONS: dict[str, type[BaseModel]] = {"model": ModelSpec, "quant": QuantSpec, "data": DataSpec}
+TOP_KEYS = ("name", "seed", "model", "quant", "data", "stages")
+REQUIRED_KEYS = ("name", "model", "stages")
+STAGE_NAME = re.compile(r"^[a-z0-9_-]+$")
+RECIPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+GATE_TYPE = "gate"
+
+
+class RecipeError(Exception):
+    """Every problem found in a recipe, each as (key path, message)."""
+
+    def __init__(self, errors: list[tuple[str, str]]):
+        self.errors = errors
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        return [f"{where}: {message}" if where else message for where, message in self.errors]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    seed: int
+    model: ModelSpec
+    quant: QuantSpec
+    data: DataSpec
+    stages: dict[str, StageConfig]
+    """Stage name -> validated config, in the order the file lists them."""
+    source: str = "<recipe>"
+    modules: dict[str, types.ModuleType] = field(default_factory=dict, repr=False, compare=False)
+    """Stage name -> its stage type's module."""
+
+    def section(self, key: str) -> Any:
+        """A recipe-wide section (`seed`, `model`, `quant`, `data`) as plain JSON-able data."""
+        if key == "seed":
+            return self.seed
+        return getattr(self, key).model_dump(mode="json")
+
+    def refs(self, stage: str) -> dict[str, str]:
+        """Field name -> referenced stage (or "model") of each StageRef field set on `stage`."""
+        config = self.stages[stage]
+        return _refs_of(config)
+
+
+def _refs_of(config: StageConfig) -> dict[str, str]:
+    out = {}
+    for name in stage_ref_fields(type(config)):
+        value = getattr(config, name)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+# -- entry points ------------------------------------------------------------------------------
+
+def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file; RecipeError lists every problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise RecipeError([(source, "no such file")]) from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise RecipeError([(source, f"cannot read ({e.__class__.__name__})")]) from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        raise RecipeError([(source, _yaml_message(e))]) from None
+    if not isinstance(raw, dict):
+        raise RecipeError([(source, f"expected a mapping of recipe keys, got {_describe(raw)}")])
+    return parse_recipe(raw, source=source, overrides=overrides)
+
+
+def parse_recipe(raw: dict, source: str = "<recipe>", overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Validate recipe data (as loaded from YAML) after applying `--set` overrides."""
+    raw = _deep_copy(raw)
+    errors = apply_overrides(raw, overrides)
+    errors += _check_top_level(raw)
+
+    sections: dict[str, BaseModel] = {}
+    for key, cls in SECTIONS.items():
+        if key in REQUIRED_KEYS and key not in raw:
+            continue  # already reported as missing
+        value = raw.get(key)
+        if value is None and key not in REQUIRED_KEYS:
+            value = {}  # `quant:` with nothing under it means the defaults
+        try:
+            sections[key] = cls.model_validate(value)
+        except ValidationError as e:
+            errors += pydantic_errors(e, key, cls)
+
+    configs, modules, stage_errors = _validate_stages(raw.get("stages"))
+    errors += stage_errors
+    errors += check_references(configs)
+    cycle = find_cycle(configs)
+    if cycle:
+        errors.append(("stages", f"cycle {' -> '.join(cycle)}"))
+
+    if errors or len(sections) < len(SECTIONS):
+        if "model" in sections:
+            errors += _check_model_path(sections["model"])
+        raise RecipeError(errors)
+
+    recipe = Recipe(
+        name=raw["name"], seed=raw.get("seed", 0), model=sections["model"], quant=sections["quant"],
+        data=sections["data"], stages=configs, source=source, modules=modules,
+    )
+    # Semantic checks presuppose a well-formed recipe, so they run only once everything above passed.
+    for name, config in configs.items():
+        check = getattr(modules[name], "check", None)
+        if check is None:
+            continue
+        try:
+            found = check(config, recipe)
+        except InputError as e:
+            found = [(e.where, e.message)]
+        errors += [(_join(f"stages.{name}", where), message) for where, message in found]
+    errors += _check_model_path(recipe.model)
+    if errors:
+        raise RecipeError(errors)
+    return recipe
+
+
+# -- YAML ----------------------------------------------------------------------------------------
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}'", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_message(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    where = f"line {mark.line + 1}: " if mark is not None else ""
+    return f"{where}could not parse YAML ({problem})"
+
+
+def _deep_copy(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _deep_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_deep_copy(v) for v in obj]
+    return obj
+
+
+# -- overrides -----------------------------------------------------------------------------------
+
+def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> list[tuple[str, str]]:
+    """Apply `key.path=value` overrides in place (value read as YAML); return the errors.
+
+    The top-level key and the stage name must exist already (an override cannot invent a stage);
+    deeper keys may be new, and the schema then judges them like any key written in the file.
+    """
+    errors = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.split(".")
+        where = f"--set {key}"
+        if not sep or not all(parts):
+            errors.append((f"--set {item}", "expected KEY=VALUE, e.g. stages.kd_qat.lr=1e-5"))
+            continue
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            errors.append((where, _yaml_message(e)))
+            continue
+        if parts[0] not in TOP_KEYS:
+            errors.append((where, f"no recipe key '{parts[0]}'{did_you_mean(parts[0], TOP_KEYS)}"))
+            continue
+        if parts[0] == "stages" and len(parts) > 1 and parts[1] not in (raw.get("stages") or {}):
+            known = list(raw.get("stages") or {}) if isinstance(raw.get("stages"), dict) else []
+            errors.append((where, f"no stage named '{parts[1]}'{did_you_mean(parts[1], known)}"))
+            continue
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                errors.append((where, f"{'.'.join(parts[:depth + 1])} is {_describe(node)}, not a mapping"))
+                break
+        else:
+            node[parts[-1]] = value
+    return errors
+
+
+# -- top level and stages --------------------------------------------------------------------------
+
+def _check_top_level(raw: dict) -> list[tuple[str, str]]:
+    errors = []
+    for key in raw:
+        if key not in TOP_KEYS:
+            errors.append((str(key), f"unknown key{did_you_mean(str(key), TOP_KEYS)}"))
+    for key in REQUIRED_KEYS:
+        if key not in raw:
+            errors.append((key, "required"))
+    name = raw.get("name")
+    if "name" in raw and not (isinstance(name, str) and RECIPE_NAME.match(name)):
+        errors.append(("name", f"must be a folder name (letters, digits, _ . -), got {_describe(name)}"))
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        errors.append(("seed", f"expected an integer, got {_describe(seed)}"))
+    elif seed < 0:
+        errors.append(("seed", "must be >= 0"))
+    return errors
+
+
+def _validate_stages(raw_stages: Any):
+    configs: dict[str, StageConfig] = {}
+    modules: dict[str, types.ModuleType] = {}
+    errors: list[tuple[str, str]] = []
+    if raw_stages is None:
+        return configs, modules, errors  # missing: reported with the top-level keys
+    if not isinstance(raw_stages, dict) or not raw_stages:
+        return configs, modules, [("stages", f"expected a mapping of stage name to stage, got {_describe(raw_stages)}")]
+    for name, body in raw_stages.items():
+        where = f"stages.{name}"
+        if name == BASE_MODEL_REF:
+            errors.append((where, "the name 'model' is reserved (it means the recipe's base model)"))
+            continue
+        if not isinstance(name, str) or not STAGE_NAME.match(name):
+            errors.append((where, "stage names use only a-z, 0-9, _ and -"))
+            continue
+        if not isinstance(body, dict):
+            errors.append((where, f"expected a mapping with a `type`, got {_describe(body)}"))
+            continue
+        stage_type = body.get("type")
+        if stage_type is None:
+            errors.append((f"{where}.type", f"required (one of {', '.join(stage_registry.STAGE_TYPES)})"))
+            continue
+        try:
+            module = stage_registry.stage_module(stage_type) if isinstance(stage_type, str) else None
+        except KeyError:
+            module = None
+        except stage_registry.StageTypeUnavailable as e:
+            errors.append((f"{where}.type", str(e)))
+            continue
+        if module is None:
+            errors.append((f"{where}.type", f"unknown stage type {_describe(stage_type)}"
+                           f"{did_you_mean(str(stage_type), stage_registry.STAGE_TYPES)}"
+                           f" (one of {', '.join(stage_registry.STAGE_TYPES)})"))
+            continue
+        try:
+            configs[name] = module.Config.model_validate(body)
+            modules[name] = module
+        except ValidationError as e:
+            errors += pydantic_errors(e, where, module.Config)
+    return configs, modules, errors
+
+
+def check_references(configs: dict[str, StageConfig]) -> list[tuple[str, str]]:
+    """Each StageRef names a stage of the recipe or "model"; `when` names a gate stage."""
+    errors = []
+    for name, config in configs.items():
+        for field_name, target in _refs_of(config).items():
+            where = f"stages.{name}.{field_name}"
+            if field_name == "when":
+                if target not in configs:
+                    errors.append((where, f"no stage named '{target}'{did_you_mean(target, list(configs))}"))
+                elif configs[target].type != GATE_TYPE:
+                    errors.append((where, f"'{target}' is a {configs[target].type} stage, not a gate"))
+                continue
+            if target == BASE_MODEL_REF:
+                continue
+            if target == name:
+                errors.append((where, "a stage cannot take its own output as input"))
+            elif target not in configs:
+                errors.append((where, f"no stage named '{target}'"
+                               f"{did_you_mean(target, [*configs, BASE_MODEL_REF])}"))
+    return errors
+
+
+def find_cycle(configs: dict[str, StageConfig]) -> list[str] | None:
+    """A cycle among stage references as [a, b, ..., a], or None."""
+    graph = {name: [t for t in _refs_of(c).values() if t in configs] for name, c in configs.items()}
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in graph[node]:
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in graph:
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def _check_model_path(model: ModelSpec) -> list[tuple[str, str]]:
+    """A `model.path` that is clearly a local path must exist; `org/name` hub ids are left to the hub."""
+    if model.path is None:
+        return []
+    path = Path(model.path).expanduser()
+    looks_local = (path.is_absolute() or model.path.startswith(("./", "../", "~"))
+                   or (len(path.parts) > 1 and path.parent.is_dir()))
+    if looks_local and not path.exists():
+        return [("model.path", f"no such directory: {model.path}")]
+    return []
+
+
+# -- pydantic errors as key paths ----------------------------------------------------------------
+
+def pydantic_errors(exc: ValidationError, prefix: str, model: type[BaseModel]) -> list[tuple[str, str]]:
+    """ValidationError -> [(key path, human message)], one per distinct key path."""
+    out: dict[str, str] = {}
+    for err in exc.errors(include_url=False):
+        loc = [part for part in err["loc"] if isinstance(part, int) or _is_key(part)]
+        where = _join(prefix, ".".join(str(p) for p in loc))
+        if where not in out:
+            out[where] = _message(err, model, loc)
+    return list(out.items())
+
+
+def _is_key(part: str) -> bool:
+    # pydantic puts union member tags such as `int` or `function-after[...]` into locations
+    return not any(c in part for c in "[]()") and part not in ("int", "float", "str", "bool", "list", "dict")
+
+
+def _message(err: dict, model: type[BaseModel], loc: list) -> str:
+    kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind == "missing":
+        return "required"
+    if kind == "extra_forbidden":
+        return f"unknown key{did_you_mean(str(loc[-1]), _fields_at(model, loc[:-1]))}"
+    if kind in bounds:
+        return f"must be {bounds[kind]} {next(iter(ctx.values()))}"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"expected an integer, got {_describe(value)}"
+    if kind in ("float_parsing", "float_type"):
+        return f"expected a number, got {_describe(value)}"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"expected true or false, got {_describe(value)}"
+    if kind in ("string_type",):
+        return f"expected a string, got {_describe(value)}"
+    if kind in ("literal_error", "enum"):
+        return f"must be one of {ctx.get('expected')}, got {_describe(value)}"
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return f"expected a mapping, got {_describe(value)}"
+    if kind in ("list_type", "tuple_type"):
+        return f"expected a list, got {_describe(value)}"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    if kind == "too_short":
+        return f"needs at least {ctx.get('min_length')} item(s)"
+    if kind == "too_long":
+        return f"takes at most {ctx.get('max_length')} item(s)"
+    return err["msg"][:1].lower() + err["msg"][1:]
+
+
+def _fields_at(model: type[BaseModel], loc: list) -> list[str]:
+    """Field names of the (nested) pydantic model found at `loc` under `model`."""
+    cls: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
+            return []
+        cls = _model_of(cls.model_fields[part].annotation)
+    return list(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
+
+
+def _model_of(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+# -- small helpers --------------------------------------------------------------------------------
+
+def did_you_mean(word: str, candidates: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if value is None:
+        return "nothing"
+    return repr(value)
+
+
+def _join(prefix: str, rest: str) -> str:
+    return f"{prefix}.{rest}" if prefix and rest else prefix or rest

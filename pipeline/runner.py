@@ -1,0 +1,474 @@
+"""The runner: decide which stages are up to date, run the others in DAG order, record what ran.
+
+A stage is up to date (skipped) when it has a manifest of status `complete` whose fingerprint, inputs
+and code version match, and every file it lists is present with its sha256; the checks run cheapest
+first and the first failing one is the reason shown by `status` and the plan. Otherwise the stage runs,
+and with it everything downstream.
+
+Gates: a stage with `when: <gate>` is skipped (a manifest of status `skipped`) when the gate's metrics
+say `passed` 0; a stage downstream of a skipped stage reads the skipped stage's own input named by its
+module's `PASSTHROUGH`, recursively, so downstream stages use the last stage that did run.
+
+Several processes (`accelerate launch -m pipeline.cli run ...`): every rank decides the same plan from
+the same files and runs each stage with the same context; only the main rank takes the lock, writes
+manifests, renames directories and writes run.log; all ranks meet at a barrier around each stage.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import dag, logs
+from pipeline.errors import InputError
+from pipeline.recipe import Recipe, did_you_mean
+from pipeline.stage_api import BASE_MODEL_REF, StageContext
+from pipeline.store import Store, fingerprint, now_iso, sha256_json
+
+log = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    """A failure at run time, reported as one line (exit code 1)."""
+
+
+class StageFailed(RunError):
+    pass
+
+
+class RunStopped(RunError):
+    """The run stopped on SIGINT/SIGTERM; checkpoints are kept for the next run."""
+
+
+@dataclass
+class Options:
+    from_stage: str | None = None
+    """Re-run this stage and everything downstream of it, even if up to date."""
+    only: str | None = None
+    """Run just this stage (even if up to date); its inputs must be complete and up to date."""
+    force: bool = False
+    """Re-run every selected stage, and run stages whose gate did not pass."""
+
+
+@dataclass
+class Effective:
+    """What a reference to a stage resolves to once gates have been applied."""
+
+    stage: str
+    """The stage whose artifact is read (`model` for the base model); a skipped stage's passthrough."""
+    fingerprint: str
+    run_id: str | None
+    manifest: dict = field(default_factory=dict)
+    pending: str | None = None
+    """Set when the artifact is not there yet: why it will (re-)run."""
+    unavailable: str | None = None
+    """Set when there is nothing to read: a skipped stage without PASSTHROUGH."""
+
+
+@dataclass
+class Decision:
+    name: str
+    type: str
+    action: str
+    """`run`, `skip` (up to date) or `gate` (skipped because its gate did not pass)."""
+    state: str
+    """What `status` shows: complete, stale, pending, skipped or failed."""
+    reason: str
+    fingerprint: str
+    inputs: dict[str, Effective]
+    warning: str | None = None
+
+
+@dataclass
+class Outcome:
+    name: str
+    state: str
+    wall_seconds: float | None = None
+    headline: str = ""
+
+
+# -- planning -----------------------------------------------------------------------------------------
+
+class Planner:
+    """Decides stages in DAG order; `record` feeds each decision (or a fresh manifest) back in."""
+
+    def __init__(self, recipe: Recipe, store: Store, deep: bool = True):
+        self.recipe = recipe
+        self.store = store
+        self.deep = deep
+        self.effective: dict[str, Effective] = {}
+        self.base = Effective(BASE_MODEL_REF, sha256_json(recipe.section("model")), None)
+
+    def decide(self, name: str, forced: str | None = None) -> Decision:
+        """Run, skip or gate-skip `name`, given the decisions already recorded for its inputs.
+
+        `forced` (why, e.g. "--from ptq") makes an otherwise up-to-date stage run, and a stage whose
+        gate did not pass run with a warning.
+        """
+        recipe, store = self.recipe, self.store
+        config, module = recipe.stages[name], recipe.modules[name]
+        refs = recipe.refs(name)
+        inputs = {f: self.base if t == BASE_MODEL_REF else self.effective[t] for f, t in refs.items()}
+        config_json = config.model_dump(mode="json")
+        sections = {s: recipe.section(s) for s in module.USES}
+        fp = fingerprint(config.type, config_json, sections, {f: e.fingerprint for f, e in inputs.items()},
+                         module.CODE_VERSION)
+
+        def decision(action, state, reason, warning=None):
+            return Decision(name, config.type, action, state, reason, fp, inputs, warning)
+
+        for f, e in inputs.items():
+            if e.unavailable:
+                return decision("gate", "skipped", f"input '{f}': {e.unavailable}")
+        warning = None
+        if "when" in inputs and self._gate_passed(inputs["when"]) is False:
+            if not forced:
+                return decision("gate", "skipped", f"gate '{refs['when']}' did not pass")
+            warning = f"gate '{refs['when']}' did not pass; running anyway ({forced})"
+
+        manifest = store.manifest(name)
+        failed = store.failed(name)
+        failure = f"failed: {failed.get('error', 'unknown error')}" if failed and failed.get("fingerprint") == fp else None
+        if manifest is None:
+            state, reason = ("failed", failure) if failure else ("pending", "never run")
+            step = store.resume_step(name, fp)
+            if step is not None:
+                reason += f"; resumes from step {step}"
+        else:
+            reason = self._stale_reason(name, manifest, fp, inputs, config_json, sections, module)
+            reason = reason or next((f"input '{f}' will re-run ({e.pending})" for f, e in inputs.items()
+                                     if e.pending), None)
+            if reason is None and manifest.get("status") == "skipped":
+                reason = f"gate '{refs['when']}' passes now" if "when" in refs else "was skipped"
+            if reason is None and self.deep and not forced:
+                reason = store.check_files(name, manifest, deep=True)
+                if reason:
+                    warning = f"{reason}; re-running"
+            if reason is None:
+                state, reason = "complete", "up to date"
+            elif failure:
+                state, reason = "failed", failure
+            else:
+                state = "stale"
+        if forced:
+            return decision("run", state, forced, warning)
+        return decision("skip" if state == "complete" else "run", state, reason, warning)
+
+    @staticmethod
+    def _gate_passed(gate: Effective) -> bool | None:
+        if gate.unavailable:
+            return False
+        if gate.pending:
+            return None  # not known until the gate has run
+        metrics = gate.manifest.get("metrics", {})
+        if "passed" not in metrics:
+            raise RunError(f"stages.{gate.stage}: a gate must report the metric 'passed' (1.0 or 0.0)")
+        return bool(metrics["passed"])
+
+    def _stale_reason(self, name, manifest, fp, inputs, config_json, sections, module) -> str | None:
+        """Why a stage's manifest does not match what it would be now, cheapest check first (no sha256)."""
+        if manifest.get("status") not in ("complete", "skipped"):
+            return f"manifest has status {manifest.get('status')!r}"
+        if manifest.get("type") != config_json["type"]:
+            return f"type changed: {manifest.get('type')} -> {config_json['type']}"
+        if manifest.get("code_version") != module.CODE_VERSION:
+            return f"code version {manifest.get('code_version')} -> {module.CODE_VERSION}"
+        changes = _diff(manifest.get("config", {}), config_json)
+        if changes:
+            return f"config changed: {changes}"
+        for section, value in sections.items():
+            changes = _diff(manifest.get("sections", {}).get(section), value)
+            if changes:
+                return f"recipe section '{section}' changed: {changes}"
+        recorded, runs = manifest.get("inputs", {}), manifest.get("input_runs", {})
+        for f, e in inputs.items():
+            if recorded.get(f) != e.fingerprint:
+                was = manifest.get("input_stages", {}).get(f)
+                return f"input '{f}' changed" + (f" (now from '{e.stage}', was '{was}')" if was != e.stage else "")
+            if not e.pending and runs.get(f) != e.run_id:
+                return f"input '{f}' was re-run"
+        if manifest.get("fingerprint") != fp:
+            return "fingerprint changed"
+        if manifest.get("status") == "complete":
+            return self.store.check_files(name, manifest, deep=False)
+        return None
+
+    def record(self, decision: Decision, manifest: dict | None = None) -> None:
+        """What a reference to this stage resolves to from now on."""
+        name = decision.name
+        if decision.action == "gate":
+            passthrough = getattr(self.recipe.modules[name], "PASSTHROUGH", None)
+            if passthrough in decision.inputs:
+                self.effective[name] = decision.inputs[passthrough]
+            else:
+                self.effective[name] = Effective(name, decision.fingerprint, None,
+                                                 unavailable=f"'{name}' was skipped and passes nothing through")
+            return
+        if manifest is None and decision.action == "skip":
+            manifest = self.store.manifest(name)
+        if manifest is None:  # planned, not run
+            self.effective[name] = Effective(name, decision.fingerprint, None, pending=decision.reason)
+        else:
+            self.effective[name] = Effective(name, decision.fingerprint, manifest.get("run_id"), manifest)
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> str:
+    """Short description of what changed between two JSON values: `lr 0.0003 -> 1e-05, ...`."""
+    changes = []
+
+    def walk(a, b, path):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key, "<unset>"), b.get(key, "<unset>"), f"{path}.{key}" if path else key)
+        elif a != b:
+            changes.append(f"{path or 'value'} {_short(a)} -> {_short(b)}")
+
+    walk(old, new, prefix)
+    if len(changes) > 3:
+        changes = changes[:3] + [f"and {len(changes) - 3} more"]
+    return ", ".join(changes)
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# -- selection ------------------------------------------------------------------------------------
+
+def selection(recipe: Recipe, options: Options) -> tuple[list[str], dict[str, str]]:
+    """(stages considered, in order; stage -> why it is forced to run)."""
+    order = dag.topological_order(recipe)
+    for flag, stage in (("--from", options.from_stage), ("--only", options.only)):
+        if stage is not None and stage not in recipe.stages:
+            raise InputError(flag, f"no stage named '{stage}'{did_you_mean(stage, list(recipe.stages))}")
+    if options.only:
+        selected = {options.only}
+        forced = {options.only: "--only"}
+    elif options.from_stage:
+        heads = {options.from_stage} | dag.downstream(recipe, options.from_stage)
+        selected = heads.union(*(dag.upstream(recipe, s) for s in heads))
+        forced = {s: f"--from {options.from_stage}" for s in heads}
+    else:
+        selected, forced = set(order), {}
+    if options.force:
+        forced = {s: "--force" for s in selected}
+    return [s for s in order if s in selected], forced
+
+
+def plan(recipe: Recipe, store: Store, options: Options = Options(), deep: bool = True) -> list[Decision]:
+    """The decision for every stage, in DAG order, without running or writing anything."""
+    selected, forced = selection(recipe, options)
+    planner = Planner(recipe, store, deep=deep)
+    decisions = []
+    for name in dag.topological_order(recipe):
+        decision = planner.decide(name, forced.get(name))
+        planner.record(decision)
+        if name in selected:
+            decisions.append(decision)
+    if options.only:
+        _check_only_inputs(decisions[0])
+    return decisions
+
+
+def status(recipe: Recipe, store: Store) -> list[Decision]:
+    """Each stage's state and why; reads files, never writes."""
+    return plan(recipe, store)
+
+
+def _check_only_inputs(decision: Decision) -> None:
+    for f, e in decision.inputs.items():
+        if e.pending:
+            raise InputError(f"--only {decision.name}", f"input '{f}' (stage '{e.stage}') is not up to date "
+                             f"({e.pending}); run it first, or use --from")
+
+
+# -- running ----------------------------------------------------------------------------------------
+
+class Processes:
+    """This process's place among the ranks of an `accelerate launch` / `torchrun` job."""
+
+    def __init__(self):
+        self._state = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState  # only multi-process runs pay for the import
+
+            self._state = PartialState()
+        self.is_main = self._state is None or self._state.is_main_process
+
+    def barrier(self) -> None:
+        if self._state is not None:
+            self._state.wait_for_everyone()
+
+
+def run(recipe: Recipe, root: str | Path, options: Options = Options()) -> list[Outcome]:
+    """Run what is missing or stale (and what `options` force); raise RunError / InputError on failure."""
+    store = Store(root, recipe.name)
+    selected, forced = selection(recipe, options)
+    if options.only:  # a missing input is bad input: refuse before the lock or run.log exist
+        plan(recipe, store, options)
+    procs = Processes()
+    if procs.is_main:
+        with store.lock():
+            store.clean_trash()
+            handler = logs.attach_run_log(store.run_log)
+            try:
+                log.info("%s: stages %s", recipe.source, ", ".join(selected))
+                return _run_stages(recipe, store, selected, forced, options, procs)
+            except Exception:
+                log.debug("run failed", exc_info=True)
+                raise
+            finally:
+                logs.detach(handler)
+    return _run_stages(recipe, store, selected, forced, options, procs)
+
+
+def _run_stages(recipe, store, selected, forced, options, procs) -> list[Outcome]:
+    planner = Planner(recipe, store)
+    outcomes = []
+    for name in dag.topological_order(recipe):
+        procs.barrier()  # every rank decides from the files the main rank finished writing
+        decision = planner.decide(name, forced.get(name))
+        if name not in selected:
+            planner.record(decision)
+            continue
+        if options.only:
+            _check_only_inputs(decision)
+        stage_log = logging.getLogger(f"stages.{name}")
+        if decision.warning:
+            stage_log.warning(decision.warning)
+        if decision.action == "skip":
+            planner.record(decision)
+            outcomes.append(Outcome(name, "up to date", None, _headline(recipe, name, store.manifest(name))))
+            continue
+        if decision.action == "gate":
+            stage_log.info("skipped: %s", decision.reason)
+            existing = store.manifest(name)
+            if procs.is_main and not (existing and existing.get("status") == "skipped"
+                                      and existing.get("fingerprint") == decision.fingerprint):
+                store.prepare(name, decision.fingerprint)
+                store.commit(name, _manifest(recipe, decision, "skipped", now_iso(), now_iso(), 0.0, {},
+                                             reason=decision.reason))
+            planner.record(decision)
+            outcomes.append(Outcome(name, "skipped", None, decision.reason))
+            continue
+        stage_log.info("running (%s)", decision.reason)
+        manifest = _execute(recipe, store, decision, procs)
+        planner.record(decision, manifest)
+        outcomes.append(Outcome(name, "ran", manifest["wall_seconds"], _headline(recipe, name, manifest)))
+    return outcomes
+
+
+def _execute(recipe: Recipe, store: Store, decision: Decision, procs: Processes) -> dict:
+    from pipeline.checkpoint import Checkpointer, StageInterrupted  # torch: only when a stage runs
+
+    name = decision.name
+    config, module = recipe.stages[name], recipe.modules[name]
+    if procs.is_main:
+        store.prepare(name, decision.fingerprint)
+    procs.barrier()
+    checkpointer = Checkpointer(store.checkpoints_dir(name), every=getattr(config, "checkpoint_every", 0))
+    ctx = StageContext(
+        name=name, config=config, recipe=recipe, out_dir=store.out_dir(name),
+        inputs={f: path for f, e in decision.inputs.items()
+                if f != "when" and (path := _input_dir(recipe, store, e)) is not None},
+        input_manifests={f: e.manifest for f, e in decision.inputs.items() if f != "when"},
+        checkpointer=checkpointer, log=logging.getLogger(f"stages.{name}"),
+    )
+    seed_everything(recipe.seed)
+    started, t0 = now_iso(), time.monotonic()
+    handlers = checkpointer.install_signal_handlers() if threading.current_thread() is threading.main_thread() else None
+    try:
+        metrics = _metrics(module.run(ctx))
+    except StageInterrupted:
+        step = store.resume_step(name, decision.fingerprint)
+        raise RunStopped(f"stages.{name}: stopped; re-run to resume from "
+                         + (f"step {step}" if step is not None else "the start")) from None
+    except Exception as e:
+        wall = time.monotonic() - t0
+        ctx.log.debug("failed after %.1fs", wall, exc_info=True)
+        error = str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {e}"
+        if procs.is_main:
+            store.record_failure(name, _manifest(recipe, decision, "failed", started, now_iso(), wall, {},
+                                                 error=error))
+        if isinstance(e, InputError):
+            raise InputError(f"stages.{name}", str(e)) from None
+        where = f" (traceback in {store.run_log})" if procs.is_main else ""
+        raise StageFailed(f"stages.{name}: failed: {error}{where}") from e
+    finally:
+        if handlers is not None:
+            checkpointer.restore_signal_handlers(handlers)
+    wall = time.monotonic() - t0
+    procs.barrier()
+    manifest = _manifest(recipe, decision, "complete", started, now_iso(), wall, metrics)
+    if procs.is_main:
+        manifest = store.commit(name, manifest)
+    ctx.log.info("done in %.1fs %s", wall, _format_metrics(metrics))
+    if checkpointer.stop_requested:
+        raise RunStopped(f"stages.{name}: completed, then stopped as asked; re-run to continue")
+    return manifest
+
+
+def _input_dir(recipe: Recipe, store: Store, e: Effective) -> Path | None:
+    if e.stage == BASE_MODEL_REF:
+        # a model built from `arch` has no directory: the stage builds it from recipe.model.arch
+        return Path(recipe.model.path) if recipe.model.path else None
+    return store.stage_dir(e.stage)
+
+
+def _manifest(recipe, decision: Decision, status_, started, ended, wall, metrics, **extra) -> dict:
+    config = recipe.stages[decision.name]
+    module = recipe.modules[decision.name]
+    return {
+        "name": decision.name, "type": config.type, "status": status_, "fingerprint": decision.fingerprint,
+        "run_id": uuid.uuid4().hex, "started": started, "ended": ended, "wall_seconds": round(wall, 3),
+        "metrics": metrics, "config": config.model_dump(mode="json"),
+        "sections": {s: recipe.section(s) for s in module.USES},
+        "inputs": {f: e.fingerprint for f, e in decision.inputs.items()},
+        "input_stages": {f: e.stage for f, e in decision.inputs.items()},
+        "input_runs": {f: e.run_id for f, e in decision.inputs.items()},
+        "code_version": module.CODE_VERSION, **extra,
+    }
+
+
+def _metrics(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        raise TypeError(f"run() returned {type(value).__name__}; it must return a dict of metrics")
+    out = {}
+    for key, metric in value.items():
+        try:
+            out[str(key)] = float(metric)
+        except (TypeError, ValueError):
+            raise TypeError(f"run() returned metric {key!r} = {metric!r}, which is not a number") from None
+    return out
+
+
+def _headline(recipe: Recipe, name: str, manifest: dict | None) -> str:
+    key = getattr(recipe.modules[name], "HEADLINE", None)
+    metrics = (manifest or {}).get("metrics", {})
+    if key is None or key not in metrics:
+        return ""
+    return f"{key} {metrics[key]:.4g}"
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    try:
+        import numpy as np
+    except ImportError:  # numpy is optional for the engine
+        pass
+    else:
+        np.random.seed(seed)
+    import torch
+
+    torch.manual_seed(seed)
