@@ -20,23 +20,21 @@ from torch import nn
 
 from pipeline.quant import fake
 from pipeline.quant.linear import QuantLinear
-from pipeline.quant.scheme import QuantSpec, WeightSpec, weight_quantization_args, weight_spec_from_args
+from pipeline.quant.scheme import ActivationSpec, QuantSpec, WeightSpec, weight_quantization_args, weight_spec_from_args
 
 Observer = Literal["minmax", "mse"]
 
 
 def match_targets(model: nn.Module, spec: QuantSpec) -> list[tuple[str, nn.Linear]]:
-    """The (name, Linear) pairs `spec` quantizes. ValueError when a target matches no module, when the
-    targets select no layer at all after `ignore`, or when they select something that is not a Linear."""
+    """The (name, Linear) pairs `spec` quantizes: Linears matching a target and no ignore pattern
+    (other matched modules, e.g. an activation under `re:.*mlp.*`, are passed over, as llmcompressor
+    does). ValueError when a target matches no Linear, or when `ignore` leaves nothing."""
     for target in spec.targets:
-        if not any(True for _ in match_named_modules(model, [target])):
-            raise ValueError(f"target {target!r} matches no module of {type(model).__name__}")
-    matched = list(match_named_modules(model, spec.targets, spec.ignore))
+        if not any(isinstance(m, nn.Linear) for _, m in match_named_modules(model, [target])):
+            raise ValueError(f"target {target!r} matches no Linear module of {type(model).__name__}")
+    matched = [(n, m) for n, m in match_named_modules(model, spec.targets, spec.ignore) if isinstance(m, nn.Linear)]
     if not matched:
         raise ValueError(f"targets {list(spec.targets)} minus ignore {list(spec.ignore)} leave no module to quantize")
-    others = [name for name, m in matched if not isinstance(m, nn.Linear)]
-    if others:
-        raise ValueError(f"only Linear layers can be quantized; targets also match {others[0]}")
     return matched
 
 
@@ -94,11 +92,12 @@ def set_learnable_scales(model: nn.Module, learnable: bool) -> None:
         module.weight_scale.requires_grad_(learnable)
 
 
-def from_compressed_tensors(model: nn.Module) -> dict[str, WeightSpec]:
+def from_compressed_tensors(model: nn.Module, activations: ActivationSpec | None = None) -> dict[str, WeightSpec]:
     """Replace each Linear carrying a compressed-tensors `quantization_scheme` (after llmcompressor's
     oneshot, or a decompressed checkpoint) by a QuantLinear whose latent weight is that module's
     (already dequantized) weight and whose scales and zero points are its `weight_scale` /
-    `weight_zero_point`. Returns the weight spec of each converted module."""
+    `weight_zero_point`; `activations` adds per-token input fake quantization (compressed-tensors
+    schemes carry none we support). Returns the weight spec of each converted module."""
     specs = {}
     for name, module in list(model.named_modules()):
         scheme = getattr(module, "quantization_scheme", None)
@@ -109,7 +108,7 @@ def from_compressed_tensors(model: nn.Module) -> dict[str, WeightSpec]:
         spec = weight_spec_from_args(scheme.weights)
         plain = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
         plain.weight, plain.bias = module.weight, module.bias
-        quant = QuantLinear.from_linear(plain, spec)
+        quant = QuantLinear.from_linear(plain, spec, activations)
         quant.set_qparams(module.weight_scale, getattr(module, "weight_zero_point", None))
         model.set_submodule(name, quant)
         specs[name] = spec

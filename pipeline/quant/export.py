@@ -16,7 +16,6 @@ import argparse
 import math
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from pipeline.errors import InputError
@@ -46,7 +45,12 @@ def export_pack_quantized(model: nn.Module, tokenizer, spec, out_dir: str | Path
 
 
 def checkpoint_size(path: str | Path) -> dict[str, float]:
-    """Bytes on disk and bits per weight, read from the safetensors headers of a checkpoint."""
+    """Bytes on disk and bits per weight, read from the safetensors headers of a checkpoint.
+
+    bits_per_weight: the quantized Linears' tensors (packed codes, scales, zero points, shapes) over
+    their weight count. bits_per_param: every tensor over every parameter (embeddings, norms and the
+    BF16 lm_head included).
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -54,30 +58,26 @@ def checkpoint_size(path: str | Path) -> dict[str, float]:
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
-                t = f.get_tensor(key) if key.endswith("weight_shape") else f.get_slice(key)
-                shape = list(t.shape) if isinstance(t, torch.Tensor) else t.get_shape()
-                bits = math.prod(shape) * _dtype_bits(t.dtype if isinstance(t, torch.Tensor) else t.get_dtype())
+                tensor = f.get_slice(key)
+                bits = math.prod(tensor.get_shape()) * _DTYPE_BITS[tensor.get_dtype()]
                 total_bits += bits
                 if key.endswith(PACKED_SUFFIXES):
                     quant_bits += bits
                     if key.endswith("weight_shape"):
-                        quant_weights += math.prod(t.tolist())
-                        total_params += math.prod(t.tolist())
+                        quant_weights += math.prod(f.get_tensor(key).tolist())
                 else:
-                    total_params += math.prod(shape)
+                    total_params += math.prod(tensor.get_shape())
+    total_params += quant_weights
     return {
         "bytes_on_disk": float(sum(p.stat().st_size for p in path.iterdir() if p.is_file())),
         "safetensors_bytes": float(sum(p.stat().st_size for p in path.glob("*.safetensors"))),
-        "bits_per_weight": quant_bits / quant_weights if quant_weights else float("nan"),
-        "bits_per_param": total_bits / total_params if total_params else float("nan"),
+        "bits_per_weight": quant_bits / quant_weights,
+        "bits_per_param": total_bits / total_params,
         "quantized_weights": float(quant_weights),
     }
 
 
-def _dtype_bits(dtype) -> int:
-    if isinstance(dtype, str):  # safetensors slice dtype names: "F32", "BF16", "I32", "I64", ...
-        return int("".join(ch for ch in dtype if ch.isdigit()))
-    return torch.finfo(dtype).bits if dtype.is_floating_point else torch.iinfo(dtype).bits
+_DTYPE_BITS = {"F64": 64, "F32": 32, "BF16": 16, "F16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8, "BOOL": 8}
 
 
 def resolve_scheme(scheme: str | None, model_spec):

@@ -1,0 +1,90 @@
+"""Numeric sanity of a PTQ result, in SQNR (dB), in the spirit of gpt-fast's GPTQ debug numbers.
+
+Per quantized layer:
+- weight SQNR: the fake-quantized weight against the original (BF16) weight;
+- output SQNR: on the quantized model's own inputs to that layer (what GPTQ's sequential pipeline
+  optimises), x @ W_original^T against the layer's fake-quantized output. GPTQ should beat RTN here
+  even where its weight SQNR is lower: it trades weight error for output error.
+Per model: SQNR of the final hidden states against the unquantized model's on the same samples.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.quant import fake
+from pipeline.quant.apply import match_targets, quant_linears
+from pipeline.quant.scheme import QuantSpec
+
+
+def snapshot_weights(model: nn.Module, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """CPU copies of the weights `spec` will quantize, taken before quantizing."""
+    return {name: m.weight.detach().to("cpu", copy=True) for name, m in match_targets(model, spec)}
+
+
+@torch.no_grad()
+def final_hidden(model: nn.Module, samples: list[list[int]]) -> list[torch.Tensor]:
+    """The last hidden state of each sample ([len, hidden], float32 on CPU)."""
+    device = next(model.parameters()).device
+    out = []
+    for s in samples:
+        hidden = model(torch.tensor([s], device=device), output_hidden_states=True).hidden_states[-1]
+        out.append(hidden[0].float().cpu())
+    return out
+
+
+@torch.no_grad()
+def layer_sqnr(model: nn.Module, originals: dict[str, torch.Tensor], samples: list[list[int]]) -> list[dict]:
+    """[{"layer", "weight_sqnr", "output_sqnr"}] for each QuantLinear, in module order."""
+    energy: dict[str, list[float]] = {}
+    hooks = []
+
+    def hook(name, module, args, output):
+        w = originals[name].to(device=output.device, dtype=output.dtype)
+        reference = F.linear(args[0], w, module.bias).double()
+        sig_noise = energy.setdefault(name, [0.0, 0.0])
+        sig_noise[0] += float(reference.square().sum())
+        sig_noise[1] += float((reference - output.double()).square().sum())
+
+    layers = quant_linears(model)
+    for name, module in layers:
+        hooks.append(module.register_forward_hook(lambda m, a, o, name=name: hook(name, m, a, o)))
+    try:
+        device = next(model.parameters()).device
+        for s in samples:
+            model(torch.tensor([s], device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    report = []
+    for name, module in layers:
+        signal, noise = energy[name]
+        report.append({
+            "layer": name,
+            "weight_sqnr": fake.sqnr(originals[name], module.quantized_weight().detach().cpu()),
+            "output_sqnr": float("inf") if noise == 0 else 10 * math.log10(signal / noise),
+        })
+    return report
+
+
+def hidden_sqnr(reference: list[torch.Tensor], quantized: list[torch.Tensor]) -> float:
+    return fake.sqnr(torch.cat([r.flatten() for r in reference]), torch.cat([q.flatten() for q in quantized]))
+
+
+def summarize(report: list[dict]) -> dict[str, float]:
+    """Mean and min of each SQNR column."""
+    out = {}
+    for key in ("weight_sqnr", "output_sqnr"):
+        values = [r[key] for r in report]
+        out[f"{key}_mean"] = sum(values) / len(values)
+        out[f"{key}_min"] = min(values)
+    return out
+
+
+def format_table(report: list[dict]) -> str:
+    lines = [f"{'layer':<48} {'weight SQNR':>12} {'output SQNR':>12}"]
+    lines += [f"{r['layer']:<48} {r['weight_sqnr']:>12.2f} {r['output_sqnr']:>12.2f}" for r in report]
+    return "\n".join(lines)

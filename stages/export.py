@@ -1,0 +1,66 @@
+"""Stage `export`: a quantized model (ptq, kd_qat, rl stage) as a real low-bit checkpoint.
+
+Format `pack-quantized` (compressed-tensors): int32-packed integer weights, scales, packed zero
+points when asymmetric, `quantization_config` in config.json, tokenizer and generation config.
+Stock transformers + compressed-tensors load it (`AutoModelForCausalLM.from_pretrained`) with the
+logits of our fake-quant model; vLLM serves the same format. See pipeline.quant.export.
+
+Outputs: `<out_dir>/model/`. Metrics: bytes on disk, bits per quantized weight, bits per parameter.
+
+    reasoning-qat run recipe.yaml --only export        # or: reasoning-qat export STAGE_DIR --out DIR
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pipeline.errors import InputError
+from pipeline.stage_api import StageConfig, StageContext, StageRef
+
+CODE_VERSION = 1
+USES = ()
+HEADLINE = "bits_per_weight"
+
+
+class Config(StageConfig):
+    type: Literal["export"] = "export"
+    model: StageRef
+    """The quantized model to export (a ptq, kd_qat or rl stage)."""
+    scheme: str | None = None
+    """A preset (e.g. w3g128) the model must be quantized with; None: the model's own scheme."""
+    format: Literal["pack-quantized"] = "pack-quantized"
+    """Checkpoint format: compressed-tensors pack-quantized (weight-only integer schemes)."""
+
+
+def check(config: Config, recipe) -> list[tuple[str, str]]:
+    from pipeline.quant.export import resolve_scheme
+
+    if config.scheme is None:
+        return []
+    try:
+        # the models a recipe quantizes carry its `quant` section: check against that before running
+        resolve_scheme(config.scheme, recipe.quant)
+    except InputError as e:
+        return [(e.where, e.message)]
+    return []
+
+
+def run(ctx: StageContext) -> dict[str, float]:
+    from transformers import AutoTokenizer
+
+    from pipeline.quant.export import export_pack_quantized, resolve_scheme
+    from pipeline.quant.io import is_quantized, load_quantized, model_dir, read_quant_spec
+
+    source = ctx.inputs["model"]
+    if not is_quantized(source):
+        raise InputError(f"stages.{ctx.name}.model", f"{source} holds no quantized model (export a ptq/kd_qat stage)")
+    try:
+        spec = resolve_scheme(ctx.config.scheme, read_quant_spec(source))
+    except InputError as e:
+        raise InputError(f"stages.{ctx.name}.{e.where}", e.message) from None
+    model = load_quantized(source)
+    size = export_pack_quantized(model, AutoTokenizer.from_pretrained(model_dir(source)), spec, ctx.out_dir / "model")
+    ctx.log.info(
+        "exported %s: %.2f MiB on disk, %.3f bits per quantized weight, %.3f bits per parameter",
+        source, size["bytes_on_disk"] / 2**20, size["bits_per_weight"], size["bits_per_param"],
+    )
+    return size
