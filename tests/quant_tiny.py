@@ -65,3 +65,20 @@ def write_traces(path: Path, n: int = 8) -> Path:
                    "completion": completion, "correct": True, "num_tokens": len(completion)}
             f.write(json.dumps(row) + "\n")
     return path
+
+
+def one_thread():
+    """Context for CPU-heavy tests: one intra-op thread (the test machines share 2 cores; more threads
+    than cores make llmcompressor's per-column GPTQ loop ~20x slower)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    return scope()

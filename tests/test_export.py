@@ -18,7 +18,7 @@ from pipeline.quant.export import add_export_arguments, cli_export
 from pipeline.quant.io import save_quantized
 from pipeline.quant.scheme import QuantSpec
 from pipeline.stage_api import StageContext
-from quant_tiny import save_tiny
+from quant_tiny import one_thread, save_tiny
 from stages import export as export_stage
 
 STOCK_RELOAD = """
@@ -29,6 +29,12 @@ x = torch.load(sys.argv[2])
 with torch.no_grad():
     torch.save(model(x).logits, sys.argv[3])
 """
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module", params=["w3g128", {"weights": {"num_bits": 4, "group_size": None, "symmetric": True}}],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,20 +44,27 @@ def traces_samples(tokenizer, traces_dir: str | Path, nsamples: int, seqlen: int
 
 
 def generic_text() -> str:
+    parts = []
+    with warnings.catch_warnings():  # e.g. typing.io's deprecation warning, fired by reading its attributes
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in GENERIC_MODULES:
+            _add_docstrings(name, parts)
+    return "\n\n".join(dict.fromkeys(parts))
+
+
+def _add_docstrings(name: str, parts: list[str]) -> None:
     import importlib
     import inspect
 
-    parts = []
-    for name in GENERIC_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:  # e.g. tkinter on a Python built without Tk
-            continue
-        for obj in [module, *(v for _, v in sorted(vars(module).items()) if not _.startswith("_"))]:
-            doc = inspect.getdoc(obj) if (obj is module or getattr(obj, "__module__", None) == name) else None
-            if doc and len(doc) > 200:
-                parts.append(doc)
-    return "\n\n".join(dict.fromkeys(parts))
+    try:
+        module = importlib.import_module(name)
+    except ImportError:  # e.g. tkinter on a Python built without Tk
+        return
+    members = [v for k, v in sorted(vars(module).items()) if not k.startswith("_") and not inspect.ismodule(v)]
+    for obj in [module] + [v for v in members if getattr(v, "__module__", None) == name]:
+        doc = inspect.getdoc(obj)
+        if doc and len(doc) > 200:  # short ones are mostly signatures and one-liners
+            parts.append(doc)
 
 
 def generic_samples(tokenizer, nsamples: int, seqlen: int, seed: int) -> list[list[int]]:

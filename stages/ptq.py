@@ -1,0 +1,122 @@
+"""Stage `ptq`: post-training quantization of the BF16 teacher into the QuantLinear model (PTQ init).
+
+Methods:
+  - `gptq` (default): GPTQ (Frantar et al. 2023) through llmcompressor's GPTQModifier + oneshot,
+    calibrated on the teacher's own reasoning traces (the paper's domain-matched calibration) or on
+    the generic text source (the WikiText stand-in, see pipeline.quant.calibration); asymmetric,
+    act-order ("static"), min-max or MSE-searched ranges ("clipping"). See pipeline.quant.gptq for
+    how its result becomes our representation.
+  - `rtn`: round-to-nearest with min-max (or MSE) ranges; no data needed (calibration data, when
+    given, only feeds the SQNR report).
+The scheme is the recipe's `quant` section (e.g. `quant: w3g128`).
+
+Outputs: `<out_dir>/model/` (pipeline.quant.io layout: safetensors with latent weights, scales and
+zero points, `reasoning_qat_quant.json`, tokenizer), `<out_dir>/sqnr.json` (per layer: weight and
+output SQNR in dB). Metrics: mean/min SQNR, final-hidden-state SQNR, wall time of the quantization.
+
+    reasoning-qat run recipes/demo.yaml --only ptq
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from pipeline.errors import InputError
+from pipeline.stage_api import StageConfig, StageContext, StageRef
+
+CODE_VERSION = 1
+USES = ("seed", "quant")
+HEADLINE = "output_sqnr_mean"
+
+
+class Config(StageConfig):
+    type: Literal["ptq"] = "ptq"
+    model: StageRef = "model"
+    """The unquantized (BF16) model to quantize: a stage (e.g. the sft teacher) or "model"."""
+    calibration: StageRef | None = None
+    """A traces stage whose traces calibrate GPTQ (calibration_source "traces")."""
+    calibration_source: Literal["traces", "generic"] = "traces"
+    """"traces": the `calibration` stage's traces; "generic": non-domain English text (the WikiText
+    stand-in, Python standard-library docstrings)."""
+    method: Literal["rtn", "gptq"] = "gptq"
+    nsamples: int = Field(128, gt=0)
+    """Calibration sequences."""
+    seqlen: int = Field(2048, gt=0)
+    """Tokens per calibration sequence (traces are truncated, generic text is cut to exactly this)."""
+    block_size: int = Field(128, gt=0)
+    """GPTQ: columns updated per block (lazy batch updates)."""
+    dampening_frac: float = Field(0.01, ge=0)
+    """GPTQ: fraction of the Hessian's mean diagonal added to its diagonal."""
+    actorder: Literal["static", "weight"] | None = "static"
+    """GPTQ: sweep columns by decreasing Hessian diagonal ("static" = "weight"); None: in order."""
+    observer: Literal["minmax", "mse"] = "minmax"
+    """How each group's range is chosen: min-max, or llmcompressor's MSE grid search (clipping)."""
+    sqnr_samples: int = Field(4, ge=1)
+    """Calibration sequences run through the model for the SQNR report."""
+
+    @model_validator(mode="after")
+    def _source(self):
+        if self.calibration_source == "traces" and self.calibration is None and self.method == "gptq":
+            raise ValueError("calibration_source 'traces' needs `calibration: <traces stage>`")
+        if self.calibration_source == "generic" and self.calibration is not None:
+            raise ValueError("calibration is set but calibration_source is 'generic'; drop one")
+        return self
+
+
+def check(config: Config, recipe) -> list[tuple[str, str]]:
+    from pipeline.quant.scheme import check_fit
+
+    if recipe.model.arch is None or config.model != "model":
+        return []  # widths known only once the referenced model exists: checked again in run
+    return check_fit(recipe.model.arch, recipe.quant)
+
+
+def run(ctx: StageContext) -> dict[str, float]:
+    from pipeline.models import load_model, load_tokenizer
+    from pipeline.quant import sqnr
+    from pipeline.quant.apply import quantize_rtn
+    from pipeline.quant.calibration import generic_samples, traces_samples
+    from pipeline.quant.gptq import run_gptq
+    from pipeline.quant.io import save_quantized
+    from pipeline.quant.scheme import check_fit
+
+    config, spec = ctx.config, ctx.recipe.quant
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(ctx.inputs["model"], device=device).eval()
+    tokenizer = load_tokenizer(ctx.inputs["model"])
+    misfits = check_fit(model, spec)
+    if misfits:
+        raise InputError(*misfits[0])
+
+    if config.calibration is not None:
+        if not (ctx.inputs["calibration"] / "traces.jsonl").is_file():
+            raise InputError(f"stages.{ctx.name}.calibration", f"{ctx.inputs['calibration']} has no traces.jsonl")
+        samples = traces_samples(tokenizer, ctx.inputs["calibration"], config.nsamples, config.seqlen, ctx.recipe.seed)
+    else:
+        samples = generic_samples(tokenizer, config.nsamples, config.seqlen, ctx.recipe.seed)
+    report_samples = samples[: config.sqnr_samples]
+    originals = sqnr.snapshot_weights(model, spec)
+    reference_hidden = sqnr.final_hidden(model, report_samples)
+
+    start = time.perf_counter()
+    if config.method == "gptq":
+        run_gptq(model, tokenizer, spec, samples, config.block_size, config.dampening_frac, config.actorder, config.observer)
+    else:
+        quantize_rtn(model, spec, config.observer)
+    wall = time.perf_counter() - start
+
+    report = sqnr.layer_sqnr(model, originals, report_samples)
+    ctx.log.info("per-layer SQNR (dB), %s %s:\n%s", config.method, config.calibration_source, sqnr.format_table(report))
+    (ctx.out_dir / "sqnr.json").write_text(json.dumps(report, indent=1) + "\n")
+    save_quantized(model, tokenizer, ctx.out_dir / "model", spec)
+    return {
+        **sqnr.summarize(report),
+        "hidden_sqnr": sqnr.hidden_sqnr(reference_hidden, sqnr.final_hidden(model, report_samples)),
+        "wall_time_s": wall,
+        "quantized_layers": float(len(report)),
+        "calibration_tokens": float(sum(len(s) for s in samples)),
+    }

@@ -1,0 +1,114 @@
+"""PTQ: GPTQ through llmcompressor becomes our QuantLinear model exactly; GPTQ beats RTN on layer
+outputs; the ptq stage writes a model pipeline.load_quantized reads back with identical logits."""
+import json
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from pydantic import ValidationError
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import pipeline
+from pipeline.models import Qwen3Arch
+from pipeline.quant import sqnr
+from pipeline.quant.apply import quant_linears, quantize_rtn
+from pipeline.quant.calibration import generic_samples, traces_samples
+from pipeline.quant.gptq import gptq_modifier, run_gptq
+from pipeline.quant.scheme import QuantSpec
+from pipeline.stage_api import StageContext
+from quant_tiny import one_thread, save_tiny, write_traces
+from stages import ptq
+
+W3G128 = QuantSpec.model_validate("w3g128")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ptq")
+    return SimpleNamespace(dir=save_tiny(root / "teacher"), traces=write_traces(root / "traces", n=8))
+
+
+def _load(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_gptq_is_llmcompressors_exactly_and_beats_rtn(teacher):
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(teacher.dir)
+    samples = traces_samples(tok, teacher.traces, nsamples=8, seqlen=256, seed=0)
+
+    bare = _load(teacher.dir)  # llmcompressor's own oneshot, nothing of ours after it
+    from llmcompressor import oneshot
+    from llmcompressor.core import active_session
+    from pipeline.quant.calibration import calibration_loader
+
+    oneshot(model=bare, recipe=gptq_modifier(W3G128, 128, 0.01, "static", "minmax"),
+            dataset=calibration_loader(samples), processor=tok)
+    active_session().reset()
+
+    model = _load(teacher.dir)
+    originals = sqnr.snapshot_weights(model, W3G128)
+    names = run_gptq(model, tok, W3G128, samples, block_size=128, dampening_frac=0.01, actorder="static")
+    assert len(names) == 14
+    for name, module in quant_linears(model):
+        gptq_weight = bare.get_submodule(name).weight
+        # our fake quantization of the latent weight is GPTQ's quantized weight, to the bit
+        torch.testing.assert_close(module.quantized_weight(), gptq_weight, atol=0, rtol=0)
+        torch.testing.assert_close(module.weight_scale, bare.get_submodule(name).weight_scale, atol=0, rtol=0)
+
+    rtn = _load(teacher.dir)
+    quantize_rtn(rtn, W3G128)
+    gptq_report = sqnr.layer_sqnr(model, originals, samples[:4])
+    rtn_report = sqnr.layer_sqnr(rtn, originals, samples[:4])
+    gptq_out = [r["output_sqnr"] for r in gptq_report]
+    rtn_out = [r["output_sqnr"] for r in rtn_report]
+    assert sum(gptq_out) / len(gptq_out) > sum(rtn_out) / len(rtn_out) + 1.0  # dB
+    assert sum(g > r for g, r in zip(gptq_out, rtn_out)) >= 12
+
+
+def test_generic_samples(teacher):
+    tok = AutoTokenizer.from_pretrained(teacher.dir)
+    samples = generic_samples(tok, nsamples=3, seqlen=64, seed=0)
+    assert [len(s) for s in samples] == [64] * 3 and samples == generic_samples(tok, 3, 64, 0)
+    assert "boxed" not in tok.decode(sum(samples, []))
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_stage_run_and_reload(teacher, tmp_path, method):
+    config = ptq.Config(model="teacher", calibration="traces", method=method, nsamples=6, seqlen=128, sqnr_samples=2)
+    ctx = StageContext(name="ptq", config=config, recipe=SimpleNamespace(quant=W3G128, seed=0), out_dir=tmp_path,
+                       inputs={"model": teacher.dir, "calibration": teacher.traces},
+                       input_manifests={"model": {}, "calibration": {}}, checkpointer=None, log=logging.getLogger("test"))
+    metrics = ptq.run(ctx)
+    assert metrics["quantized_layers"] == 14 and metrics["wall_time_s"] > 0
+    assert 0 < metrics["output_sqnr_min"] <= metrics["output_sqnr_mean"] < 40
+    assert 0 < metrics["hidden_sqnr"] < 60
+    assert len(json.loads((tmp_path / "sqnr.json").read_text())) == 14
+
+    loaded = pipeline.load_quantized(tmp_path)
+    x = torch.randint(0, 200, (2, 21), generator=torch.Generator().manual_seed(1))
+    reference = _load(teacher.dir)
+    quantized = dict(quant_linears(loaded))
+    with torch.no_grad():  # the saved model is the fake-quant model: rebuild it from its weights and compare
+        for name, module in quantized.items():
+            reference.get_submodule(name).weight.copy_(module.quantized_weight())
+        assert torch.equal(loaded(x).logits, reference(x).logits)
+
+
+def test_config_and_check_errors():
+    with pytest.raises(ValidationError, match="needs `calibration"):
+        ptq.Config(model="teacher")
+    with pytest.raises(ValidationError, match="drop one"):
+        ptq.Config(model="teacher", calibration="traces", calibration_source="generic")
+    recipe = SimpleNamespace(model=SimpleNamespace(arch=Qwen3Arch(hidden_size=128, intermediate_size=96, head_dim=32)),
+                             quant=W3G128)
+    errors = ptq.check(ptq.Config(model="model", method="rtn"), recipe)
+    assert errors == [("quant.weights.group_size",
+                       "128 does not divide in_features 96 of model.layers.0.mlp.down_proj (and 1 more layers)")]
