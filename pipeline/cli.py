@@ -187,7 +187,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 # -- output ----------------------------------------------------------------------------------------
 
 def _out() -> Console:
-    return Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
+    # tables in logs and pipes: no terminal to fit, so do not wrap reasons at 80 columns
+    return console if console.is_terminal else Console(highlight=False, soft_wrap=True, width=200)
 
 
 def _plain(text: str) -> str:

@@ -121,9 +121,9 @@ def parse_recipe(raw: dict, source: str = "<recipe>", overrides: typing.Sequence
         except ValidationError as e:
             errors += pydantic_errors(e, key, cls)
 
-    configs, modules, stage_errors = _validate_stages(raw.get("stages"))
+    configs, modules, declared, stage_errors = _validate_stages(raw.get("stages"))
     errors += stage_errors
-    errors += check_references(configs)
+    errors += check_references(configs, declared)
     cycle = find_cycle(configs)
     if cycle:
         errors.append(("stages", f"cycle {' -> '.join(cycle)}"))
@@ -247,13 +247,16 @@ def _check_top_level(raw: dict) -> list[tuple[str, str]]:
 
 
 def _validate_stages(raw_stages: Any):
+    """(valid configs, their modules, every well-named stage -> its declared type, errors)."""
     configs: dict[str, StageConfig] = {}
     modules: dict[str, types.ModuleType] = {}
+    declared: dict[str, Any] = {}
     errors: list[tuple[str, str]] = []
     if raw_stages is None:
-        return configs, modules, errors  # missing: reported with the top-level keys
+        return configs, modules, declared, errors  # missing: reported with the top-level keys
     if not isinstance(raw_stages, dict) or not raw_stages:
-        return configs, modules, [("stages", f"expected a mapping of stage name to stage, got {_describe(raw_stages)}")]
+        return configs, modules, declared, [
+            ("stages", f"expected a mapping of stage name to stage, got {_describe(raw_stages)}")]
     for name, body in raw_stages.items():
         where = f"stages.{name}"
         if name == BASE_MODEL_REF:
@@ -262,6 +265,7 @@ def _validate_stages(raw_stages: Any):
         if not isinstance(name, str) or not STAGE_NAME.match(name):
             errors.append((where, "stage names use only a-z, 0-9, _ and -"))
             continue
+        declared[name] = body.get("type") if isinstance(body, dict) else None
         if not isinstance(body, dict):
             errors.append((where, f"expected a mapping with a `type`, got {_describe(body)}"))
             continue
@@ -286,34 +290,36 @@ def _validate_stages(raw_stages: Any):
             modules[name] = module
         except ValidationError as e:
             errors += pydantic_errors(e, where, module.Config)
-    return configs, modules, errors
+    return configs, modules, declared, errors
 
 
-def check_references(configs: dict[str, StageConfig]) -> list[tuple[str, str]]:
-    """Each StageRef names a stage of the recipe or "model"; `when` names a gate stage."""
+def check_references(configs: dict[str, StageConfig], declared: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """Each StageRef names a stage of the recipe or "model"; `when` names a gate stage.
+
+    `declared`: every stage the file names, with its declared type, so that a reference to a stage
+    whose own config is invalid is not reported a second time.
+    """
+    declared = {name: c.type for name, c in configs.items()} if declared is None else declared
     errors = []
     for name, config in configs.items():
         for field_name, target in _refs_of(config).items():
             where = f"stages.{name}.{field_name}"
-            if field_name == "when":
-                if target not in configs:
-                    errors.append((where, f"no stage named '{target}'{did_you_mean(target, list(configs))}"))
-                elif configs[target].type != GATE_TYPE:
-                    errors.append((where, f"'{target}' is a {configs[target].type} stage, not a gate"))
-                continue
-            if target == BASE_MODEL_REF:
-                continue
-            if target == name:
+            if field_name == "when" and target == BASE_MODEL_REF:
+                errors.append((where, "must name a gate stage, not the base model"))
+            elif target not in declared and target != BASE_MODEL_REF:
+                candidates = list(declared) if field_name == "when" else [*declared, BASE_MODEL_REF]
+                errors.append((where, f"no stage named '{target}'{did_you_mean(target, candidates)}"))
+            elif field_name == "when" and declared[target] not in (GATE_TYPE, None) and target in configs:
+                errors.append((where, f"'{target}' is a {declared[target]} stage, not a gate"))
+            elif target == name:
                 errors.append((where, "a stage cannot take its own output as input"))
-            elif target not in configs:
-                errors.append((where, f"no stage named '{target}'"
-                               f"{did_you_mean(target, [*configs, BASE_MODEL_REF])}"))
     return errors
 
 
 def find_cycle(configs: dict[str, StageConfig]) -> list[str] | None:
     """A cycle among stage references as [a, b, ..., a], or None."""
-    graph = {name: [t for t in _refs_of(c).values() if t in configs] for name, c in configs.items()}
+    # a stage naming itself is reported by check_references
+    graph = {name: [t for t in _refs_of(c).values() if t in configs and t != name] for name, c in configs.items()}
     state: dict[str, int] = {}  # 1 = on the current path, 2 = done
     path: list[str] = []
 
@@ -373,7 +379,8 @@ def _message(err: dict, model: type[BaseModel], loc: list) -> str:
     if kind == "extra_forbidden":
         return f"unknown key{did_you_mean(str(loc[-1]), _fields_at(model, loc[:-1]))}"
     if kind in bounds:
-        return f"must be {bounds[kind]} {next(iter(ctx.values()))}"
+        bound = next(iter(ctx.values()))
+        return f"must be {bounds[kind]} {int(bound) if isinstance(bound, float) and bound.is_integer() else bound}"
     if kind in ("int_parsing", "int_type", "int_from_float"):
         return f"expected an integer, got {_describe(value)}"
     if kind in ("float_parsing", "float_type"):

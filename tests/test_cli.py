@@ -1,0 +1,86 @@
+"""The command line: subcommands, delegated eval/export, error lines and exit codes."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from pipeline import cli
+from pipeline.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_validate_status_and_run_on_a_recipe(fake_stages, write_recipe, tmp_path, run_cli):
+    recipe = write_recipe({"a": {"type": "make", "value": 2}, "b": {"type": "make", "src": "a"}})
+    code, out, _ = run_cli("validate", recipe)
+    assert code == 0 and out.strip() == f"{recipe}: ok: 2 stages: a (make), b (make)"
+    code, out, _ = run_cli("status", recipe, "--artifacts", tmp_path / "art", "--json")
+    assert code == 0 and json.loads(out) == {"stages": [
+        {"name": "a", "type": "make", "state": "pending", "reason": "never run"},
+        {"name": "b", "type": "make", "state": "pending", "reason": "never run"}]}
+    assert not (tmp_path / "art").exists()  # status writes nothing
+    code, out, _ = run_cli("run", recipe, "--artifacts", tmp_path / "art")
+    assert code == 0
+    rows = [line.split("│")[1:5] for line in out.splitlines() if line.startswith("│")]
+    assert [[c.strip() for c in row[:2]] + [row[3].strip()] for row in rows] == [
+        ["a", "ran", "value 2"], ["b", "ran", "value 1"]]
+    code, out, _ = run_cli("status", recipe, "--artifacts", tmp_path / "art")
+    assert code == 0 and out.count("complete") == 2 and "up to date" in out
+
+
+def test_unknown_stage_for_from_and_only(fake_stages, write_recipe, tmp_path, run_cli):
+    recipe = write_recipe({"teacher": {"type": "make"}})
+    code, _, err = run_cli("run", recipe, "--artifacts", tmp_path / "art", "--from", "techer")
+    assert code == 2 and err.strip() == "--from: no stage named 'techer' (did you mean 'teacher'?)"
+    code, _, err = run_cli("run", recipe, "--artifacts", tmp_path / "art", "--only", "x")
+    assert code == 2 and err.strip() == "--only: no stage named 'x'"
+    assert not (tmp_path / "art").exists()
+    with pytest.raises(SystemExit) as e:  # argparse: --from and --only exclude each other
+        cli.main(["run", str(recipe), "--from", "teacher", "--only", "teacher"])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_delegated_command_not_shipped(command, monkeypatch, run_cli):
+    module, add, run, text = cli.DELEGATED[command]
+    monkeypatch.setitem(cli.DELEGATED, command, ("pipeline.not_here", add, run, text))
+    code, _, err = run_cli(command, "some/dir", "--limit", "3")
+    assert code == 2 and err.strip() == f"reasoning-qat {command}: not available in this version"
+
+
+def test_delegated_command_gets_its_arguments_and_input_errors_are_one_line(monkeypatch, run_cli):
+    seen = {}
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("model_dir")
+        parser.add_argument("--limit", type=int, default=0)
+
+    def run(args: argparse.Namespace) -> int:
+        seen.update(vars(args))
+        if args.limit < 0:
+            raise InputError("--limit", "must be >= 0")
+        return 0
+
+    fake = types.ModuleType("fake_eval")
+    fake.add_eval_arguments, fake.cli_eval = add_arguments, run
+    monkeypatch.setitem(sys.modules, "fake_eval", fake)
+    monkeypatch.setitem(cli.DELEGATED, "eval", ("fake_eval", "add_eval_arguments", "cli_eval", "eval"))
+    assert run_cli("eval", "m", "--limit", "3")[0] == 0
+    assert seen["model_dir"] == "m" and seen["limit"] == 3
+    code, out, err = run_cli("eval", "m", "--limit", "-1")
+    assert code == 2 and err.strip() == "--limit: must be >= 0" and "Traceback" not in out + err
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(tmp_path / "x.yaml")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip() == f"{tmp_path}/x.yaml: no such file"
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,41 @@
+"""Every shipped recipe validates; every shipped stage module keeps the stage contract."""
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+
+import pytest
+
+import stages
+from pipeline.recipe import load_recipe
+from pipeline.stage_api import StageConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+SHIPPED = [t for t in stages.STAGE_TYPES if (ROOT / "stages" / f"{t}.py").is_file()]
+
+
+def test_recipes_exist():
+    assert ROOT / "recipes" / "demo.yaml" in RECIPES
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_recipe_validates(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # recipes name local paths relative to the project root
+    recipe = load_recipe(path.relative_to(ROOT))
+    assert recipe.stages and recipe.name
+
+
+@pytest.mark.parametrize("stage_type", SHIPPED)
+def test_stage_module_contract(stage_type):
+    module = stages.stage_module(stage_type)
+    assert isinstance(module.CODE_VERSION, int)
+    assert set(module.USES) <= {"seed", "model", "quant", "data"}
+    assert callable(module.run)
+    assert issubclass(module.Config, StageConfig)
+    assert module.Config.model_config.get("extra") == "forbid"
+    assert typing.get_args(module.Config.model_fields["type"].annotation) == (stage_type,)
+    if hasattr(module, "PASSTHROUGH"):
+        assert module.PASSTHROUGH in module.Config.model_fields
+    headline = getattr(module, "HEADLINE", None)
+    assert headline is None or isinstance(headline, str)

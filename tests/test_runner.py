@@ -1,0 +1,330 @@
+"""The runner through the CLI: skipping, staleness and its reasons, --from/--only/--force/--dry-run,
+corrupted artifacts, gates and passthrough, failures, interrupts and resume, the lock.
+
+Stage types here are the test-only `make` and `gate` (tests/fake_make.py, tests/fake_gate.py); the
+kill -9 test at the end runs the real `sft` stage in a subprocess.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHAIN = {"a": {"type": "make", "value": 3},
+         "b": {"type": "make", "value": 4, "src": "a"},
+         "c": {"type": "make", "value": 5, "src": "b"}}
+
+
+def states(run_cli, recipe, art, *extra):
+    code, out, err = run_cli("status", recipe, "--artifacts", art, "--json", *extra)
+    assert code == 0, err
+    return {row["name"]: (row["state"], row["reason"]) for row in json.loads(out)["stages"]}
+
+
+@pytest.fixture
+def chain(fake_stages, write_recipe, tmp_path, run_cli):
+    """A completed run of a -> b -> c; returns (recipe path, artifacts root)."""
+    recipe, art = write_recipe(CHAIN), tmp_path / "art"
+    code, _, err = run_cli("run", recipe, "--artifacts", art)
+    assert code == 0, err
+    assert fake_stages.calls == ["a", "b", "c"]
+    fake_stages.calls.clear()
+    return recipe, art
+
+
+def test_run_writes_stages_and_a_second_run_skips_them(chain, fake_stages, run_cli):
+    recipe, art = chain
+    base = art / "t"
+    assert (base / "c" / "out.txt").read_text() == "5<4<3"
+    manifest = json.loads((base / "c" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["type"] == "make"
+    assert manifest["metrics"] == {"value": 5.0, "resumed_from": 0.0}
+    assert manifest["config"]["value"] == 5 and manifest["code_version"] == 1
+    assert manifest["inputs"]["src"] == json.loads((base / "b" / "manifest.json").read_text())["fingerprint"]
+    assert manifest["files"]["out.txt"]["size"] == 5 and len(manifest["files"]["out.txt"]["sha256"]) == 64
+    assert set(manifest["files"]) == {"out.txt", "sub/start.txt"}
+    assert not (base / ".partial").exists() and (base / "run.log").is_file()
+    assert "stages.c: wrote 5<4<3" in (base / "run.log").read_text()
+
+    assert states(run_cli, recipe, art) == {s: ("complete", "up to date") for s in "abc"}
+    code, out, _ = run_cli("run", recipe, "--artifacts", art)
+    assert code == 0 and fake_stages.calls == []
+    assert "up to date" in out
+
+
+def test_config_change_makes_that_stage_and_downstream_stale(chain, fake_stages, run_cli):
+    recipe, art = chain
+    got = states(run_cli, recipe, art, "--set", "stages.b.lr=1e-5")
+    assert got["a"] == ("complete", "up to date")
+    assert got["b"] == ("stale", "config changed: lr 0.0003 -> 1e-05")
+    assert got["c"][0] == "stale" and got["c"][1].startswith("input 'src' changed")
+    code, _, err = run_cli("run", recipe, "--artifacts", art, "--set", "stages.b.lr=1e-5")
+    assert code == 0, err
+    assert fake_stages.calls == ["b", "c"]
+    assert states(run_cli, recipe, art, "--set", "stages.b.lr=1e-5") == {s: ("complete", "up to date") for s in "abc"}
+    assert states(run_cli, recipe, art)["b"] == ("stale", "config changed: lr 1e-05 -> 0.0003")
+
+
+def test_code_version_change_makes_stages_stale(chain, fake_stages, run_cli, monkeypatch):
+    recipe, art = chain
+    monkeypatch.setattr(fake_stages, "CODE_VERSION", 2)
+    got = states(run_cli, recipe, art)
+    assert got["a"] == ("stale", "code version 1 -> 2")
+    assert got["c"] == ("stale", "code version 1 -> 2")
+
+
+def test_recipe_section_change_reaches_only_stages_that_use_it(chain, fake_stages, run_cli):
+    recipe, art = chain
+    got = states(run_cli, recipe, art, "--set", "seed=7")  # `make` declares USES = ("seed",)
+    assert got["a"] == ("stale", "recipe section 'seed' changed: value 0 -> 7")
+    got = states(run_cli, recipe, art, "--set", "quant.weights.num_bits=4")  # nobody uses quant
+    assert all(state == "complete" for state, _ in got.values())
+
+
+def test_from_reruns_stage_and_downstream(chain, fake_stages, run_cli):
+    recipe, art = chain
+    code, _, err = run_cli("run", recipe, "--artifacts", art, "--from", "b")
+    assert code == 0, err
+    assert fake_stages.calls == ["b", "c"]
+
+
+def test_only_runs_one_stage_and_needs_its_inputs(chain, fake_stages, run_cli):
+    recipe, art = chain
+    code, _, err = run_cli("run", recipe, "--artifacts", art, "--only", "c")
+    assert code == 0, err
+    assert fake_stages.calls == ["c"]
+
+    fake_stages.calls.clear()
+    before = sorted(p.name for p in (art / "t").iterdir())
+    code, out, err = run_cli("run", recipe, "--artifacts", art, "--only", "c", "--set", "stages.b.lr=1e-5")
+    assert code == 2 and fake_stages.calls == []
+    assert err.strip() == ("--only c: input 'src' (stage 'b') is not up to date (config changed: lr 0.0003 -> "
+                           "1e-05); run it first, or use --from")
+    assert sorted(p.name for p in (art / "t").iterdir()) == before
+
+    # after an upstream re-run, downstream knows its input was re-run
+    code, _, _ = run_cli("run", recipe, "--artifacts", art, "--only", "a")
+    assert code == 0
+    assert states(run_cli, recipe, art)["b"] == ("stale", "input 'src' was re-run")
+
+
+def test_force_reruns_everything(chain, fake_stages, run_cli):
+    recipe, art = chain
+    code, _, _ = run_cli("run", recipe, "--artifacts", art, "--force")
+    assert code == 0 and fake_stages.calls == ["a", "b", "c"]
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(fake_stages, write_recipe, tmp_path, run_cli, chain):
+    recipe, art = chain
+    snapshot = {p: p.stat().st_mtime_ns for p in art.rglob("*")}
+    code, out, _ = run_cli("run", recipe, "--artifacts", art, "--dry-run", "--set", "stages.c.value=6")
+    assert code == 0 and fake_stages.calls == []
+    lines = {line.split()[1]: line for line in out.splitlines() if line.startswith("│")}
+    assert "skip" in lines["a"] and "up to date" in lines["a"]
+    assert "run" in lines["c"] and "config changed: value 5 -> 6" in lines["c"]
+    assert {p: p.stat().st_mtime_ns for p in art.rglob("*")} == snapshot
+
+    fresh = tmp_path / "fresh"
+    code, out, _ = run_cli("run", recipe, "--artifacts", fresh, "--dry-run")
+    assert code == 0 and "never run" in out and not fresh.exists()
+
+
+def test_corrupted_file_is_detected_warned_and_rerun(chain, fake_stages, run_cli):
+    recipe, art = chain
+    out_txt = art / "t" / "a" / "out.txt"
+    out_txt.write_text("9")  # same size, different bytes: only the sha256 tells
+    got = states(run_cli, recipe, art)
+    assert got["a"] == ("stale", "out.txt changed on disk since it was written")
+    assert got["b"] == ("stale", "input 'src' will re-run (out.txt changed on disk since it was written)")
+    code, _, err = run_cli("run", recipe, "--artifacts", art)
+    assert code == 0
+    assert "stages.a: warning: out.txt changed on disk since it was written; re-running" in err
+    assert fake_stages.calls == ["a", "b", "c"]
+    assert out_txt.read_text() == "3"
+
+    (art / "t" / "c" / "sub" / "start.txt").unlink()
+    assert states(run_cli, recipe, art)["c"] == ("stale", "file missing: sub/start.txt")
+
+
+def test_gate_skips_and_downstream_reads_the_passthrough(fake_stages, write_recipe, tmp_path, run_cli):
+    recipe = write_recipe({"a": {"type": "make", "value": 3},
+                           "g": {"type": "gate", "src": "a", "threshold": 5},
+                           "b": {"type": "make", "value": 4, "src": "a", "when": "g"},
+                           "b2": {"type": "make", "value": 7, "src": "b", "when": "g"},
+                           "c": {"type": "make", "value": 5, "src": "b2"}})
+    art = tmp_path / "art"
+    code, out, err = run_cli("run", recipe, "--artifacts", art)
+    assert code == 0, err
+    assert fake_stages.calls == ["a", "c"]
+    assert (art / "t" / "c" / "out.txt").read_text() == "5<3"  # b2 -> b -> a, the last stage that ran
+    skipped = json.loads((art / "t" / "b" / "manifest.json").read_text())
+    assert skipped["status"] == "skipped" and skipped["reason"] == "gate 'g' did not pass"
+    assert json.loads((art / "t" / "c" / "manifest.json").read_text())["input_stages"] == {"src": "a"}
+    got = states(run_cli, recipe, art)
+    assert got["b"] == ("skipped", "gate 'g' did not pass") and got["c"] == ("complete", "up to date")
+
+    fake_stages.calls.clear()
+    code, _, err = run_cli("run", recipe, "--artifacts", art, "--set", "stages.g.threshold=1")
+    assert code == 0, err
+    assert fake_stages.calls == ["b", "b2", "c"]  # (the gate, g, is not a `make`: not in calls)
+    assert (art / "t" / "c" / "out.txt").read_text() == "5<7<4<3"
+
+    fake_stages.calls.clear()
+    code, _, err = run_cli("run", recipe, "--artifacts", art, "--force", "--set", "stages.g.threshold=9")
+    assert code == 0
+    assert "stages.b: warning: gate 'g' did not pass; running anyway (--force)" in err
+    assert fake_stages.calls == ["a", "b", "b2", "c"]
+
+
+def test_failure_exits_1_with_one_line_and_status_shows_it(fake_stages, write_recipe, tmp_path, run_cli):
+    recipe = write_recipe({"a": {"type": "make", "value": 3}, "b": {"type": "make", "src": "a", "fail": True}})
+    art = tmp_path / "art"
+    code, out, err = run_cli("run", recipe, "--artifacts", art)
+    assert code == 1
+    assert err.strip().splitlines()[-1] == f"stages.b: failed: ValueError: boom (traceback in {art}/t/run.log)"
+    assert "Traceback" not in out + err
+    log = (art / "t" / "run.log").read_text()
+    assert "Traceback (most recent call last)" in log and 'raise ValueError("boom")' in log
+    assert not (art / "t" / "b").exists()
+    assert states(run_cli, recipe, art)["b"] == ("failed", "failed: ValueError: boom")
+    assert states(run_cli, recipe, art, "--set", "stages.b.fail=false")["b"] == ("pending", "never run")
+
+
+def test_bad_metrics_are_a_failure(fake_stages, write_recipe, tmp_path, run_cli, monkeypatch):
+    monkeypatch.setattr(fake_stages, "run", lambda ctx: {"loss": "low"})
+    code, _, err = run_cli("run", write_recipe({"a": {"type": "make"}}), "--artifacts", tmp_path / "art")
+    assert code == 1
+    assert "stages.a: failed: TypeError: run() returned metric 'loss' = 'low', which is not a number" in err
+
+
+def test_interrupt_checkpoints_and_rerun_resumes(fake_stages, write_recipe, tmp_path, run_cli):
+    recipe = write_recipe({"a": {"type": "make", "steps": 6, "interrupt_at": 3}})
+    art = tmp_path / "art"
+    code, _, err = run_cli("run", recipe, "--artifacts", art)
+    assert code == 1
+    assert err.strip().splitlines()[-1] == "stages.a: stopped; re-run to resume from step 3"
+    assert (art / "t" / ".partial" / "a" / "checkpoints" / "step-000000003" / "state.json").is_file()
+    assert not (art / "t" / "a").exists()
+    assert states(run_cli, recipe, art)["a"] == ("pending", "never run; resumes from step 3")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+    code, _, err = run_cli("run", recipe, "--artifacts", art, "--set", "stages.a.interrupt_at=-1")
+    # a changed config is another fingerprint: its checkpoints are not this run's
+    assert code == 0 and (art / "t" / "a" / "sub" / "start.txt").read_text() == "0"
+
+    code, _, _ = run_cli("run", recipe, "--artifacts", art, "--force", "--set", "stages.a.interrupt_at=4")
+    assert code == 1
+    code, _, err = run_cli("run", recipe, "--artifacts", art, "--set", "stages.a.interrupt_at=4")
+    assert code == 0, err
+    assert (art / "t" / "a" / "sub" / "start.txt").read_text() == "4"
+    assert not (art / "t" / ".partial").exists()
+
+
+def test_half_written_stage_never_looks_complete(chain, fake_stages, run_cli):
+    """A run killed after writing out/manifest.json but before the rename leaves only a partial dir."""
+    recipe, art = chain
+    partial = art / "t" / ".partial" / "c" / "out"
+    partial.mkdir(parents=True)
+    (partial / "manifest.json").write_text((art / "t" / "c" / "manifest.json").read_text())
+    (art / "t" / "c" / "manifest.json").unlink()
+    assert states(run_cli, recipe, art)["c"] == ("pending", "never run")
+
+
+def test_lock_refuses_a_second_run(chain, fake_stages, run_cli):
+    recipe, art = chain
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "os.ftruncate(fd, 0)\n"
+         "os.write(fd, b'pid %d, started just now' % os.getpid())\n"
+         "print('locked', flush=True)\n"
+         "time.sleep(60)\n", str(art / "t" / ".lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, _, err = run_cli("run", recipe, "--artifacts", art, "--force")
+        assert code == 1 and fake_stages.calls == []
+        assert err.strip() == (f"{art}/t is in use by another run (pid {holder.pid}, started just now); "
+                               "wait for it to finish or stop it")
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died (like kill -9): its lock file is left behind and blocks nothing
+    code, _, err = run_cli("run", recipe, "--artifacts", art, "--force")
+    assert code == 0, err
+
+
+def _sft_recipe(path: Path) -> Path:
+    path.write_text("""\
+name: tiny
+seed: 0
+model:
+  arch: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2,
+         num_key_value_heads: 1, head_dim: 16}
+  dtype: float32
+data:
+  task: testbed
+  testbed: {train_size: 64, test_size: 8}
+stages:
+  teacher: {type: sft, steps: 150, batch_size: 4, warmup_steps: 2, checkpoint_every: 10}
+""")
+    return path
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", *args]
+
+
+def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, run_cli):
+    pytest.importorskip("stages.sft")
+    recipe = _sft_recipe(tmp_path / "tiny.yaml")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+
+    # the reference run goes alongside, in its own process with the same settings
+    reference = subprocess.Popen(_cli("run", str(recipe), "--artifacts", str(clean)), env=env, cwd=tmp_path,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_cli("run", str(recipe), "--artifacts", str(killed)), env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoints = killed / "tiny" / ".partial" / "teacher" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(checkpoints.glob("step-*")):
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "tiny" / "teacher").exists()
+    step = int(sorted(checkpoints.glob("step-*"))[-1].name.split("-")[1])
+    assert 10 <= step < 150
+
+    code, out, _ = run_cli("status", recipe, "--artifacts", killed, "--json")
+    assert code == 0
+    assert json.loads(out)["stages"][0] == {"name": "teacher", "type": "sft", "state": "pending",
+                                            "reason": f"never run; resumes from step {step}"}
+
+    resumed = subprocess.run(_cli("run", str(recipe), "--artifacts", str(killed)), env=env, cwd=tmp_path,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from the checkpoint at step {step}" in (killed / "tiny" / "run.log").read_text()
+    _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err
+
+    a = load_file(killed / "tiny" / "teacher" / "model" / "model.safetensors")
+    b = load_file(clean / "tiny" / "teacher" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (killed / "tiny" / ".partial").exists()
