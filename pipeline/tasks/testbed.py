@@ -49,6 +49,7 @@ class TestbedSpec(BaseModel):
     """Difficulty and size of the testbed (the recipe's `data.testbed`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    __test__ = False  # not a pytest test class, whatever its name
 
     min_steps: int = Field(1, ge=1)
     """Fewest arithmetic steps (equations) in a solution."""

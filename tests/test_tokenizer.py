@@ -1,0 +1,54 @@
+"""The testbed tokenizer loads and behaves like a Qwen3 tokenizer: chat format, special tokens, digits."""
+import pytest
+from transformers import AutoTokenizer
+
+from pipeline.data import chat_example, chat_prompt
+from pipeline.tasks.testbed import TestbedSpec, make_problems
+from pipeline.tokenizer import build_tokenizer, save_tokenizer
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    built = build_tokenizer()
+    save_tokenizer(built, path)
+    return built, AutoTokenizer.from_pretrained(path), path
+
+
+def test_saved_in_hugging_face_format_and_loads_as_qwen(saved):
+    built, tok, path = saved
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in path.iterdir()}
+    assert type(tok).__name__ == "Qwen2Tokenizer" and len(tok) == len(built) <= 768 + 5
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>" and tok.bos_token is None
+    for special in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>"):
+        assert len(tok(special, add_special_tokens=False)["input_ids"]) == 1
+    # <think> is an ordinary added token, as in Qwen3: decoding with skip_special_tokens keeps it
+    ids = tok("<think>\nx\n</think><|im_end|>", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True) == "<think>\nx\n</think>"
+
+
+def test_chat_template_is_qwen3s(saved):
+    _, tok, _ = saved
+    assert chat_prompt(tok, "Q?") == ("<|im_start|>user\nQ?\nPlease reason step by step, and put your final answer "
+                                      "within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
+    no_think = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                       add_generation_prompt=True, enable_thinking=False)
+    assert no_think.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    assert tok.apply_chat_template(turns, tokenize=False) == "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
+
+
+def test_round_trip_and_completion_boundary(saved):
+    _, tok, _ = saved
+    for p in make_problems(TestbedSpec(min_steps=3, max_steps=6, max_number=999, max_factor=9), "test", n=30):
+        ids, start = chat_example(tok, p.question, p.solution)
+        assert tok.decode(ids[:start]) == chat_prompt(tok, p.question)
+        assert tok.decode(ids[start:]) == p.solution + "<|im_end|>"
+        assert ids[-1] == tok.eos_token_id
+
+
+def test_digits_are_single_tokens_and_words_are_merged(saved):
+    _, tok, _ = saved
+    pieces = tok.convert_ids_to_tokens(tok("Mia has 4096 stickers: 12 * 3 = 36.", add_special_tokens=False)["input_ids"])
+    assert ["4", "0", "9", "6"] == pieces[3:7] and "Ġstickers" in pieces and "Mia" in pieces
+    assert build_tokenizer().backend_tokenizer.to_str() == saved[0].backend_tokenizer.to_str()
