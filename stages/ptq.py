@@ -68,11 +68,19 @@ class Config(StageConfig):
 
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
+    """The recipe's scheme against the base model's layer widths: from `model.arch` (every model of
+    such a recipe is built from it), or from a local `model.path`'s config.json (no weights read)."""
+    from pathlib import Path
+
     from pipeline.quant.scheme import check_fit
 
-    if recipe.model.arch is None or config.model != "model":
-        return []  # widths known only once the referenced model exists: checked again in run
-    return check_fit(recipe.model.arch, recipe.quant)
+    if recipe.model.arch is not None:
+        return check_fit(recipe.model.arch, recipe.quant)
+    if recipe.model.path is not None and (Path(recipe.model.path) / "config.json").is_file():
+        from transformers import AutoConfig
+
+        return check_fit(AutoConfig.from_pretrained(recipe.model.path), recipe.quant)
+    return []  # a hub id: checked in run, before any compute
 
 
 def run(ctx: StageContext) -> dict[str, float]:

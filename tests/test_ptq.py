@@ -102,7 +102,7 @@ def test_stage_run_and_reload(teacher, tmp_path, method):
         assert torch.equal(loaded(x).logits, reference(x).logits)
 
 
-def test_config_and_check_errors():
+def test_config_and_check_errors(teacher):
     with pytest.raises(ValidationError, match="needs `calibration"):
         ptq.Config(model="teacher")
     with pytest.raises(ValidationError, match="drop one"):
@@ -112,3 +112,8 @@ def test_config_and_check_errors():
     errors = ptq.check(ptq.Config(model="model", method="rtn"), recipe)
     assert errors == [("quant.weights.group_size",
                        "128 does not divide in_features 96 of model.layers.0.mlp.down_proj (and 1 more layers)")]
+    local = SimpleNamespace(model=SimpleNamespace(arch=None, path=str(teacher.dir)), quant=W3G128)
+    assert ptq.check(ptq.Config(model="model", method="rtn"), local) == []
+    g512 = QuantSpec.model_validate({"preset": "w3g128", "weights": {"group_size": 512}})
+    assert ptq.check(ptq.Config(model="model", method="rtn"), SimpleNamespace(model=local.model, quant=g512))[0] == (
+        "quant.weights.group_size", "512 does not divide in_features 256 of model.layers.0.self_attn.q_proj (and 11 more layers)")
