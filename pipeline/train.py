@@ -1,0 +1,275 @@
+"""The one training loop, shared by `sft` (teacher bootstrap, SFT-QAT baseline) and `kd_qat`.
+
+    from pipeline.train import TrainArgs, train, causal_lm_loss
+    result = train(model, examples, causal_lm_loss, args, out_dir=ctx.out_dir,
+                   checkpointer=ctx.checkpointer, seed=recipe.seed, pad_id=tokenizer.pad_token_id,
+                   log=ctx.log)
+
+`examples` are (token ids, completion start) pairs as `pipeline.data.chat_example` makes them; a batch
+is {"input_ids", "attention_mask", "labels"} padded on the right to its longest sequence, labels
+aligned with input_ids (the Hugging Face convention: the model shifts them) and -100 on the prompt
+and the padding, so loss falls on completion tokens only. The loss is pluggable,
+`loss_fn(model, batch) -> (loss, metrics)`, loss being the mean over the batch's label tokens; KD
+closes over a frozen teacher.
+
+What the loop does: AdamW (fused on GPU) with linear warmup and cosine decay (transformers'
+schedule), gradient clipping, gradient accumulation, optional gradient checkpointing and
+`torch.compile` of the decoder layers, bf16 autocast on GPU, one metrics row per step in
+`<out_dir>/metrics.jsonl`, a progress bar. It runs on accelerate's `Accelerator`: one process on CPU,
+or `accelerate launch` with several processes (DDP or DeepSpeed), `batch_size` being global.
+
+Exact resume: the batch at step s is a pure function of (seed, s) (a fresh permutation of the
+examples per epoch), so the data position is the step. A checkpoint (every `checkpoint_every` steps,
+and on SIGTERM/SIGINT, after which StageInterrupted is raised) holds model, optimizer, scheduler,
+RNG states, the metrics rows so far and the step; a resumed run gives bit-identical losses and
+weights on CPU. A non-finite loss stops the run before the optimizer step, leaving the last good
+checkpoint as it was.
+
+Departures from common practice: the micro-batches of one step are weighted by their share of label
+tokens (not averaged), so the update does not depend on how a step is split across accumulation
+steps or padding; only rank 0's RNG state is saved (nothing in the loop draws random numbers).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from contextlib import nullcontext
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from accelerate import Accelerator
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import get_cosine_schedule_with_warmup
+
+from pipeline.checkpoint import Checkpointer, StageInterrupted
+from pipeline.progress import progress
+
+Example = tuple[Sequence[int], int]
+"""(token ids of prompt + completion, index where the completion starts)."""
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+
+
+class TrainArgs(BaseModel):
+    """Optimisation settings shared by the training stages (their Config inherits these fields)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(500, gt=0)
+    """Optimizer steps."""
+    batch_size: int = Field(32, gt=0)
+    """Sequences per optimizer step, over all processes and accumulation micro-steps."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-steps per optimizer step: more saves memory at the same batch_size, costs speed."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate (AdamW), reached after warmup, then cosine decay to 0."""
+    warmup_steps: int = Field(50, ge=0)
+    """Linear warmup from 0 to lr."""
+    weight_decay: float = Field(0.1, ge=0)
+    """AdamW weight decay, on matrices only (not norms)."""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this; None: no clipping."""
+    checkpoint_every: int = Field(100, ge=0)
+    """Save a resumable checkpoint every this many steps (0: only on SIGTERM/SIGINT)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, about a third more compute."""
+    compile: bool = False
+    """torch.compile each decoder layer (GPU: faster steps after a compile pause; CPU: rarely worth it)."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the run stopped before updating the weights."""
+
+
+def make_accelerator() -> Accelerator:
+    """bf16 autocast where the GPU supports it, full precision otherwise (CPU)."""
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return Accelerator(mixed_precision="bf16" if bf16 else "no")
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Next-token cross-entropy on the completion tokens (SFT)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                use_cache=False)
+    return out.loss, {}
+
+
+@lru_cache(maxsize=2)
+def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator)
+
+
+def batch_indices(seed: int, step: int, n: int, batch_size: int) -> list[int]:
+    """Indices of the examples in the global batch of `step`: positions step*B .. step*B+B-1 of an
+    endless stream that visits all `n` examples once per epoch in a seeded random order."""
+    positions = range(step * batch_size, (step + 1) * batch_size)
+    return [int(_epoch_order(seed, p // n, n)[p % n]) for p in positions]
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence; labels -100 on prompt and padding."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for row, (ids, start) in enumerate(examples):
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+        labels[row, start : len(ids)] = ids[start:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    # the first position has no prediction: the model shifts labels left by one
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _optimizer(model: torch.nn.Module, args: TrainArgs, device: torch.device) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # betas as in GPT-style LM training: a shorter second-moment memory suits short runs
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, args: TrainArgs, *,
+          out_dir: str | Path, checkpointer: Checkpointer, seed: int, pad_id: int,
+          log: logging.Logger | None = None, accelerator: Accelerator | None = None,
+          desc: str = "train") -> dict[str, float]:
+    """Train `model` in place for `args.steps` steps (resuming from `checkpointer` if it holds a
+    checkpoint of the same run); returns {"final_loss", "steps", "train_seconds", "tokens_per_s"}.
+
+    Raises StageInterrupted after checkpointing on SIGTERM/SIGINT, NonFiniteLoss on a NaN/inf loss,
+    ValueError when batch_size does not split over processes and grad_accum.
+    """
+    log = log or logging.getLogger(__name__)
+    acc = accelerator or make_accelerator()
+    micro = args.batch_size // (acc.num_processes * args.grad_accum)
+    if micro * acc.num_processes * args.grad_accum != args.batch_size:
+        raise ValueError(f"batch_size {args.batch_size} must be a multiple of processes ({acc.num_processes}) "
+                         f"x grad_accum ({args.grad_accum})")
+    if not examples:
+        raise ValueError("no training examples")
+    out_dir = Path(out_dir)
+    metrics_path = out_dir / "metrics.jsonl"
+
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.compile:
+        for layer in model.model.layers:
+            layer.compile()
+    model.to(acc.device)
+    model.train()
+    raw_optimizer = _optimizer(model, args, acc.device)
+    # the scheduler stays outside accelerate: prepared, it would step once per process
+    scheduler = get_cosine_schedule_with_warmup(raw_optimizer, args.warmup_steps, args.steps)
+    model, optimizer = acc.prepare(model, raw_optimizer)
+
+    # a checkpoint is resumed only if it was made by this same run
+    signature = {"args": args.model_dump(mode="json"), "seed": seed, "examples": len(examples),
+                 "processes": acc.num_processes}
+    rows: list[dict] = []
+    start = 0
+    found = checkpointer.latest()
+    if found is not None and found[1].get("signature") != signature:
+        log.warning("checkpoint at step %d was made with other settings; starting from scratch", found[0])
+        checkpointer.clear()
+        found = None
+    if found is not None:
+        start, state = found
+        acc.unwrap_model(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        rows = state["metrics"]
+        log.info("resuming from the checkpoint at step %d", start)
+    if acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(metrics_path, "w") as f:  # rows after the checkpoint belong to a lost future
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    checkpointer.every = args.checkpoint_every
+    handlers = checkpointer.install_signal_handlers() if threading.current_thread() is threading.main_thread() else {}
+    started = time.perf_counter()
+    tokens_total = 0
+    try:
+        with progress(desc, total=args.steps) as bar:
+            bar.advance(start)
+            for step in range(start, args.steps):
+                t0 = time.perf_counter()
+                indices = batch_indices(seed, step, len(examples), args.batch_size)
+                mine = indices[acc.process_index * micro * args.grad_accum:][: micro * args.grad_accum]
+                batches = [collate([examples[i] for i in mine[j * micro:(j + 1) * micro]], pad_id)
+                           for j in range(args.grad_accum)]
+                weights = [_label_tokens(b) for b in batches]
+                total = sum(weights)
+                loss_sum, extra = 0.0, {}
+                for j, batch in enumerate(batches):
+                    batch = {k: v.to(acc.device) for k, v in batch.items()}
+                    # gradients are all-reduced once per step, on the last micro-step
+                    with acc.no_sync(model) if j < len(batches) - 1 else nullcontext(), acc.autocast():
+                        loss, metrics = loss_fn(model, batch)
+                    value = loss.item()
+                    if not torch.isfinite(loss):
+                        last = checkpointer.latest()
+                        kept = f"the checkpoint of step {last[0]} is kept" if last else "no checkpoint was saved"
+                        raise NonFiniteLoss(f"step {step + 1}: loss is {value}; stopped before the update, {kept}")
+                    acc.backward(loss * (weights[j] / total))
+                    loss_sum += value * weights[j] / total
+                    for k, v in metrics.items():
+                        extra[k] = extra.get(k, 0.0) + v * weights[j] / total
+                grad_norm = acc.clip_grad_norm_(model.parameters(), args.grad_clip) if args.grad_clip else None
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+                done = step + 1
+                tokens = sum(int(b["attention_mask"].sum()) for b in batches) * acc.num_processes
+                tokens_total += tokens
+                row = {"step": done, "loss": loss_sum, "lr": lr, "tokens": tokens,
+                       "tokens_per_s": tokens / (time.perf_counter() - t0), **extra}
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
+                rows.append(row)
+                if acc.is_main_process:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                bar.advance(1, loss=f"{loss_sum:.4f}")
+                if checkpointer.due(done):
+                    if acc.is_main_process:
+                        checkpointer.save(done, {
+                            "model": acc.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "rng": _rng_state(), "metrics": rows,
+                            "step": done, "signature": signature})
+                    acc.wait_for_everyone()
+                if checkpointer.stop_requested:
+                    raise StageInterrupted(f"{desc}: stopped at step {done} on a signal; checkpoint saved")
+    finally:
+        checkpointer.restore_signal_handlers(handlers)
+    seconds = time.perf_counter() - started
+    acc.wait_for_everyone()
+    tail = [r["loss"] for r in rows[-10:]]
+    return {"final_loss": sum(tail) / len(tail), "steps": args.steps, "train_seconds": seconds,
+            "tokens_per_s": tokens_total / seconds if seconds > 0 else 0.0}
