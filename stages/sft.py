@@ -1,0 +1,122 @@
+"""Stage `sft`: supervised fine-tuning on chain-of-thought completions (teacher bootstrap, SFT baseline).
+
+Three uses, one stage:
+  - the testbed teacher: `init` unset and the recipe's `model.arch` set: build the testbed tokenizer
+    and a Qwen3 of that size from scratch, train it on the testbed's train problems;
+  - fine-tuning a pretrained model (`init` unset, `model.path` set, or `init: <stage>` to continue
+    that stage's model);
+  - the SFT-QAT baseline of the KD-QAT study: `init: <ptq stage>` and `data: <traces stage>`; the loss
+    is then plain next-token cross-entropy on teacher traces instead of KD.
+
+Data: `data` unset means the recipe's testbed train split (`data.testbed`, seed = recipe seed); else
+a traces artifact `<dir>/traces.jsonl` (question, completion, correct), keeping only correct rows
+unless `only_correct` is false. Loss falls on the completion (the assistant turn, `<think>` section
+and boxed answer) only.
+
+Outputs: `<out_dir>/model/` (Hugging Face layout, safetensors, tokenizer and generation config) in
+the recipe's `model.dtype`, and `<out_dir>/metrics.jsonl` (one row per step). Resumes exactly from
+its checkpoints (pipeline.train).
+
+    reasoning-qat run recipes/demo.yaml --only teacher
+"""
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import torch
+
+from pipeline.data import chat_example
+from pipeline.errors import InputError
+from pipeline.models import build_model, is_quantized, load_model, load_tokenizer, save_model
+from pipeline.stage_api import StageConfig, StageContext, StageRef
+from pipeline.tasks.testbed import make_problems
+from pipeline.tokenizer import build_tokenizer
+from pipeline.train import TrainArgs, causal_lm_loss, make_accelerator, train
+
+CODE_VERSION = 1
+USES = ("seed", "model", "data")
+HEADLINE = "final_loss"
+
+
+class Config(TrainArgs, StageConfig):
+    type: Literal["sft"] = "sft"
+    init: StageRef | None = None
+    """Model to continue training (a stage, or "model"); None: the recipe's model (built from
+    `model.arch`, or loaded from `model.path`)."""
+    data: StageRef | None = None
+    """A traces stage whose completions to train on; None: the testbed's train split."""
+    only_correct: bool = True
+    """With `data`: train only on traces whose answer was graded correct."""
+
+
+def check(config: Config, recipe) -> list[tuple[str, str]]:
+    errors = []
+    if config.data is None and recipe.data.task != "testbed":
+        errors.append(("data", f"needs a traces stage when data.task is {recipe.data.task!r} (only the testbed "
+                               "ships solutions)"))
+    if config.batch_size % config.grad_accum:
+        errors.append(("batch_size", f"must be a multiple of grad_accum ({config.grad_accum})"))
+    if config.warmup_steps > config.steps:
+        errors.append(("warmup_steps", f"must be <= steps ({config.steps})"))
+    return errors
+
+
+def _pairs(ctx: StageContext) -> list[tuple[str, str]]:
+    """(question, completion) pairs to train on."""
+    config, recipe = ctx.config, ctx.recipe
+    if config.data is None:
+        return [(p.question, p.solution) for p in make_problems(recipe.data.testbed, "train", seed=recipe.seed)]
+    path = ctx.inputs["data"] / "traces.jsonl"
+    if not path.is_file():
+        raise InputError(f"stages.{ctx.name}.data", f"{path} not found (is {config.data!r} a traces stage?)")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    pairs = [(r["question"], r["completion"]) for r in rows if r.get("correct", False) or not config.only_correct]
+    if not pairs:
+        raise InputError(f"stages.{ctx.name}.data", f"{path} holds no {'correct ' if config.only_correct else ''}traces")
+    return pairs
+
+
+def run(ctx: StageContext) -> dict[str, float]:
+    config, recipe = ctx.config, ctx.recipe
+    trust = recipe.model.trust_remote_code
+    accelerator = make_accelerator()
+    quant_spec = None
+    if config.init is not None:
+        if is_quantized(ctx.inputs["init"]):
+            from pipeline.quant.io import read_quant_spec
+            quant_spec = read_quant_spec(ctx.inputs["init"])
+        model = load_model(ctx.inputs["init"], dtype="float32", trust_remote_code=trust)
+        tokenizer = load_tokenizer(ctx.inputs["init"], trust_remote_code=trust)
+    elif recipe.model.arch is not None:
+        tokenizer = build_tokenizer()
+        model = build_model(recipe.model.arch, tokenizer, seed=recipe.seed)
+    else:
+        model = load_model(recipe.model.path, dtype="float32", trust_remote_code=trust)
+        tokenizer = load_tokenizer(recipe.model.path, trust_remote_code=trust)
+
+    pairs = _pairs(ctx)
+    examples = [chat_example(tokenizer, question, completion) for question, completion in pairs]
+    longest = max(len(ids) for ids, _ in examples)
+    if longest > model.config.max_position_embeddings:
+        raise InputError("model.arch.max_position_embeddings",
+                         f"an example has {longest} tokens, more than the model's {model.config.max_position_embeddings}")
+    params = sum(p.numel() for p in model.parameters())
+    ctx.log.info("%s: %d examples (longest %d tokens), %.2fM parameters, %s", ctx.name, len(examples), longest,
+                 params / 1e6, accelerator.device)
+
+    result = train(model, examples, causal_lm_loss, config, out_dir=ctx.out_dir, checkpointer=ctx.checkpointer,
+                   seed=recipe.seed, pad_id=tokenizer.pad_token_id, log=ctx.log, accelerator=accelerator,
+                   desc=f"{ctx.name}: sft")
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(model).eval().to(getattr(torch, recipe.model.dtype))
+        if quant_spec is not None:  # SFT-QAT: the model keeps its QuantLinears and their format
+            from pipeline.quant.io import save_quantized
+            save_quantized(model, tokenizer, ctx.out_dir / "model", quant_spec)
+        else:
+            save_model(model, tokenizer, ctx.out_dir / "model")
+    accelerator.wait_for_everyone()
+    completion_tokens = sum(len(ids) - start for ids, start in examples) / len(examples)
+    return {**result, "examples": len(examples), "mean_completion_tokens": completion_tokens,
+            "parameters": params}
