@@ -102,9 +102,12 @@ class Checkpointer:
 
     # -- signals ------------------------------------------------------------------------------
     def install_signal_handlers(self) -> dict[int, Any]:
-        """On SIGTERM/SIGINT, ask the training loop to checkpoint and stop; returns old handlers."""
+        """On SIGTERM/SIGINT, ask the training loop to checkpoint and stop (a second signal raises
+        KeyboardInterrupt at once); returns the old handlers."""
 
         def request_stop(signum, frame):  # noqa: ARG001
+            if self.stop_requested:  # asked twice: stop now, also a stage that never checks (eval, ...)
+                raise KeyboardInterrupt
             self.stop_requested = True
 
         old = {}

@@ -328,3 +328,19 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, ru
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (killed / "tiny" / ".partial").exists()
+
+
+def test_second_signal_stops_a_stage_that_never_checks(fake_stages, write_recipe, tmp_path, run_cli, monkeypatch):
+    def run(ctx):
+        os.kill(os.getpid(), signal.SIGINT)  # first: a request to checkpoint and stop, which eval-like stages ignore
+        time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)  # second: stop now
+        time.sleep(5)
+        raise AssertionError("not interrupted")
+
+    monkeypatch.setattr(fake_stages, "run", run)
+    art = tmp_path / "art"
+    code, _, err = run_cli("run", write_recipe({"a": {"type": "make"}}), "--artifacts", art)
+    assert code == 130 and err.strip().splitlines()[-1] == "interrupted"
+    assert not (art / "t" / "a").exists() and (art / "t" / ".partial" / "a").is_dir()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
