@@ -16,7 +16,7 @@ from quant_tiny import save_tiny
 def test_save_load_identical_logits(tmp_path, preset, tied):
     src = save_tiny(tmp_path / "teacher", tie_word_embeddings=tied)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    spec = QuantSpec.model_validate({"preset": preset, "kv_cache": None})
+    spec = QuantSpec.model_validate(preset)
     names = quantize_rtn(model, spec)
     stage = tmp_path / "ptq"
     save_quantized(model, AutoTokenizer.from_pretrained(src), stage / "model", spec)
@@ -31,6 +31,8 @@ def test_save_load_identical_logits(tmp_path, preset, tied):
         assert torch.equal(loaded(x).logits, model(x).logits)
     if tied:
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    if spec.kv_cache is not None:
+        assert loaded.config._attn_implementation == model.config._attn_implementation == "kvq_sdpa"
 
 
 def test_not_quantized_is_an_error(tmp_path):

@@ -39,13 +39,18 @@ def match_targets(model: nn.Module, spec: QuantSpec) -> list[tuple[str, nn.Linea
 
 
 def prepare(model: nn.Module, spec: QuantSpec) -> list[str]:
-    """Replace each targeted nn.Linear by a QuantLinear sharing its parameters; returns their names."""
+    """Replace each targeted nn.Linear by a QuantLinear sharing its parameters, and switch on KV-cache
+    fake quantization when the spec has one (pipeline.quant.kv); returns the QuantLinears' names."""
     names = []
     for name, linear in match_targets(model, spec):
         if isinstance(linear, QuantLinear):
             raise ValueError(f"{name} is already a QuantLinear")
         model.set_submodule(name, QuantLinear.from_linear(linear, spec.weights, spec.activations))
         names.append(name)
+    if spec.kv_cache is not None:
+        from pipeline.quant.kv import enable_kv_quant
+
+        enable_kv_quant(model, spec.kv_cache)
     return names
 
 
