@@ -8,7 +8,9 @@ What llmcompressor 0.14 does, and what we take from it:
   `weight_scale` / `weight_zero_point`; the sequential pipeline quantizes decoder layer by layer,
   feeding each layer the outputs of the already-quantized ones.
 Our latent weight is that dequantized weight with the same scales, so fake-quantizing it reproduces
-GPTQ's quantized weight exactly (a fixed point; `test_ptq` checks it).
+GPTQ's quantized weight exactly (a fixed point; `test_ptq` checks it). GPTQ sees BF16 activations
+and KV; a spec's activation / KV quantization is switched on after it (plain GPTQ, not GPTQ on
+quantized activations).
 
 Activation order: actorder "static" (alias "weight") sweeps columns in order of decreasing Hessian
 diagonal but keeps the groups as contiguous runs of `group_size` columns in the *original* order,
@@ -77,4 +79,8 @@ def run_gptq(
     names = list(from_compressed_tensors(model, spec.activations))
     if names != expected:
         raise RuntimeError(f"GPTQ quantized {len(names)} modules, the spec targets {len(expected)}")
+    if spec.kv_cache is not None:
+        from pipeline.quant.kv import enable_kv_quant
+
+        enable_kv_quant(model, spec.kv_cache)
     return names

@@ -85,7 +85,8 @@ class QuantLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         w = self.weights
-        text = f"{super().extra_repr()}, w{w.num_bits}g{w.group_size or 'channel'}{'sym' if w.symmetric else 'asym'}"
+        groups = f"g{w.group_size}" if w.group_size else "per-channel"
+        text = f"{super().extra_repr()}, w{w.num_bits} {groups} {'sym' if w.symmetric else 'asym'}"
         if self.activations is not None:
             text += f", a{self.activations.num_bits}token"
         return text
