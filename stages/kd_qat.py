@@ -1,0 +1,168 @@
+"""Stage `kd_qat`: train the fake-quantized student against the frozen BF16 teacher.
+
+The second step of the reasoning-QAT workflow (DESIGN.md §1): start from a `ptq` stage's quantized
+model (GPTQ init; RTN init for the ablation), and distil the teacher's token distributions on the
+teacher's own reasoning traces. The studies found KD beats plain SFT on the same traces, whether the
+teacher was trained by SFT or RL, and a PTQ init beats an RTN init; `objective: sft` gives the SFT
+baseline with everything else (data, steps, evaluation) equal.
+
+Loss (pipeline.distill): forward KL by default, reverse KL, generalised JSD (β) or top-k forward KL,
+at a temperature, optionally mixed with the label cross-entropy (`ce_weight`); on completion tokens
+only; the logits are made a chunk of tokens at a time so that Qwen3's 151,936-entry vocabulary never
+materialises for the whole batch. The teacher stays in eval mode with no gradients, on the same
+device, in the recipe's dtype.
+
+What trains (`train`): `weights` — every parameter except the quantizer scales (latent weights
+through the straight-through estimator, norms, embeddings, the unquantized lm_head); `scales` — the
+weight scales only (LSQ); `both`.
+
+The loop is `pipeline.train` (shared with `sft`): AdamW, warmup + cosine, clipping, accumulation,
+gradient checkpointing, bf16 autocast on GPU, exact resume, `accelerate launch` for several
+processes. Output: the student in the quantized representation (`<out_dir>/model/`, loadable with
+`pipeline.load_quantized`) and `metrics.jsonl`.
+
+    reasoning-qat run recipes/demo.yaml --only kd_qat
+"""
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from pipeline.data import chat_example
+from pipeline.distill import chunked_kd_loss
+from pipeline.errors import InputError
+from pipeline.models import is_quantized, load_model, load_tokenizer
+from pipeline.quant.apply import quant_linears
+from pipeline.quant.io import read_quant_spec, save_quantized
+from pipeline.stage_api import StageConfig, StageContext, StageRef
+from pipeline.train import TrainArgs, causal_lm_loss, make_accelerator, train
+
+CODE_VERSION = 1
+USES = ("seed", "model")
+HEADLINE = "final_loss"
+
+
+class Config(TrainArgs, StageConfig):
+    type: Literal["kd_qat"] = "kd_qat"
+    init: StageRef
+    """The quantized student to train: a `ptq` stage (or any stage holding a quantized model)."""
+    teacher: StageRef
+    """The full-precision teacher: the stage that trained it, or "model" for the recipe's base model."""
+    data: StageRef
+    """A `traces` stage: the teacher's own solutions, the domain-matched training data."""
+    only_correct: bool = True
+    """Train only on traces whose answer was graded correct."""
+    objective: Literal["kd", "sft"] = "kd"
+    """kd: distil the teacher's distributions; sft: plain cross-entropy on the traces (the baseline)."""
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    """The divergence for `kd`."""
+    temperature: float = Field(1.0, gt=0)
+    """Softmax temperature of both models in the KD loss (the loss is scaled by its square)."""
+    beta: float = Field(0.5, gt=0, lt=1)
+    """Interpolation of the generalised JSD (0.5: symmetric)."""
+    top_k: int | None = Field(None, gt=0)
+    """forward_kl over the teacher's top-k tokens only (None: the whole vocabulary)."""
+    ce_weight: float = Field(0.0, ge=0, le=1)
+    """Mix of label cross-entropy into the KD loss: (1 − w)·KD + w·CE."""
+    chunk_size: int = Field(2048, gt=0)
+    """Tokens per chunk of logits in the KD loss: memory against the number of lm_head calls."""
+    train: Literal["weights", "scales", "both"] = "weights"
+    """What the optimizer updates (see the module docstring)."""
+    lr: float = Field(1e-4, gt=0)
+    """Peak learning rate; QAT starts from a trained model, so far below the from-scratch rate."""
+    warmup_steps: int = Field(10, ge=0)
+
+    @model_validator(mode="after")
+    def _top_k_needs_forward_kl(self):
+        if self.top_k is not None and self.loss != "forward_kl":
+            raise ValueError("top_k applies to loss forward_kl only")
+        return self
+
+
+def check(config: Config, recipe) -> list[tuple[str, str]]:
+    errors = []
+    if config.batch_size % config.grad_accum:
+        errors.append(("batch_size", f"must be a multiple of grad_accum ({config.grad_accum})"))
+    if config.warmup_steps > config.steps:
+        errors.append(("warmup_steps", f"must be <= steps ({config.steps})"))
+    return errors
+
+
+def _traces(ctx: StageContext) -> list[tuple[str, str]]:
+    path = ctx.inputs["data"] / "traces.jsonl"
+    if not path.is_file():
+        raise InputError(f"stages.{ctx.name}.data", f"{path} not found (is {ctx.config.data!r} a traces stage?)")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    pairs = [(r["question"], r["completion"]) for r in rows if r.get("correct") or not ctx.config.only_correct]
+    if not pairs:
+        raise InputError(f"stages.{ctx.name}.data", f"{path} holds no usable traces")
+    return pairs
+
+
+def _select_trainable(model: torch.nn.Module, what: str) -> None:
+    scales = {id(m.weight_scale) for _, m in quant_linears(model)}
+    for p in model.parameters():
+        is_scale = id(p) in scales
+        p.requires_grad_(what == "both" or (what == "scales") == is_scale)
+
+
+def kd_loss_fn(teacher: torch.nn.Module, config: Config):
+    """loss_fn for pipeline.train: KD of the student (the model being trained) towards `teacher`."""
+
+    def loss_fn(model, batch):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        # logits_to_keep=1: the full-vocabulary logits are made chunk by chunk in the loss instead;
+        # hidden_states[-1] is the final-norm output that lm_head reads
+        student = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        with torch.no_grad():
+            teacher_out = teacher(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        # position t predicts token t + 1
+        labels = batch["labels"][:, 1:]
+        head = getattr(model, "module", model).get_output_embeddings()
+        return chunked_kd_loss(student.hidden_states[-1][:, :-1], teacher_out.hidden_states[-1][:, :-1], labels,
+                               head, teacher.get_output_embeddings(), divergence=config.loss,
+                               temperature=config.temperature, beta=config.beta, top_k=config.top_k,
+                               ce_weight=config.ce_weight, chunk_size=config.chunk_size)
+
+    return loss_fn
+
+
+def run(ctx: StageContext) -> dict[str, float]:
+    config, recipe = ctx.config, ctx.recipe
+    trust = recipe.model.trust_remote_code
+    if not is_quantized(ctx.inputs["init"]):
+        raise InputError(f"stages.{ctx.name}.init", f"{config.init!r} holds no quantized model (use a ptq stage)")
+    spec = read_quant_spec(ctx.inputs["init"])
+    accelerator = make_accelerator()
+    student = load_model(ctx.inputs["init"], dtype="float32")
+    tokenizer = load_tokenizer(ctx.inputs["init"])
+    _select_trainable(student, config.train)
+
+    if config.objective == "kd":
+        teacher_dtype = recipe.model.dtype if accelerator.device.type == "cuda" else "float32"
+        teacher = load_model(ctx.inputs["teacher"], dtype=teacher_dtype, device=accelerator.device,
+                             trust_remote_code=trust)
+        teacher.requires_grad_(False)
+        if teacher.config.vocab_size != student.config.vocab_size:
+            raise InputError(f"stages.{ctx.name}.teacher", f"vocabulary {teacher.config.vocab_size} differs from "
+                             f"the student's {student.config.vocab_size}")
+        loss_fn = kd_loss_fn(teacher, config)
+    else:
+        loss_fn = causal_lm_loss
+
+    examples = [chat_example(tokenizer, q, c) for q, c in _traces(ctx)]
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    ctx.log.info("%s: %s on %d traces, %s (%.2fM trainable), %s", ctx.name, config.objective, len(examples),
+                 config.train, trainable / 1e6, accelerator.device)
+    result = train(student, examples, loss_fn, config, out_dir=ctx.out_dir, checkpointer=ctx.checkpointer,
+                   seed=recipe.seed, pad_id=tokenizer.pad_token_id, log=ctx.log, accelerator=accelerator,
+                   desc=f"{ctx.name}: {config.objective}")
+    if accelerator.is_main_process:
+        student = accelerator.unwrap_model(student).eval().to(getattr(torch, recipe.model.dtype))
+        save_quantized(student, tokenizer, ctx.out_dir / "model", spec)
+    accelerator.wait_for_everyone()
+    return {**result, "examples": len(examples), "trainable_parameters": trainable}

@@ -1,0 +1,113 @@
+"""Stage `kd_qat`: distils a teacher into the quantized student; the loss is the KD of the full logits."""
+import json
+import logging
+
+import pytest
+import torch
+
+import stages.kd_qat as kd_qat
+from pipeline.checkpoint import Checkpointer
+from pipeline.data import chat_example
+from pipeline.distill import token_divergence
+from pipeline.models import load_model, load_tokenizer
+from pipeline.quant.apply import quant_linears, quantize_rtn
+from pipeline.quant.io import load_quantized, save_quantized
+from pipeline.quant.scheme import QuantSpec
+from pipeline.recipe import RecipeError, parse_recipe
+from pipeline.stage_api import StageContext
+from pipeline.train import collate
+from quant_tiny import one_thread, save_tiny, write_traces
+
+TRAIN = {"steps": 6, "batch_size": 4, "warmup_steps": 0, "lr": 3e-3, "checkpoint_every": 0}
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kd")
+    save_tiny(root / "teacher" / "model", seed=0)
+    # the student starts from a different model so there is something to distil
+    student = load_model(save_tiny(root / "other", seed=1))
+    spec = QuantSpec.model_validate("w3g128")
+    quantize_rtn(student, spec)
+    save_quantized(student, load_tokenizer(root / "other"), root / "ptq" / "model", spec)
+    write_traces(root / "traces", n=8)
+    return root
+
+
+def recipe(**stage):
+    return parse_recipe({
+        "name": "t", "seed": 0, "model": {"path": "org/tiny", "dtype": "float32"}, "quant": "w3g128",
+        "stages": {"teacher": {"type": "sft"}, "traces": {"type": "sft"}, "ptq": {"type": "ptq", "model": "teacher", "method": "rtn", "calibration_source": "generic"},
+                   "kd": {"type": "kd_qat", "init": "ptq", "teacher": "teacher", "data": "traces", **TRAIN, **stage}}})
+
+
+def run(artifacts, tmp_path, **stage):
+    rec = recipe(**stage)
+    ctx = StageContext(name="kd", config=rec.stages["kd"], recipe=rec, out_dir=tmp_path / "out",
+                       inputs={"init": artifacts / "ptq", "teacher": artifacts / "teacher", "data": artifacts / "traces"},
+                       input_manifests={}, checkpointer=Checkpointer(tmp_path / "ckpt"), log=logging.getLogger("t"))
+    with one_thread():
+        return kd_qat.run(ctx)
+
+
+def _kl_to_teacher(student, teacher, tokenizer, traces):
+    rows = [json.loads(line) for line in open(traces / "traces.jsonl")]
+    batch = collate([chat_example(tokenizer, r["question"], r["completion"]) for r in rows], tokenizer.pad_token_id)
+    keep = batch["labels"][:, 1:] != -100
+    with torch.no_grad():
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep]
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep]
+    return float(token_divergence(s, t).mean())
+
+
+def test_loss_fn_is_the_mean_forward_kl_of_the_full_logits_on_completion_tokens(artifacts):
+    student, teacher = load_quantized(artifacts / "ptq"), load_model(artifacts / "teacher")
+    tok = load_tokenizer(artifacts / "ptq")
+    config = recipe(chunk_size=7).stages["kd"]
+    with torch.no_grad():
+        loss, parts = kd_qat.kd_loss_fn(teacher, config)(student, collate(
+            [chat_example(tok, r["question"], r["completion"])
+             for r in map(json.loads, open(artifacts / "traces" / "traces.jsonl"))], tok.pad_token_id))
+    assert loss.item() == pytest.approx(_kl_to_teacher(student, teacher, tok, artifacts / "traces"), rel=1e-5)
+    assert parts["kd"] == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_kd_brings_the_quantized_student_towards_the_teacher_and_keeps_its_format(artifacts, tmp_path):
+    metrics = run(artifacts, tmp_path)
+    assert metrics["steps"] == 6 and metrics["examples"] == 8
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert rows[-1]["kd"] < rows[0]["kd"]
+    before, after = load_quantized(artifacts / "ptq"), load_quantized(tmp_path / "out")
+    teacher, tok = load_model(artifacts / "teacher"), load_tokenizer(artifacts / "ptq")
+    assert _kl_to_teacher(after, teacher, tok, artifacts / "traces") < \
+        0.8 * _kl_to_teacher(before, teacher, tok, artifacts / "traces")
+    b, a = dict(quant_linears(before)), dict(quant_linears(after))
+    assert a.keys() == b.keys() and len(a) == 14
+    name = "model.layers.0.mlp.down_proj"
+    assert torch.equal(a[name].weight_scale, b[name].weight_scale)  # train: weights leaves scales alone
+    assert not torch.equal(a[name].weight, b[name].weight)
+
+
+def test_scales_only_moves_the_scales(artifacts, tmp_path):
+    run(artifacts, tmp_path, train="scales", steps=2)
+    b = dict(quant_linears(load_quantized(artifacts / "ptq")))
+    a = dict(quant_linears(load_quantized(tmp_path / "out")))
+    name = "model.layers.1.self_attn.q_proj"
+    assert torch.equal(a[name].weight, b[name].weight)
+    assert not torch.equal(a[name].weight_scale, b[name].weight_scale)
+
+
+def test_sft_objective_trains_on_the_traces_without_a_teacher(artifacts, tmp_path):
+    metrics = run(artifacts, tmp_path, objective="sft", steps=2)
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert metrics["steps"] == 2 and "kd" not in rows[0]
+
+
+def test_bad_settings_name_their_key():
+    with pytest.raises(RecipeError) as e:
+        recipe(temperature=0, ce_weight=2)
+    assert set(e.value.lines()) == {"stages.kd.temperature: must be > 0", "stages.kd.ce_weight: must be <= 1"}
+    with pytest.raises(RecipeError, match="top_k applies to loss forward_kl only"):
+        recipe(top_k=5, loss="jsd")
+    with pytest.raises(RecipeError, match="stages.kd.warmup_steps: must be <= steps"):
+        recipe(warmup_steps=50)
