@@ -21,10 +21,8 @@ from typing import Callable
 from rich.console import Console
 from rich.table import Table
 
-from pipeline import logs
 from pipeline.errors import InputError
 from pipeline.progress import console as err_console
-from pipeline.recipe import RecipeError, load_recipe
 
 DEFAULT_ARTIFACTS = "artifacts"
 
@@ -40,6 +38,9 @@ DELEGATED = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
+    # the recipe schema imports every stage type (torch, transformers): not needed for --help
+    from pipeline.recipe import RecipeError
+
     try:
         return args.handler(args)
     except RecipeError as e:
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reasoning-qat", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="reasoning-qat", description="Run, inspect and validate recipes; "
+                                     "evaluate and export models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run what is missing or stale")
@@ -128,6 +130,8 @@ def _unavailable(name: str) -> Callable[[argparse.Namespace], int]:
 # -- commands --------------------------------------------------------------------------------------
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.recipe import load_recipe
+
     recipe = load_recipe(args.recipe, args.overrides)
     names = ", ".join(f"{n} ({c.type})" for n, c in recipe.stages.items())
     _out().print(f"{args.recipe}: ok: {len(recipe.stages)} stages: {names}", markup=False, highlight=False)
@@ -135,6 +139,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.recipe import load_recipe
     from pipeline.runner import status
     from pipeline.store import Store
 
@@ -155,6 +160,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline import logs
+    from pipeline.recipe import load_recipe
     from pipeline.runner import Options, Processes, plan, run
     from pipeline.store import Store
 

@@ -23,7 +23,7 @@ class _ConsoleHandler(logging.Handler):
             message = record.getMessage()
             name = record.name.removeprefix("pipeline.")
             level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
-            style = "yellow" if record.levelno == logging.WARNING else "red" if record.levelno > logging.WARNING else None
+            style = {logging.WARNING: "yellow", logging.ERROR: "red", logging.CRITICAL: "red"}.get(record.levelno)
             console.print(f"{name}: {level}{message}", markup=False, highlight=False, soft_wrap=True, style=style)
         except Exception:  # noqa: BLE001 - logging must never take the run down
             self.handleError(record)

@@ -46,7 +46,7 @@ class RunStopped(RunError):
     """The run stopped on SIGINT/SIGTERM; checkpoints are kept for the next run."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Options:
     from_stage: str | None = None
     """Re-run this stage and everything downstream of it, even if up to date."""
@@ -134,7 +134,9 @@ class Planner:
 
         manifest = store.manifest(name)
         failed = store.failed(name)
-        failure = f"failed: {failed.get('error', 'unknown error')}" if failed and failed.get("fingerprint") == fp else None
+        failure = None
+        if failed and failed.get("fingerprint") == fp:
+            failure = f"failed: {failed.get('error', 'unknown error')}"
         if manifest is None:
             state, reason = ("failed", failure) if failure else ("pending", "never run")
             step = store.resume_step(name, fp)
@@ -262,8 +264,9 @@ def selection(recipe: Recipe, options: Options) -> tuple[list[str], dict[str, st
     return [s for s in order if s in selected], forced
 
 
-def plan(recipe: Recipe, store: Store, options: Options = Options(), deep: bool = True) -> list[Decision]:
+def plan(recipe: Recipe, store: Store, options: Options | None = None, deep: bool = True) -> list[Decision]:
     """The decision for every stage, in DAG order, without running or writing anything."""
+    options = options or Options()
     selected, forced = selection(recipe, options)
     planner = Planner(recipe, store, deep=deep)
     decisions = []
@@ -295,20 +298,26 @@ class Processes:
     """This process's place among the ranks of an `accelerate launch` / `torchrun` job."""
 
     def __init__(self):
-        self._state = None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from accelerate import PartialState  # only multi-process runs pay for the import
+        self._dist = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # only multi-process runs pay for the imports
+            import torch
+            import torch.distributed as dist
+            from accelerate import PartialState
 
-            self._state = PartialState()
-        self.is_main = self._state is None or self._state.is_main_process
+            # the process group the stages' Accelerator will share (gloo when there is no GPU: accelerate
+            # leaves CPU ranks unconnected unless asked)
+            PartialState(cpu=not torch.cuda.is_available())
+            self._dist = dist if dist.is_initialized() else None
+        self.is_main = self._dist is None or self._dist.get_rank() == 0
 
     def barrier(self) -> None:
-        if self._state is not None:
-            self._state.wait_for_everyone()
+        if self._dist is not None:
+            self._dist.barrier()
 
 
-def run(recipe: Recipe, root: str | Path, options: Options = Options()) -> list[Outcome]:
+def run(recipe: Recipe, root: str | Path, options: Options | None = None) -> list[Outcome]:
     """Run what is missing or stale (and what `options` force); raise RunError / InputError on failure."""
+    options = options or Options()
     store = Store(root, recipe.name)
     selected, forced = selection(recipe, options)
     if options.only:  # a missing input is bad input: refuse before the lock or run.log exist
