@@ -112,7 +112,8 @@ def _attach_delegated(command, name, module_name, add_arguments, run_name) -> No
     except ModuleNotFoundError as e:
         if e.name not in (module_name, module_name.rpartition(".")[0]):
             raise
-        command.add_argument("rest", nargs=argparse.REMAINDER)
+        command.description = "not available in this version"
+        command.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         command.set_defaults(handler=_unavailable(name))
         return
     getattr(module, add_arguments)(command)
