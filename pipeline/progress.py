@@ -5,11 +5,13 @@
         for step in ...:
             bar.advance(1, loss=f"{loss:.3f}")
 
-When the output is not a terminal (CI, a log file) the bar prints nothing and the stage's own log
-lines carry the story; `bar.advance` stays cheap either way.
+When the output is not a terminal (CI, a log file), and on every rank but the first of a
+multi-process run, the bar prints nothing and the stage's own log lines carry the story;
+`bar.advance` stays cheap either way.
 """
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from typing import Iterator
@@ -34,7 +36,7 @@ class Bar:
 
 @contextmanager
 def progress(description: str, total: float | None) -> Iterator[Bar]:
-    if not sys.stderr.isatty():
+    if not sys.stderr.isatty() or os.environ.get("RANK", "0") != "0":
         yield Bar(None, None)
         return
     display = Progress(
