@@ -12,6 +12,8 @@ A stage type is one module `stages/<type>.py` that defines:
                                   # key path relative to the stage, e.g. ("group_size", "must divide 1024")
     def run(ctx: StageContext) -> dict[str, float]       # does the work, returns metrics
     HEADLINE: str | None          # optional: the metric shown in the run summary
+    PASSTHROUGH: str              # optional: for a stage that can be skipped by its gate, the
+                                  # StageRef field whose artifact downstream stages read instead
 
 Stages meet only through artifacts: `ctx.inputs[field]` is the *directory* of the referenced stage
 (or of the recipe's base model for the reference "model"); a stage never imports another stage.
@@ -76,7 +78,10 @@ class StageContext:
     """Temporary directory to write every output into; the runner renames it into place when `run`
     returns and writes the manifest (with each file's sha256) last."""
     inputs: dict[str, Path]
-    """Field name of each StageRef -> directory of the referenced artifact."""
+    """Field name of each StageRef -> directory of the referenced artifact. A reference to a stage its
+    gate skipped resolves to what that stage would have read (its module's PASSTHROUGH field). For
+    "model": `Path(recipe.model.path)` (a local directory or a hub id); absent when the model is built
+    from `model.arch`. `when` is not an input."""
     input_manifests: dict[str, dict[str, Any]]
     """Field name -> manifest of the referenced stage ({} for the base model)."""
     checkpointer: "Checkpointer"
