@@ -1,0 +1,116 @@
+"""Stage `traces`: the teacher solves training-domain prompts; its solutions are the domain-matched data.
+
+The studies calibrate PTQ and train KD-QAT on the model's *own* reasoning traces rather than generic
+text (WikiText, C4): the activations and token distributions the quantized model must keep are the
+ones it produces while reasoning. So the teacher (`model`) samples `generation.num_samples`
+completions for each of `count` prompts of the recipe's training domain (`data.task`):
+  testbed  the testbed's train split (`data.testbed`, seed = recipe seed)
+  gsm8k    GSM8K train (from data.benchmarks_dir)
+  jsonl    `data.prompts_file` ({"question", "answer"?} per line; without answers nothing is graded)
+Each completion is graded against the prompt's answer (pipeline.grading); `only_correct` keeps just
+the correct ones (rejection sampling). Output `<out_dir>/traces.jsonl`, one row per kept completion:
+{"id", "question", "answer", "completion", "correct", "num_tokens", "sample", "truncated"}.
+
+    stages:
+      traces:
+        type: traces
+        model: teacher
+        count: 2000
+        generation: {temperature: 0.6, top_p: 0.95, top_k: 20, max_new_tokens: 1024}
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from pipeline.benchmarks import benchmarks_dir, load_benchmark, load_prompts_file
+from pipeline.errors import InputError
+from pipeline.evaluate import sample_and_grade, write_jsonl
+from pipeline.generate import GenerationSpec
+from pipeline.stage_api import StageConfig, StageContext, StageRef
+
+CODE_VERSION = 1
+USES = ("seed", "data")
+HEADLINE = "kept"
+
+
+class Config(StageConfig):
+    type: Literal["traces"] = "traces"
+    model: StageRef
+    """The teacher that writes the traces: a stage that trained one (sft, rl), or "model"."""
+    count: int = Field(1000, ge=1)
+    """Prompts to solve (fewer when the source has fewer); traces = count x generation.num_samples."""
+    generation: GenerationSpec = GenerationSpec()
+    """Decoding: max_new_tokens, temperature / top_p / top_k, num_samples per prompt, batch_size, seed."""
+    only_correct: bool = False
+    """Keep only completions graded correct (consumers such as kd_qat can also filter on `correct`)."""
+
+
+def check(config: Config, recipe) -> list[tuple[str, str]]:
+    errors = []
+    if config.model == "model" and recipe.model.path is None:
+        errors.append(("model", "the recipe's model is built untrained from model.arch; name the stage that trains it"))
+    task = recipe.data.task
+    if task == "math500":
+        errors.append(("", "data.task math500 is a test set with no train split here; use gsm8k, testbed or jsonl"))
+    elif task == "gsm8k":
+        path = benchmarks_dir(recipe.data.benchmarks_dir) / "gsm8k_train.jsonl"
+        if not path.is_file():
+            errors.append(("", f"no such file: {path} (data.benchmarks_dir or $REASONING_QAT_BENCHMARKS)"))
+    elif task == "jsonl" and recipe.data.prompts_file is None:
+        errors.append(("", "data.prompts_file must be set when data.task is jsonl"))
+    return errors
+
+
+def _prompts(ctx: StageContext):
+    config, data = ctx.config, ctx.recipe.data
+    if data.task == "testbed":
+        from pipeline.tasks.testbed import make_problems
+        return make_problems(data.testbed, "train", n=config.count, seed=ctx.recipe.seed)
+    if data.task == "gsm8k":
+        return load_benchmark("gsm8k", split="train", limit=config.count, data_dir=data.benchmarks_dir)
+    if data.task == "jsonl":
+        problems = load_prompts_file(data.prompts_file, limit=config.count)
+        if config.only_correct and any(not p.answer for p in problems):
+            raise InputError(f"stages.{ctx.name}.only_correct",
+                             f"{data.prompts_file} has prompts without an `answer`, which cannot be graded")
+        return problems
+    raise InputError("data.task", f"{data.task} has no training prompts for traces")
+
+
+def run(ctx: StageContext) -> dict[str, float]:
+    from accelerate import PartialState
+
+    from pipeline.models import load_model, load_tokenizer
+
+    config, recipe = ctx.config, ctx.recipe
+    problems = _prompts(ctx)
+    trust = recipe.model.trust_remote_code
+    tokenizer = load_tokenizer(ctx.inputs["model"], trust_remote_code=trust)
+    model = load_model(ctx.inputs["model"], device=PartialState().device, trust_remote_code=trust)
+    ctx.log.info("%s: %d %s prompts x %d samples, up to %d new tokens, on %s", ctx.name, len(problems),
+                 recipe.data.task, config.generation.num_samples, config.generation.max_new_tokens, model.device)
+    rows, seconds = sample_and_grade(model, tokenizer, problems, config.generation)
+    traces = [{"id": r["id"], "question": r["question"], "answer": r["gold"], "completion": r["completion"],
+               "correct": r["correct"], "num_tokens": r["num_tokens"], "sample": r["sample"],
+               "truncated": r["truncated"]}
+              for r in rows if r["correct"] or not config.only_correct]
+    if not traces:
+        raise RuntimeError(f"{ctx.name}: no completion was graded correct, so no traces were kept (only_correct)")
+    if PartialState().is_main_process:
+        write_jsonl(traces, ctx.out_dir / "traces.jsonl")
+    tokens = sum(r["num_tokens"] for r in rows)
+    metrics = {
+        "count": len(problems),
+        "generated": len(rows),
+        "kept": len(traces),
+        "accuracy": sum(r["correct"] for r in rows) / len(rows),
+        "truncation_rate": sum(r["truncated"] for r in rows) / len(rows),
+        "mean_tokens": tokens / len(rows),
+        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+    }
+    ctx.log.info("%s: kept %d of %d (teacher accuracy %.2f%%), %.1f tokens each, %.0f tokens/s", ctx.name,
+                 metrics["kept"], metrics["generated"], 100 * metrics["accuracy"], metrics["mean_tokens"],
+                 metrics["tokens_per_s"])
+    return metrics
