@@ -146,7 +146,10 @@ def parse_recipe(raw: dict, source: str = "<recipe>", overrides: typing.Sequence
             found = check(config, recipe)
         except InputError as e:
             found = [(e.where, e.message)]
-        errors += [(_join(f"stages.{name}", where), message) for where, message in found]
+        # a check may blame a key inside a recipe-wide section (`quant.weights.group_size` does not fit
+        # the model): that path stays as it is; a bare `model` is the stage's own field of that name
+        errors += [(where if "." in where and where.split(".")[0] in SECTIONS else _join(f"stages.{name}", where),
+                    message) for where, message in found]
     errors += _check_model_path(recipe.model)
     if errors:
         raise RecipeError(errors)
