@@ -59,24 +59,28 @@ def quant_linears(model: nn.Module) -> list[tuple[str, QuantLinear]]:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, observer: Observer = "minmax") -> None:
-    """Set every QuantLinear's scales and zero points from its current latent weight.
+def observe(module: QuantLinear, observer: Observer = "minmax") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale, zero point) of `module`'s current latent weight.
 
     "minmax": each group's min and max (RTN). "mse": llmcompressor's MSE observer, a grid search over
     shrunk ranges that minimises the weight's quantization error (norm 2.4, up to 20% shrink).
     """
-    for _, module in quant_linears(model):
-        w = module.weights
-        if observer == "minmax":
-            scale, zero_point = fake.weight_qparams(module.weight, w.num_bits, w.group_size, w.symmetric)
-        else:
-            from llmcompressor.observers import Observer as LCObserver
+    w = module.weights
+    if observer == "minmax":
+        return fake.weight_qparams(module.weight, w.num_bits, w.group_size, w.symmetric)
+    from llmcompressor.observers import Observer as LCObserver
 
-            args = weight_quantization_args(w)
-            obs = LCObserver.load_from_registry("memoryless_mse", base_name="weight", args=args)
-            qparams = obs(module.weight).get_qparams()
-            scale, zero_point = qparams["scale"], qparams["zero_point"]
-        module.set_qparams(scale, zero_point)
+    args = weight_quantization_args(w)
+    obs = LCObserver.load_from_registry("memoryless_mse", base_name="weight", args=args)
+    qparams = obs(module.weight).get_qparams()
+    return qparams["scale"], qparams["zero_point"]
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, observer: Observer = "minmax") -> None:
+    """Set every QuantLinear's scales and zero points from its current latent weight (`observe`)."""
+    for _, module in quant_linears(model):
+        module.set_qparams(*observe(module, observer))
 
 
 def quantize_rtn(model: nn.Module, spec: QuantSpec, observer: Observer = "minmax") -> list[str]:
@@ -87,8 +91,12 @@ def quantize_rtn(model: nn.Module, spec: QuantSpec, observer: Observer = "minmax
 
 
 def set_fake_quant(model: nn.Module, enabled: bool) -> None:
+    """Switch every quantizer (weights, activations, KV cache) on or off; online transforms stay."""
     for _, module in quant_linears(model):
         module.fake_quant = enabled
+    for module in model.modules():
+        if hasattr(module, "kv_cache_spec"):
+            module.kv_fake_quant = enabled
 
 
 def set_learnable_scales(model: nn.Module, learnable: bool) -> None:

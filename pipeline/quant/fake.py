@@ -139,16 +139,21 @@ def fake_quantize(
 
 
 def fake_quantize_per_token(
-    x: torch.Tensor, num_bits: int, symmetric: bool, clip_ratio: float = 1.0
+    x: torch.Tensor, num_bits: int, symmetric: bool, clip_ratio: float | torch.Tensor = 1.0
 ) -> torch.Tensor:
     """Dynamic per-token fake quantization of activations [..., features] (compressed-tensors' TOKEN
-    strategy when clip_ratio is 1). Scales come from each token's own min/max and are not learned:
-    they are detached, so gradients reach x only through the STE."""
+    strategy when clip_ratio is 1). Scales come from each token's own min/max, detached, so gradients
+    reach x only through the STE. A tensor `clip_ratio` (a learned clip) multiplies the range outside
+    the detach and gets the LSQ gradient through the scale."""
     with torch.no_grad():
         min_vals, max_vals = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
-        if clip_ratio != 1.0:
-            min_vals, max_vals = min_vals * clip_ratio, max_vals * clip_ratio
-        scale, zero_point = calculate_qparams(min_vals, max_vals, num_bits, symmetric)
+        if not isinstance(clip_ratio, torch.Tensor):
+            if clip_ratio != 1.0:
+                min_vals, max_vals = min_vals * clip_ratio, max_vals * clip_ratio
+            scale, zero_point = calculate_qparams(min_vals, max_vals, num_bits, symmetric)
+    if isinstance(clip_ratio, torch.Tensor):
+        clip = clip_ratio.to(x.dtype)
+        scale, zero_point = calculate_qparams(min_vals * clip, max_vals * clip, num_bits, symmetric)
     return fake_quantize(x, scale, None if symmetric else zero_point, num_bits, None)
 
 

@@ -84,3 +84,80 @@ def run_gptq(
 
         enable_kv_quant(model, spec.kv_cache)
     return names
+
+
+def gptq_layerwise(
+    model: nn.Module,
+    samples: list[list[int]],
+    block_size: int = 128,
+    dampening_frac: float = 0.01,
+    actorder: ActOrder = "static",
+    observer: str = "minmax",
+    keep_scales: bool = False,
+) -> list[str]:
+    """GPTQ on a prepared model whose QuantLinears see transformed inputs (after QuaRot / FlatQuant), in
+    place; returns the names of the modules it quantized.
+
+    llmcompressor's oneshot cannot be used here: its sequential pipeline traces the stock decoder and
+    does not know our online transforms (TransformedNorm, QuantLinear.input_transform), so its Hessians
+    would be of the untransformed inputs. We use its GPTQ core instead (`accumulate_hessian`,
+    `quantize_weight`) on Hessians of the inputs each QuantLinear actually multiplies (after its input
+    transform, before activation quantization, as QuaRot's GPTQ does), decoder layer by decoder layer,
+    each layer fed the outputs of the already-quantized ones (llmcompressor's sequential order). Scales
+    come from the observer on the transformed weight, as llmcompressor's do, or with `keep_scales` are the
+    modules' own (FlatQuant's learned clipping: GPTQ then only re-rounds the weights on that grid).
+    """
+    import torch
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+    from llmcompressor.modifiers.gptq.helpers import accumulate_hessian, make_empty_hessian
+
+    from pipeline.quant.apply import observe, quant_linears
+    from pipeline.quant.layerwise import capture_inputs, next_inputs, run_layer
+    from pipeline.quant.quarot import decoder_layers
+
+    inputs = capture_inputs(model, samples)
+    done = []
+    for index, layer in enumerate(decoder_layers(model)):
+        modules = quant_linears(layer)
+        hessians = {name: make_empty_hessian(m) for name, m in modules}
+        counts = {name: torch.zeros((), dtype=torch.long) for name, _ in modules}
+
+        def hook(name, module, args):
+            x = args[0] if module.input_transform is None else module.input_transform(args[0])
+            accumulate_hessian(x.detach(), module, hessians[name], counts[name])
+
+        handles = [m.register_forward_pre_hook(lambda mod, a, name=name: hook(name, mod, a)) for name, m in modules]
+        for _, m in modules:
+            m.fake_quant = False  # the layer's weights are not quantized yet: full-precision inputs
+        try:
+            with torch.no_grad():
+                for inp in inputs:
+                    run_layer(layer, inp)
+        finally:
+            for h in handles:
+                h.remove()
+        for name, m in modules:
+            args = weight_quantization_args(m.weights).model_copy(update={"actorder": actorder})
+            if keep_scales:
+                scale, zero_point = m.weight_scale.detach().clone(), m.weight_zero_point
+            else:
+                scale, zero_point = observe(m, observer)
+            zp = zero_point if zero_point is not None else torch.zeros_like(scale, dtype=torch.int8)
+            with torch.no_grad():
+                quantized, _, _ = quantize_weight(
+                    m.weight.detach()[None].float(), (hessians[name] / counts[name])[None], scale[None], zp[None],
+                    None, args, block_size, dampening_frac,
+                )
+                m.weight.copy_(quantized[0].to(m.weight.dtype))
+            m.set_qparams(scale, zero_point)
+            m.fake_quant = True
+            done.append(f"{_layer_prefix(model)}.{index}.{name}")
+        inputs = next_inputs(layer, inputs)
+    return done
+
+
+def _layer_prefix(model: nn.Module) -> str:
+    from pipeline.quant.quarot import decoder_layers
+
+    layers = decoder_layers(model)
+    return next(n for n, m in model.named_modules() if m is layers)

@@ -2,7 +2,8 @@
 
 Our layout (`save_quantized`): `save_pretrained`'s config.json + safetensors, whose state dict holds
 each QuantLinear's latent `weight`, `weight_scale` and `weight_zero_point`, plus `QUANT_CONFIG`
-(JSON: the QuantSpec and the names of the quantized modules) and the tokenizer. Nothing is parsed
+(JSON: the QuantSpec, the names of the quantized modules and, after QuaRot / FlatQuant, where the
+online transforms and learned activation clips sit: pipeline.quant.online.describe) and the tokenizer. Nothing is parsed
 out of a path; the JSON is the record.
 
 `load_quantized(path)` also reads a compressed-tensors checkpoint (our `export` output, or any
@@ -85,7 +86,10 @@ def save_quantized(model: nn.Module, tokenizer, path: str | Path, spec) -> Path:
     model.save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-    record = {"format": FORMAT, "version": FORMAT_VERSION, "spec": spec.model_dump(mode="json"), "modules": names}
+    from pipeline.quant.online import describe
+
+    record = {"format": FORMAT, "version": FORMAT_VERSION, "spec": spec.model_dump(mode="json"), "modules": names,
+              "online": describe(model)}
     (path / QUANT_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
     return path
 
@@ -120,6 +124,10 @@ def _load_ours(path: Path) -> nn.Module:
     names = prepare(model, spec)
     if names != record["modules"]:
         raise ValueError(f"{path}: the spec selects {len(names)} modules, the checkpoint has {len(record['modules'])}")
+    if "online" in record:  # records written before online transforms existed have none
+        from pipeline.quant.online import install
+
+        install(model, record["online"])
     state = {}
     for file in sorted(path.glob("*.safetensors")):
         state.update(load_file(file))

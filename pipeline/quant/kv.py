@@ -10,6 +10,11 @@ step re-quantizes them; since a token's scale depends only on its own values, it
 same way at every step, as a cache that stored the quantized values would give (at the cost of
 re-doing it each step, which fake quantization accepts).
 
+Rotated keys (QuaRot's online Hadamard on queries and keys, FlatQuant's key transform): when the
+attention module has a `qk_transform` (pipeline.quant.online.KroneckerTransform P), keys become kP and
+queries q P⁻ᵀ before the keys are quantized, so scores q kᵀ are unchanged up to the quantization.
+Qwen3's q_norm / k_norm act per head before RoPE, so the rotation sits after both, here.
+
 The spec lives on each attention module as `kv_cache_spec`, set here before any forward; nothing
 changes inside the forward.
 """
@@ -41,7 +46,12 @@ def fake_quantize_kv(x: torch.Tensor, spec: KVCacheSpec) -> torch.Tensor:
 def _wrap(base: Callable) -> Callable:
     def attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
         spec = module.kv_cache_spec
-        return base(module, query, fake_quantize_kv(key, spec), fake_quantize_kv(value, spec), attention_mask, **kwargs)
+        rotation = getattr(module, "qk_transform", None)
+        if rotation is not None:
+            query, key = rotation.inverse_transpose(query), rotation(key)
+        if getattr(module, "kv_fake_quant", True):
+            key, value = fake_quantize_kv(key, spec), fake_quantize_kv(value, spec)
+        return base(module, query, key, value, attention_mask, **kwargs)
 
     return attention
 
@@ -69,5 +79,6 @@ def enable_kv_quant(model: nn.Module, spec: KVCacheSpec) -> list[str]:
         if spec.group_size is not None and head_dim is not None and head_dim % spec.group_size:
             raise ValueError(f"kv_cache.group_size {spec.group_size} does not divide head_dim {head_dim}")
         module.kv_cache_spec = spec
+        module.kv_fake_quant = True
     model.set_attn_implementation(name)
     return [n for n, _ in modules]

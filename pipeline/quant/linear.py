@@ -6,7 +6,10 @@ compressed-tensors' names, so that its state dict reads like a compressed-tensor
 `weight_zero_point` [out, n_groups] int8 (a buffer; None when symmetric). The forward pass is
 F.linear(x, fake_quantize(weight)) with the STE of `pipeline.quant.fake`; it reads its state and
 never writes it, so gradient checkpointing may re-run it. Optional per-token activation fake
-quantization of the input (W4A4).
+quantization of the input (W4A4), with a learned clip ratio `activation_clip` (a scalar Parameter,
+FlatQuant's learnable activation clipping) in place of the spec's fixed one when set. Optional
+`input_transform` (pipeline.quant.online: QuaRot's online Hadamard, FlatQuant's transform), applied
+before the activation quantizer and also when fake quantization is off: the weight has it merged in.
 
 Lifecycle (pipeline.quant.apply): `prepare` swaps modules in (scales not yet set), `calibrate` sets
 the scales from the weights (or GPTQ / a checkpoint sets them), then train; `export` writes the
@@ -46,6 +49,8 @@ class QuantLinear(nn.Linear):
         self.fake_quant = True
         """False: a plain Linear on the latent weight (for measuring the quantization error)."""
         self.calibrated = False
+        self.input_transform: nn.Module | None = None
+        self.activation_clip: nn.Parameter | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, weights: WeightSpec, activations: ActivationSpec | None = None):
@@ -76,11 +81,14 @@ class QuantLinear(nn.Linear):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
         if not self.fake_quant:
             return F.linear(x, self.weight, self.bias)
         if self.activations is not None:
             a = self.activations
-            x = fake.fake_quantize_per_token(x, a.num_bits, a.symmetric, a.clip_ratio)
+            clip = a.clip_ratio if self.activation_clip is None else self.activation_clip
+            x = fake.fake_quantize_per_token(x, a.num_bits, a.symmetric, clip)
         return F.linear(x, self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
@@ -89,4 +97,6 @@ class QuantLinear(nn.Linear):
         text = f"{super().extra_repr()}, w{w.num_bits} {groups} {'sym' if w.symmetric else 'asym'}"
         if self.activations is not None:
             text += f", a{self.activations.num_bits}token"
+        if self.activation_clip is not None:
+            text += ", learned clip"
         return text

@@ -1,0 +1,117 @@
+"""Online transforms: the part of a rotation (QuaRot) or learned affine transform (FlatQuant) that cannot
+be merged into weights, because it acts on activations that pass through a non-linearity or a
+quantizer before any weight sees them.
+
+One module does all of them: `KroneckerTransform`, x -> (x / s) (A ⊗ B) on the last dimension, with
+A [n1, n1], B [n2, n2] invertible and s an optional per-channel smoothing divisor (SmoothQuant-style).
+Computed as Aᵀ X B on x viewed as X [n1, n2] (n·(n1 + n2) multiply-adds per token, not n²). Its partner
+`inverse_transpose(y)` = y P⁻ᵀ, P = diag(s)⁻¹ (A ⊗ B): the weight side (W P⁻ᵀ consumes xP exactly,
+merged in float64 by the PTQ methods) and, for queries, the side that keeps qkᵀ unchanged when keys
+are transformed by P.
+
+Where transforms sit in a decoder layer (module names relative to the layer):
+- `input_layernorm`, `post_attention_layernorm` -> `TransformedNorm(norm, transform)`: the transform of
+  the q/k/v input and of the gate/up input, applied once to the norm's output (the three / two consumers
+  hold weights merged with it);
+- `self_attn.o_proj.input_transform`, `mlp.down_proj.input_transform` (QuantLinear): the o_proj and
+  down_proj inputs (QuaRot's online Hadamard on the down_proj input);
+- `self_attn.qk_transform`: keys k -> kP and queries q -> q P⁻ᵀ after RoPE, before the KV-cache quantizer
+  (pipeline.quant.kv applies it inside the attention function).
+`describe(model)` records them (JSON), `install(model, record)` rebuilds empty ones on a fresh model
+before its state dict is loaded: the tensors travel in the safetensors, the layout in the record.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class KroneckerTransform(nn.Module):
+    def __init__(self, left: torch.Tensor, right: torch.Tensor, smooth: torch.Tensor | None = None):
+        super().__init__()
+        self.left = nn.Parameter(left)
+        self.right = nn.Parameter(right)
+        self.smooth = None if smooth is None else nn.Parameter(smooth)
+
+    @classmethod
+    def empty(cls, n1: int, n2: int, smooth: bool, device=None, dtype=None) -> "KroneckerTransform":
+        """Shapes only (values come from a state dict)."""
+        make = lambda *shape: torch.empty(*shape, device=device, dtype=dtype)  # noqa: E731
+        return cls(make(n1, n1), make(n2, n2), make(n1 * n2) if smooth else None)
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        return self.left.shape[0], self.right.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth is not None:
+            x = x / self.smooth.to(x.dtype)
+        grid = x.unflatten(-1, self.sizes)  # [..., n1, n2]
+        return (self.left.to(x.dtype).T @ grid @ self.right.to(x.dtype)).flatten(-2)
+
+    def inverse_transpose(self, y: torch.Tensor) -> torch.Tensor:
+        """y P⁻ᵀ = vec(A⁻¹ Y B⁻ᵀ) of (y ⊙ s), in y's dtype (pass float64 for an exact merge); differentiable."""
+        dtype = y.dtype
+        if self.smooth is not None:
+            y = y * self.smooth.to(dtype)
+        grid = y.unflatten(-1, self.sizes)
+        left_inv, right_inv = torch.linalg.inv(self.left.to(dtype)), torch.linalg.inv(self.right.to(dtype))
+        return (left_inv @ grid @ right_inv.T).flatten(-2)
+
+    def extra_repr(self) -> str:
+        n1, n2 = self.sizes
+        return f"{n1}x{n2}" + (", smooth" if self.smooth is not None else "")
+
+
+class TransformedNorm(nn.Module):
+    """A norm followed by an online transform of its output (the input of the Linears after it)."""
+
+    def __init__(self, norm: nn.Module, transform: KroneckerTransform):
+        super().__init__()
+        self.norm = norm
+        self.transform = transform
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.transform(self.norm(x))
+
+
+def transforms(model: nn.Module) -> list[tuple[str, KroneckerTransform]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, KroneckerTransform)]
+
+
+def transform_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of the online transforms and learned activation clips (for freezing in KD-QAT)."""
+    from pipeline.quant.apply import quant_linears
+
+    params = [p for _, t in transforms(model) for p in t.parameters()]
+    return params + [m.activation_clip for _, m in quant_linears(model) if m.activation_clip is not None]
+
+
+def describe(model: nn.Module) -> dict:
+    """The JSON record of where the model's transforms sit: {name: [n1, n2, smooth]} and the QuantLinears
+    with a learned activation clip."""
+    from pipeline.quant.apply import quant_linears
+
+    return {
+        "transforms": {n: [*t.sizes, t.smooth is not None] for n, t in transforms(model)},
+        "activation_clip": [n for n, m in quant_linears(model) if m.activation_clip is not None],
+    }
+
+
+def install(model: nn.Module, record: dict) -> None:
+    """Put empty transforms (and activation clips) where `record` (from `describe`) says, on a model whose
+    QuantLinears exist already; the state dict fills them."""
+    device = next(model.parameters()).device
+    for name, (n1, n2, smooth) in record["transforms"].items():
+        owner_name, _, attr = name.rpartition(".")
+        transform = KroneckerTransform.empty(n1, n2, smooth, device=device)
+        if attr == "transform":  # <norm>.transform: wrap the norm
+            wrap_norm(model, owner_name, transform)
+        else:
+            setattr(model.get_submodule(owner_name), attr, transform)
+    for name in record["activation_clip"]:
+        model.get_submodule(name).activation_clip = nn.Parameter(torch.empty((), device=device))
+
+
+def wrap_norm(model: nn.Module, name: str, transform: KroneckerTransform) -> None:
+    model.set_submodule(name, TransformedNorm(model.get_submodule(name), transform))
