@@ -8,6 +8,15 @@ Methods:
     how its result becomes our representation.
   - `rtn`: round-to-nearest with min-max (or MSE) ranges; no data needed (calibration data, when
     given, only feeds the SQNR report).
+  - `quarot` (W4A4KV4 baseline): Hadamard rotations fused into the weights plus online ones on the
+    down_proj input and on queries/keys (pipeline.quant.quarot), then `weight_method` rtn or gptq on the
+    rotated weights.
+  - `flatquant` (W4A4KV4 PTQ init): learned Kronecker-factored affine transforms, weight and activation
+    clipping, calibrated layer by layer on output MSE (`epochs`, `lr`, `nsamples`, `seqlen`;
+    pipeline.quant.flatquant), then `weight_method` rtn (with the learned clips) or gptq (on the learned
+    clipped grid). The model is quantized and saved in float32 (the merged transforms keep their precision;
+    KD-QAT trains in float32 anyway).
+  Online transforms are saved with the model (pipeline.quant.io) and reload with it.
 The scheme is the recipe's `quant` section (e.g. `quant: w3g128`).
 
 Outputs: `<out_dir>/model/` (pipeline.quant.io layout: safetensors with latent weights, scales and
@@ -28,7 +37,7 @@ from pydantic import Field, model_validator
 from pipeline.errors import InputError
 from pipeline.stage_api import StageConfig, StageContext, StageRef
 
-CODE_VERSION = 1
+CODE_VERSION = 2
 USES = ("seed", "quant")
 HEADLINE = "output_sqnr_mean"
 
@@ -42,7 +51,15 @@ class Config(StageConfig):
     calibration_source: Literal["traces", "generic"] = "traces"
     """"traces": the `calibration` stage's traces; "generic": non-domain English text (the WikiText
     stand-in, Python standard-library docstrings)."""
-    method: Literal["rtn", "gptq"] = "gptq"
+    method: Literal["rtn", "gptq", "quarot", "flatquant"] = "gptq"
+    weight_method: Literal["rtn", "gptq"] = "rtn"
+    """quarot / flatquant: how the transformed weights are quantized (GPTQ settings below apply)."""
+    epochs: int = Field(15, ge=0)
+    """flatquant: passes over the calibration samples per decoder layer."""
+    lr: float = Field(1e-3, gt=0)
+    """flatquant: AdamW learning rate of the transforms and clips (cosine to 0 over each layer)."""
+    smooth_alpha: float = Field(0.5, ge=0, le=1)
+    """flatquant: SmoothQuant migration strength of the per-channel smoothing init."""
     nsamples: int = Field(128, gt=0)
     """Calibration sequences."""
     seqlen: int = Field(2048, gt=0)
@@ -60,7 +77,8 @@ class Config(StageConfig):
 
     @model_validator(mode="after")
     def _source(self):
-        if self.calibration_source == "traces" and self.calibration is None and self.method == "gptq":
+        needs_data = self.method in ("gptq", "flatquant") or (self.method == "quarot" and self.weight_method == "gptq")
+        if self.calibration_source == "traces" and self.calibration is None and needs_data:
             raise ValueError("calibration_source 'traces' needs `calibration: <traces stage>`")
         if self.calibration_source == "generic" and self.calibration is not None:
             raise ValueError("calibration is set but calibration_source is 'generic'; drop one")
@@ -94,7 +112,8 @@ def run(ctx: StageContext) -> dict[str, float]:
 
     config, spec = ctx.config, ctx.recipe.quant
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(ctx.inputs["model"], device=device).eval()
+    transformed = config.method in ("quarot", "flatquant")
+    model = load_model(ctx.inputs["model"], dtype="float32" if transformed else None, device=device).eval()
     tokenizer = load_tokenizer(ctx.inputs["model"])
     misfits = check_fit(model, spec)
     if misfits:
@@ -109,22 +128,60 @@ def run(ctx: StageContext) -> dict[str, float]:
     report_samples = samples[: config.sqnr_samples]
     originals = sqnr.snapshot_weights(model, spec)
     reference_hidden = sqnr.final_hidden(model, report_samples)
+    reference_logits = sqnr.final_logits(model, report_samples)
 
     start = time.perf_counter()
+    extra: dict[str, float] = {}
     if config.method == "gptq":
         run_gptq(model, tokenizer, spec, samples, config.block_size, config.dampening_frac, config.actorder, config.observer)
-    else:
+    elif config.method == "rtn":
         quantize_rtn(model, spec, config.observer)
+    else:
+        extra, originals = _transform_and_quantize(model, spec, samples, config, ctx)
     wall = time.perf_counter() - start
 
     report = sqnr.layer_sqnr(model, originals, report_samples)
     ctx.log.info("per-layer SQNR (dB), %s %s:\n%s", config.method, config.calibration_source, sqnr.format_table(report))
     (ctx.out_dir / "sqnr.json").write_text(json.dumps(report, indent=1) + "\n")
     save_quantized(model, tokenizer, ctx.out_dir / "model", spec)
-    return {
+    metrics = {
         **sqnr.summarize(report),
-        "hidden_sqnr": sqnr.hidden_sqnr(reference_hidden, sqnr.final_hidden(model, report_samples)),
+        "logits_sqnr": sqnr.hidden_sqnr(reference_logits, sqnr.final_logits(model, report_samples)),
         "wall_time_s": wall,
         "quantized_layers": float(len(report)),
         "calibration_tokens": float(sum(len(s) for s in samples)),
+        **extra,
     }
+    if config.method != "quarot":  # QuaRot's hidden states are rotated: only its logits compare
+        metrics["hidden_sqnr"] = sqnr.hidden_sqnr(reference_hidden, sqnr.final_hidden(model, report_samples))
+    return metrics
+
+
+def _transform_and_quantize(model, spec, samples, config: Config, ctx: StageContext):
+    """quarot / flatquant, then weight_method; returns the method's own metrics and the transformed
+    full-precision weights (the reference of the SQNR report)."""
+    from pipeline.quant import flatquant, quarot, sqnr
+    from pipeline.quant.apply import calibrate, prepare
+    from pipeline.quant.gptq import gptq_layerwise
+
+    prepare(model, spec)
+    metrics: dict[str, float] = {}
+    try:
+        if config.method == "quarot":
+            quarot.rotate(model, seed=ctx.recipe.seed)
+        else:
+            report = flatquant.calibrate(model, samples, config.epochs, config.lr, config.smooth_alpha,
+                                         seed=ctx.recipe.seed, log=ctx.log)
+            (ctx.out_dir / "flatquant.json").write_text(json.dumps(report, indent=1) + "\n")
+            metrics = {"flatquant_mse_init_mean": sum(r["mse_init"] for r in report) / len(report),
+                       "flatquant_mse_mean": sum(r["mse"] for r in report) / len(report),
+                       "flatquant_seconds_per_layer": sum(r["seconds"] for r in report) / len(report)}
+    except ValueError as e:  # the scheme's targets leave a Linear of the decoder unquantized
+        raise InputError("quant.targets", f"{config.method}: {e}") from None
+    originals = sqnr.snapshot_weights(model, spec)
+    if config.weight_method == "gptq":
+        gptq_layerwise(model, samples, config.block_size, config.dampening_frac, config.actorder, config.observer,
+                       keep_scales=config.method == "flatquant")
+    elif config.method == "quarot":
+        calibrate(model, config.observer)
+    return metrics, originals

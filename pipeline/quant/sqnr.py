@@ -5,7 +5,10 @@ Per quantized layer:
 - output SQNR: on the quantized model's own inputs to that layer (what GPTQ's sequential pipeline
   optimises), x @ W_original^T against the layer's fake-quantized output. GPTQ should beat RTN here
   even where its weight SQNR is lower: it trades weight error for output error.
-Per model: SQNR of the final hidden states against the unquantized model's on the same samples.
+Per model: SQNR of the final hidden states against the unquantized model's on the same samples, and of
+the logits (the one comparison that holds after QuaRot, whose hidden states live in a rotated basis).
+After QuaRot / FlatQuant the "original" weights are the transformed full-precision ones, and a layer's
+input is taken after its online input transform.
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ def layer_sqnr(model: nn.Module, originals: dict[str, torch.Tensor], samples: li
 
     def hook(name, module, args, output):
         w = originals[name].to(device=output.device, dtype=output.dtype)
-        reference = F.linear(args[0], w, module.bias).double()
+        x = args[0] if module.input_transform is None else module.input_transform(args[0])
+        reference = F.linear(x, w, module.bias).double()
         sig_noise = energy.setdefault(name, [0.0, 0.0])
         sig_noise[0] += float(reference.square().sum())
         sig_noise[1] += float((reference - output.double()).square().sum())
@@ -68,6 +72,13 @@ def layer_sqnr(model: nn.Module, originals: dict[str, torch.Tensor], samples: li
             "output_sqnr": float("inf") if noise == 0 else 10 * math.log10(signal / noise),
         })
     return report
+
+
+@torch.no_grad()
+def final_logits(model: nn.Module, samples: list[list[int]]) -> list[torch.Tensor]:
+    """The logits of each sample ([len, vocab], float32 on CPU)."""
+    device = next(model.parameters()).device
+    return [model(torch.tensor([s], device=device)).logits[0].float().cpu() for s in samples]
 
 
 def hidden_sqnr(reference: list[torch.Tensor], quantized: list[torch.Tensor]) -> float:
