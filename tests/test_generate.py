@@ -91,3 +91,24 @@ def test_spec_validation():
         GenerationSpec(max_new_tokens=0)
     with pytest.raises(ValidationError):
         GenerationSpec(beams=2)
+
+
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_grouped_sdpa_equals_sdpa(q_len):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from pipeline.generate import grouped_sdpa_attention
+
+    class Module:
+        num_key_value_groups = 4
+        is_causal = True
+
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(3, 8, q_len, 16, generator=gen)
+    key, value = torch.randn(2, 3, 2, 11, 16, generator=gen)
+    mask = torch.rand(3, 1, q_len, 11, generator=gen) > 0.3
+    mask[..., 0] = True  # every row attends somewhere
+    ours, _ = grouped_sdpa_attention(Module(), query, key, value, mask, scaling=0.25)
+    ref, _ = sdpa_attention_forward(Module(), query, key, value, mask, scaling=0.25)
+    assert ours.shape == ref.shape == (3, q_len, 8, 16)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
