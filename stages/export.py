@@ -3,7 +3,11 @@
 Format `pack-quantized` (compressed-tensors): int32-packed integer weights, scales, packed zero
 points when asymmetric, `quantization_config` in config.json, tokenizer and generation config.
 Stock transformers + compressed-tensors load it (`AutoModelForCausalLM.from_pretrained`) with the
-logits of our fake-quant model; vLLM serves the same format. See pipeline.quant.export.
+logits of our fake-quant model; vLLM serves the same format. W4A4KV4 models (activation / KV-cache
+quantization, QuaRot / FlatQuant transforms) get the same packed weights, the activation and KV schemes
+in the quantization_config, the transforms in transforms.safetensors, and a model_type that only
+`pipeline.load_quantized` reads (stock transformers refuses it rather than run it without its
+transforms). See pipeline.quant.export.
 
 Outputs: `<out_dir>/model/`. Metrics: bytes on disk, bits per quantized weight, bits per parameter.
 
@@ -16,7 +20,7 @@ from typing import Literal
 from pipeline.errors import InputError
 from pipeline.stage_api import StageConfig, StageContext, StageRef
 
-CODE_VERSION = 1
+CODE_VERSION = 2
 USES = ()
 HEADLINE = "bits_per_weight"
 
@@ -28,7 +32,7 @@ class Config(StageConfig):
     scheme: str | None = None
     """A preset (e.g. w3g128) the model must be quantized with; None: the model's own scheme."""
     format: Literal["pack-quantized"] = "pack-quantized"
-    """Checkpoint format: compressed-tensors pack-quantized (weight-only integer schemes)."""
+    """Checkpoint format: compressed-tensors pack-quantized (integer weights; W4A4KV4 adds its schemes and transforms)."""
 
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:

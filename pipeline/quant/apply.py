@@ -129,7 +129,7 @@ def from_compressed_tensors(model: nn.Module, activations: ActivationSpec | None
 
 
 def to_compressed_tensors(model: nn.Module, spec: QuantSpec) -> None:
-    """The inverse: QuantLinears become nn.Linears with compressed-tensors' `quantization_scheme`,
+    """The inverse: QuantLinears become nn.Linears with compressed-tensors' weight `quantization_scheme`,
     `weight_scale` and `weight_zero_point` (status frozen), the state compressed-tensors' compressors
     pack. The weight stays the latent one: compressing quantizes it with the same scales, to the
     same integer codes our fake quantization uses."""
@@ -140,8 +140,7 @@ def to_compressed_tensors(model: nn.Module, spec: QuantSpec) -> None:
         apply_quantization_config,
     )
 
-    if spec.activations is not None or spec.kv_cache is not None:
-        raise ValueError("export of activation / KV-cache quantization is not supported yet")
+    # activation / KV-cache schemes are not module state: pipeline.quant.export writes them to the config
     quantized = quant_linears(model)
     if not quantized:
         raise ValueError("the model has no QuantLinear to export")

@@ -8,7 +8,19 @@ fake quantization uses, packed into int32 (`weight_packed`, 32 / num_bits codes 
 result (`AutoModelForCausalLM.from_pretrained(DIR)`) and compute the same logits as our fake-quant
 model; `pipeline.load_quantized(DIR)` reads it back into QuantLinears.
 
+W4A4KV4 (activations / KV cache quantized, online transforms after QuaRot / FlatQuant): the same packed
+int4 weights (already merged with their transforms), and in config.json's `quantization_config` the
+per-token dynamic input activations (`input_activations`, strategy token) and the KV cache
+(`kv_cache_scheme`, dynamic per token; per head in our loader, see the `reasoning_qat` block). What
+compressed-tensors has no field for goes beside it: the online transforms and learned activation clips
+as tensors in `transforms.safetensors`, their layout and the exact QuantSpec in config.json's
+`reasoning_qat` block. Stock transformers would load the weights, drop the transforms and compute
+something else without a word; so `model_type` is rewritten to `reasoning_qat` (stock
+`AutoModelForCausalLM.from_pretrained` refuses an unknown model type with its own error, naming it) and a
+README.md in the directory says how to load it: `pipeline.load_quantized(DIR)` or `reasoning-qat eval DIR`.
+
     reasoning-qat export artifacts/demo/ptq --scheme w3g128 --out ckpt/
+    reasoning-qat export artifacts/gpu/ptq_flatquant --scheme w4a4kv4 --out ckpt/
 """
 from __future__ import annotations
 
@@ -21,6 +33,23 @@ from torch import nn
 from pipeline.errors import InputError
 
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+MODEL_TYPE = "reasoning_qat"
+"""config.json `model_type` of checkpoints that only our loader runs correctly."""
+TRANSFORMS_FILE = "transforms.safetensors"
+README = """# reasoning-qat {scheme} checkpoint
+
+Weights: int4 packed (compressed-tensors `pack-quantized`), merged with the online transforms.
+Activations: {activations}. KV cache: {kv_cache}.
+Online transforms ({n_transforms} tensors in `transforms.safetensors`, layout in config.json `reasoning_qat`)
+must run at inference: stock transformers cannot, so config.json's `model_type` is `{model_type}` and
+`AutoModelForCausalLM.from_pretrained` refuses this directory.
+
+Load it with the project (https://github.com/ — `pip install -e .` of reasoning-qat):
+
+    import pipeline
+    model = pipeline.load_quantized("THIS_DIR")      # fake-quantized model with its transforms
+    reasoning-qat eval THIS_DIR --bench gsm8k         # or evaluate it directly
+"""
 
 
 def export_pack_quantized(model: nn.Module, tokenizer, spec, out_dir: str | Path) -> dict[str, float]:
@@ -33,7 +62,11 @@ def export_pack_quantized(model: nn.Module, tokenizer, spec, out_dir: str | Path
 
     from pipeline.quant.apply import to_compressed_tensors
 
+    from pipeline.quant.online import describe
+
     out_dir = Path(out_dir)
+    online = describe(model)
+    transform_state = _strip_online(model, online)
     to_compressed_tensors(model, spec)
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
     compressor.compress_model(model)
@@ -41,7 +74,63 @@ def export_pack_quantized(model: nn.Module, tokenizer, spec, out_dir: str | Path
     compressor.update_config(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    if spec.activations is not None or spec.kv_cache is not None or transform_state:
+        _write_w4a4kv4(out_dir, spec, online, transform_state)
     return checkpoint_size(out_dir)
+
+
+def _strip_online(model: nn.Module, online: dict) -> dict:
+    """Take the online transforms and activation clips out of `model` (so that its state dict is a plain
+    compressed-tensors one, norms under their stock names); returns their tensors, named as in our
+    model's state dict."""
+    state = {}
+    for name in online["transforms"]:
+        owner, _, attr = name.rpartition(".")
+        for key, tensor in model.get_submodule(name).state_dict().items():
+            state[f"{name}.{key}"] = tensor.detach().contiguous()
+        if attr == "transform":
+            model.set_submodule(owner, model.get_submodule(owner).norm)
+        else:
+            setattr(model.get_submodule(owner), attr, None)
+    for name in online["activation_clip"]:
+        state[f"{name}.activation_clip"] = model.get_submodule(name).activation_clip.detach().contiguous()
+    return state
+
+
+def _write_w4a4kv4(out_dir: Path, spec, online: dict, transform_state: dict) -> None:
+    import json
+
+    from compressed_tensors.quantization import QuantizationArgs
+    from safetensors.torch import save_file
+
+    config_file = out_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    qconfig = config["quantization_config"]
+    if spec.activations is not None:
+        a = spec.activations
+        args = QuantizationArgs(num_bits=a.num_bits, type="int", symmetric=a.symmetric, strategy="token", dynamic=True)
+        for group in qconfig["config_groups"].values():
+            group["input_activations"] = args.model_dump(mode="json")
+    if spec.kv_cache is not None:
+        kv = spec.kv_cache
+        qconfig["kv_cache_scheme"] = QuantizationArgs(
+            num_bits=kv.num_bits, type="int", symmetric=kv.symmetric, strategy="token", dynamic=True
+        ).model_dump(mode="json")
+    config["reasoning_qat"] = {
+        "base_model_type": config["model_type"],
+        "spec": spec.model_dump(mode="json"),
+        "online": online,
+        "note": "KV cache: one scale per token and head (group_size None = head_dim), after RoPE and after "
+                "self_attn.qk_transform; activation clips and online transforms in transforms.safetensors",
+    }
+    config["model_type"] = MODEL_TYPE
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(transform_state, out_dir / TRANSFORMS_FILE, metadata={"format": "pt"})
+    (out_dir / "README.md").write_text(README.format(
+        scheme=_describe(spec), activations=f"{spec.activations.num_bits}-bit per token, dynamic" if spec.activations else "BF16",
+        kv_cache=f"{spec.kv_cache.num_bits}-bit per token and head, dynamic" if spec.kv_cache else "BF16",
+        n_transforms=len(transform_state), model_type=MODEL_TYPE,
+    ))
 
 
 def checkpoint_size(path: str | Path) -> dict[str, float]:

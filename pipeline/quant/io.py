@@ -37,7 +37,10 @@ def _compressed_tensors_config(path: Path) -> dict | None:
     config_file = path / "config.json"
     if not config_file.exists():
         return None
-    qconfig = json.loads(config_file.read_text()).get("quantization_config")
+    config = json.loads(config_file.read_text())
+    if "reasoning_qat" in config:  # our W4A4KV4 export (pipeline.quant.export): compressed-tensors weights
+        return config["quantization_config"]
+    qconfig = config.get("quantization_config")
     return qconfig if qconfig and qconfig.get("quant_method") == "compressed-tensors" else None
 
 
@@ -60,6 +63,9 @@ def read_quant_spec(path: str | Path):
     qconfig = _compressed_tensors_config(path)
     if qconfig is None:
         raise ValueError(f"{path} holds no quantized model")
+    config = json.loads((path / "config.json").read_text())
+    if "reasoning_qat" in config:
+        return QuantSpec.model_validate(config["reasoning_qat"]["spec"])
     groups = list(qconfig["config_groups"].values())
     if len(groups) != 1:
         raise ValueError(f"{path}: {len(groups)} quantization config groups; one is supported")
@@ -152,6 +158,8 @@ def _is_tied(model: nn.Module, key: str) -> bool:
 def _load_compressed_tensors(path: Path) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
+    if "reasoning_qat" in json.loads((path / "config.json").read_text()):
+        return _load_w4a4kv4_export(path)
     from pipeline.quant.apply import from_compressed_tensors
 
     # stock transformers + compressed-tensors load the packed modules; decompressing now (rather
@@ -163,4 +171,55 @@ def _load_compressed_tensors(path: Path) -> nn.Module:
     # from here on it is our representation: no compressed-tensors quantizer behind save_pretrained
     model.hf_quantizer = None
     del model.config.quantization_config
+    return model
+
+
+def _load_w4a4kv4_export(path: Path) -> nn.Module:
+    """Our W4A4KV4 export: the stock model type restored, QuantLinears from the unpacked int4 weights
+    (compressed-tensors' own unpacking and dequantization), then the online transforms and clips."""
+    from accelerate import init_empty_weights
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.quant.apply import prepare, quant_linears
+    from pipeline.quant.export import TRANSFORMS_FILE
+    from pipeline.quant.online import install
+    from pipeline.quant.scheme import weight_quantization_args
+
+    raw = json.loads((path / "config.json").read_text())
+    block = raw.pop("reasoning_qat")
+    raw.pop("quantization_config")
+    raw["model_type"] = block["base_model_type"]
+    config = AutoConfig.for_model(**raw)
+    spec = read_quant_spec(path)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    prepare(model, spec)
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        if file.name != TRANSFORMS_FILE:
+            state.update(load_file(file))
+    scheme = QuantizationScheme(targets=list(spec.targets), weights=weight_quantization_args(spec.weights))
+    for name, module in quant_linears(model):
+        local = {k[len(name) + 1:]: state.pop(k) for k in list(state) if k.startswith(name + ".")}
+        local = PackedQuantizationCompressor.decompress(local, scheme)
+        local.pop("weight_shape", None)
+        for key, tensor in local.items():
+            state[f"{name}.{key}"] = tensor.to(torch.int8) if key == "weight_zero_point" else tensor
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = [key for key in result.missing_keys if not _is_tied(model, key)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{path}: checkpoint does not match the model: missing {missing[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+    if len(missing) != len(result.missing_keys):
+        model.tie_weights()
+    install(model, block["online"])
+    transforms = load_file(path / TRANSFORMS_FILE)
+    result = model.load_state_dict(transforms, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ValueError(f"{path}: unexpected transform tensors {result.unexpected_keys[:5]}")
+    for _, module in quant_linears(model):
+        module.calibrated = True
     return model
