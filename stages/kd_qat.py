@@ -71,6 +71,9 @@ class Config(TrainArgs, StageConfig):
     """Tokens per chunk of logits in the KD loss: memory against the number of lm_head calls."""
     train: Literal["weights", "scales", "both"] = "weights"
     """What the optimizer updates (see the module docstring)."""
+    transforms: Literal["frozen", "trainable"] = "frozen"
+    """Online transforms and learned activation clips of a QuaRot / FlatQuant init: kept as calibrated, or
+    trained with the weights (pipeline.quant.online.transform_parameters)."""
     lr: float = Field(1e-4, gt=0)
     """Peak learning rate; QAT starts from a trained model, so far below the from-scratch rate."""
     warmup_steps: int = Field(10, ge=0)
@@ -103,11 +106,14 @@ def _traces(ctx: StageContext) -> list[tuple[str, str]]:
     return pairs
 
 
-def _select_trainable(model: torch.nn.Module, what: str) -> None:
+def _select_trainable(model: torch.nn.Module, what: str, transforms: str = "frozen") -> None:
+    from pipeline.quant.online import transform_parameters
+
     scales = {id(m.weight_scale) for _, m in quant_linears(model)}
+    frozen = {id(p) for p in transform_parameters(model)} if transforms == "frozen" else set()
     for p in model.parameters():
         is_scale = id(p) in scales
-        p.requires_grad_(what == "both" or (what == "scales") == is_scale)
+        p.requires_grad_(id(p) not in frozen and (what == "both" or (what == "scales") == is_scale))
 
 
 def kd_loss_fn(teacher: torch.nn.Module, config: Config):
@@ -140,7 +146,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     accelerator = make_accelerator()
     student = load_model(ctx.inputs["init"], dtype="float32")
     tokenizer = load_tokenizer(ctx.inputs["init"])
-    _select_trainable(student, config.train)
+    _select_trainable(student, config.train, config.transforms)
 
     if config.objective == "kd":
         teacher_dtype = recipe.model.dtype if accelerator.device.type == "cuda" else "float32"
