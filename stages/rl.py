@@ -1,0 +1,126 @@
+"""Stage `rl`: GRPO with verifiable rewards on the quantized student (the optional third step).
+
+DESIGN.md §1: after KD-QAT, RL adds a few points *if* the student clears a capability threshold;
+below it RL collapses. So this stage normally carries `when: <gate>` and is skipped (state
+`skipped`, downstream stages reading `init` instead) when the gate fails; `--force` runs it anyway.
+
+The policy is the quantized model of `init` (kd_qat, ptq or any stage that saved QuantLinears),
+trained by TRL's GRPOTrainer through pipeline.rl (which says where and why it departs from stock
+TRL): rollouts through pipeline.generate, reward = pipeline.grading's verdict (1/0) plus an optional
+format reward, GRPO/DAPO losses and clipping as TRL implements them. Prompts are `count` problems of
+the recipe's training domain (`data.task`: the testbed's train split, GSM8K train, or a prompts
+jsonl with answers), in the chat template.
+
+Policy modes (`policy`): `qat` trains the latent weights through fake quantization (scales frozen);
+`lora` trains LoRA adapters on the frozen quantized base and merges them at the end (the merged
+latent weights re-quantize with the same scales; see pipeline.rl). `aqn` adds QeRL's adaptive
+quantization noise to the rollout policy's RMSNorm weights. β > 0 in `qat` mode loads `init` a second
+time as the frozen reference policy; in `lora` mode the reference is the base with adapters disabled.
+
+Output: the final policy in the quantized representation (`<out_dir>/model/`, what `export` and
+`eval` read), `metrics.jsonl` (reward, accuracy, format, entropy, kl, completion length, sigma, ...
+per step); resumable checkpoints through the engine.
+
+    stages:
+      gate:
+        type: gate
+        model: kd_qat
+        teacher: teacher
+        min_retention: 0.5
+        limit: 200
+      rl:
+        type: rl
+        init: kd_qat
+        when: gate
+        steps: 200
+        batch_size: 64
+        num_generations: 8
+        lr: 1.0e-6
+        max_completion_length: 512
+        aqn: {sigma_start: 1.0e-2, sigma_end: 5.0e-4, num_stages: 10}
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from pipeline.benchmarks import benchmarks_dir, load_benchmark, load_prompts_file
+from pipeline.errors import InputError
+from pipeline.rl import GRPOSettings
+from pipeline.stage_api import StageConfig, StageContext, StageRef
+
+CODE_VERSION = 1
+USES = ("seed", "model", "data")
+HEADLINE = "accuracy"
+PASSTHROUGH = "init"
+
+
+class Config(GRPOSettings, StageConfig):
+    type: Literal["rl"] = "rl"
+    init: StageRef
+    """The quantized student to train (a kd_qat or ptq stage); what downstream reads when the gate skips this stage."""
+    count: int = Field(1000, ge=1)
+    """Training prompts drawn from the recipe's data.task (fewer when the source has fewer)."""
+
+
+def check(config: Config, recipe) -> list[tuple[str, str]]:
+    errors = []
+    if config.init == "model":
+        errors.append(("init", "needs a stage that saved a quantized model (kd_qat, ptq), not the base model"))
+    task = recipe.data.task
+    if task == "math500":
+        errors.append(("", "data.task math500 is a test set with no train split here; use gsm8k, testbed or jsonl"))
+    elif task == "gsm8k":
+        path = benchmarks_dir(recipe.data.benchmarks_dir) / "gsm8k_train.jsonl"
+        if not path.is_file():
+            errors.append(("", f"no such file: {path} (data.benchmarks_dir or $REASONING_QAT_BENCHMARKS)"))
+    elif task == "jsonl" and recipe.data.prompts_file is None:
+        errors.append(("", "data.prompts_file must be set when data.task is jsonl"))
+    return errors
+
+
+def _prompts(ctx: StageContext):
+    config, data = ctx.config, ctx.recipe.data
+    if data.task == "testbed":
+        from pipeline.tasks.testbed import make_problems
+        return make_problems(data.testbed, "train", n=config.count, seed=ctx.recipe.seed)
+    if data.task == "gsm8k":
+        return load_benchmark("gsm8k", split="train", limit=config.count, data_dir=data.benchmarks_dir)
+    problems = load_prompts_file(data.prompts_file, limit=config.count)
+    if any(not p.answer for p in problems):
+        raise InputError("data.prompts_file", f"{data.prompts_file} has prompts without an `answer`: RL needs a reward")
+    return problems
+
+
+def run(ctx: StageContext) -> dict[str, float]:
+    import torch
+    from accelerate import PartialState
+
+    from pipeline.models import is_quantized, load_model, load_tokenizer
+    from pipeline.quant.io import read_quant_spec, save_quantized
+    from pipeline.rl import grpo_train
+
+    config, recipe = ctx.config, ctx.recipe
+    if not is_quantized(ctx.inputs["init"]):
+        raise InputError(f"stages.{ctx.name}.init", f"{config.init!r} holds no quantized model (use kd_qat or ptq)")
+    spec = read_quant_spec(ctx.inputs["init"])
+    problems = _prompts(ctx)
+    # latent weights in fp32 (bf16 autocast on GPU), as kd_qat trains them
+    policy = load_model(ctx.inputs["init"], dtype="float32")
+    tokenizer = load_tokenizer(ctx.inputs["init"])
+    reference = None
+    if config.beta > 0 and config.policy == "qat":
+        reference = load_model(ctx.inputs["init"], dtype="float32")
+    ctx.log.info("%s: GRPO (%s, %s loss, G=%d, %d completions/step) on %d %s prompts for %d steps%s", ctx.name,
+                 config.policy, config.loss_type, config.num_generations, config.batch_size, len(problems),
+                 recipe.data.task, config.steps, ", AQN" if config.aqn else "")
+    policy, metrics = grpo_train(policy, tokenizer, problems, config, out_dir=ctx.out_dir,
+                                 checkpointer=ctx.checkpointer, seed=recipe.seed, ref_model=reference,
+                                 log=ctx.log, desc=f"{ctx.name}: grpo")
+    if PartialState().is_main_process:
+        save_quantized(policy.eval().to(getattr(torch, recipe.model.dtype)), tokenizer, ctx.out_dir / "model", spec)
+    PartialState().wait_for_everyone()
+    ctx.log.info("%s: reward %.3f, accuracy %.3f, entropy %.3f over the last steps; %.2f%% of weight codes changed",
+                 ctx.name, metrics["reward"], metrics["accuracy"], metrics["entropy"], 100 * metrics["codes_changed"])
+    return {**metrics, "prompts": len(problems)}
