@@ -24,7 +24,7 @@ Measured on one H200 (Qwen3-0.6B shape, random bf16 weights, 256-token prompts, 
 bench/generate.py, tokens/s): 64 prompts: plain generate 2,282, static + compile 5,375, ours
 (static + grouped attention) 9,294, continuous batching 602; 256 prompts: plain 8,867, static
 7,744, ours 13,832, continuous batching with CUDA graphs 1,387 (its paged attention has no fast
-kernel without flash-attn, which the GPU image lacks). On CPU continuous batching's set-up costs
+kernel without flash-attn, which the GPU image lacks); 512 prompts: plain 11,749, ours 15,996. On CPU continuous batching's set-up costs
 seconds per call (24 s for two 20-token prompts of a tiny model) and the static cache is not compiled.
 bench/generate.py measures them side by side.
 """
