@@ -434,6 +434,7 @@ def grpo_train(model, tokenizer, problems: Sequence[Problem], settings: GRPOSett
         gradient_checkpointing=settings.gradient_checkpointing, disable_dropout=True, bf16=bf16,
         seed=seed, data_seed=seed, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, log_completions=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
     rollout = GenerationSpec(max_new_tokens=settings.max_completion_length, temperature=settings.temperature,
                              top_p=settings.top_p, top_k=settings.top_k, batch_size=settings.rollout_batch_size,
