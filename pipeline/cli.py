@@ -5,6 +5,7 @@
     reasoning-qat validate RECIPE [--set K=V ...]
     reasoning-qat eval MODEL_DIR --bench gsm8k --limit 200
     reasoning-qat export STAGE_DIR --scheme w3g128 --out ckpt/
+    reasoning-qat report RECIPE [--artifacts DIR] [--baseline EVAL_STAGE]
     accelerate launch -m pipeline.cli run RECIPE
 
 Exit codes: 0 done (a stage skipped by its gate counts as done), 2 bad input (one line per problem,
@@ -32,6 +33,8 @@ DELEGATED = {
              "evaluate a model on a benchmark (accuracy, samples.jsonl)"),
     "export": ("pipeline.quant.export", "add_export_arguments", "cli_export",
                "write a real low-bit checkpoint from a stage directory"),
+    "report": ("pipeline.report", "add_report_arguments", "cli_report",
+               "accuracy per stage, retention against the teacher, training curves (table + plots)"),
 }
 
 

@@ -1,0 +1,203 @@
+"""`reasoning-qat report RECIPE`: what each stage of a run achieved, as a table and plots.
+
+    reasoning-qat report recipes/demo.yaml [--artifacts DIR] [--baseline EVAL_STAGE] [--json]
+
+Reads only manifests and `metrics.jsonl` files (nothing runs). Writes `<root>/<recipe>/report/`:
+  report.md         the table below, plus the plots
+  report.json       the same rows as data
+  training.png      loss against step for every training stage (sft, kd_qat, rl)
+  eval_accuracy.png held-out accuracy against step, for training stages that evaluated as they went
+  accuracy.png      accuracy of every eval / gate stage, the baseline's as a line
+
+Retention = accuracy / the baseline's accuracy. The baseline is `--baseline`, else the eval stage of
+the teacher: the first eval stage whose model is an `sft` stage trained from scratch or the recipe's
+base model. A plot needs at least one stage with something to draw; otherwise it is not written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pipeline.errors import InputError
+
+# The metrics a row shows, per stage type, in order.
+COLUMNS = {
+    "eval": ("accuracy", "pass_at_k", "mean_tokens", "truncation_rate", "tokens_per_s"),
+    "gate": ("accuracy", "teacher_accuracy", "retention", "passed"),
+    "sft": ("final_loss", "steps", "train_seconds"),
+    "kd_qat": ("final_loss", "steps", "train_seconds"),
+    "rl": ("reward", "accuracy", "steps"),
+    "ptq": ("output_sqnr_mean", "logits_sqnr", "wall_time_s"),
+    "traces": ("count", "kept", "accuracy", "mean_tokens"),
+    "export": ("bits_per_weight", "bits_per_param", "bytes_on_disk"),
+}
+TRAINING = ("sft", "kd_qat", "rl")
+
+
+def _evaluated(recipe, name: str) -> str | None:
+    """The stage an eval / gate stage evaluates."""
+    config = recipe.stages[name]
+    return getattr(config, "model", None) or getattr(config, "init", None)
+
+
+def default_baseline(recipe) -> str | None:
+    for name, config in recipe.stages.items():
+        if config.type != "eval":
+            continue
+        target = _evaluated(recipe, name)
+        if target == "model":
+            return name
+        source = recipe.stages.get(target)
+        if source is not None and source.type == "sft" and getattr(source, "init", None) is None:
+            return name
+    return None
+
+
+def build_rows(recipe, root: str | Path, baseline: str | None) -> list[dict]:
+    from pipeline.runner import status
+    from pipeline.store import Store
+
+    store = Store(root, recipe.name)
+    decisions = status(recipe, store)
+    manifests = {d.name: store.manifest(d.name) for d in decisions}
+    base_accuracy = None
+    if baseline is not None:
+        base = manifests.get(baseline)
+        if base is None or "accuracy" not in base.get("metrics", {}):
+            raise InputError("--baseline", f"stage {baseline!r} has no accuracy to compare with (has it run?)")
+        base_accuracy = base["metrics"]["accuracy"]
+    rows = []
+    for d in decisions:
+        manifest = manifests[d.name] or {}
+        metrics = manifest.get("metrics", {})
+        row = {"stage": d.name, "type": d.type, "state": d.state,
+               "of": _evaluated(recipe, d.name) if d.type in ("eval", "gate") else None,
+               "wall_seconds": manifest.get("wall_seconds"),
+               "metrics": {k: metrics[k] for k in COLUMNS.get(d.type, ()) if k in metrics}}
+        if d.type == "eval" and base_accuracy and "accuracy" in metrics:
+            row["metrics"]["retention"] = metrics["accuracy"] / base_accuracy
+        rows.append(row)
+    return rows
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def markdown(recipe_name: str, rows: list[dict], baseline: str | None, plots: list[str]) -> str:
+    lines = [f"# {recipe_name}", ""]
+    if baseline:
+        lines += [f"Retention is accuracy over `{baseline}`'s.", ""]
+    lines += ["| stage | type | state | of | wall (s) | metrics |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in r["metrics"].items())
+        lines.append(f"| {r['stage']} | {r['type']} | {r['state']} | {r['of'] or ''} | {_fmt(r['wall_seconds'])} "
+                     f"| {metrics} |")
+    lines += [""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _curves(root: Path, recipe_name: str, rows: list[dict]) -> dict[str, list[dict]]:
+    curves = {}
+    for r in rows:
+        path = root / recipe_name / r["stage"] / "metrics.jsonl"
+        if r["type"] in TRAINING and r["state"] in ("complete", "stale") and path.is_file():
+            curves[r["stage"]] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return curves
+
+
+def plot(out_dir: Path, rows: list[dict], curves: dict[str, list[dict]], baseline: str | None) -> list[str]:
+    """Write the plots that have data; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    written = []
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, points in curves.items():
+            ax.plot([p["step"] for p in points], [p["loss"] for p in points], label=name)
+        ax.set(xlabel="step", ylabel="training loss", yscale="log", title="training loss")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "training.png", dpi=120)
+        plt.close(fig)
+        written.append("training.png")
+    evaluated = {n: [p for p in pts if "eval_accuracy" in p] for n, pts in curves.items()}
+    evaluated = {n: pts for n, pts in evaluated.items() if pts}
+    if evaluated:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, points in evaluated.items():
+            ax.plot([p["step"] for p in points], [p["eval_accuracy"] for p in points], marker="o", label=name)
+        ax.set(xlabel="step", ylabel="held-out accuracy", ylim=(0, 1), title="accuracy during training")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "eval_accuracy.png", dpi=120)
+        plt.close(fig)
+        written.append("eval_accuracy.png")
+    scored = [r for r in rows if r["type"] in ("eval", "gate") and "accuracy" in r["metrics"]]
+    if scored:
+        fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(scored)), 4))
+        names = [f"{r['stage']}\n({r['of']})" for r in scored]
+        ax.bar(names, [r["metrics"]["accuracy"] for r in scored], color="tab:blue")
+        base = next((r for r in scored if r["stage"] == baseline), None)
+        if base is not None:
+            ax.axhline(base["metrics"]["accuracy"], color="tab:red", linestyle="--", label=f"{baseline}")
+            ax.legend()
+        ax.set(ylabel="accuracy", ylim=(0, 1), title="accuracy by stage")
+        ax.tick_params(axis="x", labelsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "accuracy.png", dpi=120)
+        plt.close(fig)
+        written.append("accuracy.png")
+    return written
+
+
+def write_report(recipe, root: str | Path, baseline: str | None = None) -> tuple[Path, list[dict]]:
+    if baseline is not None and baseline not in recipe.stages:
+        raise InputError("--baseline", f"no stage named {baseline!r}")
+    baseline = baseline or default_baseline(recipe)
+    rows = build_rows(recipe, root, baseline)
+    if not any(r["state"] in ("complete", "skipped") for r in rows):
+        raise InputError(str(Path(root) / recipe.name), f"nothing to report: no stage of {recipe.name!r} has run "
+                         f"(reasoning-qat run {recipe.source})")
+    out_dir = Path(root) / recipe.name / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = plot(out_dir, rows, _curves(Path(root), recipe.name, rows), baseline)
+    (out_dir / "report.json").write_text(json.dumps({"baseline": baseline, "stages": rows}, indent=2) + "\n")
+    (out_dir / "report.md").write_text(markdown(recipe.name, rows, baseline, plots))
+    return out_dir, rows
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="the recipe YAML file")
+    parser.add_argument("--artifacts", default="artifacts", metavar="DIR", help="artifacts root (default ./artifacts)")
+    parser.add_argument("--baseline", metavar="EVAL_STAGE", help="the eval stage retention is measured against")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, as for run")
+
+
+def cli_report(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out_dir, rows = write_report(recipe, args.artifacts, args.baseline)
+    if args.json:
+        print(json.dumps({"stages": rows}, indent=2))
+        return 0
+    table = Table(title=f"{recipe.name}: report in {out_dir}", title_justify="left")
+    for column in ("stage", "type", "state", "of", "metrics"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(r["stage"], r["type"], r["state"], r["of"] or "",
+                      ", ".join(f"{k} {_fmt(v)}" for k, v in r["metrics"].items()))
+    Console(highlight=False, soft_wrap=True, width=200).print(table)
+    return 0
