@@ -1,0 +1,133 @@
+"""Stage `gate`: is the quantized student capable enough for RL? (pass / fail, with the numbers)
+
+The studies found GRPO on a quantized reasoning model helps only from a viable cold start; below a
+capability threshold it collapses. The gate evaluates `model` (through pipeline.evaluate, the same
+path as `eval`) on a benchmark and passes when every threshold given holds:
+  accuracy ≥ min_accuracy
+  accuracy / teacher accuracy ≥ min_retention   (the teacher evaluated on the same problems, same decoding)
+A stage with `when: <this gate>` is skipped when it fails (state `skipped`, exit code 0, downstream
+stages reading that stage's passthrough input); `reasoning-qat run --force` runs it anyway, with a
+warning. `explain(config, metrics)` words the verdict with the measured numbers; it is logged, and
+written to `<out_dir>/verdict.txt`.
+
+Metrics: accuracy, teacher_accuracy and retention (with a teacher), passed (1.0 / 0.0), and the
+evaluator's pass_at_k / truncation_rate / mean_tokens for the student. Samples go to
+`samples.jsonl` (student) and `teacher_samples.jsonl`.
+
+    stages:
+      gate:
+        type: gate
+        model: kd_qat
+        teacher: teacher
+        bench: testbed
+        limit: 200
+        min_retention: 0.5
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.benchmarks import BENCHMARKS, benchmarks_dir, load_benchmark
+from pipeline.evaluate import evaluate
+from pipeline.generate import GenerationSpec
+from pipeline.stage_api import StageConfig, StageContext, StageRef
+
+CODE_VERSION = 1
+USES = ("seed", "data")
+HEADLINE = "accuracy"
+
+
+class Config(StageConfig):
+    type: Literal["gate"] = "gate"
+    model: StageRef
+    """The model judged: usually the quantized student (kd_qat, ptq)."""
+    teacher: StageRef | None = None
+    """The full-precision reference for `min_retention`: evaluated on the same problems and decoding."""
+    min_accuracy: float | None = Field(None, ge=0, le=1)
+    """Pass only if the model's accuracy is at least this."""
+    min_retention: float | None = Field(None, ge=0)
+    """Pass only if accuracy / teacher accuracy is at least this (needs `teacher`)."""
+    bench: str = "testbed"
+    """testbed (the recipe's data.testbed, test split), gsm8k, math500, aime24 or amc23."""
+    limit: int | None = Field(None, ge=1)
+    """Only the first `limit` problems (None: all)."""
+    generation: GenerationSpec = GenerationSpec()
+    """Decoding, for model and teacher alike."""
+
+    @model_validator(mode="after")
+    def _thresholds(self):
+        if self.min_accuracy is None and self.min_retention is None:
+            raise ValueError("give min_accuracy, min_retention or both")
+        if self.min_retention is not None and self.teacher is None:
+            raise ValueError("min_retention needs `teacher`")
+        return self
+
+
+def check(config: Config, recipe) -> list[tuple[str, str]]:
+    errors = []
+    for field in ("model", "teacher"):
+        if getattr(config, field) == "model" and recipe.model.path is None:
+            errors.append((field, "the recipe's model is built untrained from model.arch; name the stage that trains it"))
+    if config.bench not in BENCHMARKS:
+        errors.append(("bench", f"unknown benchmark {config.bench!r}; choose one of {', '.join(BENCHMARKS)}"))
+    elif config.bench != "testbed":
+        path = benchmarks_dir(recipe.data.benchmarks_dir) / f"{config.bench}_test.jsonl"
+        if not path.is_file():
+            errors.append(("bench", f"no such file: {path} (set data.benchmarks_dir or $REASONING_QAT_BENCHMARKS)"))
+    return errors
+
+
+def verdict(config: Config, accuracy: float, teacher_accuracy: float | None) -> dict[str, float]:
+    """The gate's metrics from the measured accuracies: retention (with a teacher) and passed."""
+    metrics = {"accuracy": accuracy}
+    passed = config.min_accuracy is None or accuracy >= config.min_accuracy
+    if teacher_accuracy is not None:
+        # a teacher that solves nothing leaves retention undefined: only min_accuracy can judge then
+        retention = accuracy / teacher_accuracy if teacher_accuracy > 0 else 0.0
+        metrics.update(teacher_accuracy=teacher_accuracy, retention=retention)
+        if config.min_retention is not None:
+            passed = passed and teacher_accuracy > 0 and retention >= config.min_retention
+    metrics["passed"] = float(passed)
+    return metrics
+
+
+def explain(config: Config, metrics: dict[str, float]) -> str:
+    """One line with the numbers: `accuracy 0.12 < min_accuracy 0.30; retention 0.25 (0.12 / 0.48) >= min_retention 0.20`."""
+    parts = []
+    if config.min_accuracy is not None:
+        op = ">=" if metrics["accuracy"] >= config.min_accuracy else "<"
+        parts.append(f"accuracy {metrics['accuracy']:.3f} {op} min_accuracy {config.min_accuracy:g}")
+    if config.min_retention is not None:
+        op = ">=" if metrics["teacher_accuracy"] > 0 and metrics["retention"] >= config.min_retention else "<"
+        parts.append(f"retention {metrics['retention']:.3f} ({metrics['accuracy']:.3f} / "
+                     f"{metrics['teacher_accuracy']:.3f}) {op} min_retention {config.min_retention:g}")
+    return "; ".join(parts)
+
+
+def run(ctx: StageContext) -> dict[str, float]:
+    from accelerate import PartialState
+
+    from pipeline.models import load_model, load_tokenizer
+
+    config, recipe = ctx.config, ctx.recipe
+    problems = load_benchmark(config.bench, limit=config.limit, data_dir=recipe.data.benchmarks_dir,
+                              testbed=recipe.data.testbed)
+    trust = recipe.model.trust_remote_code
+    device = PartialState().device
+
+    def accuracy_of(field: str, samples: str) -> dict[str, float]:
+        tokenizer = load_tokenizer(ctx.inputs[field], trust_remote_code=trust)
+        model = load_model(ctx.inputs[field], device=device, trust_remote_code=trust)
+        return evaluate(model, tokenizer, problems, config.generation, samples_path=ctx.out_dir / samples)
+
+    student = accuracy_of("model", "samples.jsonl")
+    teacher = accuracy_of("teacher", "teacher_samples.jsonl")["accuracy"] if config.teacher else None
+    metrics = verdict(config, student["accuracy"], teacher)
+    text = explain(config, metrics)
+    ctx.log.info("%s: %s on %s (%d problems): %s", ctx.name, "passed" if metrics["passed"] else "FAILED",
+                 config.bench, len(problems), text)
+    if PartialState().is_main_process:
+        (ctx.out_dir / "verdict.txt").write_text(("passed: " if metrics["passed"] else "failed: ") + text + "\n")
+    return {**metrics, **{k: student[k] for k in ("pass_at_k", "truncation_rate", "mean_tokens")}}
