@@ -30,6 +30,9 @@ plumbing, each for a stated reason:
   see the clean weights, so the noise shapes which completions are explored, not the gradient; with
   μ = 1 TRL takes the old log-probs from the clean policy, so no importance correction is made for
   the noise (as QeRL, whose rollout engine is noised and whose trainer is not).
+- Rollouts decode with each weight-only QuantLinear's q(w) computed once per rollout batch
+  (`frozen_weight_quant`) instead of at every token: the same values, plain matmuls
+  (bench/rollout.py measures the difference).
 - Policy modes: `qat` trains every parameter but the quantizer scales (latent weights through the
   STE of QuantLinear); `lora` wraps each QuantLinear in a peft LoRA adapter (peft accepts it: it is
   an nn.Linear, and the adapter's base forward is the fake-quantized one, QLoRA-style). At the end
@@ -142,6 +145,32 @@ def norm_noise(model: torch.nn.Module, sigma: float, generator: torch.Generator)
         with torch.no_grad():
             for w, original in saved:
                 w.copy_(original)
+
+
+@contextmanager
+def frozen_weight_quant(model: torch.nn.Module):
+    """Within the block, each weight-only QuantLinear holds its fake-quantized weight q(w), computed once,
+    with its quantizer off: decoding then runs plain matmuls on the same values instead of
+    re-quantizing every weight at every token. The latent weights are restored to the bit afterwards.
+    QuantLinears with activation quantization (W4A4) keep their per-forward path (it quantizes inputs)."""
+    from pipeline.quant.apply import quant_linears
+
+    swapped = []
+    with torch.no_grad():
+        for _, module in quant_linears(model):
+            if module.activations is not None or not module.fake_quant:
+                continue
+            latent = module.weight.detach().clone()
+            module.weight.copy_(module.quantized_weight())
+            module.fake_quant = False
+            swapped.append((module, latent))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, latent in swapped:
+                module.weight.copy_(latent)
+                module.fake_quant = True
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -268,7 +297,7 @@ def _trainer_class():
                                              gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
                                              ) as policy, \
                     self._dist.summon_full_params(self.model_wrapped, recurse=False), \
-                    norm_noise(policy, self.sigma, noise), acc.autocast():
+                    norm_noise(policy, self.sigma, noise), frozen_weight_quant(policy), acc.autocast():
                 rows = generate_ids(policy, prompt_ids, spec, self.eos_token_ids, self._tokenizer.pad_token_id)
             completions = [cut_at_stop(samples[0], self.eos_token_ids) for samples in rows]
             self.rollout_seconds += time.perf_counter() - start
