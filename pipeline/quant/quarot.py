@@ -79,6 +79,7 @@ def _check_prepared(model: nn.Module) -> None:
 def rotate_values(attn: nn.Module, h_d: torch.Tensor) -> None:
     """v_h -> v_h H_d for every head, fused: rows of v_proj (its outputs) and columns of o_proj (its inputs)."""
     head_dim = h_d.shape[0]
+    h_d = h_d.to(attn.v_proj.weight.device)
     w_v = attn.v_proj.weight.double().unflatten(0, (-1, head_dim))  # [kv_heads, head_dim, hidden]
     _set(attn.v_proj.weight, (h_d.T @ w_v).flatten(0, 1))
     if attn.v_proj.bias is not None:
@@ -94,12 +95,13 @@ def rotate(model: nn.Module, seed: int = 0) -> None:
     config = model.config.get_text_config()
     untie(model)
     fold_norms(model)
-    q = random_hadamard(config.hidden_size, seed)
     embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    device = embed.weight.device
+    q = random_hadamard(config.hidden_size, seed).to(device)
     _set(embed.weight, embed.weight.double() @ q)
     _set(head.weight, head.weight.double() @ q)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    h_d = torch.kron(*kronecker_factors(head_dim))
+    h_d = torch.kron(*kronecker_factors(head_dim)).to(device)
     for layer in decoder_layers(model):
         attn, mlp = layer.self_attn, layer.mlp
         for reader in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
@@ -111,8 +113,8 @@ def rotate(model: nn.Module, seed: int = 0) -> None:
         rotate_values(attn, h_d)
 
         down = mlp.down_proj
-        online = KroneckerTransform(*kronecker_factors(down.in_features, seed))
+        online = KroneckerTransform(*kronecker_factors(down.in_features, seed)).to(device)
         _set(down.weight, online.inverse_transpose(down.weight.double()))
-        down.input_transform = online.to(device=down.weight.device, dtype=down.weight.dtype).requires_grad_(False)
+        down.input_transform = online.to(dtype=down.weight.dtype).requires_grad_(False)
         attn.qk_transform = KroneckerTransform(*kronecker_factors(head_dim)).to(
-            device=down.weight.device, dtype=down.weight.dtype).requires_grad_(False)
+            device=device, dtype=down.weight.dtype).requires_grad_(False)
