@@ -7,10 +7,11 @@ Both policies decode through `pipeline.generate.generate_ids` (the path GRPO rol
 pipeline.rl) with the rollout sampling settings (temperature 1, `--new-tokens`, `--batch-size`
 sequences at once): `bf16` is the model as built (bf16 on GPU, fp32 on CPU); `quant` is the same
 model after RTN quantization to `--scheme` (QuantLinear modules, the representation the `rl` stage
-trains), decoded as GRPO rollouts decode it (`pipeline.rl.frozen_weight_quant`: q(w) computed once
-per rollout batch); `quant_per_token` is the same model with every forward fake-quantizing its
-latent weights again (the QuantLinear forward as it is, what rollouts would cost without that).
-The outputs of `quant` and `quant_per_token` are the same tokens. The random weights rarely sample a
+trains, fp32 latent weights) decoded as GRPO rollouts decode it (`pipeline.rl.rollout_weights`:
+q(w) computed once per rollout batch, the model cast to bf16 on GPU); `quant_per_token` is the
+quantized model in the bf16 / fp32 of `bf16` with every forward fake-quantizing its latent weights
+again (the QuantLinear forward as it is: what rollouts would cost without `rollout_weights`). The
+random weights rarely sample a
 stop token, so sequences run to the limit; tokens/s counts the tokens actually generated. Each
 policy runs once untimed, then `--repeats` times timed; the best run is reported, and the ratio
 quant / bf16.
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.generate import GenerationSpec, generate_ids  # noqa: E402
 from pipeline.quant.apply import quantize_rtn  # noqa: E402
 from pipeline.quant.scheme import QuantSpec  # noqa: E402
-from pipeline.rl import frozen_weight_quant  # noqa: E402
+from pipeline.rl import rollout_weights  # noqa: E402
 
 # the model builder and timer of the generation benchmark, not a copy of them
 _spec = importlib.util.spec_from_file_location("bench_generate", Path(__file__).with_name("generate.py"))
@@ -68,19 +69,21 @@ def main() -> int:
     spec = QuantSpec.model_validate(args.scheme)
 
     bf16 = bench_generate.build(args.tiny, args.device, dtype)
-    quant = copy.deepcopy(bf16)
+    per_token = copy.deepcopy(bf16)
+    quant = copy.deepcopy(bf16).float()  # the rl stage trains fp32 latents
     if args.tiny and spec.weights.group_size and bf16.config.hidden_size % spec.weights.group_size:
         # the tiny model is 64 wide: groups of 32 keep the scheme's shape
         spec = spec.model_copy(update={"weights": spec.weights.model_copy(update={"group_size": 32})})
     quantize_rtn(quant, spec)
+    quantize_rtn(per_token, spec)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, bf16.config.pad_token_id, (prompts_n, prompt_len), generator=gen).tolist()
     def frozen():
-        with frozen_weight_quant(quant):
+        with rollout_weights(quant, dtype):
             return rollout(quant, prompts, new_tokens, batch_size, args.backend)
 
     methods = {"bf16": lambda: rollout(bf16, prompts, new_tokens, batch_size, args.backend), "quant": frozen,
-               "quant_per_token": lambda: rollout(quant, prompts, new_tokens, batch_size, args.backend)}
+               "quant_per_token": lambda: rollout(per_token, prompts, new_tokens, batch_size, args.backend)}
     results = {}
     for name, fn in methods.items():
         seconds, tokens, warmup_s = bench_generate.timed(fn, args.device, args.repeats)

@@ -30,9 +30,13 @@ plumbing, each for a stated reason:
   see the clean weights, so the noise shapes which completions are explored, not the gradient; with
   μ = 1 TRL takes the old log-probs from the clean policy, so no importance correction is made for
   the noise (as QeRL, whose rollout engine is noised and whose trainer is not).
-- Rollouts decode with each weight-only QuantLinear's q(w) computed once per rollout batch
-  (`frozen_weight_quant`) instead of at every token: the same values, plain matmuls
-  (bench/rollout.py measures the difference).
+- Rollouts of a weight-only policy decode with each QuantLinear's q(w) computed once per rollout
+  batch instead of at every token, in bf16 on GPU (`rollout_weights`), as `eval` runs the saved
+  model; the loss forwards run the fp32 latents under bf16 autocast, as kd_qat trains them, so the
+  rollout policy differs from the trained one by bf16 rounding of norms and embeddings (the same
+  kind of mismatch as a vLLM rollout engine; TRL's μ = 1 makes no correction for it).
+  bench/rollout.py measures the speed. Policies with activation quantizers (W4A4) decode on the
+  fp32 latents under autocast with the dynamic cache.
 - Policy modes: `qat` trains every parameter but the quantizer scales (latent weights through the
   STE of QuantLinear); `lora` wraps each QuantLinear in a peft LoRA adapter (peft accepts it: it is
   an nn.Linear, and the adapter's base forward is the fake-quantized one, QLoRA-style). At the end
@@ -60,7 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.checkpoint import Checkpointer, StageInterrupted
 from pipeline.data import Problem, chat_prompt
-from pipeline.generate import generate_ids
+from pipeline.generate import generate_ids, resolve_backend
 
 # -- rewards --------------------------------------------------------------------------------------
 
@@ -147,30 +151,44 @@ def norm_noise(model: torch.nn.Module, sigma: float, generator: torch.Generator)
                 w.copy_(original)
 
 
-@contextmanager
-def frozen_weight_quant(model: torch.nn.Module):
-    """Within the block, each weight-only QuantLinear holds its fake-quantized weight q(w), computed once,
-    with its quantizer off: decoding then runs plain matmuls on the same values instead of
-    re-quantizing every weight at every token. The latent weights are restored to the bit afterwards.
-    QuantLinears with activation quantization (W4A4) keep their per-forward path (it quantizes inputs)."""
+def weight_only(model: torch.nn.Module) -> bool:
+    """Every QuantLinear quantizes only its weight (no activation quantizer): W3G128, W4G128, ..."""
     from pipeline.quant.apply import quant_linears
 
+    return all(m.activations is None for _, m in quant_linears(model))
+
+
+@contextmanager
+def rollout_weights(model: torch.nn.Module, dtype: torch.dtype | None = None):
+    """Within the block the weight-only policy decodes the way `eval` runs a saved model: each
+    QuantLinear holds q(w), computed once, with its quantizer off (plain matmuls on the same values
+    instead of re-quantizing every weight at every token), and with `dtype` every parameter is cast
+    to it (bf16 on GPU: the fp32 latent weights under autocast would give the static KV cache fp32
+    keys, after the fp32 q/k norms, and bf16 values). Afterwards each parameter points at its own
+    tensor again, untouched: the swap changes `.data` (no copy of the latents is kept or made)."""
+    from pipeline.quant.apply import quant_linears
+
+    if not weight_only(model):
+        raise ValueError("rollout_weights needs weight-only QuantLinears (activation quantizers run per token)")
+    quantized = {id(m.weight): m for _, m in quant_linears(model) if m.fake_quant}
     swapped = []
     with torch.no_grad():
-        for _, module in quant_linears(model):
-            if module.activations is not None or not module.fake_quant:
+        for p in model.parameters():
+            module = quantized.get(id(p))
+            if module is None and (dtype is None or p.dtype == dtype):
                 continue
-            latent = module.weight.detach().clone()
-            module.weight.copy_(module.quantized_weight())
-            module.fake_quant = False
-            swapped.append((module, latent))
+            value = module.quantized_weight() if module is not None else p.data
+            swapped.append((p, p.data))
+            p.data = value.to(dtype) if dtype is not None else value
+    for module in quantized.values():
+        module.fake_quant = False
     try:
         yield
     finally:
-        with torch.no_grad():
-            for module, latent in swapped:
-                module.weight.copy_(latent)
-                module.fake_quant = True
+        for p, data in swapped:
+            p.data = data
+        for module in quantized.values():
+            module.fake_quant = True
 
 
 # -- settings ------------------------------------------------------------------------------------
@@ -297,8 +315,18 @@ def _trainer_class():
                                              gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
                                              ) as policy, \
                     self._dist.summon_full_params(self.model_wrapped, recurse=False), \
-                    norm_noise(policy, self.sigma, noise), frozen_weight_quant(policy), acc.autocast():
-                rows = generate_ids(policy, prompt_ids, spec, self.eos_token_ids, self._tokenizer.pad_token_id)
+                    norm_noise(policy, self.sigma, noise):
+                if weight_only(policy):
+                    with rollout_weights(policy, torch.bfloat16 if self.args.bf16 else None):
+                        rows = generate_ids(policy, prompt_ids, spec, self.eos_token_ids, self._tokenizer.pad_token_id)
+                else:
+                    # activation quantizers must see the fp32 path the loss sees: autocast, and the dynamic
+                    # cache (the static one takes its dtype from the fp32 keys and refuses the bf16 values)
+                    if spec.backend == "auto" and resolve_backend(spec, policy) == "static":
+                        spec = spec.model_copy(update={"backend": "generate"})
+                    with acc.autocast():
+                        rows = generate_ids(policy, prompt_ids, spec, self.eos_token_ids,
+                                            self._tokenizer.pad_token_id)
             completions = [cut_at_stop(samples[0], self.eos_token_ids) for samples in rows]
             self.rollout_seconds += time.perf_counter() - start
             self.rollout_tokens += sum(len(c) for c in completions)

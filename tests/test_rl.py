@@ -13,8 +13,8 @@ from pipeline.quant.apply import quant_linears, quantize_rtn
 from pipeline.quant.io import load_quantized, read_quant_spec, save_quantized
 from pipeline.quant.scheme import QuantSpec
 from pipeline.recipe import RecipeError, parse_recipe
-from pipeline.rl import (GRPOSettings, accuracy_reward, cut_at_stop, format_reward, frozen_weight_quant, grpo_train,
-                         is_well_formed)
+from pipeline.rl import (GRPOSettings, accuracy_reward, cut_at_stop, format_reward, grpo_train, is_well_formed,
+                         rollout_weights)
 from pipeline.stage_api import StageContext
 from quant_tiny import one_thread, tiny_model, tiny_tokenizer
 
@@ -74,7 +74,7 @@ def test_rewards_on_known_completions():
     assert cut_at_stop([5, 6, 2, 7, 2], [2, 9]) == [5, 6, 2] and cut_at_stop([5, 6], [2]) == [5, 6]
 
 
-def test_rollouts_with_q_w_computed_once_sample_the_same_tokens_and_leave_the_latent_weights(init_dir):
+def test_rollout_weights_sample_the_same_tokens_and_leave_the_latent_weights_as_they_were(init_dir):
     from pipeline.data import chat_prompt
     from pipeline.generate import GenerationSpec, generate_ids
     from pipeline.models import load_tokenizer
@@ -82,15 +82,20 @@ def test_rollouts_with_q_w_computed_once_sample_the_same_tokens_and_leave_the_la
     model, tok = load_quantized(init_dir), load_tokenizer(init_dir)
     prompts = [tok(chat_prompt(tok, p.question), add_special_tokens=False)["input_ids"] for p in PROBLEMS[:4]]
     spec = GenerationSpec(max_new_tokens=8, temperature=1.0, seed=3)
-    latent = {n: p.detach().clone() for n, p in model.named_parameters()}
+    latent = {n: (p.detach().clone(), p.data_ptr()) for n, p in model.named_parameters()}
     with one_thread():
         per_token = generate_ids(model, prompts, spec, [tok.eos_token_id], tok.pad_token_id)
-        with frozen_weight_quant(model):
+        with rollout_weights(model):
             assert all(not m.fake_quant for _, m in quant_linears(model))
-            frozen = generate_ids(model, prompts, spec, [tok.eos_token_id], tok.pad_token_id)
-    assert frozen == per_token
+            once = generate_ids(model, prompts, spec, [tok.eos_token_id], tok.pad_token_id)
+        with rollout_weights(model, torch.bfloat16):
+            assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+            generate_ids(model, prompts, spec.model_copy(update={"backend": "static"}), [tok.eos_token_id],
+                         tok.pad_token_id)
+    assert once == per_token  # q(w) once or at every token: the same values, the same samples
     assert all(m.fake_quant for _, m in quant_linears(model))
-    assert all(torch.equal(p, latent[n]) for n, p in model.named_parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, latent[n][0]) and p.data_ptr() == latent[n][1], n
 
 
 # -- GRPO on the tiny model --------------------------------------------------------------------------
