@@ -1,8 +1,8 @@
 """GRPO on the quantized student: TRL's GRPOTrainer, subclassed where our representation needs it.
 
     from pipeline.rl import GRPOSettings, grpo_train
-    policy, metrics = grpo_train(model, tokenizer, problems, GRPOSettings(...), out_dir=..., checkpointer=...,
-                                 seed=0, quant_spec=spec)
+    policy, metrics = grpo_train(model, tokenizer, problems, GRPOSettings(...), out_dir=ctx.out_dir,
+                                 checkpointer=ctx.checkpointer, seed=recipe.seed)
 
 The math is TRL's (GRPO / DAPO / Dr. GRPO / BNPO losses, group-normalised advantages, the clipped
 ratio with ε / ε_high, the optional k3 KL to a reference); what `QuantGRPOTrainer` changes is
