@@ -129,8 +129,8 @@ class Planner:
         warning = None
         if "when" in inputs and self._gate_passed(inputs["when"]) is False:
             if not forced:
-                return decision("gate", "skipped", f"gate '{refs['when']}' did not pass")
-            warning = f"gate '{refs['when']}' did not pass; running anyway ({forced})"
+                return decision("gate", "skipped", self._gate_reason(refs["when"], inputs["when"]))
+            warning = f"{self._gate_reason(refs['when'], inputs['when'])}; running anyway ({forced})"
 
         manifest = store.manifest(name)
         failed = store.failed(name)
@@ -161,6 +161,14 @@ class Planner:
         if forced:
             return decision("run", state, forced, warning)
         return decision("skip" if state == "complete" else "run", state, reason, warning)
+
+    def _gate_reason(self, name: str, gate: Effective) -> str:
+        """`gate 'g' did not pass`, with the measured numbers when the gate module can `explain` them."""
+        reason = f"gate '{name}' did not pass"
+        explain = getattr(self.recipe.modules[name], "explain", None)
+        if explain is not None and not gate.unavailable:
+            reason += f": {explain(self.recipe.stages[name], gate.manifest.get('metrics', {}))}"
+        return reason
 
     @staticmethod
     def _gate_passed(gate: Effective) -> bool | None:

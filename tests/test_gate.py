@@ -71,8 +71,6 @@ def test_a_failing_gate_skips_rl_and_force_runs_it(recipe, tmp_path, run_cli):
     assert manifest(art, "eval")["input_stages"] == {"model": "rl"}
 
 
-@pytest.mark.xfail(strict=True, reason="the runner's skip reason does not carry the gate's numbers yet "
-                                       "(needs pipeline/runner.py to call the gate module's `explain`)")
 def test_status_shows_the_measured_numbers_of_a_failed_gate(recipe, tmp_path, run_cli):
     art = tmp_path / "art"
     with one_thread():
