@@ -124,3 +124,34 @@ def load_prompts_file(path: str | os.PathLike, limit: int | None = None) -> list
         problems.append(Problem(id=str(row.get("id", f"prompt-{i}")), question=question,
                                 answer="" if answer is None else _integer_text(answer)))
     return problems
+
+
+def training_problems(data, count: int | None, seed: int, need_answers: bool, where: str) -> list[Problem]:
+    """The training-domain problems of a recipe's `data` section (DataSpec): what `traces` samples
+    and `rl` rewards. `need_answers`: every problem must carry a gold answer to grade against;
+    `where` is the key path blamed when one does not."""
+    if data.task == "testbed":
+        from pipeline.tasks.testbed import make_problems
+
+        return make_problems(data.testbed, "train", n=count, seed=seed)
+    if data.task == "gsm8k":
+        return load_benchmark("gsm8k", split="train", limit=count, data_dir=data.benchmarks_dir)
+    if data.task == "jsonl":
+        problems = load_prompts_file(data.prompts_file, limit=count)
+        if need_answers and any(not p.answer for p in problems):
+            raise InputError(where, f"{data.prompts_file} has prompts without an `answer`, which cannot be graded")
+        return problems
+    raise InputError("data.task", f"{data.task} has no training split in the benchmarks")
+
+
+def check_training_data(data) -> list[tuple[str, str]]:
+    """What `training_problems` would refuse, found at validation time: (key path, message) pairs."""
+    if data.task == "math500":
+        return [("data.task", "math500 is a test set with no train split here; use gsm8k, testbed or jsonl")]
+    if data.task == "gsm8k":
+        path = benchmarks_dir(data.benchmarks_dir) / "gsm8k_train.jsonl"
+        if not path.is_file():
+            return [("data.benchmarks_dir", f"no such file: {path} (data.benchmarks_dir or $REASONING_QAT_BENCHMARKS)")]
+    if data.task == "jsonl" and data.prompts_file is None:
+        return [("data.prompts_file", "must be set when data.task is jsonl")]
+    return []

@@ -45,7 +45,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.benchmarks import benchmarks_dir, load_benchmark, load_prompts_file
+from pipeline.benchmarks import check_training_data, training_problems
 from pipeline.errors import InputError
 from pipeline.rl import GRPOSettings
 from pipeline.stage_api import StageConfig, StageContext, StageRef
@@ -68,29 +68,8 @@ def check(config: Config, recipe) -> list[tuple[str, str]]:
     errors = []
     if config.init == "model":
         errors.append(("init", "needs a stage that saved a quantized model (kd_qat, ptq), not the base model"))
-    task = recipe.data.task
-    if task == "math500":
-        errors.append(("", "data.task math500 is a test set with no train split here; use gsm8k, testbed or jsonl"))
-    elif task == "gsm8k":
-        path = benchmarks_dir(recipe.data.benchmarks_dir) / "gsm8k_train.jsonl"
-        if not path.is_file():
-            errors.append(("", f"no such file: {path} (data.benchmarks_dir or $REASONING_QAT_BENCHMARKS)"))
-    elif task == "jsonl" and recipe.data.prompts_file is None:
-        errors.append(("", "data.prompts_file must be set when data.task is jsonl"))
+    errors += check_training_data(recipe.data)
     return errors
-
-
-def _prompts(ctx: StageContext):
-    config, data = ctx.config, ctx.recipe.data
-    if data.task == "testbed":
-        from pipeline.tasks.testbed import make_problems
-        return make_problems(data.testbed, "train", n=config.count, seed=ctx.recipe.seed)
-    if data.task == "gsm8k":
-        return load_benchmark("gsm8k", split="train", limit=config.count, data_dir=data.benchmarks_dir)
-    problems = load_prompts_file(data.prompts_file, limit=config.count)
-    if any(not p.answer for p in problems):
-        raise InputError("data.prompts_file", f"{data.prompts_file} has prompts without an `answer`: RL needs a reward")
-    return problems
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -105,7 +84,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     if not is_quantized(ctx.inputs["init"]):
         raise InputError(f"stages.{ctx.name}.init", f"{config.init!r} holds no quantized model (use kd_qat or ptq)")
     spec = read_quant_spec(ctx.inputs["init"])
-    problems = _prompts(ctx)
+    problems = training_problems(recipe.data, config.count, recipe.seed, need_answers=True, where="data.prompts_file")
     # latent weights in fp32 (bf16 autocast on GPU), as kd_qat trains them
     policy = load_model(ctx.inputs["init"], dtype="float32")
     tokenizer = load_tokenizer(ctx.inputs["init"])

@@ -24,7 +24,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.benchmarks import benchmarks_dir, load_benchmark, load_prompts_file
+from pipeline.benchmarks import check_training_data, training_problems
 from pipeline.errors import InputError
 from pipeline.evaluate import sample_and_grade, write_jsonl
 from pipeline.generate import GenerationSpec
@@ -51,32 +51,8 @@ def check(config: Config, recipe) -> list[tuple[str, str]]:
     errors = []
     if config.model == "model" and recipe.model.path is None:
         errors.append(("model", "the recipe's model is built untrained from model.arch; name the stage that trains it"))
-    task = recipe.data.task
-    if task == "math500":
-        errors.append(("", "data.task math500 is a test set with no train split here; use gsm8k, testbed or jsonl"))
-    elif task == "gsm8k":
-        path = benchmarks_dir(recipe.data.benchmarks_dir) / "gsm8k_train.jsonl"
-        if not path.is_file():
-            errors.append(("", f"no such file: {path} (data.benchmarks_dir or $REASONING_QAT_BENCHMARKS)"))
-    elif task == "jsonl" and recipe.data.prompts_file is None:
-        errors.append(("", "data.prompts_file must be set when data.task is jsonl"))
+    errors += check_training_data(recipe.data)
     return errors
-
-
-def _prompts(ctx: StageContext):
-    config, data = ctx.config, ctx.recipe.data
-    if data.task == "testbed":
-        from pipeline.tasks.testbed import make_problems
-        return make_problems(data.testbed, "train", n=config.count, seed=ctx.recipe.seed)
-    if data.task == "gsm8k":
-        return load_benchmark("gsm8k", split="train", limit=config.count, data_dir=data.benchmarks_dir)
-    if data.task == "jsonl":
-        problems = load_prompts_file(data.prompts_file, limit=config.count)
-        if config.only_correct and any(not p.answer for p in problems):
-            raise InputError(f"stages.{ctx.name}.only_correct",
-                             f"{data.prompts_file} has prompts without an `answer`, which cannot be graded")
-        return problems
-    raise InputError("data.task", f"{data.task} has no training prompts for traces")
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -85,7 +61,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     from pipeline.models import load_model, load_tokenizer
 
     config, recipe = ctx.config, ctx.recipe
-    problems = _prompts(ctx)
+    problems = training_problems(recipe.data, config.count, recipe.seed, need_answers=config.only_correct,
+                                 where=f"stages.{ctx.name}.only_correct")
     trust = recipe.model.trust_remote_code
     tokenizer = load_tokenizer(ctx.inputs["model"], trust_remote_code=trust)
     model = load_model(ctx.inputs["model"], device=PartialState().device, trust_remote_code=trust)

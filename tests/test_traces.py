@@ -84,9 +84,9 @@ def test_only_correct_keeps_graded_correct(model_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("stage, data, where, text", [
-    ({"model": "model"}, {"task": "math500"}, "stages.traces", "no train split"),
-    ({"model": "model"}, {"task": "jsonl"}, "stages.traces", "data.prompts_file must be set"),
-    ({"model": "model"}, {"task": "gsm8k", "benchmarks_dir": "/nonexistent"}, "stages.traces",
+    ({"model": "model"}, {"task": "math500"}, "data.task", "no train split"),
+    ({"model": "model"}, {"task": "jsonl"}, "data.prompts_file", "must be set when data.task is jsonl"),
+    ({"model": "model"}, {"task": "gsm8k", "benchmarks_dir": "/nonexistent"}, "data.benchmarks_dir",
      "no such file: /nonexistent/gsm8k_train.jsonl"),
     ({"model": "model", "generation": {"num_samples": 2}}, {}, "stages.traces.generation", "needs temperature > 0"),
 ])
