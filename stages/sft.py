@@ -13,6 +13,9 @@ a traces artifact `<dir>/traces.jsonl` (question, completion, correct), keeping 
 unless `only_correct` is false. Loss falls on the completion (the assistant turn, `<think>` section
 and boxed answer) only.
 
+Departure from the studies: their teachers are pretrained reasoning models (Qwen3, R1-Distill); the
+testbed teacher is trained from scratch here, so it is the only model the demo recipes need.
+
 Outputs: `<out_dir>/model/` (Hugging Face layout, safetensors, tokenizer and generation config) in
 the recipe's `model.dtype`, and `<out_dir>/metrics.jsonl` (one row per step). Resumes exactly from
 its checkpoints (pipeline.train).

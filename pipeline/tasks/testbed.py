@@ -7,7 +7,7 @@ is the chain of thought a reasoning model would write, one equation per step, th
 
     <think>
     Mia starts with 12 stickers.
-    Mia buys 7 more: 12 + 7 = 19.
+    Mia gets 7 more: 12 + 7 = 19.
     Leo has 3 times as many as Mia: 19 * 3 = 57.
     So Leo has 57 stickers.
     </think>
@@ -18,6 +18,10 @@ Why this task: the answer depends on every step, each step's digits depend on th
 and a solution is one equation per step, so the length of the chain (`min_steps`..`max_steps`) and the
 size of the numbers (`max_number`) set how many tokens must all come out right. That is the way real
 reasoning is fragile under quantization: small per-token errors compound over long chains.
+
+Departures from GSM8K: the language is templated (a closed vocabulary, a few phrasings per step
+kind) and the arithmetic is integer add/sub/mul/exact div, so difficulty is set by knobs, not by
+reading comprehension; every number and result stays in 1..max_number.
 
 Splits: a question belongs to the test split when a hash of its text falls in the first
 1/`TEST_BUCKETS` of the hash space, otherwise to train, whatever the seed; so no train question of
