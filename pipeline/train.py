@@ -52,6 +52,7 @@ from pipeline.progress import progress
 Example = tuple[Sequence[int], int]
 """(token ids of prompt + completion, index where the completion starts)."""
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+OnStep = Callable[[int, torch.nn.Module], dict[str, float]]
 
 
 class TrainArgs(BaseModel):
@@ -156,9 +157,12 @@ def _optimizer(model: torch.nn.Module, args: TrainArgs, device: torch.device) ->
 def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, args: TrainArgs, *,
           out_dir: str | Path, checkpointer: Checkpointer, seed: int, pad_id: int,
           log: logging.Logger | None = None, accelerator: Accelerator | None = None,
-          desc: str = "train") -> dict[str, float]:
+          desc: str = "train", on_step: OnStep | None = None) -> dict[str, float]:
     """Train `model` in place for `args.steps` steps (resuming from `checkpointer` if it holds a
     checkpoint of the same run); returns {"final_loss", "steps", "train_seconds", "tokens_per_s"}.
+
+    `on_step(step, model)`, when given, runs on every process after each optimizer step (with the
+    unwrapped model, in train mode); the metrics it returns join that step's row (held-out evaluation).
 
     Raises StageInterrupted after checkpointing on SIGTERM/SIGINT, NonFiniteLoss on a NaN/inf loss,
     ValueError when batch_size does not split over processes and grad_accum.
@@ -252,6 +256,9 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
                        "tokens_per_s": tokens / (time.perf_counter() - t0), **extra}
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
+                if on_step is not None:
+                    row.update(on_step(done, acc.unwrap_model(model)))
+                    model.train()
                 rows.append(row)
                 if acc.is_main_process:
                     with open(metrics_path, "a") as f:

@@ -34,6 +34,7 @@ from pydantic import Field, model_validator
 from pipeline.data import chat_example
 from pipeline.distill import chunked_kd_loss
 from pipeline.errors import InputError
+from pipeline.generate import GenerationSpec
 from pipeline.models import is_quantized, load_model, load_tokenizer
 from pipeline.quant.apply import quant_linears
 from pipeline.quant.io import read_quant_spec, save_quantized
@@ -41,7 +42,7 @@ from pipeline.stage_api import StageConfig, StageContext, StageRef
 from pipeline.train import TrainArgs, causal_lm_loss, make_accelerator, train
 
 CODE_VERSION = 1
-USES = ("seed", "model")
+USES = ("seed", "model", "data")
 HEADLINE = "final_loss"
 
 
@@ -77,6 +78,15 @@ class Config(TrainArgs, StageConfig):
     lr: float = Field(1e-4, gt=0)
     """Peak learning rate; QAT starts from a trained model, so far below the from-scratch rate."""
     warmup_steps: int = Field(10, ge=0)
+    eval_every: int = Field(0, ge=0)
+    """Evaluate the student on held-out problems every this many steps and at the end (0: never);
+    `eval_accuracy` joins metrics.jsonl (the accuracy-against-step curve of `reasoning-qat report`)."""
+    eval_bench: str = "testbed"
+    """Benchmark of that evaluation (the recipe's testbed test split, or gsm8k, math500, ...)."""
+    eval_limit: int = Field(100, ge=1)
+    """Problems per evaluation."""
+    eval_generation: GenerationSpec = GenerationSpec()
+    """Decoding of that evaluation (greedy by default)."""
 
     @model_validator(mode="after")
     def _top_k_needs_forward_kl(self):
@@ -137,6 +147,27 @@ def kd_loss_fn(teacher: torch.nn.Module, config: Config):
     return loss_fn
 
 
+def held_out_eval(ctx: StageContext, tokenizer):
+    """on_step hook of pipeline.train: accuracy on `eval_limit` held-out problems every `eval_every` steps."""
+    from pipeline.benchmarks import load_benchmark
+    from pipeline.evaluate import evaluate
+
+    config, data = ctx.config, ctx.recipe.data
+    problems = load_benchmark(config.eval_bench, limit=config.eval_limit, data_dir=data.benchmarks_dir,
+                              testbed=data.testbed)
+
+    def on_step(step: int, model) -> dict[str, float]:
+        if step % config.eval_every and step != config.steps:
+            return {}
+        model.eval()
+        with torch.no_grad():
+            accuracy = evaluate(model, tokenizer, problems, config.eval_generation)["accuracy"]
+        ctx.log.info("%s: step %d: held-out accuracy %.1f%%", ctx.name, step, 100 * accuracy)
+        return {"eval_accuracy": accuracy}
+
+    return on_step
+
+
 def run(ctx: StageContext) -> dict[str, float]:
     config, recipe = ctx.config, ctx.recipe
     trust = recipe.model.trust_remote_code
@@ -166,9 +197,14 @@ def run(ctx: StageContext) -> dict[str, float]:
                  config.train, trainable / 1e6, accelerator.device)
     result = train(student, examples, loss_fn, config, out_dir=ctx.out_dir, checkpointer=ctx.checkpointer,
                    seed=recipe.seed, pad_id=tokenizer.pad_token_id, log=ctx.log, accelerator=accelerator,
-                   desc=f"{ctx.name}: {config.objective}")
+                   desc=f"{ctx.name}: {config.objective}",
+                   on_step=held_out_eval(ctx, tokenizer) if config.eval_every else None)
     if accelerator.is_main_process:
         student = accelerator.unwrap_model(student).eval().to(getattr(torch, recipe.model.dtype))
         save_quantized(student, tokenizer, ctx.out_dir / "model", spec)
     accelerator.wait_for_everyone()
-    return {**result, "examples": len(examples), "trainable_parameters": trainable}
+    metrics = {**result, "examples": len(examples), "trainable_parameters": trainable}
+    if config.eval_every:  # the last step always evaluates
+        last = json.loads((ctx.out_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        metrics["eval_accuracy"] = last["eval_accuracy"]
+    return metrics

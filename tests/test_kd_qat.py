@@ -111,3 +111,11 @@ def test_bad_settings_name_their_key():
         recipe(top_k=5, loss="jsd")
     with pytest.raises(RecipeError, match="stages.kd.warmup_steps: must be <= steps"):
         recipe(warmup_steps=50)
+
+
+def test_held_out_evaluation_every_n_steps_and_at_the_end(artifacts, tmp_path):
+    metrics = run(artifacts, tmp_path, steps=5, eval_every=2, eval_limit=3,
+                  eval_generation={"max_new_tokens": 4, "batch_size": 3})
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [2, 4, 5]
+    assert metrics["eval_accuracy"] == rows[-1]["eval_accuracy"] == 0.0  # a random tiny model solves nothing
