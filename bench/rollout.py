@@ -7,10 +7,10 @@ Both policies decode through `pipeline.generate.generate_ids` (the path GRPO rol
 pipeline.rl) with the rollout sampling settings (temperature 1, `--new-tokens`, `--batch-size`
 sequences at once): `bf16` is the model as built (bf16 on GPU, fp32 on CPU); `quant` is the same
 model after RTN quantization to `--scheme` (QuantLinear modules, the representation the `rl` stage
-trains, fp32 latent weights) decoded as GRPO rollouts decode it (`pipeline.rl.rollout_weights`:
+trains, fp32 latent weights) decoded as GRPO rollouts decode it (`pipeline.quant.apply.decoding_weights`:
 q(w) computed once per rollout batch, the model cast to bf16 on GPU); `quant_per_token` is the
 quantized model in the bf16 / fp32 of `bf16` with every forward fake-quantizing its latent weights
-again (the QuantLinear forward as it is: what rollouts would cost without `rollout_weights`). The
+again (the QuantLinear forward as it is: what rollouts would cost without `decoding_weights`). The
 random weights rarely sample a
 stop token, so sequences run to the limit; tokens/s counts the tokens actually generated. Each
 policy runs once untimed, then `--repeats` times timed; the best run is reported, and the ratio
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.generate import GenerationSpec, generate_ids  # noqa: E402
 from pipeline.quant.apply import quantize_rtn  # noqa: E402
 from pipeline.quant.scheme import QuantSpec  # noqa: E402
-from pipeline.rl import rollout_weights  # noqa: E402
+from pipeline.quant.apply import decoding_weights  # noqa: E402
 
 # the model builder and timer of the generation benchmark, not a copy of them
 _spec = importlib.util.spec_from_file_location("bench_generate", Path(__file__).with_name("generate.py"))
@@ -79,7 +79,7 @@ def main() -> int:
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, bf16.config.pad_token_id, (prompts_n, prompt_len), generator=gen).tolist()
     def frozen():
-        with rollout_weights(quant, dtype):
+        with decoding_weights(quant, dtype):
             return rollout(quant, prompts, new_tokens, batch_size, args.backend)
 
     methods = {"bf16": lambda: rollout(bf16, prompts, new_tokens, batch_size, args.backend), "quant": frozen,

@@ -31,7 +31,7 @@ plumbing, each for a stated reason:
   μ = 1 TRL takes the old log-probs from the clean policy, so no importance correction is made for
   the noise (as QeRL, whose rollout engine is noised and whose trainer is not).
 - Rollouts of a weight-only policy decode with each QuantLinear's q(w) computed once per rollout
-  batch instead of at every token, in bf16 on GPU (`rollout_weights`), as `eval` runs the saved
+  batch instead of at every token, in bf16 on GPU (`pipeline.quant.apply.decoding_weights`), as `eval` runs the saved
   model; the loss forwards run the fp32 latents under bf16 autocast, as kd_qat trains them, so the
   rollout policy differs from the trained one by bf16 rounding of norms and embeddings (the same
   kind of mismatch as a vLLM rollout engine; TRL's μ = 1 makes no correction for it).
@@ -65,6 +65,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipeline.checkpoint import Checkpointer, StageInterrupted
 from pipeline.data import Problem, chat_prompt
 from pipeline.generate import generate_ids, resolve_backend
+from pipeline.quant.apply import decoding_weights, weight_only
 
 # -- rewards --------------------------------------------------------------------------------------
 
@@ -151,46 +152,6 @@ def norm_noise(model: torch.nn.Module, sigma: float, generator: torch.Generator)
                 w.copy_(original)
 
 
-def weight_only(model: torch.nn.Module) -> bool:
-    """Every QuantLinear quantizes only its weight (no activation quantizer): W3G128, W4G128, ..."""
-    from pipeline.quant.apply import quant_linears
-
-    return all(m.activations is None for _, m in quant_linears(model))
-
-
-@contextmanager
-def rollout_weights(model: torch.nn.Module, dtype: torch.dtype | None = None):
-    """Within the block the weight-only policy decodes the way `eval` runs a saved model: each
-    QuantLinear holds q(w), computed once, with its quantizer off (plain matmuls on the same values
-    instead of re-quantizing every weight at every token), and with `dtype` every parameter is cast
-    to it (bf16 on GPU: the fp32 latent weights under autocast would give the static KV cache fp32
-    keys, after the fp32 q/k norms, and bf16 values). Afterwards each parameter points at its own
-    tensor again, untouched: the swap changes `.data` (no copy of the latents is kept or made)."""
-    from pipeline.quant.apply import quant_linears
-
-    if not weight_only(model):
-        raise ValueError("rollout_weights needs weight-only QuantLinears (activation quantizers run per token)")
-    quantized = {id(m.weight): m for _, m in quant_linears(model) if m.fake_quant}
-    swapped = []
-    with torch.no_grad():
-        for p in model.parameters():
-            module = quantized.get(id(p))
-            if module is None and (dtype is None or p.dtype == dtype):
-                continue
-            value = module.quantized_weight() if module is not None else p.data
-            swapped.append((p, p.data))
-            p.data = value.to(dtype) if dtype is not None else value
-    for module in quantized.values():
-        module.fake_quant = False
-    try:
-        yield
-    finally:
-        for p, data in swapped:
-            p.data = data
-        for module in quantized.values():
-            module.fake_quant = True
-
-
 # -- settings ------------------------------------------------------------------------------------
 
 class GRPOSettings(BaseModel):
@@ -273,7 +234,7 @@ def _trainer_class():
     from trl.models import prepare_deepspeed, unwrap_model_for_generation
     from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
-    from pipeline.train import _rng_state, _set_rng_state
+    from pipeline.train import rng_state, set_rng_state
 
     class QuantGRPOTrainer(GRPOTrainer):
         """GRPOTrainer with our rollouts, reference, AQN and checkpoints (see the module docstring)."""
@@ -317,7 +278,7 @@ def _trainer_class():
                     self._dist.summon_full_params(self.model_wrapped, recurse=False), \
                     norm_noise(policy, self.sigma, noise):
                 if weight_only(policy):
-                    with rollout_weights(policy, torch.bfloat16 if self.args.bf16 else None):
+                    with decoding_weights(policy, torch.bfloat16 if self.args.bf16 else None):
                         rows = generate_ids(policy, prompt_ids, spec, self.eos_token_ids, self._tokenizer.pad_token_id)
                 else:
                     # activation quantizers must see the fp32 path the loss sees: autocast, and the dynamic
@@ -352,7 +313,7 @@ def _trainer_class():
             self.lr_scheduler.load_state_dict(self.resume["scheduler"])
 
         def _load_rng_state(self, checkpoint):
-            _set_rng_state(self.resume["rng"])
+            set_rng_state(self.resume["rng"])
 
         def _load_scaler(self, checkpoint):
             pass  # bf16 autocast has no grad scaler
@@ -361,7 +322,7 @@ def _trainer_class():
             model = self.accelerator.unwrap_model(self.model)
             return {"model": {n: p for n, p in model.named_parameters() if p.requires_grad},
                     "optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
-                    "rng": _rng_state(), "trainer_state": self.state_json(), "metrics": rows,
+                    "rng": rng_state(), "trainer_state": self.state_json(), "metrics": rows,
                     "step": self.state.global_step, "signature": signature}
 
         def state_json(self) -> str:

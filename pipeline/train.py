@@ -131,14 +131,14 @@ def _label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
@@ -205,7 +205,7 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
         acc.unwrap_model(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         rows = state["metrics"]
         log.info("resuming from the checkpoint at step %d", start)
     if acc.is_main_process:
@@ -268,7 +268,7 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
                     if acc.is_main_process:
                         checkpointer.save(done, {
                             "model": acc.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "rng": _rng_state(), "metrics": rows,
+                            "scheduler": scheduler.state_dict(), "rng": rng_state(), "metrics": rows,
                             "step": done, "signature": signature})
                     acc.wait_for_everyone()
                 if checkpointer.stop_requested:

@@ -36,7 +36,7 @@ from pipeline.distill import chunked_kd_loss
 from pipeline.errors import InputError
 from pipeline.generate import GenerationSpec
 from pipeline.models import is_quantized, load_model, load_tokenizer
-from pipeline.quant.apply import quant_linears
+from pipeline.quant.apply import decoding_weights, quant_linears, weight_only
 from pipeline.quant.io import read_quant_spec, save_quantized
 from pipeline.stage_api import StageConfig, StageContext, StageRef
 from pipeline.train import TrainArgs, causal_lm_loss, make_accelerator, train
@@ -147,7 +147,7 @@ def kd_loss_fn(teacher: torch.nn.Module, config: Config):
     return loss_fn
 
 
-def held_out_eval(ctx: StageContext, tokenizer):
+def held_out_eval(ctx: StageContext, tokenizer, accelerator):
     """on_step hook of pipeline.train: accuracy on `eval_limit` held-out problems every `eval_every` steps."""
     from pipeline.benchmarks import load_benchmark
     from pipeline.evaluate import evaluate
@@ -160,8 +160,17 @@ def held_out_eval(ctx: StageContext, tokenizer):
         if step % config.eval_every and step != config.steps:
             return {}
         model.eval()
+        # accelerate keeps the student's forward under bf16 autocast while its latent weights are
+        # fp32: decode on q(w) in bf16 (weight-only), or with the dynamic cache, which takes keys and
+        # values of different dtypes (activation-quantized students)
         with torch.no_grad():
-            accuracy = evaluate(model, tokenizer, problems, config.eval_generation)["accuracy"]
+            if weight_only(model):
+                dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
+                with decoding_weights(model, dtype):
+                    accuracy = evaluate(model, tokenizer, problems, config.eval_generation)["accuracy"]
+            else:
+                spec = config.eval_generation.model_copy(update={"backend": "generate"})
+                accuracy = evaluate(model, tokenizer, problems, spec)["accuracy"]
         ctx.log.info("%s: step %d: held-out accuracy %.1f%%", ctx.name, step, 100 * accuracy)
         return {"eval_accuracy": accuracy}
 
@@ -198,7 +207,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     result = train(student, examples, loss_fn, config, out_dir=ctx.out_dir, checkpointer=ctx.checkpointer,
                    seed=recipe.seed, pad_id=tokenizer.pad_token_id, log=ctx.log, accelerator=accelerator,
                    desc=f"{ctx.name}: {config.objective}",
-                   on_step=held_out_eval(ctx, tokenizer) if config.eval_every else None)
+                   on_step=held_out_eval(ctx, tokenizer, accelerator) if config.eval_every else None)
     if accelerator.is_main_process:
         student = accelerator.unwrap_model(student).eval().to(getattr(torch, recipe.model.dtype))
         save_quantized(student, tokenizer, ctx.out_dir / "model", spec)

@@ -119,3 +119,36 @@ def test_held_out_evaluation_every_n_steps_and_at_the_end(artifacts, tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
     assert [r["step"] for r in rows if "eval_accuracy" in r] == [2, 4, 5]
     assert metrics["eval_accuracy"] == rows[-1]["eval_accuracy"] == 0.0  # a random tiny model solves nothing
+
+
+@pytest.mark.parametrize("scheme", ["w3g128", "w4a4kv4"])
+def test_held_out_evaluation_under_bf16_autocast_with_a_static_cache(artifacts, tmp_path, monkeypatch, scheme):
+    """As on a GPU: accelerate wraps the student's forward in bf16 autocast while its latent weights
+    stay fp32; decoding during training must not mix fp32 and bf16 in the preallocated KV cache."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    def bf16_cpu():
+        AcceleratorState._reset_state(reset_partial_state=True)  # a process-wide singleton
+        return Accelerator(mixed_precision="bf16", cpu=True)
+
+    monkeypatch.setattr(kd_qat, "make_accelerator", bf16_cpu)
+    init = artifacts / f"ptq-{scheme}"
+    if not init.exists():
+        student = load_model(artifacts / "other")
+        spec = QuantSpec.model_validate(scheme)
+        quantize_rtn(student, spec)
+        save_quantized(student, load_tokenizer(artifacts / "other"), init / "model", spec)
+    rec = recipe(steps=2, eval_every=1, eval_limit=2,
+                 eval_generation={"max_new_tokens": 4, "batch_size": 2, "backend": "static"})
+    ctx = StageContext(name="kd", config=rec.stages["kd"], recipe=rec, out_dir=tmp_path / "out",
+                       inputs={"init": init, "teacher": artifacts / "teacher", "data": artifacts / "traces"},
+                       input_manifests={}, checkpointer=Checkpointer(tmp_path / "ckpt"), log=logging.getLogger("t"))
+    try:
+        with one_thread():
+            metrics = kd_qat.run(ctx)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert metrics["eval_accuracy"] == 0.0
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [1, 2]

@@ -9,12 +9,11 @@ import torch
 import stages.rl as rl_stage
 from pipeline.checkpoint import Checkpointer, StageInterrupted
 from pipeline.data import Problem
-from pipeline.quant.apply import quant_linears, quantize_rtn
+from pipeline.quant.apply import decoding_weights, quant_linears, quantize_rtn
 from pipeline.quant.io import load_quantized, read_quant_spec, save_quantized
 from pipeline.quant.scheme import QuantSpec
 from pipeline.recipe import RecipeError, parse_recipe
-from pipeline.rl import (GRPOSettings, accuracy_reward, cut_at_stop, format_reward, grpo_train, is_well_formed,
-                         rollout_weights)
+from pipeline.rl import GRPOSettings, accuracy_reward, cut_at_stop, format_reward, grpo_train, is_well_formed
 from pipeline.stage_api import StageContext
 from quant_tiny import one_thread, tiny_model, tiny_tokenizer
 
@@ -74,7 +73,7 @@ def test_rewards_on_known_completions():
     assert cut_at_stop([5, 6, 2, 7, 2], [2, 9]) == [5, 6, 2] and cut_at_stop([5, 6], [2]) == [5, 6]
 
 
-def test_rollout_weights_sample_the_same_tokens_and_leave_the_latent_weights_as_they_were(init_dir):
+def test_decoding_weights_sample_the_same_tokens_and_leave_the_latent_weights_as_they_were(init_dir):
     from pipeline.data import chat_prompt
     from pipeline.generate import GenerationSpec, generate_ids
     from pipeline.models import load_tokenizer
@@ -85,10 +84,10 @@ def test_rollout_weights_sample_the_same_tokens_and_leave_the_latent_weights_as_
     latent = {n: (p.detach().clone(), p.data_ptr()) for n, p in model.named_parameters()}
     with one_thread():
         per_token = generate_ids(model, prompts, spec, [tok.eos_token_id], tok.pad_token_id)
-        with rollout_weights(model):
+        with decoding_weights(model):
             assert all(not m.fake_quant for _, m in quant_linears(model))
             once = generate_ids(model, prompts, spec, [tok.eos_token_id], tok.pad_token_id)
-        with rollout_weights(model, torch.bfloat16):
+        with decoding_weights(model, torch.bfloat16):
             assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
             generate_ids(model, prompts, spec.model_copy(update={"backend": "static"}), [tok.eos_token_id],
                          tok.pad_token_id)

@@ -12,6 +12,8 @@ llmcompressor uses: class names (`Linear`), exact module names, or `re:<regex>` 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from typing import Literal
 
 import torch
@@ -166,3 +168,39 @@ def to_compressed_tensors(model: nn.Module, spec: QuantSpec) -> None:
             module.weight_scale.copy_(scale)
             if zero_point is not None:
                 module.weight_zero_point.copy_(zero_point)
+
+
+def weight_only(model: torch.nn.Module) -> bool:
+    """Every QuantLinear quantizes only its weight (no activation quantizer): W3G128, W4G128, ..."""
+    return all(m.activations is None for _, m in quant_linears(model))
+
+
+@contextmanager
+def decoding_weights(model: torch.nn.Module, dtype: torch.dtype | None = None):
+    """Within the block a weight-only model being trained decodes the way `eval` runs a saved model: each
+    QuantLinear holds q(w), computed once, with its quantizer off (plain matmuls on the same values
+    instead of re-quantizing every weight at every token), and with `dtype` every parameter is cast
+    to it (bf16 on GPU: the fp32 latent weights under autocast would give the static KV cache fp32
+    keys, after the fp32 q/k norms, and bf16 values). Afterwards each parameter points at its own
+    tensor again, untouched: the swap changes `.data` (no copy of the latents is kept or made)."""
+    if not weight_only(model):
+        raise ValueError("decoding_weights needs weight-only QuantLinears (activation quantizers run per token)")
+    quantized = {id(m.weight): m for _, m in quant_linears(model) if m.fake_quant}
+    swapped = []
+    with torch.no_grad():
+        for p in model.parameters():
+            module = quantized.get(id(p))
+            if module is None and (dtype is None or p.dtype == dtype):
+                continue
+            value = module.quantized_weight() if module is not None else p.data
+            swapped.append((p, p.data))
+            p.data = value.to(dtype) if dtype is not None else value
+    for module in quantized.values():
+        module.fake_quant = False
+    try:
+        yield
+    finally:
+        for p, data in swapped:
+            p.data = data
+        for module in quantized.values():
+            module.fake_quant = True
