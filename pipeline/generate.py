@@ -113,8 +113,10 @@ def _generation_config(spec: GenerationSpec, stops: list[int], pad_id: int, num_
                        cache_implementation: str | None = None) -> GenerationConfig:
     sampling = dict(do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k) \
         if spec.do_sample else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    # use_cache explicitly: a model saved after training with gradient checkpointing (TRL turns the
+    # cache off) carries use_cache=False, which generate would otherwise take: O(n^2) decoding
     return GenerationConfig(max_new_tokens=spec.max_new_tokens, eos_token_id=stops, pad_token_id=pad_id,
-                            num_return_sequences=num_return_sequences,
+                            num_return_sequences=num_return_sequences, use_cache=True,
                             cache_implementation=cache_implementation, **sampling)
 
 

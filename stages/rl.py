@@ -98,6 +98,8 @@ def run(ctx: StageContext) -> dict[str, float]:
                                  checkpointer=ctx.checkpointer, seed=recipe.seed, ref_model=reference,
                                  log=ctx.log, desc=f"{ctx.name}: grpo")
     if PartialState().is_main_process:
+        # TRL turns the KV cache off for gradient checkpointing; the saved policy decodes with it
+        policy.config.use_cache = policy.generation_config.use_cache = True
         save_quantized(policy.eval().to(getattr(torch, recipe.model.dtype)), tokenizer, ctx.out_dir / "model", spec)
     PartialState().wait_for_everyone()
     ctx.log.info("%s: reward %.3f, accuracy %.3f, entropy %.3f over the last steps; %.2f%% of weight codes changed",

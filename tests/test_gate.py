@@ -68,6 +68,8 @@ def test_a_failing_gate_skips_rl_and_force_runs_it(recipe, tmp_path, run_cli):
     rl = manifest(art, "rl")
     assert rl["status"] == "complete" and rl["metrics"]["steps"] == 1
     assert {"model/reasoning_qat_quant.json", "metrics.jsonl"} <= set(rl["files"])
+    saved = json.loads((art / "g" / "rl" / "model" / "config.json").read_text())
+    assert saved["use_cache"] is True  # TRL turned it off for gradient checkpointing
     assert manifest(art, "eval")["input_stages"] == {"model": "rl"}
 
 

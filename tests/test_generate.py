@@ -112,3 +112,19 @@ def test_grouped_sdpa_equals_sdpa(q_len):
     ref, _ = sdpa_attention_forward(Module(), query, key, value, mask, scaling=0.25)
     assert ours.shape == ref.shape == (3, q_len, 8, 16)
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_decoding_uses_the_kv_cache_even_when_the_saved_model_turned_it_off(lm):
+    """A model trained with gradient checkpointing is saved with use_cache=False (TRL sets it);
+    decoding must still feed one new token per step, not the whole sequence again."""
+    model, tokenizer = lm
+    widths = []
+    handle = model.register_forward_pre_hook(lambda mod, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                             with_kwargs=True)
+    model.generation_config.use_cache = model.config.use_cache = False
+    try:
+        generate(model, tokenizer, ["What is 2 + 3?"], GenerationSpec(max_new_tokens=6, backend="generate"))
+    finally:
+        handle.remove()
+        model.generation_config.use_cache = model.config.use_cache = True
+    assert len(widths) > 2 and widths[0] > 1 and set(widths[1:]) == {1}
