@@ -81,7 +81,8 @@ def unflatten_state(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
     return walk(skeleton)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (the directory entry, not just the file)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -140,7 +141,7 @@ class Checkpointer:
             os.fsync(f.fileno())
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         for old in self._complete()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final

@@ -26,6 +26,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline.checkpoint import fsync_dir
+
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
 
@@ -166,7 +168,7 @@ class Store:
             trash.parent.mkdir(exist_ok=True)
             os.rename(final, trash)
         os.rename(out, final)
-        _fsync_dir(self.base)
+        fsync_dir(self.base)
         shutil.rmtree(trash, ignore_errors=True)
         shutil.rmtree(self.partial_dir(stage), ignore_errors=True)
         for empty in (trash.parent, self.partial_dir(stage).parent):
@@ -219,11 +221,3 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -82,6 +82,16 @@ class TrainArgs(BaseModel):
     """torch.compile each decoder layer (GPU: faster steps after a compile pause; CPU: rarely worth it)."""
 
 
+def check_train_args(args: TrainArgs) -> list[tuple[str, str]]:
+    """What the schema alone cannot say about TrainArgs, as (key, message) pairs for a stage's `check`."""
+    errors = []
+    if args.batch_size % args.grad_accum:
+        errors.append(("batch_size", f"must be a multiple of grad_accum ({args.grad_accum})"))
+    if args.warmup_steps > args.steps:
+        errors.append(("warmup_steps", f"must be <= steps ({args.steps})"))
+    return errors
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the run stopped before updating the weights."""
 

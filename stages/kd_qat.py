@@ -39,7 +39,7 @@ from pipeline.models import is_quantized, load_model, load_tokenizer
 from pipeline.quant.apply import decoding_weights, quant_linears, weight_only
 from pipeline.quant.io import read_quant_spec, save_quantized
 from pipeline.stage_api import StageConfig, StageContext, StageRef
-from pipeline.train import TrainArgs, causal_lm_loss, make_accelerator, train
+from pipeline.train import TrainArgs, causal_lm_loss, check_train_args, make_accelerator, train
 
 CODE_VERSION = 1
 USES = ("seed", "model", "data")
@@ -96,12 +96,7 @@ class Config(TrainArgs, StageConfig):
 
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
-    errors = []
-    if config.batch_size % config.grad_accum:
-        errors.append(("batch_size", f"must be a multiple of grad_accum ({config.grad_accum})"))
-    if config.warmup_steps > config.steps:
-        errors.append(("warmup_steps", f"must be <= steps ({config.steps})"))
-    return errors
+    return check_train_args(config)
 
 
 def _traces(ctx: StageContext) -> list[tuple[str, str]]:

@@ -35,7 +35,7 @@ from pipeline.models import build_model, is_quantized, load_model, load_tokenize
 from pipeline.stage_api import StageConfig, StageContext, StageRef
 from pipeline.tasks.testbed import make_problems
 from pipeline.tokenizer import build_tokenizer
-from pipeline.train import TrainArgs, causal_lm_loss, make_accelerator, train
+from pipeline.train import TrainArgs, causal_lm_loss, check_train_args, make_accelerator, train
 
 CODE_VERSION = 1
 USES = ("seed", "model", "data")
@@ -58,11 +58,7 @@ def check(config: Config, recipe) -> list[tuple[str, str]]:
     if config.data is None and recipe.data.task != "testbed":
         errors.append(("data", f"needs a traces stage when data.task is {recipe.data.task!r} (only the testbed "
                                "ships solutions)"))
-    if config.batch_size % config.grad_accum:
-        errors.append(("batch_size", f"must be a multiple of grad_accum ({config.grad_accum})"))
-    if config.warmup_steps > config.steps:
-        errors.append(("warmup_steps", f"must be <= steps ({config.steps})"))
-    return errors
+    return errors + check_train_args(config)
 
 
 def _pairs(ctx: StageContext) -> list[tuple[str, str]]:
