@@ -1,0 +1,125 @@
+"""KD-QAT step time against a plain BF16 KD step: the cost of fake quantization in training.
+
+Both runs go through the real loop (`pipeline.train.train`) with the `kd_qat` stage's loss (forward
+KL, chunked), the same teacher, batch, optimizer (AdamW, fused on GPU) and bf16 autocast; the only
+difference is the student: plain Linears (the peer) or QuantLinears at the scheme given (ours).
+Random weights and tokens: speed does not depend on them.
+
+    python bench/kd_qat.py --out kd.json                    # one H200: Qwen3-0.6B shape, 8 x 2048 tokens
+    python bench/kd_qat.py --shape 1.7b --compile --out kd.json
+    python bench/kd_qat.py --tiny                           # CPU smoke test, seconds
+
+Prints, per run: median step time over the timed steps (after `--warmup` steps), tokens/s, peak
+GPU memory, MFU (student forward+backward 6·N·T plus teacher forward 2·N·T FLOPs, attention left
+out, over the H200's 989 TFLOP/s dense bf16), and the ratio ours / peer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.checkpoint import Checkpointer  # noqa: E402
+from pipeline.quant.apply import quantize_rtn  # noqa: E402
+from pipeline.quant.scheme import QuantSpec  # noqa: E402
+from pipeline.train import TrainArgs, make_accelerator, train  # noqa: E402
+
+SHAPES = {  # Qwen3 model cards' sizes
+    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=False),
+}
+H200_BF16_FLOPS = 989e12
+
+
+def build(shape: str, seed: int):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(**SHAPES[shape], max_position_embeddings=4096)
+    config._attn_implementation = "sdpa"
+    return Qwen3ForCausalLM(config)
+
+
+def timed_run(student, teacher, examples, args, label: str) -> dict:
+    # the stage's loss, closed over the teacher, exactly as kd_qat runs it
+    from stages.kd_qat import Config, kd_loss_fn
+
+    config = Config(init="a", teacher="b", data="c", chunk_size=args.chunk)
+    steps = args.warmup + args.steps
+    train_args = TrainArgs(steps=steps, batch_size=args.batch, lr=1e-5, warmup_steps=0, checkpoint_every=0,
+                           compile=args.compile, gradient_checkpointing=args.gradient_checkpointing)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        train(student, examples, kd_loss_fn(teacher, config), train_args, out_dir=tmp,
+              checkpointer=Checkpointer(Path(tmp) / "ckpt"), seed=0, pad_id=0,
+              log=logging.getLogger("bench"), accelerator=make_accelerator(), desc=label)
+        rows = [json.loads(line) for line in open(Path(tmp) / "metrics.jsonl")][args.warmup:]
+    step_s = statistics.median(r["tokens"] / r["tokens_per_s"] for r in rows)
+    tokens = rows[0]["tokens"]
+    n_student = sum(p.numel() for p in student.parameters())
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    result = {"step_s": step_s, "tokens_per_s": tokens / step_s,
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+              "mfu": (6 * n_student + 2 * n_teacher) * tokens / step_s / H200_BF16_FLOPS}
+    print(f"{label:>6}: {step_s * 1e3:8.1f} ms/step  {result['tokens_per_s']:10.0f} tokens/s  "
+          f"peak {result['peak_gib'] or 0:.1f} GiB  MFU {100 * result['mfu']:.1f}%", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="0.6b", choices=sorted(SHAPES))
+    parser.add_argument("--scheme", default="w3g128", help="QuantSpec preset of the student (ours)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step")
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--chunk", type=int, default=2048, help="tokens per chunk of logits in the KD loss")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (both runs)")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test")
+    parser.add_argument("--out", help="write the results as JSON")
+    args = parser.parse_args()
+    if args.tiny:
+        args.shape, args.batch, args.seqlen, args.chunk, args.steps, args.warmup = "tiny", 2, 64, 64, 3, 1
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    vocab = SHAPES[args.shape]["vocab_size"]
+    generator = torch.Generator().manual_seed(0)
+    examples = [(torch.randint(1, vocab, (args.seqlen,), generator=generator).tolist(), args.seqlen // 8)
+                for _ in range(args.batch * 4)]
+    teacher = build(args.shape, seed=1).to(device, dtype).eval().requires_grad_(False)
+
+    results = {"shape": args.shape, "scheme": args.scheme, "batch": args.batch, "seqlen": args.seqlen,
+               "compile": args.compile, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
+    results["plain"] = timed_run(build(args.shape, seed=0), teacher, examples, args, "plain")
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    student = build(args.shape, seed=0)
+    quantize_rtn(student, QuantSpec.model_validate(args.scheme))
+    results["ours"] = timed_run(student, teacher, examples, args, "ours")
+    results["ratio"] = results["ours"]["step_s"] / results["plain"]["step_s"]
+    print(f"KD-QAT ({args.scheme}) step time / plain BF16 KD step: {results['ratio']:.3f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+    main()
+    print(f"bench wall time {time.perf_counter() - t0:.0f} s")
