@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import get_cosine_schedule_with_warmup
 
@@ -185,6 +185,11 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
                          f"x grad_accum ({args.grad_accum})")
     if not examples:
         raise ValueError("no training examples")
+    if acc.distributed_type == DistributedType.DEEPSPEED and args.checkpoint_every:
+        # ZeRO shards the optimizer state over ranks; our checkpoints save rank 0's alone, so a
+        # resume would be silently wrong: refuse rather than write such a checkpoint
+        raise ValueError("checkpoint_every must be 0 under DeepSpeed: resumable checkpoints of "
+                         "ZeRO-sharded optimizer state are not supported yet")
     out_dir = Path(out_dir)
     metrics_path = out_dir / "metrics.jsonl"
 
