@@ -101,25 +101,35 @@ def timed(fn, device: str, repeats: int) -> tuple[float, int, float]:
     return seconds, tokens, warmup_s
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The decoding workload shared by this bench and bench/rollout.py."""
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model and a small workload (CPU smoke test)")
     parser.add_argument("--out", required=True, help="write results here as JSON")
     parser.add_argument("--prompts", type=int, default=None, help="number of prompts (default 64; tiny 8)")
     parser.add_argument("--prompt-len", type=int, default=None, help="tokens per prompt (default 256; tiny 32)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt (default 512; tiny 32)")
-    parser.add_argument("--batch-size", type=int, default=None, help="ours: GenerationSpec.batch_size (default = prompts)")
-    parser.add_argument("--methods", default="plain,static,continuous,ours",
-                        help="from plain, static, continuous, continuous_graphs, continuous_compiled, ours")
-    parser.add_argument("--ours-backend", default="auto", help="ours: GenerationSpec.backend")
+    parser.add_argument("--batch-size", type=int, default=None, help="GenerationSpec.batch_size (default = prompts)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+
+
+def workload(args: argparse.Namespace) -> tuple[int, int, int, int, torch.dtype]:
+    """(prompts, prompt length, new tokens, batch size, dtype) from add_workload_arguments' flags."""
     prompts_n = args.prompts or (8 if args.tiny else 64)
     prompt_len = args.prompt_len or (32 if args.tiny else 256)
     new_tokens = args.new_tokens or (32 if args.tiny else 512)
-    batch_size = args.batch_size or prompts_n
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    return prompts_n, prompt_len, new_tokens, args.batch_size or prompts_n, dtype
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_arguments(parser)
+    parser.add_argument("--methods", default="plain,static,continuous,ours",
+                        help="from plain, static, continuous, continuous_graphs, continuous_compiled, ours")
+    parser.add_argument("--ours-backend", default="auto", help="ours: GenerationSpec.backend")
+    args = parser.parse_args()
+    prompts_n, prompt_len, new_tokens, batch_size, dtype = workload(args)
 
     model = build(args.tiny, args.device, dtype)
     gen = torch.Generator().manual_seed(0)

@@ -50,22 +50,11 @@ def rollout(model, prompts: list[list[int]], new_tokens: int, batch_size: int, b
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="a 2-layer model and a small workload (CPU smoke test)")
-    parser.add_argument("--out", required=True, help="write results here as JSON")
+    bench_generate.add_workload_arguments(parser)
     parser.add_argument("--scheme", default="w3g128", help="QuantSpec preset of the quantized policy (default w3g128)")
-    parser.add_argument("--prompts", type=int, default=None, help="rollout sequences (default 64; tiny 8)")
-    parser.add_argument("--prompt-len", type=int, default=None, help="tokens per prompt (default 256; tiny 32)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per completion (default 512; tiny 32)")
-    parser.add_argument("--batch-size", type=int, default=None, help="GenerationSpec.batch_size (default = prompts)")
     parser.add_argument("--backend", default="auto", help="GenerationSpec.backend (auto: static on CUDA)")
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    prompts_n = args.prompts or (8 if args.tiny else 64)
-    prompt_len = args.prompt_len or (32 if args.tiny else 256)
-    new_tokens = args.new_tokens or (32 if args.tiny else 512)
-    batch_size = args.batch_size or prompts_n
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    prompts_n, prompt_len, new_tokens, batch_size, dtype = bench_generate.workload(args)
     spec = QuantSpec.model_validate(args.scheme)
 
     bf16 = bench_generate.build(args.tiny, args.device, dtype)
