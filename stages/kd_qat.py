@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from pipeline.data import chat_example
+from pipeline.data import chat_example, training_pairs
 from pipeline.distill import chunked_kd_loss
 from pipeline.errors import InputError
 from pipeline.generate import GenerationSpec
@@ -97,18 +97,6 @@ class Config(TrainArgs, StageConfig):
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
     return check_train_args(config)
-
-
-def _traces(ctx: StageContext) -> list[tuple[str, str]]:
-    path = ctx.inputs["data"] / "traces.jsonl"
-    if not path.is_file():
-        raise InputError(f"stages.{ctx.name}.data", f"{path} not found (is {ctx.config.data!r} a traces stage?)")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    pairs = [(r["question"], r["completion"]) for r in rows if r.get("correct") or not ctx.config.only_correct]
-    if not pairs:
-        raise InputError(f"stages.{ctx.name}.data", f"{path} holds no usable traces")
-    return pairs
 
 
 def _select_trainable(model: torch.nn.Module, what: str, transforms: str = "frozen") -> None:
@@ -195,7 +183,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     else:
         loss_fn = causal_lm_loss
 
-    examples = [chat_example(tokenizer, q, c) for q, c in _traces(ctx)]
+    pairs = training_pairs(ctx.inputs["data"], config.only_correct, f"stages.{ctx.name}.data")
+    examples = [chat_example(tokenizer, q, c) for q, c in pairs]
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     ctx.log.info("%s: %s on %d traces, %s (%.2fM trainable), %s", ctx.name, config.objective, len(examples),
                  config.train, trainable / 1e6, accelerator.device)

@@ -24,12 +24,11 @@ its checkpoints (pipeline.train).
 """
 from __future__ import annotations
 
-import json
 from typing import Literal
 
 import torch
 
-from pipeline.data import chat_example
+from pipeline.data import chat_example, training_pairs
 from pipeline.errors import InputError
 from pipeline.models import build_model, is_quantized, load_model, load_tokenizer, save_model
 from pipeline.stage_api import StageConfig, StageContext, StageRef
@@ -66,15 +65,7 @@ def _pairs(ctx: StageContext) -> list[tuple[str, str]]:
     config, recipe = ctx.config, ctx.recipe
     if config.data is None:
         return [(p.question, p.solution) for p in make_problems(recipe.data.testbed, "train", seed=recipe.seed)]
-    path = ctx.inputs["data"] / "traces.jsonl"
-    if not path.is_file():
-        raise InputError(f"stages.{ctx.name}.data", f"{path} not found (is {config.data!r} a traces stage?)")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    pairs = [(r["question"], r["completion"]) for r in rows if r.get("correct", False) or not config.only_correct]
-    if not pairs:
-        raise InputError(f"stages.{ctx.name}.data", f"{path} holds no {'correct ' if config.only_correct else ''}traces")
-    return pairs
+    return training_pairs(ctx.inputs["data"], config.only_correct, f"stages.{ctx.name}.data")
 
 
 def run(ctx: StageContext) -> dict[str, float]:
