@@ -155,3 +155,15 @@ def check_training_data(data) -> list[tuple[str, str]]:
     if data.task == "jsonl" and data.prompts_file is None:
         return [("data.prompts_file", "must be set when data.task is jsonl")]
     return []
+
+
+def check_bench(bench: str, data, where: str = "bench") -> list[tuple[str, str]]:
+    """What `load_benchmark(bench, ...)` would refuse, found at validation time: (key, message) pairs."""
+    if bench not in BENCHMARKS:
+        return [(where, f"unknown benchmark {bench!r}; choose one of {', '.join(BENCHMARKS)}")]
+    if bench != "testbed":
+        path = benchmarks_dir(data.benchmarks_dir) / f"{bench}_test.jsonl"
+        if not path.is_file():
+            return [(where, f"no such file: {path} (set data.benchmarks_dir or $REASONING_QAT_BENCHMARKS)")]
+    return []
+

@@ -88,3 +88,13 @@ class StageContext:
     """Mid-stage checkpoints that survive a killed run (see pipeline.checkpoint)."""
     log: logging.Logger
     """Goes to the console and to `<root>/<recipe>/run.log`. Progress bars: `pipeline.progress`."""
+
+
+def untrained_base_model(config: StageConfig, recipe, *fields: str) -> list[tuple[str, str]]:
+    """Errors for `fields` that read the base model ("model") when the recipe builds it untrained
+    from `model.arch` (only an `sft` stage makes it worth running)."""
+    if recipe.model.path is not None:
+        return []
+    return [(f, "the recipe's model is built untrained from model.arch; name the stage that trains it")
+            for f in fields if getattr(config, f) == BASE_MODEL_REF]
+

@@ -29,10 +29,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.benchmarks import BENCHMARKS, benchmarks_dir, load_benchmark
+from pipeline.benchmarks import check_bench, load_benchmark
 from pipeline.evaluate import evaluate
 from pipeline.generate import GenerationSpec
-from pipeline.stage_api import StageConfig, StageContext, StageRef
+from pipeline.stage_api import StageConfig, StageContext, StageRef, untrained_base_model
 
 CODE_VERSION = 1
 USES = ("seed", "data")
@@ -66,17 +66,7 @@ class Config(StageConfig):
 
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
-    errors = []
-    for field in ("model", "teacher"):
-        if getattr(config, field) == "model" and recipe.model.path is None:
-            errors.append((field, "the recipe's model is built untrained from model.arch; name the stage that trains it"))
-    if config.bench not in BENCHMARKS:
-        errors.append(("bench", f"unknown benchmark {config.bench!r}; choose one of {', '.join(BENCHMARKS)}"))
-    elif config.bench != "testbed":
-        path = benchmarks_dir(recipe.data.benchmarks_dir) / f"{config.bench}_test.jsonl"
-        if not path.is_file():
-            errors.append(("bench", f"no such file: {path} (set data.benchmarks_dir or $REASONING_QAT_BENCHMARKS)"))
-    return errors
+    return untrained_base_model(config, recipe, "model", "teacher") + check_bench(config.bench, recipe.data)
 
 
 def verdict(config: Config, accuracy: float, teacher_accuracy: float | None) -> dict[str, float]:

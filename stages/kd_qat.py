@@ -96,7 +96,10 @@ class Config(TrainArgs, StageConfig):
 
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
-    return check_train_args(config)
+    from pipeline.benchmarks import check_bench
+
+    bench = check_bench(config.eval_bench, recipe.data, "eval_bench") if config.eval_every else []
+    return check_train_args(config) + bench
 
 
 def _select_trainable(model: torch.nn.Module, what: str, transforms: str = "frozen") -> None:

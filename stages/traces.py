@@ -28,7 +28,7 @@ from pipeline.benchmarks import check_training_data, training_problems
 from pipeline.errors import InputError
 from pipeline.evaluate import sample_and_grade, write_jsonl
 from pipeline.generate import GenerationSpec
-from pipeline.stage_api import StageConfig, StageContext, StageRef
+from pipeline.stage_api import StageConfig, StageContext, StageRef, untrained_base_model
 
 CODE_VERSION = 1
 USES = ("seed", "data")
@@ -48,9 +48,7 @@ class Config(StageConfig):
 
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
-    errors = []
-    if config.model == "model" and recipe.model.path is None:
-        errors.append(("model", "the recipe's model is built untrained from model.arch; name the stage that trains it"))
+    errors = untrained_base_model(config, recipe, "model")
     errors += check_training_data(recipe.data)
     return errors
 
