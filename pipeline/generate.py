@@ -30,6 +30,7 @@ bench/generate.py measures them side by side.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -218,8 +219,12 @@ def generate_ids(model, prompt_ids: list[list[int]], spec: GenerationSpec, stops
     attn = model.config._attn_implementation
     if attn == "sdpa" and backend != "continuous":  # a quantized model's own attention (KV quant) is left alone
         model.set_attn_implementation(GROUPED_SDPA)
+    from pipeline.quant.apply import decoding_weights, weight_only
+
+    # a weight-only quantized model decodes on q(w) computed once, not re-quantized at every token
+    frozen = decoding_weights(model) if weight_only(model) else nullcontext()
     try:
-        with torch.random.fork_rng(devices=devices):  # seed sampling without moving the caller's RNG
+        with frozen, torch.random.fork_rng(devices=devices):  # seed sampling without moving the caller's RNG
             torch.manual_seed(spec.seed)
             if backend == "continuous":
                 return _generate_continuous(model, prompt_ids, spec, stops, pad_id)

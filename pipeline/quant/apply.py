@@ -177,8 +177,8 @@ def weight_only(model: torch.nn.Module) -> bool:
 
 @contextmanager
 def decoding_weights(model: torch.nn.Module, dtype: torch.dtype | None = None):
-    """Within the block a weight-only model being trained decodes the way `eval` runs a saved model: each
-    QuantLinear holds q(w), computed once, with its quantizer off (plain matmuls on the same values
+    """Within the block a weight-only quantized model decodes on fixed weights (`pipeline.generate`
+    does this for every decode; training stages add `dtype`): each QuantLinear holds q(w), computed once, with its quantizer off (plain matmuls on the same values
     instead of re-quantizing every weight at every token), and with `dtype` every parameter is cast
     to it (bf16 on GPU: the fp32 latent weights under autocast would give the static KV cache fp32
     keys, after the fp32 q/k norms, and bf16 values). Afterwards each parameter points at its own
