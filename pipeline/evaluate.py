@@ -36,8 +36,6 @@ from pipeline.errors import InputError
 from pipeline.generate import GenerationSpec, generate
 from pipeline.grading import grade_many
 
-METRICS = ("accuracy", "pass_at_k", "truncation_rate", "mean_tokens", "tokens_per_s")
-
 
 def sample_and_grade(model, tokenizer, problems: list[Problem], spec: GenerationSpec) -> tuple[list[dict], float]:
     """Generate K completions per problem (sharded over processes) and grade them.

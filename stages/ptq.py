@@ -127,8 +127,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         samples = generic_samples(tokenizer, config.nsamples, config.seqlen, ctx.recipe.seed)
     report_samples = samples[: config.sqnr_samples]
     originals = sqnr.snapshot_weights(model, spec)
-    reference_hidden = sqnr.final_hidden(model, report_samples)
-    reference_logits = sqnr.final_logits(model, report_samples)
+    reference_hidden, reference_logits = sqnr.final_outputs(model, report_samples)
 
     start = time.perf_counter()
     extra: dict[str, float] = {}
@@ -144,16 +143,17 @@ def run(ctx: StageContext) -> dict[str, float]:
     ctx.log.info("per-layer SQNR (dB), %s %s:\n%s", config.method, config.calibration_source, sqnr.format_table(report))
     (ctx.out_dir / "sqnr.json").write_text(json.dumps(report, indent=1) + "\n")
     save_quantized(model, tokenizer, ctx.out_dir / "model", spec)
+    hidden, logits = sqnr.final_outputs(model, report_samples)
     metrics = {
         **sqnr.summarize(report),
-        "logits_sqnr": sqnr.hidden_sqnr(reference_logits, sqnr.final_logits(model, report_samples)),
+        "logits_sqnr": sqnr.hidden_sqnr(reference_logits, logits),
         "wall_time_s": wall,
         "quantized_layers": float(len(report)),
         "calibration_tokens": float(sum(len(s) for s in samples)),
         **extra,
     }
     if config.method != "quarot":  # QuaRot's hidden states are rotated: only its logits compare
-        metrics["hidden_sqnr"] = sqnr.hidden_sqnr(reference_hidden, sqnr.final_hidden(model, report_samples))
+        metrics["hidden_sqnr"] = sqnr.hidden_sqnr(reference_hidden, hidden)
     return metrics
 
 

@@ -14,8 +14,8 @@ jsonl with answers), in the chat template.
 Policy modes (`policy`): `qat` trains the latent weights through fake quantization (scales frozen);
 `lora` trains LoRA adapters on the frozen quantized base and merges them at the end (the merged
 latent weights re-quantize with the same scales; see pipeline.rl). `aqn` adds QeRL's adaptive
-quantization noise to the rollout policy's RMSNorm weights. β > 0 in `qat` mode loads `init` a second
-time as the frozen reference policy; in `lora` mode the reference is the base with adapters disabled.
+quantization noise to the rollout policy's RMSNorm weights. β > 0 in `qat` mode keeps a frozen copy of
+the initial policy as the reference; in `lora` mode the reference is the base with adapters disabled.
 
 Output: the final policy in the quantized representation (`<out_dir>/model/`, what `export` and
 `eval` read), `metrics.jsonl` (reward, accuracy, format, entropy, kl, completion length, sigma, ...
@@ -41,6 +41,7 @@ per step); resumable checkpoints through the engine.
 """
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 from pydantic import Field
@@ -90,7 +91,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     tokenizer = load_tokenizer(ctx.inputs["init"])
     reference = None
     if config.beta > 0 and config.policy == "qat":
-        reference = load_model(ctx.inputs["init"], dtype="float32")
+        reference = copy.deepcopy(policy)  # the initial policy, frozen
     ctx.log.info("%s: GRPO (%s, %s loss, G=%d, %d completions/step) on %d %s prompts for %d steps%s", ctx.name,
                  config.policy, config.loss_type, config.num_generations, config.batch_size, len(problems),
                  recipe.data.task, config.steps, ", AQN" if config.aqn else "")

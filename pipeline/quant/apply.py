@@ -101,12 +101,6 @@ def set_fake_quant(model: nn.Module, enabled: bool) -> None:
             module.kv_fake_quant = enabled
 
 
-def set_learnable_scales(model: nn.Module, learnable: bool) -> None:
-    """Make the weight scales trainable (LSQ) or frozen."""
-    for _, module in quant_linears(model):
-        module.weight_scale.requires_grad_(learnable)
-
-
 def from_compressed_tensors(model: nn.Module, activations: ActivationSpec | None = None) -> dict[str, WeightSpec]:
     """Replace each Linear carrying a compressed-tensors `quantization_scheme` (after llmcompressor's
     oneshot, or a decompressed checkpoint) by a QuantLinear whose latent weight is that module's

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-GENERIC_SOURCE = "stdlib-docstrings"
 GENERIC_MODULES = (
     "argparse", "asyncio", "calendar", "collections", "concurrent.futures", "contextlib", "csv",
     "dataclasses", "datetime", "decimal", "difflib", "email", "enum", "fractions", "functools",

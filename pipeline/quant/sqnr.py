@@ -29,14 +29,16 @@ def snapshot_weights(model: nn.Module, spec: QuantSpec) -> dict[str, torch.Tenso
 
 
 @torch.no_grad()
-def final_hidden(model: nn.Module, samples: list[list[int]]) -> list[torch.Tensor]:
-    """The last hidden state of each sample ([len, hidden], float32 on CPU)."""
+def final_outputs(model: nn.Module, samples: list[list[int]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The last hidden state ([len, hidden]) and the logits ([len, vocab]) of each sample, float32 on
+    CPU, from one forward pass per sample."""
     device = next(model.parameters()).device
-    out = []
+    hidden, logits = [], []
     for s in samples:
-        hidden = model(torch.tensor([s], device=device), output_hidden_states=True).hidden_states[-1]
-        out.append(hidden[0].float().cpu())
-    return out
+        out = model(torch.tensor([s], device=device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-1][0].float().cpu())
+        logits.append(out.logits[0].float().cpu())
+    return hidden, logits
 
 
 @torch.no_grad()
@@ -72,13 +74,6 @@ def layer_sqnr(model: nn.Module, originals: dict[str, torch.Tensor], samples: li
             "output_sqnr": float("inf") if noise == 0 else 10 * math.log10(signal / noise),
         })
     return report
-
-
-@torch.no_grad()
-def final_logits(model: nn.Module, samples: list[list[int]]) -> list[torch.Tensor]:
-    """The logits of each sample ([len, vocab], float32 on CPU)."""
-    device = next(model.parameters()).device
-    return [model(torch.tensor([s], device=device)).logits[0].float().cpu() for s in samples]
 
 
 def hidden_sqnr(reference: list[torch.Tensor], quantized: list[torch.Tensor]) -> float:
