@@ -163,5 +163,20 @@ class Checkpointer:
         tensors = load_file(path / "tensors.safetensors")
         return record["step"], unflatten_state(tensors, record["state"])
 
+    def latest_step(self) -> int | None:
+        """Step of the newest complete checkpoint, without reading it."""
+        found = self._complete()
+        return int(found[-1].name.split("-")[1]) if found else None
+
+    def resume(self, signature: Any, log) -> tuple[int, dict[str, Any]] | None:
+        """`latest()` if it was saved with this `signature` (a JSON-able record of the run's settings,
+        stored in the state under "signature"); a checkpoint of other settings is cleared, with a warning."""
+        found = self.latest()
+        if found is not None and found[1].get("signature") != signature:
+            log.warning("checkpoint at step %d was made with other settings; starting from scratch", found[0])
+            self.clear()
+            return None
+        return found
+
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -468,11 +468,7 @@ def grpo_train(model, tokenizer, problems: Sequence[Problem], settings: GRPOSett
     signature = {"settings": settings.model_dump(mode="json"), "seed": seed, "prompts": len(problems),
                  "processes": processes}
     rows: list[dict] = []
-    found = checkpointer.latest()
-    if found is not None and found[1].get("signature") != signature:
-        log.warning("checkpoint at step %d was made with other settings; starting from scratch", found[0])
-        checkpointer.clear()
-        found = None
+    found = checkpointer.resume(signature, log)
     resume_dir = None
     if found is not None:
         step, state = found

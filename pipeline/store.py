@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.checkpoint import fsync_dir
+from pipeline.checkpoint import Checkpointer, fsync_dir
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
@@ -119,8 +119,7 @@ class Store:
         """Step of the newest checkpoint a run with this fingerprint would resume from."""
         if self.partial_fingerprint(stage) != fingerprint_:
             return None
-        steps = [p.name for p in self.checkpoints_dir(stage).glob("step-*") if (p / "state.json").is_file()]
-        return int(max(steps).split("-")[1]) if steps else None
+        return Checkpointer(self.checkpoints_dir(stage)).latest_step()
 
     def check_files(self, stage: str, manifest: dict, deep: bool) -> str | None:
         """Why the stage's files do not match its manifest (None if they do).

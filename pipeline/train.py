@@ -210,11 +210,7 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
                  "processes": acc.num_processes}
     rows: list[dict] = []
     start = 0
-    found = checkpointer.latest()
-    if found is not None and found[1].get("signature") != signature:
-        log.warning("checkpoint at step %d was made with other settings; starting from scratch", found[0])
-        checkpointer.clear()
-        found = None
+    found = checkpointer.resume(signature, log)
     if found is not None:
         start, state = found
         acc.unwrap_model(model).load_state_dict(state["model"])
@@ -251,8 +247,8 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
                         loss, metrics = loss_fn(model, batch)
                     value = loss.item()
                     if not torch.isfinite(loss):
-                        last = checkpointer.latest()
-                        kept = f"the checkpoint of step {last[0]} is kept" if last else "no checkpoint was saved"
+                        last = checkpointer.latest_step()
+                        kept = f"the checkpoint of step {last} is kept" if last is not None else "no checkpoint was saved"
                         raise NonFiniteLoss(f"step {step + 1}: loss is {value}; stopped before the update, {kept}")
                     acc.backward(loss * (weights[j] / total))
                     loss_sum += value * weights[j] / total
