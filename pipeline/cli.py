@@ -73,7 +73,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run what is missing or stale")
-    _recipe_arguments(run, artifacts=True)
+    recipe_arguments(run, artifacts=True)
     which = run.add_mutually_exclusive_group()
     which.add_argument("--from", dest="from_stage", metavar="STAGE",
                        help="re-run this stage and everything downstream of it, even if up to date")
@@ -85,12 +85,12 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     status = sub.add_parser("status", help="each stage: complete / stale / pending / skipped / failed, and why")
-    _recipe_arguments(status, artifacts=True)
+    recipe_arguments(status, artifacts=True)
     status.add_argument("--json", action="store_true", help='print {"stages": [{"name", "type", "state", "reason"}]}')
     status.set_defaults(handler=cmd_status)
 
     validate = sub.add_parser("validate", help="check a recipe without running anything")
-    _recipe_arguments(validate, artifacts=False)
+    recipe_arguments(validate, artifacts=False)
     validate.set_defaults(handler=cmd_validate)
 
     for name, (module_name, add_arguments, run_name, help_text) in DELEGATED.items():
@@ -100,7 +100,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
-def _recipe_arguments(parser: argparse.ArgumentParser, artifacts: bool) -> None:
+def recipe_arguments(parser: argparse.ArgumentParser, artifacts: bool) -> None:
     parser.add_argument("recipe", help="the recipe YAML file")
     if artifacts:
         parser.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, metavar="DIR",

@@ -174,12 +174,11 @@ def write_report(recipe, root: str | Path, baseline: str | None = None) -> tuple
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="the recipe YAML file")
-    parser.add_argument("--artifacts", default="artifacts", metavar="DIR", help="artifacts root (default ./artifacts)")
+    from pipeline.cli import recipe_arguments
+
+    recipe_arguments(parser, artifacts=True)
     parser.add_argument("--baseline", metavar="EVAL_STAGE", help="the eval stage retention is measured against")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key, as for run")
 
 
 def cli_report(args: argparse.Namespace) -> int:
