@@ -49,22 +49,15 @@ def check(config: Config, recipe) -> list[tuple[str, str]]:
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    from transformers import AutoTokenizer
-
-    from pipeline.quant.export import export_pack_quantized, resolve_scheme
-    from pipeline.quant.io import is_quantized, load_quantized, model_dir, read_quant_spec
+    from pipeline.quant.export import describe_size, export_checkpoint
+    from pipeline.quant.io import is_quantized
 
     source = ctx.inputs["model"]
     if not is_quantized(source):
         raise InputError(f"stages.{ctx.name}.model", f"{source} holds no quantized model (export a ptq/kd_qat stage)")
     try:
-        spec = resolve_scheme(ctx.config.scheme, read_quant_spec(source))
+        size = export_checkpoint(source, ctx.config.scheme, ctx.out_dir / "model")
     except InputError as e:
         raise InputError(f"stages.{ctx.name}.{e.where}", e.message) from None
-    model = load_quantized(source)
-    size = export_pack_quantized(model, AutoTokenizer.from_pretrained(model_dir(source)), spec, ctx.out_dir / "model")
-    ctx.log.info(
-        "exported %s: %.2f MiB on disk, %.3f bits per quantized weight, %.3f bits per parameter",
-        source, size["bytes_on_disk"] / 2**20, size["bits_per_weight"], size["bits_per_param"],
-    )
+    ctx.log.info("exported %s: %s", source, describe_size(size))
     return size

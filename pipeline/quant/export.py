@@ -205,11 +205,24 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", default="pack-quantized", choices=["pack-quantized"])
 
 
+def export_checkpoint(source: Path, scheme: str | None, out: Path) -> dict[str, float]:
+    """Export the quantized model at `source` (a stage or model directory) to `out` in `scheme` (None:
+    its own); returns the sizes. A scheme that does not match the model raises InputError("scheme", ...)."""
+    from pipeline.models import load_tokenizer
+    from pipeline.quant.io import load_quantized, read_quant_spec
+
+    spec = resolve_scheme(scheme, read_quant_spec(source))
+    return export_pack_quantized(load_quantized(source), load_tokenizer(source), spec, out)
+
+
+def describe_size(size: dict[str, float]) -> str:
+    return (f"{size['bytes_on_disk'] / 2**20:.2f} MiB, {size['bits_per_weight']:.3f} bits per quantized weight, "
+            f"{size['bits_per_param']:.3f} bits per parameter")
+
+
 def cli_export(args: argparse.Namespace) -> int:
     """`reasoning-qat export`: returns 0; bad input raises InputError (exit 2), nothing written."""
-    from transformers import AutoTokenizer
-
-    from pipeline.quant.io import is_quantized, load_quantized, model_dir, read_quant_spec
+    from pipeline.quant.io import is_quantized
 
     source, out = Path(args.stage_dir), Path(args.out)
     if not source.exists():
@@ -218,12 +231,6 @@ def cli_export(args: argparse.Namespace) -> int:
         raise InputError("stage_dir", f"{source} holds no quantized model (run a ptq stage first)")
     if out.exists() and any(out.iterdir()):
         raise InputError("--out", f"{out} exists and is not empty")
-    spec = resolve_scheme(args.scheme, read_quant_spec(source))
-    model = load_quantized(source)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir(source))
-    size = export_pack_quantized(model, tokenizer, spec, out)
-    print(
-        f"exported {source} -> {out}: {size['bytes_on_disk'] / 2**20:.2f} MiB, "
-        f"{size['bits_per_weight']:.3f} bits per quantized weight, {size['bits_per_param']:.3f} bits per parameter"
-    )
+    size = export_checkpoint(source, args.scheme, out)
+    print(f"exported {source} -> {out}: {describe_size(size)}")
     return 0
