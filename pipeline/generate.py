@@ -121,8 +121,13 @@ def _generation_config(spec: GenerationSpec, stops: list[int], pad_id: int, num_
                             cache_implementation=cache_implementation, **sampling)
 
 
+def first_stop_end(ids, stops: set[int]) -> int | None:
+    """Index just past the first stop token of `ids`, None when none is there (truncated)."""
+    return next((i + 1 for i, t in enumerate(ids) if t in stops), None)
+
+
 def _completion(ids: list[int], stops: set[int], tokenizer) -> Completion:
-    end = next((i + 1 for i, t in enumerate(ids) if t in stops), None)
+    end = first_stop_end(ids, stops)
     ids = ids if end is None else ids[:end]
     return Completion(text=tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids, num_tokens=len(ids),
                       truncated=end is None)

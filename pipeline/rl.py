@@ -64,7 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.checkpoint import Checkpointer, StageInterrupted
 from pipeline.data import Problem, chat_prompt
-from pipeline.generate import generate_ids, resolve_backend
+from pipeline.generate import first_stop_end, generate_ids, resolve_backend
 from pipeline.quant.apply import decoding_weights, weight_only
 
 # -- rewards --------------------------------------------------------------------------------------
@@ -335,9 +335,7 @@ def _trainer_class():
 
 def cut_at_stop(ids: Sequence[int], stops: Sequence[int]) -> list[int]:
     """ids up to and including the first stop token (what GRPO scores and trains on)."""
-    stop_set = set(stops)
-    end = next((i + 1 for i, t in enumerate(ids) if t in stop_set), len(ids))
-    return list(ids[:end])
+    return list(ids[:first_stop_end(ids, set(stops))])
 
 
 def _engine_callback(trainer, checkpointer: Checkpointer, metrics_path: Path, rows: list[dict], signature: dict,
