@@ -116,7 +116,6 @@ def load_quantized(path: str | Path, device: str | torch.device | None = None) -
 
 def _load_ours(path: Path) -> nn.Module:
     from accelerate import init_empty_weights
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pipeline.quant.apply import prepare, quant_linears
@@ -134,21 +133,31 @@ def _load_ours(path: Path) -> nn.Module:
         from pipeline.quant.online import install
 
         install(model, record["online"])
-    state = {}
-    for file in sorted(path.glob("*.safetensors")):
-        state.update(load_file(file))
-    result = model.load_state_dict(state, strict=False, assign=True)
-    tied = {key for key in result.missing_keys if _is_tied(model, key)}
-    if set(result.missing_keys) - tied or result.unexpected_keys:
-        raise ValueError(
-            f"{path}: checkpoint does not match the model: missing {sorted(set(result.missing_keys) - tied)[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
-    if tied:
-        model.tie_weights()
+    _assign_checked(model, _read_safetensors(path), path)
     for _, module in quant_linears(model):
         module.calibrated = True
     return model
+
+
+def _read_safetensors(path: Path, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        if file.name not in skip:
+            state.update(load_file(file))
+    return state
+
+
+def _assign_checked(model: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load `state` into a meta-built model (assign), which must match it but for tied weights."""
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = [key for key in result.missing_keys if not _is_tied(model, key)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{path}: checkpoint does not match the model: missing {missing[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]}")
+    if len(missing) != len(result.missing_keys):
+        model.tie_weights()
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:
@@ -186,21 +195,18 @@ def _load_w4a4kv4_export(path: Path) -> nn.Module:
     from pipeline.quant.apply import prepare, quant_linears
     from pipeline.quant.export import TRANSFORMS_FILE
     from pipeline.quant.online import install
-    from pipeline.quant.scheme import weight_quantization_args
+    from pipeline.quant.scheme import QuantSpec, weight_quantization_args
 
     raw = json.loads((path / "config.json").read_text())
     block = raw.pop("reasoning_qat")
     raw.pop("quantization_config")
     raw["model_type"] = block["base_model_type"]
     config = AutoConfig.for_model(**raw)
-    spec = read_quant_spec(path)
+    spec = QuantSpec.model_validate(block["spec"])
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
     prepare(model, spec)
-    state = {}
-    for file in sorted(path.glob("*.safetensors")):
-        if file.name != TRANSFORMS_FILE:
-            state.update(load_file(file))
+    state = _read_safetensors(path, skip=(TRANSFORMS_FILE,))
     scheme = QuantizationScheme(targets=list(spec.targets), weights=weight_quantization_args(spec.weights))
     for name, module in quant_linears(model):
         local = {k[len(name) + 1:]: state.pop(k) for k in list(state) if k.startswith(name + ".")}
@@ -208,13 +214,7 @@ def _load_w4a4kv4_export(path: Path) -> nn.Module:
         local.pop("weight_shape", None)
         for key, tensor in local.items():
             state[f"{name}.{key}"] = tensor.to(torch.int8) if key == "weight_zero_point" else tensor
-    result = model.load_state_dict(state, strict=False, assign=True)
-    missing = [key for key in result.missing_keys if not _is_tied(model, key)]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{path}: checkpoint does not match the model: missing {missing[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}")
-    if len(missing) != len(result.missing_keys):
-        model.tie_weights()
+    _assign_checked(model, state, path)
     install(model, block["online"])
     transforms = load_file(path / TRANSFORMS_FILE)
     result = model.load_state_dict(transforms, strict=False, assign=True)
