@@ -228,7 +228,7 @@ def layer_output_mse(model: nn.Module, samples: list[list[int]]) -> list[float]:
     for layer in decoder_layers(model):
         targets = [run_layer(layer, i) for i in inputs]
         set_fake_quant(layer, True)
-        out.append(sum(float(F.mse_loss(run_layer(layer, i), t)) for i, t in zip(inputs, targets)) / len(inputs))
+        out.append(_layer_mse(layer, inputs, targets))
         set_fake_quant(layer, False)
         inputs = [LayerInput(t, i.kwargs) for i, t in zip(inputs, targets)]
     set_fake_quant(model, True)
