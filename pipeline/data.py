@@ -67,16 +67,15 @@ def training_pairs(traces_dir, only_correct: bool, where: str) -> list[tuple[str
     """(question, completion) pairs of a `traces` stage's `traces.jsonl`, only the graded-correct ones
     when `only_correct`; what `sft` and `kd_qat` train on. `where` is the key path blamed when the
     directory holds no such traces."""
-    import json
     from pathlib import Path
 
+    from pipeline.benchmarks import read_jsonl  # pipeline.benchmarks imports this module
     from pipeline.errors import InputError
 
     path = Path(traces_dir) / "traces.jsonl"
     if not path.is_file():
         raise InputError(where, f"{path} not found (is it a traces stage?)")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_jsonl(path, where)
     pairs = [(r["question"], r["completion"]) for r in rows if r.get("correct", False) or not only_correct]
     if not pairs:
         raise InputError(where, f"{path} holds no {'correct ' if only_correct else ''}traces")
