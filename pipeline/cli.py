@@ -183,7 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     procs = Processes()
     logs.setup_console(quiet=not procs.is_main)
-    outcomes = run(recipe, args.artifacts, options)
+    outcomes = run(recipe, args.artifacts, options, procs)
     if procs.is_main:
         table = Table(title=f"{recipe.name}: done ({args.artifacts}/{recipe.name})", title_justify="left")
         for column in ("stage", "state", "wall", "headline"):

@@ -323,14 +323,16 @@ class Processes:
             self._dist.barrier()
 
 
-def run(recipe: Recipe, root: str | Path, options: Options | None = None) -> list[Outcome]:
-    """Run what is missing or stale (and what `options` force); raise RunError / InputError on failure."""
+def run(recipe: Recipe, root: str | Path, options: Options | None = None,
+        procs: "Processes | None" = None) -> list[Outcome]:
+    """Run what is missing or stale (and what `options` force); raise RunError / InputError on failure.
+    `procs`: the caller's view of the ranks, if it already made one."""
     options = options or Options()
     store = Store(root, recipe.name)
     selected, forced = selection(recipe, options)
     if options.only:  # a missing input is bad input: refuse before the lock or run.log exist
         plan(recipe, store, options)
-    procs = Processes()
+    procs = procs or Processes()
     if procs.is_main:
         with store.lock():
             store.clean_trash()
