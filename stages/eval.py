@@ -22,7 +22,7 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.benchmarks import check_bench, load_benchmark
-from pipeline.evaluate import evaluate
+from pipeline.evaluate import evaluate, solution_perplexity
 from pipeline.generate import GenerationSpec
 from pipeline.stage_api import StageConfig, StageContext, StageRef, untrained_base_model
 
@@ -41,6 +41,9 @@ class Config(StageConfig):
     """Only the first `limit` problems (None: all)."""
     generation: GenerationSpec = GenerationSpec()
     """Decoding: max_new_tokens, temperature / top_p / top_k, num_samples (K), batch_size, seed, backend."""
+    perplexity: bool = False
+    """Also the perplexity of the same problems' reference solutions (teacher-forced, solution tokens
+    only; pipeline.evaluate.solution_perplexity): the testbed, GSM8K and MATH-500 have them."""
 
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
@@ -61,6 +64,10 @@ def run(ctx: StageContext) -> dict[str, float]:
     ctx.log.info("%s: %s, %d problems x %d samples, up to %d new tokens, on %s", ctx.name, config.bench,
                  len(problems), config.generation.num_samples, config.generation.max_new_tokens, model.device)
     metrics = evaluate(model, tokenizer, problems, config.generation, samples_path=ctx.out_dir / "samples.jsonl")
+    if config.perplexity:
+        metrics |= solution_perplexity(model, tokenizer, problems)
+        ctx.log.info("%s: perplexity %.4f on %d solution tokens", ctx.name, metrics["perplexity"],
+                     metrics["perplexity_tokens"])
     ctx.log.info("%s: accuracy %.2f%%, pass@%d %.2f%%, truncated %.1f%%, %.0f tokens/s", ctx.name,
                  100 * metrics["accuracy"], config.generation.num_samples, 100 * metrics["pass_at_k"],
                  100 * metrics["truncation_rate"], metrics["tokens_per_s"])

@@ -48,6 +48,7 @@ def test_demo_recipe_runs_every_stage_type_and_reports(tmp_path):
     assert {"report.md", "report.json", "training.png", "accuracy.png"} <= {p.name for p in out.iterdir()}
     rows = {r["stage"]: r for r in json.loads((out / "report.json").read_text())["stages"]}
     assert rows["eval"]["of"] == "export" and 0.0 <= rows["eval"]["metrics"]["accuracy"] <= 1.0
+    assert all(rows[s]["metrics"]["perplexity"] > 1.0 for s in ("teacher_eval", "ptq_eval", "eval"))
     assert rows["export"]["metrics"]["bits_per_weight"] < 3.5
 
     # the W3G128 checkpoint is a plain compressed-tensors one: stock transformers loads it

@@ -102,3 +102,35 @@ def test_cli_eval_bad_model_dir_exit_2(run_cli, model_dir, tmp_path):
     (no_tokenizer / "config.json").write_text((model_dir / "model" / "config.json").read_text())
     code, _, stderr = run_cli("eval", no_tokenizer)
     assert code == 2 and "has no tokenizer" in stderr
+
+
+def test_solution_perplexity_matches_the_models_own_loss():
+    """exp of the token-weighted mean of transformers' own per-example loss (labels on the solution)."""
+    import math
+
+    import torch
+
+    from pipeline.data import chat_example
+    from pipeline.evaluate import solution_perplexity
+    from pipeline.tasks.testbed import TestbedSpec, make_problems
+
+    model, tokenizer = tiny_lm.model().eval(), tiny_lm.tokenizer()
+    problems = make_problems(TestbedSpec(), "test", n=5)
+    nll, count = 0.0, 0
+    for p in problems:
+        ids, start = chat_example(tokenizer, p.question, p.solution)
+        labels = torch.tensor([[-100] * start + ids[start:]])
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([ids]), labels=labels).loss.item()
+        nll, count = nll + loss * (len(ids) - start), count + len(ids) - start
+    result = solution_perplexity(model, tokenizer, problems, batch_size=2)  # padded batches, an odd last one
+    assert result["perplexity_tokens"] == count
+    assert result["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_solution_perplexity_needs_reference_solutions():
+    from pipeline.errors import InputError
+    from pipeline.evaluate import solution_perplexity
+
+    with pytest.raises(InputError, match="3 problems have no reference solution"):
+        solution_perplexity(tiny_lm.model(), tiny_lm.tokenizer(), PROBLEMS)
