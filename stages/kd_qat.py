@@ -37,7 +37,7 @@ from pipeline.errors import InputError
 from pipeline.generate import GenerationSpec
 from pipeline.models import is_quantized, load_model, load_tokenizer
 from pipeline.quant.apply import decoding_weights, quant_linears, weight_only
-from pipeline.quant.io import read_quant_spec, save_quantized
+from pipeline.quant.io import read_quant_spec, save_quantized, saved_dtype
 from pipeline.stage_api import StageConfig, StageContext, StageRef
 from pipeline.train import TrainArgs, causal_lm_loss, check_train_args, make_accelerator, train
 
@@ -196,7 +196,8 @@ def run(ctx: StageContext) -> dict[str, float]:
                    desc=f"{ctx.name}: {config.objective}",
                    on_step=held_out_eval(ctx, tokenizer, accelerator) if config.eval_every else None)
     if accelerator.is_main_process:
-        student = accelerator.unwrap_model(student).eval().to(getattr(torch, recipe.model.dtype))
+        student = accelerator.unwrap_model(student).eval()
+        student = student.to(saved_dtype(student, recipe.model.dtype))
         save_quantized(student, tokenizer, ctx.out_dir / "model", spec)
     accelerator.wait_for_everyone()
     metrics = {**result, "examples": len(examples), "trainable_parameters": trainable}

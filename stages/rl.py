@@ -63,6 +63,9 @@ class Config(GRPOSettings, StageConfig):
     """The quantized student to train (a kd_qat or ptq stage); what downstream reads when the gate skips this stage."""
     count: int = Field(1000, ge=1)
     """Training prompts drawn from the recipe's data.task (fewer when the source has fewer)."""
+    seed: int | None = None
+    """The seed of rollout sampling, data order, AQN noise and LoRA init (default: the recipe's). The
+    prompts stay the recipe seed's, so seed rows of a study differ only in what RL draws."""
 
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
@@ -78,7 +81,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     from accelerate import PartialState
 
     from pipeline.models import is_quantized, load_model, load_tokenizer
-    from pipeline.quant.io import read_quant_spec, save_quantized
+    from pipeline.quant.io import read_quant_spec, save_quantized, saved_dtype
     from pipeline.rl import grpo_train
 
     config, recipe = ctx.config, ctx.recipe
@@ -96,12 +99,14 @@ def run(ctx: StageContext) -> dict[str, float]:
                  config.policy, config.loss_type, config.num_generations, config.batch_size, len(problems),
                  recipe.data.task, config.steps, ", AQN" if config.aqn else "")
     policy, metrics = grpo_train(policy, tokenizer, problems, config, out_dir=ctx.out_dir,
-                                 checkpointer=ctx.checkpointer, seed=recipe.seed, ref_model=reference,
+                                 checkpointer=ctx.checkpointer, seed=recipe.seed if config.seed is None else config.seed,
+                                 ref_model=reference,
                                  log=ctx.log, desc=f"{ctx.name}: grpo")
     if PartialState().is_main_process:
         # TRL turns the KV cache off for gradient checkpointing; the saved policy decodes with it
         policy.config.use_cache = policy.generation_config.use_cache = True
-        save_quantized(policy.eval().to(getattr(torch, recipe.model.dtype)), tokenizer, ctx.out_dir / "model", spec)
+        policy = policy.eval().to(saved_dtype(policy, recipe.model.dtype))
+        save_quantized(policy, tokenizer, ctx.out_dir / "model", spec)
     PartialState().wait_for_everyone()
     ctx.log.info("%s: reward %.3f, accuracy %.3f, entropy %.3f over the last steps; %.2f%% of weight codes changed",
                  ctx.name, metrics["reward"], metrics["accuracy"], metrics["entropy"], 100 * metrics["codes_changed"])

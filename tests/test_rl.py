@@ -202,6 +202,22 @@ def test_stage_trains_on_testbed_prompts_and_saves_a_quantized_policy(init_dir, 
     assert all(m.calibrated for _, m in quant_linears(policy))
 
 
+def test_a_stage_seed_changes_what_rl_draws_and_not_the_prompts(init_dir, tmp_path):
+    """`seed` on the stage gives another RL run of the same student (a seed row of a study)."""
+    def run_stage(rec, where):
+        ctx = StageContext(name="rl", config=rec.stages["rl"], recipe=rec, out_dir=where / "out",
+                           inputs={"init": init_dir}, input_manifests={}, checkpointer=Checkpointer(where / "ckpt"),
+                           log=logging.getLogger("t"))
+        with one_thread():
+            rl_stage.run(ctx)
+        return rows(where)
+
+    # an untrained model earns no reward on testbed prompts, so only the rollouts can tell seeds apart
+    lengths = [[r["completion_length"] for r in run_stage(recipe(**seed), tmp_path / str(seed))]
+               for seed in ({}, {"seed": 0}, {"seed": 1})]
+    assert lengths[0] == lengths[1] != lengths[2]
+
+
 def test_bad_settings_name_their_key():
     with pytest.raises(RecipeError) as e:
         recipe(lr=0, temperature=0)

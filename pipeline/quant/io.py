@@ -100,6 +100,15 @@ def save_quantized(model: nn.Module, tokenizer, path: str | Path, spec) -> Path:
     return path
 
 
+def saved_dtype(model: nn.Module, dtype: str) -> torch.dtype:
+    """The dtype a trained quantized model is saved in: float32 when it carries online transforms
+    (QuaRot / FlatQuant: in bf16 the merged rotations lose their orthogonality and the online ones
+    cannot be inverted), else the recipe's `dtype`, as its teacher."""
+    from pipeline.quant.online import transforms
+
+    return torch.float32 if transforms(model) else getattr(torch, dtype)
+
+
 def load_quantized(path: str | Path, device: str | torch.device | None = None) -> nn.Module:
     """The quantized model at `path` with its QuantLinears calibrated, in eval mode, on `device`."""
     path = model_dir(path)

@@ -55,7 +55,10 @@ class KroneckerTransform(nn.Module):
         if self.smooth is not None:
             y = y * self.smooth.to(dtype)
         grid = y.unflatten(-1, self.sizes)
-        left_inv, right_inv = torch.linalg.inv(self.left.to(dtype)), torch.linalg.inv(self.right.to(dtype))
+        # inverted in at least float32 (linalg.inv refuses bf16), applied in y's dtype
+        work = torch.promote_types(dtype, torch.float32)
+        left_inv = torch.linalg.inv(self.left.to(work)).to(dtype)
+        right_inv = torch.linalg.inv(self.right.to(work)).to(dtype)
         return (left_inv @ grid @ right_inv.T).flatten(-2)
 
     def extra_repr(self) -> str:
