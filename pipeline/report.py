@@ -117,6 +117,9 @@ def plot(out_dir: Path, rows: list[dict], curves: dict[str, list[dict]], baselin
     import matplotlib.pyplot as plt
 
     written = []
+    kinds = {r["stage"]: r["type"] for r in rows}
+    rl_curves = {n: pts for n, pts in curves.items() if kinds[n] == "rl"}
+    curves = {n: pts for n, pts in curves.items() if kinds[n] != "rl"}
     if curves:
         fig, ax = plt.subplots(figsize=(7, 4))
         for name, points in curves.items():
@@ -139,6 +142,21 @@ def plot(out_dir: Path, rows: list[dict], curves: dict[str, list[dict]], baselin
         fig.savefig(out_dir / "eval_accuracy.png", dpi=120)
         plt.close(fig)
         written.append("eval_accuracy.png")
+    if rl_curves:  # GRPO's loss says little; what the studies compare is reward and entropy
+        panels = [(k, label) for k, label in (("accuracy", "rollout accuracy"), ("entropy", "entropy"),
+                                              ("completion_length", "completion tokens"))
+                  if any(k in p for pts in rl_curves.values() for p in pts)]
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+        for ax, (key, label) in zip(axes[0], panels):
+            for name, points in rl_curves.items():
+                shown = [p for p in points if key in p]
+                ax.plot([p["step"] for p in shown], [p[key] for p in shown], label=name)
+            ax.set(xlabel="step", ylabel=label, title=label)
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "rl.png", dpi=120)
+        plt.close(fig)
+        written.append("rl.png")
     scored = [r for r in rows if r["type"] in ("eval", "gate") and "accuracy" in r["metrics"]]
     if scored:
         fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(scored)), 4))

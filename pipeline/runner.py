@@ -127,12 +127,20 @@ class Planner:
             if e.unavailable:
                 return decision("gate", "skipped", f"input '{f}': {e.unavailable}")
         warning = None
-        if "when" in inputs and self._gate_passed(inputs["when"]) is False:
-            if not forced:
-                return decision("gate", "skipped", self._gate_reason(refs["when"], inputs["when"]))
-            warning = f"{self._gate_reason(refs['when'], inputs['when'])}; running anyway ({forced})"
-
         manifest = store.manifest(name)
+        if "when" in inputs and self._gate_passed(inputs["when"]) is False:
+            gate_reason = self._gate_reason(refs["when"], inputs["when"])
+            if forced:
+                warning = f"{gate_reason}; running anyway ({forced})"
+            elif (manifest is not None and manifest.get("status") == "complete"
+                  and not any(e.pending for e in inputs.values())
+                  and self._stale_reason(name, manifest, fp, inputs, config_json, sections, module) is None):
+                # a run forced past this very gate result (any change to the gate makes it stale):
+                # it stays what downstream reads until something changes, rather than being skipped over
+                return decision("skip", "complete", f"up to date (ran past the failed gate with --force: {gate_reason})")
+            else:
+                return decision("gate", "skipped", gate_reason)
+
         failed = store.failed(name)
         failure = None
         if failed and failed.get("fingerprint") == fp:

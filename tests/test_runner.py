@@ -181,6 +181,20 @@ def test_gate_skips_and_downstream_reads_the_passthrough(fake_stages, write_reci
     assert "stages.b: warning: gate 'g' did not pass; running anyway (--force)" in err
     assert fake_stages.calls == ["a", "b", "b2", "c"]
 
+    # what was forced past the gate stays, and downstream keeps reading it, until something changes
+    fake_stages.calls.clear()
+    code, _, err = run_cli("run", recipe, "--artifacts", art, "--set", "stages.g.threshold=9")
+    assert code == 0, err
+    assert fake_stages.calls == []
+    assert (art / "t" / "c" / "out.txt").read_text() == "5<7<4<3"
+    got = states(run_cli, recipe, art, "--set", "stages.g.threshold=9")
+    assert got["b"] == ("complete", "up to date (ran past the failed gate with --force: gate 'g' did not pass)")
+    code, _, err = run_cli("run", recipe, "--artifacts", art, "--set", "stages.g.threshold=9",
+                           "--set", "stages.b.value=8")
+    assert code == 0, err
+    assert fake_stages.calls == ["c"]  # b changed under a failed gate: skipped, c reads a again
+    assert (art / "t" / "c" / "out.txt").read_text() == "5<3"
+
 
 def test_failure_exits_1_with_one_line_and_status_shows_it(fake_stages, write_recipe, tmp_path, run_cli):
     recipe = write_recipe({"a": {"type": "make", "value": 3}, "b": {"type": "make", "src": "a", "fail": True}})

@@ -1,0 +1,18 @@
+"""The report's plots: which figures a set of stages gets."""
+from pipeline.report import plot
+
+
+def rows(*stages):
+    return [{"stage": name, "type": kind, "state": "complete", "of": None, "metrics": {}} for name, kind in stages]
+
+
+def test_rl_curves_get_their_own_figure_and_stay_out_of_the_loss_plot(tmp_path):
+    rl = [{"step": s, "loss": -0.01 * s, "accuracy": 0.5 + 0.1 * s, "entropy": 0.3, "completion_length": 40}
+          for s in range(1, 4)]
+    written = plot(tmp_path, rows(("rl", "rl"), ("rl_noaqn", "rl")), {"rl": rl, "rl_noaqn": rl}, None)
+    assert written == ["rl.png"]  # GRPO's negative losses would break the log-scale loss plot
+    assert (tmp_path / "rl.png").stat().st_size > 0
+
+    kd = [{"step": s, "loss": 1.0 / s} for s in range(1, 4)] + [{"step": 3, "loss": 0.3, "eval_accuracy": 0.9}]
+    written = plot(tmp_path, rows(("kd_qat", "kd_qat"), ("rl", "rl")), {"kd_qat": kd, "rl": rl}, None)
+    assert written == ["training.png", "eval_accuracy.png", "rl.png"]
