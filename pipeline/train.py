@@ -25,9 +25,11 @@ RNG states, the metrics rows so far and the step; a resumed run gives bit-identi
 weights on CPU. A non-finite loss stops the run before the optimizer step, leaving the last good
 checkpoint as it was.
 
-Departures from common practice: the micro-batches of one step are weighted by their share of label
-tokens (not averaged), so the update does not depend on how a step is split across accumulation
-steps or padding; only rank 0's RNG state is saved (nothing in the loop draws random numbers).
+Departures from common practice: the micro-batches of one step, on every rank, are weighted by their
+share of the global batch's label tokens (not averaged per micro-batch or per rank), so the update
+does not depend on how a step is split across processes, accumulation steps or padding: N processes
+train the model one process trains; only rank 0's RNG state is saved (nothing in the loop draws
+random numbers).
 """
 from __future__ import annotations
 
@@ -141,6 +143,11 @@ def _label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
+def _sum_over_ranks(acc: Accelerator, values: Sequence[float]) -> list[float]:
+    """`values` summed element-wise over all processes, in one all-reduce (float64: counts stay exact)."""
+    return acc.reduce(torch.tensor(values, dtype=torch.float64, device=acc.device), "sum").tolist()
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -238,7 +245,9 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
                 batches = [collate([examples[i] for i in mine[j * micro:(j + 1) * micro]], pad_id)
                            for j in range(args.grad_accum)]
                 weights = [_label_tokens(b) for b in batches]
-                total = sum(weights)
+                # the step's loss is the mean over the label tokens of the global batch, all ranks'
+                seen = sum(int(b["attention_mask"].sum()) for b in batches)
+                total, tokens = map(int, _sum_over_ranks(acc, [sum(weights), seen]))
                 loss_sum, extra = 0.0, {}
                 for j, batch in enumerate(batches):
                     batch = {k: v.to(acc.device) for k, v in batch.items()}
@@ -250,10 +259,13 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
                         last = checkpointer.latest_step()
                         kept = f"the checkpoint of step {last} is kept" if last is not None else "no checkpoint was saved"
                         raise NonFiniteLoss(f"step {step + 1}: loss is {value}; stopped before the update, {kept}")
-                    acc.backward(loss * (weights[j] / total))
+                    # x num_processes: DDP (and DeepSpeed) average the gradients over ranks
+                    acc.backward(loss * (weights[j] * acc.num_processes / total))
                     loss_sum += value * weights[j] / total
                     for k, v in metrics.items():
                         extra[k] = extra.get(k, 0.0) + v * weights[j] / total
+                loss_sum, *parts = _sum_over_ranks(acc, [loss_sum, *extra.values()])  # each rank held its share
+                extra = dict(zip(extra, parts))
                 grad_norm = acc.clip_grad_norm_(model.parameters(), args.grad_clip) if args.grad_clip else None
                 lr = scheduler.get_last_lr()[0]
                 optimizer.step()
@@ -261,7 +273,6 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
                 optimizer.zero_grad(set_to_none=True)
 
                 done = step + 1
-                tokens = sum(int(b["attention_mask"].sum()) for b in batches) * acc.num_processes
                 tokens_total += tokens
                 row = {"step": done, "loss": loss_sum, "lr": lr, "tokens": tokens,
                        "tokens_per_s": tokens / (time.perf_counter() - t0), **extra}

@@ -1,8 +1,10 @@
-"""The runner in real processes with the real `sft` stage: kill -9 and resume, two ranks under torchrun."""
+"""The runner in real processes with the real stages: kill -9 and resume (`sft`), two ranks under torchrun
+(`sft`; a tiny kd_qat recipe, which must train the model one process trains)."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,13 +36,22 @@ stages:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", *args]
+    return [sys.executable, "-m", "pipeline.cli", *map(str, args)]
+
+
+def _torchrun(*args: str) -> list[str]:
+    """`reasoning-qat *args` as 2 CPU ranks under torchrun (as `accelerate launch` does; gloo)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *_cli(*args)[1:]]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, run_cli):
     pytest.importorskip("stages.sft")
     recipe = _sft_recipe(tmp_path / "tiny.yaml")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = _env()
     killed, clean = tmp_path / "killed", tmp_path / "clean"
 
     # the reference run goes alongside, in its own process with the same settings
@@ -84,10 +95,8 @@ def test_two_processes_share_one_run(tmp_path, run_cli):
     """torchrun (as `accelerate launch` does) with 2 CPU ranks: one lock, one writer, both finish."""
     pytest.importorskip("stages.sft")
     recipe = _sft_recipe(tmp_path / "tiny.yaml")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline.cli",
-               "run", str(recipe), "--artifacts", str(tmp_path / "art"), "--set", "stages.teacher.steps=8"]
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    command = _torchrun("run", recipe, "--artifacts", tmp_path / "art", "--set", "stages.teacher.steps=8")
+    done = subprocess.run(command, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((tmp_path / "art" / "tiny" / "teacher" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["metrics"]["steps"] == 8
@@ -98,3 +107,60 @@ def test_two_processes_share_one_run(tmp_path, run_cli):
     code, out, _ = run_cli("status", recipe, "--artifacts", tmp_path / "art", "--json",
                            "--set", "stages.teacher.steps=8")
     assert code == 0 and json.loads(out)["stages"][0]["state"] == "complete"
+
+
+def test_two_processes_train_the_kd_qat_student_that_one_process_trains(tmp_path, write_recipe):
+    """teacher (sft) -> traces -> ptq (RTN) -> kd_qat under torchrun with 2 CPU ranks, then kd_qat again in
+    one process on a copy of the same inputs: same seed, same global batches, so the same student."""
+    pytest.importorskip("stages.kd_qat")
+    from pipeline.quant.io import load_quantized
+
+    recipe = write_recipe({
+        "teacher": {"type": "sft", "steps": 4, "batch_size": 8, "lr": 3e-3, "warmup_steps": 1, "checkpoint_every": 0},
+        # sampled from an untrained teacher: completions end early or not at all, so the ranks' shares of a
+        # batch hold different numbers of label tokens, where a per-rank mean loss would differ from the global one
+        "traces": {"type": "traces", "model": "teacher", "count": 16,
+                   "generation": {"max_new_tokens": 48, "batch_size": 16, "temperature": 1.0}},
+        "ptq": {"type": "ptq", "model": "teacher", "calibration": "traces", "method": "rtn", "nsamples": 4,
+                "seqlen": 64},
+        "student": {"type": "kd_qat", "init": "ptq", "teacher": "teacher", "data": "traces", "only_correct": False,
+                    "steps": 4, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "checkpoint_every": 2},
+    }, name="tiny", quant={"weights": {"num_bits": 3, "group_size": 32, "symmetric": False}},
+        data={"task": "testbed", "testbed": {"min_steps": 1, "max_steps": 2, "max_number": 20, "train_size": 100,
+                                             "test_size": 4}})
+    two, one = tmp_path / "two", tmp_path / "one"
+    done = subprocess.run(_torchrun("run", recipe, "--artifacts", two), env=_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((two / "tiny" / "student" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["metrics"]["steps"] == 4
+    assert not (two / "tiny" / ".partial").exists()  # the checkpoints of steps 2 and 4 went with the stage
+    log = (two / "tiny" / "run.log").read_text()
+    for line in ("stages.student: running (never run)", "stages.student: student: kd on 16 traces",
+                 "stages.student: done in"):
+        assert log.count(line) == 1, line  # only the main rank writes run.log
+    traces = [json.loads(line) for line in open(two / "tiny" / "traces" / "traces.jsonl")]
+    assert len({t["num_tokens"] for t in traces}) > 1
+
+    shutil.copytree(two, one)
+    alone = subprocess.run(_cli("run", recipe, "--artifacts", one, "--only", "student"), env=_env(), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    rows = {n: [json.loads(line) for line in open(d / "tiny" / "student" / "metrics.jsonl")]
+            for n, d in (("two", two), ("one", one))}
+    # the same sums in another order (per-rank partial sums, narrower padding, gloo's all-reduce, then
+    # / 2) differ by float32 rounding, ~1e-7 per operation, grown over 4 Adam steps (seen: <= 1e-6);
+    # averaging the loss per rank instead of over the global batch's label tokens is off by 1e-2 or more
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in rows["two"]] == pytest.approx([r[key] for r in rows["one"]], rel=1e-5), key
+    assert [r["tokens"] for r in rows["two"]] == [r["tokens"] for r in rows["one"]]
+
+    init = load_quantized(two / "tiny" / "ptq").state_dict()
+    a, b = (load_quantized(d / "tiny" / "student").state_dict() for d in (two, one))
+    assert a.keys() == b.keys() == init.keys()
+    for k in a:
+        # Adam's step hardly depends on the gradient's size, so a rounding-level difference in a tiny
+        # gradient can move a weight by up to ~lr: compare each tensor's difference with how far training
+        # moved it (seen: <= 1e-5; per-rank means: >= 4e-2); what does not train (the scales) stays equal
+        moved = (b[k].double() - init[k].double()).norm()
+        assert (a[k].double() - b[k].double()).norm() <= 1e-4 * moved, k
