@@ -371,13 +371,14 @@ def _engine_callback(trainer, checkpointer: Checkpointer, metrics_path: Path, ro
 
 
 def quant_codes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The integer weight codes of every QuantLinear (what export packs)."""
+    """The integer weight codes of every QuantLinear (what export packs), on the CPU: the policy moves to
+    the GPU between the codes before training and those after, and the first set waits in CPU memory."""
     from pipeline.quant import fake
     from pipeline.quant.apply import quant_linears
 
     with torch.no_grad():
         return {name: fake.quantize(m.weight.float(), m.weight_scale.float(), m.weight_zero_point,
-                                    m.weights.num_bits, m.weights.group_size).to(torch.int8)
+                                    m.weights.num_bits, m.weights.group_size).to("cpu", torch.int8)
                 for name, m in quant_linears(model)}
 
 
