@@ -42,7 +42,9 @@ def calculate_qparams(
     min_vals = torch.minimum(min_vals, torch.zeros_like(min_vals))
     max_vals = torch.maximum(max_vals, torch.zeros_like(max_vals))
     q_min, q_max = qrange(num_bits)
-    bit_range = torch.tensor(q_max - q_min, dtype=min_vals.dtype, device=min_vals.device)
+    # new_full, not torch.tensor(..., device=): the same value, but filled on the device rather than copied
+    # from the host, which on CUDA is a blocking copy (a stream sync) on every call
+    bit_range = min_vals.new_full((), q_max - q_min)
     if symmetric:
         scale = torch.maximum(min_vals.abs(), max_vals.abs()) / (bit_range / 2)
         zero_point = torch.zeros_like(scale)
@@ -52,7 +54,7 @@ def calculate_qparams(
         # 0/0 here and keeps that zero point
         zero_point = torch.clamp(q_min - min_vals / scale, q_min, q_max)
     eps = torch.finfo(scale.dtype).eps
-    scale = torch.where(scale == 0, torch.tensor(eps, dtype=scale.dtype, device=scale.device), scale)
+    scale = torch.where(scale == 0, scale.new_full((), eps), scale)
     info = torch.iinfo(ZERO_POINT_DTYPE)
     zero_point = torch.round(torch.clamp(zero_point, info.min, info.max)).to(ZERO_POINT_DTYPE)
     return scale, zero_point
