@@ -105,11 +105,11 @@ class Planner:
         self.effective: dict[str, Effective] = {}
         self.base = Effective(BASE_MODEL_REF, sha256_json(recipe.section("model")), None)
 
-    def decide(self, name: str, forced: str | None = None) -> Decision:
+    def decide(self, name: str, forced: str | None = None, past_gate: bool = False) -> Decision:
         """Run, skip or gate-skip `name`, given the decisions already recorded for its inputs.
 
-        `forced` (why, e.g. "--from ptq") makes an otherwise up-to-date stage run, and a stage whose
-        gate did not pass run with a warning.
+        `forced` (why, e.g. "--from ptq") makes an otherwise up-to-date stage run; `past_gate` (--force)
+        runs a forced stage whose gate did not pass, with a warning.
         """
         recipe, store = self.recipe, self.store
         config, module = recipe.stages[name], recipe.modules[name]
@@ -130,7 +130,7 @@ class Planner:
         manifest = store.manifest(name)
         if "when" in inputs and self._gate_passed(inputs["when"]) is False:
             gate_reason = self._gate_reason(refs["when"], inputs["when"])
-            if forced:
+            if forced and past_gate:
                 warning = f"{gate_reason}; running anyway ({forced})"
             elif (manifest is not None and manifest.get("status") == "complete"
                   and not any(e.pending for e in inputs.values())
@@ -287,7 +287,7 @@ def plan(recipe: Recipe, store: Store, options: Options | None = None, deep: boo
     planner = Planner(recipe, store, deep=deep)
     decisions = []
     for name in dag.topological_order(recipe):
-        decision = planner.decide(name, forced.get(name))
+        decision = planner.decide(name, forced.get(name), options.force)
         planner.record(decision)
         if name in selected:
             decisions.append(decision)
@@ -361,7 +361,7 @@ def _run_stages(recipe, store, selected, forced, options, procs) -> list[Outcome
     outcomes = []
     for name in dag.topological_order(recipe):
         procs.barrier()  # every rank decides from the files the main rank finished writing
-        decision = planner.decide(name, forced.get(name))
+        decision = planner.decide(name, forced.get(name), options.force)
         if name not in selected:
             planner.record(decision)
             continue

@@ -168,6 +168,9 @@ def test_gate_skips_and_downstream_reads_the_passthrough(fake_stages, write_reci
     assert json.loads((art / "t" / "c" / "manifest.json").read_text())["input_stages"] == {"src": "a"}
     got = states(run_cli, recipe, art)
     assert got["b"] == ("skipped", "gate 'g' did not pass") and got["c"] == ("complete", "up to date")
+    fake_stages.calls.clear()
+    code, _, err = run_cli("run", recipe, "--artifacts", art, "--only", "b")  # --only respects the gate
+    assert code == 0 and fake_stages.calls == [] and "stages.b: skipped: gate 'g' did not pass" in err
 
     fake_stages.calls.clear()
     code, _, err = run_cli("run", recipe, "--artifacts", art, "--set", "stages.g.threshold=1")
