@@ -171,6 +171,30 @@ def _optimizer(model: torch.nn.Module, args: TrainArgs, device: torch.device) ->
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
+def _configure_deepspeed(acc: Accelerator, args: TrainArgs, micro: int) -> None:
+    """DeepSpeed takes the batch shape and the gradient clipping from its config, not from the loop (accelerate
+    would otherwise ask for a dataloader, and clip at 1.0): set them from `args`. A value a config file
+    states explicitly must agree."""
+    config = acc.state.deepspeed_plugin.deepspeed_config
+    wanted = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": args.grad_accum,
+              "train_batch_size": args.batch_size, "gradient_clipping": args.grad_clip or 0.0}
+    for key, value in wanted.items():
+        if config.get(key, "auto") not in ("auto", value):
+            raise ValueError(f"the DeepSpeed config sets {key} to {config[key]}; this stage needs {value}")
+        config[key] = value
+    acc.gradient_accumulation_steps = args.grad_accum
+
+
+def gathered(acc: Accelerator, model: torch.nn.Module):
+    """Context in which the (unwrapped) model's parameters are whole, to save them: under ZeRO-3 each rank holds
+    a shard and the rest are empty tensors, so every rank must enter (it is a collective); elsewhere a no-op."""
+    if acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    return nullcontext()
+
+
 def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, args: TrainArgs, *,
           out_dir: str | Path, checkpointer: Checkpointer, seed: int, pad_id: int,
           log: logging.Logger | None = None, accelerator: Accelerator | None = None,
@@ -197,6 +221,9 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
         # resume would be silently wrong: refuse rather than write such a checkpoint
         raise ValueError("checkpoint_every must be 0 under DeepSpeed: resumable checkpoints of "
                          "ZeRO-sharded optimizer state are not supported yet")
+    deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed:
+        _configure_deepspeed(acc, args, micro)
     out_dir = Path(out_dir)
     metrics_path = out_dir / "metrics.jsonl"
 
@@ -251,8 +278,12 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
                 loss_sum, extra = 0.0, {}
                 for j, batch in enumerate(batches):
                     batch = {k: v.to(acc.device) for k, v in batch.items()}
-                    # gradients are all-reduced once per step, on the last micro-step
-                    with acc.no_sync(model) if j < len(batches) - 1 else nullcontext(), acc.autocast():
+                    # gradients are all-reduced once per step, on the last micro-step (DeepSpeed: its engine
+                    # also steps there, inside acc.backward)
+                    last_micro = j == len(batches) - 1
+                    if deepspeed:
+                        acc.sync_gradients = last_micro
+                    with nullcontext() if last_micro else acc.no_sync(model), acc.autocast():
                         loss, metrics = loss_fn(model, batch)
                     value = loss.item()
                     if not torch.isfinite(loss):
@@ -260,7 +291,9 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
                         kept = f"the checkpoint of step {last} is kept" if last is not None else "no checkpoint was saved"
                         raise NonFiniteLoss(f"step {step + 1}: loss is {value}; stopped before the update, {kept}")
                     # x num_processes: DDP (and DeepSpeed) average the gradients over ranks
-                    acc.backward(loss * (weights[j] * acc.num_processes / total))
+                    # (DeepSpeed would also divide by grad_accum: the weights already do)
+                    acc.backward(loss * (weights[j] * acc.num_processes / total),
+                                 **({"scale_wrt_gas": False} if deepspeed else {}))
                     loss_sum += value * weights[j] / total
                     for k, v in metrics.items():
                         extra[k] = extra.get(k, 0.0) + v * weights[j] / total

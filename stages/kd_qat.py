@@ -26,9 +26,11 @@ processes. Output: the student in the quantized representation (`<out_dir>/model
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
+from accelerate import DistributedType
 from pydantic import Field, model_validator
 
 from pipeline.data import chat_example, training_pairs
@@ -39,7 +41,7 @@ from pipeline.models import is_quantized, load_model, load_tokenizer
 from pipeline.quant.apply import decoding_weights, quant_linears, weight_only
 from pipeline.quant.io import read_quant_spec, save_quantized, saved_dtype
 from pipeline.stage_api import StageConfig, StageContext, StageRef
-from pipeline.train import TrainArgs, causal_lm_loss, check_train_args, make_accelerator, train
+from pipeline.train import TrainArgs, causal_lm_loss, check_train_args, gathered, make_accelerator, train
 
 CODE_VERSION = 1
 USES = ("seed", "model", "data")
@@ -100,6 +102,24 @@ def check(config: Config, recipe) -> list[tuple[str, str]]:
 
     bench = check_bench(config.eval_bench, recipe.data, "eval_bench") if config.eval_every else []
     return check_train_args(config) + bench
+
+
+@contextmanager
+def whole_models(accelerator):
+    """Models built in here have all their weights on every rank, also under ZeRO-3, where transformers would
+    otherwise build them inside deepspeed.zero.Init (empty, partitioned parameters): the quantized student's
+    meta-device load cannot be partitioned that way, and the teacher, which never enters the DeepSpeed
+    engine, would be left with no weights. The engine partitions the student itself when it is prepared."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(accelerator.state.deepspeed_plugin.dschf)
 
 
 def _select_trainable(model: torch.nn.Module, what: str, transforms: str = "frozen") -> None:
@@ -170,14 +190,16 @@ def run(ctx: StageContext) -> dict[str, float]:
         raise InputError(f"stages.{ctx.name}.init", f"{config.init!r} holds no quantized model (use a ptq stage)")
     spec = read_quant_spec(ctx.inputs["init"])
     accelerator = make_accelerator()
-    student = load_model(ctx.inputs["init"], dtype="float32")
+    with whole_models(accelerator):
+        student = load_model(ctx.inputs["init"], dtype="float32")
     tokenizer = load_tokenizer(ctx.inputs["init"])
     _select_trainable(student, config.train, config.transforms)
 
     if config.objective == "kd":
         teacher_dtype = recipe.model.dtype if accelerator.device.type == "cuda" else "float32"
-        teacher = load_model(ctx.inputs["teacher"], dtype=teacher_dtype, device=accelerator.device,
-                             trust_remote_code=trust)
+        with whole_models(accelerator):  # the teacher is replicated on every rank, outside the engine
+            teacher = load_model(ctx.inputs["teacher"], dtype=teacher_dtype, device=accelerator.device,
+                                 trust_remote_code=trust)
         teacher.requires_grad_(False)
         if teacher.config.vocab_size != student.config.vocab_size:
             raise InputError(f"stages.{ctx.name}.teacher", f"vocabulary {teacher.config.vocab_size} differs from "
@@ -195,10 +217,11 @@ def run(ctx: StageContext) -> dict[str, float]:
                    seed=recipe.seed, pad_id=tokenizer.pad_token_id, log=ctx.log, accelerator=accelerator,
                    desc=f"{ctx.name}: {config.objective}",
                    on_step=held_out_eval(ctx, tokenizer, accelerator) if config.eval_every else None)
-    if accelerator.is_main_process:
-        student = accelerator.unwrap_model(student).eval()
-        student = student.to(saved_dtype(student, recipe.model.dtype))
-        save_quantized(student, tokenizer, ctx.out_dir / "model", spec)
+    student = accelerator.unwrap_model(student).eval()
+    with gathered(accelerator, student):
+        if accelerator.is_main_process:
+            student = student.to(saved_dtype(student, recipe.model.dtype))
+            save_quantized(student, tokenizer, ctx.out_dir / "model", spec)
     accelerator.wait_for_everyone()
     metrics = {**result, "examples": len(examples), "trainable_parameters": trainable}
     if config.eval_every:  # the last step always evaluates

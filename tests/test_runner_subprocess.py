@@ -45,7 +45,9 @@ def _torchrun(*args: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # an outer PYTHONPATH stays behind ours (where deepspeed may be installed apart, for the DeepSpeed test)
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
 def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, run_cli):
@@ -113,21 +115,7 @@ def test_two_processes_train_the_kd_qat_student_that_one_process_trains(tmp_path
     """teacher (sft) -> traces -> ptq (RTN) -> kd_qat under torchrun with 2 CPU ranks, then kd_qat again in
     one process on a copy of the same inputs: same seed, same global batches, so the same student."""
     pytest.importorskip("stages.kd_qat")
-    from pipeline.quant.io import load_quantized
-
-    recipe = write_recipe({
-        "teacher": {"type": "sft", "steps": 4, "batch_size": 8, "lr": 3e-3, "warmup_steps": 1, "checkpoint_every": 0},
-        # sampled from an untrained teacher: completions end early or not at all, so the ranks' shares of a
-        # batch hold different numbers of label tokens, where a per-rank mean loss would differ from the global one
-        "traces": {"type": "traces", "model": "teacher", "count": 16,
-                   "generation": {"max_new_tokens": 48, "batch_size": 16, "temperature": 1.0}},
-        "ptq": {"type": "ptq", "model": "teacher", "calibration": "traces", "method": "rtn", "nsamples": 4,
-                "seqlen": 64},
-        "student": {"type": "kd_qat", "init": "ptq", "teacher": "teacher", "data": "traces", "only_correct": False,
-                    "steps": 4, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "checkpoint_every": 2},
-    }, name="tiny", quant={"weights": {"num_bits": 3, "group_size": 32, "symmetric": False}},
-        data={"task": "testbed", "testbed": {"min_steps": 1, "max_steps": 2, "max_number": 20, "train_size": 100,
-                                             "test_size": 4}})
+    recipe = _kd_qat_recipe(write_recipe, checkpoint_every=2)
     two, one = tmp_path / "two", tmp_path / "one"
     done = subprocess.run(_torchrun("run", recipe, "--artifacts", two), env=_env(), cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
@@ -146,6 +134,68 @@ def test_two_processes_train_the_kd_qat_student_that_one_process_trains(tmp_path
     alone = subprocess.run(_cli("run", recipe, "--artifacts", one, "--only", "student"), env=_env(), cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
     assert alone.returncode == 0, alone.stderr[-3000:]
+    _assert_same_student(two, one)
+
+
+@pytest.mark.parametrize("zero_stage, grad_accum", [(2, 1), (3, 2)])
+def test_kd_qat_under_deepspeed_trains_the_student_that_one_process_trains(tmp_path, write_recipe, zero_stage,
+                                                                            grad_accum):
+    """`accelerate launch` with DeepSpeed ZeRO-2/3 on 2 CPU ranks (gloo) runs kd_qat (the teacher outside the
+    engine, replicated) and saves, from the main rank, the student one process trains. ZeRO-3 with no
+    parameter left whole (persistence threshold 0), so that a save of the shards instead of the gathered
+    weights would show. Needs deepspeed (not a dependency of the project), e.g.
+    DS_BUILD_OPS=0 pip install deepspeed==0.19.8"""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("stages.kd_qat")
+    recipe = _kd_qat_recipe(write_recipe, checkpoint_every=0)
+    one, ds = tmp_path / "one", tmp_path / "ds"
+    # micro-batches of 2 rows (a 1-row one, unpadded, moves the near-zero first KD loss by 2e-5 relative)
+    grad_accum_set = ("--set", f"stages.student.grad_accum={grad_accum}",
+                      "--set", f"stages.student.batch_size={4 * grad_accum}")
+    done = subprocess.run(_cli("run", recipe, "--artifacts", one, *grad_accum_set), env=_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(one, ds)
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({
+        "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0},
+        **dict.fromkeys(("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                         "gradient_clipping"), "auto")}))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--deepspeed_config_file",
+              str(config), "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", *_cli("run", recipe, "--artifacts", ds, "--only", "student",
+                                              *grad_accum_set)[1:]]
+    done = subprocess.run(launch, env={**_env(), "DS_ACCELERATOR": "cpu"}, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((ds / "tiny" / "student" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["config"]["grad_accum"] == grad_accum
+    log = (ds / "tiny" / "run.log").read_text()
+    assert log.count("stages.student: running (--only)") == 1  # only the main rank writes run.log
+    _assert_same_student(ds, one)
+
+
+def _kd_qat_recipe(write_recipe, checkpoint_every: int) -> Path:
+    """teacher (sft) -> traces -> ptq (RTN) -> student (kd_qat), all tiny."""
+    return write_recipe({
+        "teacher": {"type": "sft", "steps": 4, "batch_size": 8, "lr": 3e-3, "warmup_steps": 1, "checkpoint_every": 0},
+        # sampled from an untrained teacher: completions end early or not at all, so the ranks' shares of a
+        # batch hold different numbers of label tokens, where a per-rank mean loss would differ from the global one
+        "traces": {"type": "traces", "model": "teacher", "count": 16,
+                   "generation": {"max_new_tokens": 48, "batch_size": 16, "temperature": 1.0}},
+        "ptq": {"type": "ptq", "model": "teacher", "calibration": "traces", "method": "rtn", "nsamples": 4,
+                "seqlen": 64},
+        "student": {"type": "kd_qat", "init": "ptq", "teacher": "teacher", "data": "traces", "only_correct": False,
+                    "steps": 4, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "checkpoint_every": checkpoint_every},
+    }, name="tiny", quant={"weights": {"num_bits": 3, "group_size": 32, "symmetric": False}},
+        data={"task": "testbed", "testbed": {"min_steps": 1, "max_steps": 2, "max_number": 20, "train_size": 100,
+                                             "test_size": 4}})
+
+
+def _assert_same_student(two: Path, one: Path) -> None:
+    """The kd_qat students (metrics and weights) under `two` (several ranks) and `one` (one process) agree."""
+    from pipeline.quant.io import load_quantized
+
     rows = {n: [json.loads(line) for line in open(d / "tiny" / "student" / "metrics.jsonl")]
             for n, d in (("two", two), ("one", one))}
     # the same sums in another order (per-rank partial sums, narrower padding, gloo's all-reduce, then
