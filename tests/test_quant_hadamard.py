@@ -49,3 +49,21 @@ def test_kronecker_transform_equals_dense_and_inverse_transpose_undoes_it():
     torch.testing.assert_close(t.inverse_transpose(w), w @ torch.linalg.inv(p).T, atol=1e-10, rtol=0)
     # a Linear with the merged weight reads the transformed input exactly
     torch.testing.assert_close(t(x) @ t.inverse_transpose(w).T, x @ w.T, atol=1e-10, rtol=0)
+
+
+def test_inverse_transpose_of_bf16_activations_inverts_in_float32():
+    """Under bf16 autocast the queries reach the online transform in bf16, and linalg.inv refuses bf16:
+    the factors are inverted in float32 and the result comes back in the input's dtype."""
+    from pipeline.quant.io import saved_dtype
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 4, generator=g) + 4 * torch.eye(4), torch.randn(8, 8, generator=g) + 4 * torch.eye(8)
+    t = KroneckerTransform(a, b)
+    y = torch.randn(5, 32, generator=g)
+    got = t.inverse_transpose(y.bfloat16())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), t.inverse_transpose(y), atol=0.05, rtol=0.02)
+    # a trained model that carries such transforms is saved in float32, whatever the recipe's dtype
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), t)
+    assert saved_dtype(model, "bfloat16") == torch.float32
+    assert saved_dtype(torch.nn.Linear(32, 32), "bfloat16") == torch.bfloat16
