@@ -149,6 +149,7 @@ def test_held_out_evaluation_under_bf16_autocast_with_a_static_cache(artifacts, 
             metrics = kd_qat.run(ctx)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
-    assert metrics["eval_accuracy"] == 0.0
     rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
     assert [r["step"] for r in rows if "eval_accuracy" in r] == [1, 2]
+    # graded on 2 problems (a 4-token answer is seldom right, but can be: the value itself is not the point)
+    assert metrics["eval_accuracy"] == rows[-1]["eval_accuracy"] and metrics["eval_accuracy"] in (0.0, 0.5, 1.0)
