@@ -38,7 +38,7 @@ import logging
 import random
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
@@ -183,6 +183,24 @@ def _configure_deepspeed(acc: Accelerator, args: TrainArgs, micro: int) -> None:
             raise ValueError(f"the DeepSpeed config sets {key} to {config[key]}; this stage needs {value}")
         config[key] = value
     acc.gradient_accumulation_steps = args.grad_accum
+
+
+@contextmanager
+def whole_models(accelerator: Accelerator):
+    """Models built in here have all their weights on every rank, also under ZeRO-3, where transformers would
+    otherwise build them inside deepspeed.zero.Init (empty, partitioned parameters): the quantized student's
+    meta-device load cannot be partitioned that way, and the teacher, which never enters the DeepSpeed
+    engine, would be left with no weights. The engine partitions the student itself when it is prepared."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(accelerator.state.deepspeed_plugin.dschf)
 
 
 def gathered(acc: Accelerator, model: torch.nn.Module):

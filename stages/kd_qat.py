@@ -26,11 +26,9 @@ processes. Output: the student in the quantized representation (`<out_dir>/model
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from typing import Literal
 
 import torch
-from accelerate import DistributedType
 from pydantic import Field, model_validator
 
 from pipeline.data import chat_example, training_pairs
@@ -41,7 +39,8 @@ from pipeline.models import is_quantized, load_model, load_tokenizer
 from pipeline.quant.apply import decoding_weights, quant_linears, weight_only
 from pipeline.quant.io import read_quant_spec, save_quantized, saved_dtype
 from pipeline.stage_api import StageConfig, StageContext, StageRef
-from pipeline.train import TrainArgs, causal_lm_loss, check_train_args, gathered, make_accelerator, train
+from pipeline.train import (TrainArgs, causal_lm_loss, check_train_args, gathered, make_accelerator, train,
+                            whole_models)
 
 CODE_VERSION = 1
 USES = ("seed", "model", "data")
@@ -102,24 +101,6 @@ def check(config: Config, recipe) -> list[tuple[str, str]]:
 
     bench = check_bench(config.eval_bench, recipe.data, "eval_bench") if config.eval_every else []
     return check_train_args(config) + bench
-
-
-@contextmanager
-def whole_models(accelerator):
-    """Models built in here have all their weights on every rank, also under ZeRO-3, where transformers would
-    otherwise build them inside deepspeed.zero.Init (empty, partitioned parameters): the quantized student's
-    meta-device load cannot be partitioned that way, and the teacher, which never enters the DeepSpeed
-    engine, would be left with no weights. The engine partitions the student itself when it is prepared."""
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        yield
-        return
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        set_hf_deepspeed_config(accelerator.state.deepspeed_plugin.dschf)
 
 
 def _select_trainable(model: torch.nn.Module, what: str, transforms: str = "frozen") -> None:
