@@ -42,7 +42,7 @@ from pipeline.stage_api import StageConfig, StageContext, StageRef
 from pipeline.train import (TrainArgs, causal_lm_loss, check_train_args, gathered, make_accelerator, train,
                             whole_models)
 
-CODE_VERSION = 1
+CODE_VERSION = 2
 USES = ("seed", "model", "data")
 HEADLINE = "final_loss"
 
@@ -75,7 +75,8 @@ class Config(TrainArgs, StageConfig):
     """What the optimizer updates (see the module docstring)."""
     transforms: Literal["frozen", "trainable"] = "frozen"
     """Online transforms and learned activation clips of a QuaRot / FlatQuant init: kept as calibrated, or
-    trained with the weights (pipeline.quant.online.transform_parameters)."""
+    trained with the weights (pipeline.quant.online.transform_parameters); trainable also gives a learned
+    clip, starting at the scheme's clip_ratio, to every activation quantizer that has none (QuaRot's)."""
     lr: float = Field(1e-4, gt=0)
     """Peak learning rate; QAT starts from a trained model, so far below the from-scratch rate."""
     warmup_steps: int = Field(10, ge=0)
@@ -174,6 +175,10 @@ def run(ctx: StageContext) -> dict[str, float]:
     with whole_models(accelerator):
         student = load_model(ctx.inputs["init"], dtype="float32")
     tokenizer = load_tokenizer(ctx.inputs["init"])
+    if config.transforms == "trainable":
+        from pipeline.quant.online import add_activation_clips
+
+        add_activation_clips(student)
     _select_trainable(student, config.train, config.transforms)
 
     if config.objective == "kd":

@@ -153,3 +153,44 @@ def test_held_out_evaluation_under_bf16_autocast_with_a_static_cache(artifacts, 
     assert [r["step"] for r in rows if "eval_accuracy" in r] == [1, 2]
     # graded on 2 problems (a 4-token answer is seldom right, but can be: the value itself is not the point)
     assert metrics["eval_accuracy"] == rows[-1]["eval_accuracy"] and metrics["eval_accuracy"] in (0.0, 0.5, 1.0)
+
+
+@pytest.mark.parametrize("transforms", ["frozen", "trainable"])
+def test_transforms_of_a_quarot_init_train_only_when_asked(artifacts, tmp_path, transforms):
+    """trainable: the online rotations move and every activation quantizer gets a learned clip that starts
+    at the scheme's ratio (the student's forward is unchanged at step 0) and is saved with the model;
+    frozen: both stay exactly as the PTQ stage left them."""
+    from pipeline.quant import quarot
+    from pipeline.quant.apply import calibrate, prepare
+    from pipeline.quant.online import add_activation_clips, transforms as online_transforms
+
+    init = artifacts / "ptq-quarot"
+    spec = QuantSpec.model_validate({"preset": "w4a4kv4", "activations": {"clip_ratio": 0.9}})
+    if not init.exists():
+        student = load_model(artifacts / "other")
+        prepare(student, spec)
+        quarot.rotate(student)
+        calibrate(student)
+        save_quantized(student, load_tokenizer(artifacts / "other"), init / "model", spec)
+    before = load_quantized(init)
+    x = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = before(x).logits
+    assert add_activation_clips(before) == 14
+    with torch.no_grad():
+        assert torch.equal(before(x).logits, logits)
+
+    rec = recipe(transforms=transforms, steps=3)
+    ctx = StageContext(name="kd", config=rec.stages["kd"], recipe=rec, out_dir=tmp_path / "out",
+                       inputs={"init": init, "teacher": artifacts / "teacher", "data": artifacts / "traces"},
+                       input_manifests={}, checkpointer=Checkpointer(tmp_path / "ckpt"), log=logging.getLogger("t"))
+    with one_thread():
+        kd_qat.run(ctx)
+    after = load_quantized(tmp_path / "out")
+    moved = [not torch.equal(a.left, b.left) for (_, a), (_, b) in zip(online_transforms(after), online_transforms(before))]
+    clips = [m.activation_clip for _, m in quant_linears(after)]
+    if transforms == "frozen":
+        assert not any(moved) and all(c is None for c in clips)
+    else:
+        assert all(moved) and len(moved) == 6  # o_proj, down_proj and the keys' rotation of 2 layers
+        assert all(c is not None for c in clips) and all(c.item() != pytest.approx(0.9, abs=1e-7) for c in clips)

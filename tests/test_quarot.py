@@ -40,6 +40,7 @@ def test_rotation_with_quantization_off_keeps_the_logits(tied):
     assert (got - expected).abs().max() < 1e-5
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     assert model.model.layers[0].mlp.down_proj.input_transform is not None
+    assert model.model.layers[0].self_attn.o_proj.input_transform is not None  # mixes the heads
     assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, reference.model.layers[0].self_attn.q_proj.weight)
 
 

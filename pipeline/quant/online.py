@@ -90,6 +90,21 @@ def transform_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params + [m.activation_clip for _, m in quant_linears(model) if m.activation_clip is not None]
 
 
+def add_activation_clips(model: nn.Module) -> int:
+    """A learnable activation clip (FlatQuant's, a scalar ratio) on every activation-quantized QuantLinear
+    that has none (a QuaRot init), starting at the spec's fixed clip ratio so that the forward is unchanged;
+    returns how many were added."""
+    from pipeline.quant.apply import quant_linears
+
+    added = 0
+    for _, m in quant_linears(model):
+        if m.activations is not None and m.activation_clip is None:
+            m.activation_clip = nn.Parameter(torch.tensor(m.activations.clip_ratio, device=m.weight.device,
+                                                          dtype=m.weight.dtype))
+            added += 1
+    return added
+
+
 def describe(model: nn.Module) -> dict:
     """The JSON record of where the model's transforms sit: {name: [n1, n2, smooth]} and the QuantLinears
     with a learned activation clip."""

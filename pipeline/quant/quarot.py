@@ -16,12 +16,15 @@ What `rotate` does to a Llama/Qwen-style decoder (all products in float64, cast 
    (W_o,h ← W_o,h H_d), exact because attention mixes values linearly per head (GQA: every query head
    of a KV group reads the same rotated values);
 5. online: the down_proj input x -> x H_i (H_i of the intermediate width, Kronecker-factored; 3072 =
-   2^8·12 with a Paley block, see pipeline.quant.hadamard), W_down ← W_down H_i; and queries and keys
-   after RoPE, q -> qH_d, k -> kH_d (scores unchanged, the KV quantizer sees rotated keys). Qwen3's
-   q_norm / k_norm act per head on q_proj / k_proj outputs, which step 3 leaves in the original basis,
-   and before RoPE, so the online key rotation goes after them (pipeline.quant.kv).
-Departure from the paper: no online Hadamard across heads at the o_proj input (QuaRot's H_{n_heads});
-the head-wise H_d fused into v/o is the whole value-side rotation here.
+   2^8·12 with a Paley block, see pipeline.quant.hadamard), W_down ← W_down H_i; the o_proj input
+   (heads × head_dim wide) likewise, W_o ← W_o H; and queries and keys after RoPE, q -> qH_d, k -> kH_d
+   (scores unchanged, the KV quantizer sees rotated keys). Qwen3's q_norm / k_norm act per head on
+   q_proj / k_proj outputs, which step 3 leaves in the original basis, and before RoPE, so the online key
+   rotation goes after them (pipeline.quant.kv).
+The o_proj input's online rotation is QuaRot's H_{n_heads} ⊗ I across heads, here a Hadamard of the whole
+width (the paper's is cheaper; both mix the heads, and H_d is already fused within them): without it, a
+head whose outputs run larger sets every token's 4-bit scale, and on the GPU testbed the o_proj input was
+the second-worst place for 4-bit activations (teacher-forced argmax flips).
 """
 from __future__ import annotations
 
@@ -112,9 +115,9 @@ def rotate(model: nn.Module, seed: int = 0) -> None:
                 _set(writer.bias, writer.bias.double() @ q)
         rotate_values(attn, h_d)
 
-        down = mlp.down_proj
-        online = KroneckerTransform(*kronecker_factors(down.in_features, seed)).to(device)
-        _set(down.weight, online.inverse_transpose(down.weight.double()))
-        down.input_transform = online.to(dtype=down.weight.dtype).requires_grad_(False)
+        for reader in (attn.o_proj, mlp.down_proj):
+            online = KroneckerTransform(*kronecker_factors(reader.in_features, seed)).to(device)
+            _set(reader.weight, online.inverse_transpose(reader.weight.double()))
+            reader.input_transform = online.to(dtype=reader.weight.dtype).requires_grad_(False)
         attn.qk_transform = KroneckerTransform(*kronecker_factors(head_dim)).to(
-            device=device, dtype=down.weight.dtype).requires_grad_(False)
+            device=device, dtype=attn.o_proj.weight.dtype).requires_grad_(False)
