@@ -27,11 +27,14 @@ def _one_thread():
         yield
 
 
-@pytest.mark.parametrize("method", ["quarot", "flatquant"])
-def test_export_reload_and_stock_refusal(tmp_path, method):
+@pytest.mark.parametrize("method, clip_ratio", [("quarot", 1.0), ("quarot", 0.9), ("flatquant", 1.0)])
+def test_export_reload_and_stock_refusal(tmp_path, method, clip_ratio):
+    """`--scheme w4a4kv4` names the storage format; a recipe's activation clip ratio is part of the
+    model's spec, travels in the reasoning_qat block and is applied again on load."""
     tok = tiny_tokenizer()
     model = tiny_model(len(tok), intermediate_size=384, tie_word_embeddings=True)
-    prepare(model, W4A4KV4)
+    spec = QuantSpec.model_validate({"preset": "w4a4kv4", "activations": {"clip_ratio": clip_ratio}})
+    prepare(model, spec)
     x = torch.randint(0, 200, (2, 21), generator=torch.Generator().manual_seed(0))
     if method == "quarot":
         quarot.rotate(model)
@@ -40,7 +43,7 @@ def test_export_reload_and_stock_refusal(tmp_path, method):
         flatquant.calibrate(model, [x[0].tolist()], epochs=1)
     with torch.no_grad():
         before = model(x).logits
-    save_quantized(model, tok, tmp_path / "ptq" / "model", W4A4KV4)
+    save_quantized(model, tok, tmp_path / "ptq" / "model", spec)
 
     parser = argparse.ArgumentParser()
     add_export_arguments(parser)

@@ -178,22 +178,29 @@ def resolve_scheme(scheme: str | None, model_spec):
     if scheme not in PRESETS:
         raise InputError("scheme", f"unknown scheme {scheme!r}; known: {', '.join(PRESETS)}")
     wanted = QuantSpec.model_validate(scheme)
-    if (wanted.weights, wanted.activations, wanted.kv_cache) != (
-        model_spec.weights, model_spec.activations, model_spec.kv_cache
-    ):
+    if _format(wanted) != _format(model_spec):
         raise InputError(
             "scheme", f"{scheme} ({_describe(wanted)}) does not match the model's scheme ({_describe(model_spec)})"
         )
     return model_spec
 
 
+def _format(spec) -> tuple:
+    """What a preset fixes: bits, groups and symmetry; clip ratios are the model's own (they travel in the
+    checkpoint's reasoning_qat block)."""
+    def fields(section):
+        return None if section is None else section.model_dump(exclude={"clip_ratio"})
+    return spec.weights, fields(spec.activations), fields(spec.kv_cache)
+
+
 def _describe(spec) -> str:
     w = spec.weights
     text = f"w{w.num_bits} g{w.group_size or 'channel'} {'sym' if w.symmetric else 'asym'}"
-    if spec.activations is not None:
-        text += f", a{spec.activations.num_bits}"
-    if spec.kv_cache is not None:
-        text += f", kv{spec.kv_cache.num_bits}"
+    for name, section in (("a", spec.activations), ("kv", spec.kv_cache)):
+        if section is not None:
+            text += f", {name}{section.num_bits} {'sym' if section.symmetric else 'asym'}"
+            if section.clip_ratio != 1:
+                text += f" clip {section.clip_ratio:g}"
     return text
 
 
