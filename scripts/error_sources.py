@@ -35,6 +35,8 @@ def variants(clip: float) -> list[tuple[str, dict, dict]]:
         ("W4 + keys 4-bit", {"weights": W4, "kv_cache": kv4}, {"kv": "keys"}),
         ("W4 + values 4-bit", {"weights": W4, "kv_cache": kv4}, {"kv": "values"}),
         ("W4 + KV4", {"weights": W4, "kv_cache": kv4}, {}),
+        ("W4 + KV4, clip 0.95", {"weights": W4, "kv_cache": {**kv4, "clip_ratio": 0.95}}, {}),
+        ("W4 + KV4, symmetric", {"weights": W4, "kv_cache": {**kv4, "symmetric": True}}, {}),
     ]
     for name, only in (("q/k/v input", ["q_proj", "k_proj", "v_proj"]), ("o_proj input", ["o_proj"]),
                        ("gate/up input", ["gate_proj", "up_proj"]), ("down_proj input", ["down_proj"])):

@@ -20,7 +20,7 @@ def test_one_row_per_variant_with_error_measured_against_the_full_precision_mode
     out = run(model, "--problems", "2", "--clip", "0.9")
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line[:44].strip(): line[44:].split() for line in out.stdout.splitlines()[2:]}
-    assert len(rows) == 16 and "W4A4KV4, activation clip 0.9" in rows
+    assert len(rows) == 18 and "W4A4KV4, activation clip 0.9" in rows
     flips, sure, kl = rows["W4A4KV4"]
     assert 0 <= float(flips.rstrip("%")) <= 100 and float(kl) > 0  # a random tiny model is still perturbed
     # keys alone, values alone, both and neither are four different models
