@@ -82,7 +82,9 @@ class Config(TrainArgs, StageConfig):
     warmup_steps: int = Field(10, ge=0)
     eval_every: int = Field(0, ge=0)
     """Evaluate the student on held-out problems every this many steps and at the end (0: never);
-    `eval_accuracy` joins metrics.jsonl (the accuracy-against-step curve of `reasoning-qat report`)."""
+    `eval_accuracy` joins metrics.jsonl (the accuracy-against-step curve of `reasoning-qat report`).
+    It decodes in the training precision (bf16 autocast on GPU): a W4A4KV4 student reads a few points
+    lower there than in an `eval` stage, which runs it in float32."""
     eval_bench: str = "testbed"
     """Benchmark of that evaluation (the recipe's testbed test split, or gsm8k, math500, ...)."""
     eval_limit: int = Field(100, ge=1)
