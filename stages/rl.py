@@ -60,7 +60,8 @@ PASSTHROUGH = "init"
 class Config(GRPOSettings, StageConfig):
     type: Literal["rl"] = "rl"
     init: StageRef
-    """The quantized student to train (a kd_qat or ptq stage); what downstream reads when the gate skips this stage."""
+    """The quantized student to train (a kd_qat or ptq stage, or "model" when the recipe's model.path is a
+    quantized model, e.g. a student from another recipe); what downstream reads when the gate skips this stage."""
     count: int = Field(1000, ge=1)
     """Training prompts drawn from the recipe's data.task (fewer when the source has fewer)."""
     seed: int | None = None
@@ -70,10 +71,20 @@ class Config(GRPOSettings, StageConfig):
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
     errors = []
-    if config.init == "model":
-        errors.append(("init", "needs a stage that saved a quantized model (kd_qat, ptq), not the base model"))
+    if config.init == "model" and not _base_is_quantized(recipe):
+        errors.append(("init", "needs a stage that saved a quantized model (kd_qat, ptq), or a model.path "
+                               "holding one; the recipe's base model is not quantized"))
     errors += check_training_data(recipe.data)
     return errors
+
+
+def _base_is_quantized(recipe) -> bool:
+    from pathlib import Path
+
+    from pipeline.models import is_quantized
+
+    path = recipe.model.path
+    return path is not None and Path(path).is_dir() and is_quantized(path)
 
 
 def run(ctx: StageContext) -> dict[str, float]:

@@ -226,6 +226,18 @@ def test_bad_settings_name_their_key():
         recipe(batch_size=6)
     with pytest.raises(RecipeError, match="stages.rl.init: needs a stage that saved a quantized model"):
         recipe(init="model")
+
+
+def test_init_may_be_the_base_model_when_it_is_a_quantized_model(init_dir, tmp_path):
+    """A student from another recipe (model.path) trains as the stage's init; a plain base model does not."""
+    raw = {"name": "t", "seed": 0, "model": {"path": str(init_dir / "model"), "dtype": "float32"},
+           "quant": "w3g128", "data": {"testbed": {"train_size": 16, "test_size": 4}},
+           "stages": {"rl": {"type": "rl", "init": "model", **TINY_RL, "count": 8}}}
+    assert parse_recipe(raw).stages["rl"].init == "model"
+    from quant_tiny import save_tiny
+    raw["model"]["path"] = str(save_tiny(tmp_path / "plain"))
+    with pytest.raises(RecipeError, match="the recipe's base model is not quantized"):
+        parse_recipe(raw)
     with pytest.raises(RecipeError, match="stages.rl.aqn.sigma_start: must be > 0"):
         recipe(aqn={"sigma_start": 0})
     assert rl_stage.PASSTHROUGH == "init"
