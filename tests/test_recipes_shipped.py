@@ -9,6 +9,9 @@ import yaml
 
 import stages
 from pipeline.models import Qwen3Arch, build_model, save_model
+from pipeline.quant.apply import quantize_rtn
+from pipeline.quant.io import save_quantized
+from pipeline.quant.scheme import resolve
 from pipeline.recipe import load_recipe
 from pipeline.stage_api import StageConfig
 from pipeline.tokenizer import build_tokenizer
@@ -26,13 +29,21 @@ def test_recipes_exist():
 def test_recipe_validates(path, monkeypatch, tmp_path):
     monkeypatch.chdir(ROOT)  # recipes name local paths relative to the project root
     overrides = []
-    model_path = (yaml.safe_load(path.read_text()).get("model") or {}).get("path")
+    raw = yaml.safe_load(path.read_text())
+    model_path = (raw.get("model") or {}).get("path")
     if model_path and not Path(model_path).exists():
-        # another recipe's artifact (demo-gpu-w4a4kv4 starts from demo-gpu's teacher): stand in a
-        # model of demo-gpu's widths, so the scheme is checked against the real layer sizes
+        # another recipe's artifact (demo-gpu-w4a4kv4 starts from demo-gpu's teacher, its -rl recipe from
+        # a student of it): stand in a model of demo-gpu's widths, so the scheme is checked against the
+        # real layer sizes, quantized (RTN, the recipe's scheme) where the recipe starts from a student
         arch = yaml.safe_load((ROOT / "recipes" / "demo-gpu.yaml").read_text())["model"]["arch"]
         tokenizer = build_tokenizer()
-        save_model(build_model(Qwen3Arch(**arch), tokenizer), tokenizer, tmp_path / "model")
+        model = build_model(Qwen3Arch(**arch), tokenizer)
+        if "kd_qat" in model_path:
+            spec = resolve(raw["quant"])
+            quantize_rtn(model, spec)
+            save_quantized(model, tokenizer, tmp_path / "model", spec)
+        else:
+            save_model(model, tokenizer, tmp_path / "model")
         overrides = [f"model.path={tmp_path / 'model'}"]
     recipe = load_recipe(path.relative_to(ROOT), overrides)
     assert recipe.stages and recipe.name
