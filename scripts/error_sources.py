@@ -51,7 +51,8 @@ def variants(clip: float) -> list[tuple[str, dict, dict]]:
     return rows
 
 
-def measure(model, batch, keep, reference: torch.Tensor, kv_side: str | None) -> tuple[float, float, float]:
+def measure(model, batch, keep, ref_logp: torch.Tensor, sure: torch.Tensor,
+            kv_side: str | None) -> tuple[float, float, float]:
     from pipeline.quant import kv
 
     quantize = kv.fake_quantize_kv
@@ -65,9 +66,7 @@ def measure(model, batch, keep, reference: torch.Tensor, kv_side: str | None) ->
                            use_cache=False).logits[:, :-1][keep].float()
     finally:
         kv.fake_quantize_kv = quantize
-    ref_logp = reference.log_softmax(-1)
-    flips = logits.argmax(-1) != reference.argmax(-1)
-    sure = ref_logp.max(-1).values > torch.log(torch.tensor(0.99))
+    flips = logits.argmax(-1) != ref_logp.argmax(-1)
     kl = F.kl_div(logits.log_softmax(-1), ref_logp, log_target=True, reduction="batchmean")
     return float(flips.float().mean()), float(flips[sure].float().mean()), float(kl)
 
@@ -112,6 +111,8 @@ def main() -> None:
     with torch.no_grad():
         reference = reference_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                     use_cache=False).logits[:, :-1][keep].float()
+    ref_logp = reference.log_softmax(-1)
+    sure = ref_logp.max(-1).values > torch.log(torch.tensor(0.99))  # tokens the model is sure of
     print(f"{int(keep.sum())} solution tokens of {len(problems)} problems; QuaRot rotations, RTN weights, seed {args.seed}")
     print(f"{'variant':44s} {'flips':>8s} {'sure flips':>11s} {'KL':>10s}")
     for name, section, options in variants(args.clip):
@@ -122,7 +123,7 @@ def main() -> None:
         for linear_name, linear in quant_linears(model):
             if "only" in options and not any(part in linear_name for part in options["only"]):
                 linear.activations = None
-        flips, sure_flips, kl = measure(model, batch, keep, reference, options.get("kv"))
+        flips, sure_flips, kl = measure(model, batch, keep, ref_logp, sure, options.get("kv"))
         print(f"{name:44s} {100 * flips:7.3f}% {100 * sure_flips:10.3f}% {kl:10.3e}", flush=True)
 
 
