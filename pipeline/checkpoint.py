@@ -27,9 +27,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.optim import flatten_subclass, subclass_name, unflatten_subclass
+
 _TENSOR = "__tensor__"
 _TUPLE = "__tuple__"
 _ITEMS = "__items__"
+_SUBCLASS = "__subclass__"  # a tensor subclass of pipeline.optim.OPTIMIZER_STATE_TYPES (8-bit Adam moments)
 
 
 class StageInterrupted(RuntimeError):
@@ -41,6 +44,9 @@ def flatten_state(state: Any) -> tuple[dict[str, torch.Tensor], Any]:
     tensors: dict[str, torch.Tensor] = {}
 
     def walk(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor) and subclass_name(obj) is not None:
+            inner, attributes = flatten_subclass(obj)
+            return {_SUBCLASS: [subclass_name(obj), walk(inner), attributes]}
         if isinstance(obj, torch.Tensor):
             key = str(len(tensors))
             # safetensors refuses shared or non-contiguous storage; a copy is cheap at checkpoint time
@@ -73,6 +79,9 @@ def unflatten_state(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
                 return tuple(walk(v) for v in obj[_TUPLE])
             if _ITEMS in obj and len(obj) == 1:
                 return {k: walk(v) for k, v in obj[_ITEMS]}
+            if _SUBCLASS in obj and len(obj) == 1:
+                name, inner, attributes = obj[_SUBCLASS]
+                return unflatten_subclass(name, walk(inner), attributes)
             return {k: walk(v) for k, v in obj.items()}
         if isinstance(obj, list):
             return [walk(v) for v in obj]

@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import get_cosine_schedule_with_warmup
 
 from pipeline.checkpoint import Checkpointer, StageInterrupted
+from pipeline.optim import OptimizerName, ParamDtype, make_optimizer
 from pipeline.progress import progress
 
 Example = tuple[Sequence[int], int]
@@ -82,6 +83,10 @@ class TrainArgs(BaseModel):
     """Recompute activations in backward: less memory, about a third more compute."""
     compile: bool = False
     """torch.compile each decoder layer (GPU: faster steps after a compile pause; CPU: rarely worth it)."""
+    param_dtype: ParamDtype = "float32"
+    """Latent weights and gradients: float32, or bfloat16 (half the memory; updates stochastically rounded)."""
+    optimizer: OptimizerName = "adamw"
+    """adamw (fp32 moments, 8 bytes a parameter) or adamw_8bit (block-wise 8-bit moments, 2 bytes)."""
 
 
 def check_train_args(args: TrainArgs) -> list[tuple[str, str]]:
@@ -163,14 +168,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _optimizer(model: torch.nn.Module, args: TrainArgs, device: torch.device) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # betas as in GPT-style LM training: a shorter second-moment memory suits short runs
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-
-
 def _configure_deepspeed(acc: Accelerator, args: TrainArgs, micro: int) -> None:
     """DeepSpeed takes the batch shape and the gradient clipping from its config, not from the loop (accelerate
     would otherwise ask for a dataloader, and clip at 1.0): set them from `args`. A value a config file
@@ -240,6 +237,9 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
         raise ValueError("checkpoint_every must be 0 under DeepSpeed: resumable checkpoints of "
                          "ZeRO-sharded optimizer state are not supported yet")
     deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed and (args.param_dtype, args.optimizer) != ("float32", "adamw"):
+        # DeepSpeed keeps its own fp32 master weights and optimizer state: these levers are the one-GPU path's
+        raise ValueError("param_dtype and optimizer must stay float32 / adamw under DeepSpeed")
     if deepspeed:
         _configure_deepspeed(acc, args, micro)
     out_dir = Path(out_dir)
@@ -250,9 +250,9 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
     if args.compile:
         for layer in model.model.layers:
             layer.compile()
-    model.to(acc.device)
+    model.to(acc.device, torch.bfloat16 if args.param_dtype == "bfloat16" else None)
     model.train()
-    raw_optimizer = _optimizer(model, args, acc.device)
+    raw_optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, acc.device)
     # the scheduler stays outside accelerate: prepared, it would step once per process
     scheduler = get_cosine_schedule_with_warmup(raw_optimizer, args.warmup_steps, args.steps)
     model, optimizer = acc.prepare(model, raw_optimizer)
@@ -318,7 +318,7 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
                 loss_sum, *parts = _sum_over_ranks(acc, [loss_sum, *extra.values()])  # each rank held its share
                 extra = dict(zip(extra, parts))
                 grad_norm = acc.clip_grad_norm_(model.parameters(), args.grad_clip) if args.grad_clip else None
-                lr = scheduler.get_last_lr()[0]
+                lr = float(scheduler.get_last_lr()[0])  # a tensor for torchao optimizers
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)

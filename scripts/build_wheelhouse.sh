@@ -25,6 +25,7 @@ packages=(
     compressed-tensors==0.19.0
     math-verify==0.9.0
     pydantic==2.14.3
+    torchao==0.18.0
     # theirs
     latex2sympy2_extended==1.11.0   # math-verify
     antlr4-python3-runtime==4.13.2  # latex2sympy2_extended[antlr4-13-2]

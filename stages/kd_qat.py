@@ -18,7 +18,10 @@ weight scales only (LSQ); `both`.
 
 The loop is `pipeline.train` (shared with `sft`): AdamW, warmup + cosine, clipping, accumulation,
 gradient checkpointing, bf16 autocast on GPU, exact resume, `accelerate launch` for several
-processes. Output: the student in the quantized representation (`<out_dir>/model/`, loadable with
+processes. Memory levers for large students (`pipeline.optim`): `param_dtype: bfloat16` (latent weights
+and gradients in bf16, stochastically rounded updates), `optimizer: adamw_8bit`, `gradient_checkpointing`;
+on a GPU the step's memory is estimated first (`pipeline.memory`) and a setting that cannot fit stops
+before training with the levers that would make it fit. Output: the student in the quantized representation (`<out_dir>/model/`, loadable with
 `pipeline.load_quantized`) and `metrics.jsonl`.
 
     reasoning-qat run recipes/demo.yaml --only kd_qat
@@ -29,12 +32,14 @@ import json
 from typing import Literal
 
 import torch
+from accelerate import DistributedType
 from pydantic import Field, model_validator
 
 from pipeline.data import chat_example, training_pairs
 from pipeline.distill import chunked_kd_loss
 from pipeline.errors import InputError
 from pipeline.generate import GenerationSpec
+from pipeline.memory import GIB, fit_error, kd_step_memory
 from pipeline.models import is_quantized, load_model, load_tokenizer
 from pipeline.quant.apply import decoding_weights, quant_linears, weight_only
 from pipeline.quant.io import read_quant_spec, save_quantized, saved_dtype
@@ -124,12 +129,12 @@ def kd_loss_fn(teacher: torch.nn.Module, config: Config):
         # logits_to_keep=1: the full-vocabulary logits are made chunk by chunk in the loss instead;
         # hidden_states[-1] is the final-norm output that lm_head reads
         student = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        with torch.no_grad():
-            teacher_out = teacher(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        with torch.no_grad():  # the decoder alone: its last hidden state is all the loss reads of the teacher
+            teacher_hidden = teacher.get_decoder()(**inputs, use_cache=False).last_hidden_state
         # position t predicts token t + 1
         labels = batch["labels"][:, 1:]
         head = getattr(model, "module", model).get_output_embeddings()
-        return chunked_kd_loss(student.hidden_states[-1][:, :-1], teacher_out.hidden_states[-1][:, :-1], labels,
+        return chunked_kd_loss(student.hidden_states[-1][:, :-1], teacher_hidden[:, :-1], labels,
                                head, teacher.get_output_embeddings(), divergence=config.loss,
                                temperature=config.temperature, beta=config.beta, top_k=config.top_k,
                                ce_weight=config.ce_weight, chunk_size=config.chunk_size)
@@ -167,6 +172,30 @@ def held_out_eval(ctx: StageContext, tokenizer, accelerator):
     return on_step
 
 
+def _check_fits(ctx: StageContext, student, examples, accelerator, teacher_dtype: str) -> None:
+    """On one GPU (or one per process, DDP), refuse before training a setting whose step cannot fit; ZeRO shards
+    the state, so it is not checked there."""
+    if accelerator.device.type != "cuda" or accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return
+    config = ctx.config
+    total = sum(p.numel() for p in student.parameters())
+    micro = config.batch_size // (accelerator.num_processes * config.grad_accum)
+    memory = kd_step_memory(
+        student.config, trainable=sum(p.numel() for p in student.parameters() if p.requires_grad),
+        student_total=total, teacher_total=total if config.objective == "kd" else 0,
+        teacher_bytes=torch.finfo(getattr(torch, teacher_dtype)).bits // 8, param_dtype=config.param_dtype,
+        optimizer=config.optimizer, tokens=micro * max(len(ids) for ids, _ in examples),
+        chunk_size=config.chunk_size, gradient_checkpointing=config.gradient_checkpointing,
+        activation_quant=not weight_only(student))
+    free, _ = torch.cuda.mem_get_info(accelerator.device)
+    ctx.log.info("%s: estimated step memory %.1f GiB (%s GiB), %.1f GiB free", ctx.name, memory.total / GIB,
+                 memory.describe(), free / GIB)
+    error = fit_error(memory, free, param_dtype=config.param_dtype, optimizer=config.optimizer,
+                      gradient_checkpointing=config.gradient_checkpointing)
+    if error:
+        raise InputError(f"stages.{ctx.name}", error)
+
+
 def run(ctx: StageContext) -> dict[str, float]:
     config, recipe = ctx.config, ctx.recipe
     trust = recipe.model.trust_remote_code
@@ -183,8 +212,11 @@ def run(ctx: StageContext) -> dict[str, float]:
         add_activation_clips(student)
     _select_trainable(student, config.train, config.transforms)
 
+    pairs = training_pairs(ctx.inputs["data"], config.only_correct, f"stages.{ctx.name}.data")
+    examples = [chat_example(tokenizer, q, c) for q, c in pairs]
+    teacher_dtype = recipe.model.dtype if accelerator.device.type == "cuda" else "float32"
+    _check_fits(ctx, student, examples, accelerator, teacher_dtype)
     if config.objective == "kd":
-        teacher_dtype = recipe.model.dtype if accelerator.device.type == "cuda" else "float32"
         with whole_models(accelerator):  # the teacher is replicated on every rank, outside the engine
             teacher = load_model(ctx.inputs["teacher"], dtype=teacher_dtype, device=accelerator.device,
                                  trust_remote_code=trust)
@@ -196,8 +228,6 @@ def run(ctx: StageContext) -> dict[str, float]:
     else:
         loss_fn = causal_lm_loss
 
-    pairs = training_pairs(ctx.inputs["data"], config.only_correct, f"stages.{ctx.name}.data")
-    examples = [chat_example(tokenizer, q, c) for q, c in pairs]
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     ctx.log.info("%s: %s on %d traces, %s (%.2fM trainable), %s", ctx.name, config.objective, len(examples),
                  config.train, trainable / 1e6, accelerator.device)

@@ -25,10 +25,10 @@ def setup():
     return tok, examples
 
 
-def run(setup, tmp_path, args=ARGS, loss_fn=causal_lm_loss, ckpt_dir="ckpt"):
+def run(setup, tmp_path, args=ARGS, loss_fn=causal_lm_loss, ckpt_dir="ckpt", arch=ARCH):
     tok, examples = setup
     torch.manual_seed(123)  # a fresh process would start from some other global RNG state
-    model = build_model(ARCH, tok, seed=0)
+    model = build_model(arch, tok, seed=0)
     result = train(model, examples, loss_fn, args, out_dir=tmp_path / "out", checkpointer=Checkpointer(tmp_path / ckpt_dir),
                    seed=0, pad_id=tok.pad_token_id)
     rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
@@ -122,3 +122,32 @@ def test_checkpoint_of_other_settings_is_not_resumed(setup, tmp_path):
     run(setup, tmp_path, args=ARGS.model_copy(update={"steps": 2}))
     _, _, rows = run(setup, tmp_path, args=ARGS.model_copy(update={"steps": 3, "lr": 1e-3}))
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[1]["lr"] == pytest.approx(5e-4)
+
+
+def test_bf16_weights_and_8bit_adam_resume_exactly_and_still_learn(setup, tmp_path):
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    args = ARGS.model_copy(update={"param_dtype": "bfloat16", "optimizer": "adamw_8bit"})
+    arch = ARCH.model_copy(update={"intermediate_size": 128})  # MLP matrices of 4096 values: 8-bit moments
+    straight, result, rows = run(setup, tmp_path / "a", args=args, arch=arch)
+    assert all(p.dtype == torch.bfloat16 for p in straight.parameters())
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    # the 8-bit moments (tensors of >= 4096 values) are saved as their codes and scales, and come back as such
+    step, state = Checkpointer(tmp_path / "a" / "ckpt").latest()
+    moments = [s["exp_avg"] for s in state["optimizer"]["state"].values()]
+    assert any(isinstance(m, OptimState8bit) and m.codes.dtype == torch.uint8 for m in moments)
+
+    calls = {"n": 0}
+
+    def crashing(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("power cut")
+        return causal_lm_loss(model, batch)
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        run(setup, tmp_path / "b", args=args, loss_fn=crashing, arch=arch)
+    resumed, _, rows_b = run(setup, tmp_path / "b", args=args, arch=arch)
+    assert [r["loss"] for r in rows_b] == [r["loss"] for r in rows]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
