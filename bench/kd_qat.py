@@ -7,11 +7,15 @@ Random weights and tokens: speed does not depend on them.
 
     python bench/kd_qat.py --out kd.json                    # one H200: Qwen3-0.6B shape, 8 x 2048 tokens
     python bench/kd_qat.py --shape 1.7b --compile --out kd.json
+    python bench/kd_qat.py --shape 8b --ours-only --gradient-checkpointing --param-dtype bfloat16 \
+        --optimizer adamw_8bit --out kd8b.json              # does an 8B student fit one GPU?
     python bench/kd_qat.py --tiny                           # CPU smoke test, seconds
 
 Prints, per run: median step time over the timed steps (after `--warmup` steps), tokens/s, peak
 GPU memory, MFU (student forward+backward 6·N·T plus teacher forward 2·N·T FLOPs, attention left
-out, over the H200's 989 TFLOP/s dense bf16), and the ratio ours / peer.
+out, over the H100/H200's 989 TFLOP/s dense bf16), the ratio ours / peer, and `pipeline.memory`'s
+estimate of the step's memory beside the measured peak. `--ours-only` skips the peer (for shapes where
+only the levers make the student fit).
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.checkpoint import Checkpointer  # noqa: E402
+from pipeline.memory import GIB, kd_step_memory  # noqa: E402
 from pipeline.quant.apply import quantize_rtn  # noqa: E402
 from pipeline.quant.scheme import QuantSpec  # noqa: E402
 from pipeline.train import TrainArgs, make_accelerator, train  # noqa: E402
@@ -38,19 +43,25 @@ SHAPES = {  # Qwen3 model cards' sizes
                  num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
     "1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
                  num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=False),
 }
 H200_BF16_FLOPS = 989e12
 
 
-def build(shape: str, seed: int):
+def build(shape: str, seed: int, device: str, dtype: torch.dtype = torch.float32):
+    """Random weights, initialised on `device` (an 8B model's init takes minutes on the CPU)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen3Config(**SHAPES[shape], max_position_embeddings=4096)
     config._attn_implementation = "sdpa"
-    return Qwen3ForCausalLM(config)
+    with torch.device(device):
+        return Qwen3ForCausalLM(config).to(dtype)
 
 
 def timed_run(student, teacher, examples, args, label: str) -> dict:
@@ -60,7 +71,9 @@ def timed_run(student, teacher, examples, args, label: str) -> dict:
     config = Config(init="a", teacher="b", data="c", chunk_size=args.chunk)
     steps = args.warmup + args.steps
     train_args = TrainArgs(steps=steps, batch_size=args.batch, lr=1e-5, warmup_steps=0, checkpoint_every=0,
-                           compile=args.compile, gradient_checkpointing=args.gradient_checkpointing)
+                           compile=args.compile, gradient_checkpointing=args.gradient_checkpointing,
+                           param_dtype=args.param_dtype, optimizer=args.optimizer)
+    estimate = estimated_gib(student, teacher, train_args, args)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,12 +85,27 @@ def timed_run(student, teacher, examples, args, label: str) -> dict:
     tokens = rows[0]["tokens"]
     n_student = sum(p.numel() for p in student.parameters())
     n_teacher = sum(p.numel() for p in teacher.parameters())
-    result = {"step_s": step_s, "tokens_per_s": tokens / step_s,
+    result = {"step_s": step_s, "tokens_per_s": tokens / step_s, "estimate_gib": estimate,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
               "mfu": (6 * n_student + 2 * n_teacher) * tokens / step_s / H200_BF16_FLOPS}
     print(f"{label:>6}: {step_s * 1e3:8.1f} ms/step  {result['tokens_per_s']:10.0f} tokens/s  "
-          f"peak {result['peak_gib'] or 0:.1f} GiB  MFU {100 * result['mfu']:.1f}%", flush=True)
+          f"peak {result['peak_gib'] or 0:.1f} GiB (estimate {estimate:.1f})  MFU {100 * result['mfu']:.1f}%",
+          flush=True)
     return result
+
+
+def estimated_gib(student, teacher, train_args: TrainArgs, args) -> float:
+    from pipeline.quant.apply import weight_only
+
+    total = sum(p.numel() for p in student.parameters())
+    memory = kd_step_memory(
+        student.config, trainable=sum(p.numel() for p in student.parameters() if p.requires_grad),
+        student_total=total, teacher_total=sum(p.numel() for p in teacher.parameters()),
+        teacher_bytes=teacher.dtype.itemsize, param_dtype=train_args.param_dtype, optimizer=train_args.optimizer,
+        tokens=args.batch * args.seqlen, chunk_size=args.chunk,
+        gradient_checkpointing=train_args.gradient_checkpointing,
+        activation_quant=not weight_only(student))
+    return memory.total / GIB
 
 
 def main() -> None:
@@ -91,6 +119,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (both runs)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit"])
+    parser.add_argument("--ours-only", action="store_true", help="skip the plain BF16 KD peer")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test")
     parser.add_argument("--out", help="write the results as JSON")
     args = parser.parse_args()
@@ -103,18 +134,24 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     examples = [(torch.randint(1, vocab, (args.seqlen,), generator=generator).tolist(), args.seqlen // 8)
                 for _ in range(args.batch * 4)]
-    teacher = build(args.shape, seed=1).to(device, dtype).eval().requires_grad_(False)
+    teacher = build(args.shape, 1, device, dtype).eval().requires_grad_(False)
+    # the student's latent weights in the dtype the loop would give them (an fp32 8B copy would not fit beside)
+    student_dtype = torch.bfloat16 if args.param_dtype == "bfloat16" else torch.float32
 
     results = {"shape": args.shape, "scheme": args.scheme, "batch": args.batch, "seqlen": args.seqlen,
                "compile": args.compile, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
-    results["plain"] = timed_run(build(args.shape, seed=0), teacher, examples, args, "plain")
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    student = build(args.shape, seed=0)
+    results.update(param_dtype=args.param_dtype, optimizer=args.optimizer,
+                   gradient_checkpointing=args.gradient_checkpointing)
+    if not args.ours_only:
+        results["plain"] = timed_run(build(args.shape, 0, device, student_dtype), teacher, examples, args, "plain")
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    student = build(args.shape, 0, device, student_dtype)
     quantize_rtn(student, QuantSpec.model_validate(args.scheme))
     results["ours"] = timed_run(student, teacher, examples, args, "ours")
-    results["ratio"] = results["ours"]["step_s"] / results["plain"]["step_s"]
-    print(f"KD-QAT ({args.scheme}) step time / plain BF16 KD step: {results['ratio']:.3f}")
+    if not args.ours_only:
+        results["ratio"] = results["ours"]["step_s"] / results["plain"]["step_s"]
+        print(f"KD-QAT ({args.scheme}) step time / plain BF16 KD step: {results['ratio']:.3f}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
