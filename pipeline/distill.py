@@ -10,9 +10,11 @@ Each is multiplied by temperature² (Hinton et al. 2015) so gradient scale does 
 
 Why chunks: Qwen3's vocabulary is 151,936; batch × sequence × vocab fp32 logits for student and
 teacher at once would be tens of GiB. We take the final hidden states of both models, keep only the
-positions that carry loss, and project them through each `lm_head` a chunk at a time. The student's
-chunk runs under activation checkpointing, so backward recomputes its logits instead of storing
-them: peak memory is one chunk of logits, whatever the sequence length.
+positions that carry loss, and project them through each `lm_head` a chunk at a time. Each chunk runs
+under activation checkpointing, the teacher's projection inside it, so backward recomputes both
+chunks of logits from the hidden states instead of storing them: peak memory is one chunk of logits,
+whatever the sequence length (storing the teacher's chunks instead held 4.6 GiB at 8 x 2048 tokens of
+Qwen3's vocabulary, measured on an H100).
 """
 from __future__ import annotations
 
@@ -55,9 +57,11 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return per_token * temperature**2
 
 
-def _chunk_loss(student_hidden, teacher_logits, labels, student_head, divergence, temperature, beta,
-                top_k, ce_weight):
+def _chunk_loss(student_hidden, teacher_hidden, labels, student_head, teacher_head, divergence, temperature,
+                beta, top_k, ce_weight):
     student_logits = student_head(student_hidden)
+    with torch.no_grad():
+        teacher_logits = teacher_head(teacher_hidden)
     kd = token_divergence(student_logits, teacher_logits, divergence=divergence,
                           temperature=temperature, beta=beta, top_k=top_k).sum()
     if ce_weight == 0.0:
@@ -88,10 +92,8 @@ def chunked_kd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, 
     ce_sum = student_hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n, chunk_size):
         part = slice(start, start + chunk_size)
-        with torch.no_grad():
-            t_logits = teacher_head(t_h[part])
-        args = (s_h[part], t_logits, y[part], student_head, divergence, temperature, beta, top_k,
-                ce_weight)
+        args = (s_h[part], t_h[part], y[part], student_head, teacher_head, divergence, temperature, beta,
+                top_k, ce_weight)
         if torch.is_grad_enabled() and s_h.requires_grad:
             kd, ce = checkpoint(_chunk_loss, *args, use_reentrant=False)
         else:

@@ -82,7 +82,7 @@ def fit_error(memory: StepMemory, available: int, *, param_dtype: str, optimizer
         levers.append("param_dtype: bfloat16")
     if optimizer == "adamw":
         levers.append("optimizer: adamw_8bit")
-    advice = ("try " + ", ".join(levers) + ", or a smaller batch_size / more grad_accum" if levers
-              else "use a smaller batch_size / more grad_accum, or several GPUs (ZeRO-3)")
+    advice = ("try " + ", ".join(levers) + ", or a smaller batch_size / more grad_accum / chunk_size" if levers
+              else "use a smaller batch_size / more grad_accum / a smaller chunk_size, or several GPUs (ZeRO-3)")
     return (f"a KD-QAT step needs about {memory.total / GIB:.1f} GiB ({memory.describe()} GiB), the GPU has "
             f"{available / GIB:.1f} GiB free: {advice}")
