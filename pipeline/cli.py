@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import sys
 from typing import Callable
@@ -43,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     # before CUDA starts: long training steps of changing shapes fragment the default allocator by several GiB
     # (seen on an 8B KD-QAT step); the user's own setting wins
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    # import-time chatter of an optional dependency (transformers imports torchao when installed): torchao's
+    # prebuilt kernels for another torch version, and torch's deprecation notice to torchao
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     # the recipe schema imports every stage type (torch, transformers): not needed for --help
