@@ -127,13 +127,13 @@ def load_pretrained(path: str | Path, trust_remote_code: bool = False, **kwargs)
                                                     **kwargs)
 
 
-def check_model_dir(path: str | Path, where: str, trust_remote_code: bool = False) -> str:
+def check_model_dir(path: str | Path, where: str, trust_remote_code: bool = False, verify_manifest: bool = True) -> str:
     """The model directory behind a user-given `path` (recipe `model.path`, a CLI argument), checked
     before anything is loaded; each problem is InputError(where, ...), one line.
 
     A local path must be a model directory or a stage directory holding one, with config.json and
     safetensors weights; where it (or the stage directory around it) has a manifest.json, its files
-    must match the manifest's sha256s; a config with custom code (`auto_map`) must be one transformers
+    must match the manifest's sha256s (unless not `verify_manifest`); a config with custom code (`auto_map`) must be one transformers
     can load without running it, or trust_remote_code must be on. A path that does not exist is taken
     for a hub id and returned as it is.
     """
@@ -143,7 +143,8 @@ def check_model_dir(path: str | Path, where: str, trust_remote_code: bool = Fals
     if not local.is_dir():
         raise InputError(where, f"{path} is a file, not a model directory")
     inner = Path(model_dir(local))
-    _check_manifests(inner, where)
+    if verify_manifest:
+        _check_manifests(inner, where)
     if not (inner / "config.json").is_file():
         raise InputError(where, f"{path} holds no model (no config.json in it or in its model/ folder)")
     if not any(inner.glob("*.safetensors")):

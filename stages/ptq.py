@@ -90,20 +90,22 @@ def check(config: Config, recipe) -> list[tuple[str, str]]:
     such a recipe is built from it), or from a local `model.path`'s config.json (no weights read)."""
     from pathlib import Path
 
-    from pipeline.models import load_config, model_dir
+    from pipeline.models import check_model_dir, load_config
     from pipeline.quant.scheme import check_fit
 
     model = recipe.model
     if model.arch is not None:
         return check_fit(model.arch, recipe.quant)
-    if model.path is None or not (Path(model_dir(model.path)) / "config.json").is_file():
+    if model.path is None or not Path(model.path).expanduser().exists():
         return []  # a hub id: checked in run, before any compute
     try:
-        base_config = load_config(model.path, model.trust_remote_code)
+        check_model_dir(model.path, "model.path", model.trust_remote_code, verify_manifest=False)
     except InputError:
-        return []  # custom code refused: the recipe's own model.path check reports it, once
-    except ValueError as e:  # e.g. a model type transformers does not know
-        return [("model.path", str(e).splitlines()[0])]
+        return []  # the recipe's own model.path check reports it, once
+    try:
+        base_config = load_config(model.path, model.trust_remote_code)
+    except (OSError, ValueError) as e:  # e.g. a model type transformers does not know
+        return [("model.path", f"{model.path}: {str(e).splitlines()[0]}")]
     return check_fit(base_config, recipe.quant, trust_remote_code=model.trust_remote_code)
 
 

@@ -61,10 +61,10 @@ def _evil_dir(path: Path, marker: Path, layout: str = "plain") -> Path:
     return path
 
 
-def _recipe(tmp_path: Path, model: dict, stages: dict | None = None) -> Path:
+def _recipe(tmp_path: Path, model: dict, **top) -> Path:
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "r", "model": model,
-                                      "stages": stages or {"ptq": {"type": "ptq", "method": "rtn"}}}))
+    recipe.write_text(yaml.safe_dump({"name": "r", "model": model, **top,
+                                      "stages": {"ptq": {"type": "ptq", "method": "rtn"}}}))
     return recipe
 
 
@@ -146,3 +146,141 @@ def test_cli_processes_with_y_on_stdin_refuse_and_leave_stdin_unread(tmp_path):
     assert all(len(text.strip().splitlines()) == 2 for text in per_command), done.stderr  # name + one line
     assert all("needs custom code (auto_map)" in text for text in per_command)
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+# -- 2. corrupted stage folders --------------------------------------------------------------------
+
+def _stage(tmp_path: Path, quantized: bool) -> Path:
+    """A stage directory committed by the store (manifest with sha256s): a tiny model, quantized or not."""
+    store = Store(tmp_path / "artifacts", "r")
+    store.prepare("s", "fingerprint")
+    model, tokenizer = tiny_lm.model(), tiny_lm.tokenizer()
+    if quantized:
+        quantize_rtn(model, W4_CHANNEL)
+        save_quantized(model, tokenizer, store.out_dir("s") / "model", W4_CHANNEL)
+    else:
+        save_model(model, tokenizer, store.out_dir("s") / "model")
+    store.commit("s", {"status": "complete"})
+    return store.stage_dir("s")
+
+
+def _flip_tail(path: Path, n: int = 4096) -> None:
+    """Invert the last `n` bytes (tensor data; the safetensors header is at the front): same size, new sha256."""
+    data = bytearray(path.read_bytes())
+    data[-n:] = bytes(b ^ 0xFF for b in data[-n:])
+    path.write_bytes(bytes(data))
+
+
+def _corrupt_message(where: str, stage: Path) -> str:
+    return (f"{where}: {stage}: model/model.safetensors changed on disk since it was written "
+            "(checked against its manifest.json); re-run the stage that wrote it")
+
+
+@pytest.mark.parametrize("inner", [False, True], ids=["stage-dir", "its-model-dir"])
+def test_eval_refuses_a_corrupted_stage(tmp_path, run_cli, capsys, inner):
+    stage = _stage(tmp_path, quantized=False)
+    capsys.readouterr()  # the save's progress bar
+    target = stage / "model" if inner else stage
+    assert check_model_dir(target, "MODEL_DIR") == str(stage / "model")  # intact: accepted
+    _flip_tail(stage / "model" / "model.safetensors")
+    code, _, stderr = run_cli("eval", target, "--limit", "1", "--out", tmp_path / "samples.jsonl")
+    _one_line(code, stderr, _corrupt_message("MODEL_DIR", stage))
+    assert not (tmp_path / "samples.jsonl").exists()
+
+
+def test_export_refuses_a_corrupted_quantized_stage(tmp_path, run_cli, capsys):
+    stage = _stage(tmp_path, quantized=True)
+    capsys.readouterr()
+    _flip_tail(stage / "model" / "model.safetensors")
+    code, _, stderr = run_cli("export", stage, "--out", tmp_path / "ckpt")
+    _one_line(code, stderr, _corrupt_message("stage_dir", stage))
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_recipe_on_a_corrupted_stage_fails_validation(tmp_path, run_cli, capsys):
+    """A run from another recipe's quantized stage (model.path) checks it before anything runs."""
+    stage = _stage(tmp_path, quantized=True)
+    capsys.readouterr()
+    recipe = _recipe(tmp_path, {"path": str(stage)}, quant=W4_CHANNEL.model_dump(mode="json"))
+    assert run_cli("validate", recipe)[0] == 0  # intact: accepted
+    _flip_tail(stage / "model" / "model.safetensors")
+    code, _, stderr = run_cli("run", recipe, "--artifacts", tmp_path / "out")
+    _one_line(code, stderr, _corrupt_message("model.path", stage))
+    assert not (tmp_path / "out").exists()
+
+
+# -- 3. pickled weights ----------------------------------------------------------------------------
+
+class _WritesMarker:
+    """Unpickling this runs code: it writes a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('unpickled')",)
+
+
+def _pickle_dir(tmp_path: Path, marker: Path, quantized: bool) -> Path:
+    """A model folder (config, tokenizer) whose only weights are a pytorch_model.bin that writes `marker`."""
+    path = tmp_path / "pickled"
+    save_model(tiny_lm.model(), tiny_lm.tokenizer(), path)
+    (path / "model.safetensors").unlink()
+    (path / "pytorch_model.bin").write_bytes(pickle.dumps(_WritesMarker(marker)))
+    if quantized:  # as a compressed-tensors export's config says
+        config = json.loads((path / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                                         "config_groups": {}}
+        (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_the_pickle_does_run_code_when_unpickled(tmp_path):
+    marker = tmp_path / "marker"
+    pickle.loads((_pickle_dir(tmp_path, marker, quantized=False) / "pytorch_model.bin").read_bytes())
+    assert marker.read_text() == "unpickled"
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["plain", "compressed-tensors"])
+def test_pickle_weights_are_refused_everywhere(tmp_path, run_cli, capsys, monkeypatch, quantized):
+    marker = tmp_path / "marker"
+    folder = _pickle_dir(tmp_path, marker, quantized)
+    capsys.readouterr()
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a))
+    expected = f"{folder} has pickle weights only (pytorch_model.bin); they are never loaded, save the model as safetensors"
+    argv = ["export", folder, "--out", tmp_path / "ckpt"] if quantized else ["eval", folder, "--limit", "1"]
+    code, _, stderr = run_cli(*argv)
+    _one_line(code, stderr, f"{'stage_dir' if quantized else 'MODEL_DIR'}: {expected}")
+    code, _, stderr = run_cli("validate", _recipe(tmp_path, {"path": str(folder)}))
+    _one_line(code, stderr, f"model.path: {expected}")
+    with pytest.raises(OSError, match="model.safetensors"):  # the loader itself reads safetensors only
+        load_model(folder)
+    assert loads == [] and not marker.exists() and not (tmp_path / "ckpt").exists()
+
+
+# -- 4. bad model paths ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case, problem", [
+    ("file", " is a file, not a model directory"),
+    ("empty", " holds no model (no config.json in it or in its model/ folder)"),
+    ("config-only", " has a config.json but no weights (*.safetensors)"),
+    ("bad-json", "/config.json is not valid JSON"),
+    ("unknown-type", ": The checkpoint you are trying to load has model type `no_such_type`"),
+])
+def test_bad_model_path_is_one_line_at_validate_and_run_writes_nothing(tmp_path, run_cli, case, problem):
+    path = tmp_path / "m"
+    if case == "file":
+        path.write_text("not a model")
+    else:
+        path.mkdir()
+    if case == "config-only":
+        (path / "config.json").write_text(tiny_lm.model().config.to_json_string())
+    if case in ("bad-json", "unknown-type"):
+        (path / "config.json").write_text("{" if case == "bad-json" else '{"model_type": "no_such_type"}')
+        save_file({"w": torch.zeros(1)}, path / "model.safetensors")
+    recipe = _recipe(tmp_path, {"path": str(path)})
+    code, _, stderr = run_cli("validate", recipe)
+    assert code == 2 and stderr.startswith(f"model.path: {path}{problem}") and len(stderr.splitlines()) == 1, stderr
+    code, _, stderr = run_cli("run", recipe, "--artifacts", tmp_path / "out")
+    assert code == 2 and stderr.startswith("model.path: ") and not (tmp_path / "out").exists()
