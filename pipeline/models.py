@@ -102,7 +102,8 @@ class CustomCodeRefused(InputError):
 
 @contextmanager
 def _refusing_custom_code(path: str | Path) -> Iterator[None]:
-    """transformers' refusal of untrusted custom code (a ValueError naming trust_remote_code) as CustomCodeRefused."""
+    """transformers' refusal of untrusted custom code as CustomCodeRefused: a plain ValueError, told
+    apart by the `trust_remote_code=True` every one of its refusal messages asks for."""
     try:
         yield
     except ValueError as e:
@@ -133,9 +134,9 @@ def check_model_dir(path: str | Path, where: str, trust_remote_code: bool = Fals
 
     A local path must be a model directory or a stage directory holding one, with config.json and
     safetensors weights; where it (or the stage directory around it) has a manifest.json, its files
-    must match the manifest's sha256s (unless not `verify_manifest`); a config with custom code (`auto_map`) must be one transformers
-    can load without running it, or trust_remote_code must be on. A path that does not exist is taken
-    for a hub id and returned as it is.
+    must match the manifest's sha256s (if `verify_manifest`); a config with custom code (`auto_map`)
+    must be one transformers loads without running it, unless trust_remote_code is on. A path that
+    does not exist is taken for a hub id and returned as it is.
     """
     local = Path(path).expanduser()
     if not local.exists():
@@ -147,12 +148,7 @@ def check_model_dir(path: str | Path, where: str, trust_remote_code: bool = Fals
         _check_manifests(inner, where)
     if not (inner / "config.json").is_file():
         raise InputError(where, f"{path} holds no model (no config.json in it or in its model/ folder)")
-    if not any(inner.glob("*.safetensors")):
-        pickles = sorted(p.name for p in inner.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
-        if pickles:
-            raise InputError(where, f"{inner} has pickle weights only ({pickles[0]}); they are never loaded, "
-                             "save the model as safetensors")
-        raise InputError(where, f"{inner} has a config.json but no weights (*.safetensors)")
+    _check_weights(inner, where)
     try:
         config = json.loads((inner / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -163,6 +159,16 @@ def check_model_dir(path: str | Path, where: str, trust_remote_code: bool = Fals
         except CustomCodeRefused:
             raise CustomCodeRefused(path, where) from None
     return str(inner)
+
+
+def _check_weights(inner: Path, where: str) -> None:
+    if any(inner.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in inner.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    if pickles:
+        raise InputError(where, f"{inner} has pickle weights only ({pickles[0]}); they are never loaded, "
+                         "save the model as safetensors")
+    raise InputError(where, f"{inner} has a config.json but no weights (*.safetensors)")
 
 
 def _check_manifests(inner: Path, where: str) -> None:
