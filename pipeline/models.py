@@ -11,9 +11,10 @@ accelerate and DeepSpeed take them as they are. Weights are read and written as 
 Loading is closed by default: every transformers call gets the recipe's `trust_remote_code` (False
 unless the recipe sets it), a model whose loading would run its own Python (config.json `auto_map`)
 is refused as CustomCodeRefused (bad input, exit 2), and models are read with `use_safetensors=True`
-(a pickled pytorch_model.bin is never unpickled). `check_model_dir` checks a user-given directory
-before anything is loaded: a model is there, its weights are safetensors, and, inside a stage
-directory, its files still match the manifest's sha256s.
+(a pickled pytorch_model.bin is never unpickled); importing this module makes transformers refuse,
+rather than ask on stdin, wherever a call leaves trust_remote_code unset. `check_model_dir` checks a
+user-given directory before anything is loaded: a model is there, its weights are safetensors, and,
+inside a stage directory, its files still match the manifest's sha256s.
 """
 from __future__ import annotations
 
