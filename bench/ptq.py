@@ -28,10 +28,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.models import load_pretrained  # noqa: E402
 from pipeline.quant import sqnr  # noqa: E402
 from pipeline.quant.apply import quantize_rtn  # noqa: E402
 from pipeline.quant.calibration import calibration_loader  # noqa: E402
@@ -58,7 +59,7 @@ def save_random_model(shape: dict, path: Path, dtype: torch.dtype) -> Path:
 
 
 def load(path: Path, dtype: torch.dtype, device: str):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return load_pretrained(path, dtype=dtype).to(device).eval()
 
 
 def bare(model, tokenizer, samples):

@@ -174,6 +174,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="take the testbed spec and data dir from this recipe's `data` section")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="load the weights in this dtype (default: as saved)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a model whose loading runs Python from its directory (config.json auto_map)")
 
 
 def _spec_from_args(args: argparse.Namespace) -> GenerationSpec:
@@ -188,14 +190,12 @@ def _spec_from_args(args: argparse.Namespace) -> GenerationSpec:
         raise InputError(where, err["msg"].removeprefix("Value error, ")) from None
 
 
-def _check_model_dir(path: str) -> None:
-    from pipeline.models import model_dir
+def _check_model_dir(path: str, trust_remote_code: bool) -> None:
+    from pipeline.models import check_model_dir
 
-    if not Path(path).is_dir():
+    if not Path(path).exists():
         raise InputError("MODEL_DIR", f"no such directory: {path}")
-    inner = Path(model_dir(path))
-    if not (inner / "config.json").is_file():
-        raise InputError("MODEL_DIR", f"{path} holds no model (no config.json in it or in its model/ folder)")
+    inner = Path(check_model_dir(path, "MODEL_DIR", trust_remote_code))
     if not any((inner / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise InputError("MODEL_DIR", f"{inner} has no tokenizer (tokenizer.json / tokenizer_config.json)")
 
@@ -205,7 +205,7 @@ def cli_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.models import load_model, load_tokenizer
+    from pipeline.models import CustomCodeRefused, load_model, load_tokenizer
 
     spec = _spec_from_args(args)
     testbed, data_dir = None, args.data_dir
@@ -215,9 +215,13 @@ def cli_eval(args: argparse.Namespace) -> int:
         recipe = load_recipe(args.recipe)
         testbed, data_dir = recipe.data.testbed, data_dir or recipe.data.benchmarks_dir
     problems = load_benchmark(args.bench, limit=args.limit, data_dir=data_dir, testbed=testbed)
-    _check_model_dir(args.model_dir)
-    tokenizer = load_tokenizer(args.model_dir)
-    model = load_model(args.model_dir, dtype=args.dtype, device=PartialState().device)
+    trust = args.trust_remote_code
+    try:
+        _check_model_dir(args.model_dir, trust)
+        tokenizer = load_tokenizer(args.model_dir, trust_remote_code=trust)
+        model = load_model(args.model_dir, dtype=args.dtype, device=PartialState().device, trust_remote_code=trust)
+    except CustomCodeRefused as e:
+        raise CustomCodeRefused(e.path, "MODEL_DIR", "pass --trust-remote-code") from None
     metrics = evaluate(model, tokenizer, problems, spec, samples_path=args.out)
     if PartialState().is_main_process:
         k = spec.num_samples

@@ -7,17 +7,35 @@
 
 Models are plain transformers models (Qwen3ForCausalLM for the testbed), so generation, TRL,
 accelerate and DeepSpeed take them as they are. Weights are read and written as safetensors only.
+
+Loading is closed by default: every transformers call gets the recipe's `trust_remote_code` (False
+unless the recipe sets it), a model whose loading would run its own Python (config.json `auto_map`)
+is refused as CustomCodeRefused (bad input, exit 2), and models are read with `use_safetensors=True`
+(a pickled pytorch_model.bin is never unpickled); importing this module makes transformers refuse,
+rather than ask on stdin, wherever a call leaves trust_remote_code unset. `check_model_dir` checks a
+user-given directory before anything is loaded: a model is there, its weights are safetensors, and,
+inside a stage directory, its files still match the manifest's sha256s.
 """
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
+import transformers.dynamic_module_utils
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel,
-                          PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig,
+                          PreTrainedModel, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM)
+
+from pipeline.errors import InputError
+
+# transformers asks "Do you wish to run the custom code? [y/N]" on stdin when a call leaves
+# trust_remote_code unset and the model has custom code. At 0 it refuses instead (the switch its own CI
+# uses). Our calls all pass the recipe's value; this covers calls inside transformers that do not
+# forward it, so that stdin is never read and custom code runs only when the recipe allows it.
+transformers.dynamic_module_utils.TIME_OUT_REMOTE_CODE = 0
 
 
 class Qwen3Arch(BaseModel):
@@ -75,6 +93,99 @@ def model_dir(path: str | Path) -> str:
     return str(inner) if (inner / "config.json").is_file() else str(path)
 
 
+class CustomCodeRefused(InputError):
+    """Loading the model at `path` would run Python from it (config.json `auto_map`), and trust_remote_code is off."""
+
+    def __init__(self, path: str | Path, where: str = "model.path", allow: str = "set model.trust_remote_code: true"):
+        super().__init__(where, f"{path} needs custom code (auto_map); {allow} to allow it")
+        self.path = path
+
+
+@contextmanager
+def _refusing_custom_code(path: str | Path) -> Iterator[None]:
+    """transformers' refusal of untrusted custom code as CustomCodeRefused: a plain ValueError, told
+    apart by the `trust_remote_code=True` every one of its refusal messages asks for."""
+    try:
+        yield
+    except ValueError as e:
+        if "trust_remote_code=True" not in str(e):
+            raise
+        raise CustomCodeRefused(path) from None
+
+
+def load_config(path: str | Path, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The config of the model at `path` (stage directory, model directory or hub id); no weights read."""
+    where = model_dir(path)
+    with _refusing_custom_code(where):
+        return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+
+
+def load_pretrained(path: str | Path, trust_remote_code: bool = False, **kwargs) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained` as every model load here calls it: safetensors only (never
+    the pickle of a pytorch_model.bin), trust_remote_code as given. `kwargs` go to from_pretrained."""
+    where = model_dir(path)
+    with _refusing_custom_code(where):
+        return AutoModelForCausalLM.from_pretrained(where, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                                    **kwargs)
+
+
+def check_model_dir(path: str | Path, where: str, trust_remote_code: bool = False, verify_manifest: bool = True) -> str:
+    """The model directory behind a user-given `path` (recipe `model.path`, a CLI argument), checked
+    before anything is loaded; each problem is InputError(where, ...), one line.
+
+    A local path must be a model directory or a stage directory holding one, with config.json and
+    safetensors weights; where it (or the stage directory around it) has a manifest.json, its files
+    must match the manifest's sha256s (if `verify_manifest`); a config with custom code (`auto_map`)
+    must be one transformers loads without running it, unless trust_remote_code is on. A path that
+    does not exist is taken for a hub id and returned as it is.
+    """
+    local = Path(path).expanduser()
+    if not local.exists():
+        return str(path)
+    if not local.is_dir():
+        raise InputError(where, f"{path} is a file, not a model directory")
+    inner = Path(model_dir(local))
+    if verify_manifest:
+        _check_manifests(inner, where)
+    if not (inner / "config.json").is_file():
+        raise InputError(where, f"{path} holds no model (no config.json in it or in its model/ folder)")
+    _check_weights(inner, where)
+    try:
+        config = json.loads((inner / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(where, f"{inner / 'config.json'} is not valid JSON ({e})") from None
+    if "auto_map" in config:  # transformers decides whether the code would run; it refuses it untrusted
+        try:
+            load_config(inner, trust_remote_code)
+        except CustomCodeRefused:
+            raise CustomCodeRefused(path, where) from None
+    return str(inner)
+
+
+def _check_weights(inner: Path, where: str) -> None:
+    if any(inner.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in inner.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    if pickles:
+        raise InputError(where, f"{inner} has pickle weights only ({pickles[0]}); they are never loaded, "
+                         "save the model as safetensors")
+    raise InputError(where, f"{inner} has a config.json but no weights (*.safetensors)")
+
+
+def _check_manifests(inner: Path, where: str) -> None:
+    """The sha256s of the manifest.json in `inner` or in the stage directory around it (pipeline.store)."""
+    from pipeline.store import MANIFEST, check_files, read_manifest
+
+    for directory in (inner, inner.parent):
+        manifest = read_manifest(directory)
+        if manifest is None:
+            continue
+        problem = check_files(directory, manifest, deep=True)
+        if problem is not None:
+            raise InputError(where, f"{directory}: {problem} (checked against its {MANIFEST}); "
+                             "re-run the stage that wrote it")
+
+
 def build_model(arch: Qwen3Arch, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> Qwen3ForCausalLM:
     """A freshly initialised Qwen3 (GQA, q/k RMSNorm) of size `arch` over `tokenizer`'s vocabulary, fp32.
 
@@ -126,12 +237,11 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     if is_quantized(where):
         from pipeline.quant.io import load_quantized
 
-        model = load_quantized(where)
+        model = load_quantized(where, trust_remote_code=trust_remote_code)
         if dtype is not None:
             model = model.to(_torch_dtype(dtype))
     else:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=_torch_dtype(dtype), use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+        model = load_pretrained(where, trust_remote_code, dtype=_torch_dtype(dtype))
     if device is not None:
         model = model.to(device)
     return model.eval()
@@ -139,7 +249,9 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a model (stage directory, model directory or hub id)."""
-    return AutoTokenizer.from_pretrained(model_dir(path), trust_remote_code=trust_remote_code)
+    where = model_dir(path)
+    with _refusing_custom_code(where):
+        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:

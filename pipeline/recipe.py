@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError
 import stages as stage_registry
 from pipeline.data import DataSpec
 from pipeline.errors import InputError
-from pipeline.models import ModelSpec
+from pipeline.models import ModelSpec, check_model_dir
 from pipeline.quant.scheme import QuantSpec
 from pipeline.stage_api import BASE_MODEL_REF, StageConfig, stage_ref_fields
 
@@ -345,7 +345,8 @@ def find_cycle(configs: dict[str, StageConfig]) -> list[str] | None:
 
 
 def _check_model_path(model: ModelSpec) -> list[tuple[str, str]]:
-    """A `model.path` that is clearly a local path must exist; `org/name` hub ids are left to the hub."""
+    """A `model.path` that is clearly a local path must exist and hold a model we load
+    (pipeline.models.check_model_dir); `org/name` hub ids are left to the hub."""
     if model.path is None:
         return []
     path = Path(model.path).expanduser()
@@ -353,6 +354,10 @@ def _check_model_path(model: ModelSpec) -> list[tuple[str, str]]:
                    or (len(path.parts) > 1 and path.parent.is_dir()))
     if looks_local and not path.exists():
         return [("model.path", f"no such directory: {model.path}")]
+    try:
+        check_model_dir(model.path, "model.path", model.trust_remote_code)
+    except InputError as e:
+        return [(e.where, e.message)]
     return []
 
 

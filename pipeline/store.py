@@ -64,6 +64,30 @@ def hash_tree(directory: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
+def read_manifest(directory: Path) -> dict | None:
+    """`directory`'s manifest.json, or None if it has none (or an unreadable one)."""
+    return _read_json(directory / MANIFEST)
+
+
+def check_files(directory: Path, manifest: dict, deep: bool) -> str | None:
+    """Why the files of a stage directory do not match its manifest (None if they do).
+
+    Cheap checks (existence, size) for every file first; sha256 only when `deep` and all passed.
+    """
+    files = manifest.get("files", {})
+    for rel, info in files.items():
+        path = directory / rel
+        if not path.is_file():
+            return f"file missing: {rel}"
+        if path.stat().st_size != info["size"]:
+            return f"{rel} changed on disk since it was written"
+    if deep:
+        for rel, info in files.items():
+            if sha256_file(directory / rel) != info["sha256"]:
+                return f"{rel} changed on disk since it was written"
+    return None
+
+
 def fingerprint(stage_type: str, config: dict, sections: dict[str, Any], inputs: dict[str, str],
                 code_version: int) -> str:
     """What a stage's output depends on: its type, resolved config, the recipe sections it declares
@@ -103,7 +127,7 @@ class Store:
     # -- reading (never writes: `status` uses these) ----------------------------------------------
     def manifest(self, stage: str) -> dict | None:
         """The manifest of the stage's directory (complete or skipped), or None."""
-        return _read_json(self.stage_dir(stage) / MANIFEST)
+        return read_manifest(self.stage_dir(stage))
 
     def failed(self, stage: str) -> dict | None:
         """The record of the last attempt if it failed, or None."""
@@ -122,23 +146,8 @@ class Store:
         return Checkpointer(self.checkpoints_dir(stage)).latest_step()
 
     def check_files(self, stage: str, manifest: dict, deep: bool) -> str | None:
-        """Why the stage's files do not match its manifest (None if they do).
-
-        Cheap checks (existence, size) for every file first; sha256 only when `deep` and all passed.
-        """
-        directory = self.stage_dir(stage)
-        files = manifest.get("files", {})
-        for rel, info in files.items():
-            path = directory / rel
-            if not path.is_file():
-                return f"file missing: {rel}"
-            if path.stat().st_size != info["size"]:
-                return f"{rel} changed on disk since it was written"
-        if deep:
-            for rel, info in files.items():
-                if sha256_file(directory / rel) != info["sha256"]:
-                    return f"{rel} changed on disk since it was written"
-        return None
+        """Why the stage's files do not match its manifest (None if they do); see `check_files`."""
+        return check_files(self.stage_dir(stage), manifest, deep)
 
     # -- writing (only under the lock) --------------------------------------------------------------
     def prepare(self, stage: str, fingerprint_: str) -> None:

@@ -90,7 +90,7 @@ if __name__ == "__main__":
 
     out = sys.argv[1] if len(sys.argv) > 1 else "/tmp/testbed-tokenizer"
     save_tokenizer(build_tokenizer(), out)
-    tok = AutoTokenizer.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out, trust_remote_code=False)
     p = make_problems(TestbedSpec(), "test", n=1)[0]
     ids, start = chat_example(tok, p.question, p.solution)
     print(f"{type(tok).__name__}, vocab {len(tok)}, saved to {out}")

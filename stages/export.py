@@ -56,7 +56,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     if not is_quantized(source):
         raise InputError(f"stages.{ctx.name}.model", f"{source} holds no quantized model (export a ptq/kd_qat stage)")
     try:
-        size = export_checkpoint(source, ctx.config.scheme, ctx.out_dir / "model")
+        size = export_checkpoint(source, ctx.config.scheme, ctx.out_dir / "model", ctx.recipe.model.trust_remote_code)
     except InputError as e:
         raise InputError(f"stages.{ctx.name}.{e.where}", e.message) from None
     ctx.log.info("exported %s: %s", source, describe_size(size))

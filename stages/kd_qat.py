@@ -204,8 +204,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     spec = read_quant_spec(ctx.inputs["init"])
     accelerator = make_accelerator()
     with whole_models(accelerator):
-        student = load_model(ctx.inputs["init"], dtype="float32")
-    tokenizer = load_tokenizer(ctx.inputs["init"])
+        student = load_model(ctx.inputs["init"], dtype="float32", trust_remote_code=trust)
+    tokenizer = load_tokenizer(ctx.inputs["init"], trust_remote_code=trust)
     if config.transforms == "trainable":
         from pipeline.quant.online import add_activation_clips
 

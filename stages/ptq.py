@@ -90,15 +90,23 @@ def check(config: Config, recipe) -> list[tuple[str, str]]:
     such a recipe is built from it), or from a local `model.path`'s config.json (no weights read)."""
     from pathlib import Path
 
+    from pipeline.models import check_model_dir, load_config
     from pipeline.quant.scheme import check_fit
 
-    if recipe.model.arch is not None:
-        return check_fit(recipe.model.arch, recipe.quant)
-    if recipe.model.path is not None and (Path(recipe.model.path) / "config.json").is_file():
-        from transformers import AutoConfig
-
-        return check_fit(AutoConfig.from_pretrained(recipe.model.path), recipe.quant)
-    return []  # a hub id: checked in run, before any compute
+    model = recipe.model
+    if model.arch is not None:
+        return check_fit(model.arch, recipe.quant)
+    if model.path is None or not Path(model.path).expanduser().exists():
+        return []  # a hub id: checked in run, before any compute
+    try:
+        check_model_dir(model.path, "model.path", model.trust_remote_code, verify_manifest=False)
+    except InputError:
+        return []  # the recipe's own model.path check reports it, once
+    try:
+        base_config = load_config(model.path, model.trust_remote_code)
+    except (OSError, ValueError) as e:  # e.g. a model type transformers does not know
+        return [("model.path", f"{model.path}: {str(e).splitlines()[0]}")]
+    return check_fit(base_config, recipe.quant, trust_remote_code=model.trust_remote_code)
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -113,8 +121,10 @@ def run(ctx: StageContext) -> dict[str, float]:
     config, spec = ctx.config, ctx.recipe.quant
     device = "cuda" if torch.cuda.is_available() else "cpu"
     transformed = config.method in ("quarot", "flatquant")
-    model = load_model(ctx.inputs["model"], dtype="float32" if transformed else None, device=device).eval()
-    tokenizer = load_tokenizer(ctx.inputs["model"])
+    trust = ctx.recipe.model.trust_remote_code
+    model = load_model(ctx.inputs["model"], dtype="float32" if transformed else None, device=device,
+                       trust_remote_code=trust).eval()
+    tokenizer = load_tokenizer(ctx.inputs["model"], trust_remote_code=trust)
     misfits = check_fit(model, spec)
     if misfits:
         raise InputError(*misfits[0])

@@ -101,8 +101,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     spec = read_quant_spec(ctx.inputs["init"])
     problems = training_problems(recipe.data, config.count, recipe.seed, need_answers=True, where="data.prompts_file")
     # latent weights in fp32 (bf16 autocast on GPU), as kd_qat trains them
-    policy = load_model(ctx.inputs["init"], dtype="float32")
-    tokenizer = load_tokenizer(ctx.inputs["init"])
+    policy = load_model(ctx.inputs["init"], dtype="float32", trust_remote_code=recipe.model.trust_remote_code)
+    tokenizer = load_tokenizer(ctx.inputs["init"], trust_remote_code=recipe.model.trust_remote_code)
     reference = None
     if config.beta > 0 and config.policy == "qat":
         reference = copy.deepcopy(policy)  # the initial policy, frozen

@@ -99,7 +99,8 @@ def test_cli_eval_bad_model_dir_exit_2(run_cli, model_dir, tmp_path):
     assert code == 2 and "holds no model" in stderr
     no_tokenizer = tmp_path / "bare"
     no_tokenizer.mkdir()
-    (no_tokenizer / "config.json").write_text((model_dir / "model" / "config.json").read_text())
+    for name in ("config.json", "model.safetensors"):
+        (no_tokenizer / name).write_bytes((model_dir / "model" / name).read_bytes())
     code, _, stderr = run_cli("eval", no_tokenizer)
     assert code == 2 and "has no tokenizer" in stderr
 

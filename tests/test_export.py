@@ -56,7 +56,8 @@ def quantized(request, tmp_path_factory):
 def _run_export_stage(q, out_dir, scheme=None):
     config = export_stage.Config(model="ptq", scheme=scheme)
     out_dir.mkdir()
-    ctx = StageContext(name="export", config=config, recipe=SimpleNamespace(quant=q.spec), out_dir=out_dir,
+    recipe = SimpleNamespace(quant=q.spec, model=SimpleNamespace(trust_remote_code=False))
+    ctx = StageContext(name="export", config=config, recipe=recipe, out_dir=out_dir,
                        inputs={"model": q.stage}, input_manifests={"model": {}}, checkpointer=None,
                        log=logging.getLogger("test"))
     return export_stage.run(ctx)

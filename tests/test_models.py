@@ -58,7 +58,7 @@ def test_quantized_directories_go_to_quant_io(tokenizer, tmp_path, monkeypatch):
     sentinel = torch.nn.Linear(2, 2)
     fake = types.ModuleType("pipeline.quant.io")
     fake.is_quantized = lambda path: str(path) == str(tmp_path / "model")
-    fake.load_quantized = lambda path: sentinel
+    fake.load_quantized = lambda path, trust_remote_code: sentinel
     monkeypatch.setitem(sys.modules, "pipeline.quant.io", fake)
     monkeypatch.setattr(pipeline.quant, "io", fake, raising=False)
     assert models.is_quantized(tmp_path)

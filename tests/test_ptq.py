@@ -24,6 +24,11 @@ from stages import ptq
 W3G128 = QuantSpec.model_validate("w3g128")
 
 
+def _recipe(spec: QuantSpec) -> SimpleNamespace:
+    """What ptq.run reads of a recipe."""
+    return SimpleNamespace(quant=spec, seed=0, model=SimpleNamespace(trust_remote_code=False))
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     with one_thread():
@@ -84,7 +89,7 @@ def test_generic_samples(teacher):
 @pytest.mark.parametrize("method", ["gptq", "rtn"])
 def test_stage_run_and_reload(teacher, tmp_path, method):
     config = ptq.Config(model="teacher", calibration="traces", method=method, nsamples=6, seqlen=128, sqnr_samples=2)
-    ctx = StageContext(name="ptq", config=config, recipe=SimpleNamespace(quant=W3G128, seed=0), out_dir=tmp_path,
+    ctx = StageContext(name="ptq", config=config, recipe=_recipe(W3G128), out_dir=tmp_path,
                        inputs={"model": teacher.dir, "calibration": teacher.traces},
                        input_manifests={"model": {}, "calibration": {}}, checkpointer=None, log=logging.getLogger("test"))
     metrics = ptq.run(ctx)
@@ -113,7 +118,7 @@ def test_config_and_check_errors(teacher):
     errors = ptq.check(ptq.Config(model="model", method="rtn"), recipe)
     assert errors == [("quant.weights.group_size",
                        "128 does not divide in_features 96 of model.layers.0.mlp.down_proj (and 1 more layers)")]
-    local = SimpleNamespace(model=SimpleNamespace(arch=None, path=str(teacher.dir)), quant=W3G128)
+    local = SimpleNamespace(model=SimpleNamespace(arch=None, path=str(teacher.dir), trust_remote_code=False), quant=W3G128)
     assert ptq.check(ptq.Config(model="model", method="rtn"), local) == []
     g512 = QuantSpec.model_validate({"preset": "w3g128", "weights": {"group_size": 512}})
     assert ptq.check(ptq.Config(model="model", method="rtn"), SimpleNamespace(model=local.model, quant=g512))[0] == (
@@ -128,7 +133,7 @@ def test_stage_w4a4kv4_transform_methods(teacher, tmp_path, method, weight_metho
     config = ptq.Config.model_validate({"type": "ptq", "model": "teacher", "calibration": "traces", "method": method,
                                         "weight_method": weight_method, "nsamples": 4, "seqlen": 64, "epochs": 1,
                                         "sqnr_samples": 2})
-    ctx = StageContext(name="ptq", config=config, recipe=SimpleNamespace(quant=W4A4KV4, seed=0), out_dir=tmp_path,
+    ctx = StageContext(name="ptq", config=config, recipe=_recipe(W4A4KV4), out_dir=tmp_path,
                        inputs={"model": teacher.dir, "calibration": teacher.traces},
                        input_manifests={"model": {}, "calibration": {}}, checkpointer=None, log=logging.getLogger("test"))
     metrics = ptq.run(ctx)
@@ -157,7 +162,7 @@ def test_transform_methods_need_every_decoder_linear(teacher, tmp_path):
     spec = QuantSpec.model_validate({"preset": "w4a4kv4", "targets": ["re:.*self_attn.*"]})
     config = ptq.Config(model="teacher", method="quarot", calibration_source="generic", nsamples=1, seqlen=32,
                         sqnr_samples=1)
-    ctx = StageContext(name="ptq", config=config, recipe=SimpleNamespace(quant=spec, seed=0), out_dir=tmp_path,
+    ctx = StageContext(name="ptq", config=config, recipe=_recipe(spec), out_dir=tmp_path,
                        inputs={"model": teacher.dir}, input_manifests={"model": {}}, checkpointer=None,
                        log=logging.getLogger("test"))
     with pytest.raises(InputError, match="quant.targets: quarot: rotate needs the model prepared"):

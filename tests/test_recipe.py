@@ -3,7 +3,9 @@ no traceback, and no artifacts root; overrides; human messages from pydantic err
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import save_file
 
 import stages
 from pipeline.recipe import RecipeError, load_recipe, parse_recipe
@@ -150,6 +152,8 @@ def test_hub_ids_and_existing_local_paths_are_allowed(fake_stages, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     assert parse_recipe(with_("model", {"path": "Qwen/Qwen3-0.6B"})).model.path == "Qwen/Qwen3-0.6B"
     (tmp_path / "models" / "mine").mkdir(parents=True)
+    (tmp_path / "models" / "mine" / "config.json").write_text('{"model_type": "qwen3"}')
+    save_file({"w": torch.zeros(1)}, tmp_path / "models" / "mine" / "model.safetensors")
     assert parse_recipe(with_("model", {"path": "models/mine"})).model.path == "models/mine"
     with pytest.raises(RecipeError) as e:
         parse_recipe(with_("model", {"path": "models/theirs"}))  # an existing parent: a local path

@@ -210,16 +210,19 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheme", default=None, help="preset the model must be quantized with (default: the model's own)")
     parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     parser.add_argument("--format", default="pack-quantized", choices=["pack-quantized"])
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a model whose loading runs Python from its directory (config.json auto_map)")
 
 
-def export_checkpoint(source: Path, scheme: str | None, out: Path) -> dict[str, float]:
+def export_checkpoint(source: Path, scheme: str | None, out: Path, trust_remote_code: bool = False) -> dict[str, float]:
     """Export the quantized model at `source` (a stage or model directory) to `out` in `scheme` (None:
     its own); returns the sizes. A scheme that does not match the model raises InputError("scheme", ...)."""
     from pipeline.models import load_tokenizer
     from pipeline.quant.io import load_quantized, read_quant_spec
 
     spec = resolve_scheme(scheme, read_quant_spec(source))
-    return export_pack_quantized(load_quantized(source), load_tokenizer(source), spec, out)
+    model = load_quantized(source, trust_remote_code=trust_remote_code)
+    return export_pack_quantized(model, load_tokenizer(source, trust_remote_code), spec, out)
 
 
 def describe_size(size: dict[str, float]) -> str:
@@ -229,15 +232,20 @@ def describe_size(size: dict[str, float]) -> str:
 
 def cli_export(args: argparse.Namespace) -> int:
     """`reasoning-qat export`: returns 0; bad input raises InputError (exit 2), nothing written."""
+    from pipeline.models import CustomCodeRefused, check_model_dir
     from pipeline.quant.io import is_quantized
 
     source, out = Path(args.stage_dir), Path(args.out)
     if not source.exists():
         raise InputError("stage_dir", f"{source} does not exist")
-    if not is_quantized(source):
-        raise InputError("stage_dir", f"{source} holds no quantized model (run a ptq stage first)")
-    if out.exists() and any(out.iterdir()):
-        raise InputError("--out", f"{out} exists and is not empty")
-    size = export_checkpoint(source, args.scheme, out)
+    try:
+        check_model_dir(source, "stage_dir", args.trust_remote_code)
+        if not is_quantized(source):
+            raise InputError("stage_dir", f"{source} holds no quantized model (run a ptq stage first)")
+        if out.exists() and any(out.iterdir()):
+            raise InputError("--out", f"{out} exists and is not empty")
+        size = export_checkpoint(source, args.scheme, out, args.trust_remote_code)
+    except CustomCodeRefused as e:
+        raise CustomCodeRefused(e.path, "stage_dir", "pass --trust-remote-code") from None
     print(f"exported {source} -> {out}: {describe_size(size)}")
     return 0

@@ -10,7 +10,8 @@ out of a path; the JSON is the record.
 integer group/channel weight-only one): stock transformers decompresses it and the decompressed
 modules become QuantLinears whose latent weights are the dequantized weights.
 
-`path` may be a stage directory (its `model/` is used) or a model directory.
+`path` may be a stage directory (its `model/` is used) or a model directory. Loading follows
+pipeline.models: trust_remote_code as given (off by default), weights from safetensors only.
 """
 from __future__ import annotations
 
@@ -109,13 +110,14 @@ def saved_dtype(model: nn.Module, dtype: str) -> torch.dtype:
     return torch.float32 if transforms(model) else getattr(torch, dtype)
 
 
-def load_quantized(path: str | Path, device: str | torch.device | None = None) -> nn.Module:
+def load_quantized(path: str | Path, device: str | torch.device | None = None,
+                   trust_remote_code: bool = False) -> nn.Module:
     """The quantized model at `path` with its QuantLinears calibrated, in eval mode, on `device`."""
     path = model_dir(path)
     if (path / QUANT_CONFIG).exists():
-        model = _load_ours(path)
+        model = _load_ours(path, trust_remote_code)
     elif _compressed_tensors_config(path) is not None:
-        model = _load_compressed_tensors(path)
+        model = _load_compressed_tensors(path, trust_remote_code)
     else:
         raise ValueError(f"{path} holds no quantized model")
     if device is not None:
@@ -123,18 +125,19 @@ def load_quantized(path: str | Path, device: str | torch.device | None = None) -
     return model.eval()
 
 
-def _load_ours(path: Path) -> nn.Module:
+def _load_ours(path: Path, trust_remote_code: bool) -> nn.Module:
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    from pipeline.models import load_config
     from pipeline.quant.apply import prepare, quant_linears
 
     spec = read_quant_spec(path)
     record = json.loads((path / QUANT_CONFIG).read_text())
-    config = AutoConfig.from_pretrained(path)
+    config = load_config(path, trust_remote_code)
     # parameters on meta (filled by assign below), buffers such as RoPE's inv_freq built for real
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     names = prepare(model, spec)
     if names != record["modules"]:
         raise ValueError(f"{path}: the spec selects {len(names)} modules, the checkpoint has {len(record['modules'])}")
@@ -173,17 +176,16 @@ def _is_tied(model: nn.Module, key: str) -> bool:
     return model.config.get_text_config().tie_word_embeddings and key == "lm_head.weight"
 
 
-def _load_compressed_tensors(path: Path) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
+def _load_compressed_tensors(path: Path, trust_remote_code: bool) -> nn.Module:
     if "reasoning_qat" in json.loads((path / "config.json").read_text()):
-        return _load_w4a4kv4_export(path)
+        return _load_w4a4kv4_export(path, trust_remote_code)
+    from pipeline.models import load_pretrained
     from pipeline.quant.apply import from_compressed_tensors
 
     # stock transformers + compressed-tensors load the packed modules; decompressing now (rather
     # than in the hook it registers for the first forward) leaves Linears that carry
     # quantization_scheme / weight_scale / weight_zero_point and the dequantized weight
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    model = load_pretrained(path, trust_remote_code, dtype="auto")
     model.hf_quantizer.compressor.decompress_model(model)
     from_compressed_tensors(model)
     # from here on it is our representation: no compressed-tensors quantizer behind save_pretrained
@@ -192,7 +194,7 @@ def _load_compressed_tensors(path: Path) -> nn.Module:
     return model
 
 
-def _load_w4a4kv4_export(path: Path) -> nn.Module:
+def _load_w4a4kv4_export(path: Path, trust_remote_code: bool) -> nn.Module:
     """Our W4A4KV4 export: the stock model type restored, QuantLinears from the unpacked int4 weights
     (compressed-tensors' own unpacking and dequantization), then the online transforms and clips."""
     from accelerate import init_empty_weights
@@ -210,10 +212,10 @@ def _load_w4a4kv4_export(path: Path) -> nn.Module:
     block = raw.pop("reasoning_qat")
     raw.pop("quantization_config")
     raw["model_type"] = block["base_model_type"]
-    config = AutoConfig.for_model(**raw)
+    config = AutoConfig.for_model(**raw)  # a stock config class: for_model never runs custom code
     spec = QuantSpec.model_validate(block["spec"])
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     prepare(model, spec)
     state = _read_safetensors(path, skip=(TRANSFORMS_FILE,))
     scheme = QuantizationScheme(targets=list(spec.targets), weights=weight_quantization_args(spec.weights))

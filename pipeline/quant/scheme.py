@@ -149,7 +149,8 @@ def weight_spec_from_args(args: "QuantizationArgs") -> WeightSpec:
     )
 
 
-def check_fit(model_or_config: Any, spec: QuantSpec, where: str = "quant") -> list[tuple[str, str]]:
+def check_fit(model_or_config: Any, spec: QuantSpec, where: str = "quant",
+              trust_remote_code: bool = False) -> list[tuple[str, str]]:
     """Every way `spec` does not fit the model, as (key path, message) pairs; [] if it fits.
 
     `model_or_config` is a model, a transformers `PretrainedConfig`, or a `pipeline.models.Qwen3Arch`.
@@ -158,7 +159,10 @@ def check_fit(model_or_config: Any, spec: QuantSpec, where: str = "quant") -> li
     """
     import torch
 
-    model = model_or_config if isinstance(model_or_config, torch.nn.Module) else _meta_model(model_or_config)
+    if isinstance(model_or_config, torch.nn.Module):
+        model = model_or_config
+    else:
+        model = _meta_model(model_or_config, trust_remote_code)
     from pipeline.quant.apply import match_targets
 
     try:
@@ -190,7 +194,7 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def _meta_model(config: Any) -> "torch.nn.Module":
+def _meta_model(config: Any, trust_remote_code: bool) -> "torch.nn.Module":
     import torch
     from transformers import AutoModelForCausalLM, PretrainedConfig, Qwen3Config
 
@@ -200,4 +204,4 @@ def _meta_model(config: Any) -> "torch.nn.Module":
         # tokenizer's until the model is built.
         config = Qwen3Config(**config.model_dump())
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
