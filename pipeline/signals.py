@@ -4,10 +4,10 @@ The runner owns both signals for the length of a run (`owned()`, around every st
 What the first signal does depends on what the main thread is doing:
 
 - a training loop (inside `stop_at_safe_points()`), or the runner committing a finished stage: it
-  only asks to stop. The loop sees the request
-  (`requested()`, `Checkpointer.stop_requested`) after its step, saves a checkpoint and raises
-  StageInterrupted; a re-run resumes there. A loop that finishes first leaves the request waiting until
-  its stage ends, since what follows a loop is saving what it trained; the runner then stops.
+  only asks to stop. The loop sees the request (`requested()`, `Checkpointer.stop_requested`) after
+  its step, saves a checkpoint and raises StageInterrupted; a re-run resumes there. A loop that finishes
+  first leaves the request waiting until its stage ends, since what follows a loop is saving what it
+  trained; the runner then stops.
 - anything else (generating traces, evaluating, PTQ, planning): what it was doing is lost either way,
   so it stops at once, by raising `Stopped` wherever the main thread is. Nothing half-done can look
   complete: a stage is written in `.partial/` and renamed into place only when whole.
