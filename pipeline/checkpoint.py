@@ -7,10 +7,12 @@ temporary directory and renamed into place, so a checkpoint directory that exist
     ckpt = ctx.checkpointer
     start = ckpt.latest()            # None, or (step, state) with state as it was saved
     ...
-    if ckpt.due(step):               # every `every` steps, or once SIGTERM/SIGINT arrived
-        ckpt.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(), ...})
-    if ckpt.stop_requested:
-        raise StageInterrupted(...)  # the runner turns this into exit code 1, checkpoint kept
+    with pipeline.signals.stop_at_safe_points():
+        ...
+        if ckpt.due(step):           # every `every` steps, or once SIGTERM/SIGINT arrived
+            ckpt.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(), ...})
+        if ckpt.stop_requested:
+            raise StageInterrupted(...)  # the runner exits 130/143; the checkpoint is kept
 
 Nested state (optimizer state dicts with integer keys, tuples of RNG state) round-trips exactly.
 No pickle anywhere: a checkpoint on disk is data, never code.
@@ -20,13 +22,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline import signals
 from pipeline.optim import flatten_subclass, subclass_name, unflatten_subclass
 
 _TENSOR = "__tensor__"
@@ -108,27 +110,11 @@ class Checkpointer:
         self.directory = Path(directory)
         self.every = every
         self.keep = keep
-        self.stop_requested = False
 
-    # -- signals ------------------------------------------------------------------------------
-    def install_signal_handlers(self) -> dict[int, Any]:
-        """On SIGTERM/SIGINT, ask the training loop to checkpoint and stop (a second signal raises
-        KeyboardInterrupt at once); returns the old handlers."""
-
-        def request_stop(signum, frame):  # noqa: ARG001
-            if self.stop_requested:  # asked twice: stop now, also a stage that never checks (eval, ...)
-                raise KeyboardInterrupt
-            self.stop_requested = True
-
-        old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            old[sig] = signal.signal(sig, request_stop)
-        return old
-
-    @staticmethod
-    def restore_signal_handlers(old: dict[int, Any]) -> None:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+    @property
+    def stop_requested(self) -> bool:
+        """SIGTERM/SIGINT asked the run to stop (pipeline.signals): checkpoint now, then stop."""
+        return signals.requested() is not None
 
     # -- saving -------------------------------------------------------------------------------
     def due(self, step: int) -> bool:

@@ -9,7 +9,9 @@
     accelerate launch -m pipeline.cli run RECIPE
 
 Exit codes: 0 done (a stage skipped by its gate counts as done), 2 bad input (one line per problem,
-nothing written), 1 a failure while running (one line naming the stage; the traceback is in run.log).
+nothing written; also a run with work to do in an artifacts directory it may not write), 1 a failure
+while running (one line naming the stage; the traceback is in run.log), 128 + the signal's number when
+SIGINT / SIGTERM stopped a run (130 / 143; training stages resume from the checkpoint it saved).
 """
 from __future__ import annotations
 
@@ -66,9 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         _error("interrupted")
         return 130
     except Exception as e:  # noqa: BLE001 - everything else is a run-time failure: one line, exit 1
-        from pipeline.runner import RunError
+        from pipeline.runner import RunError, RunStopped
         from pipeline.store import LockedError
 
+        if isinstance(e, RunStopped):
+            _error(str(e))
+            return 128 + e.signum
         if isinstance(e, (RunError, LockedError)):
             _error(str(e))
         else:
@@ -93,7 +98,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     run.set_defaults(handler=cmd_run)
 
-    status = sub.add_parser("status", help="each stage: complete / stale / pending / skipped / failed, and why")
+    status = sub.add_parser("status", help="each stage: complete / stale / pending / skipped / failed / running, "
+                            "and why")
     recipe_arguments(status, artifacts=True)
     status.add_argument("--json", action="store_true", help='print {"stages": [{"name", "type", "state", "reason"}]}')
     status.set_defaults(handler=cmd_status)
@@ -165,7 +171,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     table = Table(title=f"{recipe.name} ({args.artifacts}/{recipe.name})", title_justify="left")
     for column in ("stage", "type", "state", "why"):
         table.add_column(column)
-    styles = {"complete": "green", "stale": "yellow", "pending": "cyan", "skipped": "dim", "failed": "red"}
+    styles = {"complete": "green", "stale": "yellow", "pending": "cyan", "skipped": "dim", "failed": "red",
+              "running": "bold magenta"}
     for d in decisions:
         table.add_row(d.name, d.type, f"[{styles[d.state]}]{d.state}[/]", _plain(d.reason))
     _out().print(table)

@@ -62,10 +62,12 @@ from typing import Callable, Literal, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from pipeline import signals
 from pipeline.checkpoint import Checkpointer, StageInterrupted
 from pipeline.data import Problem, chat_prompt
 from pipeline.generate import first_stop_end, generate_ids, resolve_backend
 from pipeline.quant.apply import decoding_weights, weight_only
+from pipeline.stage_api import OPERATIONAL, result_config
 
 # -- rewards --------------------------------------------------------------------------------------
 
@@ -197,7 +199,7 @@ class GRPOSettings(BaseModel):
     """pipeline.generate backend for rollouts."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (QuantLinear's forward is pure, so re-running it is safe)."""
-    checkpoint_every: int = Field(50, ge=0)
+    checkpoint_every: int = Field(50, ge=0, json_schema_extra=OPERATIONAL)
     """Save a resumable checkpoint every this many steps (0: only on SIGTERM/SIGINT)."""
     policy: Literal["qat", "lora"] = "qat"
     """qat: latent weights train through fake quantization; lora: adapters on the frozen quantized base."""
@@ -404,8 +406,6 @@ def grpo_train(model, tokenizer, problems: Sequence[Problem], settings: GRPOSett
     step: reward, accuracy, format, entropy, kl when beta > 0, completion_length, truncation_rate,
     loss, lr, grad_norm, sigma, ...). Raises StageInterrupted after checkpointing on SIGTERM/SIGINT.
     """
-    import threading
-
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import PrinterCallback
@@ -464,7 +464,7 @@ def grpo_train(model, tokenizer, problems: Sequence[Problem], settings: GRPOSett
     dataset = Dataset.from_dict({"prompt": [chat_prompt(tokenizer, p.question) for p in problems],
                                  "answer": [p.answer for p in problems]})
 
-    signature = {"settings": settings.model_dump(mode="json"), "seed": seed, "prompts": len(problems),
+    signature = {"settings": result_config(type(settings), settings.model_dump(mode="json")), "seed": seed, "prompts": len(problems),
                  "processes": processes}
     rows: list[dict] = []
     found = checkpointer.resume(signature, log)
@@ -486,15 +486,14 @@ def grpo_train(model, tokenizer, problems: Sequence[Problem], settings: GRPOSett
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
     checkpointer.every = settings.checkpoint_every
-    handlers = checkpointer.install_signal_handlers() if threading.current_thread() is threading.main_thread() else {}
     started = time.perf_counter()
     try:
-        with progress(desc, total=settings.steps) as bar:
+        # a first SIGINT/SIGTERM is seen after the step (the engine callback): checkpoint, then stop
+        with signals.stop_at_safe_points(), progress(desc, total=settings.steps) as bar:
             bar.advance(len(rows))
             trainer.add_callback(_engine_callback(trainer, checkpointer, metrics_path, rows, signature, bar))
             trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     finally:
-        checkpointer.restore_signal_handlers(handlers)
         scratch.cleanup()
     if checkpointer.stop_requested:
         raise StageInterrupted(f"{desc}: stopped at step {trainer.state.global_step} on a signal; checkpoint saved")

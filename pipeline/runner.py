@@ -1,9 +1,20 @@
 """The runner: decide which stages are up to date, run the others in DAG order, record what ran.
 
-A stage is up to date (skipped) when it has a manifest of status `complete` whose fingerprint, inputs
-and code version match, and every file it lists is present with its sha256; the checks run cheapest
-first and the first failing one is the reason shown by `status` and the plan. Otherwise the stage runs,
-and with it everything downstream.
+A stage is up to date (skipped) when it has a manifest of status `complete` that recorded the type, code
+version, config, recipe sections and input fingerprints the stage has now, whose inputs were not re-run
+since, and every file it lists is present with its sha256; the checks run cheapest first and the first
+failing one is the reason shown by `status` and the plan. Otherwise the stage runs, and with it everything
+downstream. Config fields marked OPERATIONAL (pipeline.stage_api) are held at their default in all of
+this: changing one re-runs nothing and keeps a stage's checkpoints. A manifest is judged by these parts
+rather than by its fingerprint, and downstream stages see the fingerprint it recorded, so artifacts
+written before a field was marked operational stay up to date whatever value they ran with.
+
+A stage that runs resumes from the checkpoints of an interrupted attempt with the same fingerprint;
+those of an attempt with another one are discarded, and the plan says so and why.
+
+Signals: pipeline.signals (a first SIGINT/SIGTERM stops a training loop at its next checkpoint, any
+other work at once; the CLI exits 130 / 143). `status` shows the stage another process is running,
+with its pid (Store.holder).
 
 Gates: a stage with `when: <gate>` is skipped (a manifest of status `skipped`) when the gate's metrics
 say `passed` 0; a stage downstream of a skipped stage reads the skipped stage's own input named by its
@@ -18,18 +29,17 @@ from __future__ import annotations
 import logging
 import os
 import random
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import dag, logs
+from pipeline import dag, logs, signals
 from pipeline.errors import InputError
 from pipeline.recipe import Recipe, did_you_mean
-from pipeline.stage_api import BASE_MODEL_REF, StageContext
-from pipeline.store import Store, fingerprint, now_iso, sha256_json
+from pipeline.stage_api import BASE_MODEL_REF, StageContext, result_config
+from pipeline.store import NotWritable, Store, fingerprint, now_iso, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +54,10 @@ class StageFailed(RunError):
 
 class RunStopped(RunError):
     """The run stopped on SIGINT/SIGTERM; checkpoints are kept for the next run."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 @dataclass(frozen=True)
@@ -78,7 +92,7 @@ class Decision:
     action: str
     """`run`, `skip` (up to date) or `gate` (skipped because its gate did not pass)."""
     state: str
-    """What `status` shows: complete, stale, pending, skipped or failed."""
+    """What `status` shows: complete, stale, pending, skipped, failed, or running (in another process)."""
     reason: str
     fingerprint: str
     inputs: dict[str, Effective]
@@ -115,10 +129,11 @@ class Planner:
         config, module = recipe.stages[name], recipe.modules[name]
         refs = recipe.refs(name)
         inputs = {f: self.base if t == BASE_MODEL_REF else self.effective[t] for f, t in refs.items()}
-        config_json = config.model_dump(mode="json")
-        sections = {s: recipe.section(s) for s in module.USES}
-        fp = fingerprint(config.type, config_json, sections, {f: e.fingerprint for f, e in inputs.items()},
-                         module.CODE_VERSION)
+        # what the fingerprint hashes, and what a manifest or an attempt's record is compared with
+        now = {"type": config.type, "config": result_config(type(config), config.model_dump(mode="json")),
+               "sections": {s: recipe.section(s) for s in module.USES},
+               "inputs": {f: e.fingerprint for f, e in inputs.items()}, "code_version": module.CODE_VERSION}
+        fp = fingerprint(now["type"], now["config"], now["sections"], now["inputs"], now["code_version"])
 
         def decision(action, state, reason, warning=None):
             return Decision(name, config.type, action, state, reason, fp, inputs, warning)
@@ -134,7 +149,7 @@ class Planner:
                 warning = f"{gate_reason}; running anyway ({forced})"
             elif (manifest is not None and manifest.get("status") == "complete"
                   and not any(e.pending for e in inputs.values())
-                  and self._stale_reason(name, manifest, fp, inputs, config_json, sections, module) is None):
+                  and self._stale_reason(name, manifest, now, inputs) is None):
                 # a run forced past this very gate result (any change to the gate makes it stale):
                 # it stays what downstream reads until something changes, rather than being skipped over
                 return decision("skip", "complete", f"up to date (ran past the failed gate with --force: {gate_reason})")
@@ -147,11 +162,8 @@ class Planner:
             failure = f"failed: {failed.get('error', 'unknown error')}"
         if manifest is None:
             state, reason = ("failed", failure) if failure else ("pending", "never run")
-            step = store.resume_step(name, fp)
-            if step is not None:
-                reason += f"; resumes from step {step}"
         else:
-            reason = self._stale_reason(name, manifest, fp, inputs, config_json, sections, module)
+            reason = self._stale_reason(name, manifest, now, inputs)
             reason = reason or next((f"input '{f}' will re-run ({e.pending})" for f, e in inputs.items()
                                      if e.pending), None)
             if reason is None and manifest.get("status") == "skipped":
@@ -166,9 +178,11 @@ class Planner:
                 state, reason = "failed", failure
             else:
                 state = "stale"
-        if forced:
-            return decision("run", state, forced, warning)
-        return decision("skip" if state == "complete" else "run", state, reason, warning)
+        if state == "complete" and not forced:
+            return decision("skip", state, reason, warning)
+        reason = forced or reason
+        note = self._checkpoints_note(name, fp, now, inputs)
+        return decision("run", state, f"{reason}; {note}" if note else reason, warning)
 
     def _gate_reason(self, name: str, gate: Effective) -> str:
         """`gate 'g' did not pass`, with the measured numbers when the gate module can `explain` them."""
@@ -189,33 +203,53 @@ class Planner:
             raise RunError(f"stages.{gate.stage}: a gate must report the metric 'passed' (1.0 or 0.0)")
         return bool(metrics["passed"])
 
-    def _stale_reason(self, name, manifest, fp, inputs, config_json, sections, module) -> str | None:
+    def _stale_reason(self, name: str, manifest: dict, now: dict, inputs: dict[str, Effective]) -> str | None:
         """Why a stage's manifest does not match what it would be now, cheapest check first (no sha256)."""
         if manifest.get("status") not in ("complete", "skipped"):
             return f"manifest has status {manifest.get('status')!r}"
-        if manifest.get("type") != config_json["type"]:
-            return f"type changed: {manifest.get('type')} -> {config_json['type']}"
-        if manifest.get("code_version") != module.CODE_VERSION:
-            return f"code version {manifest.get('code_version')} -> {module.CODE_VERSION}"
-        changes = _diff(manifest.get("config", {}), config_json)
-        if changes:
-            return f"config changed: {changes}"
-        for section, value in sections.items():
-            changes = _diff(manifest.get("sections", {}).get(section), value)
-            if changes:
-                return f"recipe section '{section}' changed: {changes}"
-        recorded, runs = manifest.get("inputs", {}), manifest.get("input_runs", {})
+        reason = self._changed(name, manifest, now, inputs)
+        if reason is not None:
+            return reason
+        runs = manifest.get("input_runs", {})
         for f, e in inputs.items():
-            if recorded.get(f) != e.fingerprint:
-                was = manifest.get("input_stages", {}).get(f)
-                return f"input '{f}' changed" + (f" (now from '{e.stage}', was '{was}')" if was != e.stage else "")
             if not e.pending and runs.get(f) != e.run_id:
                 return f"input '{f}' was re-run"
-        if manifest.get("fingerprint") != fp:
-            return "fingerprint changed"
         if manifest.get("status") == "complete":
             return self.store.check_files(name, manifest, deep=False)
         return None
+
+    def _changed(self, name: str, recorded: dict, now: dict, inputs: dict[str, Effective]) -> str | None:
+        """What differs between `recorded` (a manifest, or an attempt's record) and `now`, the parts of the
+        stage's fingerprint; operational config fields are at their defaults in `now` and compared so."""
+        if recorded.get("type") != now["type"]:
+            return f"type changed: {recorded.get('type')} -> {now['type']}"
+        if recorded.get("code_version") != now["code_version"]:
+            return f"code version {recorded.get('code_version')} -> {now['code_version']}"
+        config_cls = type(self.recipe.stages[name])
+        changes = _diff(result_config(config_cls, recorded.get("config", {})), now["config"])
+        if changes:
+            return f"config changed: {changes}"
+        for section, value in now["sections"].items():
+            changes = _diff(recorded.get("sections", {}).get(section), value)
+            if changes:
+                return f"recipe section '{section}' changed: {changes}"
+        for f, e in inputs.items():
+            if recorded.get("inputs", {}).get(f) != e.fingerprint:
+                was = recorded.get("input_stages", {}).get(f)
+                return f"input '{f}' changed" + (f" (now from '{e.stage}', was '{was}')" if was != e.stage else "")
+        return None
+
+    def _checkpoints_note(self, name: str, fp: str, now: dict, inputs: dict[str, Effective]) -> str | None:
+        """What running the stage does with the checkpoints of an interrupted attempt: resumes from them
+        (same fingerprint), or discards them, saying which step and why."""
+        step = self.store.checkpoint_step(name)
+        if step is None:
+            return None
+        if self.store.partial_fingerprint(name) == fp:
+            return f"resumes from step {step}"
+        attempt = self.store.attempt(name)  # None for an attempt of an older version, which kept no record
+        why = self._changed(name, attempt, now, inputs) if attempt else None
+        return f"discards the checkpoint of step {step}, made with other settings" + (f" ({why})" if why else "")
 
     def record(self, decision: Decision, manifest: dict | None = None) -> None:
         """What a reference to this stage resolves to from now on."""
@@ -233,7 +267,10 @@ class Planner:
         if manifest is None:  # planned, not run
             self.effective[name] = Effective(name, decision.fingerprint, None, pending=decision.reason)
         else:
-            self.effective[name] = Effective(name, decision.fingerprint, manifest.get("run_id"), manifest)
+            # downstream manifests recorded the fingerprint this one holds, which differs from the one computed
+            # now if it was written before one of its config fields was marked operational
+            self.effective[name] = Effective(name, manifest.get("fingerprint", decision.fingerprint),
+                                             manifest.get("run_id"), manifest)
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> str:
@@ -297,8 +334,14 @@ def plan(recipe: Recipe, store: Store, options: Options | None = None, deep: boo
 
 
 def status(recipe: Recipe, store: Store) -> list[Decision]:
-    """Each stage's state and why; reads files, never writes."""
-    return plan(recipe, store)
+    """Each stage's state and why; reads files, never writes. The stage another process is running now
+    shows as `running`, with its pid."""
+    decisions = plan(recipe, store)
+    holder = store.holder()
+    for d in decisions:
+        if holder and d.name == holder.get("stage"):
+            d.state, d.reason = "running", f"by pid {holder['pid']} since {holder['stage_started']}"
+    return decisions
 
 
 def _check_only_inputs(decision: Decision) -> None:
@@ -333,30 +376,45 @@ class Processes:
 
 def run(recipe: Recipe, root: str | Path, options: Options | None = None,
         procs: "Processes | None" = None) -> list[Outcome]:
-    """Run what is missing or stale (and what `options` force); raise RunError / InputError on failure.
-    `procs`: the caller's view of the ranks, if it already made one."""
+    """Run what is missing or stale (and what `options` force); raise RunError / InputError on failure,
+    RunStopped on SIGINT/SIGTERM. `procs`: the caller's view of the ranks, if it already made one.
+
+    In an artifacts directory this process may not write, a run with nothing to do reports that and
+    writes nothing (no lock: there is nothing to protect); one with work to do is bad input (exit 2)."""
     options = options or Options()
     store = Store(root, recipe.name)
     selected, forced = selection(recipe, options)
     if options.only:  # a missing input is bad input: refuse before the lock or run.log exist
         plan(recipe, store, options)
     procs = procs or Processes()
-    if procs.is_main:
-        with store.lock():
-            store.clean_trash()
-            handler = logs.attach_run_log(store.run_log)
-            try:
-                log.info("%s: stages %s", recipe.source, ", ".join(selected))
+    with signals.owned():
+        try:
+            if not procs.is_main:
                 return _run_stages(recipe, store, selected, forced, options, procs)
-            except Exception:
-                log.debug("run failed", exc_info=True)
-                raise
-            finally:
-                logs.detach(handler)
-    return _run_stages(recipe, store, selected, forced, options, procs)
+            try:
+                with store.lock():
+                    return _run_locked(recipe, store, selected, forced, options, procs)
+            except NotWritable as e:
+                return _run_stages(recipe, store, selected, forced, options, procs, read_only=str(e))
+        except signals.Stopped as e:  # between stages: nothing was under way
+            raise RunStopped(f"stopped by {signals.signal_name(e.signum)}", e.signum) from None
 
 
-def _run_stages(recipe, store, selected, forced, options, procs) -> list[Outcome]:
+def _run_locked(recipe, store, selected, forced, options, procs) -> list[Outcome]:
+    store.clean_trash()
+    handler = logs.attach_run_log(store.run_log)
+    try:
+        log.info("%s: stages %s", recipe.source, ", ".join(selected))
+        return _run_stages(recipe, store, selected, forced, options, procs)
+    except (Exception, signals.Stopped):
+        log.debug("run ended early", exc_info=True)
+        raise
+    finally:
+        logs.detach(handler)
+
+
+def _run_stages(recipe, store, selected, forced, options, procs, read_only: str | None = None) -> list[Outcome]:
+    """`read_only`: why this process may not write the artifacts; then a stage that would write is bad input."""
     planner = Planner(recipe, store)
     outcomes = []
     for name in dag.topological_order(recipe):
@@ -374,12 +432,15 @@ def _run_stages(recipe, store, selected, forced, options, procs) -> list[Outcome
             planner.record(decision)
             outcomes.append(Outcome(name, "up to date", None, _headline(recipe, name, store.manifest(name))))
             continue
+        existing = store.manifest(name) if decision.action == "gate" else None
+        recorded_skip = (existing is not None and existing.get("status") == "skipped"
+                         and existing.get("fingerprint") == decision.fingerprint)
+        if read_only and not recorded_skip:
+            raise InputError(str(store.base), f"{read_only}, and stage '{name}' needs to run ({decision.reason})")
         if decision.action == "gate":
             stage_log.info("skipped: %s", decision.reason)
-            existing = store.manifest(name)
-            if procs.is_main and not (existing and existing.get("status") == "skipped"
-                                      and existing.get("fingerprint") == decision.fingerprint):
-                store.prepare(name, decision.fingerprint)
+            if procs.is_main and not recorded_skip:
+                store.prepare(name, decision.fingerprint, _attempt(recipe, decision))
                 store.commit(name, _manifest(recipe, decision, "skipped", now_iso(), now_iso(), 0.0, {},
                                              reason=decision.reason))
             planner.record(decision)
@@ -389,6 +450,8 @@ def _run_stages(recipe, store, selected, forced, options, procs) -> list[Outcome
         manifest = _execute(recipe, store, decision, procs)
         planner.record(decision, manifest)
         outcomes.append(Outcome(name, "ran", manifest["wall_seconds"], _headline(recipe, name, manifest)))
+    if read_only:
+        log.info("%s: nothing to run; %s, so nothing was written", store.base, read_only)
     return outcomes
 
 
@@ -398,7 +461,8 @@ def _execute(recipe: Recipe, store: Store, decision: Decision, procs: Processes)
     name = decision.name
     config, module = recipe.stages[name], recipe.modules[name]
     if procs.is_main:
-        store.prepare(name, decision.fingerprint)
+        store.mark_running(name)
+        store.prepare(name, decision.fingerprint, _attempt(recipe, decision))
     procs.barrier()
     checkpointer = Checkpointer(store.checkpoints_dir(name), every=getattr(config, "checkpoint_every", 0))
     ctx = StageContext(
@@ -410,36 +474,43 @@ def _execute(recipe: Recipe, store: Store, decision: Decision, procs: Processes)
     )
     seed_everything(recipe.seed)
     started, t0 = now_iso(), time.monotonic()
-    handlers = checkpointer.install_signal_handlers() if threading.current_thread() is threading.main_thread() else None
-    try:
-        metrics = _metrics(module.run(ctx))
-    except StageInterrupted:
-        step = store.resume_step(name, decision.fingerprint)
-        raise RunStopped(f"stages.{name}: stopped; re-run to resume from "
-                         + (f"step {step}" if step is not None else "the start")) from None
-    except Exception as e:
+    with signals.stage():
+        try:
+            metrics = _metrics(module.run(ctx))
+        except (StageInterrupted, signals.Stopped) as e:
+            signum = e.signum if isinstance(e, signals.Stopped) else signals.requested()
+            step = store.resume_step(name, decision.fingerprint)
+            ctx.log.debug("stopped after %.1fs", time.monotonic() - t0, exc_info=True)
+            raise RunStopped(f"stages.{name}: stopped by {signals.signal_name(signum)}; re-run to "
+                             + (f"resume from step {step}" if step is not None else "start it again"),
+                             signum) from None
+        except Exception as e:
+            raise _failure(recipe, store, decision, procs, ctx, e, started, time.monotonic() - t0) from e
         wall = time.monotonic() - t0
-        ctx.log.debug("failed after %.1fs", wall, exc_info=True)
-        error = str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {e}"
-        if procs.is_main:
-            store.record_failure(name, _manifest(recipe, decision, "failed", started, now_iso(), wall, {},
-                                                 error=error))
-        if isinstance(e, InputError):
-            raise InputError(f"stages.{name}", str(e)) from None
-        where = f" (traceback in {store.run_log})" if procs.is_main else ""
-        raise StageFailed(f"stages.{name}: failed: {error}{where}") from e
-    finally:
-        if handlers is not None:
-            checkpointer.restore_signal_handlers(handlers)
-    wall = time.monotonic() - t0
-    procs.barrier()
-    manifest = _manifest(recipe, decision, "complete", started, now_iso(), wall, metrics)
-    if procs.is_main:
-        manifest = store.commit(name, manifest)
-    ctx.log.info("done in %.1fs %s", wall, _format_metrics(metrics))
-    if checkpointer.stop_requested:
-        raise RunStopped(f"stages.{name}: completed, then stopped as asked; re-run to continue")
+        with signals.stop_at_safe_points():  # a signal now waits for the commit: the stage's work is done
+            procs.barrier()
+            manifest = _manifest(recipe, decision, "complete", started, now_iso(), wall, metrics)
+            if procs.is_main:
+                manifest = store.commit(name, manifest)
+                store.mark_running(None)
+            ctx.log.info("done in %.1fs %s", wall, _format_metrics(metrics))
+        if signals.requested() is not None:
+            raise RunStopped(f"stages.{name}: completed, then stopped by {signals.signal_name(signals.requested())} "
+                             "as asked; re-run to continue", signals.requested())
     return manifest
+
+
+def _failure(recipe, store, decision, procs, ctx, error: Exception, started: str, wall: float) -> Exception:
+    """Record a failed attempt (the main rank) and make the one-line error to raise."""
+    ctx.log.debug("failed after %.1fs", wall, exc_info=True)
+    message = str(error) if isinstance(error, InputError) else f"{type(error).__name__}: {error}"
+    if procs.is_main:
+        store.record_failure(decision.name, _manifest(recipe, decision, "failed", started, now_iso(), wall, {},
+                                                      error=message))
+    if isinstance(error, InputError):
+        return InputError(f"stages.{decision.name}", str(error))
+    where = f" (traceback in {store.run_log})" if procs.is_main else ""
+    return StageFailed(f"stages.{decision.name}: failed: {message}{where}")
 
 
 def _input_dir(recipe: Recipe, store: Store, e: Effective) -> Path | None:
@@ -449,18 +520,24 @@ def _input_dir(recipe: Recipe, store: Store, e: Effective) -> Path | None:
     return store.stage_dir(e.stage)
 
 
-def _manifest(recipe, decision: Decision, status_, started, ended, wall, metrics, **extra) -> dict:
+def _attempt(recipe, decision: Decision) -> dict:
+    """What a stage is run with: what its fingerprint hashes (the config in full), and where its inputs come from."""
     config = recipe.stages[decision.name]
     module = recipe.modules[decision.name]
     return {
-        "name": decision.name, "type": config.type, "status": status_, "fingerprint": decision.fingerprint,
-        "run_id": uuid.uuid4().hex, "started": started, "ended": ended, "wall_seconds": round(wall, 3),
-        "metrics": metrics, "config": config.model_dump(mode="json"),
-        "sections": {s: recipe.section(s) for s in module.USES},
+        "name": decision.name, "type": config.type, "fingerprint": decision.fingerprint,
+        "config": config.model_dump(mode="json"), "sections": {s: recipe.section(s) for s in module.USES},
         "inputs": {f: e.fingerprint for f, e in decision.inputs.items()},
         "input_stages": {f: e.stage for f, e in decision.inputs.items()},
         "input_runs": {f: e.run_id for f, e in decision.inputs.items()},
-        "code_version": module.CODE_VERSION, **extra,
+        "code_version": module.CODE_VERSION,
+    }
+
+
+def _manifest(recipe, decision: Decision, status_, started, ended, wall, metrics, **extra) -> dict:
+    return {
+        **_attempt(recipe, decision), "status": status_, "run_id": uuid.uuid4().hex, "started": started,
+        "ended": ended, "wall_seconds": round(wall, 3), "metrics": metrics, **extra,
     }
 
 

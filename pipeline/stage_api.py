@@ -15,6 +15,10 @@ A stage type is one module `stages/<type>.py` that defines:
     PASSTHROUGH: str              # optional: for a stage that can be skipped by its gate, the
                                   # StageRef field whose artifact downstream stages read instead
 
+A config field that cannot change what the stage writes (how often it saves a checkpoint) is marked
+`Field(..., json_schema_extra=OPERATIONAL)`: changing it neither makes the stage stale nor throws away
+its checkpoints (see `result_config`).
+
 Stages meet only through artifacts: `ctx.inputs[field]` is the *directory* of the referenced stage
 (or of the recipe's base model for the reference "model"); a stage never imports another stage.
 """
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict
+from pydantic_core import to_jsonable_python
 
 if TYPE_CHECKING:
     from pipeline.checkpoint import Checkpointer
@@ -50,6 +55,32 @@ class StageConfig(BaseModel):
     type: str
     when: StageRef | None = None
     """Name of a `gate` stage; this stage is skipped (state `skipped`) when that gate fails."""
+
+
+OPERATIONAL = {"operational": True}
+"""`json_schema_extra` of a config field that cannot change a stage's outputs (when checkpoints are saved).
+Only what a run's trajectory and files do not depend on qualifies: batch sizes of decoding, gradient
+accumulation, gradient checkpointing and the like change float rounding (or RNG draws) and are not operational;
+held-out evaluation (kd_qat `eval_*`) writes metrics, so it is not either."""
+
+
+def result_config(config_cls: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
+    """`data` (a JSON dump of a `config_cls`, fresh or recorded in a manifest) as far as the stage's results
+    depend on it: each field marked OPERATIONAL at its default. The fingerprint hashes this, the runner
+    compares recorded configs through it, and training loops sign their checkpoints with it.
+
+    Held at the default rather than dropped, so that a config that never changed such a field hashes exactly
+    as it did before the field was marked: the artifacts on disk, their checkpoints and the checkpoints'
+    signatures stay valid. (Artifacts recorded with another value stay valid too: the runner judges a manifest
+    by its parts, not by its fingerprint alone.) Fields of a stage's own Config, inherited ones included;
+    nested models are not searched.
+    """
+    out = dict(data)
+    for name, info in config_cls.model_fields.items():
+        extra = info.json_schema_extra
+        if name in out and isinstance(extra, dict) and extra.get("operational"):
+            out[name] = to_jsonable_python(info.get_default(call_default_factory=True))
+    return out
 
 
 def stage_ref_fields(config_cls: type[StageConfig]) -> list[str]:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import threading
 import time
 from contextlib import contextmanager, nullcontext
 from functools import lru_cache
@@ -48,9 +47,11 @@ from accelerate import Accelerator, DistributedType
 from pydantic import BaseModel, ConfigDict, Field
 from transformers import get_cosine_schedule_with_warmup
 
+from pipeline import signals
 from pipeline.checkpoint import Checkpointer, StageInterrupted
 from pipeline.optim import OptimizerName, ParamDtype, make_optimizer
 from pipeline.progress import progress
+from pipeline.stage_api import OPERATIONAL, result_config
 
 Example = tuple[Sequence[int], int]
 """(token ids of prompt + completion, index where the completion starts)."""
@@ -77,7 +78,7 @@ class TrainArgs(BaseModel):
     """AdamW weight decay, on matrices only (not norms)."""
     grad_clip: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this; None: no clipping."""
-    checkpoint_every: int = Field(100, ge=0)
+    checkpoint_every: int = Field(100, ge=0, json_schema_extra=OPERATIONAL)
     """Save a resumable checkpoint every this many steps (0: only on SIGTERM/SIGINT)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about a third more compute."""
@@ -258,7 +259,7 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
     model, optimizer = acc.prepare(model, raw_optimizer)
 
     # a checkpoint is resumed only if it was made by this same run
-    signature = {"args": args.model_dump(mode="json"), "seed": seed, "examples": len(examples),
+    signature = {"args": result_config(type(args), args.model_dump(mode="json")), "seed": seed, "examples": len(examples),
                  "processes": acc.num_processes}
     rows: list[dict] = []
     start = 0
@@ -277,10 +278,9 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
     checkpointer.every = args.checkpoint_every
-    handlers = checkpointer.install_signal_handlers() if threading.current_thread() is threading.main_thread() else {}
     started = time.perf_counter()
     tokens_total = 0
-    try:
+    with signals.stop_at_safe_points():  # a first SIGINT/SIGTERM is seen after the step: checkpoint, then stop
         with progress(desc, total=args.steps) as bar:
             bar.advance(start)
             for step in range(start, args.steps):
@@ -346,8 +346,6 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
                     acc.wait_for_everyone()
                 if checkpointer.stop_requested:
                     raise StageInterrupted(f"{desc}: stopped at step {done} on a signal; checkpoint saved")
-    finally:
-        checkpointer.restore_signal_handlers(handlers)
     seconds = time.perf_counter() - started
     acc.wait_for_everyone()
     tail = [r["loss"] for r in rows[-10:]]

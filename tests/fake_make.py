@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.stage_api import StageConfig, StageContext, StageRef
+from pipeline import signals
+from pipeline.stage_api import OPERATIONAL, StageConfig, StageContext, StageRef
 
 CODE_VERSION = 1
 USES = ("seed",)
@@ -29,10 +30,10 @@ class Config(StageConfig):
     """A stage whose out.txt is appended."""
     lr: float = Field(3e-4, gt=0)
     """Only here to be changed by tests."""
-    checkpoint_every: int = Field(0, ge=0)
+    checkpoint_every: int = Field(0, ge=0, json_schema_extra=OPERATIONAL)
     """Checkpointer period."""
     steps: int = Field(0, ge=0)
-    """Steps of a fake loop that checkpoints through ctx.checkpointer."""
+    """Steps of a fake training loop that checkpoints through ctx.checkpointer (and stops at its safe points)."""
     interrupt_at: int = Field(-1)
     """Send SIGINT to this process at this step (tests the stop-and-resume plumbing)."""
     fail: bool = False
@@ -56,13 +57,14 @@ def run(ctx: StageContext) -> dict[str, float]:
     latest = ctx.checkpointer.latest()
     if latest is not None:
         start = latest[0]
-    for step in range(start + 1, cfg.steps + 1):
-        if step == cfg.interrupt_at:
-            os.kill(os.getpid(), signal.SIGINT)
-        if ctx.checkpointer.due(step):
-            ctx.checkpointer.save(step, {"step": step})
-        if ctx.checkpointer.stop_requested:
-            raise StageInterrupted(f"stopped at step {step}")
+    with signals.stop_at_safe_points():
+        for step in range(start + 1, cfg.steps + 1):
+            if step == cfg.interrupt_at:
+                os.kill(os.getpid(), signal.SIGINT)
+            if ctx.checkpointer.due(step):
+                ctx.checkpointer.save(step, {"step": step})
+            if ctx.checkpointer.stop_requested:
+                raise StageInterrupted(f"stopped at step {step}")
     text = str(cfg.value)
     if "src" in ctx.inputs:
         text += "<" + (ctx.inputs["src"] / "out.txt").read_text()

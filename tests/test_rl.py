@@ -2,11 +2,14 @@
 lora), the saved policy's format, exact resume after a stop, the recipe checks."""
 import json
 import logging
+import os
+import signal
 
 import pytest
 import torch
 
 import stages.rl as rl_stage
+from pipeline import signals
 from pipeline.checkpoint import Checkpointer, StageInterrupted
 from pipeline.data import Problem
 from pipeline.quant.apply import decoding_weights, quant_linears, quantize_rtn
@@ -160,11 +163,11 @@ def test_a_stop_checkpoints_and_the_rerun_resumes_to_the_uninterrupted_result(in
     def stop_after_two_steps(completions, **_):
         calls.append(1)
         if len(calls) == 2:
-            ckpt.stop_requested = True  # as SIGTERM's handler does
+            os.kill(os.getpid(), signal.SIGTERM)  # in step 2's rollout: seen after that step
         return distinct_chars(completions)
 
     stop_after_two_steps.__name__ = "distinct_chars"
-    with pytest.raises(StageInterrupted, match="stopped at step 2"):
+    with signals.owned(), pytest.raises(StageInterrupted, match="stopped at step 2"):  # the runner owns the signals
         train(init_dir, tmp_path, ckpt, reward_funcs=(stop_after_two_steps,), **settings)
     assert ckpt.latest()[0] == 2 and len(rows(tmp_path)) == 2
     resumed, _ = train(init_dir, tmp_path, Checkpointer(tmp_path / "ckpt"), **settings)

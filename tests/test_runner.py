@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+import yaml
+from conftest import TINY_MODEL
 
 CHAIN = {"a": {"type": "make", "value": 3},
          "b": {"type": "make", "value": 4, "src": "a"},
@@ -69,6 +75,61 @@ def test_config_change_makes_that_stage_and_downstream_stale(chain, fake_stages,
     assert fake_stages.calls == ["b", "c"]
     assert states(run_cli, recipe, art, "--set", "stages.b.lr=1e-5") == {s: ("complete", "up to date") for s in "abc"}
     assert states(run_cli, recipe, art)["b"] == ("stale", "config changed: lr 1e-05 -> 0.0003")
+
+
+def test_an_operational_key_changes_no_fingerprint(chain, fake_stages, run_cli):
+    """`checkpoint_every` (marked OPERATIONAL) cannot change what a stage writes: nothing re-runs, and the
+    fingerprint of a stage at the default is what it was before the key was marked (the whole config)."""
+    from pipeline.store import fingerprint
+
+    recipe, art = chain
+    assert states(run_cli, recipe, art, "--set", "stages.b.checkpoint_every=7") == {
+        s: ("complete", "up to date") for s in "abc"}
+    code, _, err = run_cli("run", recipe, "--artifacts", art, "--set", "stages.b.checkpoint_every=7")
+    assert code == 0 and fake_stages.calls == [], err
+
+    a = json.loads((art / "t" / "a" / "manifest.json").read_text())
+    assert a["config"]["checkpoint_every"] == 0  # the default: hashed as the whole config always was
+    assert a["fingerprint"] == fingerprint("make", a["config"], {"seed": 0}, {}, 1)
+
+
+def test_changing_an_operational_key_resumes_from_the_checkpoint(fake_stages, write_recipe, tmp_path, run_cli):
+    recipe = write_recipe({"a": {"type": "make", "steps": 6, "interrupt_at": 3, "checkpoint_every": 2}})
+    art = tmp_path / "art"
+    code, _, _ = run_cli("run", recipe, "--artifacts", art)
+    assert code == 130
+    assert states(run_cli, recipe, art)["a"] == ("pending", "never run; resumes from step 3")
+    again = ("--set", "stages.a.checkpoint_every=5")
+    assert states(run_cli, recipe, art, *again)["a"] == ("pending", "never run; resumes from step 3")
+    code, _, err = run_cli("run", recipe, "--artifacts", art, *again)  # from step 4: interrupt_at is behind it
+    assert code == 0, err
+    assert (art / "t" / "a" / "sub" / "start.txt").read_text() == "3"
+    assert json.loads((art / "t" / "a" / "manifest.json").read_text())["config"]["checkpoint_every"] == 5
+
+
+def test_artifacts_fingerprinted_before_a_key_was_operational_stay_up_to_date(chain, fake_stages, run_cli):
+    """Artifacts written when checkpoint_every was still hashed at its value (here 7) keep their fingerprints;
+    the runner compares their parts and hands downstream the fingerprint they recorded."""
+    from pipeline.store import fingerprint
+
+    recipe, art = chain
+    code, _, _ = run_cli("run", recipe, "--artifacts", art, "--force", "--set", "stages.a.checkpoint_every=7")
+    assert code == 0
+    upstream = {}
+    for name in "abc":  # rewrite the chain as the earlier version would have written it
+        path = art / "t" / name / "manifest.json"
+        manifest = json.loads(path.read_text())
+        manifest["inputs"] = {f: upstream[stage] for f, stage in manifest["input_stages"].items()}
+        manifest["fingerprint"] = upstream[name] = fingerprint("make", manifest["config"], manifest["sections"],
+                                                                manifest["inputs"], manifest["code_version"])
+        path.write_text(json.dumps(manifest))
+    a_now = json.loads((art / "t" / "a" / "manifest.json").read_text())
+    assert upstream["a"] != fingerprint("make", {**a_now["config"], "checkpoint_every": 0}, {"seed": 0}, {}, 1)
+    fake_stages.calls.clear()
+    assert states(run_cli, recipe, art) == {s: ("complete", "up to date") for s in "abc"}
+    code, _, _ = run_cli("run", recipe, "--artifacts", art)
+    assert code == 0 and fake_stages.calls == []
+    assert states(run_cli, recipe, art, "--set", "stages.a.value=9")["b"][1].startswith("input 'src' changed")
 
 
 def test_code_version_change_makes_stages_stale(chain, fake_stages, run_cli, monkeypatch):
@@ -224,19 +285,25 @@ def test_interrupt_checkpoints_and_rerun_resumes(fake_stages, write_recipe, tmp_
     recipe = write_recipe({"a": {"type": "make", "steps": 6, "interrupt_at": 3}})
     art = tmp_path / "art"
     code, _, err = run_cli("run", recipe, "--artifacts", art)
-    assert code == 1
-    assert err.strip().splitlines()[-1] == "stages.a: stopped; re-run to resume from step 3"
+    assert code == 130  # 128 + SIGINT, as a shell reports it
+    assert "signals: warning: SIGINT: stopping at the next safe point" in err
+    assert err.strip().splitlines()[-1] == "stages.a: stopped by SIGINT; re-run to resume from step 3"
     assert (art / "t" / ".partial" / "a" / "checkpoints" / "step-000000003" / "state.json").is_file()
     assert not (art / "t" / "a").exists()
     assert states(run_cli, recipe, art)["a"] == ("pending", "never run; resumes from step 3")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
+    # a changed config is another fingerprint: its checkpoints are not this run's, and the run says so
+    discard = ("never run; discards the checkpoint of step 3, made with other settings "
+               "(config changed: interrupt_at 3 -> -1)")
+    assert states(run_cli, recipe, art, "--set", "stages.a.interrupt_at=-1")["a"] == ("pending", discard)
     code, _, err = run_cli("run", recipe, "--artifacts", art, "--set", "stages.a.interrupt_at=-1")
-    # a changed config is another fingerprint: its checkpoints are not this run's
     assert code == 0 and (art / "t" / "a" / "sub" / "start.txt").read_text() == "0"
+    assert f"stages.a: running ({discard})" in err
+    assert f"stages.a: running ({discard})" in (art / "t" / "run.log").read_text()
 
     code, _, _ = run_cli("run", recipe, "--artifacts", art, "--force", "--set", "stages.a.interrupt_at=4")
-    assert code == 1
+    assert code == 130
     code, _, err = run_cli("run", recipe, "--artifacts", art, "--set", "stages.a.interrupt_at=4")
     assert code == 0, err
     assert (art / "t" / "a" / "sub" / "start.txt").read_text() == "4"
@@ -278,17 +345,145 @@ def test_lock_refuses_a_second_run(chain, fake_stages, run_cli):
     assert code == 0, err
 
 
-def test_second_signal_stops_a_stage_that_never_checks(fake_stages, write_recipe, tmp_path, run_cli, monkeypatch):
+def test_status_shows_the_stage_another_process_is_running(chain, fake_stages, run_cli):
+    recipe, art = chain
+    root = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from pipeline.store import Store\n"
+         "store = Store(sys.argv[1], 't')\n"
+         "with store.lock():\n"
+         "    store.mark_running('b')\n"
+         "    print('running b', flush=True)\n"
+         "    time.sleep(60)\n", str(art)],
+        stdout=subprocess.PIPE, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        assert holder.stdout.readline().strip() == "running b"
+        got = states(run_cli, recipe, art)
+        assert got["a"] == got["c"] == ("complete", "up to date")
+        assert got["b"][0] == "running" and got["b"][1].startswith(f"by pid {holder.pid} since 20")
+        code, out, _ = run_cli("status", recipe, "--artifacts", art)
+        assert code == 0 and "running" in out and f"by pid {holder.pid}" in out
+        code, _, err = run_cli("run", recipe, "--artifacts", art)
+        assert code == 1 and f"in use by another run (pid {holder.pid}, started 20" in err
+        assert err.strip().endswith("running stage 'b'); wait for it to finish or stop it")
+    finally:
+        holder.kill()  # like kill -9: its record stays behind, and no longer counts
+        holder.wait()
+    assert (art / "t" / ".run.json").is_file()
+    assert states(run_cli, recipe, art) == {s: ("complete", "up to date") for s in "abc"}
+
+
+@contextmanager
+def unwritable(path: Path):
+    """Everything under `path` read-only to this process: by permissions, and for root, whom permissions do not
+    stop, by acting as `nobody` meanwhile (so `path` must be reachable by others)."""
+    modes = {p: p.stat().st_mode for p in [path, *path.rglob("*")]}
+    for p, mode in modes.items():
+        p.chmod(mode & ~0o222)
+    root = os.geteuid() == 0
+    if root:
+        os.seteuid(65534)
+    try:
+        yield
+    finally:
+        if root:
+            os.seteuid(0)
+        for p, mode in modes.items():
+            p.chmod(mode)
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory others can read (pytest's tmp_path is private to its owner), for `unwritable`."""
+    path = Path(tempfile.mkdtemp())
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_read_only_artifacts_status_and_a_run_with_nothing_to_do_work(fake_stages, shared_dir, run_cli):
+    recipe = shared_dir / "t.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "t", "seed": 0, "model": TINY_MODEL, "stages": CHAIN}))
+    art = shared_dir / "art"
+    assert run_cli("run", recipe, "--artifacts", art)[0] == 0
+    fake_stages.calls.clear()
+    snapshot = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in art.rglob("*")}
+    with unwritable(shared_dir):
+        assert states(run_cli, recipe, art) == {s: ("complete", "up to date") for s in "abc"}
+        code, out, err = run_cli("run", recipe, "--artifacts", art)
+        assert code == 0, err
+        assert "cannot write here (Permission denied), so nothing was written" in err
+        assert [line.split("│")[2].strip() for line in out.splitlines() if line.startswith("│")] == ["up to date"] * 3
+
+        code, out, err = run_cli("run", recipe, "--artifacts", art, "--set", "stages.c.value=6")
+        assert code == 2 and err.strip() == (f"{art}/t: cannot write here (Permission denied), and stage 'c' needs "
+                                             "to run (config changed: value 5 -> 6)")
+        code, out, err = run_cli("run", recipe, "--artifacts", shared_dir / "new")
+        assert code == 2 and err.strip() == (f"{shared_dir}/new/t: cannot write here (Permission denied), and "
+                                             "stage 'a' needs to run (never run)")
+    assert fake_stages.calls == []
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in art.rglob("*")} == snapshot
+    assert not (shared_dir / "new").exists()
+
+
+def test_a_signal_stops_a_stage_that_does_not_train_at_once(fake_stages, write_recipe, tmp_path, run_cli,
+                                                            monkeypatch):
+    """Traces, eval, PTQ: nothing a checkpoint could keep, so the first SIGTERM stops them where they are."""
     def run(ctx):
-        os.kill(os.getpid(), signal.SIGINT)  # first: a request to checkpoint and stop, which eval-like stages ignore
-        time.sleep(0.1)
-        os.kill(os.getpid(), signal.SIGINT)  # second: stop now
+        (ctx.out_dir / "half.txt").write_text("half")
+        os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
-        raise AssertionError("not interrupted")
+        raise AssertionError("not stopped")
+
+    monkeypatch.setattr(fake_stages, "run", run)
+    recipe, art = write_recipe({"a": {"type": "make"}, "b": {"type": "make", "src": "a"}}), tmp_path / "art"
+    started = time.monotonic()
+    code, _, err = run_cli("run", recipe, "--artifacts", art)
+    assert time.monotonic() - started < 4
+    assert code == 143  # 128 + SIGTERM
+    assert "signals: warning: SIGTERM: stopping now" in err
+    assert err.strip().splitlines()[-1] == "stages.a: stopped by SIGTERM; re-run to start it again"
+    assert "SIGTERM: stopping now" in (art / "t" / "run.log").read_text()
+    assert not (art / "t" / "a").exists() and not (art / "t" / "b").exists()
+    assert states(run_cli, recipe, art) == {"a": ("pending", "never run"), "b": ("pending", "never run")}
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_second_signal_stops_a_training_loop_at_once(fake_stages, write_recipe, tmp_path, run_cli, monkeypatch):
+    from pipeline import signals
+
+    def run(ctx):
+        with signals.stop_at_safe_points():
+            os.kill(os.getpid(), signal.SIGINT)  # first: a request, seen at the end of the step
+            time.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGINT)  # second: stop now
+            time.sleep(5)
+            raise AssertionError("not interrupted")
 
     monkeypatch.setattr(fake_stages, "run", run)
     art = tmp_path / "art"
     code, _, err = run_cli("run", write_recipe({"a": {"type": "make"}}), "--artifacts", art)
-    assert code == 130 and err.strip().splitlines()[-1] == "interrupted"
+    assert code == 130 and err.strip().splitlines()[-1] == "stages.a: stopped by SIGINT; re-run to start it again"
     assert not (art / "t" / "a").exists() and (art / "t" / ".partial" / "a").is_dir()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_signal_after_the_training_loop_waits_for_the_stage_to_be_saved(fake_stages, write_recipe, tmp_path,
+                                                                          run_cli, monkeypatch):
+    """What follows a loop is saving what it trained: the stage completes, then the run stops before the next."""
+    real_run = fake_stages.run
+
+    def run(ctx):
+        metrics = real_run(ctx)  # a loop of `steps` steps
+        os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    monkeypatch.setattr(fake_stages, "run", run)
+    recipe, art = write_recipe({"a": {"type": "make", "steps": 2}, "b": {"type": "make", "src": "a"}}), tmp_path / "art"
+    code, _, err = run_cli("run", recipe, "--artifacts", art)
+    assert code == 143
+    assert err.strip().splitlines()[-1] == ("stages.a: completed, then stopped by SIGTERM as asked; "
+                                            "re-run to continue")
+    assert fake_stages.calls == ["a"]
+    assert states(run_cli, recipe, art) == {"a": ("complete", "up to date"), "b": ("pending", "never run")}

@@ -93,6 +93,48 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, ru
     assert not (killed / "tiny" / ".partial").exists()
 
 
+def test_sigterm_stops_a_stage_that_does_not_train_promptly(tmp_path):
+    """`timeout` and process managers send SIGTERM once: the traces stage (generation, grading) stops at once,
+    exits 143 with one line, and leaves nothing that looks complete."""
+    pytest.importorskip("stages.traces")
+    import tiny_lm
+    from pipeline.models import save_model
+
+    save_model(tiny_lm.model(), tiny_lm.tokenizer(), tmp_path / "teacher")
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(f"""\
+name: tiny
+model: {{path: {tmp_path / "teacher"}, dtype: float32}}
+data: {{task: testbed, testbed: {{train_size: 1000, test_size: 8}}}}
+stages:
+  traces: {{type: traces, model: model, count: 1000, generation: {{max_new_tokens: 400, batch_size: 8}}}}
+""")
+    art = tmp_path / "art"
+    proc = subprocess.Popen(_cli("run", recipe, "--artifacts", art), env=_env(), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run_log = art / "tiny" / "run.log"
+    deadline = time.monotonic() + 120
+    while not (run_log.is_file() and "stages.traces: running" in run_log.read_text()):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "traces did not start within 120 s"
+        time.sleep(0.05)
+    time.sleep(0.5)  # into the generation
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 10
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "stages.traces: stopped by SIGTERM; re-run to start it again"
+    assert "SIGTERM: stopping now" in run_log.read_text()
+    assert not (art / "tiny" / "traces").exists()
+    from pipeline.recipe import load_recipe
+    from pipeline.runner import status
+    from pipeline.store import Store
+
+    [traces] = status(load_recipe(recipe), Store(art, "tiny"))
+    assert (traces.state, traces.reason) == ("pending", "never run")
+
+
 def test_two_processes_share_one_run(tmp_path, run_cli):
     """torchrun (as `accelerate launch` does) with 2 CPU ranks: one lock, one writer, both finish."""
     pytest.importorskip("stages.sft")

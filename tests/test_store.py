@@ -35,7 +35,7 @@ def test_hash_tree_lists_every_file_but_the_manifest(tmp_path):
 
 def test_commit_swaps_the_stage_in_and_removes_the_partial(tmp_path):
     store = Store(tmp_path, "r")
-    store.prepare("s", "fp1")
+    store.prepare("s", "fp1", {"config": {}})
     (store.out_dir("s") / "x.txt").write_text("new")
     (store.checkpoints_dir("s")).mkdir()
     old = store.stage_dir("s")
@@ -51,7 +51,7 @@ def test_commit_swaps_the_stage_in_and_removes_the_partial(tmp_path):
 
 def test_prepare_keeps_checkpoints_of_the_same_fingerprint_only(tmp_path):
     store = Store(tmp_path, "r")
-    store.prepare("s", "fp1")
+    store.prepare("s", "fp1", {"config": {"lr": 1}})
     step = store.checkpoints_dir("s") / "step-000000007"
     step.mkdir(parents=True)
     (step / "state.json").write_text("{}")
@@ -59,16 +59,18 @@ def test_prepare_keeps_checkpoints_of_the_same_fingerprint_only(tmp_path):
     store.record_failure("s", {"status": "failed", "fingerprint": "fp1", "error": "E"})
     assert store.failed("s")["error"] == "E"
     assert store.resume_step("s", "fp1") == 7 and store.resume_step("s", "fp2") is None
+    assert store.checkpoint_step("s") == 7 and store.attempt("s") == {"config": {"lr": 1}}
 
-    store.prepare("s", "fp1")
+    store.prepare("s", "fp1", {"config": {"lr": 1}})
     assert step.is_dir() and list(store.out_dir("s").iterdir()) == [] and store.failed("s") is None
-    store.prepare("s", "fp2")
+    store.prepare("s", "fp2", {"config": {"lr": 2}})
     assert not step.exists() and store.partial_fingerprint("s") == "fp2"
+    assert store.checkpoint_step("s") is None and store.attempt("s") == {"config": {"lr": 2}}
 
 
 def test_check_files_cheapest_reason_first(tmp_path):
     store = Store(tmp_path, "r")
-    store.prepare("s", "fp")
+    store.prepare("s", "fp", {})
     (store.out_dir("s") / "a.txt").write_text("aaa")
     (store.out_dir("s") / "b.txt").write_text("bbb")
     manifest = store.commit("s", {"name": "s"})
@@ -89,7 +91,9 @@ def test_unreadable_manifest_counts_as_none(tmp_path):
 
 
 def _hold(root, ready, release):
-    with Store(root, "r").lock():
+    store = Store(root, "r")
+    with store.lock():
+        store.mark_running("ptq")
         ready.set()
         release.wait(30)
 
@@ -106,10 +110,17 @@ def test_lock_is_exclusive_across_processes_and_dies_with_its_holder(tmp_path):
                 pass
         message = str(e.value)
         assert message.startswith(f"{tmp_path}/r is in use by another run (pid {holder.pid}, started 20")
-        assert message.endswith("); wait for it to finish or stop it")
+        assert message.endswith(", running stage 'ptq'); wait for it to finish or stop it")
+        seen = Store(tmp_path, "r").holder()
+        assert seen["pid"] == holder.pid and seen["stage"] == "ptq"
     finally:
-        holder.kill()  # like kill -9: no cleanup, the lock file stays
+        holder.kill()  # like kill -9: no cleanup, the lock file and the record stay
         holder.join()
-    assert (tmp_path / "r" / ".lock").exists()
-    with Store(tmp_path, "r").lock():
+    assert (tmp_path / "r" / ".lock").exists() and (tmp_path / "r" / ".run.json").exists()
+    assert Store(tmp_path, "r").holder() is None  # the record of a dead holder does not count
+    store = Store(tmp_path, "r")
+    with store.lock():
         assert f"pid {os.getpid()}" in (tmp_path / "r" / ".lock").read_text()
+        assert store.holder()["pid"] == os.getpid()
+    assert not (tmp_path / "r" / ".run.json").exists()
+

@@ -6,6 +6,7 @@ import signal
 import pytest
 import torch
 
+from pipeline import signals
 from pipeline.checkpoint import Checkpointer, StageInterrupted
 from pipeline.data import chat_example
 from pipeline.models import Qwen3Arch, build_model
@@ -71,7 +72,9 @@ def test_crash_and_resume_gives_the_uninterrupted_run_exactly(setup, tmp_path):
         calls["n"] += 1
         return causal_lm_loss(model, batch)
 
-    resumed, result_b, rows_b = run(setup, tmp_path / "b", loss_fn=counting)
+    # checkpoint_every is operational: a checkpoint made with another value resumes all the same
+    resumed, result_b, rows_b = run(setup, tmp_path / "b", args=ARGS.model_copy(update={"checkpoint_every": 5}),
+                                    loss_fn=counting)
     assert calls["n"] == 2  # only steps 5 and 6 ran again
     assert [r["loss"] for r in rows_b] == [r["loss"] for r in rows]
     assert result_b["final_loss"] == result["final_loss"]
@@ -89,7 +92,7 @@ def test_sigterm_checkpoints_then_raises(setup, tmp_path):
         return causal_lm_loss(model, batch)
 
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(StageInterrupted, match="step 3"):
+    with signals.owned(), pytest.raises(StageInterrupted, match="step 3"):  # the runner owns the signals
         run(setup, tmp_path, args=ARGS.model_copy(update={"checkpoint_every": 0}), loss_fn=signalled)
     assert signal.getsignal(signal.SIGTERM) is before
     step, state = Checkpointer(tmp_path / "ckpt").latest()
