@@ -64,9 +64,15 @@ accumulation, gradient checkpointing and the like change float rounding (or RNG 
 held-out evaluation (kd_qat `eval_*`) writes metrics, so it is not either."""
 
 
+ADDED_KEY = {"omit_at_default": True}
+"""`json_schema_extra` of a field added to a stage type after artifacts of it existed, whose default does what the
+stage did before the field was there: at its default it is left out of `result_config`, so those artifacts stay
+up to date (a new key changes no result until someone sets it)."""
+
+
 def result_config(config_cls: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
     """`data` (a JSON dump of a `config_cls`, fresh or recorded in a manifest) as far as the stage's results
-    depend on it: each field marked OPERATIONAL at its default. The fingerprint hashes this, the runner
+    depend on it: each field marked OPERATIONAL at its default, each ADDED_KEY at its default left out. The fingerprint hashes this, the runner
     compares recorded configs through it, and training loops sign their checkpoints with it.
 
     Held at the default rather than dropped, so that a config that never changed such a field hashes exactly
@@ -78,8 +84,13 @@ def result_config(config_cls: type[BaseModel], data: dict[str, Any]) -> dict[str
     out = dict(data)
     for name, info in config_cls.model_fields.items():
         extra = info.json_schema_extra
-        if name in out and isinstance(extra, dict) and extra.get("operational"):
-            out[name] = to_jsonable_python(info.get_default(call_default_factory=True))
+        if name not in out or not isinstance(extra, dict):
+            continue
+        default = to_jsonable_python(info.get_default(call_default_factory=True))
+        if extra.get("operational"):
+            out[name] = default
+        elif extra.get("omit_at_default") and out[name] == default:
+            del out[name]
     return out
 
 

@@ -51,7 +51,7 @@ from pipeline import signals
 from pipeline.checkpoint import Checkpointer, StageInterrupted
 from pipeline.optim import OptimizerName, ParamDtype, make_optimizer
 from pipeline.progress import progress
-from pipeline.stage_api import OPERATIONAL, result_config
+from pipeline.stage_api import ADDED_KEY, OPERATIONAL, result_config
 
 Example = tuple[Sequence[int], int]
 """(token ids of prompt + completion, index where the completion starts)."""
@@ -84,9 +84,9 @@ class TrainArgs(BaseModel):
     """Recompute activations in backward: less memory, about a third more compute."""
     compile: bool = False
     """torch.compile each decoder layer (GPU: faster steps after a compile pause; CPU: rarely worth it)."""
-    param_dtype: ParamDtype = "float32"
+    param_dtype: ParamDtype = Field("float32", json_schema_extra=ADDED_KEY)
     """Latent weights and gradients: float32, or bfloat16 (half the memory; updates stochastically rounded)."""
-    optimizer: OptimizerName = "adamw"
+    optimizer: OptimizerName = Field("adamw", json_schema_extra=ADDED_KEY)
     """adamw (fp32 moments, 8 bytes a parameter) or adamw_8bit (block-wise 8-bit moments, 2 bytes)."""
 
 

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline import signals
-from pipeline.stage_api import OPERATIONAL, StageConfig, StageContext, StageRef
+from pipeline.stage_api import ADDED_KEY, OPERATIONAL, StageConfig, StageContext, StageRef
 
 CODE_VERSION = 1
 USES = ("seed",)
@@ -38,6 +38,8 @@ class Config(StageConfig):
     """Send SIGINT to this process at this step (tests the stop-and-resume plumbing)."""
     fail: bool = False
     """Raise at run time."""
+    flavour: str = Field("plain", json_schema_extra=ADDED_KEY)
+    """A key added after artifacts existed: at its default it leaves them up to date."""
 
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:

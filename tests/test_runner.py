@@ -90,7 +90,8 @@ def test_an_operational_key_changes_no_fingerprint(chain, fake_stages, run_cli):
 
     a = json.loads((art / "t" / "a" / "manifest.json").read_text())
     assert a["config"]["checkpoint_every"] == 0  # the default: hashed as the whole config always was
-    assert a["fingerprint"] == fingerprint("make", a["config"], {"seed": 0}, {}, 1)
+    before_added_keys = {k: v for k, v in a["config"].items() if k != "flavour"}  # see the ADDED_KEY test
+    assert a["fingerprint"] == fingerprint("make", before_added_keys, {"seed": 0}, {}, 1)
 
 
 def test_changing_an_operational_key_resumes_from_the_checkpoint(fake_stages, write_recipe, tmp_path, run_cli):
@@ -130,6 +131,22 @@ def test_artifacts_fingerprinted_before_a_key_was_operational_stay_up_to_date(ch
     code, _, _ = run_cli("run", recipe, "--artifacts", art)
     assert code == 0 and fake_stages.calls == []
     assert states(run_cli, recipe, art, "--set", "stages.a.value=9")["b"][1].startswith("input 'src' changed")
+
+
+def test_a_key_added_at_its_default_keeps_earlier_artifacts_up_to_date(chain, fake_stages, run_cli):
+    """`flavour` (ADDED_KEY) is left out of the fingerprint at its default: the chain, written as if before the key
+    existed, stays up to date whether or not the recipe names the default; another value re-runs that stage."""
+    from pipeline.store import fingerprint
+
+    recipe, art = chain
+    a = json.loads((art / "t" / "a" / "manifest.json").read_text())
+    assert a["config"]["flavour"] == "plain"  # recorded, but hashed as the config was before the key existed
+    assert a["fingerprint"] == fingerprint("make", {k: v for k, v in a["config"].items() if k != "flavour"},
+                                           {"seed": 0}, {}, 1)
+    assert states(run_cli, recipe, art, "--set", "stages.b.flavour=plain") == {
+        s: ("complete", "up to date") for s in "abc"}
+    assert states(run_cli, recipe, art, "--set", "stages.b.flavour=spicy")["b"] == (
+        "stale", "config changed: flavour <unset> -> spicy")
 
 
 def test_code_version_change_makes_stages_stale(chain, fake_stages, run_cli, monkeypatch):
