@@ -302,3 +302,25 @@ def test_per_prompt_budgets_need_the_refill_backend(lm):
     model, tok = lm
     with pytest.raises(ValueError, match="per-prompt max_new_tokens needs the refill backend, not 'generate'"):
         generate_ids(model, [[5, 6]], GenerationSpec(backend="generate"), [0], 0, max_new_tokens=[3])
+
+
+def test_bench_tiny_gives_every_method_the_same_workload(tmp_path, monkeypatch):
+    """bench/generate.py --tiny: ours, plain generate and continuous batching each generate exactly the planted
+    stop lengths (the same tokens), and the JSON holds each one's throughput."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "gen.json"
+    monkeypatch.setattr("sys.argv", ["generate.py", "--tiny", "--prompts", "6", "--stop-range", "3", "12",
+                                     "--out", str(out)])
+    assert bench.main() == 0
+    report = json.loads(out.read_text())
+    planted = round(report["mean_new_tokens"] * report["prompts"])
+    assert {name: r["tokens"] for name, r in report["results"].items()} == \
+        {"ours": planted, "plain": planted, "continuous": planted}
+    assert all(r["tokens_per_s"] > 0 and r["prompts"] == 6 for r in report["results"].values())
