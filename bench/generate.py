@@ -93,7 +93,7 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model and a small workload (CPU smoke test)")
     parser.add_argument("--out", required=True, help="write results here as JSON")
     parser.add_argument("--prompts", type=int, default=None,
-                        help="number of prompts (default 64, tiny 8; bench/generate.py's reasoning workload 256, tiny 16)")
+                        help="number of prompts (default 64, tiny 8; the reasoning workload: 256, tiny 16)")
     parser.add_argument("--prompt-len", type=int, default=None, help="tokens per prompt (default 256; tiny 32)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt (default 512; tiny 32)")
     parser.add_argument("--batch-size", type=int, default=None, help="GenerationSpec.batch_size (default = prompts)")

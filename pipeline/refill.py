@@ -22,7 +22,9 @@ a waiting prompt takes its slot, and the number of slots comes from the memory f
 - Attention reads what is live. The rows are split into a few contiguous chunks, each attending over
   its own longest row (`row_windows`, passed to the attention wrapper `rows_<impl>`); rows are kept
   ordered by length (re-sorted when the reads saved outweigh the copy), so a short sequence does not
-  read the padding of a long one. Decoding is bound by these reads (KV bytes x context per token).
+  read the padding of a long one. At reasoning lengths these reads (KV bytes x context, per token)
+  bound a GPU's decoding; for a small model the host's eager forward (tens of ms a step, whatever the
+  batch) can bound it first, so tokens/s then grows with the slots the memory allows.
 - Sampling per request. Request i draws from its own stream of uniforms (numpy, seeded by (seed, i)):
   inverse-CDF sampling of the distribution after transformers' temperature / top-k / top-p warpers.
   So a sequence's tokens do not depend on which others share its batch, on the slot count or on a
@@ -34,8 +36,8 @@ Why hand-written: transformers' `generate` cannot refill a batch. Its continuous
 (`generate_batch`) can, but (5.17) without flash-attn (not in our GPU image) its paged attention packs
 every sequence of a step into one masked attention whose cost grows with batch x total context, it
 refuses our KV-quantized attention (`paged|kvq_sdpa` is no implementation it knows), it sizes its
-cache from all free memory also on CPU, and it seeds one sampler per manager, not per request. The model forward, attention
-functions, masks and logits warpers used here are transformers' own.
+cache from all free memory also on CPU, and it seeds one sampler per manager, not per request. The
+model forward, attention functions, masks and logits warpers used here are transformers' own.
 """
 from __future__ import annotations
 
@@ -229,16 +231,17 @@ def row_chunked_implementation(name: str) -> str:
     return wrapped
 
 
-def plan_chunks(lens: list[int], chunk_cost: int) -> list[tuple[int, int, int]]:
+def plan_chunks(lens: list[int], chunk_cost: int | None) -> list[tuple[int, int, int]]:
     """Split rows 0..len(lens)-1 (cached tokens per row) into 1, 2, 4 or 8 equal contiguous chunks, each
-    (start, end, width = longest row + 1), whichever reads least: sum of rows x width + chunk_cost per chunk."""
+    (start, end, width = longest row + 1), whichever reads least: sum of rows x width + chunk_cost per chunk
+    (None: one chunk, the attention cannot split rows)."""
     best, best_cost = None, None
-    for k in (1, 2, 4, 8):
+    for k in (1,) if chunk_cost is None else (1, 2, 4, 8):
         if k > len(lens):
             break
         bounds = [round(i * len(lens) / k) for i in range(k + 1)]
         chunks = [(a, b, max(lens[a:b]) + 1) for a, b in zip(bounds, bounds[1:])]
-        cost = reads(chunks) + chunk_cost * k
+        cost = reads(chunks) + (chunk_cost or 0) * k
         if best_cost is None or cost < best_cost:
             best, best_cost = chunks, cost
     return best
@@ -256,7 +259,7 @@ class _Settings:
     warpers: LogitsProcessorList | None
     seed: int
     sync_every: int
-    chunk_cost: int
+    chunk_cost: int | None
 
 
 class _Batch:
@@ -291,7 +294,8 @@ class _Batch:
     def admit(self, new: list[tuple[int, int, list[int], int]]) -> None:
         """Make (slot, request index, prompt, budget) entries live, prefilling at most PREFILL_TOKENS at a time."""
         for slot, index, prompt, budget in new:  # first, so that a failed prefill still knows them in flight
-            self.request[slot], self.budget[slot], self.tokens[slot], self.lens[slot] = index, budget, [], len(prompt) - 1
+            self.request[slot], self.budget[slot] = index, budget
+            self.tokens[slot], self.lens[slot] = [], len(prompt) - 1
         group: list[tuple[int, int, list[int], int]] = []
         for entry in new:
             width = max(len(p) - 1 for _, _, p, _ in group + [entry])
@@ -316,7 +320,8 @@ class _Batch:
         self.live_dev[rows] = 1
         if self.u_dev is not None:
             for slot, index, _, budget in group:
-                self.u_dev[slot, :budget] = torch.from_numpy(uniforms(self.settings.seed, index, budget)).to(self.device)
+                stream = uniforms(self.settings.seed, index, budget)
+                self.u_dev[slot, :budget] = torch.from_numpy(stream).to(self.device)
 
     # -- decoding --
     def plan(self) -> tuple[int, list[tuple[int, int, int]]]:
@@ -454,8 +459,10 @@ def decode(model, prompts: list[list[int]], max_new_tokens: list[int], *, stops:
         raise ValueError("the refill backend decodes full-attention models only (sliding-window or linear "
                          "attention layers need backend: generate)")
     capacity = max(map(len, prompts)) + max(max_new_tokens)
+    chunked = model.config._attn_implementation.startswith(ROWS_PREFIX)  # see row_chunked_implementation
     settings = _Settings(stops=frozenset(stops), pad_id=pad_id, warpers=warpers, seed=seed,
-                         sync_every=SYNC_EVERY if model.device.type == "cuda" else 1, chunk_cost=CHUNK_COST_TOKENS)
+                         sync_every=SYNC_EVERY if model.device.type == "cuda" else 1,
+                         chunk_cost=CHUNK_COST_TOKENS if chunked else None)
     slots = slot_count(model, capacity, min(max_slots, len(prompts)), free_memory_bytes(model.device))
     pending, results = deque(range(len(prompts))), {}
     with progress("generate", total=len(prompts)) as bar:
@@ -466,8 +473,9 @@ def decode(model, prompts: list[list[int]], max_new_tokens: list[int], *, stops:
                 _run(batch, pending, results, prompts, max_new_tokens, report)
             except torch.OutOfMemoryError:
                 if slots == 1:
+                    kv_mib = capacity * kv_bytes_per_token(model) / 2**20
                     raise RuntimeError(f"out of device memory decoding one sequence of up to {capacity} tokens "
-                                       f"({capacity * kv_bytes_per_token(model) / 2**20:,.0f} MiB of KV cache)") from None
+                                       f"({kv_mib:,.0f} MiB of KV cache)") from None
                 pending.extendleft(sorted((batch.request[s] for s in batch.live()), reverse=True))
                 log.warning("out of device memory with %d slots: the %d sequences in flight start again with %d",
                             slots, len(batch.live()), slots // 2)
