@@ -25,7 +25,8 @@ as ours' memory budget holds at once (one static batch; so the run takes minutes
 Each method first runs untimed on 4 prompts of at most 32 new tokens (CUDA set-up, compile).
 
 Printed and written to `--out` (JSON, rewritten after every method): tokens, seconds, tokens/s, peak
-GPU memory (allocated, the weights included) and the ratio to plain generate; and `kv_read_bound`: the
+GPU memory (allocated, the weights included) and the ratio to plain generate, or the out-of-memory
+error of a method that ran out (the others still run); and `kv_read_bound`: the
 tokens/s no method can beat on this workload if every step reads each live sequence's keys and values
 once at `--hbm-tb-s` TB/s (3.35 = H100 SXM; 4.8 = H200).
 """
@@ -261,22 +262,27 @@ def main() -> int:
           f"{report['kv_read_bound']['tokens_per_s']:,.0f} tokens/s at {args.hbm_tb_s} TB/s", flush=True)
     for name in args.methods.split(","):
         fn, (p, n) = methods[name]
-        result = measure(lambda: fn(p, n), lambda: fn(p[:4], [min(x, 32) for x in n[:4]]), args.device,
-                         args.repeats)
+        try:
+            result = measure(lambda: fn(p, n), lambda: fn(p[:4], [min(x, 32) for x in n[:4]]), args.device,
+                             args.repeats)
+        except torch.OutOfMemoryError as error:  # what the baselines do when a batch does not fit: a result too
+            result = {"error": f"out of memory: {str(error)[:200]}"}
         result["prompts"] = len(p)
         report["results"][name] = result
-        peak = f", peak {result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] is not None else ""
-        print(f"{name:<11} {result['tokens_per_s']:>10,.0f} tokens/s  ({result['tokens']} tokens of {len(p)} "
-              f"prompts in {result['seconds']:.1f} s{peak})", flush=True)
+        if "error" in result:
+            print(f"{name:<11} {result['error']}", flush=True)
+        else:
+            peak = f", peak {result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] is not None else ""
+            print(f"{name:<11} {result['tokens_per_s']:>10,.0f} tokens/s  ({result['tokens']} tokens of {len(p)} "
+                  f"prompts in {result['seconds']:.1f} s{peak})", flush=True)
         plain = report["results"].get("plain", {}).get("tokens_per_s")
         for r in report["results"].values():
-            r["ratio_vs_plain"] = r["tokens_per_s"] / plain if plain else None
+            r["ratio_vs_plain"] = r["tokens_per_s"] / plain if plain and "tokens_per_s" in r else None
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    if report["results"].get("plain"):
-        print("ratio vs plain generate: " + ", ".join(f"{n} {r['ratio_vs_plain']:.2f}x"
-                                                      for n, r in report["results"].items()))
+    ratios = {n: r["ratio_vs_plain"] for n, r in report["results"].items() if r.get("ratio_vs_plain")}
+    if ratios:
+        print("ratio vs plain generate: " + ", ".join(f"{n} {ratio:.2f}x" for n, ratio in ratios.items()))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
