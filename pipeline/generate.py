@@ -21,9 +21,10 @@ own forward (transformers), through one of these backends (`GenerationSpec.backe
 - `continuous`: transformers' continuous batching (`model.generate_batch`, a paged KV cache). K samples
   are K requests of the same prompt: `generate_batch` returns only the first of `num_return_sequences`
   (transformers 5.17). It refuses KV-quantized models and, without flash-attn, is slow (see pipeline.refill).
-Greedy decoding gives the same tokens on every backend (tests compare them); sampled completions are
-reproducible per seed on each, but differ between `refill` and the others (a per-request stream there,
-one torch generator per call elsewhere).
+Greedy decoding gives the same tokens with `refill`, `generate` and `static` (tests compare them, in
+float32 on CPU; in bf16 near-ties can differ); sampled completions are reproducible per seed on each,
+but differ between `refill` and the others (a per-request stream there, one torch generator per call
+elsewhere).
 With every backend but `continuous`, a model on transformers' `sdpa` attention decodes through
 `grouped_sdpa_attention` (below) for the call: K/V read once per KV head instead of copied per query head.
 
