@@ -1,25 +1,39 @@
-"""Generation throughput: plain `generate` vs static cache + compile vs continuous batching vs ours.
+"""Generation throughput at reasoning lengths: ours (pipeline.generate, `refill`) vs plain `model.generate`
+in static batches vs transformers' continuous batching, in one run, with each one's peak memory.
 
-    python bench/generate.py --out gen.json                 # one GPU: Qwen3-0.6B shape, random weights
-    python bench/generate.py --tiny --out gen-tiny.json     # CPU smoke test (a 2-layer model)
+    python bench/generate.py --out gen.json                 # one H100: the reasoning workload below
+    python bench/generate.py --tiny --out gen-tiny.json     # CPU smoke test (a 2-layer model, seconds)
+    python bench/generate.py --workload fixed --methods ours,plain,static,continuous --out gen-fixed.json
 
-The model is built here (Qwen3Config with Qwen3-0.6B's sizes, random bf16 weights; no download), the
-prompts are random token ids of one length, and every method decodes the same prompts greedily for
-`--new-tokens` tokens. Random weights almost never emit a stop token, so every sequence runs to
-the limit; tokens/s counts the tokens actually generated. Each method runs once untimed (compile,
-CUDA-graph capture, cache sizing) and then `--repeats` times timed; the best run is reported, with
-its ratio against plain `generate`.
+Reasoning workload (default): Qwen3-0.6B's shape with random bf16 weights (built here, no download),
+`--prompts` 256 prompts of random token ids, 128..384 tokens long, each stopping after its own number of
+new tokens drawn uniformly from `--stop-range` (500..8000), seeded. Every method generates exactly those
+lengths: ours through per-prompt `max_new_tokens`, plain generate through a logits processor that plants
+the end token at that step (and bars it before), continuous batching through per-request `max_new_tokens`.
+Decoding is greedy. `fixed`: every prompt `--prompt-len` tokens, every completion `--new-tokens`.
 
-Methods (all transformers; ours is `pipeline.generate.generate_ids`, the path eval/traces/RL use):
-  plain       model.generate, dynamic cache, all prompts in one left-padded batch
-  static      model.generate, cache_implementation="static" (transformers compiles it on CUDA)
-  continuous  model.generate_batch (continuous batching, paged cache), default config
-  continuous_graphs / continuous_compiled   the same with CUDA graphs / graphs + compile level 1
-  ours        pipeline.generate with GenerationSpec(backend=--ours-backend, batch_size=--batch-size)
+Methods:
+  ours        pipeline.generate.generate_ids, GenerationSpec(backend=--ours-backend, batch_size=--batch-size):
+              batches that refill, slots sized from free memory (pipeline.refill)
+  plain       model.generate in static batches of as many sequences as ours' memory budget holds at once
+              (a batch runs until its longest sequence stops), dynamic cache
+  static      the same with cache_implementation="static" (compiled on CUDA)
+  continuous  transformers' ContinuousBatchingManager (paged cache, per-request max_new_tokens), default config
+              on CUDA, a small explicit one on CPU (its default sizes the cache from all free RAM)
+The baselines decode the first `--baseline-prompts` prompts: by default, on the reasoning workload, as many
+as ours' memory budget holds at once (one static batch; so the run takes minutes, not an hour), else all.
+Each method first runs untimed on 4 prompts of at most 32 new tokens (CUDA set-up, compile).
+
+Printed and written to `--out` (JSON, rewritten after every method): tokens, seconds, tokens/s, peak
+GPU memory (allocated, the weights included) and the ratio to plain generate, or the out-of-memory
+error of a method that ran out (the others still run); and `kv_read_bound`: the
+tokens/s no method can beat on this workload if every step reads each live sequence's keys and values
+once at `--hbm-tb-s` TB/s (3.35 = H100 SXM; 4.8 = H200).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import sys
@@ -27,10 +41,11 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline import refill  # noqa: E402
 from pipeline.generate import GenerationSpec, generate_ids  # noqa: E402
 
 QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
@@ -52,52 +67,25 @@ def build(tiny: bool, device: str, dtype: torch.dtype) -> Qwen3ForCausalLM:
     return model.eval()
 
 
-def greedy_config(model, new_tokens: int, **extra) -> GenerationConfig:
-    return GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=model.config.eos_token_id,
-                            pad_token_id=model.config.pad_token_id, **extra)
-
-
-def hf_generate(model, prompts: list[list[int]], new_tokens: int, **extra) -> int:
-    input_ids = torch.tensor(prompts, device=model.device)  # one length: no padding needed
-    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                         generation_config=greedy_config(model, new_tokens, **extra))
-    return count_tokens(out[:, input_ids.shape[1]:].tolist(), model.config.eos_token_id)
-
-
-def hf_continuous(model, prompts: list[list[int]], new_tokens: int, **cb_config) -> int:
-    from transformers import ContinuousBatchingConfig
-
-    results = model.generate_batch(inputs=prompts, generation_config=greedy_config(model, new_tokens),
-                                   continuous_batching_config=ContinuousBatchingConfig(**cb_config))
-    if len(results) != len(prompts) or any(r.error for r in results.values()):
-        raise RuntimeError("continuous batching lost or failed requests")
-    return sum(len(r.generated_tokens) for r in results.values())
-
-
-def ours(model, prompts: list[list[int]], new_tokens: int, batch_size: int, backend: str) -> int:
-    spec = GenerationSpec(max_new_tokens=new_tokens, batch_size=batch_size, backend=backend)
-    rows = generate_ids(model, prompts, spec, [model.config.eos_token_id], model.config.pad_token_id)
-    return sum(len(samples[0]) for samples in rows)
-
-
 def count_tokens(rows: list[list[int]], eos: int) -> int:
     return sum(row.index(eos) + 1 if eos in row else len(row) for row in rows)
 
 
-def timed(fn, device: str, repeats: int) -> tuple[float, int, float]:
-    """(best seconds, tokens generated in that run, warm-up seconds)."""
-    def once() -> tuple[float, int]:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        tokens = fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, tokens
+def run_once(fn, device: str) -> tuple[float, int]:
+    """(seconds, tokens) of one call of fn, the GPU drained before and after."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    tokens = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, tokens
 
-    warmup_s, _ = once()
-    runs = [once() for _ in range(repeats)]
-    seconds, tokens = min(runs)
+
+def timed(fn, device: str, repeats: int) -> tuple[float, int, float]:
+    """(best seconds, tokens generated in that run, warm-up seconds): one untimed run, then `repeats`."""
+    warmup_s, _ = run_once(fn, device)
+    seconds, tokens = min(run_once(fn, device) for _ in range(repeats))
     return seconds, tokens, warmup_s
 
 
@@ -105,7 +93,8 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     """The decoding workload shared by this bench and bench/rollout.py."""
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model and a small workload (CPU smoke test)")
     parser.add_argument("--out", required=True, help="write results here as JSON")
-    parser.add_argument("--prompts", type=int, default=None, help="number of prompts (default 64; tiny 8)")
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="number of prompts (default 64, tiny 8; the reasoning workload: 256, tiny 16)")
     parser.add_argument("--prompt-len", type=int, default=None, help="tokens per prompt (default 256; tiny 32)")
     parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt (default 512; tiny 32)")
     parser.add_argument("--batch-size", type=int, default=None, help="GenerationSpec.batch_size (default = prompts)")
@@ -122,47 +111,178 @@ def workload(args: argparse.Namespace) -> tuple[int, int, int, int, torch.dtype]
     return prompts_n, prompt_len, new_tokens, args.batch_size or prompts_n, dtype
 
 
+# -- the methods: each decodes (prompts, lengths) greedily and returns the tokens it generated -----------
+class PlantedStop(LogitsProcessor):
+    """Row r of a `model.generate` batch emits the end token exactly at its new token lengths[r] (and never before)."""
+
+    def __init__(self, lengths: list[int], prompt_width: int, eos: int, device):
+        self.lengths, self.width, self.eos = torch.tensor(lengths, device=device), prompt_width, eos
+
+    def __call__(self, input_ids, scores):
+        last = (self.lengths - 1 == input_ids.shape[1] - self.width)[:, None]  # (rows, 1): the row's last step
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.eos] = 0.0
+        scores[:, self.eos] = float("-inf")
+        return torch.where(last, forced, scores)  # no boolean indexing: that would sync with the GPU every step
+
+
+def hf_generate(model, prompts: list[list[int]], lengths: list[int], batch: int, **extra) -> int:
+    eos, pad = model.config.eos_token_id, model.config.pad_token_id
+    tokens = 0
+    for start in range(0, len(prompts), batch):
+        rows, limits = prompts[start:start + batch], lengths[start:start + batch]
+        width = max(map(len, rows))
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+        config = GenerationConfig(max_new_tokens=max(limits), do_sample=False, eos_token_id=eos, pad_token_id=pad,
+                                  **extra)
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                             logits_processor=LogitsProcessorList([PlantedStop(limits, width, eos, model.device)]))
+        tokens += count_tokens(out[:, width:].tolist(), eos)
+    return tokens
+
+
+def hf_continuous(model, prompts: list[list[int]], lengths: list[int], tiny: bool) -> int:
+    from transformers import ContinuousBatchingConfig
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+
+    # no end token: every request runs to its own max_new_tokens
+    config = GenerationConfig(max_new_tokens=max(lengths), do_sample=False, eos_token_id=-1,
+                              pad_token_id=model.config.pad_token_id)
+    cb = ContinuousBatchingConfig(num_blocks=256, block_size=32, max_batch_tokens=512) if tiny \
+        else ContinuousBatchingConfig()
+    hints = WorkloadHints(max_prompt_length=max(map(len, prompts)), max_generated_length=max(lengths),
+                          num_requests=len(prompts))
+    tokens, done = 0, 0
+    with model.continuous_batching_context_manager(generation_config=config, continuous_batching_config=cb,
+                                                   workload_hints=hints, block=True, timeout=5) as manager:
+        for ids, limit in zip(prompts, lengths):
+            manager.add_request(ids, max_new_tokens=limit)
+        while done < len(prompts):
+            result = manager.get_result(timeout=1)
+            if result is None:
+                if not manager.is_running():
+                    raise RuntimeError(f"continuous batching stopped after {done} of {len(prompts)} requests")
+            elif result.is_finished():
+                if result.error is not None:
+                    raise RuntimeError(f"continuous batching failed a request: {result.error}")
+                tokens += len(result.generated_tokens)
+                done += 1
+    return tokens
+
+
+def ours(model, prompts: list[list[int]], lengths: list[int], batch_size: int, backend: str) -> int:
+    spec = GenerationSpec(max_new_tokens=max(lengths), batch_size=batch_size, backend=backend)
+    rows = generate_ids(model, prompts, spec, [], model.config.pad_token_id, max_new_tokens=lengths)
+    return sum(len(samples[0]) for samples in rows)
+
+
+# -- workload and measurement ------------------------------------------------------------------------
+def reasoning_workload(model, n: int, prompt_len: int, stop_range: tuple[int, int]) -> tuple[list, list]:
+    """n random prompts of prompt_len/2 .. 3*prompt_len/2 tokens and their stop lengths, uniform in stop_range."""
+    gen = torch.Generator().manual_seed(0)
+    sizes = torch.randint(prompt_len // 2, prompt_len * 3 // 2 + 1, (n,), generator=gen).tolist()
+    # ids below the special tokens, so no prompt holds an end token
+    prompts = [torch.randint(0, model.config.pad_token_id, (size,), generator=gen).tolist() for size in sizes]
+    lengths = torch.randint(stop_range[0], stop_range[1] + 1, (n,), generator=gen).tolist()
+    return prompts, lengths
+
+
+def kv_read_bound(model, prompts: list[list[int]], lengths: list[int], tb_per_s: float) -> float:
+    """Tokens/s if decoding only read each live sequence's keys and values once per step, at tb_per_s."""
+    # step t of a sequence reads its prompt and the t tokens before: about P n + n^2 / 2 token-reads in all
+    reads = sum(len(p) * n + n * (n - 1) // 2 for p, n in zip(prompts, lengths))
+    return sum(lengths) / (reads * refill.kv_bytes_per_token(model) / (tb_per_s * 1e12))
+
+
+def measure(fn, warmup, device: str, repeats: int) -> dict:
+    """Best of `repeats` runs of fn after one run of `warmup`, with fn's peak GPU memory."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    warmup_s, _ = run_once(warmup, device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds, tokens = min(run_once(fn, device) for _ in range(repeats))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "warmup_s": warmup_s,
+            "peak_memory_gib": peak}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_arguments(parser)
-    parser.add_argument("--methods", default="plain,static,continuous,ours",
-                        help="from plain, static, continuous, continuous_graphs, continuous_compiled, ours")
+    parser.add_argument("--workload", choices=("reasoning", "fixed"), default="reasoning")
+    parser.add_argument("--stop-range", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                        help="reasoning: new tokens per prompt, uniform (default 500 8000; tiny 8 64)")
+    parser.add_argument("--baseline-prompts", type=int, default=None,
+                        help="prompts the baselines decode (default: reasoning, what fits in memory at once; "
+                             "tiny and fixed, all)")
+    parser.add_argument("--methods", default="ours,plain,continuous", help="from ours, plain, static, continuous")
     parser.add_argument("--ours-backend", default="auto", help="ours: GenerationSpec.backend")
+    parser.add_argument("--hbm-tb-s", type=float, default=3.35, help="memory bandwidth for kv_read_bound (TB/s)")
     args = parser.parse_args()
+    reasoning = args.workload == "reasoning"
+    if reasoning and args.prompts is None:
+        args.prompts = 16 if args.tiny else 256
     prompts_n, prompt_len, new_tokens, batch_size, dtype = workload(args)
 
     model = build(args.tiny, args.device, dtype)
-    gen = torch.Generator().manual_seed(0)
-    # ids below the special tokens, so no prompt holds a stop token
-    prompts = torch.randint(0, model.config.pad_token_id, (prompts_n, prompt_len), generator=gen).tolist()
+    if reasoning:
+        prompts, lengths = reasoning_workload(model, prompts_n, prompt_len,
+                                              args.stop_range or ((8, 64) if args.tiny else (500, 8000)))
+    else:
+        gen = torch.Generator().manual_seed(0)
+        prompts = torch.randint(0, model.config.pad_token_id, (prompts_n, prompt_len), generator=gen).tolist()
+        lengths = [new_tokens] * prompts_n
+    capacity = max(map(len, prompts)) + max(lengths)
+    slots = refill.slot_count(model, capacity, batch_size, refill.free_memory_bytes(model.device))
+    base_n = args.baseline_prompts or (slots if reasoning and not args.tiny else prompts_n)
+    base = (prompts[:base_n], lengths[:base_n])
     methods = {
-        "plain": lambda: hf_generate(model, prompts, new_tokens),
-        "static": lambda: hf_generate(model, prompts, new_tokens, cache_implementation="static"),
-        "continuous": lambda: hf_continuous(model, prompts, new_tokens),
-        "continuous_graphs": lambda: hf_continuous(model, prompts, new_tokens, use_cuda_graph=True),
-        "continuous_compiled": lambda: hf_continuous(model, prompts, new_tokens, use_cuda_graph=True,
-                                                     default_compile_level=1),
-        "ours": lambda: ours(model, prompts, new_tokens, batch_size, args.ours_backend),
+        "ours": (lambda p, n: ours(model, p, n, batch_size, args.ours_backend), (prompts, lengths)),
+        "plain": (lambda p, n: hf_generate(model, p, n, slots), base),
+        "static": (lambda p, n: hf_generate(model, p, n, slots, cache_implementation="static"), base),
+        "continuous": (lambda p, n: hf_continuous(model, p, n, args.tiny), base),
     }
-    results = {}
-    for name in args.methods.split(","):
-        seconds, tokens, warmup_s = timed(methods[name], args.device, args.repeats)
-        results[name] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "warmup_s": warmup_s}
-        print(f"{name:<11} {tokens / seconds:>10.0f} tokens/s  ({tokens} tokens in {seconds:.2f} s; "
-              f"first run {warmup_s:.2f} s)", flush=True)
-    base = results.get("plain", {}).get("tokens_per_s")
-    if base:
-        for r in results.values():
-            r["ratio_vs_plain"] = r["tokens_per_s"] / base
-        print("ratio vs plain generate: " + ", ".join(f"{n} {r['ratio_vs_plain']:.2f}x" for n, r in results.items()))
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
-    Path(args.out).write_text(json.dumps({
+    report = {
         "model": "tiny" if args.tiny else "Qwen3-0.6B shape, random weights", "device": device_name,
-        "dtype": str(dtype), "prompts": prompts_n, "prompt_len": prompt_len, "new_tokens": new_tokens,
-        "batch_size_ours": batch_size, "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__, "results": results}, indent=2))
+        "dtype": str(dtype), "workload": args.workload, "prompts": prompts_n,
+        "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))],
+        "new_tokens": [min(lengths), max(lengths)], "mean_new_tokens": sum(lengths) / len(lengths),
+        "kv_bytes_per_token": refill.kv_bytes_per_token(model), "slots_for_memory": slots,
+        "weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
+        "kv_read_bound": {"hbm_tb_s": args.hbm_tb_s,
+                          "tokens_per_s": kv_read_bound(model, prompts, lengths, args.hbm_tb_s)},
+        "torch": torch.__version__, "transformers": __import__("transformers").__version__, "results": {}}
+    print(f"{args.workload}: {prompts_n} prompts of {report['prompt_tokens'][0]}-{report['prompt_tokens'][1]} "
+          f"tokens, {report['new_tokens'][0]}-{report['new_tokens'][1]} new tokens (mean "
+          f"{report['mean_new_tokens']:.0f}); {slots} sequences fit in memory at once; KV-read bound "
+          f"{report['kv_read_bound']['tokens_per_s']:,.0f} tokens/s at {args.hbm_tb_s} TB/s", flush=True)
+    for name in args.methods.split(","):
+        fn, (p, n) = methods[name]
+        try:
+            result = measure(lambda: fn(p, n), lambda: fn(p[:4], [min(x, 32) for x in n[:4]]), args.device,
+                             args.repeats)
+        except torch.OutOfMemoryError as error:  # what the baselines do when a batch does not fit: a result too
+            result = {"error": f"out of memory: {str(error)[:200]}"}
+        result["prompts"] = len(p)
+        report["results"][name] = result
+        if "error" in result:
+            print(f"{name:<11} {result['error']}", flush=True)
+        else:
+            peak = f", peak {result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] is not None else ""
+            print(f"{name:<11} {result['tokens_per_s']:>10,.0f} tokens/s  ({result['tokens']} tokens of {len(p)} "
+                  f"prompts in {result['seconds']:.1f} s{peak})", flush=True)
+        plain = report["results"].get("plain", {}).get("tokens_per_s")
+        for r in report["results"].values():
+            r["ratio_vs_plain"] = r["tokens_per_s"] / plain if plain and "tokens_per_s" in r else None
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    ratios = {n: r["ratio_vs_plain"] for n, r in report["results"].items() if r.get("ratio_vs_plain")}
+    if ratios:
+        print("ratio vs plain generate: " + ", ".join(f"{n} {ratio:.2f}x" for n, ratio in ratios.items()))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

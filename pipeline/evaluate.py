@@ -167,7 +167,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=defaults.top_k)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--backend", default=defaults.backend, choices=("auto", "generate", "static", "continuous"))
+    parser.add_argument("--backend", default=defaults.backend, choices=("auto", "refill", "generate", "static", "continuous"))
     parser.add_argument("--data-dir", default=None, metavar="DIR",
                         help="benchmark jsonl directory (default $REASONING_QAT_BENCHMARKS, else ../shared/data/benchmarks)")
     parser.add_argument("--recipe", default=None, metavar="RECIPE",

@@ -6,27 +6,35 @@
     outs[i][k].text, outs[i][k].num_tokens, outs[i][k].truncated     # prompt i, sample k
 
 Each question is wrapped in the model's chat template (`pipeline.data.chat_prompt`); decoding stops
-at the model's end-of-turn / end-of-text tokens or after `max_new_tokens`. All decoding is done by
-transformers, through one of three backends (`GenerationSpec.backend`):
+at the model's end-of-turn / end-of-text tokens or after `max_new_tokens`. All decoding runs the model's
+own forward (transformers), through one of these backends (`GenerationSpec.backend`):
 
-- `generate`: `model.generate` with the dynamic KV cache, left-padded batches of prompts of similar
-  length (sorted, so padding is small; results come back in the caller's order).
+- `refill` (what `auto` picks for full-attention models, CPU and GPU): `pipeline.refill`, batches that
+  refill: a sequence that stops leaves at once and a waiting prompt takes its slot; the number of
+  sequences in flight comes from the free device memory (at most `batch_size`), and an out-of-memory
+  error halves it and retries instead of failing. Each request samples from its own seeded stream, so
+  completions do not depend on batch size or memory. Made for reasoning lengths (thousands of tokens
+  of very different lengths); bench/generate.py measures it.
+- `generate`: `model.generate` with the dynamic KV cache, left-padded batches of `batch_size` sequences
+  of prompts of similar length (sorted, so padding is small; results come back in the caller's order).
 - `static`: the same with `cache_implementation="static"`, which transformers compiles on CUDA.
-- `continuous`: transformers' continuous batching (`model.generate_batch`, a paged KV cache; finished
-  sequences leave the batch and waiting ones join at once, so no step is spent on padding or on
-  sequences that already stopped). K samples are K requests of the same prompt: `generate_batch`
-  returns only the first of `num_return_sequences` (transformers 5.17).
-- `auto` (default): `static` on CUDA, `generate` on CPU.
-With the first two, a model on transformers' `sdpa` attention decodes through `grouped_sdpa_attention`
-(below) for the call: K/V read once per KV head instead of copied per query head.
+- `continuous`: transformers' continuous batching (`model.generate_batch`, a paged KV cache). K samples
+  are K requests of the same prompt: `generate_batch` returns only the first of `num_return_sequences`
+  (transformers 5.17). It refuses KV-quantized models and, without flash-attn, is slow (see pipeline.refill).
+Greedy decoding gives the same tokens with `refill`, `generate` and `static` (tests compare them, in
+float32 on CPU; in bf16 near-ties can differ); sampled completions are reproducible per seed on each,
+but differ between `refill` and the others (a per-request stream there, one torch generator per call
+elsewhere).
+With every backend but `continuous`, a model on transformers' `sdpa` attention decodes through
+`grouped_sdpa_attention` (below) for the call: K/V read once per KV head instead of copied per query head.
 
 Measured on one H200 (Qwen3-0.6B shape, random bf16 weights, 256-token prompts, 512 new tokens,
-bench/generate.py, tokens/s): 64 prompts: plain generate 2,282, static + compile 5,375, ours
-(static + grouped attention) 9,294, continuous batching 602; 256 prompts: plain 8,867, static
-7,744, ours 13,832, continuous batching with CUDA graphs 1,387 (its paged attention has no fast
-kernel without flash-attn, which the GPU image lacks); 512 prompts: plain 11,749, ours 15,996. On CPU continuous batching's set-up costs
-seconds per call (24 s for two 20-token prompts of a tiny model) and the static cache is not compiled.
-bench/generate.py measures them side by side.
+bench/generate.py before `refill` existed, tokens/s): 64 prompts: plain generate 2,282, static + compile
+5,375, static + grouped attention 9,294, continuous batching 602; 256 prompts: plain 8,867, static 7,744,
+static + grouped 13,832, continuous batching with CUDA graphs 1,387 (its paged attention has no fast
+kernel without flash-attn, which the GPU image lacks); 512 prompts: plain 11,749, static + grouped 15,996.
+On CPU continuous batching sizes its cache from free RAM (a tiny model's call was killed for memory
+here) and needs an explicit ContinuousBatchingConfig to run.
 """
 from __future__ import annotations
 
@@ -37,10 +45,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from transformers import AttentionInterface, GenerationConfig
+from transformers import (AttentionInterface, GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+from pipeline import refill
 from pipeline.data import END_OF_TURN, chat_prompt
 
 
@@ -64,12 +74,13 @@ class GenerationSpec(BaseModel):
     num_samples: int = Field(1, ge=1)
     """Completions per prompt (K of avg@K / pass@K); > 1 needs temperature > 0."""
     batch_size: int = Field(64, ge=1)
-    """Sequences decoded together by the `generate` / `static` backends (prompts x samples);
-    continuous batching sizes its batches from free memory instead."""
+    """Sequences decoded together (prompts x samples); `refill` decodes fewer when the free device
+    memory cannot hold that many KV caches at full length; `continuous` sizes its batches itself."""
     seed: int = 0
     """Seeds the sampler, so the same model, prompts and spec give the same completions."""
-    backend: Literal["auto", "generate", "static", "continuous"] = "auto"
-    """transformers decoding path (see pipeline.generate): auto = static on CUDA, generate on CPU."""
+    backend: Literal["auto", "refill", "generate", "static", "continuous"] = "auto"
+    """Decoding path (see pipeline.generate): auto = refill for full-attention models, else static on
+    CUDA and generate on CPU."""
 
     @model_validator(mode="after")
     def _samples_need_sampling(self):
@@ -204,26 +215,51 @@ AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_attention)
 AttentionMaskInterface.register(GROUPED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
+def _generate_refill(model, prompt_ids: list[list[int]], spec: GenerationSpec, stops: list[int], pad_id: int,
+                     max_new_tokens: list[int]) -> list[list[list[int]]]:
+    k = spec.num_samples
+    warpers = None
+    if spec.do_sample:  # generate's warpers, in generate's order
+        warpers = LogitsProcessorList([TemperatureLogitsWarper(spec.temperature)]
+                                      + ([TopKLogitsWarper(spec.top_k)] if spec.top_k else [])
+                                      + ([TopPLogitsWarper(spec.top_p)] if spec.top_p < 1 else []))
+    # request i * k + j is sample j of prompt i: its index seeds its sampling stream
+    rows = refill.decode(model, [ids for ids in prompt_ids for _ in range(k)],
+                         [limit for limit in max_new_tokens for _ in range(k)], stops=set(stops), pad_id=pad_id,
+                         warpers=warpers, seed=spec.seed, max_slots=spec.batch_size)
+    return [rows[i * k:(i + 1) * k] for i in range(len(prompt_ids))]
+
+
 def resolve_backend(spec: GenerationSpec, model) -> str:
     if spec.backend != "auto":
         return spec.backend
+    if refill.full_attention(model):
+        return "refill"
     return "static" if model.device.type == "cuda" else "generate"
 
 
 @torch.no_grad()  # not inference_mode: continuous batching updates its cache in place from another thread
-def generate_ids(model, prompt_ids: list[list[int]], spec: GenerationSpec, stops: list[int],
-                 pad_id: int) -> list[list[list[int]]]:
+def generate_ids(model, prompt_ids: list[list[int]], spec: GenerationSpec, stops: list[int], pad_id: int,
+                 max_new_tokens: list[int] | None = None) -> list[list[list[int]]]:
     """Token level: for each prompt (ids, chat template already applied) K lists of generated ids,
-    each cut after its first stop token when it has one; sequences past a stop may hold pad ids."""
+    each cut after its first stop token when it has one; sequences past a stop may hold pad ids.
+
+    `max_new_tokens`: a budget per prompt instead of spec.max_new_tokens (refill backend only; the
+    benchmark plants reasoning lengths with it)."""
     if not prompt_ids:
         return []
     backend = resolve_backend(spec, model)
+    if max_new_tokens is not None and backend != "refill":
+        raise ValueError(f"per-prompt max_new_tokens needs the refill backend, not {backend!r}")
     was_training = model.training
     model.eval()
     devices = [model.device] if model.device.type == "cuda" else []
     attn = model.config._attn_implementation
-    if attn == "sdpa" and backend != "continuous":  # a quantized model's own attention (KV quant) is left alone
-        model.set_attn_implementation(GROUPED_SDPA)
+    decoding_attn = GROUPED_SDPA if attn == "sdpa" else attn  # a quantized model's own attention (KV quant) stays
+    if backend == "refill":
+        decoding_attn = refill.row_chunked_implementation(decoding_attn)
+    if decoding_attn != attn and backend != "continuous":
+        model.set_attn_implementation(decoding_attn)
     from pipeline.quant.apply import decoding_weights, weight_only
 
     # a weight-only quantized model decodes on q(w) computed once, not re-quantized at every token
@@ -231,6 +267,9 @@ def generate_ids(model, prompt_ids: list[list[int]], spec: GenerationSpec, stops
     try:
         with frozen, torch.random.fork_rng(devices=devices):  # seed sampling without moving the caller's RNG
             torch.manual_seed(spec.seed)
+            if backend == "refill":
+                return _generate_refill(model, prompt_ids, spec, stops, pad_id,
+                                        max_new_tokens or [spec.max_new_tokens] * len(prompt_ids))
             if backend == "continuous":
                 return _generate_continuous(model, prompt_ids, spec, stops, pad_id)
             return _generate_padded(model, prompt_ids, spec, stops, pad_id, "static" if backend == "static" else None)

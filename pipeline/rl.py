@@ -36,7 +36,8 @@ plumbing, each for a stated reason:
   rollout policy differs from the trained one by bf16 rounding of norms and embeddings (the same
   kind of mismatch as a vLLM rollout engine; TRL's μ = 1 makes no correction for it).
   bench/rollout.py measures the speed. Policies with activation quantizers (W4A4) decode on the
-  fp32 latents under autocast with the dynamic cache.
+  fp32 latents under autocast (the refill backend's cache keeps keys and values in their own dtypes;
+  the static cache cannot, so `auto` never picks it for them).
 - Policy modes: `qat` trains every parameter but the quantizer scales (latent weights through the
   STE of QuantLinear); `lora` wraps each QuantLinear in a peft LoRA adapter (peft accepts it: it is
   an nn.Linear, and the adapter's base forward is the fake-quantized one, QLoRA-style). At the end
@@ -195,7 +196,7 @@ class GRPOSettings(BaseModel):
     max_completion_length: int = Field(512, gt=0)
     rollout_batch_size: int = Field(64, gt=0)
     """Sequences decoded together by pipeline.generate (its `batch_size`)."""
-    backend: Literal["auto", "generate", "static", "continuous"] = "auto"
+    backend: Literal["auto", "refill", "generate", "static", "continuous"] = "auto"
     """pipeline.generate backend for rollouts."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward (QuantLinear's forward is pure, so re-running it is safe)."""
@@ -283,8 +284,9 @@ def _trainer_class():
                     with decoding_weights(policy, torch.bfloat16 if self.args.bf16 else None):
                         rows = generate_ids(policy, prompt_ids, spec, self.eos_token_ids, self._tokenizer.pad_token_id)
                 else:
-                    # activation quantizers must see the fp32 path the loss sees: autocast, and the dynamic
-                    # cache (the static one takes its dtype from the fp32 keys and refuses the bf16 values)
+                    # activation quantizers must see the fp32 path the loss sees: autocast, and a cache that
+                    # keeps keys and values in their own dtypes (refill's or the dynamic one; the static one
+                    # takes its dtype from the fp32 keys and refuses the bf16 values)
                     if spec.backend == "auto" and resolve_backend(spec, policy) == "static":
                         spec = spec.model_copy(update={"backend": "generate"})
                     with acc.autocast():

@@ -1,11 +1,19 @@
-"""Generation: greedy equals step-by-step argmax, K samples, truncation, stop tokens, batch-order independence."""
+"""Generation: greedy equals step-by-step argmax, K samples, truncation, stop tokens, batch-order independence;
+the refill backend (pipeline.refill): same greedy tokens as one-at-a-time generation, samples independent of
+batching, memory-sized slots, out-of-memory retries, progress lines."""
+import copy
+import logging
+from contextlib import contextmanager
+
 import pytest
 import torch
 from pydantic import ValidationError
+from transformers import LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM, TopKLogitsWarper
 
 import tiny_lm
+from pipeline import refill
 from pipeline.data import chat_prompt
-from pipeline.generate import GenerationSpec, generate, stop_token_ids
+from pipeline.generate import GenerationSpec, first_stop_end, generate, generate_ids, stop_token_ids
 
 QUESTIONS = ["Mia has 3 apples. She buys 4 more. How many apples does Mia have?",
              "Leo has 12 coins.",
@@ -30,7 +38,7 @@ def lm():
     return tiny_lm.model(), tiny_lm.tokenizer()
 
 
-@pytest.mark.parametrize("backend", ["generate", "static"])
+@pytest.mark.parametrize("backend", ["generate", "static", "refill"])
 def test_greedy_equals_stepwise_argmax(lm, backend):
     model, tok = lm
     stops = set(stop_token_ids(model, tok))
@@ -128,3 +136,191 @@ def test_decoding_uses_the_kv_cache_even_when_the_saved_model_turned_it_off(lm):
         handle.remove()
         model.generation_config.use_cache = model.config.use_cache = True
     assert len(widths) > 2 and widths[0] > 1 and set(widths[1:]) == {1}
+
+
+# -- the refill backend ----------------------------------------------------------------------------
+def prompt_ids(tok) -> list[list[int]]:
+    """Five prompts of different lengths, one of a single token (nothing to prefill)."""
+    chat = [tok(chat_prompt(tok, q), add_special_tokens=False)["input_ids"] for q in QUESTIONS]
+    return [chat[0], [5], chat[2], [7, 8, 9], chat[1]]
+
+
+def one_at_a_time(model, prompts, budgets, stops, pad_id) -> list[list[int]]:
+    """The reference: `model.generate` on each prompt alone with its own budget."""
+    out = []
+    for ids, budget in zip(prompts, budgets):
+        row = generate_ids(model, [ids], GenerationSpec(max_new_tokens=budget, backend="generate", batch_size=1),
+                           stops, pad_id)[0][0]
+        end = first_stop_end(row, set(stops))
+        out.append(row if end is None else row[:end])
+    return out
+
+
+@pytest.fixture
+def finest_refill(monkeypatch):
+    """Split rows into chunks whenever it saves a read and re-sort whenever it saves one, and record that both ran."""
+    monkeypatch.setattr(refill, "CHUNK_COST_TOKENS", 0)
+    monkeypatch.setattr(refill, "RESORT_HORIZON", 10**9)
+    seen = {"chunked": 0, "permuted": 0}
+    plan, permute = refill.plan_chunks, refill._Batch._permute
+
+    def spy_plan(lens, cost):
+        chunks = plan(lens, cost)
+        seen["chunked"] += any(b - a > 1 for a, b, _ in chunks) and len(chunks) > 1
+        return chunks
+
+    def spy_permute(self, order):
+        seen["permuted"] += 1
+        return permute(self, order)
+
+    monkeypatch.setattr(refill, "plan_chunks", spy_plan)
+    monkeypatch.setattr(refill._Batch, "_permute", spy_permute)
+    return seen
+
+
+def test_refill_greedy_equals_one_at_a_time(lm, finest_refill):
+    """Prompts of different lengths, budgets and stop positions, 3 slots for 5 sequences: slots refill,
+    rows are chunked and re-sorted, and every sequence gets the tokens it gets decoded alone."""
+    model, tok = lm
+    prompts, budgets, pad = prompt_ids(tok), [9, 4, 12, 7, 10], tok.pad_token_id
+    free = one_at_a_time(model, prompts, budgets, [tok.pad_token_id], pad)
+    stops = [free[0][2]]  # the third token of the first sequence becomes a stop: some sequences end early
+    reference = one_at_a_time(model, prompts, budgets, stops, pad)
+    assert sorted({len(r) for r in reference}) != sorted(set(budgets))  # a stop token ended some
+    rows = generate_ids(model, prompts, GenerationSpec(max_new_tokens=12, batch_size=3, backend="refill"), stops,
+                        pad, max_new_tokens=budgets)
+    assert [samples[0] for samples in rows] == reference
+    assert finest_refill["chunked"] and finest_refill["permuted"]
+
+
+def test_refill_equals_generate_on_a_w4a4kv4_student(lm):
+    """Our quantized students decode through their own attention (KV4 fake quant) in the slot cache too."""
+    from pipeline.quant.apply import quantize_rtn
+    from pipeline.quant.scheme import QuantSpec
+
+    model, tok = lm
+    student = copy.deepcopy(model)
+    spec = QuantSpec.model_validate("w4a4kv4")
+    quantize_rtn(student, spec)
+    assert student.config._attn_implementation.startswith("kvq_")
+    prompts, pad = prompt_ids(tok), tok.pad_token_id
+    refilled = generate_ids(student, prompts, GenerationSpec(max_new_tokens=8, batch_size=2, backend="refill"),
+                            [pad], pad)
+    assert [s[0] for s in refilled] == one_at_a_time(student, prompts, [8] * len(prompts), [pad], pad)
+    assert student.config._attn_implementation.startswith("kvq_")  # restored after the call
+
+
+@contextmanager
+def out_of_memory_above(model, rows: int):
+    """Every forward over more than `rows` sequences raises CUDA's out-of-memory error."""
+    def hook(module, args, kwargs):
+        if kwargs["input_ids"].shape[0] > rows:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def test_refill_samples_do_not_depend_on_batching(lm, finest_refill, monkeypatch):
+    """Per-request streams: the same seed gives the same samples with 1 slot, 8 slots, chunked and
+    re-sorted rows, or after an out-of-memory retry; another seed gives others."""
+    model, tok = lm
+    spec = GenerationSpec(max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.95, num_samples=2, seed=3,
+                          backend="refill")
+    prompts, pad = prompt_ids(tok), tok.pad_token_id
+    wide = generate_ids(model, prompts, spec.model_copy(update={"batch_size": 8}), [pad], pad)
+    assert finest_refill["chunked"]
+    monkeypatch.setattr(refill, "CHUNK_COST_TOKENS", 10**9)  # one chunk
+    single = generate_ids(model, prompts, spec.model_copy(update={"batch_size": 1}), [pad], pad)
+    assert wide == single
+    assert all(a != b for a, b in wide)  # the two samples of a prompt differ
+    with out_of_memory_above(model, 2):
+        assert generate_ids(model, prompts, spec.model_copy(update={"batch_size": 8}), [pad], pad) == wide
+    other = generate_ids(model, prompts, spec.model_copy(update={"seed": 4, "batch_size": 8}), [pad], pad)
+    assert other != wide
+
+
+def test_inverse_cdf_sampling_matches_the_warped_distribution():
+    """Uniforms spread evenly over [0, 1) land on each token in proportion to its probability after the
+    warpers; a token the warpers remove is never drawn."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 3.0]])
+    warpers = LogitsProcessorList([TopKLogitsWarper(4)])  # drops token 3
+    n = 10_000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    drawn = refill.next_tokens(logits.expand(n, -1), u, warpers)
+    counts = torch.bincount(drawn, minlength=5)
+    expected = torch.softmax(warpers(None, logits.clone()), -1)[0] * n
+    assert counts[3] == 0
+    assert (counts - expected).abs().max() <= 1
+    assert torch.equal(refill.next_tokens(logits, None, None), torch.tensor([4]))  # greedy: argmax
+
+
+def test_out_of_memory_halves_the_slots_and_keeps_the_tokens(lm, caplog):
+    model, tok = lm
+    prompts, pad = prompt_ids(tok), tok.pad_token_id
+    spec = GenerationSpec(max_new_tokens=6, batch_size=4, backend="refill")
+    expected = generate_ids(model, prompts, spec, [pad], pad)
+
+    with out_of_memory_above(model, 2), caplog.at_level(logging.WARNING, logger="pipeline.refill"):
+        assert generate_ids(model, prompts, spec, [pad], pad) == expected
+    assert "out of device memory with 4 slots: the 4 sequences in flight start again with 2" in caplog.text
+    longest = max(map(len, prompts)) + 6
+    with out_of_memory_above(model, 0), \
+            pytest.raises(RuntimeError, match=f"out of device memory decoding one sequence of up to {longest} tokens"):
+        generate_ids(model, prompts, spec, [pad], pad)
+
+
+def test_slots_fit_the_free_memory():
+    """Qwen3-0.6B: 112 KiB of KV cache per token in bf16; the slots' caches fit 90% of the free memory."""
+    config = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                         num_attention_heads=16, num_key_value_heads=8, head_dim=128)
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    kv = refill.kv_bytes_per_token(model)
+    assert kv == 28 * 8 * 128 * 2 * 2 == 112 * 1024
+    capacity, free = 256 + 8192, 80 * 2**30
+    slots = refill.slot_count(model, capacity, 1024, free)
+    # the working set (prefill activations, the copy of one layer when rows are re-sorted) takes a few slots
+    assert slots * capacity * kv <= 0.9 * free < (slots + 5) * capacity * kv
+    assert refill.slot_count(model, capacity, 16, free) == 16  # batch_size caps it
+    assert refill.slot_count(model, capacity, 1024, 2**20) == 1  # too little memory: one, and an OOM would say so
+
+
+def test_refill_logs_progress_when_not_a_terminal(lm, monkeypatch, caplog):
+    model, tok = lm
+    monkeypatch.setattr(refill, "LOG_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="pipeline.refill"):
+        generate(model, tok, QUESTIONS, GenerationSpec(max_new_tokens=4, backend="refill"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.refill"]
+    assert lines[-1].startswith("decoded 3/3 sequences (0 in flight), 12 tokens,") and "tokens/s" in lines[-1]
+
+
+def test_per_prompt_budgets_need_the_refill_backend(lm):
+    model, tok = lm
+    with pytest.raises(ValueError, match="per-prompt max_new_tokens needs the refill backend, not 'generate'"):
+        generate_ids(model, [[5, 6]], GenerationSpec(backend="generate"), [0], 0, max_new_tokens=[3])
+
+
+def test_bench_tiny_gives_every_method_the_same_workload(tmp_path, monkeypatch):
+    """bench/generate.py --tiny: ours, plain generate and continuous batching each generate exactly the planted
+    stop lengths (the same tokens), and the JSON holds each one's throughput."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "gen.json"
+    monkeypatch.setattr("sys.argv", ["generate.py", "--tiny", "--prompts", "6", "--stop-range", "3", "12",
+                                     "--out", str(out)])
+    assert bench.main() == 0
+    report = json.loads(out.read_text())
+    planted = round(report["mean_new_tokens"] * report["prompts"])
+    assert {name: r["tokens"] for name, r in report["results"].items()} == \
+        {"ours": planted, "plain": planted, "continuous": planted}
+    assert all(r["tokens_per_s"] > 0 and r["prompts"] == 6 for r in report["results"].values())
