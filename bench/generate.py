@@ -219,7 +219,7 @@ def main() -> int:
                         help="prompts the baselines decode (default: reasoning, what fits in memory at once; "
                              "tiny and fixed, all)")
     parser.add_argument("--methods", default="ours,plain,continuous", help="from ours, plain, static, continuous")
-    parser.add_argument("--ours-backend", default="auto", help="ours: GenerationSpec.backend")
+    parser.add_argument("--ours-backend", default="refill", help="ours: GenerationSpec.backend")
     parser.add_argument("--hbm-tb-s", type=float, default=3.35, help="memory bandwidth for kv_read_bound (TB/s)")
     args = parser.parse_args()
     reasoning = args.workload == "reasoning"

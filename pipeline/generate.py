@@ -9,7 +9,7 @@ Each question is wrapped in the model's chat template (`pipeline.data.chat_promp
 at the model's end-of-turn / end-of-text tokens or after `max_new_tokens`. All decoding runs the model's
 own forward (transformers), through one of these backends (`GenerationSpec.backend`):
 
-- `refill` (what `auto` picks for full-attention models, CPU and GPU): `pipeline.refill`, batches that
+- `refill` (opt-in until measured against `static` on the GPU at reasoning lengths): `pipeline.refill`, batches that
   refill: a sequence that stops leaves at once and a waiting prompt takes its slot; the number of
   sequences in flight comes from the free device memory (at most `batch_size`), and an out-of-memory
   error halves it and retries instead of failing. Each request samples from its own seeded stream, so
@@ -79,8 +79,8 @@ class GenerationSpec(BaseModel):
     seed: int = 0
     """Seeds the sampler, so the same model, prompts and spec give the same completions."""
     backend: Literal["auto", "refill", "generate", "static", "continuous"] = "auto"
-    """Decoding path (see pipeline.generate): auto = refill for full-attention models, else static on
-    CUDA and generate on CPU."""
+    """Decoding path (see pipeline.generate): auto = static on CUDA, generate on CPU; refill for reasoning
+    lengths (batches that refill, sized from free memory)."""
 
     @model_validator(mode="after")
     def _samples_need_sampling(self):
@@ -233,8 +233,6 @@ def _generate_refill(model, prompt_ids: list[list[int]], spec: GenerationSpec, s
 def resolve_backend(spec: GenerationSpec, model) -> str:
     if spec.backend != "auto":
         return spec.backend
-    if refill.full_attention(model):
-        return "refill"
     return "static" if model.device.type == "cuda" else "generate"
 
 

@@ -34,7 +34,7 @@ from pipeline.evaluate import evaluate
 from pipeline.generate import GenerationSpec
 from pipeline.stage_api import StageConfig, StageContext, StageRef, untrained_base_model
 
-CODE_VERSION = 2  # 2: the refill backend (per-request sampling streams)
+CODE_VERSION = 1
 USES = ("seed", "data")
 HEADLINE = "accuracy"
 

@@ -51,7 +51,7 @@ from pipeline.errors import InputError
 from pipeline.rl import GRPOSettings
 from pipeline.stage_api import StageConfig, StageContext, StageRef
 
-CODE_VERSION = 2  # 2: the refill backend (per-request sampling streams)
+CODE_VERSION = 1
 USES = ("seed", "model", "data")
 HEADLINE = "accuracy"
 PASSTHROUGH = "init"
