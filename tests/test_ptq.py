@@ -50,7 +50,7 @@ def test_gptq_is_llmcompressors_exactly_and_beats_rtn(teacher):
     from llmcompressor.core import active_session
     from pipeline.quant.calibration import calibration_loader
 
-    oneshot(model=bare, recipe=gptq_modifier(W3G128, 128, 0.01, "static", "minmax"),
+    oneshot(model=bare, recipe=gptq_modifier(bare, W3G128, 128, 0.01, "static", "minmax"),
             dataset=calibration_loader(samples), processor=tok)
     active_session().reset()
 
@@ -108,16 +108,17 @@ def test_config_and_check_errors(teacher):
         ptq.Config(model="teacher")
     with pytest.raises(ValidationError, match="drop one"):
         ptq.Config(model="teacher", calibration="traces", calibration_source="generic")
-    recipe = SimpleNamespace(model=SimpleNamespace(arch=Qwen3Arch(hidden_size=128, intermediate_size=96, head_dim=32)),
+    recipe = SimpleNamespace(model=SimpleNamespace(arch=Qwen3Arch(hidden_size=128, intermediate_size=100, head_dim=32)),
                              quant=W3G128)
     errors = ptq.check(ptq.Config(model="model", method="rtn"), recipe)
-    assert errors == [("quant.weights.group_size",
-                       "128 does not divide in_features 96 of model.layers.0.mlp.down_proj (and 1 more layers)")]
+    assert errors == [("quant.weights.group_size", "model.layers.0.mlp.down_proj: 128 does not divide in_features 100, "
+                                                   "nor does any smaller multiple of 32 (and 1 more layers)")]
     local = SimpleNamespace(model=SimpleNamespace(arch=None, path=str(teacher.dir)), quant=W3G128)
     assert ptq.check(ptq.Config(model="model", method="rtn"), local) == []
-    g512 = QuantSpec.model_validate({"preset": "w3g128", "weights": {"group_size": 512}})
+    g512 = QuantSpec.model_validate({"preset": "w3g128", "weights": {"group_size": 512, "group_size_policy": "exact"}})
     assert ptq.check(ptq.Config(model="model", method="rtn"), SimpleNamespace(model=local.model, quant=g512))[0] == (
-        "quant.weights.group_size", "512 does not divide in_features 256 of model.layers.0.self_attn.q_proj (and 11 more layers)")
+        "quant.weights.group_size",
+        "model.layers.0.self_attn.q_proj: 512 does not divide in_features 256 (group_size_policy: exact) (and 11 more layers)")
 
 
 W4A4KV4 = QuantSpec.model_validate("w4a4kv4")
