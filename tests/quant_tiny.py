@@ -84,6 +84,16 @@ def save_tiny(path: Path, seed: int = 0, dtype=torch.float32, family: str | None
     return path
 
 
+def moves_whole(model) -> bool:
+    """Every tensor the forward uses follows `model.to(device)` (what `eval` on CUDA needs of a loaded model): on
+    the meta device a forward on meta inputs gives meta logits, where a tensor left out of the parameters and
+    buffers, or a module that sends its inputs back to where it was loaded (compressed-tensors' offloading did),
+    fails the forward on mixed devices. Leaves the model on meta."""
+    model.to("meta")
+    with torch.no_grad():
+        return model(torch.zeros(1, 5, dtype=torch.long, device="meta")).logits.device.type == "meta"
+
+
 def write_traces(path: Path, n: int = 8) -> Path:
     """A traces artifact (`traces.jsonl`) of n short arithmetic chains."""
     import json
