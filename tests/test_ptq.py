@@ -103,6 +103,25 @@ def test_stage_run_and_reload(teacher, tmp_path, method):
         assert torch.equal(loaded(x).logits, reference(x).logits)
 
 
+def test_stage_lowers_group_sizes_it_does_not_divide_and_says_so(tmp_path, caplog):
+    teacher = save_tiny(tmp_path / "teacher", family="llama")  # hidden 192, intermediate 320
+    config = ptq.Config(model="teacher", method="rtn", calibration_source="generic", nsamples=2, seqlen=32, sqnr_samples=1)
+    ctx = StageContext(name="ptq", config=config, recipe=SimpleNamespace(quant=W3G128, seed=0), out_dir=tmp_path / "ptq",
+                       inputs={"model": teacher}, input_manifests={"model": {}}, checkpointer=None,
+                       log=logging.getLogger("test"))
+    (tmp_path / "ptq").mkdir()
+    with caplog.at_level(logging.WARNING, logger="test"):
+        metrics = ptq.run(ctx)
+    assert metrics["lowered_group_size_layers"] == 14
+    record = json.loads((tmp_path / "ptq" / "model" / "reasoning_qat_quant.json").read_text())
+    assert record["lowered_group_sizes"]["model.layers.0.self_attn.q_proj"] == 96
+    assert record["lowered_group_sizes"]["model.layers.1.mlp.down_proj"] == 64
+    assert ("quant.weights.group_size 128 does not divide in_features 320: 2 layers (model.layers.0.mlp.down_proj, ...) "
+            "use group size 64 (group_size_policy largest_divisor)") in caplog.messages
+    loaded = pipeline.load_quantized(tmp_path / "ptq")
+    assert loaded.model.layers[1].mlp.down_proj.weights.group_size == 64
+
+
 def test_config_and_check_errors(teacher):
     with pytest.raises(ValidationError, match="needs `calibration"):
         ptq.Config(model="teacher")
