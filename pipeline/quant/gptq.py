@@ -65,6 +65,7 @@ def run_gptq(
     `model` must have been loaded from a directory (`oneshot` re-reads its config from
     `model.config.name_or_path`).
     """
+    from compressed_tensors.offload import remove_dispatch
     from llmcompressor import oneshot
     from llmcompressor.core import active_session
 
@@ -75,6 +76,10 @@ def run_gptq(
     with quiet_overridden_targets(modifier.config_groups):
         oneshot(model=model, recipe=modifier, dataset=calibration_loader(samples), processor=tokenizer)
     active_session().reset()
+    # oneshot leaves every module under compressed-tensors' offloading (tensors kept on an offload device, moved
+    # to the execution device at each forward); back to a plain model on the device it computed on, as our
+    # QuantLinears and every later `.to(device)` expect
+    remove_dispatch(model, onload_tensors=True)
     # oneshot wraps this instance's save_pretrained to write compressed-tensors checkpoints; ours is
     # the plain one (our layout, see pipeline.quant.io), so drop the instance attribute
     if "save_pretrained" in vars(model):

@@ -18,6 +18,10 @@ Presets (`PRESETS`):
   symmetric weights keep the int4 GEMM simple); 4-bit asymmetric per-token activations (dynamic,
   computed from each token's min/max, as FlatQuant does); 4-bit asymmetric KV cache after RoPE, one
   scale per token and head (group = head_dim).
+
+Widths a group size does not divide (SmolLM2-135M's 576, SmolLM2-360M's 960): `weights.group_size_policy` (default
+`largest_divisor`) gives such a layer the largest smaller group that divides it (`layer_weights`: 576 -> 96);
+`exact` refuses the model at recipe check.
 """
 from __future__ import annotations
 
