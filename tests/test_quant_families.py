@@ -16,6 +16,7 @@ from pipeline.quant.apply import calibrate, lowered_group_sizes, prepare, quant_
 from pipeline.quant.export import export_checkpoint
 from pipeline.quant.gptq import gptq_modifier, run_gptq
 from pipeline.quant.io import read_quant_spec, save_quantized
+from pipeline.quant.online import transform_parameters
 from pipeline.quant.scheme import QuantSpec
 from quant_tiny import FAMILIES, family_model, moves_whole, one_thread, save_tiny
 
@@ -123,6 +124,14 @@ def test_flatquant_keeps_the_function_and_exports(family, tmp_path):
     assert (_logits(model, family.x) - _logits(reference, family.x)).abs().max() < 1e-4
     set_fake_quant(model, True)
     _check_w4a4kv4_round_trip(model, family, tmp_path)
+    # KD-QAT trains through it: gradients reach every latent weight (STE of weights, activations and the KV
+    # cache) and every transform and learned clip
+    model.train()
+    trainable = transform_parameters(model) + [m.weight for _, m in quant_linears(model)]
+    for p in trainable:
+        p.requires_grad_(True)
+    model(family.x).logits.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
 
 
 def _check_w4a4kv4_round_trip(model, family, tmp_path):
