@@ -77,8 +77,10 @@ def save_tiny(path: Path, seed: int = 0, dtype=torch.float32, family: str | None
     """A tiny model + tokenizer saved as a Hugging Face directory, as a teacher stage leaves it: the Qwen3 of
     `tiny_model`, or a FAMILIES model."""
     tok = tiny_tokenizer()
-    model = tiny_model(len(tok), seed, **overrides) if family is None else family_model(family, len(tok), seed, **overrides)
-    model = model.to(dtype)
+    if family is None:
+        model = tiny_model(len(tok), seed, **overrides).to(dtype)
+    else:
+        model = family_model(family, len(tok), seed, **overrides).to(dtype)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

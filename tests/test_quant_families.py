@@ -37,7 +37,7 @@ def family(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     teacher = save_tiny(root / "teacher", family=request.param)
     g = torch.Generator().manual_seed(0)
-    return SimpleNamespace(name=request.param, root=root, teacher=teacher, tokenizer=AutoTokenizer.from_pretrained(teacher),
+    return SimpleNamespace(name=request.param, teacher=teacher, tokenizer=AutoTokenizer.from_pretrained(teacher),
                            samples=[torch.randint(0, 250, (40,), generator=g).tolist() for _ in range(3)],
                            x=torch.randint(0, 250, (2, 17), generator=g))
 

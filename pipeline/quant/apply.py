@@ -73,7 +73,8 @@ def quant_linears(model: nn.Module) -> list[tuple[str, QuantLinear]]:
 
 def lowered_group_sizes(model: nn.Module, spec: QuantSpec) -> dict[str, int]:
     """{name: group size} of the QuantLinears whose group size is not the spec's (WeightSpec.group_size_policy)."""
-    return {name: m.weights.group_size for name, m in quant_linears(model) if m.weights.group_size != spec.weights.group_size}
+    return {name: m.weights.group_size for name, m in quant_linears(model)
+            if m.weights.group_size != spec.weights.group_size}
 
 
 @torch.no_grad()
@@ -180,7 +181,8 @@ def to_compressed_tensors(model: nn.Module, spec: QuantSpec) -> None:
         plain = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
         plain.weight, plain.bias = module.weight, module.bias
         model.set_submodule(name, plain)
-    config = QuantizationConfig(config_groups=groups, ignore=list(spec.ignore), quantization_status=QuantizationStatus.FROZEN)
+    config = QuantizationConfig(config_groups=groups, ignore=list(spec.ignore),
+                                quantization_status=QuantizationStatus.FROZEN)
     with quiet_overridden_targets(groups):
         apply_quantization_config(model, config, show_progress=False)
     attached = {name for name, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}

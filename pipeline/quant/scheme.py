@@ -178,21 +178,22 @@ def layer_weights(weights: WeightSpec, in_features: int) -> WeightSpec:
 
 def config_groups(spec: QuantSpec, per_layer: dict[str, WeightSpec], **args_update) -> dict[str, "QuantizationScheme"]:
     """compressed-tensors config groups for layers quantized as `per_layer` says: `group_0`, the spec's own
-    weights on its targets, and one group per other weight spec (a lowered group size) on those layers'
-    exact names, which compressed-tensors (and so llmcompressor and transformers) prefers to a class or
-    regex target. `args_update` sets further QuantizationArgs fields (GPTQ's observer)."""
+    weights on its targets, and one group per lowered group size on those layers' exact names, which
+    compressed-tensors (and so llmcompressor and transformers) prefers to a class or regex target.
+    `args_update` sets further QuantizationArgs fields (GPTQ's observer)."""
     from compressed_tensors.quantization import QuantizationScheme
 
-    def scheme(weights: WeightSpec, targets: list[str]) -> QuantizationScheme:
-        return QuantizationScheme(targets=targets, weights=weight_quantization_args(weights).model_copy(update=args_update))
+    def scheme(group_size: int | None, targets: list[str]) -> QuantizationScheme:
+        args = weight_quantization_args(spec.weights.model_copy(update={"group_size": group_size}))
+        return QuantizationScheme(targets=targets, weights=args.model_copy(update=args_update))
 
-    others: dict[WeightSpec, list[str]] = {}
+    lowered: dict[int, list[str]] = {}
     for name, weights in per_layer.items():
-        if weights != spec.weights:
-            others.setdefault(weights, []).append(name)
-    groups = {"group_0": scheme(spec.weights, list(spec.targets))}
-    for index, (weights, names) in enumerate(others.items(), start=1):
-        groups[f"group_{index}"] = scheme(weights, names)
+        if weights.group_size != spec.weights.group_size:
+            lowered.setdefault(weights.group_size, []).append(name)
+    groups = {"group_0": scheme(spec.weights.group_size, list(spec.targets))}
+    for index, (group_size, names) in enumerate(lowered.items(), start=1):
+        groups[f"group_{index}"] = scheme(group_size, names)
     return groups
 
 
