@@ -66,7 +66,8 @@ def bare(model, tokenizer, samples):
     from llmcompressor import oneshot
     from llmcompressor.core import active_session
 
-    oneshot(model=model, recipe=gptq_modifier(SPEC, **GPTQ_ARGS), dataset=calibration_loader(samples), processor=tokenizer)
+    oneshot(model=model, recipe=gptq_modifier(model, SPEC, **GPTQ_ARGS), dataset=calibration_loader(samples),
+            processor=tokenizer)
     active_session().reset()
 
 

@@ -20,7 +20,7 @@ from typing import Literal
 from pipeline.errors import InputError
 from pipeline.stage_api import StageConfig, StageContext, StageRef
 
-CODE_VERSION = 2
+CODE_VERSION = 3
 USES = ()
 HEADLINE = "bits_per_weight"
 

@@ -20,8 +20,9 @@ Methods:
 The scheme is the recipe's `quant` section (e.g. `quant: w3g128`).
 
 Outputs: `<out_dir>/model/` (pipeline.quant.io layout: safetensors with latent weights, scales and
-zero points, `reasoning_qat_quant.json`, tokenizer), `<out_dir>/sqnr.json` (per layer: weight and
-output SQNR in dB). Metrics: mean/min SQNR, final-hidden-state SQNR, wall time of the quantization.
+zero points, `reasoning_qat_quant.json` with the layers whose group size was lowered, tokenizer),
+`<out_dir>/sqnr.json` (per layer: weight and output SQNR in dB). Metrics: mean/min SQNR,
+final-hidden-state SQNR, wall time of the quantization, layers with a lowered group size.
 
     reasoning-qat run recipes/demo.yaml --only ptq
 """
@@ -37,7 +38,7 @@ from pydantic import Field, model_validator
 from pipeline.errors import InputError
 from pipeline.stage_api import StageConfig, StageContext, StageRef
 
-CODE_VERSION = 3
+CODE_VERSION = 4
 USES = ("seed", "quant")
 HEADLINE = "output_sqnr_mean"
 
@@ -149,6 +150,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         extra, originals = _transform_and_quantize(model, spec, samples, config, ctx)
     wall = time.perf_counter() - start
 
+    lowered = _log_lowered_group_sizes(model, spec, ctx.log)
     report = sqnr.layer_sqnr(model, originals, report_samples)
     ctx.log.info("per-layer SQNR (dB), %s %s:\n%s", config.method, config.calibration_source, sqnr.format_table(report))
     (ctx.out_dir / "sqnr.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -160,11 +162,29 @@ def run(ctx: StageContext) -> dict[str, float]:
         "wall_time_s": wall,
         "quantized_layers": float(len(report)),
         "calibration_tokens": float(sum(len(s) for s in samples)),
+        "lowered_group_size_layers": float(lowered),
         **extra,
     }
     if config.method != "quarot":  # QuaRot's hidden states are rotated: only its logits compare
         metrics["hidden_sqnr"] = sqnr.hidden_sqnr(reference_hidden, hidden)
     return metrics
+
+
+def _log_lowered_group_sizes(model, spec, log) -> int:
+    """Tell the user which layers got a smaller group than `quant.weights.group_size` (it does not divide their
+    width; WeightSpec.group_size_policy); returns how many. The sizes are also in model/reasoning_qat_quant.json."""
+    from pipeline.quant.apply import lowered_group_sizes, quant_linears
+
+    lowered = lowered_group_sizes(model, spec)
+    by_size: dict[tuple[int, int], list[str]] = {}
+    for name, module in quant_linears(model):
+        if name in lowered:
+            by_size.setdefault((module.in_features, lowered[name]), []).append(name)
+    for (width, size), names in by_size.items():
+        log.warning("quant.weights.group_size %d does not divide in_features %d: %d layers (%s%s) use group size %d "
+                    "(group_size_policy %s)", spec.weights.group_size, width, len(names), names[0],
+                    ", ..." if len(names) > 1 else "", size, spec.weights.group_size_policy)
+    return len(lowered)
 
 
 def _transform_and_quantize(model, spec, samples, config: Config, ctx: StageContext):

@@ -1,6 +1,9 @@
 """Tiny Qwen3 models and a byte-level tokenizer for the quantization tests (CPU, seconds).
 
 Hidden width 256 so that groups of 128 (and 32, 64) divide every Linear; random weights, fixed seed.
+`FAMILIES`: one tiny model of each architecture family users bring, shaped like the real ones where it
+matters to quantization (biases, q/k norms, head_dim, tied embeddings, widths 128 does not divide, Hadamard
+sizes that are not powers of 2).
 """
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -44,13 +48,52 @@ def tiny_model(vocab_size: int, seed: int = 0, **overrides) -> Qwen3ForCausalLM:
     return Qwen3ForCausalLM(tiny_config(vocab_size, **overrides)).eval()
 
 
-def save_tiny(path: Path, seed: int = 0, dtype=torch.float32, **overrides) -> Path:
-    """A tiny model + tokenizer saved as a Hugging Face directory, as a teacher stage leaves it."""
+FAMILIES = {
+    # Qwen3: q/k norms, head_dim 128, attention width 4 × 128 = 512 ≠ hidden; 384 = 32 · 12 (a Paley block)
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(hidden_size=256, intermediate_size=384, num_attention_heads=4,
+                                                  num_key_value_heads=2, head_dim=128)),
+    # Qwen2 = DeepSeek-R1-Distill-Qwen: q/k/v biases, no q/k norms; head_dim 32; 96 = 8 · 12 and 192 = 16 · 12,
+    # widths 128 does not divide (groups of 96)
+    "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(hidden_size=96, intermediate_size=192, num_attention_heads=3,
+                                                  num_key_value_heads=1)),
+    # Llama = SmolLM2 / R1-Distill-Llama: no biases, no q/k norms, head_dim 64, tied embeddings; 192 and
+    # 320 = 16 · 20 (groups of 96 and 64)
+    "llama": (LlamaForCausalLM, LlamaConfig, dict(hidden_size=192, intermediate_size=320, num_attention_heads=3,
+                                                  num_key_value_heads=1, head_dim=64, tie_word_embeddings=True)),
+}
+
+
+def family_model(family: str, vocab_size: int, seed: int = 0, **overrides):
+    """A tiny random model of `family` (a FAMILIES key), two layers, float32, eval mode."""
+    model_cls, config_cls, shape = FAMILIES[family]
+    kwargs = dict(vocab_size=vocab_size, num_hidden_layers=2, max_position_embeddings=512, tie_word_embeddings=False)
+    kwargs.update(shape)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**kwargs)).eval()
+
+
+def save_tiny(path: Path, seed: int = 0, dtype=torch.float32, family: str | None = None, **overrides) -> Path:
+    """A tiny model + tokenizer saved as a Hugging Face directory, as a teacher stage leaves it: the Qwen3 of
+    `tiny_model`, or a FAMILIES model."""
     tok = tiny_tokenizer()
-    model = tiny_model(len(tok), seed, **overrides).to(dtype)
+    if family is None:
+        model = tiny_model(len(tok), seed, **overrides).to(dtype)
+    else:
+        model = family_model(family, len(tok), seed, **overrides).to(dtype)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def moves_whole(model) -> bool:
+    """Every tensor the forward uses follows `model.to(device)` (what `eval` on CUDA needs of a loaded model): on
+    the meta device a forward on meta inputs gives meta logits, where a tensor left out of the parameters and
+    buffers, or a module that sends its inputs back to where it was loaded (compressed-tensors' offloading did),
+    fails the forward on mixed devices. Leaves the model on meta."""
+    model.to("meta")
+    with torch.no_grad():
+        return model(torch.zeros(1, 5, dtype=torch.long, device="meta")).logits.device.type == "meta"
 
 
 def write_traces(path: Path, n: int = 8) -> Path:

@@ -1,5 +1,6 @@
 """Export to compressed-tensors pack-quantized: stock transformers in a fresh process reproduces our
-fake-quant logits; pipeline.load_quantized reads the export back; sizes are what the format implies."""
+fake-quant logits, also for a 576-wide model whose groups the policy lowers; pipeline.load_quantized reads the
+export back; sizes are what the format implies."""
 import argparse
 import json
 import logging
@@ -13,12 +14,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import pipeline
 from pipeline.errors import InputError
-from pipeline.quant.apply import quantize_rtn
+from pipeline.quant.apply import quant_linears, quantize_rtn
 from pipeline.quant.export import add_export_arguments, cli_export
 from pipeline.quant.io import save_quantized
 from pipeline.quant.scheme import QuantSpec
 from pipeline.stage_api import StageContext
-from quant_tiny import one_thread, save_tiny
+from quant_tiny import moves_whole, one_thread, save_tiny
 from stages import export as export_stage
 
 STOCK_RELOAD = """
@@ -37,20 +38,30 @@ def _one_thread():
         yield
 
 
-@pytest.fixture(scope="module", params=["w3g128", {"weights": {"num_bits": 4, "group_size": None, "symmetric": True}}],
-                ids=["w3g128", "w4-channel-sym"])
+SMOLLM2_WIDTHS = {"family": "llama", "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
+                  "intermediate_size": 384, "num_hidden_layers": 1}
+"""SmolLM2-135M's attention (hidden 576 = 9 heads × 64, 3 KV heads, tied embeddings), one layer, a narrower MLP:
+groups of 128 do not divide 576, so q/k/v/o, gate and up take groups of 96 (down_proj's 384 keeps 128)."""
+
+
+@pytest.fixture(scope="module", params=[("w3g128", {}), ({"weights": {"num_bits": 4, "group_size": None, "symmetric": True}}, {}),
+                                        ("w3g128", SMOLLM2_WIDTHS)],
+                ids=["w3g128", "w4-channel-sym", "w3g128-576-wide"])
 def quantized(request, tmp_path_factory):
-    """A ptq-like stage directory holding an RTN-quantized tiny model, and its logits on a batch."""
+    """A ptq-like stage directory holding an RTN-quantized tiny model, its logits on a batch, and its layers'
+    group sizes."""
+    preset, shape = request.param
     root = tmp_path_factory.mktemp("export")
-    src = save_tiny(root / "teacher")
+    src = save_tiny(root / "teacher", **shape)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    spec = QuantSpec.model_validate(request.param)
+    spec = QuantSpec.model_validate(preset)
     quantize_rtn(model, spec)
     save_quantized(model, AutoTokenizer.from_pretrained(src), root / "ptq" / "model", spec)
     x = torch.randint(0, 200, (2, 29), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(x).logits
-    return SimpleNamespace(root=root, stage=root / "ptq", spec=spec, x=x, logits=logits)
+    layers = {name: (m.weight.numel(), m.weights.group_size) for name, m in quant_linears(model)}
+    return SimpleNamespace(root=root, stage=root / "ptq", spec=spec, x=x, logits=logits, layers=layers)
 
 
 def _run_export_stage(q, out_dir, scheme=None):
@@ -76,17 +87,24 @@ def test_stock_transformers_fresh_process_reproduces_logits(quantized, tmp_path)
     stock = torch.load(tmp_path / "y.pt")
     assert (stock - quantized.logits).abs().max() <= 1e-3
 
-    # and back into our representation
+    # and back into our representation, which moves whole to another device (eval on CUDA)
+    loaded = pipeline.load_quantized(ckpt)
     with torch.no_grad():
-        ours = pipeline.load_quantized(ckpt)(quantized.x).logits
+        ours = loaded(quantized.x).logits
     assert (ours - quantized.logits).abs().max() <= 1e-3
+    assert moves_whole(loaded)
 
-    # 3-bit codes + one fp32 scale (+ one packed 3-bit zero point when asymmetric) per group
+    # 3-bit codes + one fp32 scale (+ one packed 3-bit zero point when asymmetric) per group of each layer
     w = quantized.spec.weights
     if w.group_size:
-        expected = w.num_bits + 32 / w.group_size + (0 if w.symmetric else w.num_bits / w.group_size)
-        assert metrics["bits_per_weight"] == pytest.approx(expected, rel=1e-3)
+        bits = sum(n * (w.num_bits + 32 / g + (0 if w.symmetric else w.num_bits / g)) for n, g in quantized.layers.values())
+        assert metrics["bits_per_weight"] == pytest.approx(bits / sum(n for n, _ in quantized.layers.values()), rel=1e-3)
     assert metrics["bits_per_weight"] < 4.5 and metrics["bytes_on_disk"] > metrics["safetensors_bytes"]
+    # one config group per group size, which stock transformers applied above: the spec's on its targets, a
+    # lowered one on the names of its layers
+    groups = {g["weights"]["group_size"]: g["targets"] for g in qconfig["config_groups"].values()}
+    assert groups == {size: ["Linear"] if size == w.group_size else [n for n, (_, g) in quantized.layers.items() if g == size]
+                      for size in {g for _, g in quantized.layers.values()}}
 
 
 def test_cli_export(quantized, tmp_path):

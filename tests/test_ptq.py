@@ -55,7 +55,7 @@ def test_gptq_is_llmcompressors_exactly_and_beats_rtn(teacher):
     from llmcompressor.core import active_session
     from pipeline.quant.calibration import calibration_loader
 
-    oneshot(model=bare, recipe=gptq_modifier(W3G128, 128, 0.01, "static", "minmax"),
+    oneshot(model=bare, recipe=gptq_modifier(bare, W3G128, 128, 0.01, "static", "minmax"),
             dataset=calibration_loader(samples), processor=tok)
     active_session().reset()
 
@@ -108,21 +108,41 @@ def test_stage_run_and_reload(teacher, tmp_path, method):
         assert torch.equal(loaded(x).logits, reference(x).logits)
 
 
+def test_stage_lowers_group_sizes_it_does_not_divide_and_says_so(tmp_path, caplog):
+    teacher = save_tiny(tmp_path / "teacher", family="llama")  # hidden 192, intermediate 320
+    config = ptq.Config(model="teacher", method="rtn", calibration_source="generic", nsamples=2, seqlen=32, sqnr_samples=1)
+    ctx = StageContext(name="ptq", config=config, recipe=SimpleNamespace(quant=W3G128, seed=0), out_dir=tmp_path / "ptq",
+                       inputs={"model": teacher}, input_manifests={"model": {}}, checkpointer=None,
+                       log=logging.getLogger("test"))
+    (tmp_path / "ptq").mkdir()
+    with caplog.at_level(logging.WARNING, logger="test"):
+        metrics = ptq.run(ctx)
+    assert metrics["lowered_group_size_layers"] == 14
+    record = json.loads((tmp_path / "ptq" / "model" / "reasoning_qat_quant.json").read_text())
+    assert record["lowered_group_sizes"]["model.layers.0.self_attn.q_proj"] == 96
+    assert record["lowered_group_sizes"]["model.layers.1.mlp.down_proj"] == 64
+    assert ("quant.weights.group_size 128 does not divide in_features 320: 2 layers (model.layers.0.mlp.down_proj, ...) "
+            "use group size 64 (group_size_policy largest_divisor)") in caplog.messages
+    loaded = pipeline.load_quantized(tmp_path / "ptq")
+    assert loaded.model.layers[1].mlp.down_proj.weights.group_size == 64
+
+
 def test_config_and_check_errors(teacher):
     with pytest.raises(ValidationError, match="needs `calibration"):
         ptq.Config(model="teacher")
     with pytest.raises(ValidationError, match="drop one"):
         ptq.Config(model="teacher", calibration="traces", calibration_source="generic")
-    recipe = SimpleNamespace(model=SimpleNamespace(arch=Qwen3Arch(hidden_size=128, intermediate_size=96, head_dim=32)),
+    recipe = SimpleNamespace(model=SimpleNamespace(arch=Qwen3Arch(hidden_size=128, intermediate_size=100, head_dim=32)),
                              quant=W3G128)
     errors = ptq.check(ptq.Config(model="model", method="rtn"), recipe)
-    assert errors == [("quant.weights.group_size",
-                       "128 does not divide in_features 96 of model.layers.0.mlp.down_proj (and 1 more layers)")]
+    assert errors == [("quant.weights.group_size", "model.layers.0.mlp.down_proj: 128 does not divide in_features 100, "
+                                                   "nor does any smaller multiple of 32 (and 1 more layers)")]
     local = SimpleNamespace(model=SimpleNamespace(arch=None, path=str(teacher.dir), trust_remote_code=False), quant=W3G128)
     assert ptq.check(ptq.Config(model="model", method="rtn"), local) == []
-    g512 = QuantSpec.model_validate({"preset": "w3g128", "weights": {"group_size": 512}})
+    g512 = QuantSpec.model_validate({"preset": "w3g128", "weights": {"group_size": 512, "group_size_policy": "exact"}})
     assert ptq.check(ptq.Config(model="model", method="rtn"), SimpleNamespace(model=local.model, quant=g512))[0] == (
-        "quant.weights.group_size", "512 does not divide in_features 256 of model.layers.0.self_attn.q_proj (and 11 more layers)")
+        "quant.weights.group_size",
+        "model.layers.0.self_attn.q_proj: 512 does not divide in_features 256 (group_size_policy: exact) (and 11 more layers)")
 
 
 W4A4KV4 = QuantSpec.model_validate("w4a4kv4")

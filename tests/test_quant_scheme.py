@@ -1,12 +1,14 @@
-"""The recipe's `quant` section: presets, overrides, targets/ignore matching, and fit checks."""
+"""The recipe's `quant` section: presets, overrides, targets/ignore matching, fit checks, and the group-size policy
+for widths the group size does not divide."""
 import pytest
 from pydantic import ValidationError
 from torch import nn
 
 from pipeline.models import Qwen3Arch
-from pipeline.quant.apply import match_targets, prepare, quant_linears
-from pipeline.quant.scheme import QuantSpec, WeightSpec, check_fit, weight_quantization_args, weight_spec_from_args
-from quant_tiny import tiny_config, tiny_model
+from pipeline.quant.apply import lowered_group_sizes, match_targets, prepare, quant_linears
+from pipeline.quant.scheme import (QuantSpec, WeightSpec, check_fit, config_groups, layer_weights, weight_quantization_args,
+                                   weight_spec_from_args)
+from quant_tiny import family_model, tiny_config, tiny_model
 
 
 def test_three_recipe_forms():
@@ -53,13 +55,51 @@ def test_target_filters_that_match_nothing_are_errors(spec, message):
     assert check_fit(tiny_model(300), spec)[0][0] == "quant.targets"
 
 
+@pytest.mark.parametrize("group_size,in_features,lowered", [
+    (128, 1024, 128), (128, 576, 96), (128, 960, 96), (128, 1536, 128), (128, 8960, 128), (128, 320, 64),
+    (128, 96, 96), (64, 576, 64), (48, 80, 16), (None, 576, None),
+])
+def test_largest_divisor_policy(group_size, in_features, lowered):
+    weights = WeightSpec(num_bits=3, group_size=group_size)
+    assert layer_weights(weights, in_features) == WeightSpec(num_bits=3, group_size=lowered)
+
+
+def test_policy_refusals():
+    with pytest.raises(ValueError, match="128 does not divide in_features 100, nor does any smaller multiple of 32"):
+        layer_weights(WeightSpec(num_bits=3, group_size=128), 100)
+    with pytest.raises(ValueError, match=r"128 does not divide in_features 576 \(group_size_policy: exact\)"):
+        layer_weights(WeightSpec(num_bits=3, group_size=128, group_size_policy="exact"), 576)
+
+
 def test_check_fit_from_arch_config_and_model():
     w3 = QuantSpec.model_validate("w3g128")
     assert check_fit(Qwen3Arch(hidden_size=256, intermediate_size=512, head_dim=64), w3) == []
-    # the demo arch: hidden 128 fits, but 96-wide MLP rows do not
-    errors = check_fit(Qwen3Arch(hidden_size=128, intermediate_size=96, head_dim=32), w3)
-    assert errors == [("quant.weights.group_size",
-                       "128 does not divide in_features 96 of model.layers.0.mlp.down_proj (and 1 more layers)")]
-    assert check_fit(tiny_config(300, hidden_size=192, head_dim=48), w3)[0][0] == "quant.weights.group_size"
+    # the demo arch's 96-wide MLP rows take groups of 96; "exact" refuses them, and 100 has no fitting group
+    assert check_fit(Qwen3Arch(hidden_size=128, intermediate_size=96, head_dim=32), w3) == []
+    exact = QuantSpec.model_validate({"preset": "w3g128", "weights": {"group_size_policy": "exact"}})
+    assert check_fit(Qwen3Arch(hidden_size=128, intermediate_size=96, head_dim=32), exact) == [(
+        "quant.weights.group_size",
+        "model.layers.0.mlp.down_proj: 128 does not divide in_features 96 (group_size_policy: exact) (and 1 more layers)")]
+    errors = check_fit(Qwen3Arch(hidden_size=128, intermediate_size=100, head_dim=32), w3)
+    assert errors == [("quant.weights.group_size", "model.layers.0.mlp.down_proj: 128 does not divide in_features 100, "
+                                                   "nor does any smaller multiple of 32 (and 1 more layers)")]
+    assert check_fit(tiny_config(300, hidden_size=200, head_dim=40), w3)[0][0] == "quant.weights.group_size"
+
+
+def test_prepare_lowers_group_sizes_and_config_groups_name_them():
+    model = family_model("llama", 300)  # hidden 192 -> groups of 96, intermediate 320 -> 64
+    spec = QuantSpec.model_validate("w3g128")
+    prepare(model, spec)
+    lowered = lowered_group_sizes(model, spec)
+    assert set(lowered.values()) == {96, 64} and len(lowered) == 14
+    assert model.model.layers[1].mlp.down_proj.weight_scale.shape == (192, 5)
+    groups = config_groups(spec, {name: m.weights for name, m in quant_linears(model)})
+    assert list(groups) == ["group_0", "group_1", "group_2"]
+    assert groups["group_0"].targets == ["Linear"] and groups["group_0"].weights.group_size == 128
+    assert groups["group_2"].targets == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert groups["group_2"].weights.group_size == 64 and len(groups["group_1"].targets) == 12
+    fits = tiny_model(300)  # widths 128 divides: one group, as before the policy
+    prepare(fits, spec)
+    assert list(config_groups(spec, {n: m.weights for n, m in quant_linears(fits)})) == ["group_0"]
     assert check_fit(tiny_model(300), QuantSpec.model_validate({"preset": "w4a4kv4", "kv_cache": {"group_size": 48}})) == [
         ("quant.kv_cache.group_size", "48 does not divide head_dim 64")]

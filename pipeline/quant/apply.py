@@ -22,7 +22,8 @@ from torch import nn
 
 from pipeline.quant import fake
 from pipeline.quant.linear import QuantLinear
-from pipeline.quant.scheme import ActivationSpec, QuantSpec, WeightSpec, weight_quantization_args, weight_spec_from_args
+from pipeline.quant.scheme import (ActivationSpec, QuantSpec, WeightSpec, config_groups, layer_weights,
+                                   weight_quantization_args, weight_spec_from_args)
 
 Observer = Literal["minmax", "mse"]
 
@@ -40,14 +41,24 @@ def match_targets(model: nn.Module, spec: QuantSpec) -> list[tuple[str, nn.Linea
     return matched
 
 
-def prepare(model: nn.Module, spec: QuantSpec) -> list[str]:
+def prepare(model: nn.Module, spec: QuantSpec, group_sizes: dict[str, int] | None = None) -> list[str]:
     """Replace each targeted nn.Linear by a QuantLinear sharing its parameters, and switch on KV-cache
-    fake quantization when the spec has one (pipeline.quant.kv); returns the QuantLinears' names."""
+    fake quantization when the spec has one (pipeline.quant.kv); returns the QuantLinears' names.
+    Each QuantLinear's weight spec is `layer_weights(spec.weights, in_features)`: the group size lowered
+    where it does not divide the layer's width (WeightSpec.group_size_policy); a saved model's layers
+    take theirs from `group_sizes` ({name: group size}, as `lowered_group_sizes` recorded them)."""
     names = []
     for name, linear in match_targets(model, spec):
         if isinstance(linear, QuantLinear):
             raise ValueError(f"{name} is already a QuantLinear")
-        model.set_submodule(name, QuantLinear.from_linear(linear, spec.weights, spec.activations))
+        try:
+            if group_sizes and name in group_sizes:
+                weights = spec.weights.model_copy(update={"group_size": group_sizes[name]})
+            else:
+                weights = layer_weights(spec.weights, linear.in_features)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        model.set_submodule(name, QuantLinear.from_linear(linear, weights, spec.activations))
         names.append(name)
     if spec.kv_cache is not None:
         from pipeline.quant.kv import enable_kv_quant
@@ -58,6 +69,12 @@ def prepare(model: nn.Module, spec: QuantSpec) -> list[str]:
 
 def quant_linears(model: nn.Module) -> list[tuple[str, QuantLinear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+def lowered_group_sizes(model: nn.Module, spec: QuantSpec) -> dict[str, int]:
+    """{name: group size} of the QuantLinears whose group size is not the spec's (WeightSpec.group_size_policy)."""
+    return {name: m.weights.group_size for name, m in quant_linears(model)
+            if m.weights.group_size != spec.weights.group_size}
 
 
 @torch.no_grad()
@@ -124,33 +141,50 @@ def from_compressed_tensors(model: nn.Module, activations: ActivationSpec | None
     return specs
 
 
+@contextmanager
+def quiet_overridden_targets(groups: dict):
+    """Within the block, compressed-tensors' "Could not match `<name>`" warnings about the exact-name targets of
+    config groups after group_0 (pipeline.quant.scheme.config_groups) are dropped: its matcher stops at the first
+    target a module matches (group_0's `Linear`) and so reports those names unmatched, though they are matched
+    and win (an exact name beats a class). One false line per lowered layer otherwise; other warnings stay."""
+    import logging
+
+    overridden = {f"`{t}`" for key, g in groups.items() if key != "group_0" for t in g.targets}
+    logger = logging.getLogger("compressed_tensors.utils.match")
+
+    def keep(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Could not match") and message.split()[3] in overridden)
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 def to_compressed_tensors(model: nn.Module, spec: QuantSpec) -> None:
     """The inverse: QuantLinears become nn.Linears with compressed-tensors' weight `quantization_scheme`,
     `weight_scale` and `weight_zero_point` (status frozen), the state compressed-tensors' compressors
     pack. The weight stays the latent one: compressing quantizes it with the same scales, to the
     same integer codes our fake quantization uses."""
-    from compressed_tensors.quantization import (
-        QuantizationConfig,
-        QuantizationScheme,
-        QuantizationStatus,
-        apply_quantization_config,
-    )
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
 
     # activation / KV-cache schemes are not module state: pipeline.quant.export writes them to the config
     quantized = quant_linears(model)
     if not quantized:
         raise ValueError("the model has no QuantLinear to export")
     qparams = {}
+    groups = config_groups(spec, {name: module.weights for name, module in quantized})
     for name, module in quantized:
         qparams[name] = (module.weight_scale.detach(), module.weight_zero_point)
         plain = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
         plain.weight, plain.bias = module.weight, module.bias
         model.set_submodule(name, plain)
-    scheme = QuantizationScheme(targets=list(spec.targets), weights=weight_quantization_args(spec.weights))
-    config = QuantizationConfig(
-        config_groups={"group_0": scheme}, ignore=list(spec.ignore), quantization_status=QuantizationStatus.FROZEN
-    )
-    apply_quantization_config(model, config, show_progress=False)
+    config = QuantizationConfig(config_groups=groups, ignore=list(spec.ignore),
+                                quantization_status=QuantizationStatus.FROZEN)
+    with quiet_overridden_targets(groups):
+        apply_quantization_config(model, config, show_progress=False)
     attached = {name for name, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}
     if attached != set(qparams):
         raise ValueError(

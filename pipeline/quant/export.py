@@ -60,12 +60,12 @@ def export_pack_quantized(model: nn.Module, tokenizer, spec, out_dir: str | Path
     """
     from compressed_tensors.compressors import ModelCompressor
 
-    from pipeline.quant.apply import to_compressed_tensors
-
+    from pipeline.quant.apply import lowered_group_sizes, to_compressed_tensors
     from pipeline.quant.online import describe
 
     out_dir = Path(out_dir)
     online = describe(model)
+    lowered = lowered_group_sizes(model, spec)
     transform_state = _strip_online(model, online)
     to_compressed_tensors(model, spec)
     compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
@@ -75,7 +75,7 @@ def export_pack_quantized(model: nn.Module, tokenizer, spec, out_dir: str | Path
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     if spec.activations is not None or spec.kv_cache is not None or transform_state:
-        _write_w4a4kv4(out_dir, spec, online, transform_state)
+        _write_w4a4kv4(out_dir, spec, online, transform_state, lowered)
     return checkpoint_size(out_dir)
 
 
@@ -97,7 +97,7 @@ def _strip_online(model: nn.Module, online: dict) -> dict:
     return state
 
 
-def _write_w4a4kv4(out_dir: Path, spec, online: dict, transform_state: dict) -> None:
+def _write_w4a4kv4(out_dir: Path, spec, online: dict, transform_state: dict, lowered: dict[str, int]) -> None:
     import json
 
     from compressed_tensors.quantization import QuantizationArgs
@@ -120,6 +120,7 @@ def _write_w4a4kv4(out_dir: Path, spec, online: dict, transform_state: dict) -> 
         "base_model_type": config["model_type"],
         "spec": spec.model_dump(mode="json"),
         "online": online,
+        "lowered_group_sizes": lowered,
         "note": "KV cache: one scale per token and head (group_size None = head_dim), after RoPE and after "
                 "self_attn.qk_transform; activation clips and online transforms in transforms.safetensors",
     }
@@ -186,11 +187,11 @@ def resolve_scheme(scheme: str | None, model_spec):
 
 
 def _format(spec) -> tuple:
-    """What a preset fixes: bits, groups and symmetry; clip ratios are the model's own (they travel in the
-    checkpoint's reasoning_qat block)."""
+    """What a preset fixes: bits, groups and symmetry; clip ratios and the group-size policy are the model's own
+    (they travel in the checkpoint's reasoning_qat block / per-layer config groups)."""
     def fields(section):
         return None if section is None else section.model_dump(exclude={"clip_ratio"})
-    return spec.weights, fields(spec.activations), fields(spec.kv_cache)
+    return spec.weights.model_dump(exclude={"group_size_policy"}), fields(spec.activations), fields(spec.kv_cache)
 
 
 def _describe(spec) -> str:

@@ -24,23 +24,25 @@ from typing import Literal
 
 from torch import nn
 
-from pipeline.quant.apply import from_compressed_tensors
+from pipeline.quant.apply import from_compressed_tensors, quiet_overridden_targets
 from pipeline.quant.calibration import calibration_loader
-from pipeline.quant.scheme import QuantSpec, weight_quantization_args
+from pipeline.quant.scheme import QuantSpec, config_groups, layer_weights, weight_quantization_args
 
 ActOrder = Literal["static", "weight"] | None
 
 
-def gptq_modifier(spec: QuantSpec, block_size: int, dampening_frac: float, actorder: ActOrder, observer: str):
-    """The GPTQModifier for `spec`'s weights (what both our stage and the bare-oneshot bench run)."""
-    from compressed_tensors.quantization import QuantizationScheme
+def gptq_modifier(model: nn.Module, spec: QuantSpec, block_size: int, dampening_frac: float, actorder: ActOrder,
+                  observer: str):
+    """The GPTQModifier for `spec`'s weights on `model` (what both our stage and the bare-oneshot bench run):
+    one config group per group size the model's layers get (pipeline.quant.scheme.config_groups)."""
     from llmcompressor.modifiers.gptq import GPTQModifier
 
-    args = weight_quantization_args(spec.weights).model_copy(
-        update={"observer": {"minmax": "memoryless_minmax", "mse": "memoryless_mse"}[observer]}
-    )
+    from pipeline.quant.apply import match_targets
+
+    per_layer = {name: layer_weights(spec.weights, m.in_features) for name, m in match_targets(model, spec)}
     return GPTQModifier(
-        config_groups={"group_0": QuantizationScheme(targets=list(spec.targets), weights=args)},
+        config_groups=config_groups(spec, per_layer,
+                                    observer={"minmax": "memoryless_minmax", "mse": "memoryless_mse"}[observer]),
         ignore=list(spec.ignore),
         block_size=block_size,
         dampening_frac=dampening_frac,
@@ -63,15 +65,21 @@ def run_gptq(
     `model` must have been loaded from a directory (`oneshot` re-reads its config from
     `model.config.name_or_path`).
     """
+    from compressed_tensors.offload import remove_dispatch
     from llmcompressor import oneshot
     from llmcompressor.core import active_session
 
     from pipeline.quant.apply import match_targets
 
     expected = [name for name, _ in match_targets(model, spec)]
-    modifier = gptq_modifier(spec, block_size, dampening_frac, actorder, observer)
-    oneshot(model=model, recipe=modifier, dataset=calibration_loader(samples), processor=tokenizer)
+    modifier = gptq_modifier(model, spec, block_size, dampening_frac, actorder, observer)
+    with quiet_overridden_targets(modifier.config_groups):
+        oneshot(model=model, recipe=modifier, dataset=calibration_loader(samples), processor=tokenizer)
     active_session().reset()
+    # oneshot leaves every module under compressed-tensors' offloading (tensors kept on an offload device, moved
+    # to the execution device at each forward); back to a plain model on the device it computed on, as our
+    # QuantLinears and every later `.to(device)` expect
+    remove_dispatch(model, onload_tensors=True)
     # oneshot wraps this instance's save_pretrained to write compressed-tensors checkpoints; ours is
     # the plain one (our layout, see pipeline.quant.io), so drop the instance attribute
     if "save_pretrained" in vars(model):

@@ -67,24 +67,26 @@ def read_quant_spec(path: str | Path):
     config = json.loads((path / "config.json").read_text())
     if "reasoning_qat" in config:
         return QuantSpec.model_validate(config["reasoning_qat"]["spec"])
-    groups = list(qconfig["config_groups"].values())
-    if len(groups) != 1:
-        raise ValueError(f"{path}: {len(groups)} quantization config groups; one is supported")
     from compressed_tensors.quantization import QuantizationScheme
 
-    scheme = QuantizationScheme.model_validate(groups[0])
-    if scheme.input_activations is not None or qconfig.get("kv_cache_scheme") is not None:
+    schemes = [QuantizationScheme.model_validate(g) for g in qconfig["config_groups"].values()]
+    if any(s.input_activations is not None for s in schemes) or qconfig.get("kv_cache_scheme") is not None:
         raise ValueError(f"{path}: activation / KV-cache quantized checkpoints are not supported yet")
-    return QuantSpec(
-        weights=weight_spec_from_args(scheme.weights),
-        targets=tuple(scheme.targets),
-        ignore=tuple(qconfig.get("ignore") or ()),
-    )
+    # several groups that differ only in group size: one scheme whose group size some layers lower (our export of
+    # a model whose widths the group size does not all divide); each layer keeps its own when loaded
+    per_group = [weight_spec_from_args(s.weights) for s in schemes]
+    weights = max(per_group, key=lambda w: w.group_size or 0)
+    if any(w.model_copy(update={"group_size": weights.group_size}) != weights for w in per_group) or (
+            len({w.group_size is None for w in per_group}) > 1):
+        raise ValueError(f"{path}: quantization config groups differ in more than their group size; "
+                         "one weight scheme is supported")
+    targets = tuple(dict.fromkeys(t for s in schemes for t in s.targets))
+    return QuantSpec(weights=weights, targets=targets, ignore=tuple(qconfig.get("ignore") or ()))
 
 
 def save_quantized(model: nn.Module, tokenizer, path: str | Path, spec) -> Path:
     """Write `model` (with QuantLinears), its QuantSpec and tokenizer to `path` in our layout."""
-    from pipeline.quant.apply import quant_linears
+    from pipeline.quant.apply import lowered_group_sizes, quant_linears
 
     path = Path(path)
     names = [name for name, _ in quant_linears(model)]
@@ -96,7 +98,7 @@ def save_quantized(model: nn.Module, tokenizer, path: str | Path, spec) -> Path:
     from pipeline.quant.online import describe
 
     record = {"format": FORMAT, "version": FORMAT_VERSION, "spec": spec.model_dump(mode="json"), "modules": names,
-              "online": describe(model)}
+              "lowered_group_sizes": lowered_group_sizes(model, spec), "online": describe(model)}
     (path / QUANT_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
     return path
 
@@ -138,7 +140,7 @@ def _load_ours(path: Path, trust_remote_code: bool) -> nn.Module:
     # parameters on meta (filled by assign below), buffers such as RoPE's inv_freq built for real
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    names = prepare(model, spec)
+    names = prepare(model, spec, record.get("lowered_group_sizes"))  # records from before the policy have none
     if names != record["modules"]:
         raise ValueError(f"{path}: the spec selects {len(names)} modules, the checkpoint has {len(record['modules'])}")
     if "online" in record:  # records written before online transforms existed have none
@@ -185,8 +187,14 @@ def _load_compressed_tensors(path: Path, trust_remote_code: bool) -> nn.Module:
     # stock transformers + compressed-tensors load the packed modules; decompressing now (rather
     # than in the hook it registers for the first forward) leaves Linears that carry
     # quantization_scheme / weight_scale / weight_zero_point and the dequantized weight
+    from compressed_tensors.offload import remove_dispatch
+
     model = load_pretrained(path, trust_remote_code, dtype="auto")
     model.hf_quantizer.compressor.decompress_model(model)
+    # decompress_model hands every module to compressed-tensors' offloading, which keeps the tensors where they
+    # are at load (CPU) and moves each module's inputs there on every forward: `model.to("cuda")` would leave
+    # the unconverted modules (embeddings, norms, lm_head) computing on the CPU
+    remove_dispatch(model)
     from_compressed_tensors(model)
     # from here on it is our representation: no compressed-tensors quantizer behind save_pretrained
     model.hf_quantizer = None
@@ -216,11 +224,11 @@ def _load_w4a4kv4_export(path: Path, trust_remote_code: bool) -> nn.Module:
     spec = QuantSpec.model_validate(block["spec"])
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    prepare(model, spec)
+    prepare(model, spec, block.get("lowered_group_sizes"))
     state = _read_safetensors(path, skip=(TRANSFORMS_FILE,))
-    scheme = QuantizationScheme(targets=list(spec.targets), weights=weight_quantization_args(spec.weights))
     for name, module in quant_linears(model):
         local = {k[len(name) + 1:]: state.pop(k) for k in list(state) if k.startswith(name + ".")}
+        scheme = QuantizationScheme(targets=[name], weights=weight_quantization_args(module.weights))
         local = PackedQuantizationCompressor.decompress(local, scheme)
         local.pop("weight_shape", None)
         for key, tensor in local.items():

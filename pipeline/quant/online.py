@@ -122,7 +122,10 @@ def install(model: nn.Module, record: dict) -> None:
     device = next(model.parameters()).device
     for name, (n1, n2, smooth) in record["transforms"].items():
         owner_name, _, attr = name.rpartition(".")
-        transform = KroneckerTransform.empty(n1, n2, smooth, device=device)
+        # frozen, as QuaRot and FlatQuant leave them (kd_qat / rl choose what trains): torch.matmul folds the
+        # batch dimensions of `x @ A` only when A needs no gradient, and the two paths round differently, enough
+        # for a 4-bit activation to flip a code and the reloaded model to drift from the saved one
+        transform = KroneckerTransform.empty(n1, n2, smooth, device=device).requires_grad_(False)
         if attr == "transform":  # <norm>.transform: wrap the norm
             wrap_norm(model, owner_name, transform)
         else:

@@ -18,16 +18,25 @@ Presets (`PRESETS`):
   symmetric weights keep the int4 GEMM simple); 4-bit asymmetric per-token activations (dynamic,
   computed from each token's min/max, as FlatQuant does); 4-bit asymmetric KV cache after RoPE, one
   scale per token and head (group = head_dim).
+
+Widths a group size does not divide (SmolLM2-135M's 576, SmolLM2-360M's 960): `weights.group_size_policy` (default
+`largest_divisor`) gives such a layer the largest smaller group that divides it (`layer_weights`: 576 -> 96);
+`exact` refuses the model at recipe check.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import math
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
     import torch
-    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+GROUP_QUANTUM = 32
+"""A lowered group size stays a multiple of gcd(group_size, 32): the group sizes kernels take (32, 64, 128)
+are multiples of 32, and a group of 96 keeps the per-group overhead near the requested 128's."""
 
 
 class WeightSpec(BaseModel):
@@ -37,6 +46,10 @@ class WeightSpec(BaseModel):
     group_size: int | None = Field(128, gt=0)
     """Columns per group; None = one scale per output channel."""
     symmetric: bool = False
+    group_size_policy: Literal["largest_divisor", "exact"] = "largest_divisor"
+    """A Linear whose in_features `group_size` does not divide (widths 576, 960, ...): "largest_divisor" gives it
+    the largest group size <= group_size that divides in_features and is a multiple of gcd(group_size, 32)
+    (576 -> 96), recorded per layer in the saved model and the export's config groups; "exact" refuses the model."""
 
 
 class ActivationSpec(BaseModel):
@@ -149,6 +162,41 @@ def weight_spec_from_args(args: "QuantizationArgs") -> WeightSpec:
     )
 
 
+def layer_weights(weights: WeightSpec, in_features: int) -> WeightSpec:
+    """The weight spec of one Linear with `in_features` columns: `weights`, with the group size lowered by
+    `group_size_policy` when it does not divide in_features; ValueError when no group size fits."""
+    size = weights.group_size
+    if size is None or in_features % size == 0:
+        return weights
+    quantum = math.gcd(size, GROUP_QUANTUM)
+    fits = [g for g in range(size - size % quantum, 0, -quantum) if in_features % g == 0]
+    if weights.group_size_policy == "exact" or not fits:
+        why = " (group_size_policy: exact)" if fits else f", nor does any smaller multiple of {quantum}"
+        raise ValueError(f"{size} does not divide in_features {in_features}{why}")
+    return weights.model_copy(update={"group_size": fits[0]})
+
+
+def config_groups(spec: QuantSpec, per_layer: dict[str, WeightSpec], **args_update) -> dict[str, "QuantizationScheme"]:
+    """compressed-tensors config groups for layers quantized as `per_layer` says: `group_0`, the spec's own
+    weights on its targets, and one group per lowered group size on those layers' exact names, which
+    compressed-tensors (and so llmcompressor and transformers) prefers to a class or regex target.
+    `args_update` sets further QuantizationArgs fields (GPTQ's observer)."""
+    from compressed_tensors.quantization import QuantizationScheme
+
+    def scheme(group_size: int | None, targets: list[str]) -> QuantizationScheme:
+        args = weight_quantization_args(spec.weights.model_copy(update={"group_size": group_size}))
+        return QuantizationScheme(targets=targets, weights=args.model_copy(update=args_update))
+
+    lowered: dict[int, list[str]] = {}
+    for name, weights in per_layer.items():
+        if weights.group_size != spec.weights.group_size:
+            lowered.setdefault(weights.group_size, []).append(name)
+    groups = {"group_0": scheme(spec.weights.group_size, list(spec.targets))}
+    for index, (group_size, names) in enumerate(lowered.items(), start=1):
+        groups[f"group_{index}"] = scheme(group_size, names)
+    return groups
+
+
 def check_fit(model_or_config: Any, spec: QuantSpec, where: str = "quant",
               trust_remote_code: bool = False) -> list[tuple[str, str]]:
     """Every way `spec` does not fit the model, as (key path, message) pairs; [] if it fits.
@@ -170,16 +218,15 @@ def check_fit(model_or_config: Any, spec: QuantSpec, where: str = "quant",
     except ValueError as e:
         return [(f"{where}.targets", str(e))]
     errors = []
-    group_size = spec.weights.group_size
-    if group_size is not None:
-        misfits = [(n, m.in_features) for n, m in matched if m.in_features % group_size]
-        if misfits:
-            name, width = misfits[0]
-            more = f" (and {len(misfits) - 1} more layers)" if len(misfits) > 1 else ""
-            errors.append((
-                f"{where}.weights.group_size",
-                f"{group_size} does not divide in_features {width} of {name}{more}",
-            ))
+    misfits = []
+    for name, module in matched:
+        try:
+            layer_weights(spec.weights, module.in_features)
+        except ValueError as e:
+            misfits.append(f"{name}: {e}")
+    if misfits:
+        more = f" (and {len(misfits) - 1} more layers)" if len(misfits) > 1 else ""
+        errors.append((f"{where}.weights.group_size", misfits[0] + more))
     if spec.kv_cache is not None and spec.kv_cache.group_size is not None:
         head_dim = _head_dim(model.config)
         if head_dim % spec.kv_cache.group_size:
