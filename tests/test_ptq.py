@@ -111,7 +111,7 @@ def test_stage_run_and_reload(teacher, tmp_path, method):
 def test_stage_lowers_group_sizes_it_does_not_divide_and_says_so(tmp_path, caplog):
     teacher = save_tiny(tmp_path / "teacher", family="llama")  # hidden 192, intermediate 320
     config = ptq.Config(model="teacher", method="rtn", calibration_source="generic", nsamples=2, seqlen=32, sqnr_samples=1)
-    ctx = StageContext(name="ptq", config=config, recipe=SimpleNamespace(quant=W3G128, seed=0), out_dir=tmp_path / "ptq",
+    ctx = StageContext(name="ptq", config=config, recipe=SimpleNamespace(quant=W3G128, seed=0, model=SimpleNamespace(trust_remote_code=False)), out_dir=tmp_path / "ptq",
                        inputs={"model": teacher}, input_manifests={"model": {}}, checkpointer=None,
                        log=logging.getLogger("test"))
     (tmp_path / "ptq").mkdir()

@@ -153,7 +153,7 @@ def test_cli_processes_with_y_on_stdin_refuse_and_leave_stdin_unread(tmp_path):
 def _stage(tmp_path: Path, quantized: bool) -> Path:
     """A stage directory committed by the store (manifest with sha256s): a tiny model, quantized or not."""
     store = Store(tmp_path / "artifacts", "r")
-    store.prepare("s", "fingerprint")
+    store.prepare("s", "fingerprint", {})
     model, tokenizer = tiny_lm.model(), tiny_lm.tokenizer()
     if quantized:
         quantize_rtn(model, W4_CHANNEL)
