@@ -42,6 +42,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from pipeline.data import END_OF_TURN, chat_prompt
+from pipeline.stage_api import SEED_MAX
 
 
 _STATIC_WIDTH_STEP = 64
@@ -66,7 +67,7 @@ class GenerationSpec(BaseModel):
     batch_size: int = Field(64, ge=1)
     """Sequences decoded together by the `generate` / `static` backends (prompts x samples);
     continuous batching sizes its batches from free memory instead."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seeds the sampler, so the same model, prompts and spec give the same completions."""
     backend: Literal["auto", "generate", "static", "continuous"] = "auto"
     """transformers decoding path (see pipeline.generate): auto = static on CUDA, generate on CPU."""
