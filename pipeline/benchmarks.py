@@ -76,7 +76,7 @@ def _json(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _text(row: dict, key: str, at: str, where: str, numbers: bool = False) -> str | int | float:
+def _field(row: dict, key: str, at: str, where: str, numbers: bool = False) -> str | int | float:
     """row[key]: a non-empty string, or with `numbers` also a finite JSON number (AMC's 27.0, an id 60)."""
     value = row.get(key)
     if value is None:
@@ -101,26 +101,26 @@ def _integer_text(value) -> str:
 def _gsm8k(rows: list[tuple[str, dict]], split: str, where: str) -> list[Problem]:
     problems = []
     for i, (at, row) in enumerate(rows):
-        solution = _text(row, "answer", at, where)
+        solution = _field(row, "answer", at, where)
         gold = solution.rsplit("####", 1)[-1].strip().replace(",", "")
         if "####" not in solution or not gold:
             raise InputError(where, f"{at}: `answer` does not end in `#### <final answer>`")
-        problems.append(Problem(id=f"gsm8k-{split}-{i}", question=_text(row, "question", at, where), answer=gold,
+        problems.append(Problem(id=f"gsm8k-{split}-{i}", question=_field(row, "question", at, where), answer=gold,
                                 solution=solution))
     return problems
 
 
 def _math500(rows: list[tuple[str, dict]], split: str, where: str) -> list[Problem]:
-    return [Problem(id=f"math500-{i}", question=_text(row, "problem", at, where),
-                    answer=str(_text(row, "answer", at, where, numbers=True)).strip(),
-                    solution=_text(row, "solution", at, where)) for i, (at, row) in enumerate(rows)]
+    return [Problem(id=f"math500-{i}", question=_field(row, "problem", at, where),
+                    answer=str(_field(row, "answer", at, where, numbers=True)).strip(),
+                    solution=_field(row, "solution", at, where)) for i, (at, row) in enumerate(rows)]
 
 
 def _competition(name: str) -> Callable[[list[tuple[str, dict]], str, str], list[Problem]]:
     def load(rows: list[tuple[str, dict]], split: str, where: str) -> list[Problem]:
-        return [Problem(id=f"{name}-{_text(row, 'id', at, where, numbers=True)}",
-                        question=_text(row, "problem" if "problem" in row else "question", at, where),
-                        answer=_integer_text(_text(row, "answer", at, where, numbers=True)),
+        return [Problem(id=f"{name}-{_field(row, 'id', at, where, numbers=True)}",
+                        question=_field(row, "problem" if "problem" in row else "question", at, where),
+                        answer=_integer_text(_field(row, "answer", at, where, numbers=True)),
                         solution=row.get("solution"))
                 for at, row in rows]
     return load
@@ -167,8 +167,8 @@ def load_prompts_file(path: str | os.PathLike, limit: int | None = None) -> list
         key = next((k for k in ("question", "problem", "prompt") if k in row), None)
         if key is None:
             raise InputError(where, f"{at}: no `question`, `problem` or `prompt`")
-        answer = None if row.get("answer") in (None, "") else _text(row, "answer", at, where, numbers=True)
-        problems.append(Problem(id=str(row.get("id", f"prompt-{i}")), question=_text(row, key, at, where),
+        answer = None if row.get("answer") in (None, "") else _field(row, "answer", at, where, numbers=True)
+        problems.append(Problem(id=str(row.get("id", f"prompt-{i}")), question=_field(row, key, at, where),
                                 answer="" if answer is None else _integer_text(answer)))
     return problems
 
