@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -200,6 +201,18 @@ def _check_model_dir(path: str, trust_remote_code: bool) -> None:
         raise InputError("MODEL_DIR", f"{inner} has no tokenizer (tokenizer.json / tokenizer_config.json)")
 
 
+def _check_out(path: str) -> None:
+    """`--out` must be a file this process can write, checked before the evaluation it would end."""
+    out = Path(path)
+    if out.is_dir():
+        raise InputError("--out", f"{path} is a directory; give a file name, e.g. {out / 'samples.jsonl'}")
+    folder = next(p for p in out.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise InputError("--out", f"{folder} is a file, so {path} cannot be written")
+    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise InputError("--out", f"{path} cannot be written (permission denied)")
+
+
 def cli_eval(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from rich.console import Console
@@ -208,6 +221,8 @@ def cli_eval(args: argparse.Namespace) -> int:
     from pipeline.models import CustomCodeRefused, load_model, load_tokenizer
 
     spec = _spec_from_args(args)
+    if args.out is not None:
+        _check_out(args.out)
     testbed, data_dir = None, args.data_dir
     if args.recipe is not None:
         from pipeline.recipe import load_recipe

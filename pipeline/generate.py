@@ -52,6 +52,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from pipeline import refill
 from pipeline.data import END_OF_TURN, chat_prompt
+from pipeline.stage_api import SEED_MAX
 
 
 _STATIC_WIDTH_STEP = 64
@@ -76,7 +77,7 @@ class GenerationSpec(BaseModel):
     batch_size: int = Field(64, ge=1)
     """Sequences decoded together (prompts x samples); `refill` decodes fewer when the free device
     memory cannot hold that many KV caches at full length; `continuous` sizes its batches itself."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seeds the sampler, so the same model, prompts and spec give the same completions."""
     backend: Literal["auto", "refill", "generate", "static", "continuous"] = "auto"
     """Decoding path (see pipeline.generate): auto = static on CUDA, generate on CPU; refill for reasoning

@@ -28,7 +28,10 @@ import math
 import multiprocessing as mp
 import os
 import re
+import sys
 import time
+import types
+from contextlib import contextmanager
 from multiprocessing.connection import Connection, wait
 from typing import Iterable, Sequence
 
@@ -126,14 +129,14 @@ class GradingPool:
     def _start(self) -> tuple[mp.Process, Connection]:
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=_worker_main, args=(child,), daemon=True)
-        proc.start()
+        with _main_module_hidden():
+            proc.start()
         child.close()
         return proc, parent
 
     @staticmethod
     def _ready(proc: mp.Process, conn: Connection) -> tuple[mp.Process, Connection]:
-        # A worker that cannot start (e.g. the parent's __main__ cannot be re-imported, as from
-        # `python - <<EOF`) must fail loudly here, not grade every item False.
+        # A worker that cannot start must fail loudly here, not grade every item False.
         try:
             if conn.poll(_START_TIMEOUT) and conn.recv() == "ready":
                 return proc, conn
@@ -210,6 +213,23 @@ class GradingPool:
                 proc.join()
             conn.close()
         self._workers = []
+
+
+@contextmanager
+def _main_module_hidden():
+    """While a worker starts, show multiprocessing an empty `__main__`.
+
+    A forkserver (or spawn) child first re-runs the parent's main module, to find functions defined
+    there. A worker runs only this module, so that is at best wasted imports, and impossible when the
+    parent's script came from stdin (`python - <<EOF`: `__main__.__file__` is "<stdin>", no file). An
+    interactive session starts its children the same way, with no main file to re-run.
+    """
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 _pools: dict[int, GradingPool] = {}

@@ -8,11 +8,13 @@ pydantic `Config` from the closed registry in `stages/`; nothing in a YAML file 
 
 `load_recipe` raises `RecipeError` holding every problem found, each as (key path, message), in the
 order the checks run: YAML -> top-level keys -> sections -> each stage's type and schema ->
-references -> cycles -> each stage type's `check` hook -> the base model's local path.
+references -> cycles -> what each reference reads (`export.model` must name a stage that writes a
+quantized model) -> each stage type's `check` hook -> the base model's local path.
 """
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import types
 import typing
@@ -28,21 +30,30 @@ from pipeline.data import DataSpec
 from pipeline.errors import InputError
 from pipeline.models import ModelSpec, check_model_dir
 from pipeline.quant.scheme import QuantSpec
-from pipeline.stage_api import BASE_MODEL_REF, StageConfig, stage_ref_fields
+from pipeline.stage_api import (BASE_MODEL_REF, MODEL, QUANTIZED, SEED_MAX, StageConfig, stage_ref_accepts,
+                                stage_ref_fields)
 
 SECTIONS: dict[str, type[BaseModel]] = {"model": ModelSpec, "quant": QuantSpec, "data": DataSpec}
 TOP_KEYS = ("name", "seed", "model", "quant", "data", "stages")
 REQUIRED_KEYS = ("name", "model", "stages")
-STAGE_NAME = re.compile(r"^[a-z0-9_-]+$")
-RECIPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+STAGE_NAME = re.compile(r"[a-z0-9_-]+")
+RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+NAME_MAX = 100
+"""Longest recipe or stage name: each names a folder under the artifacts root."""
+RESERVED_STAGE_NAMES = {BASE_MODEL_REF: "it means the recipe's base model",
+                        "report": "`reasoning-qat report` writes artifacts/<recipe>/report/"}
 GATE_TYPE = "gate"
+MAX_RECIPE_BYTES = 1 << 20
+"""A recipe is a page of YAML; a larger file is something else named by mistake."""
+MAX_YAML_NODES = 100_000
+"""Most values a recipe may hold once its aliases are expanded; the shipped ones hold a few hundred."""
 
 
 class RecipeError(Exception):
     """Every problem found in a recipe, each as (key path, message)."""
 
     def __init__(self, errors: list[tuple[str, str]]):
-        self.errors = errors
+        self.errors = list(dict.fromkeys(errors))  # two stages' checks may find the same bad file
         super().__init__("\n".join(self.lines()))
 
     def lines(self) -> list[str]:
@@ -89,15 +100,19 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recip
     """Read, override and validate a recipe file; RecipeError lists every problem."""
     source = str(path)
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
     except FileNotFoundError:
         raise RecipeError([(source, "no such file")]) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise RecipeError([(source, f"cannot read ({e.__class__.__name__})")]) from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError([(source, f"larger than {MAX_RECIPE_BYTES >> 10} KiB, too large for a recipe")])
     try:
-        raw = yaml.load(text, Loader=_StrictLoader)
-    except yaml.YAMLError as e:
-        raise RecipeError([(source, _yaml_message(e))]) from None
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError([(source, f"not UTF-8 text (byte {e.start})")]) from None
+    raw = parse_yaml(text, source)
     if not isinstance(raw, dict):
         raise RecipeError([(source, f"expected a mapping of recipe keys, got {_describe(raw)}")])
     return parse_recipe(raw, source=source, overrides=overrides)
@@ -118,10 +133,12 @@ def parse_recipe(raw: dict, source: str = "<recipe>", overrides: typing.Sequence
             value = {}  # `quant:` with nothing under it means the defaults
         try:
             sections[key] = cls.model_validate(value)
+            errors += lax_value_errors(value, sections[key], key)
         except ValidationError as e:
             errors += pydantic_errors(e, key, cls)
 
-    configs, modules, declared, stage_errors = _validate_stages(raw.get("stages"))
+    # a missing `stages` was reported with the top-level keys
+    configs, modules, declared, stage_errors = _validate_stages(raw["stages"]) if "stages" in raw else ({}, {}, {}, [])
     errors += stage_errors
     errors += check_references(configs, declared)
     cycle = find_cycle(configs)
@@ -138,6 +155,7 @@ def parse_recipe(raw: dict, source: str = "<recipe>", overrides: typing.Sequence
         data=sections["data"], stages=configs, source=source, modules=modules,
     )
     # Semantic checks presuppose a well-formed recipe, so they run only once everything above passed.
+    errors += check_input_kinds(recipe)
     for name, config in configs.items():
         check = getattr(modules[name], "check", None)
         if check is None:
@@ -158,8 +176,26 @@ def parse_recipe(raw: dict, source: str = "<recipe>", overrides: typing.Sequence
 
 # -- YAML ----------------------------------------------------------------------------------------
 
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text -> data; a RecipeError blaming `where` with one line when it is not a recipe's YAML."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        raise RecipeError([(where, _yaml_message(e, text))]) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise RecipeError([(where, "could not parse YAML (nested too deeply)")]) from None
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one) and documents whose
+    aliases expand past MAX_YAML_NODES values (see _check_expanded_size)."""
+
+    def get_single_data(self):
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(node)
+        return self.construct_document(node)
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -172,9 +208,43 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _yaml_message(e: yaml.YAMLError) -> str:
+def _check_expanded_size(root: yaml.Node) -> None:
+    """Refuse a document whose aliases stand for more than MAX_YAML_NODES values, or for infinitely many.
+
+    PyYAML builds an anchored node once and every alias shares it, so a 1 KB "billion laughs" file
+    loads at once; but validation (and the copy taken of the data) visits each alias's expansion:
+    billions of values. PyYAML has no such limit, so sizes are counted here, once per distinct node.
+    """
+    sizes: dict[int, int] = {}  # id(node) -> expanded size; -1 while its children are being counted
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            if sizes[id(node)] < 0:
+                raise yaml.constructor.ConstructorError(None, None, "an alias refers to a collection that "
+                                                        "contains it", node.start_mark)
+            return sizes[id(node)]
+        sizes[id(node)] = -1
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        total = 1 + sum(size(child) for child in children)
+        if total > MAX_YAML_NODES:
+            raise yaml.constructor.ConstructorError(None, None, f"more than {MAX_YAML_NODES} values once "
+                                                    "aliases are expanded", node.start_mark)
+        sizes[id(node)] = total
+        return total
+
+    size(root)
+
+
+def _yaml_message(e: yaml.YAMLError, text: str) -> str:
+    if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow, e.g. a NUL byte
+        line = text.count("\n", 0, e.position) + 1
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        return f"line {line}: could not parse YAML (character U+{code:04X} is not allowed)"
     mark = getattr(e, "problem_mark", None)
-    problem = getattr(e, "problem", None) or str(e)
+    problem = " ".join(str(getattr(e, "problem", None) or e).split())  # one line
     where = f"line {mark.line + 1}: " if mark is not None else ""
     return f"{where}could not parse YAML ({problem})"
 
@@ -204,9 +274,9 @@ def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> list[tuple[st
             errors.append((f"--set {item}", "expected KEY=VALUE, e.g. stages.kd_qat.lr=1e-5"))
             continue
         try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            errors.append((where, _yaml_message(e)))
+            value = parse_yaml(text, where)
+        except RecipeError as e:
+            errors += e.errors
             continue
         if parts[0] not in TOP_KEYS:
             errors.append((where, f"no recipe key '{parts[0]}'{did_you_mean(parts[0], TOP_KEYS)}"))
@@ -239,13 +309,17 @@ def _check_top_level(raw: dict) -> list[tuple[str, str]]:
         if key not in raw:
             errors.append((key, "required"))
     name = raw.get("name")
-    if "name" in raw and not (isinstance(name, str) and RECIPE_NAME.match(name)):
+    if "name" in raw and not (isinstance(name, str) and RECIPE_NAME.fullmatch(name)):
         errors.append(("name", f"must be a folder name (letters, digits, _ . -), got {_describe(name)}"))
+    elif "name" in raw and len(name) > NAME_MAX:
+        errors.append(("name", f"must be at most {NAME_MAX} characters (it names a folder), got {len(name)}"))
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         errors.append(("seed", f"expected an integer, got {_describe(seed)}"))
     elif seed < 0:
         errors.append(("seed", "must be >= 0"))
+    elif seed > SEED_MAX:
+        errors.append(("seed", f"must be <= {SEED_MAX} (numpy takes 32-bit seeds)"))
     return errors
 
 
@@ -255,18 +329,18 @@ def _validate_stages(raw_stages: Any):
     modules: dict[str, types.ModuleType] = {}
     declared: dict[str, Any] = {}
     errors: list[tuple[str, str]] = []
-    if raw_stages is None:
-        return configs, modules, declared, errors  # missing: reported with the top-level keys
-    if not isinstance(raw_stages, dict) or not raw_stages:
+    if not isinstance(raw_stages, dict):
         return configs, modules, declared, [
             ("stages", f"expected a mapping of stage name to stage, got {_describe(raw_stages)}")]
+    if not raw_stages:
+        return configs, modules, declared, [("stages", "needs at least one stage")]
     for name, body in raw_stages.items():
         where = f"stages.{name}"
-        if name == BASE_MODEL_REF:
-            errors.append((where, "the name 'model' is reserved (it means the recipe's base model)"))
+        if name in RESERVED_STAGE_NAMES:
+            errors.append((where, f"the name '{name}' is reserved ({RESERVED_STAGE_NAMES[name]})"))
             continue
-        if not isinstance(name, str) or not STAGE_NAME.match(name):
-            errors.append((where, "stage names use only a-z, 0-9, _ and -"))
+        if not isinstance(name, str) or not STAGE_NAME.fullmatch(name) or len(name) > NAME_MAX:
+            errors.append((where, f"stage names use only a-z, 0-9, _ and - (at most {NAME_MAX} of them)"))
             continue
         declared[name] = body.get("type") if isinstance(body, dict) else None
         if not isinstance(body, dict):
@@ -291,6 +365,7 @@ def _validate_stages(raw_stages: Any):
         try:
             configs[name] = module.Config.model_validate(body)
             modules[name] = module
+            errors += lax_value_errors(body, configs[name], where)
         except ValidationError as e:
             errors += pydantic_errors(e, where, module.Config)
     return configs, modules, declared, errors
@@ -344,6 +419,62 @@ def find_cycle(configs: dict[str, StageConfig]) -> list[str] | None:
     return None
 
 
+def check_input_kinds(recipe: Recipe) -> list[tuple[str, str]]:
+    """Each reference names a stage whose output its field reads (stage_api's output kinds):
+    `export.model` a quantized model, `ptq.calibration` traces, never an eval stage's samples.
+
+    Runs on a valid, acyclic recipe; a stage module without OUTPUT or `output` is not judged."""
+    kinds: dict[str, str | None] = {BASE_MODEL_REF: _base_model_kind(recipe.model)}
+
+    def kind_of(target: str) -> str | None:
+        if target not in kinds:
+            module, config = recipe.modules[target], recipe.stages[target]
+            if hasattr(module, "output"):
+                inputs = {f: kind_of(t) for f, t in recipe.refs(target).items() if f != "when"}
+                kinds[target] = module.output(config, inputs)
+            else:
+                kinds[target] = getattr(module, "OUTPUT", None)
+        return kinds[target]
+
+    errors = []
+    for name, config in recipe.stages.items():
+        for field_name, accepts in stage_ref_accepts(type(config)).items():
+            target = getattr(config, field_name)
+            if target is None or not accepts or kind_of(target) in (None, *accepts):
+                continue
+            what = ("(the recipe's base model) is" if target == BASE_MODEL_REF
+                    else f"({recipe.stages[target].type} stage) writes")
+            errors.append((f"stages.{name}.{field_name}", f"'{target}' {what} {kind_of(target)}; "
+                           f"needs {' or '.join(accepts)}{_writers(accepts)}"))
+    return errors
+
+
+def _base_model_kind(model: ModelSpec) -> str:
+    """A local `model.path` may hold a quantized model (a student from another recipe)."""
+    if model.path is not None and Path(model.path).is_dir():
+        from pipeline.models import is_quantized
+
+        if is_quantized(model.path):
+            return QUANTIZED
+    return MODEL
+
+
+def _writers(kinds: tuple[str, ...]) -> str:
+    """` (written by ptq, kd_qat, rl or export stages)`: the stage types whose OUTPUT is one of `kinds`."""
+    types = []
+    for stage_type in stage_registry.STAGE_TYPES:
+        try:
+            module = stage_registry.stage_module(stage_type)
+        except stage_registry.StageTypeUnavailable:
+            continue
+        if getattr(module, "OUTPUT", None) in kinds:
+            types.append(stage_type)
+    if not types:
+        return ""
+    listed = types[0] if len(types) == 1 else f"{', '.join(types[:-1])} or {types[-1]}"
+    return f" (written by {listed} stages)"
+
+
 def _check_model_path(model: ModelSpec) -> list[tuple[str, str]]:
     """A `model.path` that is clearly a local path must exist and hold a model we load
     (pipeline.models.check_model_dir); `org/name` hub ids are left to the hub."""
@@ -362,6 +493,26 @@ def _check_model_path(model: ModelSpec) -> list[tuple[str, str]]:
 
 
 # -- pydantic errors as key paths ----------------------------------------------------------------
+
+def lax_value_errors(raw: Any, value: Any, where: str) -> list[tuple[str, str]]:
+    """What pydantic's lax mode lets through but a recipe must not say: inf or nan anywhere, a float
+    where an integer is needed (`train_size: 1.0e15` validates as an int), a boolean where a number
+    is (`steps: true` as 1). `raw` is the YAML data that validated into `value`, at key path `where`.
+
+    Lax mode stays because PyYAML reads `1e-5` as a string, which only lax mode takes as a float."""
+    if isinstance(value, BaseModel) and isinstance(raw, dict):
+        return [e for key, item in raw.items() if key in type(value).model_fields
+                for e in lax_value_errors(item, getattr(value, key), _join(where, str(key)))]
+    if isinstance(value, (list, tuple)) and isinstance(raw, list) and len(raw) == len(value):
+        return [e for i, (item, v) in enumerate(zip(raw, value))
+                for e in lax_value_errors(item, v, _join(where, str(i)))]
+    if isinstance(value, float) and not math.isfinite(value):
+        return [(where, f"must be a finite number, got {_describe(raw)}")]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            isinstance(raw, bool) or (isinstance(raw, float) and isinstance(value, int))):
+        return [(where, f"expected {'an integer' if isinstance(value, int) else 'a number'}, got {_describe(raw)}")]
+    return []
+
 
 def pydantic_errors(exc: ValidationError, prefix: str, model: type[BaseModel]) -> list[tuple[str, str]]:
     """ValidationError -> [(key path, human message)], one per distinct key path."""
@@ -386,6 +537,8 @@ def _message(err: dict, model: type[BaseModel], loc: list) -> str:
         return "required"
     if kind == "extra_forbidden":
         return f"unknown key{did_you_mean(str(loc[-1]), _fields_at(model, loc[:-1]))}"
+    if kind == "finite_number" or (kind in bounds and _is_nan(value)):  # nan fails every bound
+        return f"must be a finite number, got {_describe(value)}"
     if kind in bounds:
         bound = next(iter(ctx.values()))
         return f"must be {bounds[kind]} {int(bound) if isinstance(bound, float) and bound.is_integer() else bound}"
@@ -410,6 +563,13 @@ def _message(err: dict, model: type[BaseModel], loc: list) -> str:
     if kind == "too_long":
         return f"takes at most {ctx.get('max_length')} item(s)"
     return err["msg"][:1].lower() + err["msg"][1:]
+
+
+def _is_nan(value: Any) -> bool:
+    try:
+        return math.isnan(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _fields_at(model: type[BaseModel], loc: list) -> list[str]:
@@ -448,7 +608,8 @@ def _describe(value: Any) -> str:
         return "a list"
     if value is None:
         return "nothing"
-    return repr(value)
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:50]}... ({len(text)} characters)"
 
 
 def _join(prefix: str, rest: str) -> str:

@@ -5,8 +5,10 @@ A stage type is one module `stages/<type>.py` that defines:
     CODE_VERSION: int             # bump by hand when the stage's outputs would change
     USES: tuple[str, ...]         # recipe-wide sections folded into the fingerprint, from
                                   # ("seed", "model", "quant", "data")
+    OUTPUT: str                   # what the stage writes, one of the output kinds below
     class Config(StageConfig):    # strict schema; `type: Literal["<type>"]`
-        ...                       # fields typed `StageRef` name another stage (or "model")
+        ...                       # fields typed `StageRef` name another stage (or "model");
+                                  # `stage_ref(QUANTIZED)` names one whose OUTPUT is a quantized model
     def check(config, recipe) -> list[tuple[str, str]]   # optional: semantic checks that need
                                   # more than the schema (shapes, paths); (key path, message) pairs,
                                   # key path relative to the stage, e.g. ("group_size", "must divide 1024")
@@ -14,6 +16,8 @@ A stage type is one module `stages/<type>.py` that defines:
     HEADLINE: str | None          # optional: the metric shown in the run summary
     PASSTHROUGH: str              # optional: for a stage that can be skipped by its gate, the
                                   # StageRef field whose artifact downstream stages read instead
+    def output(config, input_kinds) -> str   # optional: what the stage writes when that depends
+                                  # on its inputs (field -> output kind of each); OUTPUT is then the usual
 
 A config field that cannot change what the stage writes (how often it saves a checkpoint) is marked
 `Field(..., json_schema_extra=OPERATIONAL)`: changing it neither makes the stage stale nor throws away
@@ -37,14 +41,36 @@ if TYPE_CHECKING:
     from pipeline.recipe import Recipe
 
 
+# Output kinds: what a stage writes (its module's OUTPUT), and what a reference field reads. The
+# recipe is checked against them before anything runs (`export.model` naming an eval stage is bad input).
+MODEL = "a full-precision model"
+QUANTIZED = "a quantized model"
+TRACES = "traces"
+VERDICT = "a gate verdict"
+SAMPLES = "evaluation samples"
+ANY_MODEL = (MODEL, QUANTIZED)
+
+
 class _StageRefMarker:
-    """Annotation marker: this field holds the name of another stage in the recipe."""
+    """Annotation marker: this field holds the name of another stage in the recipe, whose output is
+    one of `accepts` (empty: any)."""
+
+    def __init__(self, accepts: tuple[str, ...] = ()):
+        self.accepts = accepts
 
 
-StageRef = Annotated[str, _StageRefMarker()]
-"""A reference to another stage by name, or "model" for the recipe's base model."""
+def stage_ref(*accepts: str) -> Any:
+    """The type of a field naming another stage (or "model") whose output is one of `accepts`."""
+    return Annotated[str, _StageRefMarker(accepts)]
+
+
+StageRef = stage_ref()
+"""A reference to another stage by name, or "model" for the recipe's base model; any output."""
 
 BASE_MODEL_REF = "model"
+
+SEED_MAX = 2**32 - 1
+"""Largest seed: numpy's generators (seeded by transformers and the runner) take 32-bit seeds."""
 
 
 class StageConfig(BaseModel):
@@ -96,17 +122,20 @@ def result_config(config_cls: type[BaseModel], data: dict[str, Any]) -> dict[str
 
 def stage_ref_fields(config_cls: type[StageConfig]) -> list[str]:
     """Names of the fields of `config_cls` typed `StageRef` or `StageRef | None`."""
-    names = []
+    return list(stage_ref_accepts(config_cls))
+
+
+def stage_ref_accepts(config_cls: type[StageConfig]) -> dict[str, tuple[str, ...]]:
+    """Field name -> the output kinds it accepts (empty: any), for each StageRef field of `config_cls`."""
+    fields = {}
     for name, info in config_cls.model_fields.items():
-        if any(isinstance(m, _StageRefMarker) for m in info.metadata):
-            names.append(name)
-            continue
         # `StageRef | None` keeps the marker on the inner Annotated type
-        for arg in getattr(info.annotation, "__args__", ()) or ():
-            if any(isinstance(m, _StageRefMarker) for m in getattr(arg, "__metadata__", ())):
-                names.append(name)
-                break
-    return names
+        metadata = [*info.metadata, *(m for arg in getattr(info.annotation, "__args__", ()) or ()
+                                      for m in getattr(arg, "__metadata__", ()))]
+        marker = next((m for m in metadata if isinstance(m, _StageRefMarker)), None)
+        if marker is not None:
+            fields[name] = marker.accepts
+    return fields
 
 
 @dataclass

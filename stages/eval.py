@@ -24,20 +24,22 @@ from pydantic import Field
 from pipeline.benchmarks import check_bench, load_benchmark
 from pipeline.evaluate import evaluate, solution_perplexity
 from pipeline.generate import GenerationSpec
-from pipeline.stage_api import StageConfig, StageContext, StageRef, untrained_base_model
+from pipeline.stage_api import ANY_MODEL, SAMPLES, StageConfig, StageContext, stage_ref, untrained_base_model
+from pipeline.tasks.testbed import MAX_PROBLEMS
 
 CODE_VERSION = 1
 USES = ("seed", "data")
 HEADLINE = "accuracy"
+OUTPUT = SAMPLES
 
 
 class Config(StageConfig):
     type: Literal["eval"] = "eval"
-    model: StageRef
+    model: stage_ref(*ANY_MODEL)
     """The model to evaluate: a stage that wrote one (sft, ptq, kd_qat, rl, export), or "model"."""
     bench: str = "testbed"
     """testbed (the recipe's data.testbed, test split), gsm8k, math500, aime24 or amc23."""
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1, le=MAX_PROBLEMS)
     """Only the first `limit` problems (None: all)."""
     generation: GenerationSpec = GenerationSpec()
     """Decoding: max_new_tokens, temperature / top_p / top_k, num_samples (K), batch_size, seed, backend."""
@@ -47,7 +49,7 @@ class Config(StageConfig):
 
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
-    return untrained_base_model(config, recipe, "model") + check_bench(config.bench, recipe.data)
+    return untrained_base_model(config, recipe, "model") + check_bench(config.bench, recipe.data, limit=config.limit)
 
 
 def run(ctx: StageContext) -> dict[str, float]:

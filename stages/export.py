@@ -18,16 +18,17 @@ from __future__ import annotations
 from typing import Literal
 
 from pipeline.errors import InputError
-from pipeline.stage_api import StageConfig, StageContext, StageRef
+from pipeline.stage_api import QUANTIZED, StageConfig, StageContext, stage_ref
 
 CODE_VERSION = 3
 USES = ()
 HEADLINE = "bits_per_weight"
+OUTPUT = QUANTIZED
 
 
 class Config(StageConfig):
     type: Literal["export"] = "export"
-    model: StageRef
+    model: stage_ref(QUANTIZED)
     """The quantized model to export (a ptq, kd_qat or rl stage)."""
     scheme: str | None = None
     """A preset (e.g. w3g128) the model must be quantized with; None: the model's own scheme."""

@@ -32,18 +32,20 @@ from pydantic import Field, model_validator
 from pipeline.benchmarks import check_bench, load_benchmark
 from pipeline.evaluate import evaluate
 from pipeline.generate import GenerationSpec
-from pipeline.stage_api import StageConfig, StageContext, StageRef, untrained_base_model
+from pipeline.stage_api import ANY_MODEL, VERDICT, StageConfig, StageContext, stage_ref, untrained_base_model
+from pipeline.tasks.testbed import MAX_PROBLEMS
 
 CODE_VERSION = 1
 USES = ("seed", "data")
 HEADLINE = "accuracy"
+OUTPUT = VERDICT
 
 
 class Config(StageConfig):
     type: Literal["gate"] = "gate"
-    model: StageRef
+    model: stage_ref(*ANY_MODEL)
     """The model judged: usually the quantized student (kd_qat, ptq)."""
-    teacher: StageRef | None = None
+    teacher: stage_ref(*ANY_MODEL) | None = None
     """The full-precision reference for `min_retention`: evaluated on the same problems and decoding."""
     min_accuracy: float | None = Field(None, ge=0, le=1)
     """Pass only if the model's accuracy is at least this."""
@@ -51,7 +53,7 @@ class Config(StageConfig):
     """Pass only if accuracy / teacher accuracy is at least this (needs `teacher`)."""
     bench: str = "testbed"
     """testbed (the recipe's data.testbed, test split), gsm8k, math500, aime24 or amc23."""
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1, le=MAX_PROBLEMS)
     """Only the first `limit` problems (None: all)."""
     generation: GenerationSpec = GenerationSpec()
     """Decoding, for model and teacher alike."""
@@ -66,7 +68,8 @@ class Config(StageConfig):
 
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
-    return untrained_base_model(config, recipe, "model", "teacher") + check_bench(config.bench, recipe.data)
+    return (untrained_base_model(config, recipe, "model", "teacher")
+            + check_bench(config.bench, recipe.data, limit=config.limit))
 
 
 def verdict(config: Config, accuracy: float, teacher_accuracy: float | None) -> dict[str, float]:

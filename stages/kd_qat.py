@@ -43,22 +43,24 @@ from pipeline.memory import GIB, fit_error, kd_step_memory
 from pipeline.models import is_quantized, load_model, load_tokenizer
 from pipeline.quant.apply import decoding_weights, quant_linears, weight_only
 from pipeline.quant.io import read_quant_spec, save_quantized, saved_dtype
-from pipeline.stage_api import StageConfig, StageContext, StageRef
+from pipeline.stage_api import ANY_MODEL, QUANTIZED, TRACES, StageConfig, StageContext, stage_ref
+from pipeline.tasks.testbed import MAX_PROBLEMS
 from pipeline.train import (TrainArgs, causal_lm_loss, check_train_args, gathered, make_accelerator, train,
                             whole_models)
 
 CODE_VERSION = 2
 USES = ("seed", "model", "data")
 HEADLINE = "final_loss"
+OUTPUT = QUANTIZED
 
 
 class Config(TrainArgs, StageConfig):
     type: Literal["kd_qat"] = "kd_qat"
-    init: StageRef
+    init: stage_ref(QUANTIZED)
     """The quantized student to train: a `ptq` stage (or any stage holding a quantized model)."""
-    teacher: StageRef
+    teacher: stage_ref(*ANY_MODEL)
     """The full-precision teacher: the stage that trained it, or "model" for the recipe's base model."""
-    data: StageRef
+    data: stage_ref(TRACES)
     """A `traces` stage: the teacher's own solutions, the domain-matched training data."""
     only_correct: bool = True
     """Train only on traces whose answer was graded correct."""
@@ -92,7 +94,7 @@ class Config(TrainArgs, StageConfig):
     lower there than in an `eval` stage, which runs it in float32."""
     eval_bench: str = "testbed"
     """Benchmark of that evaluation (the recipe's testbed test split, or gsm8k, math500, ...)."""
-    eval_limit: int = Field(100, ge=1)
+    eval_limit: int = Field(100, ge=1, le=MAX_PROBLEMS)
     """Problems per evaluation."""
     eval_generation: GenerationSpec = GenerationSpec()
     """Decoding of that evaluation (greedy by default)."""
@@ -107,7 +109,7 @@ class Config(TrainArgs, StageConfig):
 def check(config: Config, recipe) -> list[tuple[str, str]]:
     from pipeline.benchmarks import check_bench
 
-    bench = check_bench(config.eval_bench, recipe.data, "eval_bench") if config.eval_every else []
+    bench = check_bench(config.eval_bench, recipe.data, "eval_bench", config.eval_limit) if config.eval_every else []
     return check_train_args(config) + bench
 
 

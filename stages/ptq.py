@@ -36,18 +36,19 @@ import torch
 from pydantic import Field, model_validator
 
 from pipeline.errors import InputError
-from pipeline.stage_api import StageConfig, StageContext, StageRef
+from pipeline.stage_api import MODEL, QUANTIZED, TRACES, StageConfig, StageContext, stage_ref
 
 CODE_VERSION = 4
 USES = ("seed", "quant")
 HEADLINE = "output_sqnr_mean"
+OUTPUT = QUANTIZED
 
 
 class Config(StageConfig):
     type: Literal["ptq"] = "ptq"
-    model: StageRef = "model"
+    model: stage_ref(MODEL) = "model"
     """The unquantized (BF16) model to quantize: a stage (e.g. the sft teacher) or "model"."""
-    calibration: StageRef | None = None
+    calibration: stage_ref(TRACES) | None = None
     """A traces stage whose traces calibrate GPTQ (calibration_source "traces")."""
     calibration_source: Literal["traces", "generic"] = "traces"
     """"traces": the `calibration` stage's traces; "generic": non-domain English text (the WikiText

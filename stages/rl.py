@@ -49,42 +49,31 @@ from pydantic import Field
 from pipeline.benchmarks import check_training_data, training_problems
 from pipeline.errors import InputError
 from pipeline.rl import GRPOSettings
-from pipeline.stage_api import StageConfig, StageContext, StageRef
+from pipeline.stage_api import QUANTIZED, SEED_MAX, StageConfig, StageContext, stage_ref
+from pipeline.tasks.testbed import MAX_PROBLEMS
 
 CODE_VERSION = 1
 USES = ("seed", "model", "data")
 HEADLINE = "accuracy"
 PASSTHROUGH = "init"
+OUTPUT = QUANTIZED
 
 
 class Config(GRPOSettings, StageConfig):
     type: Literal["rl"] = "rl"
-    init: StageRef
+    init: stage_ref(QUANTIZED)
     """The quantized student to train (a kd_qat or ptq stage, or "model" when the recipe's model.path is a
     quantized model, e.g. a student from another recipe); what downstream reads when the gate skips this stage."""
-    count: int = Field(1000, ge=1)
+    count: int = Field(1000, ge=1, le=MAX_PROBLEMS)
     """Training prompts drawn from the recipe's data.task (fewer when the source has fewer)."""
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     """The seed of rollout sampling, data order, AQN noise and LoRA init (default: the recipe's). The
     prompts stay the recipe seed's, so seed rows of a study differ only in what RL draws."""
 
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
-    errors = []
-    if config.init == "model" and not _base_is_quantized(recipe):
-        errors.append(("init", "needs a stage that saved a quantized model (kd_qat, ptq), or a model.path "
-                               "holding one; the recipe's base model is not quantized"))
-    errors += check_training_data(recipe.data)
-    return errors
-
-
-def _base_is_quantized(recipe) -> bool:
-    from pathlib import Path
-
-    from pipeline.models import is_quantized
-
-    path = recipe.model.path
-    return path is not None and Path(path).is_dir() and is_quantized(path)
+    # `init: model` needs a model.path holding a quantized model: checked with every reference's kind
+    return check_training_data(recipe.data, need_answers=True)
 
 
 def run(ctx: StageContext) -> dict[str, float]:

@@ -31,7 +31,7 @@ import torch
 from pipeline.data import chat_example, training_pairs
 from pipeline.errors import InputError
 from pipeline.models import build_model, is_quantized, load_model, load_tokenizer, save_model
-from pipeline.stage_api import StageConfig, StageContext, StageRef
+from pipeline.stage_api import ANY_MODEL, MODEL, TRACES, StageConfig, StageContext, stage_ref
 from pipeline.tasks.testbed import make_problems
 from pipeline.tokenizer import build_tokenizer
 from pipeline.train import TrainArgs, causal_lm_loss, check_train_args, make_accelerator, train
@@ -39,17 +39,23 @@ from pipeline.train import TrainArgs, causal_lm_loss, check_train_args, make_acc
 CODE_VERSION = 1
 USES = ("seed", "model", "data")
 HEADLINE = "final_loss"
+OUTPUT = MODEL
 
 
 class Config(TrainArgs, StageConfig):
     type: Literal["sft"] = "sft"
-    init: StageRef | None = None
+    init: stage_ref(*ANY_MODEL) | None = None
     """Model to continue training (a stage, or "model"); None: the recipe's model (built from
     `model.arch`, or loaded from `model.path`)."""
-    data: StageRef | None = None
+    data: stage_ref(TRACES) | None = None
     """A traces stage whose completions to train on; None: the testbed's train split."""
     only_correct: bool = True
     """With `data`: train only on traces whose answer was graded correct."""
+
+
+def output(config: Config, input_kinds: dict[str, str | None]) -> str | None:
+    """A full-precision model, or a quantized one when `init` holds one (the SFT-QAT baseline)."""
+    return MODEL if config.init is None else input_kinds["init"]
 
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:

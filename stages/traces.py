@@ -28,18 +28,20 @@ from pipeline.benchmarks import check_training_data, training_problems
 from pipeline.errors import InputError
 from pipeline.evaluate import sample_and_grade, write_jsonl
 from pipeline.generate import GenerationSpec
-from pipeline.stage_api import StageConfig, StageContext, StageRef, untrained_base_model
+from pipeline.stage_api import ANY_MODEL, TRACES, StageConfig, StageContext, stage_ref, untrained_base_model
+from pipeline.tasks.testbed import MAX_PROBLEMS
 
 CODE_VERSION = 1
 USES = ("seed", "data")
 HEADLINE = "kept"
+OUTPUT = TRACES
 
 
 class Config(StageConfig):
     type: Literal["traces"] = "traces"
-    model: StageRef
+    model: stage_ref(*ANY_MODEL)
     """The teacher that writes the traces: a stage that trained one (sft, rl), or "model"."""
-    count: int = Field(1000, ge=1)
+    count: int = Field(1000, ge=1, le=MAX_PROBLEMS)
     """Prompts to solve (fewer when the source has fewer); traces = count x generation.num_samples."""
     generation: GenerationSpec = GenerationSpec()
     """Decoding: max_new_tokens, temperature / top_p / top_k, num_samples per prompt, batch_size, seed."""
@@ -49,7 +51,7 @@ class Config(StageConfig):
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
     errors = untrained_base_model(config, recipe, "model")
-    errors += check_training_data(recipe.data)
+    errors += check_training_data(recipe.data, need_answers=config.only_correct, where="only_correct")
     return errors
 
 

@@ -74,9 +74,45 @@ def test_prompts_file(tmp_path):
     path.write_text('{"question": "1+1?", "answer": 2}\n{"id": "q7", "problem": "2+2?"}\n')
     problems = load_prompts_file(path)
     assert [(p.id, p.question, p.answer) for p in problems] == [("prompt-0", "1+1?", "2"), ("q7", "2+2?", "")]
-    path.write_text('{"answer": 2}\n')
-    with pytest.raises(InputError, match="row 1 has no `question`"):
+    path.write_text('{"question": "1+1?"}\n\n{"answer": 2}\n')
+    with pytest.raises(InputError, match=f"{path}:3: no `question`, `problem` or `prompt`$"):
         load_prompts_file(path)
+
+
+# (file name, content, the message after "data_dir: <tmp>/"): every bad file names itself and its line
+BAD_FILES = [
+    ("gsm8k_test.jsonl", '{"question": "q", "answer": "#### 1"}\n{"question": "q"}\n', "gsm8k_test.jsonl:2: no `answer`"),
+    ("gsm8k_test.jsonl", '{"question": "q", "answer": 18}\n', "gsm8k_test.jsonl:1: `answer` must be a string, got 18"),
+    ("gsm8k_test.jsonl", '{"question": "q", "answer": "so 18"}\n',
+     "gsm8k_test.jsonl:1: `answer` does not end in `#### <final answer>`"),
+    ("gsm8k_test.jsonl", '{"question": ["q"], "answer": "#### 1"}\n',
+     'gsm8k_test.jsonl:1: `question` must be a string, got ["q"]'),
+    ("math500_test.jsonl", '{"problem": "p", "answer": {"x": 1}, "solution": "s"}\n',
+     'math500_test.jsonl:1: `answer` must be a string or a number, got {"x": 1}'),
+    ("math500_test.jsonl", '{"problem": "p", "answer": " ", "solution": "s"}\n', "math500_test.jsonl:1: `answer` is empty"),
+    ("amc23_test.jsonl", '{"id": 0, "problem": "p", "answer": true}\n',
+     "amc23_test.jsonl:1: `answer` must be a string or a number, got true"),
+    ("amc23_test.jsonl", '{"id": 0, "problem": "p", "answer": NaN}\n',
+     "amc23_test.jsonl:1: `answer` must be a string or a number, got NaN"),
+    ("aime24_test.jsonl", '{"problem": "p", "answer": 3}\n', "aime24_test.jsonl:1: no `id`"),
+    ("aime24_test.jsonl", '[1, 2]\n', "aime24_test.jsonl:1: expected a JSON object, got [1, 2]"),
+    ("aime24_test.jsonl", "\n\n", "aime24_test.jsonl: no problems in it"),
+    ("aime24_test.jsonl", b'{"id": 1}\n\x1f\x8b\x08\x00\xff\n', "aime24_test.jsonl:2: not UTF-8 text (is it a jsonl file?)"),
+]
+
+
+@pytest.mark.parametrize("name, content, message", BAD_FILES, ids=[m for _, _, m in BAD_FILES])
+def test_bad_benchmark_file_names_file_and_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    with pytest.raises(InputError) as err:
+        load_benchmark(name.split("_")[0], data_dir=tmp_path)
+    assert str(err.value) == f"data_dir: {tmp_path}/{message}"
+
+
+def test_limit_is_bounded():
+    with pytest.raises(InputError, match=f"must be <= {testbed.MAX_PROBLEMS}, got 1000000000000000"):
+        load_benchmark("testbed", limit=10**15)
 
 
 @pytest.mark.skipif(not hasattr(testbed, "make_problems"), reason="the testbed generator has not landed yet")

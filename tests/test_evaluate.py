@@ -84,12 +84,20 @@ def test_cli_eval_testbed_k_samples(run_cli, model_dir, tmp_path):
     (["--samples", "4"], "--samples: num_samples > 1 needs temperature > 0"),
     (["--max-new-tokens", "0"], "--max-new-tokens:"),
     (["--limit", "0"], "limit: must be >= 1"),
+    (["--limit", "1000000000000000"], "limit: must be <= 1000000"),
+    (["--out", "{tmp}"], "--out: {tmp} is a directory; give a file name"),
+    (["--out", "{tmp}/a_file/samples.jsonl"], "--out: {tmp}/a_file is a file, so {tmp}/a_file/samples.jsonl cannot"),
+    (["--out", "{tmp}/a_file/x/samples.jsonl"], "--out: {tmp}/a_file is a file"),
 ])
-def test_cli_eval_bad_input_exit_2(run_cli, model_dir, tmp_path, args, message):
+def test_cli_eval_bad_input_exit_2(run_cli, model_dir, tmp_path, args, message, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    # bad input is found before the model is loaded or anything is generated
+    monkeypatch.setattr("pipeline.models.load_model", lambda *a, **k: pytest.fail("loaded the model"))
     code, stdout, stderr = run_cli("eval", model_dir, *[a.format(tmp=tmp_path) for a in args])
     assert code == 2
     assert message.format(tmp=tmp_path) in stderr
     assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
 def test_cli_eval_bad_model_dir_exit_2(run_cli, model_dir, tmp_path):

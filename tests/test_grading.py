@@ -1,6 +1,8 @@
 """Grading: extraction order, </think> handling, per-item results on benchmark slices, a pool that never hangs."""
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -92,3 +94,13 @@ def test_hung_worker_is_killed_and_replaced():
         assert pool.grade_many([("\\boxed{5}", "5")], timeout=1) == [True]
     finally:
         pool.close()
+
+
+def test_pool_starts_when_the_calling_script_comes_from_stdin(tmp_path):
+    """`python - <<EOF`: __main__.__file__ is "<stdin>", which a worker must not try to re-run."""
+    script = ("from pipeline.grading import grade_many\n"
+              "print(grade_many([('\\\\boxed{3}', '3'), ('\\\\boxed{4}', '3')], workers=1))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=120)
+    assert (done.returncode, done.stdout) == (0, "[True, False]\n"), done.stderr

@@ -37,7 +37,7 @@ def artifacts(tmp_path_factory):
 def recipe(**stage):
     return parse_recipe({
         "name": "t", "seed": 0, "model": {"path": "org/tiny", "dtype": "float32"}, "quant": "w3g128",
-        "stages": {"teacher": {"type": "sft"}, "traces": {"type": "sft"}, "ptq": {"type": "ptq", "model": "teacher", "method": "rtn", "calibration_source": "generic"},
+        "stages": {"teacher": {"type": "sft"}, "traces": {"type": "traces", "model": "teacher"}, "ptq": {"type": "ptq", "model": "teacher", "method": "rtn", "calibration_source": "generic"},
                    "kd": {"type": "kd_qat", "init": "ptq", "teacher": "teacher", "data": "traces", **TRAIN, **stage}}})
 
 

@@ -34,6 +34,19 @@ def with_(path: str, value, base=GOOD) -> dict:
 
 DELETE = object()
 
+# Real stage types, for what each reference reads: sft teacher -> eval, traces -> ptq -> kd_qat -> export
+REAL = {"name": "t", "model": TINY_MODEL, "quant": {"weights": {"num_bits": 4, "group_size": 32}},
+        "stages": {"teacher": {"type": "sft"},
+                   "teacher_eval": {"type": "eval", "model": "teacher"},
+                   "traces": {"type": "traces", "model": "teacher"},
+                   "ptq": {"type": "ptq", "model": "teacher", "calibration": "traces"},
+                   "kd_qat": {"type": "kd_qat", "init": "ptq", "teacher": "teacher", "data": "traces"},
+                   "export": {"type": "export", "model": "kd_qat"}}}
+QUANTIZED_WRITERS = "(written by ptq, kd_qat, rl or export stages)"
+# 9 levels of 9 aliases: 1 KB of YAML standing for 9^9 strings ("billion laughs")
+ALIAS_BOMB = "name: t\na: &a [" + ", ".join(["lol"] * 9) + "]\n" + "".join(
+    f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
 # (id, recipe text or data, extra CLI args, the one expected line, or its start)
 MALFORMED = [
     ("yaml-syntax", "name: t\nseed: 0\nmodel: a: b\n", [],
@@ -93,6 +106,52 @@ MALFORMED = [
     ("set-bad-value", GOOD, ["--set", "stages.teacher.lr=abc"], "stages.teacher.lr: expected a number, got 'abc'"),
     ("set-unknown-key", GOOD, ["--set", "stages.teacher.lrr=1"],
      "stages.teacher.lrr: unknown key (did you mean 'lr'?)"),
+    # the file itself
+    ("alias-bomb", ALIAS_BOMB, [], "{path}: line 7: could not parse YAML (more than 100000 values once aliases are expanded)"),
+    ("recursive-alias", "name: t\nx: &a [1, *a]\n", [],
+     "{path}: line 2: could not parse YAML (an alias refers to a collection that contains it)"),
+    ("nul-byte", "name: t\x00\nseed: 0\n", [], "{path}: line 1: could not parse YAML (character U+0000 is not allowed)"),
+    ("too-deep", "x: " + "[" * 5000 + "]" * 5000 + "\n", [], "{path}: could not parse YAML (nested too deeply)"),
+    ("too-large", "#" * (1 << 20) + "\n", [], "{path}: larger than 1024 KiB, too large for a recipe"),
+    ("binary", b"\x1f\x8b\x08\x00\xff", [], "{path}: not UTF-8 text (byte 1)"),
+    ("set-alias-bomb", GOOD, ["--set", "seed=" + ALIAS_BOMB.replace("\n", ", ").replace("name: t, ", "{") + "}"],
+     "--set seed: line 1: could not parse YAML (more than 100000 values once aliases are expanded)"),
+    # numbers lax parsing would let through
+    ("set-inf", GOOD, ["--set", "stages.teacher.lr=.inf"], "stages.teacher.lr: must be a finite number, got inf"),
+    ("nan-in-file", with_("model.arch.rope_theta", float("nan")), [], "model.arch.rope_theta: must be a finite number, got nan"),
+    ("nan-string", with_("stages.teacher.lr", "nan"), [], "stages.teacher.lr: must be a finite number, got 'nan'"),
+    ("inf-for-int", with_("stages.teacher.value", float("inf")), [], "stages.teacher.value: must be a finite number, got inf"),
+    ("float-for-int", with_("stages.teacher.value", 3.0), [], "stages.teacher.value: expected an integer, got 3.0"),
+    ("bool-for-int", with_("stages.teacher.value", True), [], "stages.teacher.value: expected an integer, got True"),
+    ("bool-for-float", with_("stages.teacher.lr", True), [], "stages.teacher.lr: expected a number, got True"),
+    ("seed-too-large", with_("seed", 2**32), [], "seed: must be <= 4294967295 (numpy takes 32-bit seeds)"),
+    ("seed-negative", with_("seed", -1), [], "seed: must be >= 0"),
+    ("train-size-huge", with_("data", {"testbed": {"train_size": 1e15}}), [], "data.testbed.train_size: must be <= 1000000"),
+    ("train-size-float", with_("data", {"testbed": {"train_size": 1000.0}}), [],
+     "data.testbed.train_size: expected an integer, got 1000.0"),
+    ("max-factor-huge", with_("data", {"testbed": {"max_factor": 10**15}}), [], "data.testbed.max_factor: must be <= 1000"),
+    # stages and names
+    ("stages-null", with_("stages", None), [], "stages: expected a mapping of stage name to stage, got nothing"),
+    ("stages-empty", with_("stages", {}), [], "stages: needs at least one stage"),
+    ("name-too-long", with_("name", "a" * 300), [], "name: must be at most 100 characters (it names a folder), got 300"),
+    ("name-dotdot", with_("name", ".."), [], "name: must be a folder name (letters, digits, _ . -), got '..'"),
+    ("name-newline", with_("name", "t\n"), [], "name: must be a folder name (letters, digits, _ . -), got 't\\n'"),
+    ("stage-name-too-long", with_("stages." + "a" * 101, {"type": "make"}), [],
+     f"stages.{'a' * 101}: stage names use only a-z, 0-9, _ and - (at most 100 of them)"),
+    ("reserved-report", with_("stages.report", {"type": "make"}), [],
+     "stages.report: the name 'report' is reserved (`reasoning-qat report` writes artifacts/<recipe>/report/)"),
+    # what each reference reads
+    ("export-of-sft", with_("stages.export.model", "teacher", REAL), [],
+     f"stages.export.model: 'teacher' (sft stage) writes a full-precision model; needs a quantized model {QUANTIZED_WRITERS}"),
+    ("init-from-eval", with_("stages.kd_qat.init", "teacher_eval", REAL), [],
+     f"stages.kd_qat.init: 'teacher_eval' (eval stage) writes evaluation samples; needs a quantized model {QUANTIZED_WRITERS}"),
+    ("calibration-not-traces", with_("stages.ptq.calibration", "teacher", REAL), [],
+     "stages.ptq.calibration: 'teacher' (sft stage) writes a full-precision model; needs traces (written by traces stages)"),
+    ("teacher-is-traces", with_("stages.kd_qat.teacher", "traces", REAL), [],
+     "stages.kd_qat.teacher: 'traces' (traces stage) writes traces; needs a full-precision model or a quantized model "
+     "(written by sft, ptq, kd_qat, rl or export stages)"),
+    ("export-of-base", with_("stages.export.model", "model", REAL), [],
+     f"stages.export.model: 'model' (the recipe's base model) is a full-precision model; needs a quantized model"),
 ]
 
 
@@ -102,7 +161,10 @@ def test_malformed_recipe(command, text, extra, expected, fake_stages, monkeypat
     monkeypatch.setattr(stages, "STAGE_TYPES", (*stages.STAGE_TYPES, "ghost"))
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "bad.yaml"
-    path.write_text(text if isinstance(text, str) else yaml.safe_dump(text, sort_keys=False))
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text if isinstance(text, str) else yaml.safe_dump(text, sort_keys=False))
     art = tmp_path / "art"
     args = [command, path, *extra] + (["--artifacts", art] if command == "run" else [])
     code, out, err = run_cli(*args)
@@ -166,3 +228,40 @@ def test_yaml_floats_without_a_dot_are_numbers(fake_stages, tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(GOOD).replace("value: 3", "value: 3\n    lr: 1e-5"))
     assert load_recipe(path).stages["teacher"].lr == 1e-5
+
+
+def test_references_read_what_the_stage_they_name_writes(fake_stages):
+    """An sft stage that continues a quantized model writes one (SFT-QAT), which export then takes."""
+    sft_qat = with_("stages.sft_qat", {"type": "sft", "init": "ptq", "data": "traces"}, REAL)
+    assert parse_recipe(with_("stages.export.model", "sft_qat", sft_qat)).stages["export"].model == "sft_qat"
+    assert parse_recipe(with_("stages.teacher_eval.model", "export", REAL))  # eval reads any model
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(with_("stages.export.model", "teacher", sft_qat))
+    assert e.value.lines() == [f"stages.export.model: 'teacher' (sft stage) writes a full-precision model; needs a "
+                               f"quantized model {QUANTIZED_WRITERS}"]
+
+
+def test_bad_data_files_are_found_at_validation(fake_stages, tmp_path, run_cli):
+    """Rows a stage would choke on, in the benchmark or prompts file a recipe names: exit 2, file and line."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "gsm8k_test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q"}\n')
+    prompts = data_dir / "prompts.jsonl"
+    prompts.write_text('{"question": "q", "answer": 1}\n{"question": "r"}\n')
+    # a teacher from model.path solves the user's prompts; traces graded (only_correct) need answers
+    on_prompts = {"name": "t", "model": {"path": str(data_dir)}, "data": {"task": "jsonl", "prompts_file": str(prompts)},
+                  "stages": {"traces": {"type": "traces", "model": "model", "only_correct": True}}}
+    cases = [
+        (with_("stages.teacher_eval.bench", "gsm8k", with_("data", {"benchmarks_dir": str(data_dir)}, REAL)),
+         f"stages.teacher_eval.bench: {data_dir}/gsm8k_test.jsonl:2: no `answer`"),
+        (on_prompts, f"stages.traces.only_correct: {prompts}: prompt 'prompt-1' has no `answer`, so it cannot be graded"),
+    ]
+    for recipe, expected in cases:
+        path = tmp_path / "r.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        for command in (["validate", path], ["run", path, "--artifacts", tmp_path / "art"]):
+            code, _, err = run_cli(*command)
+            assert (code, err.strip()) == (2, expected)
+            assert not (tmp_path / "art").exists()
+    # ungraded traces need no answers
+    assert parse_recipe(with_("stages.traces.only_correct", False, on_prompts)).data.prompts_file == str(prompts)

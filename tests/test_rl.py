@@ -227,7 +227,8 @@ def test_bad_settings_name_their_key():
     assert set(e.value.lines()) == {"stages.rl.lr: must be > 0", "stages.rl.temperature: must be > 0"}
     with pytest.raises(RecipeError, match="batch_size must be a multiple of num_generations"):
         recipe(batch_size=6)
-    with pytest.raises(RecipeError, match="stages.rl.init: needs a stage that saved a quantized model"):
+    with pytest.raises(RecipeError, match=r"stages.rl.init: 'model' \(the recipe's base model\) is a full-precision "
+                                          "model; needs a quantized model"):
         recipe(init="model")
 
 
@@ -239,7 +240,7 @@ def test_init_may_be_the_base_model_when_it_is_a_quantized_model(init_dir, tmp_p
     assert parse_recipe(raw).stages["rl"].init == "model"
     from quant_tiny import save_tiny
     raw["model"]["path"] = str(save_tiny(tmp_path / "plain"))
-    with pytest.raises(RecipeError, match="the recipe's base model is not quantized"):
+    with pytest.raises(RecipeError, match=r"'model' \(the recipe's base model\) is a full-precision model"):
         parse_recipe(raw)
     with pytest.raises(RecipeError, match="stages.rl.aqn.sigma_start: must be > 0"):
         recipe(aqn={"sigma_start": 0})

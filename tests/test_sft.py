@@ -53,7 +53,7 @@ def test_traces_and_init_continue_a_model_on_correct_completions(tmp_path):
              "correct": i % 3 != 0, "num_tokens": 20} for i in range(12)]
     (traces / "traces.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     rec = recipe({"init": "first", "data": "traces"},
-                 stages={"first": {"type": "sft", **TRAIN}, "traces": {"type": "sft", **TRAIN},
+                 stages={"first": {"type": "sft", **TRAIN}, "traces": {"type": "traces", "model": "first"},
                          "teacher": {"type": "sft", **TRAIN, "init": "first", "data": "traces"}})
     inputs = {"init": tmp_path / "first" / "out", "data": traces}
     assert sft.run(context(tmp_path / "second", rec, inputs))["examples"] == 8

@@ -1,10 +1,11 @@
 """The testbed: deterministic, disjoint splits, correct chains of thought, difficulty knobs that bite."""
 import re
+import time
 
 import pytest
 from pydantic import ValidationError
 
-from pipeline.tasks.testbed import TestbedSpec, make_problems
+from pipeline.tasks.testbed import MAX_PROBLEMS, TestbedSpec, make_problems
 
 EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)\.$")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a // b}
@@ -64,3 +65,10 @@ def test_bad_specs_are_rejected():
         TestbedSpec(operations=("total",))
     with pytest.raises(ValueError, match="too few distinct"):
         make_problems(TestbedSpec(max_number=2, max_steps=1, operations=("add",)), "test", n=50)
+    # giving up takes misses in proportion to the questions found, not to the n asked for
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="too few distinct"):
+        make_problems(TestbedSpec(max_number=3, max_steps=1, operations=("add",)), "train", n=MAX_PROBLEMS)
+    assert time.monotonic() - start < 10
+    with pytest.raises(ValidationError, match="less than or equal to 1000000"):
+        TestbedSpec(train_size=10**15)

@@ -41,6 +41,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TEST_BUCKETS = 8
 """One question in TEST_BUCKETS (by hash) is reserved for the test split."""
+MAX_PROBLEMS = 1_000_000
+"""The most problems one call generates (a split's size, a stage's `count` or `limit`): about ten
+minutes of generating and tokenizing on one CPU core; a typo such as 1e15 is refused, not waited for."""
 
 NAMES = ("Mia", "Leo", "Ava", "Sam", "Zoe", "Max", "Ivy", "Ben", "Lily", "Noah", "Emma", "Omar",
          "Nina", "Ravi", "Lucy", "Hugo", "Rosa", "Theo", "Ella", "Finn")
@@ -55,21 +58,21 @@ class TestbedSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     __test__ = False  # not a pytest test class, whatever its name
 
-    min_steps: int = Field(1, ge=1)
+    min_steps: int = Field(1, ge=1, le=100)
     """Fewest arithmetic steps (equations) in a solution."""
-    max_steps: int = Field(2, ge=1)
+    max_steps: int = Field(2, ge=1, le=100)
     """Most arithmetic steps in a solution; longer chains compound errors."""
-    max_number: int = Field(20, ge=2)
+    max_number: int = Field(20, ge=2, le=10**6)
     """Every quantity in a problem (start, intermediate, answer) is in 1..max_number."""
-    max_factor: int = Field(5, ge=2)
+    max_factor: int = Field(5, ge=2, le=1000)
     """Multipliers and divisors are in 2..max_factor."""
     operations: tuple[Literal[OPERATIONS], ...] = OPERATIONS  # type: ignore[valid-type]
     """Step kinds to draw from: add/sub/mul/div change the current person's count; more_than,
     fewer_than, times_as_many introduce a new person relative to the current one; total (only ever
     the last step) adds the current count to one stated earlier, a long-range dependency."""
-    train_size: int = Field(20000, ge=1)
+    train_size: int = Field(20000, ge=1, le=MAX_PROBLEMS)
     """Problems in the train split when `make_problems` is called with n=None."""
-    test_size: int = Field(200, ge=1)
+    test_size: int = Field(200, ge=1, le=MAX_PROBLEMS)
     """Problems in the test split when `make_problems` is called with n=None."""
 
     @model_validator(mode="after")
@@ -194,8 +197,9 @@ def make_problems(spec: TestbedSpec, split: Literal["train", "test"], n: int | N
             question = None
         if question is None or question in seen or _split_of(question) != split:
             misses += 1
-            # a small spec has few distinct questions: fail loudly instead of spinning
-            if misses > 50 * n + 10000:
+            # a small spec has few distinct questions: fail loudly instead of spinning, after a number
+            # of misses bounded by the questions found so far rather than by the n asked for
+            if misses > 50 * len(problems) + 10000:
                 raise ValueError(f"the testbed spec has too few distinct {split} questions for n={n}; "
                                  "raise max_number or max_steps")
             continue
