@@ -248,8 +248,12 @@ def test_bad_data_files_are_found_at_validation(fake_stages, tmp_path, run_cli):
     (data_dir / "gsm8k_test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q"}\n')
     prompts = data_dir / "prompts.jsonl"
     prompts.write_text('{"question": "q", "answer": 1}\n{"question": "r"}\n')
+    model_dir = tmp_path / "model"  # a folder that passes the model checks (config and safetensors weights)
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text('{"model_type": "qwen3"}')
+    save_file({"w": torch.zeros(1)}, model_dir / "model.safetensors")
     # a teacher from model.path solves the user's prompts; traces graded (only_correct) need answers
-    on_prompts = {"name": "t", "model": {"path": str(data_dir)}, "data": {"task": "jsonl", "prompts_file": str(prompts)},
+    on_prompts = {"name": "t", "model": {"path": str(model_dir)}, "data": {"task": "jsonl", "prompts_file": str(prompts)},
                   "stages": {"traces": {"type": "traces", "model": "model", "only_correct": True}}}
     cases = [
         (with_("stages.teacher_eval.bench", "gsm8k", with_("data", {"benchmarks_dir": str(data_dir)}, REAL)),

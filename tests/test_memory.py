@@ -1,0 +1,42 @@
+"""The KD-QAT step-memory estimate and the fit check that refuses a setting before training (pipeline.memory)."""
+from transformers import Qwen3Config
+
+from pipeline.memory import GIB, fit_error, kd_step_memory
+from pipeline.optim import bytes_per_trainable_parameter
+
+QWEN3_8B = Qwen3Config(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False)
+N_8B = 8_190_735_360  # parameters of that shape (embeddings and lm_head untied)
+
+
+def estimate(param_dtype, optimizer, checkpointing=True):
+    return kd_step_memory(QWEN3_8B, trainable=N_8B, student_total=N_8B, teacher_total=N_8B, teacher_bytes=2,
+                          param_dtype=param_dtype, optimizer=optimizer, tokens=8 * 2048, chunk_size=2048,
+                          gradient_checkpointing=checkpointing, activation_quant=False)
+
+
+def test_bytes_per_trainable_parameter_of_each_lever():
+    assert bytes_per_trainable_parameter("float32", "adamw") == 16  # weight, gradient, two fp32 moments
+    assert bytes_per_trainable_parameter("bfloat16", "adamw") == 12
+    assert bytes_per_trainable_parameter("bfloat16", "adamw_8bit") == 6
+
+
+def test_an_8b_student_fits_one_80gb_gpu_only_with_the_levers():
+    levers, plain = estimate("bfloat16", "adamw_8bit"), estimate("float32", "adamw")
+    assert levers.student == 6 * N_8B and levers.teacher == 2 * N_8B
+    # measured on an H100 with bench/kd_qat.py: 70.2 GiB peak; the estimate stays within 10%
+    assert abs(levers.total / GIB - 70.2) / 70.2 < 0.10
+    h100_free = 78.6 * GIB
+    assert fit_error(levers, h100_free, param_dtype="bfloat16", optimizer="adamw_8bit",
+                     gradient_checkpointing=True) is None
+    message = fit_error(plain, h100_free, param_dtype="float32", optimizer="adamw", gradient_checkpointing=True)
+    assert message.startswith(f"a KD-QAT step needs about {plain.total / GIB:.1f} GiB (student ")
+    assert "the GPU has 78.6 GiB free: try param_dtype: bfloat16, optimizer: adamw_8bit" in message
+    assert "gradient_checkpointing" not in message  # already on
+
+
+def test_without_checkpointing_every_layer_keeps_its_activations():
+    on, off = estimate("bfloat16", "adamw_8bit"), estimate("bfloat16", "adamw_8bit", checkpointing=False)
+    assert off.activations > 10 * on.activations and off.quantized_weights == 36 * on.quantized_weights
+    message = fit_error(off, 78.6 * GIB, param_dtype="bfloat16", optimizer="adamw_8bit", gradient_checkpointing=False)
+    assert "try gradient_checkpointing: true" in message
