@@ -37,7 +37,7 @@ from pydantic import Field, model_validator
 from pipeline.errors import InputError
 from pipeline.stage_api import StageConfig, StageContext, StageRef
 
-CODE_VERSION = 3
+CODE_VERSION = 4
 USES = ("seed", "quant")
 HEADLINE = "output_sqnr_mean"
 
