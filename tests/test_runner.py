@@ -226,7 +226,7 @@ def test_interrupt_checkpoints_and_rerun_resumes(fake_stages, write_recipe, tmp_
     code, _, err = run_cli("run", recipe, "--artifacts", art)
     assert code == 1
     assert err.strip().splitlines()[-1] == "stages.a: stopped; re-run to resume from step 3"
-    assert (art / "t" / ".partial" / "a" / "checkpoints" / "step-000000003" / "state.json").is_file()
+    assert (art / "t" / ".partial" / "a" / "checkpoints" / "step-000000003" / "manifest.json").is_file()
     assert not (art / "t" / "a").exists()
     assert states(run_cli, recipe, art)["a"] == ("pending", "never run; resumes from step 3")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored

@@ -1,5 +1,6 @@
 """The shared training loop: exact resume, signals, NaN stop, batching, accumulation."""
 import json
+import logging
 import os
 import signal
 
@@ -77,6 +78,34 @@ def test_crash_and_resume_gives_the_uninterrupted_run_exactly(setup, tmp_path):
     assert result_b["final_loss"] == result["final_loss"]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_truncated_newest_checkpoint_resumes_from_the_one_before_and_matches(setup, tmp_path, caplog):
+    """Issue 14: a truncated newest checkpoint used to fail every later run (SafetensorError) while status
+    promised a resume from it."""
+    straight, _, rows = run(setup, tmp_path / "a")
+
+    def crashing(model, batch):
+        if crashing.calls == 4:  # in step 5, after the checkpoint of step 4
+            raise RuntimeError("power cut")
+        crashing.calls += 1
+        return causal_lm_loss(model, batch)
+
+    crashing.calls = 0
+    with pytest.raises(RuntimeError, match="power cut"):
+        run(setup, tmp_path / "b", loss_fn=crashing)
+    newest = tmp_path / "b" / "ckpt" / "step-000000004" / "shared.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    assert Checkpointer(tmp_path / "b" / "ckpt").latest_step() == 2  # what `status` says
+
+    with caplog.at_level(logging.INFO):
+        resumed, _, rows_b = run(setup, tmp_path / "b")
+    assert "checkpoint step-000000004 is damaged: shared.safetensors is 1000 bytes" in caplog.text
+    assert "resuming from the checkpoint at step 2" in caplog.text
+    assert [r["loss"] for r in rows_b] == [r["loss"] for r in rows]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert Checkpointer(tmp_path / "b" / "ckpt").latest_step() == 6
 
 
 def test_sigterm_checkpoints_then_raises(setup, tmp_path):
