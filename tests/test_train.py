@@ -1,8 +1,12 @@
-"""The shared training loop: exact resume, signals, NaN stop, batching, accumulation."""
+"""The shared training loop: exact resume (also past a damaged checkpoint), signals, NaN stop, failures on one of
+two ranks, batching, accumulation."""
 import json
 import logging
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,6 +140,27 @@ def test_nan_loss_stops_before_the_update_and_keeps_the_last_checkpoint(setup, t
     with pytest.raises(NonFiniteLoss, match="step 3: loss is nan.*checkpoint of step 2 is kept"):
         run(setup, tmp_path, loss_fn=poisoned)
     assert Checkpointer(tmp_path / "ckpt").latest()[0] == 2
+
+
+def test_a_failure_on_one_of_two_ranks_stops_both_with_the_same_message(tmp_path):
+    """torchrun, 2 CPU ranks (DDP over gloo): a NaN on one rank, an exception on the other, a checkpoint one rank
+    cannot write; each time both ranks raise the same RankFailed, and the process group is still in step for
+    the next training (a rank left waiting in a collective would hang until the timeout below)."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(root / "tests" / "two_ranks_fail.py"), str(tmp_path)],
+                          env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = (tmp_path / "rank-0.txt").read_text()
+    assert (tmp_path / "rank-1.txt").read_text() == lines
+    assert lines.splitlines() == [
+        "RankFailed: rank 1 of 2 failed: NonFiniteLoss: step 2: loss is nan; stopped before the update, "
+        "the checkpoint of step 1 is kept",
+        "RankFailed: rank 0 of 2 failed: RuntimeError: power cut",
+        "RankFailed: rank 1 of 2 failed: TypeError: checkpoint state holds a object, which cannot be saved "
+        "without pickle",
+        "newest checkpoint: 1"]
 
 
 def test_accumulation_matches_one_big_batch(setup, tmp_path):
