@@ -21,20 +21,28 @@ or `accelerate launch` with several processes (DDP or DeepSpeed), `batch_size` b
 Exact resume: the batch at step s is a pure function of (seed, s) (a fresh permutation of the
 examples per epoch), so the data position is the step. A checkpoint (every `checkpoint_every` steps,
 and on SIGTERM/SIGINT, after which StageInterrupted is raised) holds model, optimizer, scheduler,
-RNG states, the metrics rows so far and the step; a resumed run gives bit-identical losses and
-weights on CPU. A non-finite loss stops the run before the optimizer step, leaving the last good
-checkpoint as it was.
+every process's RNG state, the metrics rows so far and the step (pipeline.checkpoint: atomic, verified
+on resume, the last good one kept); under DeepSpeed ZeRO-2/3 each process saves its own partition of
+the optimizer (fp32 master weights and AdamW state). A resumed run gives bit-identical losses and
+weights on CPU, with one process or several. A non-finite loss stops the run before the optimizer
+step, leaving the last good checkpoint as it was.
+
+Several processes stay in step: a NaN loss or an exception on one (in the data, the forward, the loss,
+`on_step`, a checkpoint) reaches every other through a small all-reduce before the next collective,
+and all raise RankFailed with its message; a signal on any process stops all at the same step. (An
+exception inside a forward that is itself collective, ZeRO-3's parameter gathers, can still leave the
+others waiting until the process group's timeout.)
 
 Departures from common practice: the micro-batches of one step, on every rank, are weighted by their
 share of the global batch's label tokens (not averaged per micro-batch or per rank), so the update
 does not depend on how a step is split across processes, accumulation steps or padding: N processes
-train the model one process trains; only rank 0's RNG state is saved (nothing in the loop draws
-random numbers).
+train the model one process trains.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from contextlib import contextmanager, nullcontext
@@ -48,7 +56,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import get_cosine_schedule_with_warmup
 
 from pipeline import signals
-from pipeline.checkpoint import Checkpointer, StageInterrupted
+from pipeline.checkpoint import Checkpointer, Ranks, StageInterrupted, on_every_rank
 from pipeline.optim import OptimizerName, ParamDtype, make_optimizer
 from pipeline.progress import progress
 from pipeline.stage_api import ADDED_KEY, OPERATIONAL, result_config
@@ -169,6 +177,90 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_MESSAGE_BYTES = 2000
+
+
+class AcceleratorRanks(Ranks):
+    """The processes of an Accelerator. A failure travels as a fixed-size tensor of UTF-8 bytes (an all-gather;
+    no pickle), after one all-reduce that, when nothing failed, is all it costs."""
+
+    def __init__(self, acc: Accelerator):
+        self.acc, self.rank, self.count = acc, acc.process_index, acc.num_processes
+
+    def first_failure(self, error: str | None) -> tuple[int, str] | None:
+        if self.count == 1:
+            return super().first_failure(error)
+        if not _sum_over_ranks(self.acc, [error is not None])[0]:
+            return None
+        mine = torch.zeros(1 + _MESSAGE_BYTES, dtype=torch.uint8)  # [failed, message bytes, zero padded]
+        if error is not None:
+            raw = error.encode()[:_MESSAGE_BYTES]
+            mine[0] = 1
+            mine[1:1 + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        every = self.acc.gather(mine.to(self.acc.device)).view(self.count, -1).cpu()
+        rank = int(every[:, 0].nonzero()[0])
+        return rank, bytes(every[rank, 1:].tolist()).rstrip(b"\0").decode(errors="replace")
+
+
+def _zero_stage(acc: Accelerator) -> int:
+    """DeepSpeed's ZeRO stage, 0 without DeepSpeed."""
+    return acc.state.deepspeed_plugin.zero_stage if acc.distributed_type == DistributedType.DEEPSPEED else 0
+
+
+def _zero_optimizer_state(zero_optimizer) -> dict:
+    """This process's partition of a ZeRO optimizer (DeepSpeed's own state_dict: the fp32 master weights and the
+    AdamW state of the partition), saveable as safetensors + JSON. DeepSpeed's engine checkpoint is torch.save
+    pickles, so we write this ourselves; of DeepSpeed's entries only two need pickle: the loss scaler object
+    (kept as its plain attributes, put back onto the engine's own scaler on load) and the parameter slice
+    mappings (read only by DeepSpeed's universal-checkpoint converter; dropped)."""
+    state = dict(zero_optimizer.state_dict())
+    state.pop("param_slice_mappings", None)
+    scaler = state.pop("loss_scaler")
+    state["loss_scaler"] = {k: v for k, v in vars(scaler).items() if v is None or isinstance(v, (bool, int, float, str))}
+    return state
+
+
+def _load_zero_optimizer_state(zero_optimizer, state: dict, processes: int) -> None:
+    state = dict(state)
+    scaler = zero_optimizer.loss_scaler
+    for k, v in state.pop("loss_scaler").items():
+        setattr(scaler, k, v)
+    state["loss_scaler"] = scaler
+    # DeepSpeed takes every process's state and reads entry [rank]: each process passes its own in every slot;
+    # the fp32 master weights are restored exactly (not rounded from the model's 16-bit ones)
+    zero_optimizer.load_state_dict([state] * processes, load_optimizer_states=True, load_from_fp32_weights=True)
+
+
+def _checkpoint_parts(acc: Accelerator, model, optimizer, shared: dict) -> tuple[dict | None, dict]:
+    """(what the main process saves for all, what this process saves of its own): the model in the shared part
+    (under ZeRO-3 it is not: its partitions come back with the optimizer's fp32 master weights), the optimizer
+    there too unless ZeRO partitions it over processes, and every process's RNG state in its own part."""
+    zero = _zero_stage(acc)
+    own = {"rng": rng_state()}
+    if zero:
+        own["optimizer"] = _zero_optimizer_state(model.optimizer)
+    if not acc.is_main_process:
+        return None, own
+    shared = dict(shared)
+    if not zero:
+        shared["optimizer"] = optimizer.state_dict()
+    if zero != 3:
+        shared["model"] = acc.unwrap_model(model).state_dict()
+    return shared, own
+
+
+def _restore(acc: Accelerator, model, optimizer, scheduler, state: dict) -> None:
+    """Inverse of `_checkpoint_parts` (the model before the optimizer: ZeRO-2 restores its fp32 masters after)."""
+    if "model" in state:
+        acc.unwrap_model(model).load_state_dict(state["model"])
+    if _zero_stage(acc):
+        _load_zero_optimizer_state(model.optimizer, state["optimizer"], acc.num_processes)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+
+
 def _configure_deepspeed(acc: Accelerator, args: TrainArgs, micro: int) -> None:
     """DeepSpeed takes the batch shape and the gradient clipping from its config, not from the loop (accelerate
     would otherwise ask for a dataloader, and clip at 1.0): set them from `args`. A value a config file
@@ -180,6 +272,9 @@ def _configure_deepspeed(acc: Accelerator, args: TrainArgs, micro: int) -> None:
         if config.get(key, "auto") not in ("auto", value):
             raise ValueError(f"the DeepSpeed config sets {key} to {config[key]}; this stage needs {value}")
         config[key] = value
+    if config.get("zero_optimization", {}).get("elastic_checkpoint"):
+        # an elastic ZeRO state needs every process's file to load one: ours are per process
+        raise ValueError("the DeepSpeed config sets zero_optimization.elastic_checkpoint; checkpoints here need it false")
     acc.gradient_accumulation_steps = args.grad_accum
 
 
@@ -222,21 +317,18 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
     unwrapped model, in train mode); the metrics it returns join that step's row (held-out evaluation).
 
     Raises StageInterrupted after checkpointing on SIGTERM/SIGINT, NonFiniteLoss on a NaN/inf loss,
-    ValueError when batch_size does not split over processes and grad_accum.
+    ValueError when batch_size does not split over processes and grad_accum. With several processes, a
+    failure on one (a NaN loss, an exception) stops every one with RankFailed and the same message.
     """
     log = log or logging.getLogger(__name__)
     acc = accelerator or make_accelerator()
+    ranks = AcceleratorRanks(acc)
     micro = args.batch_size // (acc.num_processes * args.grad_accum)
     if micro * acc.num_processes * args.grad_accum != args.batch_size:
         raise ValueError(f"batch_size {args.batch_size} must be a multiple of processes ({acc.num_processes}) "
                          f"x grad_accum ({args.grad_accum})")
     if not examples:
         raise ValueError("no training examples")
-    if acc.distributed_type == DistributedType.DEEPSPEED and args.checkpoint_every:
-        # ZeRO shards the optimizer state over ranks; our checkpoints save rank 0's alone, so a
-        # resume would be silently wrong: refuse rather than write such a checkpoint
-        raise ValueError("checkpoint_every must be 0 under DeepSpeed: resumable checkpoints of "
-                         "ZeRO-sharded optimizer state are not supported yet")
     deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
     if deepspeed and (args.param_dtype, args.optimizer) != ("float32", "adamw"):
         # DeepSpeed keeps its own fp32 master weights and optimizer state: these levers are the one-GPU path's
@@ -263,13 +355,10 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
                  "processes": acc.num_processes}
     rows: list[dict] = []
     start = 0
-    found = checkpointer.resume(signature, log)
+    found = checkpointer.resume(signature, log, ranks)
     if found is not None:
         start, state = found
-        acc.unwrap_model(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        on_every_rank(ranks, lambda: _restore(acc, model, optimizer, scheduler, state))
         rows = state["metrics"]
         log.info("resuming from the checkpoint at step %d", start)
     if acc.is_main_process:
@@ -285,10 +374,8 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
             bar.advance(start)
             for step in range(start, args.steps):
                 t0 = time.perf_counter()
-                indices = batch_indices(seed, step, len(examples), args.batch_size)
-                mine = indices[acc.process_index * micro * args.grad_accum:][: micro * args.grad_accum]
-                batches = [collate([examples[i] for i in mine[j * micro:(j + 1) * micro]], pad_id)
-                           for j in range(args.grad_accum)]
+                batches = on_every_rank(ranks, lambda: _my_batches(examples, seed, step, args, micro, acc.process_index,
+                                                                   pad_id))
                 weights = [_label_tokens(b) for b in batches]
                 # the step's loss is the mean over the label tokens of the global batch, all ranks'
                 seen = sum(int(b["attention_mask"].sum()) for b in batches)
@@ -302,12 +389,10 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
                     if deepspeed:
                         acc.sync_gradients = last_micro
                     with nullcontext() if last_micro else acc.no_sync(model), acc.autocast():
-                        loss, metrics = loss_fn(model, batch)
-                    value = loss.item()
-                    if not torch.isfinite(loss):
-                        last = checkpointer.latest_step()
-                        kept = f"the checkpoint of step {last} is kept" if last is not None else "no checkpoint was saved"
-                        raise NonFiniteLoss(f"step {step + 1}: loss is {value}; stopped before the update, {kept}")
+                        # every rank learns of a NaN or an exception here before any enters the backward's
+                        # collectives, so all stop together rather than some waiting there forever
+                        loss, value, metrics = on_every_rank(
+                            ranks, lambda: _finite_loss(loss_fn, model, batch, step, checkpointer))
                     # x num_processes: DDP (and DeepSpeed) average the gradients over ranks
                     # (DeepSpeed would also divide by grad_accum: the weights already do)
                     acc.backward(loss * (weights[j] * acc.num_processes / total),
@@ -315,13 +400,14 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
                     loss_sum += value * weights[j] / total
                     for k, v in metrics.items():
                         extra[k] = extra.get(k, 0.0) + v * weights[j] / total
-                loss_sum, *parts = _sum_over_ranks(acc, [loss_sum, *extra.values()])  # each rank held its share
-                extra = dict(zip(extra, parts))
                 grad_norm = acc.clip_grad_norm_(model.parameters(), args.grad_clip) if args.grad_clip else None
                 lr = float(scheduler.get_last_lr()[0])  # a tensor for torchao optimizers
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                # each rank held its share of the loss; a stop asked of any rank stops all at the same step
+                loss_sum, *parts, stop = _sum_over_ranks(acc, [loss_sum, *extra.values(), checkpointer.stop_requested])
+                extra = dict(zip(extra, parts))
 
                 done = step + 1
                 tokens_total += tokens
@@ -330,24 +416,41 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
                 if on_step is not None:
-                    row.update(on_step(done, acc.unwrap_model(model)))
+                    row.update(on_every_rank(ranks, lambda: on_step(done, acc.unwrap_model(model))))
                     model.train()
                 rows.append(row)
                 if acc.is_main_process:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
                 bar.advance(1, loss=f"{loss_sum:.4f}")
-                if checkpointer.due(done):
-                    if acc.is_main_process:
-                        checkpointer.save(done, {
-                            "model": acc.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "rng": rng_state(), "metrics": rows,
-                            "step": done, "signature": signature})
-                    acc.wait_for_everyone()
-                if checkpointer.stop_requested:
+                if stop or (args.checkpoint_every and done % args.checkpoint_every == 0):
+                    shared, own = on_every_rank(ranks, lambda: _checkpoint_parts(acc, model, optimizer, {
+                        "scheduler": scheduler.state_dict(), "metrics": rows, "step": done, "signature": signature}))
+                    checkpointer.save(done, shared, own, ranks)
+                if stop:
                     raise StageInterrupted(f"{desc}: stopped at step {done} on a signal; checkpoint saved")
     seconds = time.perf_counter() - started
     acc.wait_for_everyone()
     tail = [r["loss"] for r in rows[-10:]]
     return {"final_loss": sum(tail) / len(tail), "steps": args.steps, "train_seconds": seconds,
             "tokens_per_s": tokens_total / seconds if seconds > 0 else 0.0}
+
+
+def _my_batches(examples: Sequence[Example], seed: int, step: int, args: TrainArgs, micro: int, rank: int,
+                pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of `step`: its slice of the global batch, split into grad_accum pieces."""
+    indices = batch_indices(seed, step, len(examples), args.batch_size)
+    mine = indices[rank * micro * args.grad_accum:][: micro * args.grad_accum]
+    return [collate([examples[i] for i in mine[j * micro:(j + 1) * micro]], pad_id) for j in range(args.grad_accum)]
+
+
+def _finite_loss(loss_fn: LossFn, model, batch: dict[str, torch.Tensor], step: int,
+                 checkpointer: Checkpointer) -> tuple[torch.Tensor, float, dict[str, float]]:
+    """(loss, its value, metrics) of one micro-batch; NonFiniteLoss if the loss is NaN or infinite."""
+    loss, metrics = loss_fn(model, batch)
+    value = loss.item()
+    if not math.isfinite(value):
+        last = checkpointer.latest_step()
+        kept = f"the checkpoint of step {last} is kept" if last is not None else "no checkpoint was saved"
+        raise NonFiniteLoss(f"step {step + 1}: loss is {value}; stopped before the update, {kept}")
+    return loss, value, metrics

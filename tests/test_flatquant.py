@@ -56,18 +56,22 @@ def test_calibrated_transforms_keep_the_function_with_quantization_off(tmp_path)
 
 
 def _planted():
+    """Outlier channels in both norms' outputs (30x the others), the case SmoothQuant's per-channel scaling and
+    FlatQuant's learned smoothing are for. Not also in the down_proj input (up_proj rows x40, as this test once
+    planted): those make the layer MSE a few tokens' (5 of 144 carried half of it), and which tokens changes with
+    the rounding of the CPU's kernels (a 1e-6 relative change of the weights moved QuaRot's layer-0 MSE from
+    0.031 to 0.045), so no ordering of the methods held on every machine."""
     model = tiny_model(300, intermediate_size=384)
-    with torch.no_grad():  # outlier channels in the norm outputs and in the down_proj input
+    with torch.no_grad():
         for layer in model.model.layers:
             layer.input_layernorm.weight[[3, 77]] = 30.0
             layer.post_attention_layernorm.weight[[5, 150]] = 30.0
-            layer.mlp.up_proj.weight[[9, 200]] *= 40
     prepare(model, W4A4KV4)
     return model
 
 
 def test_flatquant_beats_quarot_and_rtn_on_planted_outliers():
-    calib, held_out = _samples(6), _samples(3, seed=1)
+    calib, held_out = _samples(6), _samples(8, seed=1)
     rtn = _planted()
     calibrate(rtn)
     rot = _planted()
@@ -75,9 +79,13 @@ def test_flatquant_beats_quarot_and_rtn_on_planted_outliers():
     calibrate(rot)
     flat = _planted()
     report = flatquant.calibrate(flat, calib, epochs=5, lr=1e-3)
-    assert all(r["mse"] <= r["mse_init"] for r in report)
+    # training beats the init on layer 1 (0.0036 -> 0.0029..0.0032 over 1e-6 perturbations of the weights);
+    # layer 0 keeps its init (Hadamard + smoothing), which no epoch improved on
+    assert report[1]["mse"] < 0.95 * report[1]["mse_init"]
     mse = {k: flatquant.layer_output_mse(m, held_out) for k, m in [("rtn", rtn), ("quarot", rot), ("flatquant", flat)]}
     print({k: [f"{v:.4f}" for v in vs] for k, vs in mse.items()})
+    # seen over six 1e-6 perturbations of the weights: rtn 0.0142..0.0145 / 0.0120..0.0122, quarot 0.0058..0.0064 /
+    # 0.0045..0.0049, flatquant 0.0040..0.0042 / 0.0027..0.0030 (layer 0 / layer 1)
     for layer in range(2):
         assert mse["flatquant"][layer] < mse["quarot"][layer] < mse["rtn"][layer]
 

@@ -305,7 +305,7 @@ def test_interrupt_checkpoints_and_rerun_resumes(fake_stages, write_recipe, tmp_
     assert code == 130  # 128 + SIGINT, as a shell reports it
     assert "signals: warning: SIGINT: stopping at the next safe point" in err
     assert err.strip().splitlines()[-1] == "stages.a: stopped by SIGINT; re-run to resume from step 3"
-    assert (art / "t" / ".partial" / "a" / "checkpoints" / "step-000000003" / "state.json").is_file()
+    assert (art / "t" / ".partial" / "a" / "checkpoints" / "step-000000003" / "manifest.json").is_file()
     assert not (art / "t" / "a").exists()
     assert states(run_cli, recipe, art)["a"] == ("pending", "never run; resumes from step 3")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored

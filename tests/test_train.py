@@ -1,7 +1,12 @@
-"""The shared training loop: exact resume, signals, NaN stop, batching, accumulation."""
+"""The shared training loop: exact resume (also past a damaged checkpoint), signals, NaN stop, failures on one of
+two ranks, batching, accumulation."""
 import json
+import logging
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,6 +87,34 @@ def test_crash_and_resume_gives_the_uninterrupted_run_exactly(setup, tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_truncated_newest_checkpoint_resumes_from_the_one_before_and_matches(setup, tmp_path, caplog):
+    """Issue 14: a truncated newest checkpoint used to fail every later run (SafetensorError) while status
+    promised a resume from it."""
+    straight, _, rows = run(setup, tmp_path / "a")
+
+    def crashing(model, batch):
+        if crashing.calls == 4:  # in step 5, after the checkpoint of step 4
+            raise RuntimeError("power cut")
+        crashing.calls += 1
+        return causal_lm_loss(model, batch)
+
+    crashing.calls = 0
+    with pytest.raises(RuntimeError, match="power cut"):
+        run(setup, tmp_path / "b", loss_fn=crashing)
+    newest = tmp_path / "b" / "ckpt" / "step-000000004" / "shared.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    assert Checkpointer(tmp_path / "b" / "ckpt").latest_step() == 2  # what `status` says
+
+    with caplog.at_level(logging.INFO):
+        resumed, _, rows_b = run(setup, tmp_path / "b")
+    assert "checkpoint step-000000004 is damaged: shared.safetensors is 1000 bytes" in caplog.text
+    assert "resuming from the checkpoint at step 2" in caplog.text
+    assert [r["loss"] for r in rows_b] == [r["loss"] for r in rows]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert Checkpointer(tmp_path / "b" / "ckpt").latest_step() == 6
+
+
 def test_sigterm_checkpoints_then_raises(setup, tmp_path):
     calls = {"n": 0}
 
@@ -110,6 +143,27 @@ def test_nan_loss_stops_before_the_update_and_keeps_the_last_checkpoint(setup, t
     with pytest.raises(NonFiniteLoss, match="step 3: loss is nan.*checkpoint of step 2 is kept"):
         run(setup, tmp_path, loss_fn=poisoned)
     assert Checkpointer(tmp_path / "ckpt").latest()[0] == 2
+
+
+def test_a_failure_on_one_of_two_ranks_stops_both_with_the_same_message(tmp_path):
+    """torchrun, 2 CPU ranks (DDP over gloo): a NaN on one rank, an exception on the other, a checkpoint one rank
+    cannot write; each time both ranks raise the same RankFailed, and the process group is still in step for
+    the next training (a rank left waiting in a collective would hang until the timeout below)."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(root / "tests" / "two_ranks_fail.py"), str(tmp_path)],
+                          env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = (tmp_path / "rank-0.txt").read_text()
+    assert (tmp_path / "rank-1.txt").read_text() == lines
+    assert lines.splitlines() == [
+        "RankFailed: rank 1 of 2 failed: NonFiniteLoss: step 2: loss is nan; stopped before the update, "
+        "the checkpoint of step 1 is kept",
+        "RankFailed: rank 0 of 2 failed: RuntimeError: power cut",
+        "RankFailed: rank 1 of 2 failed: TypeError: checkpoint state holds a object, which cannot be saved "
+        "without pickle",
+        "newest checkpoint: 1"]
 
 
 def test_accumulation_matches_one_big_batch(setup, tmp_path):

@@ -22,7 +22,9 @@ Init: A, B Hadamard factors (pipeline.quant.hadamard, so a transform starts as a
 SmoothQuant balance s_j = max|x_j|^α / max|W_:,j|^(1-α) (α = 0.5) from the calibration activations.
 Training: AdamW on every transform, smoothing vector and clip logit of the layer, `epochs` passes over the
 samples (one sample per step), loss = MSE(quantized layer(x), full-precision layer(x)), cosine schedule,
-in float32; a layer whose calibration MSE ends above its init's keeps the init. Each layer is calibrated on the full-precision model's inputs to it (the FP stream, as the
+in float32; each layer keeps the parameters of the epoch (or the init) with the lowest calibration MSE, measured
+after every epoch: with one sample per step the epoch-to-epoch MSE swings by up to 2x, and ending on a bad epoch
+used to throw the good ones away (keeping the init). Each layer is calibrated on the full-precision model's inputs to it (the FP stream, as the
 paper's code does), with the layer's KV-cache quantization on.
 
 Departures from the paper: A and B are plain matrices (the paper optionally keeps them in SVD form to
@@ -186,23 +188,24 @@ def calibrate(
         for p in params + clips:
             p.requires_grad_(True)
         mse_init = _layer_mse(layer, inputs, targets)
-        init_state = [p.detach().clone() for p in params + clips]
+        best_mse, best_state = mse_init, [p.detach().clone() for p in params + clips]
         steps = epochs * len(inputs)
         optimizer = torch.optim.AdamW([{"params": params}, {"params": clips}], lr=lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
-        with torch.enable_grad():
-            for _ in range(epochs):
+        for _ in range(epochs):
+            with torch.enable_grad():
                 for k in torch.randperm(len(inputs), generator=generator).tolist():
                     loss = F.mse_loss(run_layer(layer, inputs[k]), targets[k])
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     schedule.step()
-
-        if _layer_mse(layer, inputs, targets) > mse_init:  # training made it worse: keep the init
-            with torch.no_grad():
-                for p, p0 in zip(params + clips, init_state):
-                    p.copy_(p0)
+            epoch_mse = _layer_mse(layer, inputs, targets)
+            if epoch_mse < best_mse:
+                best_mse, best_state = epoch_mse, [p.detach().clone() for p in params + clips]
+        with torch.no_grad():
+            for p, p0 in zip(params + clips, best_state):
+                p.copy_(p0)
         for p in params:
             p.requires_grad_(False)
         for name, c in calib.items():
