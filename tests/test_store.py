@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from pipeline.checkpoint import Checkpointer
 from pipeline.store import LockedError, Store, fingerprint, hash_tree, sha256_json
 
 
@@ -52,9 +53,7 @@ def test_commit_swaps_the_stage_in_and_removes_the_partial(tmp_path):
 def test_prepare_keeps_checkpoints_of_the_same_fingerprint_only(tmp_path):
     store = Store(tmp_path, "r")
     store.prepare("s", "fp1", {"config": {"lr": 1}})
-    step = store.checkpoints_dir("s") / "step-000000007"
-    step.mkdir(parents=True)
-    (step / "state.json").write_text("{}")
+    step = Checkpointer(store.checkpoints_dir("s")).save(7, {"step": 7})
     (store.out_dir("s") / "half.txt").write_text("x")
     store.record_failure("s", {"status": "failed", "fingerprint": "fp1", "error": "E"})
     assert store.failed("s")["error"] == "E"
