@@ -6,6 +6,7 @@
     reasoning-qat eval MODEL_DIR --bench gsm8k --limit 200
     reasoning-qat export STAGE_DIR --scheme w3g128 --out ckpt/
     reasoning-qat report RECIPE [--artifacts DIR] [--baseline EVAL_STAGE]
+    reasoning-qat import-gguf FILE | --smollm2 --out DIR
     accelerate launch -m pipeline.cli run RECIPE
 
 Exit codes: 0 done (a stage skipped by its gate counts as done), 2 bad input (one line per problem,
@@ -39,6 +40,8 @@ DELEGATED = {
                "write a real low-bit checkpoint from a stage directory"),
     "report": ("pipeline.report", "add_report_arguments", "cli_report",
                "accuracy per stage, retention against the teacher, training curves (table + plots)"),
+    "import-gguf": ("pipeline.gguf", "add_import_arguments", "cli_import",
+                    "convert a GGUF file (e.g. --smollm2) into a Hugging Face model folder, once"),
 }
 
 

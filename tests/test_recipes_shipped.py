@@ -12,7 +12,7 @@ from pipeline.models import Qwen3Arch, build_model, save_model
 from pipeline.quant.apply import quantize_rtn
 from pipeline.quant.io import save_quantized
 from pipeline.quant.scheme import resolve
-from pipeline.recipe import load_recipe
+from pipeline.recipe import RecipeError, load_recipe
 from pipeline.stage_api import StageConfig
 from pipeline.tokenizer import build_tokenizer
 
@@ -25,28 +25,77 @@ def test_recipes_exist():
     assert ROOT / "recipes" / "demo.yaml" in RECIPES
 
 
+# The real base models of the shipped recipes, by `model.path`: (model_type, the config.json values that
+# set layer shapes, as each model's card publishes them). Validation reads only config.json (the ptq
+# stage's scheme check instantiates it on the meta device), so a stand-in folder holds just that file.
+REAL_SHAPES = {
+    "Qwen/Qwen3-0.6B": ("qwen3", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                                      num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                                      vocab_size=151936, tie_word_embeddings=True)),
+    "Qwen/Qwen3-8B": ("qwen3", dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                                    num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                    vocab_size=151936, tie_word_embeddings=False)),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": ("qwen2", dict(hidden_size=1536, intermediate_size=8960,
+                                                               num_hidden_layers=28, num_attention_heads=12,
+                                                               num_key_value_heads=2, vocab_size=151936,
+                                                               tie_word_embeddings=False)),
+    # `reasoning-qat import-gguf --smollm2` writes it (tests/test_gguf.py imports the real file)
+    "artifacts/smollm2-135m-instruct": ("llama", dict(hidden_size=576, intermediate_size=1536,
+                                                      num_hidden_layers=30, num_attention_heads=9,
+                                                      num_key_value_heads=3, head_dim=64, vocab_size=49152,
+                                                      tie_word_embeddings=True)),
+}
+DEMO_GPU_TEACHER = "artifacts/demo-gpu/teacher/model"
+
+
+def stand_in(raw: dict, out: Path) -> Path:
+    """A local model folder with the shapes of the recipe's `model.path`, in its place."""
+    model_path = raw["model"]["path"]
+    if model_path in REAL_SHAPES:
+        from transformers import AutoConfig
+
+        model_type, shapes = REAL_SHAPES[model_path]
+        AutoConfig.for_model(model_type, **shapes).save_pretrained(out)
+        return out
+    # another recipe's artifact (demo-gpu-w4a4kv4 starts from demo-gpu's teacher, its -rl recipe from a
+    # student of it): a model of demo-gpu's widths, quantized (RTN, the recipe's scheme) where the
+    # recipe starts from a student
+    assert model_path.startswith("artifacts/demo-gpu"), f"{model_path}: add its shapes to REAL_SHAPES"
+    arch = yaml.safe_load((ROOT / "recipes" / "demo-gpu.yaml").read_text())["model"]["arch"]
+    tokenizer = build_tokenizer()
+    model = build_model(Qwen3Arch(**arch), tokenizer)
+    if any(st.get("init") == "model" for st in raw["stages"].values()):  # rl from model.path's student
+        spec = resolve(raw["quant"])
+        quantize_rtn(model, spec)
+        save_quantized(model, tokenizer, out, spec)
+    else:
+        save_model(model, tokenizer, out)
+    return out
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_recipe_validates(path, monkeypatch, tmp_path):
+    """Against a stand-in of the recipe's real base model (so the scheme is checked against its layer
+    widths) and the benchmark slices in tests/data (the real files need not be on this machine)."""
     monkeypatch.chdir(ROOT)  # recipes name local paths relative to the project root
-    overrides = []
+    monkeypatch.setenv("REASONING_QAT_BENCHMARKS", str(ROOT / "tests" / "data"))
     raw = yaml.safe_load(path.read_text())
-    model_path = (raw.get("model") or {}).get("path")
-    if model_path and not Path(model_path).exists():
-        # another recipe's artifact (demo-gpu-w4a4kv4 starts from demo-gpu's teacher, its -rl recipe from
-        # a student of it): stand in a model of demo-gpu's widths, so the scheme is checked against the
-        # real layer sizes, quantized (RTN, the recipe's scheme) where the recipe starts from a student
-        arch = yaml.safe_load((ROOT / "recipes" / "demo-gpu.yaml").read_text())["model"]["arch"]
-        tokenizer = build_tokenizer()
-        model = build_model(Qwen3Arch(**arch), tokenizer)
-        if any(st.get("init") == "model" for st in raw["stages"].values()):  # rl from model.path's student
-            spec = resolve(raw["quant"])
-            quantize_rtn(model, spec)
-            save_quantized(model, tokenizer, tmp_path / "model", spec)
-        else:
-            save_model(model, tokenizer, tmp_path / "model")
-        overrides = [f"model.path={tmp_path / 'model'}"]
+    overrides = []
+    if raw["model"].get("path"):
+        overrides = [f"model.path={stand_in(raw, tmp_path / 'model')}"]
     recipe = load_recipe(path.relative_to(ROOT), overrides)
     assert recipe.stages and recipe.name
+
+
+def test_stand_in_is_checked(monkeypatch, tmp_path):
+    """The stand-in carries the real widths: SmolLM2's 576 is not a multiple of 128."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("REASONING_QAT_BENCHMARKS", str(ROOT / "tests" / "data"))
+    path = ROOT / "recipes" / "smollm2-w3.yaml"
+    model = stand_in(yaml.safe_load(path.read_text()), tmp_path / "model")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path.relative_to(ROOT), [f"model.path={model}", "quant.weights.group_size=128"])
+    assert e.value.lines()[0].startswith("quant.weights.group_size: 128 does not divide in_features 576")
 
 
 @pytest.mark.parametrize("stage_type", SHIPPED)
