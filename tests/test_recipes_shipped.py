@@ -5,7 +5,9 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import save_file
 
 import stages
 from pipeline.models import Qwen3Arch, build_model, save_model
@@ -56,6 +58,8 @@ def stand_in(raw: dict, out: Path) -> Path:
 
         model_type, shapes = REAL_SHAPES[model_path]
         AutoConfig.for_model(model_type, **shapes).save_pretrained(out)
+        # validation reads config.json alone, but refuses a folder without safetensors weights: a placeholder
+        save_file({"placeholder": torch.zeros(1)}, out / "model.safetensors")
         return out
     # another recipe's artifact (demo-gpu-w4a4kv4 starts from demo-gpu's teacher, its -rl recipe from a
     # student of it): a model of demo-gpu's widths, quantized (RTN, the recipe's scheme) where the
@@ -88,14 +92,16 @@ def test_recipe_validates(path, monkeypatch, tmp_path):
 
 
 def test_stand_in_is_checked(monkeypatch, tmp_path):
-    """The stand-in carries the real widths: SmolLM2's 576 is not a multiple of 128."""
+    """The stand-in carries the real widths: SmolLM2's 576 is not a multiple of 128 (refused when the recipe
+    asks for exact group sizes)."""
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("REASONING_QAT_BENCHMARKS", str(ROOT / "tests" / "data"))
     path = ROOT / "recipes" / "smollm2-w3.yaml"
     model = stand_in(yaml.safe_load(path.read_text()), tmp_path / "model")
     with pytest.raises(RecipeError) as e:
-        load_recipe(path.relative_to(ROOT), [f"model.path={model}", "quant.weights.group_size=128"])
-    assert e.value.lines()[0].startswith("quant.weights.group_size: 128 does not divide in_features 576")
+        load_recipe(path.relative_to(ROOT), [f"model.path={model}", "quant.weights.group_size=128",
+                                             "quant.weights.group_size_policy=exact"])
+    assert "128 does not divide in_features 576 (group_size_policy: exact)" in e.value.lines()[0]
 
 
 @pytest.mark.parametrize("stage_type", SHIPPED)
