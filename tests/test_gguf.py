@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from importlib import metadata
 from pathlib import Path
 
@@ -44,6 +45,9 @@ def write_tiny_gguf(path: Path, arch: str = "llama", odd_tensor_type=None, seed:
     `odd_tensor_type`: write blk.0.ffn_up in that GGML type instead (raw zero blocks)."""
     rng = np.random.default_rng(seed)
     tokens = SPECIALS + _byte_alphabet() + ["Ġt", "he", "Ġthe"]
+    # the writer logs what it writes; once an earlier test has set up the run log's handlers that reaches the
+    # stderr a test reads for the CLI's one line
+    logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
