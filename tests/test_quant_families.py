@@ -158,7 +158,7 @@ def test_kd_qat_trains_a_lowered_group_student_and_saves_it(family, tmp_path):
     save_quantized(student, family.tokenizer, tmp_path / "ptq" / "model", W3G128)
     recipe = parse_recipe({
         "name": "t", "seed": 0, "model": {"path": "org/tiny", "dtype": "float32"}, "quant": "w3g128",
-        "stages": {"teacher": {"type": "sft"}, "traces": {"type": "sft"},
+        "stages": {"teacher": {"type": "sft"}, "traces": {"type": "traces", "model": "teacher"},
                    "ptq": {"type": "ptq", "model": "teacher", "method": "rtn", "calibration_source": "generic"},
                    "kd": {"type": "kd_qat", "init": "ptq", "teacher": "teacher", "data": "traces", "steps": 2,
                           "batch_size": 4, "warmup_steps": 0, "lr": 3e-3, "checkpoint_every": 0}}})
