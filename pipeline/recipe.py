@@ -449,11 +449,14 @@ def check_input_kinds(recipe: Recipe) -> list[tuple[str, str]]:
     return errors
 
 
-def _base_model_kind(model: ModelSpec) -> str:
-    """A local `model.path` may hold a quantized model (a student from another recipe)."""
+def _base_model_kind(model: ModelSpec) -> str | None:
+    """A local `model.path` may hold a quantized model (a student from another recipe); None (not judged) for a
+    folder `_check_model_path` refuses, so that what is wrong with it is said once."""
     if model.path is not None and Path(model.path).is_dir():
         from pipeline.models import is_quantized
 
+        if _check_model_path(model):
+            return None
         if is_quantized(model.path):
             return QUANTIZED
     return MODEL

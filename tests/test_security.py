@@ -61,10 +61,10 @@ def _evil_dir(path: Path, marker: Path, layout: str = "plain") -> Path:
     return path
 
 
-def _recipe(tmp_path: Path, model: dict, **top) -> Path:
+def _recipe(tmp_path: Path, model: dict, stage: dict | None = None, **top) -> Path:
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "r", "model": model, **top,
-                                      "stages": {"ptq": {"type": "ptq", "method": "rtn"}}}))
+    stage = stage or {"type": "ptq", "method": "rtn"}
+    recipe.write_text(yaml.safe_dump({"name": "r", "model": model, **top, "stages": {"s": stage}}))
     return recipe
 
 
@@ -201,7 +201,9 @@ def test_a_recipe_on_a_corrupted_stage_fails_validation(tmp_path, run_cli, capsy
     """A run from another recipe's quantized stage (model.path) checks it before anything runs."""
     stage = _stage(tmp_path, quantized=True)
     capsys.readouterr()
-    recipe = _recipe(tmp_path, {"path": str(stage)}, quant=W4_CHANNEL.model_dump(mode="json"))
+    # a quantized base model is evaluated (a ptq stage would be refused: it needs a full-precision model)
+    recipe = _recipe(tmp_path, {"path": str(stage)}, {"type": "eval", "model": "model", "bench": "testbed", "limit": 2},
+                     quant=W4_CHANNEL.model_dump(mode="json"))
     assert run_cli("validate", recipe)[0] == 0  # intact: accepted
     _flip_tail(stage / "model" / "model.safetensors")
     code, _, stderr = run_cli("run", recipe, "--artifacts", tmp_path / "out")
