@@ -35,7 +35,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.checkpoint import Checkpointer  # noqa: E402
-from pipeline.memory import GIB, kd_step_memory  # noqa: E402
+from pipeline.memory import GIB, kd_step_memory_of  # noqa: E402
 from pipeline.quant.apply import quantize_rtn  # noqa: E402
 from pipeline.quant.scheme import QuantSpec  # noqa: E402
 from pipeline.train import TrainArgs, make_accelerator, train  # noqa: E402
@@ -97,16 +97,9 @@ def timed_run(student, teacher, examples, args, label: str) -> dict:
 
 
 def estimated_gib(student, teacher, train_args: TrainArgs, args) -> float:
-    from pipeline.quant.apply import weight_only
-
-    total = sum(p.numel() for p in student.parameters())
-    memory = kd_step_memory(
-        student.config, trainable=sum(p.numel() for p in student.parameters() if p.requires_grad),
-        student_total=total, teacher_total=sum(p.numel() for p in teacher.parameters()),
-        teacher_bytes=teacher.dtype.itemsize, param_dtype=train_args.param_dtype, optimizer=train_args.optimizer,
-        tokens=args.batch * args.seqlen, chunk_size=args.chunk,
-        gradient_checkpointing=train_args.gradient_checkpointing,
-        activation_quant=not weight_only(student))
+    memory = kd_step_memory_of(student, train_args, teacher_total=sum(p.numel() for p in teacher.parameters()),
+                               teacher_bytes=teacher.dtype.itemsize, tokens=args.batch * args.seqlen,
+                               chunk_size=args.chunk)
     return memory.total / GIB
 
 

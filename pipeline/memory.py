@@ -73,6 +73,20 @@ def kd_step_memory(config, *, trainable: int, student_total: int, teacher_total:
                       quantized_weights=max(quantized_weights, 0), logits=logits)
 
 
+def kd_step_memory_of(student, args, *, teacher_total: int, teacher_bytes: int, tokens: int,
+                      chunk_size: int) -> StepMemory:
+    """`kd_step_memory` of a student model as it will train under `args` (pipeline.train.TrainArgs): its
+    parameters, which of them train, and whether it quantizes activations, read off the model."""
+    from pipeline.quant.apply import weight_only
+
+    params = list(student.parameters())
+    return kd_step_memory(
+        student.config, trainable=sum(p.numel() for p in params if p.requires_grad),
+        student_total=sum(p.numel() for p in params), teacher_total=teacher_total, teacher_bytes=teacher_bytes,
+        param_dtype=args.param_dtype, optimizer=args.optimizer, tokens=tokens, chunk_size=chunk_size,
+        gradient_checkpointing=args.gradient_checkpointing, activation_quant=not weight_only(student))
+
+
 # The estimate was within 10% of the measured peak of every step bench/kd_qat.py ran on an H100 (Qwen3 shapes
 # 0.6B-8B, 8 x 2048 tokens: -7% to +9%), so only a setting estimated to need more than this much of the free
 # memory is refused; one near the limit is left to try (and may run out of memory at its first step).

@@ -39,7 +39,7 @@ from pipeline.data import chat_example, training_pairs
 from pipeline.distill import chunked_kd_loss
 from pipeline.errors import InputError
 from pipeline.generate import GenerationSpec
-from pipeline.memory import GIB, fit_error, kd_step_memory
+from pipeline.memory import GIB, fit_error, kd_step_memory_of
 from pipeline.models import is_quantized, load_model, load_tokenizer
 from pipeline.quant.apply import decoding_weights, quant_linears, weight_only
 from pipeline.quant.io import read_quant_spec, save_quantized, saved_dtype
@@ -180,15 +180,11 @@ def _check_fits(ctx: StageContext, student, examples, accelerator, teacher_dtype
     if accelerator.device.type != "cuda" or accelerator.distributed_type == DistributedType.DEEPSPEED:
         return
     config = ctx.config
-    total = sum(p.numel() for p in student.parameters())
     micro = config.batch_size // (accelerator.num_processes * config.grad_accum)
-    memory = kd_step_memory(
-        student.config, trainable=sum(p.numel() for p in student.parameters() if p.requires_grad),
-        student_total=total, teacher_total=total if config.objective == "kd" else 0,
-        teacher_bytes=torch.finfo(getattr(torch, teacher_dtype)).bits // 8, param_dtype=config.param_dtype,
-        optimizer=config.optimizer, tokens=micro * max(len(ids) for ids, _ in examples),
-        chunk_size=config.chunk_size, gradient_checkpointing=config.gradient_checkpointing,
-        activation_quant=not weight_only(student))
+    teacher_total = sum(p.numel() for p in student.parameters()) if config.objective == "kd" else 0
+    memory = kd_step_memory_of(student, config, teacher_total=teacher_total,
+                               teacher_bytes=getattr(torch, teacher_dtype).itemsize,
+                               tokens=micro * max(len(ids) for ids, _ in examples), chunk_size=config.chunk_size)
     free, _ = torch.cuda.mem_get_info(accelerator.device)
     ctx.log.info("%s: estimated step memory %.1f GiB (%s GiB), %.1f GiB free", ctx.name, memory.total / GIB,
                  memory.describe(), free / GIB)
