@@ -238,8 +238,9 @@ class Checkpointer:
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         fsync_dir(self.directory)
-        older = [p for p in self._listed() if _step_of(p) < step]
-        for path in older[: max(len(older) - (self.keep - 1), 0)] + [p for p in self._listed() if _step_of(p) > step]:
+        listed = self._listed()
+        older = [p for p in listed if _step_of(p) < step]
+        for path in older[: max(len(older) - (self.keep - 1), 0)] + [p for p in listed if _step_of(p) > step]:
             shutil.rmtree(path, ignore_errors=True)
         for leftover in self.directory.glob(".tmp-step-*"):  # a save killed midway
             shutil.rmtree(leftover, ignore_errors=True)
@@ -283,7 +284,9 @@ class Checkpointer:
         process's own. Damaged checkpoints on the way are skipped, with a warning on `log`."""
         for path in reversed(self._listed()):
             parts = [SHARED, _rank_part(ranks.rank)]
-            hashed = tuple(f"{part}{suffix}" for part in parts for suffix in (".safetensors", ".json")
+            # the shared part (the model) is hashed by rank 0 alone: a damage it finds stops every rank
+            own = parts if ranks.rank == 0 else parts[1:]
+            hashed = tuple(f"{part}{suffix}" for part in own for suffix in (".safetensors", ".json")
                            if (path / f"{part}{suffix}").exists())
             failure = ranks.first_failure(self._damage(path, hashed))
             if failure is not None:

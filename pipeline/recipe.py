@@ -155,7 +155,8 @@ def parse_recipe(raw: dict, source: str = "<recipe>", overrides: typing.Sequence
         data=sections["data"], stages=configs, source=source, modules=modules,
     )
     # Semantic checks presuppose a well-formed recipe, so they run only once everything above passed.
-    errors += check_input_kinds(recipe)
+    model_errors = _check_model_path(recipe.model)  # once: it may hash a stage folder's weights
+    errors += check_input_kinds(recipe, model_ok=not model_errors)
     for name, config in configs.items():
         check = getattr(modules[name], "check", None)
         if check is None:
@@ -168,7 +169,7 @@ def parse_recipe(raw: dict, source: str = "<recipe>", overrides: typing.Sequence
         # the model): that path stays as it is; a bare `model` is the stage's own field of that name
         errors += [(where if "." in where and where.split(".")[0] in SECTIONS else _join(f"stages.{name}", where),
                     message) for where, message in found]
-    errors += _check_model_path(recipe.model)
+    errors += model_errors
     if errors:
         raise RecipeError(errors)
     return recipe
@@ -419,12 +420,13 @@ def find_cycle(configs: dict[str, StageConfig]) -> list[str] | None:
     return None
 
 
-def check_input_kinds(recipe: Recipe) -> list[tuple[str, str]]:
+def check_input_kinds(recipe: Recipe, model_ok: bool = True) -> list[tuple[str, str]]:
     """Each reference names a stage whose output its field reads (stage_api's output kinds):
     `export.model` a quantized model, `ptq.calibration` traces, never an eval stage's samples.
 
-    Runs on a valid, acyclic recipe; a stage module without OUTPUT or `output` is not judged."""
-    kinds: dict[str, str | None] = {BASE_MODEL_REF: _base_model_kind(recipe.model)}
+    Runs on a valid, acyclic recipe; a stage module without OUTPUT or `output` is not judged, nor is a base model
+    that `_check_model_path` refused (`model_ok` False): what is wrong with it is said once, there."""
+    kinds: dict[str, str | None] = {BASE_MODEL_REF: _base_model_kind(recipe.model) if model_ok else None}
 
     def kind_of(target: str) -> str | None:
         if target not in kinds:
@@ -449,14 +451,11 @@ def check_input_kinds(recipe: Recipe) -> list[tuple[str, str]]:
     return errors
 
 
-def _base_model_kind(model: ModelSpec) -> str | None:
-    """A local `model.path` may hold a quantized model (a student from another recipe); None (not judged) for a
-    folder `_check_model_path` refuses, so that what is wrong with it is said once."""
+def _base_model_kind(model: ModelSpec) -> str:
+    """A local `model.path` may hold a quantized model (a student from another recipe)."""
     if model.path is not None and Path(model.path).is_dir():
         from pipeline.models import is_quantized
 
-        if _check_model_path(model):
-            return None
         if is_quantized(model.path):
             return QUANTIZED
     return MODEL

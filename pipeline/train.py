@@ -423,7 +423,7 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
                 bar.advance(1, loss=f"{loss_sum:.4f}")
-                if stop or (args.checkpoint_every and done % args.checkpoint_every == 0):
+                if stop or checkpointer.due(done):
                     shared, own = on_every_rank(ranks, lambda: _checkpoint_parts(acc, model, optimizer, {
                         "scheduler": scheduler.state_dict(), "metrics": rows, "step": done, "signature": signature}))
                     checkpointer.save(done, shared, own, ranks)
