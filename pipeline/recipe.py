@@ -8,7 +8,7 @@ pydantic `Config` from the closed registry in `stages/`; nothing in a YAML file 
 
 `load_recipe` raises `RecipeError` holding every problem found, each as (key path, message), in the
 order the checks run: YAML -> top-level keys -> sections -> each stage's type and schema ->
-references -> cycles -> each stage type's `check` hook -> the base model's local path.
+references -> cycles -> each stage type's `check` hook -> the base model's local path and chat template.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 import stages as stage_registry
-from pipeline.data import DataSpec
+from pipeline.data import DataSpec, check_chat_template
 from pipeline.errors import InputError
 from pipeline.models import ModelSpec
 from pipeline.quant.scheme import QuantSpec
@@ -151,6 +151,7 @@ def parse_recipe(raw: dict, source: str = "<recipe>", overrides: typing.Sequence
         errors += [(where if "." in where and where.split(".")[0] in SECTIONS else _join(f"stages.{name}", where),
                     message) for where, message in found]
     errors += _check_model_path(recipe.model)
+    errors += check_chat_template(recipe.model)
     if errors:
         raise RecipeError(errors)
     return recipe
