@@ -25,20 +25,20 @@ processes. Output: the student in the quantized representation (`<out_dir>/model
 """
 from __future__ import annotations
 
-import json
 from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
 
-from pipeline.data import chat_example, training_pairs
 from pipeline.distill import chunked_kd_loss
 from pipeline.errors import InputError
 from pipeline.generate import GenerationSpec
 from pipeline.models import is_quantized, load_model, load_tokenizer
 from pipeline.quant.apply import decoding_weights, quant_linears, weight_only
 from pipeline.quant.io import read_quant_spec, save_quantized, saved_dtype
+from pipeline.rows import read_jsonl
 from pipeline.stage_api import StageConfig, StageContext, StageRef
+from pipeline.traces import training_traces
 from pipeline.train import (TrainArgs, causal_lm_loss, check_train_args, gathered, make_accelerator, train,
                             whole_models)
 
@@ -56,7 +56,9 @@ class Config(TrainArgs, StageConfig):
     data: StageRef
     """A `traces` stage: the teacher's own solutions, the domain-matched training data."""
     only_correct: bool = True
-    """Train only on traces whose answer was graded correct."""
+    """Train only on traces whose answer was graded correct. A weak teacher (a small pretrained model
+    solves a few percent of GSM8K) leaves few or none: the stage logs how many it kept, refuses none,
+    and `false` trains on every trace (distillation needs the teacher's distributions, not right answers)."""
     objective: Literal["kd", "sft"] = "kd"
     """kd: distil the teacher's distributions; sft: plain cross-entropy on the traces (the baseline)."""
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
@@ -144,7 +146,7 @@ def held_out_eval(ctx: StageContext, tokenizer, accelerator):
 
     config, data = ctx.config, ctx.recipe.data
     problems = load_benchmark(config.eval_bench, limit=config.eval_limit, data_dir=data.benchmarks_dir,
-                              testbed=data.testbed)
+                              testbed=data.testbed, hub=data.hub)
 
     def on_step(step: int, model) -> dict[str, float]:
         if step % config.eval_every and step != config.steps:
@@ -157,10 +159,11 @@ def held_out_eval(ctx: StageContext, tokenizer, accelerator):
             if weight_only(model):
                 dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
                 with decoding_weights(model, dtype):
-                    accuracy = evaluate(model, tokenizer, problems, config.eval_generation)["accuracy"]
+                    accuracy = evaluate(model, tokenizer, problems, config.eval_generation,
+                                        instruction=data.instruction)["accuracy"]
             else:
                 spec = config.eval_generation.model_copy(update={"backend": "generate"})
-                accuracy = evaluate(model, tokenizer, problems, spec)["accuracy"]
+                accuracy = evaluate(model, tokenizer, problems, spec, instruction=data.instruction)["accuracy"]
         ctx.log.info("%s: step %d: held-out accuracy %.1f%%", ctx.name, step, 100 * accuracy)
         return {"eval_accuracy": accuracy}
 
@@ -196,8 +199,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     else:
         loss_fn = causal_lm_loss
 
-    pairs = training_pairs(ctx.inputs["data"], config.only_correct, f"stages.{ctx.name}.data")
-    examples = [chat_example(tokenizer, q, c) for q, c in pairs]
+    kept = training_traces(ctx.inputs["data"], config.only_correct, ctx.name, ctx.log)
+    examples = [t.example(tokenizer) for t in kept]
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     ctx.log.info("%s: %s on %d traces, %s (%.2fM trainable), %s", ctx.name, config.objective, len(examples),
                  config.train, trainable / 1e6, accelerator.device)
@@ -213,6 +216,5 @@ def run(ctx: StageContext) -> dict[str, float]:
     accelerator.wait_for_everyone()
     metrics = {**result, "examples": len(examples), "trainable_parameters": trainable}
     if config.eval_every:  # the last step always evaluates
-        last = json.loads((ctx.out_dir / "metrics.jsonl").read_text().splitlines()[-1])
-        metrics["eval_accuracy"] = last["eval_accuracy"]
+        metrics["eval_accuracy"] = read_jsonl(ctx.out_dir / "metrics.jsonl", ctx.name)[-1]["eval_accuracy"]
     return metrics
