@@ -28,8 +28,8 @@ says little (a small pretrained model solves ~2% of GSM8K):
   kl_to_teacher      with a teacher: mean per-token KL(teacher || model) over the same tokens
 
 The CLI's testbed problems come from `TestbedSpec()` unless `--recipe` names a recipe, whose
-`data.testbed` (and `data.benchmarks_dir`) are then used: the same test split that recipe's eval
-stages see.
+`data.testbed`, `data.benchmarks_dir`, `data.hub` and `data.instruction` are then used: the same
+prompts that recipe's eval stages see.
 """
 from __future__ import annotations
 
