@@ -4,6 +4,7 @@
     reasoning-qat status RECIPE [--artifacts DIR] [--json] [--set K=V ...]
     reasoning-qat validate RECIPE [--set K=V ...]
     reasoning-qat eval MODEL_DIR --bench gsm8k --limit 200
+    reasoning-qat eval MODEL_DIR --bench gsm8k --perplexity [--teacher DIR] | --text FILE [--teacher DIR]
     reasoning-qat export STAGE_DIR --scheme w3g128 --out ckpt/
     reasoning-qat report RECIPE [--artifacts DIR] [--baseline EVAL_STAGE]
     reasoning-qat import-gguf FILE | --smollm2 --out DIR
@@ -35,7 +36,7 @@ DEFAULT_ARTIFACTS = "artifacts"
 # Subcommands whose code lives elsewhere and is heavy to import: (module, adds arguments, runs).
 DELEGATED = {
     "eval": ("pipeline.evaluate", "add_eval_arguments", "cli_eval",
-             "evaluate a model on a benchmark (accuracy, samples.jsonl)"),
+             "evaluate a model on a benchmark (accuracy, samples.jsonl), or its perplexity / KL to a teacher"),
     "export": ("pipeline.quant.export", "add_export_arguments", "cli_export",
                "write a real low-bit checkpoint from a stage directory"),
     "report": ("pipeline.report", "add_report_arguments", "cli_report",

@@ -1,9 +1,12 @@
-"""Evaluate a model on a benchmark: sample, grade, report accuracy (avg@K), pass@K, lengths, speed.
+"""Evaluate a model on a benchmark: sample, grade, report accuracy (avg@K), pass@K, lengths, speed;
+or, without generating, perplexity and KL to a teacher on reference solutions or any text.
 
     reasoning-qat eval artifacts/demo/teacher --bench testbed
     reasoning-qat eval MODEL_DIR --bench gsm8k --limit 200 --out gsm8k.jsonl
     reasoning-qat eval MODEL_DIR --bench math500 --samples 4 --temperature 0.6 --top-p 0.95 --top-k 20 \\
         --max-new-tokens 4096
+    reasoning-qat eval MODEL_DIR --bench gsm8k --hub openai/gsm8k --perplexity --teacher TEACHER_DIR
+    reasoning-qat eval MODEL_DIR --text heldout.jsonl --teacher TEACHER_DIR --max-length 1024
 
     from pipeline.evaluate import evaluate
     metrics = evaluate(model, tokenizer, problems, GenerationSpec(...), samples_path="samples.jsonl")
@@ -17,14 +20,21 @@ Metrics, with K = spec.num_samples completions per problem:
 Under `accelerate launch` each process generates a contiguous share of the problems on its own
 device and process 0 gathers, grades and writes.
 
+Perplexity (`--perplexity`, the eval stage's `perplexity`), teacher-forced, for models whose accuracy
+says little (a small pretrained model solves ~2% of GSM8K):
+  perplexity         exp of the mean next-token NLL: over each reference solution given its chat
+                     prompt (end of turn included), or over a text file in windows of --max-length
+  perplexity_tokens  the tokens it is averaged over
+  kl_to_teacher      with a teacher: mean per-token KL(teacher || model) over the same tokens
+
 The CLI's testbed problems come from `TestbedSpec()` unless `--recipe` names a recipe, whose
-`data.testbed` (and `data.benchmarks_dir`) are then used: the same test split that recipe's eval
-stages see.
+`data.testbed`, `data.benchmarks_dir`, `data.hub` and `data.instruction` are then used: the same
+prompts that recipe's eval stages see.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import time
 import typing
@@ -32,14 +42,16 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from pipeline.benchmarks import BENCHMARKS, load_benchmark
-from pipeline.data import Problem
+from pipeline.benchmarks import BENCHMARKS, HUB_IDS, load_benchmark
+from pipeline.data import BOXED_INSTRUCTION, Problem, chat_example
 from pipeline.errors import InputError
 from pipeline.generate import GenerationSpec, generate
 from pipeline.grading import grade_many
+from pipeline.rows import write_jsonl
 
 
-def sample_and_grade(model, tokenizer, problems: list[Problem], spec: GenerationSpec) -> tuple[list[dict], float]:
+def sample_and_grade(model, tokenizer, problems: list[Problem], spec: GenerationSpec,
+                     instruction: str = BOXED_INSTRUCTION) -> tuple[list[dict], float]:
     """Generate K completions per problem (sharded over processes) and grade them.
 
     Returns one row per completion, problem by problem, each {"id", "question", "gold", "sample",
@@ -52,7 +64,7 @@ def sample_and_grade(model, tokenizer, problems: list[Problem], spec: Generation
     state = PartialState()
     start = time.perf_counter()
     with state.split_between_processes(problems) as mine:
-        outputs = generate(model, tokenizer, [p.question for p in mine], spec)
+        outputs = generate(model, tokenizer, [p.question for p in mine], spec, instruction=instruction)
         rows = [{"id": p.id, "question": p.question, "gold": p.answer, "sample": k, "completion": c.text,
                  "num_tokens": c.num_tokens, "truncated": c.truncated}
                 for p, samples in zip(mine, outputs) for k, c in enumerate(samples)]
@@ -86,65 +98,103 @@ def summarize(rows: list[dict], num_samples: int, seconds: float) -> dict[str, f
     }
 
 
-def write_jsonl(rows: list[dict], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def evaluate(model, tokenizer, problems: list[Problem], spec: GenerationSpec,
-             samples_path: str | Path | None = None) -> dict[str, float]:
+             samples_path: str | Path | None = None, instruction: str = BOXED_INSTRUCTION) -> dict[str, float]:
     """Sample K completions per problem, grade them, write every sample to `samples_path` (jsonl,
     process 0 only) and return the metrics."""
     from accelerate import PartialState
 
     if not problems:
         raise ValueError("no problems to evaluate")
-    rows, seconds = sample_and_grade(model, tokenizer, problems, spec)
+    rows, seconds = sample_and_grade(model, tokenizer, problems, spec, instruction)
     if samples_path is not None and PartialState().is_main_process:
         write_jsonl(rows, samples_path)
     return summarize(rows, spec.num_samples, seconds)
 
 
-def solution_perplexity(model, tokenizer, problems: list[Problem], batch_size: int = 16) -> dict[str, float]:
-    """Perplexity of the problems' reference solutions given their prompts, teacher-forced: exp of the
-    mean next-token NLL over every solution token (end of turn included), the WikiText-style measure
-    on held-out in-domain text. Sharded over processes like generation; every process gets the result.
+# -- perplexity and KL to a teacher, teacher-forced --------------------------------------------------
 
-    Logits are taken one sequence at a time in float32: a batch of them over Qwen3's 151,936-token
-    vocabulary would be gigabytes."""
-    import math
-
-    import torch
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-
-    from pipeline.data import chat_example
-    from pipeline.train import collate
-
+def solution_examples(tokenizer, problems: list[Problem],
+                      instruction: str = BOXED_INSTRUCTION) -> list[tuple[list[int], int]]:
+    """Each problem's chat (prompt, reference solution, end of turn), measured on the solution only."""
     missing = [p.id for p in problems if not p.solution]
     if missing:
         raise InputError("perplexity", f"{len(missing)} problems have no reference solution (first: {missing[0]})")
+    return [chat_example(tokenizer, p.question, p.solution, instruction) for p in problems]
+
+
+def text_examples(tokenizer, texts: list[str], max_length: int) -> list[tuple[list[int], int]]:
+    """Plain text, no chat template: each text tokenized as the tokenizer does by default (with its
+    BOS, if any) and cut into windows of `max_length` tokens, each measured on all but its first token
+    (non-overlapping windows, as GPTQ papers measure WikiText)."""
+    windows = []
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        windows += [(ids[i:i + max_length], 0) for i in range(0, len(ids), max_length) if len(ids) - i > 1]
+    if not windows:
+        raise InputError("text", "no text of two tokens or more to measure")
+    return windows
+
+
+def perplexity(model, examples: list[tuple[list[int], int]], pad_id: int, teacher=None, batch_size: int = 16,
+               chunk_size: int = 1024) -> dict[str, float]:
+    """Teacher-forced perplexity of the examples' ids[start:] (exp of the mean next-token NLL over
+    them) and, with a `teacher` model, the mean forward KL(teacher || model) per token over the same
+    positions: the measures of a model that its accuracy cannot tell apart (a weak base, held-out
+    text). Sharded over processes like generation; every process gets the result.
+
+    Logits are made `chunk_size` positions at a time in float32 from the decoder's last hidden states:
+    a batch of them over Qwen3's 151,936-token vocabulary would be gigabytes."""
+    import torch
+    import torch.nn.functional as F
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from pipeline.distill import token_divergence
+    from pipeline.train import collate
+
     state = PartialState()
     device = next(model.parameters()).device
-    nll, tokens = 0.0, 0
-    with state.split_between_processes(problems) as mine, torch.no_grad():
+    nll, kl, tokens = 0.0, 0.0, 0
+    with state.split_between_processes(examples) as mine, torch.no_grad():
         for i in range(0, len(mine), batch_size):
-            examples = [chat_example(tokenizer, p.question, p.solution) for p in mine[i:i + batch_size]]
-            batch = {k: v.to(device) for k, v in collate(examples, tokenizer.pad_token_id).items()}
-            hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 use_cache=False).last_hidden_state
+            # padding is masked out of attention and labels: any id serves when the tokenizer has none
+            batch = {k: v.to(device) for k, v in collate(mine[i:i + batch_size], pad_id or 0).items()}
+            hidden = _last_hidden(model, batch)
+            teacher_hidden = None if teacher is None else _last_hidden(teacher, batch)
             for row in range(hidden.shape[0]):
-                labels = batch["labels"][row, 1:]
+                labels = batch["labels"][row, 1:]  # position t predicts token t + 1
                 keep = labels != -100
-                logits = model.lm_head(hidden[row, :-1][keep]).float()
-                nll += torch.nn.functional.cross_entropy(logits, labels[keep], reduction="sum").item()
-                tokens += int(keep.sum())
-    totals = gather_object([(nll, tokens)]) if state.num_processes > 1 else [(nll, tokens)]
-    nll, tokens = sum(t[0] for t in totals), sum(t[1] for t in totals)
-    return {"perplexity": math.exp(nll / tokens), "perplexity_tokens": tokens}
+                states, targets = hidden[row, :-1][keep], labels[keep]
+                for c in range(0, len(targets), chunk_size):
+                    logits = model.get_output_embeddings()(states[c:c + chunk_size]).float()
+                    nll += F.cross_entropy(logits, targets[c:c + chunk_size], reduction="sum").item()
+                    if teacher is not None:
+                        reference = teacher.get_output_embeddings()(teacher_hidden[row, :-1][keep][c:c + chunk_size])
+                        kl += token_divergence(logits, reference).sum().item()
+                tokens += len(targets)
+    totals = gather_object([(nll, kl, tokens)]) if state.num_processes > 1 else [(nll, kl, tokens)]
+    nll, kl, tokens = (sum(t[j] for t in totals) for j in range(3))
+    if tokens == 0:
+        raise InputError("perplexity", "no token to measure")
+    metrics = {"perplexity": math.exp(nll / tokens), "perplexity_tokens": tokens}
+    if teacher is not None:
+        metrics["kl_to_teacher"] = kl / tokens
+    return metrics
+
+
+def _last_hidden(model, batch):
+    """(batch, seq, hidden): the decoder's final (normed) hidden states, what the lm_head reads."""
+    return model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               use_cache=False).last_hidden_state
+
+
+def solution_perplexity(model, tokenizer, problems: list[Problem], batch_size: int = 16, teacher=None,
+                        instruction: str = BOXED_INSTRUCTION) -> dict[str, float]:
+    """Perplexity (and KL to `teacher`) of the problems' reference solutions given their prompts,
+    end of turn included: the WikiText-style measure on held-out in-domain text."""
+    return perplexity(model, solution_examples(tokenizer, problems, instruction), tokenizer.pad_token_id,
+                      teacher=teacher, batch_size=batch_size)
 
 
 # -- the `reasoning-qat eval` subcommand -------------------------------------------------------------
@@ -172,13 +222,22 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=defaults.backend,
                         choices=typing.get_args(GenerationSpec.model_fields["backend"].annotation))
     parser.add_argument("--data-dir", default=None, metavar="DIR",
-                        help="benchmark jsonl directory (default $REASONING_QAT_BENCHMARKS, else ../shared/data/benchmarks)")
+                        help="directory of <bench>_<split>.jsonl / .parquet files (default $REASONING_QAT_BENCHMARKS)")
+    parser.add_argument("--hub", default=None, metavar="DATASET",
+                        help=f"read --bench through `datasets` from this hub id or local copy ({', '.join(HUB_IDS.values())})")
     parser.add_argument("--recipe", default=None, metavar="RECIPE",
-                        help="take the testbed spec and data dir from this recipe's `data` section")
+                        help="take the testbed spec, data sources and instruction from this recipe's `data` section")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                         help="load the weights in this dtype (default: as saved)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a model whose loading runs Python from its directory (config.json auto_map)")
+    parser.add_argument("--perplexity", action="store_true",
+                        help="no generation: perplexity of --bench's reference solutions (or of --text), teacher-forced")
+    parser.add_argument("--text", default=None, metavar="FILE",
+                        help="perplexity over this text (.jsonl / .parquet with a `text` field) instead; implies --perplexity")
+    parser.add_argument("--teacher", default=None, metavar="DIR",
+                        help="also the mean per-token KL(teacher || model) on the same text; implies --perplexity")
+    parser.add_argument("--max-length", type=int, default=2048, metavar="N", help="tokens per window of --text")
 
 
 def _spec_from_args(args: argparse.Namespace) -> GenerationSpec:
@@ -193,14 +252,49 @@ def _spec_from_args(args: argparse.Namespace) -> GenerationSpec:
         raise InputError(where, err["msg"].removeprefix("Value error, ")) from None
 
 
-def _check_model_dir(path: str, trust_remote_code: bool) -> None:
+def _check_model_dir(path: str, where: str, trust_remote_code: bool) -> None:
     from pipeline.models import check_model_dir
 
     if not Path(path).exists():
-        raise InputError("MODEL_DIR", f"no such directory: {path}")
-    inner = Path(check_model_dir(path, "MODEL_DIR", trust_remote_code))
+        raise InputError(where, f"no such directory: {path}")
+    inner = Path(check_model_dir(path, where, trust_remote_code))
     if not any((inner / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        raise InputError("MODEL_DIR", f"{inner} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+        raise InputError(where, f"{inner} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+
+
+def _problems(args: argparse.Namespace) -> tuple[list[Problem], str]:
+    """--bench's problems, from --data-dir / --hub or the recipe's `data` section, and the instruction."""
+    testbed, data_dir, hub, instruction = None, args.data_dir, {}, BOXED_INSTRUCTION
+    if args.recipe is not None:
+        from pipeline.recipe import load_recipe
+
+        data = load_recipe(args.recipe).data
+        testbed, data_dir, hub, instruction = data.testbed, data_dir or data.benchmarks_dir, dict(data.hub), data.instruction
+    if args.hub is not None:
+        if args.bench not in HUB_IDS:
+            raise InputError("--hub", f"{args.bench} is not read from the hub here; --hub serves {', '.join(HUB_IDS)}")
+        hub[args.bench] = args.hub
+    return load_benchmark(args.bench, limit=args.limit, data_dir=data_dir, testbed=testbed, hub=hub), instruction
+
+
+def _tokenizer(path: str, where: str, needs_chat: bool, trust_remote_code: bool):
+    """The tokenizer of a model directory the user named, checked before any weights are read."""
+    from pipeline.data import NO_CHAT_TEMPLATE
+    from pipeline.models import load_tokenizer
+
+    _check_model_dir(path, where, trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    if needs_chat and not tokenizer.chat_template:
+        raise InputError(where, f"{path} {NO_CHAT_TEMPLATE}")
+    return tokenizer
+
+
+def _model(path: str, dtype: str | None, trust_remote_code: bool):
+    from accelerate import PartialState
+
+    from pipeline.models import load_model
+
+    return load_model(path, dtype=dtype, device=PartialState().device, trust_remote_code=trust_remote_code)
 
 
 def _check_out(path: str) -> None:
@@ -216,30 +310,26 @@ def _check_out(path: str) -> None:
 
 
 def cli_eval(args: argparse.Namespace) -> int:
+    from pipeline.models import CustomCodeRefused
+
+    try:
+        return (_cli_perplexity if args.perplexity or args.text or args.teacher else _cli_generate)(args)
+    except CustomCodeRefused as e:  # the way out on the command line is a flag, not the recipe key
+        raise CustomCodeRefused(e.path, e.where, "pass --trust-remote-code") from None
+
+
+def _cli_generate(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.models import CustomCodeRefused, load_model, load_tokenizer
-
     spec = _spec_from_args(args)
     if args.out is not None:
         _check_out(args.out)
-    testbed, data_dir = None, args.data_dir
-    if args.recipe is not None:
-        from pipeline.recipe import load_recipe
-
-        recipe = load_recipe(args.recipe)
-        testbed, data_dir = recipe.data.testbed, data_dir or recipe.data.benchmarks_dir
-    problems = load_benchmark(args.bench, limit=args.limit, data_dir=data_dir, testbed=testbed)
-    trust = args.trust_remote_code
-    try:
-        _check_model_dir(args.model_dir, trust)
-        tokenizer = load_tokenizer(args.model_dir, trust_remote_code=trust)
-        model = load_model(args.model_dir, dtype=args.dtype, device=PartialState().device, trust_remote_code=trust)
-    except CustomCodeRefused as e:
-        raise CustomCodeRefused(e.path, "MODEL_DIR", "pass --trust-remote-code") from None
-    metrics = evaluate(model, tokenizer, problems, spec, samples_path=args.out)
+    problems, instruction = _problems(args)
+    tokenizer = _tokenizer(args.model_dir, "MODEL_DIR", needs_chat=True, trust_remote_code=args.trust_remote_code)
+    model = _model(args.model_dir, args.dtype, args.trust_remote_code)
+    metrics = evaluate(model, tokenizer, problems, spec, samples_path=args.out, instruction=instruction)
     if PartialState().is_main_process:
         k = spec.num_samples
         table = Table(title=f"{args.model_dir} on {args.bench} ({metrics['num_problems']} problems, K={k})")
@@ -252,5 +342,47 @@ def cli_eval(args: argparse.Namespace) -> int:
         table.add_row("tokens/s", f"{metrics['tokens_per_s']:.0f}")
         if args.out:
             table.add_row("samples", str(args.out))
+        Console().print(table)
+    return 0
+
+
+def _cli_perplexity(args: argparse.Namespace) -> int:
+    """`eval --perplexity`: perplexity (and KL to --teacher) of --bench's reference solutions or of --text."""
+    from accelerate import PartialState
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.data import read_texts
+
+    if args.out is not None:
+        raise InputError("--out", "perplexity generates no samples to write; drop --out or --perplexity")
+    if args.max_length < 2:
+        raise InputError("--max-length", f"must be >= 2, got {args.max_length}")
+    texts = read_texts(args.text, "--text") if args.text else None
+    problems, instruction = (None, None) if texts else _problems(args)
+    trust = args.trust_remote_code
+    tokenizer = _tokenizer(args.model_dir, "MODEL_DIR", needs_chat=texts is None, trust_remote_code=trust)
+    if args.teacher:
+        _tokenizer(args.teacher, "--teacher", needs_chat=False, trust_remote_code=trust)
+    examples = (text_examples(tokenizer, texts, args.max_length) if texts
+                else solution_examples(tokenizer, problems, instruction))
+    model = _model(args.model_dir, args.dtype, trust)
+    teacher = None
+    if args.teacher:
+        teacher = _model(args.teacher, args.dtype, trust)
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise InputError("--teacher", f"vocabulary {teacher.config.vocab_size} differs from the model's "
+                             f"{model.config.vocab_size}")
+    metrics = perplexity(model, examples, tokenizer.pad_token_id, teacher=teacher, batch_size=args.batch_size)
+    if PartialState().is_main_process:
+        table = Table(title=f"{args.model_dir}, teacher-forced")
+        for name in ("metric", "value"):
+            table.add_column(name)
+        table.add_row("text", args.text or f"{args.bench} reference solutions ({len(problems)} problems)")
+        table.add_row("perplexity", f"{metrics['perplexity']:.4f}")
+        table.add_row("tokens", str(metrics["perplexity_tokens"]))
+        if teacher is not None:
+            table.add_row("teacher", args.teacher)
+            table.add_row("KL(teacher || model)", f"{metrics['kl_to_teacher']:.4f}")
         Console().print(table)
     return 0

@@ -51,7 +51,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from pipeline import refill
-from pipeline.data import END_OF_TURN, chat_prompt
+from pipeline.data import BOXED_INSTRUCTION, chat_prompt, end_of_turn_id
 from pipeline.stage_api import SEED_MAX
 
 
@@ -109,12 +109,13 @@ class Completion:
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """End-of-turn and the model's own eos ids (Qwen3 stops at `<|im_end|>` and `<|endoftext|>`)."""
+    """The model's own eos ids and the chat template's end of turn (Qwen3 stops at `<|im_end|>` and
+    `<|endoftext|>`, Llama-3 at `<|eot_id|>`)."""
     ids = []
     configured = getattr(model.generation_config, "eos_token_id", None)
     for token in ([configured] if isinstance(configured, int) else list(configured or [])):
         ids.append(int(token))
-    for token in (tokenizer.convert_tokens_to_ids(END_OF_TURN), tokenizer.eos_token_id):
+    for token in (end_of_turn_id(tokenizer), tokenizer.eos_token_id):
         if isinstance(token, int) and token != tokenizer.unk_token_id and token not in ids:
             ids.append(token)
     if not ids:
@@ -278,11 +279,13 @@ def generate_ids(model, prompt_ids: list[list[int]], spec: GenerationSpec, stops
         model.train(was_training)
 
 
-def generate(model, tokenizer, questions: list[str], spec: GenerationSpec) -> list[list[Completion]]:
-    """K = spec.num_samples completions for each question, in the order of `questions`."""
+def generate(model, tokenizer, questions: list[str], spec: GenerationSpec,
+             instruction: str = BOXED_INSTRUCTION) -> list[list[Completion]]:
+    """K = spec.num_samples completions for each question (asked with `instruction`), in the order of `questions`."""
     stops = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    prompt_ids = [tokenizer(chat_prompt(tokenizer, q), add_special_tokens=False)["input_ids"] for q in questions]
+    prompt_ids = [tokenizer(chat_prompt(tokenizer, q, instruction), add_special_tokens=False)["input_ids"]
+                  for q in questions]
     rows = generate_ids(model, prompt_ids, spec, stops, pad_id)
     stop_set = set(stops)
     return [[_completion(ids, stop_set, tokenizer) for ids in samples] for samples in rows]

@@ -9,7 +9,7 @@ pydantic `Config` from the closed registry in `stages/`; nothing in a YAML file 
 `load_recipe` raises `RecipeError` holding every problem found, each as (key path, message), in the
 order the checks run: YAML -> top-level keys -> sections -> each stage's type and schema ->
 references -> cycles -> what each reference reads (`export.model` must name a stage that writes a
-quantized model) -> each stage type's `check` hook -> the base model's local path.
+quantized model) -> each stage type's `check` hook -> the base model's local path and chat template.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 import stages as stage_registry
-from pipeline.data import DataSpec
+from pipeline.data import DataSpec, check_chat_template
 from pipeline.errors import InputError
 from pipeline.models import ModelSpec, check_model_dir
 from pipeline.quant.scheme import QuantSpec
@@ -169,7 +169,7 @@ def parse_recipe(raw: dict, source: str = "<recipe>", overrides: typing.Sequence
         # the model): that path stays as it is; a bare `model` is the stage's own field of that name
         errors += [(where if "." in where and where.split(".")[0] in SECTIONS else _join(f"stages.{name}", where),
                     message) for where, message in found]
-    errors += model_errors
+    errors += model_errors or check_chat_template(recipe.model)
     if errors:
         raise RecipeError(errors)
     return recipe

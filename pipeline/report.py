@@ -23,7 +23,7 @@ from pipeline.errors import InputError
 
 # The metrics a row shows, per stage type, in order.
 COLUMNS = {
-    "eval": ("accuracy", "pass_at_k", "perplexity", "mean_tokens", "truncation_rate", "tokens_per_s"),
+    "eval": ("accuracy", "pass_at_k", "perplexity", "kl_to_teacher", "mean_tokens", "truncation_rate", "tokens_per_s"),
     "gate": ("accuracy", "teacher_accuracy", "retention", "passed"),
     "sft": ("final_loss", "steps", "train_seconds"),
     "kd_qat": ("final_loss", "steps", "train_seconds"),

@@ -65,7 +65,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline import signals
 from pipeline.checkpoint import Checkpointer, StageInterrupted
-from pipeline.data import Problem, chat_prompt
+from pipeline.data import BOXED_INSTRUCTION, Problem, chat_prompt
 from pipeline.generate import first_stop_end, generate_ids, resolve_backend
 from pipeline.quant.apply import decoding_weights, weight_only
 from pipeline.stage_api import OPERATIONAL, result_config
@@ -398,7 +398,7 @@ RewardFunc = Callable[..., list[float]]
 def grpo_train(model, tokenizer, problems: Sequence[Problem], settings: GRPOSettings, *, out_dir: str | Path,
                checkpointer: Checkpointer, seed: int, ref_model=None,
                reward_funcs: Sequence[RewardFunc] | None = None, reward_weights: Sequence[float] | None = None,
-               log: logging.Logger | None = None, desc: str = "rl"):
+               log: logging.Logger | None = None, desc: str = "rl", instruction: str = BOXED_INSTRUCTION):
     """Train `model` (with QuantLinears) by GRPO on `problems`; returns (final policy, metrics).
 
     The final policy is the model itself in `qat` mode, the base with the adapters merged in `lora`
@@ -463,7 +463,7 @@ def grpo_train(model, tokenizer, problems: Sequence[Problem], settings: GRPOSett
         peft_config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
                                  target_modules=[name for name, _ in quant_linears(model)], bias="none",
                                  task_type="CAUSAL_LM")
-    dataset = Dataset.from_dict({"prompt": [chat_prompt(tokenizer, p.question) for p in problems],
+    dataset = Dataset.from_dict({"prompt": [chat_prompt(tokenizer, p.question, instruction) for p in problems],
                                  "answer": [p.answer for p in problems]})
 
     signature = {"settings": result_config(type(settings), settings.model_dump(mode="json")), "seed": seed, "prompts": len(problems),

@@ -106,14 +106,15 @@ def run(ctx: StageContext) -> dict[str, float]:
 
     config, recipe = ctx.config, ctx.recipe
     problems = load_benchmark(config.bench, limit=config.limit, data_dir=recipe.data.benchmarks_dir,
-                              testbed=recipe.data.testbed)
+                              testbed=recipe.data.testbed, hub=recipe.data.hub)
     trust = recipe.model.trust_remote_code
     device = PartialState().device
 
     def accuracy_of(field: str, samples: str) -> dict[str, float]:
         tokenizer = load_tokenizer(ctx.inputs[field], trust_remote_code=trust)
         model = load_model(ctx.inputs[field], device=device, trust_remote_code=trust)
-        return evaluate(model, tokenizer, problems, config.generation, samples_path=ctx.out_dir / samples)
+        return evaluate(model, tokenizer, problems, config.generation, samples_path=ctx.out_dir / samples,
+                        instruction=recipe.data.instruction)
 
     student = accuracy_of("model", "samples.jsonl")
     teacher = accuracy_of("teacher", "teacher_samples.jsonl")["accuracy"] if config.teacher else None

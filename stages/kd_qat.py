@@ -28,14 +28,12 @@ before training with the levers that would make it fit. Output: the student in t
 """
 from __future__ import annotations
 
-import json
 from typing import Literal
 
 import torch
 from accelerate import DistributedType
 from pydantic import Field, model_validator
 
-from pipeline.data import chat_example, training_pairs
 from pipeline.distill import chunked_kd_loss
 from pipeline.errors import InputError
 from pipeline.generate import GenerationSpec
@@ -43,8 +41,10 @@ from pipeline.memory import GIB, fit_error, kd_step_memory_of
 from pipeline.models import is_quantized, load_model, load_tokenizer
 from pipeline.quant.apply import decoding_weights, quant_linears, weight_only
 from pipeline.quant.io import read_quant_spec, save_quantized, saved_dtype
+from pipeline.rows import read_jsonl
 from pipeline.stage_api import ANY_MODEL, QUANTIZED, TRACES, StageConfig, StageContext, stage_ref
 from pipeline.tasks.testbed import MAX_PROBLEMS
+from pipeline.traces import training_traces
 from pipeline.train import (TrainArgs, causal_lm_loss, check_train_args, gathered, make_accelerator, train,
                             whole_models)
 
@@ -63,7 +63,9 @@ class Config(TrainArgs, StageConfig):
     data: stage_ref(TRACES)
     """A `traces` stage: the teacher's own solutions, the domain-matched training data."""
     only_correct: bool = True
-    """Train only on traces whose answer was graded correct."""
+    """Train only on traces whose answer was graded correct. A weak teacher (a small pretrained model
+    solves a few percent of GSM8K) leaves few or none: the stage logs how many it kept, refuses none,
+    and `false` trains on every trace (distillation needs the teacher's distributions, not right answers)."""
     objective: Literal["kd", "sft"] = "kd"
     """kd: distil the teacher's distributions; sft: plain cross-entropy on the traces (the baseline)."""
     loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
@@ -151,7 +153,7 @@ def held_out_eval(ctx: StageContext, tokenizer, accelerator):
 
     config, data = ctx.config, ctx.recipe.data
     problems = load_benchmark(config.eval_bench, limit=config.eval_limit, data_dir=data.benchmarks_dir,
-                              testbed=data.testbed)
+                              testbed=data.testbed, hub=data.hub)
 
     def on_step(step: int, model) -> dict[str, float]:
         if step % config.eval_every and step != config.steps:
@@ -164,10 +166,11 @@ def held_out_eval(ctx: StageContext, tokenizer, accelerator):
             if weight_only(model):
                 dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
                 with decoding_weights(model, dtype):
-                    accuracy = evaluate(model, tokenizer, problems, config.eval_generation)["accuracy"]
+                    accuracy = evaluate(model, tokenizer, problems, config.eval_generation,
+                                        instruction=data.instruction)["accuracy"]
             else:
                 spec = config.eval_generation.model_copy(update={"backend": "generate"})
-                accuracy = evaluate(model, tokenizer, problems, spec)["accuracy"]
+                accuracy = evaluate(model, tokenizer, problems, spec, instruction=data.instruction)["accuracy"]
         ctx.log.info("%s: step %d: held-out accuracy %.1f%%", ctx.name, step, 100 * accuracy)
         return {"eval_accuracy": accuracy}
 
@@ -210,8 +213,8 @@ def run(ctx: StageContext) -> dict[str, float]:
         add_activation_clips(student)
     _select_trainable(student, config.train, config.transforms)
 
-    pairs = training_pairs(ctx.inputs["data"], config.only_correct, f"stages.{ctx.name}.data")
-    examples = [chat_example(tokenizer, q, c) for q, c in pairs]
+    kept = training_traces(ctx.inputs["data"], config.only_correct, ctx.name, ctx.log)
+    examples = [t.example(tokenizer) for t in kept]
     teacher_dtype = recipe.model.dtype if accelerator.device.type == "cuda" else "float32"
     _check_fits(ctx, student, examples, accelerator, teacher_dtype)
     if config.objective == "kd":
@@ -241,6 +244,5 @@ def run(ctx: StageContext) -> dict[str, float]:
     accelerator.wait_for_everyone()
     metrics = {**result, "examples": len(examples), "trainable_parameters": trainable}
     if config.eval_every:  # the last step always evaluates
-        last = json.loads((ctx.out_dir / "metrics.jsonl").read_text().splitlines()[-1])
-        metrics["eval_accuracy"] = last["eval_accuracy"]
+        metrics["eval_accuracy"] = read_jsonl(ctx.out_dir / "metrics.jsonl", ctx.name)[-1]["eval_accuracy"]
     return metrics

@@ -23,6 +23,9 @@ Outputs: `<out_dir>/model/` (pipeline.quant.io layout: safetensors with latent w
 zero points, `reasoning_qat_quant.json` with the layers whose group size was lowered, tokenizer),
 `<out_dir>/sqnr.json` (per layer: weight and output SQNR in dB). Metrics: mean/min SQNR,
 final-hidden-state SQNR, wall time of the quantization, layers with a lowered group size.
+The SQNR report runs the unquantized and the quantized model over the first `sqnr_samples`
+calibration sequences cut to `sqnr_seqlen` tokens, one forward pass each (on CPU it once took most
+of a 135M model's RTN stage); `sqnr_samples: 0` skips it (no sqnr.json, no SQNR metrics).
 
     reasoning-qat run recipes/demo.yaml --only ptq
 """
@@ -38,7 +41,7 @@ from pydantic import Field, model_validator
 from pipeline.errors import InputError
 from pipeline.stage_api import MODEL, QUANTIZED, TRACES, StageConfig, StageContext, stage_ref
 
-CODE_VERSION = 4
+CODE_VERSION = 5
 USES = ("seed", "quant")
 HEADLINE = "output_sqnr_mean"
 OUTPUT = QUANTIZED
@@ -51,8 +54,11 @@ class Config(StageConfig):
     calibration: stage_ref(TRACES) | None = None
     """A traces stage whose traces calibrate GPTQ (calibration_source "traces")."""
     calibration_source: Literal["traces", "generic"] = "traces"
-    """"traces": the `calibration` stage's traces; "generic": non-domain English text (the WikiText
-    stand-in, Python standard-library docstrings)."""
+    """"traces": the `calibration` stage's traces; "generic": non-domain text, `calibration_text` or the
+    built-in WikiText stand-in (Python standard-library docstrings)."""
+    calibration_text: str | None = None
+    """calibration_source generic: a text corpus to cut calibration windows from (.jsonl / .parquet with
+    a `text` field, e.g. a WikiText or C4 slice); None: the built-in text."""
     method: Literal["rtn", "gptq", "quarot", "flatquant"] = "gptq"
     weight_method: Literal["rtn", "gptq"] = "rtn"
     """quarot / flatquant: how the transformed weights are quantized (GPTQ settings below apply)."""
@@ -74,8 +80,10 @@ class Config(StageConfig):
     """GPTQ: sweep columns by decreasing Hessian diagonal ("static" = "weight"); None: in order."""
     observer: Literal["minmax", "mse"] = "minmax"
     """How each group's range is chosen: min-max, or llmcompressor's MSE grid search (clipping)."""
-    sqnr_samples: int = Field(4, ge=1)
-    """Calibration sequences run through the model for the SQNR report."""
+    sqnr_samples: int = Field(4, ge=0)
+    """Calibration sequences run through the model for the SQNR report; 0: no report."""
+    sqnr_seqlen: int = Field(256, gt=0)
+    """Tokens of each of those sequences (truncated): with sqnr_samples, the report's cost."""
 
     @model_validator(mode="after")
     def _source(self):
@@ -84,10 +92,21 @@ class Config(StageConfig):
             raise ValueError("calibration_source 'traces' needs `calibration: <traces stage>`")
         if self.calibration_source == "generic" and self.calibration is not None:
             raise ValueError("calibration is set but calibration_source is 'generic'; drop one")
+        if self.calibration_text is not None and self.calibration_source != "generic":
+            raise ValueError("calibration_text is the generic source; set calibration_source: generic")
         return self
 
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
+    from pathlib import Path
+
+    errors = []
+    if config.calibration_text is not None and not Path(config.calibration_text).expanduser().is_file():
+        errors.append(("calibration_text", f"no such file: {config.calibration_text}"))
+    return errors + _scheme_fit(recipe)
+
+
+def _scheme_fit(recipe) -> list[tuple[str, str]]:
     """The recipe's scheme against the base model's layer widths: from `model.arch` (every model of
     such a recipe is built from it), or from a local `model.path`'s config.json (no weights read)."""
     from pathlib import Path
@@ -112,9 +131,10 @@ def check(config: Config, recipe) -> list[tuple[str, str]]:
 
 
 def run(ctx: StageContext) -> dict[str, float]:
+    from pipeline.data import read_texts
     from pipeline.models import load_model, load_tokenizer
     from pipeline.quant import sqnr
-    from pipeline.quant.apply import quantize_rtn
+    from pipeline.quant.apply import quant_linears, quantize_rtn
     from pipeline.quant.calibration import generic_samples, traces_samples
     from pipeline.quant.gptq import run_gptq
     from pipeline.quant.io import save_quantized
@@ -132,14 +152,15 @@ def run(ctx: StageContext) -> dict[str, float]:
         raise InputError(*misfits[0])
 
     if config.calibration is not None:
-        if not (ctx.inputs["calibration"] / "traces.jsonl").is_file():
-            raise InputError(f"stages.{ctx.name}.calibration", f"{ctx.inputs['calibration']} has no traces.jsonl")
-        samples = traces_samples(tokenizer, ctx.inputs["calibration"], config.nsamples, config.seqlen, ctx.recipe.seed)
+        samples = traces_samples(tokenizer, ctx.inputs["calibration"], config.nsamples, config.seqlen, ctx.recipe.seed,
+                                 where=f"stages.{ctx.name}.calibration")
     else:
-        samples = generic_samples(tokenizer, config.nsamples, config.seqlen, ctx.recipe.seed)
-    report_samples = samples[: config.sqnr_samples]
-    originals = sqnr.snapshot_weights(model, spec)
-    reference_hidden, reference_logits = sqnr.final_outputs(model, report_samples)
+        texts = read_texts(config.calibration_text, f"stages.{ctx.name}.calibration_text") \
+            if config.calibration_text else None
+        samples = generic_samples(tokenizer, config.nsamples, config.seqlen, ctx.recipe.seed, texts)
+    report_samples = [s[: config.sqnr_seqlen] for s in samples[: config.sqnr_samples]]
+    originals = sqnr.snapshot_weights(model, spec) if report_samples else {}
+    reference = sqnr.final_outputs(model, report_samples)
 
     start = time.perf_counter()
     extra: dict[str, float] = {}
@@ -152,22 +173,32 @@ def run(ctx: StageContext) -> dict[str, float]:
     wall = time.perf_counter() - start
 
     lowered = _log_lowered_group_sizes(model, spec, ctx.log)
-    report = sqnr.layer_sqnr(model, originals, report_samples)
-    ctx.log.info("per-layer SQNR (dB), %s %s:\n%s", config.method, config.calibration_source, sqnr.format_table(report))
-    (ctx.out_dir / "sqnr.json").write_text(json.dumps(report, indent=1) + "\n")
     save_quantized(model, tokenizer, ctx.out_dir / "model", spec)
-    hidden, logits = sqnr.final_outputs(model, report_samples)
     metrics = {
-        **sqnr.summarize(report),
-        "logits_sqnr": sqnr.hidden_sqnr(reference_logits, logits),
         "wall_time_s": wall,
-        "quantized_layers": float(len(report)),
+        "quantized_layers": float(len(quant_linears(model))),
         "calibration_tokens": float(sum(len(s) for s in samples)),
         "lowered_group_size_layers": float(lowered),
         **extra,
     }
+    if report_samples:
+        metrics |= _sqnr_report(model, originals, report_samples, reference, config, ctx)
+    return metrics
+
+
+def _sqnr_report(model, originals, samples, reference, config: Config, ctx: StageContext) -> dict[str, float]:
+    """Per-layer SQNR (logged, and written to sqnr.json) and the model-level SQNR metrics, from one
+    forward pass of the quantized model over `samples`; `reference` is the unquantized model's
+    (final hidden states, logits) on them."""
+    from pipeline.quant import sqnr
+
+    report, hidden, logits = sqnr.layer_sqnr_and_outputs(model, originals, samples)
+    ctx.log.info("per-layer SQNR (dB), %s %s, %d x %d tokens:\n%s", config.method, config.calibration_source,
+                 len(samples), max(len(s) for s in samples), sqnr.format_table(report))
+    (ctx.out_dir / "sqnr.json").write_text(json.dumps(report, indent=1) + "\n")
+    metrics = {**sqnr.summarize(report), "logits_sqnr": sqnr.hidden_sqnr(reference[1], logits)}
     if config.method != "quarot":  # QuaRot's hidden states are rotated: only its logits compare
-        metrics["hidden_sqnr"] = sqnr.hidden_sqnr(reference_hidden, hidden)
+        metrics["hidden_sqnr"] = sqnr.hidden_sqnr(reference[0], hidden)
     return metrics
 
 
@@ -209,7 +240,7 @@ def _transform_and_quantize(model, spec, samples, config: Config, ctx: StageCont
                        "flatquant_seconds_per_layer": sum(r["seconds"] for r in report) / len(report)}
     except ValueError as e:  # the scheme's targets leave a Linear of the decoder unquantized
         raise InputError("quant.targets", f"{config.method}: {e}") from None
-    originals = sqnr.snapshot_weights(model, spec)
+    originals = sqnr.snapshot_weights(model, spec) if config.sqnr_samples else {}
     if config.weight_method == "gptq":
         gptq_layerwise(model, samples, config.block_size, config.dampening_frac, config.actorder, config.observer,
                        keep_scales=config.method == "flatquant")

@@ -101,7 +101,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     policy, metrics = grpo_train(policy, tokenizer, problems, config, out_dir=ctx.out_dir,
                                  checkpointer=ctx.checkpointer, seed=recipe.seed if config.seed is None else config.seed,
                                  ref_model=reference,
-                                 log=ctx.log, desc=f"{ctx.name}: grpo")
+                                 log=ctx.log, desc=f"{ctx.name}: grpo", instruction=recipe.data.instruction)
     if PartialState().is_main_process:
         # TRL turns the KV cache off for gradient checkpointing; the saved policy decodes with it
         policy.config.use_cache = policy.generation_config.use_cache = True

@@ -28,12 +28,13 @@ from typing import Literal
 
 import torch
 
-from pipeline.data import chat_example, training_pairs
+from pipeline.data import chat_example
 from pipeline.errors import InputError
 from pipeline.models import build_model, is_quantized, load_model, load_tokenizer, save_model
 from pipeline.stage_api import ANY_MODEL, MODEL, TRACES, StageConfig, StageContext, stage_ref
 from pipeline.tasks.testbed import make_problems
 from pipeline.tokenizer import build_tokenizer
+from pipeline.traces import training_traces
 from pipeline.train import TrainArgs, causal_lm_loss, check_train_args, make_accelerator, train
 
 CODE_VERSION = 1
@@ -66,12 +67,14 @@ def check(config: Config, recipe) -> list[tuple[str, str]]:
     return errors + check_train_args(config)
 
 
-def _pairs(ctx: StageContext) -> list[tuple[str, str]]:
-    """(question, completion) pairs to train on."""
+def _examples(ctx: StageContext, tokenizer) -> list[tuple[list[int], int]]:
+    """(token ids, completion start) of each chat to train on."""
     config, recipe = ctx.config, ctx.recipe
     if config.data is None:
-        return [(p.question, p.solution) for p in make_problems(recipe.data.testbed, "train", seed=recipe.seed)]
-    return training_pairs(ctx.inputs["data"], config.only_correct, f"stages.{ctx.name}.data")
+        return [chat_example(tokenizer, p.question, p.solution, recipe.data.instruction)
+                for p in make_problems(recipe.data.testbed, "train", seed=recipe.seed)]
+    kept = training_traces(ctx.inputs["data"], config.only_correct, ctx.name, ctx.log)
+    return [t.example(tokenizer) for t in kept]
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -92,8 +95,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         model = load_model(recipe.model.path, dtype="float32", trust_remote_code=trust)
         tokenizer = load_tokenizer(recipe.model.path, trust_remote_code=trust)
 
-    pairs = _pairs(ctx)
-    examples = [chat_example(tokenizer, question, completion) for question, completion in pairs]
+    examples = _examples(ctx, tokenizer)
     longest = max(len(ids) for ids, _ in examples)
     if longest > model.config.max_position_embeddings:
         raise InputError("model.arch.max_position_embeddings",

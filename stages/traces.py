@@ -8,8 +8,10 @@ completions for each of `count` prompts of the recipe's training domain (`data.t
   gsm8k    GSM8K train (from data.benchmarks_dir)
   jsonl    `data.prompts_file` ({"question", "answer"?} per line; without answers nothing is graded)
 Each completion is graded against the prompt's answer (pipeline.grading); `only_correct` keeps just
-the correct ones (rejection sampling). Output `<out_dir>/traces.jsonl`, one row per kept completion:
-{"id", "question", "answer", "completion", "correct", "num_tokens", "sample", "truncated"}.
+the correct ones (rejection sampling). The prompt is the question and `data.instruction` in the
+model's chat template. Output `<out_dir>/traces.jsonl`, one row per kept completion, a
+`pipeline.traces.Trace`: {"id", "question", "instruction", "answer", "completion", "correct",
+"num_tokens", "sample", "truncated"}.
 
     stages:
       traces:
@@ -25,13 +27,13 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.benchmarks import check_training_data, training_problems
-from pipeline.errors import InputError
-from pipeline.evaluate import sample_and_grade, write_jsonl
+from pipeline.evaluate import sample_and_grade
 from pipeline.generate import GenerationSpec
 from pipeline.stage_api import ANY_MODEL, TRACES, StageConfig, StageContext, stage_ref, untrained_base_model
 from pipeline.tasks.testbed import MAX_PROBLEMS
+from pipeline.traces import Trace, write_traces
 
-CODE_VERSION = 1
+CODE_VERSION = 2
 USES = ("seed", "data")
 HEADLINE = "kept"
 OUTPUT = TRACES
@@ -68,15 +70,16 @@ def run(ctx: StageContext) -> dict[str, float]:
     model = load_model(ctx.inputs["model"], device=PartialState().device, trust_remote_code=trust)
     ctx.log.info("%s: %d %s prompts x %d samples, up to %d new tokens, on %s", ctx.name, len(problems),
                  recipe.data.task, config.generation.num_samples, config.generation.max_new_tokens, model.device)
-    rows, seconds = sample_and_grade(model, tokenizer, problems, config.generation)
-    traces = [{"id": r["id"], "question": r["question"], "answer": r["gold"], "completion": r["completion"],
-               "correct": r["correct"], "num_tokens": r["num_tokens"], "sample": r["sample"],
-               "truncated": r["truncated"]}
+    instruction = recipe.data.instruction
+    rows, seconds = sample_and_grade(model, tokenizer, problems, config.generation, instruction)
+    traces = [Trace(id=r["id"], question=r["question"], instruction=instruction, answer=r["gold"],
+                    completion=r["completion"], correct=r["correct"], num_tokens=r["num_tokens"],
+                    sample=r["sample"], truncated=r["truncated"])
               for r in rows if r["correct"] or not config.only_correct]
     if not traces:
         raise RuntimeError(f"{ctx.name}: no completion was graded correct, so no traces were kept (only_correct)")
     if PartialState().is_main_process:
-        write_jsonl(traces, ctx.out_dir / "traces.jsonl")
+        write_traces(traces, ctx.out_dir)
     tokens = sum(r["num_tokens"] for r in rows)
     metrics = {
         "count": len(problems),

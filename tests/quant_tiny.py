@@ -106,7 +106,8 @@ def write_traces(path: Path, n: int = 8) -> Path:
             a, b = 3 + i, 7 * i + 2
             completion = f"<think>{a} plus {b} is {a + b}. Then times 2 gives {2 * (a + b)}.</think> \\boxed{{{2 * (a + b)}}}"
             row = {"id": str(i), "question": f"What is ({a} + {b}) * 2?", "answer": str(2 * (a + b)),
-                   "completion": completion, "correct": True, "num_tokens": len(completion)}
+                   "completion": completion, "correct": True, "num_tokens": len(completion), "sample": 0,
+                   "truncated": False}
             f.write(json.dumps(row) + "\n")
     return path
 

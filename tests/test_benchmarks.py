@@ -6,6 +6,7 @@ import pytest
 from pipeline import benchmarks
 from pipeline.benchmarks import load_benchmark, load_prompts_file
 from pipeline.errors import InputError
+from pipeline.rows import read_rows
 from pipeline.tasks import testbed
 
 DATA = Path(__file__).parent / "data"
@@ -121,3 +122,97 @@ def test_testbed_benchmark_is_the_test_split():
     problems = load_benchmark("testbed", testbed=spec)
     assert [p.id for p in problems] == [p.id for p in testbed.make_problems(spec, "test")]
     assert len(load_benchmark("testbed", testbed=spec, limit=3)) == 3
+
+
+# -- sources: parquet files, hub datasets (through `datasets`, here a local copy), no default directory --
+
+def _write_parquet(rows: list[dict], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def test_parquet_files_load_like_jsonl(tmp_path):
+    rows = read_rows(DATA / "math500_test.jsonl", "x")
+    _write_parquet(rows, tmp_path / "math500_test.parquet")
+    assert load_benchmark("math500", data_dir=tmp_path) == load_benchmark("math500", data_dir=DATA)
+
+
+@pytest.fixture
+def hub_copies(tmp_path, monkeypatch):
+    """Local copies of openai/gsm8k (config `main`, parquet shards, a card declaring them) and
+    HuggingFaceH4/MATH-500 (one test.jsonl), laid out as the hub stores them; datasets' cache in tmp."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    gsm8k = tmp_path / "gsm8k"
+    for split in ("train", "test"):
+        _write_parquet(read_rows(DATA / f"gsm8k_{split}.jsonl", "x"),
+                       gsm8k / "main" / f"{split}-00000-of-00001.parquet")
+    (gsm8k / "README.md").write_text("---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n"
+                                     "    path: main/train-*\n  - split: test\n    path: main/test-*\n---\n")
+    math500 = tmp_path / "math500"
+    math500.mkdir()
+    (math500 / "test.jsonl").write_text((DATA / "math500_test.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    return gsm8k, math500
+
+
+def test_hub_datasets_through_datasets(hub_copies, tmp_path):
+    gsm8k, math500 = hub_copies
+    hub = {"gsm8k": str(gsm8k), "math500": str(math500)}
+    assert load_benchmark("gsm8k", limit=5, hub=hub) == load_benchmark("gsm8k", limit=5, data_dir=DATA)
+    assert load_benchmark("gsm8k", split="train", hub=hub) == load_benchmark("gsm8k", split="train", data_dir=DATA)
+    assert load_benchmark("math500", hub=hub) == load_benchmark("math500", data_dir=DATA)
+
+
+def test_hub_source_that_cannot_load(monkeypatch, tmp_path):
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # no network here: fail at once, not after retries
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(InputError) as err:
+        load_benchmark("gsm8k", hub={"gsm8k": "openai/gsm8k"})
+    assert err.value.where == "data.hub.gsm8k"
+    assert err.value.message.startswith("openai/gsm8k: cannot load its 'test' split (")
+    assert err.value.message.endswith("without a network, point data.benchmarks_dir at local files instead")
+    assert "\n" not in str(err.value)
+
+
+def test_no_benchmark_directory_says_how_to_give_one(monkeypatch):
+    monkeypatch.delenv("REASONING_QAT_BENCHMARKS", raising=False)
+    assert benchmarks.benchmarks_dir() is None
+    with pytest.raises(InputError) as err:
+        load_benchmark("gsm8k")
+    assert str(err.value) == (
+        "data_dir: gsm8k needs the file gsm8k_test.jsonl (or .parquet) and no benchmark directory is set: set "
+        "data.benchmarks_dir (CLI --data-dir) or $REASONING_QAT_BENCHMARKS, or name a hub dataset "
+        "(data.hub.gsm8k: openai/gsm8k)")
+
+
+def test_validation_finds_missing_sources(monkeypatch, tmp_path):
+    from pipeline.benchmarks import check_bench, check_training_data
+    from pipeline.data import DataSpec
+
+    monkeypatch.delenv("REASONING_QAT_BENCHMARKS", raising=False)
+    assert check_bench("gsm8k", DataSpec(benchmarks_dir=str(DATA))) == []
+    [(where, message)] = check_bench("aime24", DataSpec(benchmarks_dir=str(tmp_path)), "stages.e.bench")
+    assert where == "stages.e.bench" and message == (
+        f"no such file: {tmp_path}/aime24_test.jsonl (nor .parquet); point data.benchmarks_dir (CLI --data-dir) "
+        "or $REASONING_QAT_BENCHMARKS at a directory that has it")
+    assert check_bench("math500", DataSpec(hub={"math500": "HuggingFaceH4/MATH-500"})) == []  # loaded at run time
+    assert check_bench("math500", DataSpec(hub={"math500": str(tmp_path / "nope")})) == [
+        ("data.hub.math500", f"no such directory: {tmp_path / 'nope'}")]
+    [(where, message)] = check_training_data(DataSpec(task="gsm8k"))
+    assert where == "data.benchmarks_dir" and "gsm8k needs the file gsm8k_train.jsonl" in message
+    assert check_training_data(DataSpec(task="jsonl", prompts_file=str(tmp_path / "p.jsonl"))) == [
+        ("data.prompts_file", f"no such file: {tmp_path / 'p.jsonl'}")]
+
+
+def test_prompts_file_parquet(tmp_path):
+    _write_parquet([{"problem": "1+1?", "answer": 2.0}, {"problem": "2+2?", "answer": None}], tmp_path / "p.parquet")
+    problems = load_prompts_file(tmp_path / "p.parquet")
+    assert [(p.question, p.answer) for p in problems] == [("1+1?", "2"), ("2+2?", "")]

@@ -25,7 +25,7 @@ SCRIPT = {
 
 @pytest.fixture
 def scripted(monkeypatch):
-    def fake_generate(model, tokenizer, questions, spec):
+    def fake_generate(model, tokenizer, questions, spec, instruction):
         return [[Completion(text=t, token_ids=[0] * n, num_tokens=n, truncated=tr) for t, n, tr in SCRIPT[q]]
                 for q in questions]
 
@@ -143,3 +143,157 @@ def test_solution_perplexity_needs_reference_solutions():
 
     with pytest.raises(InputError, match="3 problems have no reference solution"):
         solution_perplexity(tiny_lm.model(), tiny_lm.tokenizer(), PROBLEMS)
+
+
+# -- perplexity and KL to a teacher on any text ---------------------------------------------------------
+
+TEXTS = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+         "Weng earns $12 an hour for babysitting.\u2028Yesterday, she just did 50 minutes of babysitting.", "x"]
+
+
+def test_text_perplexity_matches_the_models_own_loss():
+    """Windows of max_length tokens, each measured on all but its first token, as transformers' loss is."""
+    import math
+
+    import torch
+
+    from pipeline.evaluate import perplexity, text_examples
+
+    model, tokenizer = tiny_lm.model().eval(), tiny_lm.tokenizer()
+    examples = text_examples(tokenizer, TEXTS, max_length=16)
+    ids = [tokenizer(t)["input_ids"] for t in TEXTS]
+    windows = [i[s:s + 16] for i in ids for s in range(0, len(i), 16) if len(i) - s > 1]
+    assert [e[0] for e in examples] == windows and len(windows) > len(TEXTS)  # cut into windows; "x" has 1 token
+    nll, count = 0.0, 0
+    for window in windows:
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([window]), labels=torch.tensor([window])).loss.item()
+        nll, count = nll + loss * (len(window) - 1), count + len(window) - 1
+    result = perplexity(model, examples, tokenizer.pad_token_id, batch_size=3)
+    assert result == {"perplexity": pytest.approx(math.exp(nll / count), rel=1e-5), "perplexity_tokens": count}
+
+
+def test_kl_to_teacher_matches_full_logits():
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.evaluate import perplexity, solution_examples
+    from pipeline.tasks.testbed import TestbedSpec, make_problems
+
+    student, teacher, tokenizer = tiny_lm.model(0), tiny_lm.model(1), tiny_lm.tokenizer()
+    examples = solution_examples(tokenizer, make_problems(TestbedSpec(), "test", n=3))
+    kl, count = 0.0, 0
+    for ids, start in examples:
+        with torch.no_grad():
+            s, t = (m(input_ids=torch.tensor([ids])).logits[0, start - 1:-1] for m in (student, teacher))
+        kl += F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum").item()
+        count += len(ids) - start
+    result = perplexity(student, examples, tokenizer.pad_token_id, teacher=teacher, batch_size=2, chunk_size=7)
+    assert result["perplexity_tokens"] == count
+    assert result["kl_to_teacher"] == pytest.approx(kl / count, rel=1e-5)
+    assert perplexity(student, examples, tokenizer.pad_token_id, teacher=student)["kl_to_teacher"] == 0.0
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    save_model(tiny_lm.model(1), tiny_lm.tokenizer(), out)
+    return out
+
+
+def test_cli_perplexity_of_reference_solutions(run_cli, model_dir, teacher_dir):
+    from pipeline.benchmarks import load_benchmark
+    from pipeline.evaluate import solution_perplexity
+
+    code, stdout, stderr = run_cli("eval", model_dir, "--perplexity", "--bench", "gsm8k", "--data-dir", DATA,
+                                   "--limit", "3", "--teacher", teacher_dir)
+    assert code == 0, stderr
+    expected = solution_perplexity(tiny_lm.model(), tiny_lm.tokenizer(), load_benchmark("gsm8k", 3, DATA),
+                                   teacher=tiny_lm.model(1))
+    assert "reference solutions" in stdout
+    assert f"{expected['perplexity']:.4f}" in stdout and str(expected["perplexity_tokens"]) in stdout
+    assert f"{expected['kl_to_teacher']:.4f}" in stdout and "accuracy" not in stdout
+
+
+def test_cli_perplexity_of_text(run_cli, model_dir, tmp_path):
+    text = tmp_path / "heldout.jsonl"
+    text.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS), encoding="utf-8")
+    code, stdout, stderr = run_cli("eval", model_dir, "--text", text, "--max-length", "16")
+    assert code == 0, stderr
+    assert "perplexity" in stdout and "KL" not in stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--perplexity", "--out", "{tmp}/s.jsonl"], "--out: perplexity generates no samples to write"),
+    (["--teacher", "{tmp}/nope"], "--teacher: no such directory: {tmp}/nope"),
+    (["--text", "{tmp}/nope.jsonl"], "--text: no such file: {tmp}/nope.jsonl"),
+    (["--text", "{tmp}", "--max-length", "1"], "--max-length: must be >= 2, got 1"),
+    (["--perplexity", "--bench", "amc23", "--data-dir", str(DATA)], "perplexity: 5 problems have no reference solution"),
+    (["--hub", "x/y"], "--hub: testbed is not read from the hub here; --hub serves gsm8k, math500"),
+])
+def test_cli_perplexity_bad_input_exit_2(run_cli, model_dir, tmp_path, args, message):
+    code, stdout, stderr = run_cli("eval", model_dir, *[a.format(tmp=tmp_path) for a in args])
+    assert code == 2 and stdout == "" and len(stderr.strip().splitlines()) == 1
+    assert stderr.startswith(message.format(tmp=tmp_path))
+
+
+@pytest.fixture
+def base_model_dir(tmp_path):
+    """A tiny model saved with a tokenizer that has no chat template (a base model)."""
+    import chat_tokenizers
+
+    save_model(tiny_lm.model(), chat_tokenizers.plain(None), tmp_path / "base")
+    return tmp_path / "base"
+
+
+def test_cli_eval_of_a_model_without_chat_template(base_model_dir, run_cli, tmp_path):  # saved before capture
+    """Generation and solution perplexity need the chat template (exit 2, one line); text perplexity does not."""
+    base = base_model_dir
+    code, _, stderr = run_cli("eval", base, "--limit", "1")
+    assert code == 2 and stderr.strip().startswith(f"MODEL_DIR: {base} has no chat template")
+    assert len(stderr.strip().splitlines()) == 1
+    text = tmp_path / "t.jsonl"
+    text.write_text(json.dumps({"text": "What is 2 + 3?"}) + "\n")
+    code, stdout, stderr = run_cli("eval", base, "--text", text)
+    assert code == 0, stderr
+
+
+def test_eval_stage_perplexity_only(model_dir, teacher_dir, tmp_path, run_cli):
+    """`generate: false`: no samples, perplexity of GSM8K solutions and of a text file, KL to a teacher."""
+    import yaml
+
+    from pipeline.benchmarks import load_benchmark
+    from pipeline.evaluate import solution_perplexity
+
+    text = tmp_path / "heldout.jsonl"
+    text.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS), encoding="utf-8")
+    recipe = {"name": "ppl", "model": {"path": str(model_dir), "dtype": "float32"},
+              "data": {"benchmarks_dir": str(DATA)},
+              "stages": {"teacher": {"type": "eval", "model": "model", "bench": "gsm8k", "limit": 3,
+                                     "generate": False, "perplexity": True},
+                         "text_kl": {"type": "eval", "model": "model", "generate": False, "perplexity": True,
+                                     "text": str(text), "max_length": 16, "teacher": "model"}}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code, _, stderr = run_cli("run", path, "--artifacts", tmp_path / "art")
+    assert code == 0, stderr
+    read = lambda stage: json.loads((tmp_path / "art" / "ppl" / stage / "manifest.json").read_text())["metrics"]  # noqa: E731
+    expected = solution_perplexity(tiny_lm.model(), tiny_lm.tokenizer(), load_benchmark("gsm8k", 3, DATA))
+    assert read("teacher") == pytest.approx(expected, rel=1e-6)
+    assert set(read("text_kl")) == {"perplexity", "perplexity_tokens", "kl_to_teacher"}
+    assert read("text_kl")["kl_to_teacher"] == 0.0  # the model against itself
+    assert not (tmp_path / "art" / "ppl" / "teacher" / "samples.jsonl").exists()
+
+
+@pytest.mark.parametrize("stage, where, message", [
+    ({"generate": False}, "stages.e", "generate and perplexity are both false: nothing to evaluate"),
+    ({"teacher": "model"}, "stages.e", "text and teacher apply to the perplexity: set perplexity: true"),
+    ({"perplexity": True, "text": "/nonexistent.jsonl"}, "stages.e.text", "no such file: /nonexistent.jsonl"),
+])
+def test_eval_stage_recipe_errors(model_dir, stage, where, message):
+    from pipeline.recipe import RecipeError, parse_recipe
+
+    with pytest.raises(RecipeError) as err:
+        parse_recipe({"name": "t", "model": {"path": str(model_dir)},
+                      "stages": {"e": {"type": "eval", "model": "model", **stage}}})
+    assert (where, message) in err.value.errors

@@ -194,3 +194,27 @@ def test_transforms_of_a_quarot_init_train_only_when_asked(artifacts, tmp_path, 
     else:
         assert all(moved) and len(moved) == 6  # o_proj, down_proj and the keys' rotation of 2 layers
         assert all(c is not None for c in clips) and all(c.item() != pytest.approx(0.9, abs=1e-7) for c in clips)
+
+
+def test_traces_kept_are_logged_and_none_left_fails_the_stage(artifacts, tmp_path, caplog):
+    """A weak teacher's traces: the stage says how many it kept, and refuses to train on none, naming only_correct."""
+    from pipeline.traces import read_traces, write_traces as write
+
+    wrong = tmp_path / "wrong"
+    write([t.model_copy(update={"correct": i == 0}) for i, t in enumerate(read_traces(artifacts / "traces", "x"))],
+          wrong)
+    links = tmp_path / "links"
+    links.mkdir()
+    for name in ("ptq", "teacher"):
+        (links / name).symlink_to(artifacts / name)
+    (links / "traces").symlink_to(wrong)
+    with caplog.at_level(logging.INFO):
+        assert run(links, tmp_path / "one", steps=1, batch_size=1)["examples"] == 1
+    assert "kd: 1 of 8 traces kept (only_correct: true)" in caplog.text
+
+    write([t.model_copy(update={"correct": False}) for t in read_traces(wrong, "x")], wrong)
+    with pytest.raises(RuntimeError) as err:
+        run(links, tmp_path / "none", steps=1, batch_size=1)
+    assert str(err.value).startswith("stages.kd.only_correct: none of the 8 traces was graded correct")
+    assert "set only_correct: false to train on every trace" in str(err.value)
+    assert run(links, tmp_path / "all", steps=1, batch_size=1, only_correct=False)["examples"] == 8

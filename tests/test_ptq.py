@@ -127,6 +127,79 @@ def test_stage_lowers_group_sizes_it_does_not_divide_and_says_so(tmp_path, caplo
     assert loaded.model.layers[1].mlp.down_proj.weights.group_size == 64
 
 
+def _double_precision_layer_sqnr(model, originals, samples):
+    """The SQNR report's reference: every QuantLinear's output against x @ W_original^T, all in float64,
+    on the fake-quantizing forward."""
+    import math
+
+    energy = {}
+
+    def hook(name, module, args, output):
+        reference = torch.nn.functional.linear(args[0].double(), originals[name].double(), None)
+        signal, noise = energy.get(name, (0.0, 0.0))
+        energy[name] = (signal + float(reference.square().sum()), noise + float((reference - output.double()).square().sum()))
+
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: hook(n, m, a, o)) for n, m in quant_linears(model)]
+    with torch.no_grad():
+        logits = [model(torch.tensor([s])).logits[0] for s in samples]
+    for h in hooks:
+        h.remove()
+    return {n: 10 * math.log10(s / e) for n, (s, e) in energy.items()}, logits
+
+
+def test_sqnr_report_in_one_pass(teacher):
+    """One forward pass per sample gives the per-layer report and the final outputs; a weight-only model runs
+    it on q(w) computed once, which changes neither (against the fake-quantizing forward, in float64)."""
+    tok = AutoTokenizer.from_pretrained(teacher.dir)
+    samples = traces_samples(tok, teacher.traces, nsamples=3, seqlen=64, seed=0)
+    model = _load(teacher.dir)
+    originals = sqnr.snapshot_weights(model, W3G128)
+    quantize_rtn(model, W3G128)
+    report, hidden, logits = sqnr.layer_sqnr_and_outputs(model, originals, samples)
+    expected, expected_logits = _double_precision_layer_sqnr(model, originals, samples)
+    assert [r["layer"] for r in report] == list(expected)
+    assert [r["output_sqnr"] for r in report] == pytest.approx(list(expected.values()), rel=1e-4)
+    for ours, reference in zip(logits, expected_logits):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    assert [len(h) for h in hidden] == [len(s) for s in samples]
+
+
+def _ptq_context(teacher, tmp_path, **config):
+    config = ptq.Config(model="teacher", calibration="traces", **config)
+    return StageContext(name="ptq", config=config, recipe=SimpleNamespace(quant=W3G128, seed=0, model=SimpleNamespace(trust_remote_code=False)),
+                        out_dir=tmp_path,
+                        inputs={"model": teacher.dir, "calibration": teacher.traces},
+                        input_manifests={"model": {}, "calibration": {}}, checkpointer=None,
+                        log=logging.getLogger("test"))
+
+
+def test_sqnr_report_is_optional_and_truncated(teacher, tmp_path, caplog):
+    off = ptq.run(_ptq_context(teacher, tmp_path / "off", method="rtn", nsamples=4, seqlen=64, sqnr_samples=0))
+    assert set(off) == {"wall_time_s", "quantized_layers", "calibration_tokens", "lowered_group_size_layers"} and off["quantized_layers"] == 14
+    assert not (tmp_path / "off" / "sqnr.json").exists() and pipeline.load_quantized(tmp_path / "off") is not None
+    with caplog.at_level(logging.INFO):
+        on = ptq.run(_ptq_context(teacher, tmp_path / "on", method="rtn", nsamples=4, seqlen=64, sqnr_samples=2,
+                                  sqnr_seqlen=16))
+    assert "per-layer SQNR (dB), rtn traces, 2 x 16 tokens" in caplog.text
+    assert {"output_sqnr_mean", "logits_sqnr", "hidden_sqnr"} <= set(on)
+    assert len(json.loads((tmp_path / "on" / "sqnr.json").read_text())) == 14
+
+
+def test_generic_calibration_from_a_user_corpus(teacher, tmp_path):
+    tok = AutoTokenizer.from_pretrained(teacher.dir)
+    corpus = ["The quick brown fox jumps over the lazy dog. " * 20, "Pack my box with five dozen liquor jugs. " * 20]
+    samples = generic_samples(tok, nsamples=3, seqlen=32, seed=0, texts=corpus)
+    assert [len(s) for s in samples] == [32] * 3
+    assert all(tok.decode(s) in "\n\n".join(corpus) for s in samples)
+    with pytest.raises(InputError, match="seqlen: the calibration text has .* tokens, not more than seqlen 100000"):
+        generic_samples(tok, nsamples=1, seqlen=100_000, seed=0, texts=corpus)
+    with pytest.raises(ValidationError, match="calibration_text is the generic source"):
+        ptq.Config(model="teacher", calibration="traces", calibration_text="c.jsonl")
+    config = ptq.Config(model="model", method="rtn", calibration_source="generic", calibration_text=str(tmp_path / "c.jsonl"))
+    local = SimpleNamespace(model=SimpleNamespace(arch=None, path=str(teacher.dir), trust_remote_code=False), quant=W3G128)
+    assert ptq.check(config, local) == [("calibration_text", f"no such file: {tmp_path / 'c.jsonl'}")]
+
+
 def test_config_and_check_errors(teacher):
     with pytest.raises(ValidationError, match="needs `calibration"):
         ptq.Config(model="teacher")

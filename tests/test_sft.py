@@ -50,7 +50,7 @@ def test_traces_and_init_continue_a_model_on_correct_completions(tmp_path):
     traces.mkdir()
     rows = [{"id": str(i), "question": f"Ava has {i} coins. How many coins does Ava have now?", "answer": str(i),
              "completion": f"<think>\nAva starts with {i} coins.\n</think>\n\nThe answer is \\boxed{{{i}}}.",
-             "correct": i % 3 != 0, "num_tokens": 20} for i in range(12)]
+             "correct": i % 3 != 0, "num_tokens": 20, "sample": 0, "truncated": False} for i in range(12)]
     (traces / "traces.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     rec = recipe({"init": "first", "data": "traces"},
                  stages={"first": {"type": "sft", **TRAIN}, "traces": {"type": "traces", "model": "first"},

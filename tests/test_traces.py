@@ -1,4 +1,5 @@
-"""Stage traces (and eval) on a tiny model: rows written, only_correct, recipe checks, a run through the runner."""
+"""Stage traces (and eval) on a tiny model: rows written, only_correct, recipe checks, a run through the runner;
+traces.jsonl's one reader (pipeline.traces) as sft, kd_qat and ptq use it."""
 import json
 import logging
 from pathlib import Path
@@ -11,12 +12,13 @@ from pipeline import evaluate as evaluate_module
 from pipeline.generate import Completion
 from pipeline.models import save_model
 from pipeline.recipe import RecipeError, parse_recipe
+from pipeline.rows import read_jsonl
 from pipeline.stage_api import StageContext
 from pipeline.tasks.testbed import TestbedSpec, make_problems
 from stages import traces as traces_stage
 
 DATA = Path(__file__).parent / "data"
-KEYS = {"id", "question", "answer", "completion", "correct", "num_tokens", "sample", "truncated"}
+KEYS = {"id", "question", "instruction", "answer", "completion", "correct", "num_tokens", "sample", "truncated"}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def run_stage(recipe, model_dir, out_dir) -> dict:
 
 
 def read_rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return read_jsonl(path, "test")
 
 
 def test_testbed_traces_on_tiny_model(model_dir, tmp_path):
@@ -70,7 +72,7 @@ def test_only_correct_keeps_graded_correct(model_dir, tmp_path, monkeypatch):
     problems = make_problems(TestbedSpec(), "train", n=4, seed=0)  # the recipe's default data.testbed
     solutions = {p.question: p.solution for p in problems}
 
-    def fake_generate(model, tokenizer, questions, spec):  # right on the 1st and 3rd prompt, wrong elsewhere
+    def fake_generate(model, tokenizer, questions, spec, instruction):  # right on the 1st and 3rd prompt, wrong elsewhere
         texts = [solutions[q] if i % 2 == 0 else "\\boxed{-1}" for i, q in enumerate(questions)]
         return [[Completion(text=t, token_ids=[1, 2], num_tokens=2, truncated=False)] for t in texts]
 
@@ -110,3 +112,87 @@ def test_traces_then_eval_through_the_runner(model_dir, tmp_path, run_cli):
     assert len(samples) == 2 and all(r["num_tokens"] <= 3 for r in samples)
     manifest = json.loads((tmp_path / "art" / "evalrun" / "eval" / "manifest.json").read_text())
     assert set(manifest["metrics"]) >= {"accuracy", "pass_at_k", "truncation_rate", "mean_tokens", "tokens_per_s"}
+
+
+def test_only_correct_with_nothing_correct_fails_the_run(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate_module, "generate", lambda model, tokenizer, questions, spec, instruction: [
+        [Completion(text="\\boxed{-1}", token_ids=[1], num_tokens=1, truncated=False)] for _ in questions])
+    stage = {"type": "traces", "model": "model", "count": 2, "only_correct": True}
+    with pytest.raises(RuntimeError, match="no completion was graded correct"):
+        run_stage(recipe_for(model_dir, stage), model_dir, tmp_path / "out")
+
+
+# -- pipeline.traces: the one reader of traces.jsonl --------------------------------------------------
+
+# str.splitlines() breaks lines at each of these; a teacher can write any of them
+BREAKERS = "\u2028\u2029\u0085\x1c"
+
+
+@pytest.fixture
+def odd_traces(model_dir, tmp_path, monkeypatch):
+    """A traces stage's output whose completions hold U+2028, U+2029, U+0085 and \\x1c (the real-model crash)."""
+    problems = make_problems(TestbedSpec(), "train", n=4, seed=0)
+    solutions = {p.question: p.solution for p in problems}
+
+    def fake_generate(model, tokenizer, questions, spec, instruction):  # right on the 1st and 3rd prompt
+        texts = [f"{c}{solutions[q]}{c}" if i % 2 == 0 else f"{c}wrong \\boxed{{-1}}" for (i, q), c in
+                 zip(enumerate(questions), BREAKERS)]
+        return [[Completion(text=t, token_ids=[1, 2], num_tokens=2, truncated=False)] for t in texts]
+
+    monkeypatch.setattr(evaluate_module, "generate", fake_generate)
+    recipe = recipe_for(model_dir, {"type": "traces", "model": "model", "count": 4},
+                        instruction="Answer in \\boxed{}.")
+    run_stage(recipe, model_dir, tmp_path / "traces")
+    return tmp_path / "traces", problems
+
+
+def test_traces_with_line_separators_read_back(odd_traces, caplog):
+    from pipeline.quant.calibration import traces_samples
+    from pipeline.traces import read_traces, training_traces
+
+    out, problems = odd_traces
+    assert len((out / "traces.jsonl").read_text(encoding="utf-8").splitlines()) > 4  # what broke the old reader
+    traces = read_traces(out, "stages.ptq.calibration")
+    assert [t.completion[0] for t in traces] == list(BREAKERS)
+    assert traces[0].completion == f"\u2028{problems[0].solution}\u2028"
+    assert [t.correct for t in traces] == [True, False, True, False]
+    assert {t.instruction for t in traces} == {"Answer in \\boxed{}."}
+    # ptq's calibration (it crashed with JSONDecodeError here) and sft / kd_qat's training data
+    tokenizer = tiny_lm.tokenizer()
+    samples = traces_samples(tokenizer, out, nsamples=4, seqlen=10_000, seed=0)
+    assert sorted(samples) == sorted(t.example(tokenizer)[0] for t in traces)
+    with caplog.at_level(logging.INFO):
+        kept = training_traces(out, only_correct=True, stage="kd_qat", log=logging.getLogger("test"))
+    assert kept == [traces[0], traces[2]]
+    assert "kd_qat: 2 of 4 traces kept (only_correct: true)" in caplog.text
+    # the prompt a trace is trained on is the one the teacher answered
+    ids, start = kept[0].example(tokenizer)
+    assert "Answer in \\boxed{}." in tokenizer.decode(ids[:start]) and "Please reason" not in tokenizer.decode(ids)
+
+
+def test_training_traces_with_none_correct_names_only_correct(tmp_path):
+    from pipeline.traces import Trace, training_traces, write_traces
+
+    write_traces([Trace(id=f"p{i}", question="q", answer="1", completion="2", correct=False, num_tokens=1,
+                        sample=0, truncated=False) for i in range(3)], tmp_path)
+    with pytest.raises(RuntimeError) as err:
+        training_traces(tmp_path, only_correct=True, stage="kd_qat", log=logging.getLogger("test"))
+    assert str(err.value).startswith("stages.kd_qat.only_correct: none of the 3 traces was graded correct")
+    assert "set only_correct: false" in str(err.value)
+    assert len(training_traces(tmp_path, only_correct=False, stage="kd_qat", log=logging.getLogger("test"))) == 3
+
+
+def test_traces_of_an_older_version_and_bad_rows(tmp_path):
+    from pipeline.data import BOXED_INSTRUCTION
+    from pipeline.errors import InputError
+    from pipeline.traces import read_traces
+
+    row = {"id": "a", "question": "q", "answer": "1", "completion": "c", "correct": True, "num_tokens": 1,
+           "sample": 0, "truncated": False}  # written before traces recorded their instruction
+    (tmp_path / "traces.jsonl").write_text(json.dumps(row) + "\n")
+    assert read_traces(tmp_path, "x")[0].instruction == BOXED_INSTRUCTION
+    (tmp_path / "traces.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "correct": "maybe"}) + "\n")
+    with pytest.raises(InputError, match="traces.jsonl: row 2: correct: input should be a valid boolean"):
+        read_traces(tmp_path, "stages.sft.data")
+    with pytest.raises(InputError, match="not found \\(is it a traces stage\\?\\)"):
+        read_traces(tmp_path / "elsewhere", "stages.sft.data")

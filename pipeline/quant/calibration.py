@@ -2,22 +2,24 @@
 
 Two sources, to reproduce the paper's comparison (domain-matched traces vs generic text):
 - "traces": the teacher's own reasoning traces (a `traces` stage's `traces.jsonl`), each rendered
-  with the chat template as prompt + completion (`pipeline.data.chat_example`), as the QAT stage
+  with the chat template as prompt + completion (`pipeline.traces.Trace.example`), as the QAT stage
   will see them; truncated to `seqlen`.
-- "generic": English prose with no math and no reasoning chains, standing in for WikiText (which
+- "generic": a user's text corpus (a .jsonl / .parquet file with a `text` field, e.g. WikiText), or,
+  without one, English prose with no math and no reasoning chains standing in for WikiText (which
   these machines cannot download): the docstrings of a fixed list of Python standard-library
-  modules, which ship with every Python, concatenated and cut into `seqlen`-token windows as GPTQ
-  papers cut WikiText. The text depends only on the Python version.
+  modules, which ship with every Python. Either is concatenated and cut into `seqlen`-token windows
+  as GPTQ papers cut WikiText. The built-in text depends only on the Python version.
 """
 from __future__ import annotations
 
-import json
 import random
 import warnings
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+
+from pipeline.errors import InputError
 
 GENERIC_MODULES = (
     "argparse", "asyncio", "calendar", "collections", "concurrent.futures", "contextlib", "csv",
@@ -31,15 +33,15 @@ GENERIC_MODULES = (
 )
 
 
-def traces_samples(tokenizer, traces_dir: str | Path, nsamples: int, seqlen: int, seed: int) -> list[list[int]]:
-    """Up to `nsamples` token-id sequences from `<traces_dir>/traces.jsonl`, a seeded random subset."""
-    from pipeline.data import chat_example
+def traces_samples(tokenizer, traces_dir: str | Path, nsamples: int, seqlen: int, seed: int,
+                   where: str = "calibration") -> list[list[int]]:
+    """Up to `nsamples` token-id sequences from `<traces_dir>/traces.jsonl`, a seeded random subset;
+    `where` is the key blamed for a missing or malformed file."""
+    from pipeline.traces import read_traces
 
-    rows = [json.loads(line) for line in (Path(traces_dir) / "traces.jsonl").read_text().splitlines() if line.strip()]
-    if not rows:
-        raise ValueError(f"{traces_dir}/traces.jsonl has no rows")
-    random.Random(seed).shuffle(rows)
-    return [chat_example(tokenizer, r["question"], r["completion"])[0][:seqlen] for r in rows[:nsamples]]
+    traces = read_traces(traces_dir, where)
+    random.Random(seed).shuffle(traces)
+    return [t.example(tokenizer)[0][:seqlen] for t in traces[:nsamples]]
 
 
 def generic_text() -> str:
@@ -66,11 +68,14 @@ def _add_docstrings(name: str, parts: list[str]) -> None:
             parts.append(doc)
 
 
-def generic_samples(tokenizer, nsamples: int, seqlen: int, seed: int) -> list[list[int]]:
-    """`nsamples` windows of `seqlen` tokens at seeded random offsets into the generic text."""
-    ids = tokenizer(generic_text(), add_special_tokens=False)["input_ids"]
+def generic_samples(tokenizer, nsamples: int, seqlen: int, seed: int, texts: list[str] | None = None) -> list[list[int]]:
+    """`nsamples` windows of `seqlen` tokens at seeded random offsets into `texts` (a user's corpus,
+    documents joined by blank lines) or, when None, the built-in generic text."""
+    text = generic_text() if texts is None else "\n\n".join(texts)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) <= seqlen:
-        raise ValueError(f"the generic text has {len(ids)} tokens, fewer than seqlen {seqlen}")
+        source = "built-in generic text" if texts is None else "calibration text"
+        raise InputError("seqlen", f"the {source} has {len(ids)} tokens, not more than seqlen {seqlen}")
     rng = random.Random(seed)
     starts = [rng.randrange(len(ids) - seqlen) for _ in range(nsamples)]
     return [ids[s : s + seqlen] for s in starts]
