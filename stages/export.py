@@ -7,7 +7,8 @@ logits of our fake-quant model; vLLM serves the same format. W4A4KV4 models (act
 quantization, QuaRot / FlatQuant transforms) get the same packed weights, the activation and KV schemes
 in the quantization_config, the transforms in transforms.safetensors, and a model_type that only
 `pipeline.load_quantized` reads (stock transformers refuses it rather than run it without its
-transforms). See pipeline.quant.export.
+transforms). Format `gptq` (weight-only models): the same integer codes in the GPTQ v1 layout, which vLLM
+serves with `--quantization gptq` (pipeline.quant.gptq_format). See pipeline.quant.export and docs/serving.md.
 
 Outputs: `<out_dir>/model/`. Metrics: bytes on disk, bits per quantized weight, bits per parameter.
 
