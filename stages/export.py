@@ -7,7 +7,8 @@ logits of our fake-quant model; vLLM serves the same format. W4A4KV4 models (act
 quantization, QuaRot / FlatQuant transforms) get the same packed weights, the activation and KV schemes
 in the quantization_config, the transforms in transforms.safetensors, and a model_type that only
 `pipeline.load_quantized` reads (stock transformers refuses it rather than run it without its
-transforms). See pipeline.quant.export.
+transforms). Format `gptq` (weight-only models): the same integer codes in the GPTQ v1 layout, which vLLM
+serves with `--quantization gptq` (pipeline.quant.gptq_format). See pipeline.quant.export and docs/serving.md.
 
 Outputs: `<out_dir>/model/`. Metrics: bytes on disk, bits per quantized weight, bits per parameter.
 
@@ -32,8 +33,10 @@ class Config(StageConfig):
     """The quantized model to export (a ptq, kd_qat or rl stage)."""
     scheme: str | None = None
     """A preset (e.g. w3g128) the model must be quantized with; None: the model's own scheme."""
-    format: Literal["pack-quantized"] = "pack-quantized"
-    """Checkpoint format: compressed-tensors pack-quantized (integer weights; W4A4KV4 adds its schemes and transforms)."""
+    format: Literal["pack-quantized", "gptq"] = "pack-quantized"
+    """Checkpoint format: compressed-tensors pack-quantized (integer weights; W4A4KV4 adds its schemes and transforms),
+    or gptq (GPTQ v1 layout of the same codes, weight-only models, that vLLM serves with `--quantization gptq`).
+    The key was already there, so its default keeps existing fingerprints; only "gptq" is new."""
 
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
@@ -57,7 +60,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     if not is_quantized(source):
         raise InputError(f"stages.{ctx.name}.model", f"{source} holds no quantized model (export a ptq/kd_qat stage)")
     try:
-        size = export_checkpoint(source, ctx.config.scheme, ctx.out_dir / "model", ctx.recipe.model.trust_remote_code)
+        size = export_checkpoint(source, ctx.config.scheme, ctx.out_dir / "model", ctx.recipe.model.trust_remote_code,
+                                 ctx.config.format)
     except InputError as e:
         raise InputError(f"stages.{ctx.name}.{e.where}", e.message) from None
     ctx.log.info("exported %s: %s", source, describe_size(size))

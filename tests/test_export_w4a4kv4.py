@@ -58,7 +58,9 @@ def test_export_reload_and_stock_refusal(tmp_path, method, clip_ratio):
     assert (group.input_activations.num_bits, group.input_activations.strategy, group.input_activations.dynamic) == (4, "token", True)
     assert qconfig.kv_cache_scheme.num_bits == 4 and qconfig.format == "pack-quantized"
     assert config["model_type"] == "reasoning_qat" and config["reasoning_qat"]["base_model_type"] == "qwen3"
-    assert "pipeline.load_quantized" in (out / "README.md").read_text()
+    readme = (out / "README.md").read_text()
+    assert "pipeline.load_quantized" in readme and "reasoning-qat eval" in readme and "https://github.com/ —" not in readme
+    assert config["reasoning_qat"]["loader"].startswith("pipeline.load_quantized(DIR) or `reasoning-qat eval DIR`")
     from safetensors import safe_open
     with safe_open(out / "model.safetensors", "pt") as f:
         keys = set(f.keys())

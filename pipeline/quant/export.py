@@ -19,7 +19,12 @@ something else without a word; so `model_type` is rewritten to `reasoning_qat` (
 `AutoModelForCausalLM.from_pretrained` refuses an unknown model type with its own error, naming it) and a
 README.md in the directory says how to load it: `pipeline.load_quantized(DIR)` or `reasoning-qat eval DIR`.
 
+`--format gptq` (pipeline.quant.gptq_format): the same integer codes of a weight-only model in the GPTQ v1
+layout, which vLLM serves with its `gptq` method at 2/3/4/8 bits; what that layout cannot hold is refused.
+Every exported file gets the mode the umask gives (safetensors alone writes 0600).
+
     reasoning-qat export artifacts/demo/ptq --scheme w3g128 --out ckpt/
+    reasoning-qat export artifacts/demo/ptq --format gptq --out ckpt-gptq/      # vllm serve ckpt-gptq/ --quantization gptq
     reasoning-qat export artifacts/gpu/ptq_flatquant --scheme w4a4kv4 --out ckpt/
 """
 from __future__ import annotations
@@ -33,6 +38,11 @@ from torch import nn
 from pipeline.errors import InputError
 
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
+GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+FORMATS = ("pack-quantized", "gptq")
+"""Checkpoint formats of `reasoning-qat export --format` and the export stage's `format`."""
+LOADER = "pipeline.load_quantized(DIR) or `reasoning-qat eval DIR` (reasoning-qat, installed from its repository)"
+"""What runs a W4A4KV4 export: written into its config.json and README."""
 MODEL_TYPE = "reasoning_qat"
 """config.json `model_type` of checkpoints that only our loader runs correctly."""
 TRANSFORMS_FILE = "transforms.safetensors"
@@ -44,11 +54,13 @@ Online transforms ({n_transforms} tensors in `transforms.safetensors`, layout in
 must run at inference: stock transformers cannot, so config.json's `model_type` is `{model_type}` and
 `AutoModelForCausalLM.from_pretrained` refuses this directory.
 
-Load it with the project (https://github.com/ — `pip install -e .` of reasoning-qat):
+Loader: reasoning-qat only (the project this checkpoint came from; it is not on PyPI, so install it from
+its repository: `pip install .` in a checkout). vLLM, SGLang and stock transformers do not run it.
 
     import pipeline
     model = pipeline.load_quantized("THIS_DIR")      # fake-quantized model with its transforms
-    reasoning-qat eval THIS_DIR --bench gsm8k         # or evaluate it directly
+
+    reasoning-qat eval THIS_DIR --bench gsm8k         # or evaluate it from the command line
 """
 
 
@@ -121,6 +133,7 @@ def _write_w4a4kv4(out_dir: Path, spec, online: dict, transform_state: dict, low
         "spec": spec.model_dump(mode="json"),
         "online": online,
         "lowered_group_sizes": lowered,
+        "loader": LOADER,
         "note": "KV cache: one scale per token and head (group_size None = head_dim), after RoPE and after "
                 "self_attn.qk_transform; activation clips and online transforms in transforms.safetensors",
     }
@@ -141,22 +154,30 @@ def checkpoint_size(path: str | Path) -> dict[str, float]:
     their weight count. bits_per_param: every tensor over every parameter (embeddings, norms and the
     BF16 lm_head included).
     """
+    import json
+
     from safetensors import safe_open
 
     path = Path(path)
+    qconfig = json.loads((path / "config.json").read_text()).get("quantization_config", {})
+    gptq_bits = qconfig["bits"] if qconfig.get("quant_method") == "gptq" else None
+    suffixes = GPTQ_SUFFIXES if gptq_bits else PACKED_SUFFIXES
     quant_bits = quant_weights = total_bits = total_params = 0
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(file, framework="pt") as f:
             for key in f.keys():
                 tensor = f.get_slice(key)
-                bits = math.prod(tensor.get_shape()) * _DTYPE_BITS[tensor.get_dtype()]
+                shape = tensor.get_shape()
+                bits = math.prod(shape) * _DTYPE_BITS[tensor.get_dtype()]
                 total_bits += bits
-                if key.endswith(PACKED_SUFFIXES):
+                if key.rpartition(".")[2] in suffixes:
                     quant_bits += bits
                     if key.endswith("weight_shape"):
                         quant_weights += math.prod(f.get_tensor(key).tolist())
+                    elif key.endswith("qweight"):  # [in * bits / 32, out] int32
+                        quant_weights += shape[0] * 32 // gptq_bits * shape[1]
                 else:
-                    total_params += math.prod(tensor.get_shape())
+                    total_params += math.prod(shape)
     total_params += quant_weights
     return {
         "bytes_on_disk": float(sum(p.stat().st_size for p in path.iterdir() if p.is_file())),
@@ -210,20 +231,47 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("stage_dir", help="a quantized model: a stage directory (ptq, kd_qat, ...) or a model directory")
     parser.add_argument("--scheme", default=None, help="preset the model must be quantized with (default: the model's own)")
     parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    parser.add_argument("--format", default="pack-quantized", choices=["pack-quantized"])
+    parser.add_argument("--format", default="pack-quantized", choices=FORMATS,
+                        help="pack-quantized: compressed-tensors (transformers; W4A4KV4 with our loader); "
+                             "gptq: GPTQ v1 layout that vLLM serves (--quantization gptq), weight-only models")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a model whose loading runs Python from its directory (config.json auto_map)")
 
 
-def export_checkpoint(source: Path, scheme: str | None, out: Path, trust_remote_code: bool = False) -> dict[str, float]:
+def export_checkpoint(source: Path, scheme: str | None, out: Path, trust_remote_code: bool = False,
+                      format: str = "pack-quantized") -> dict[str, float]:
     """Export the quantized model at `source` (a stage or model directory) to `out` in `scheme` (None:
-    its own); returns the sizes. A scheme that does not match the model raises InputError("scheme", ...)."""
+    its own) and `format` (FORMATS); returns the sizes. A scheme that does not match the model raises
+    InputError("scheme", ...), a model the format cannot hold InputError("format", ...), before writing."""
     from pipeline.models import load_tokenizer
     from pipeline.quant.io import load_quantized, read_quant_spec
 
+    if format not in FORMATS:
+        raise InputError("format", f"unknown format {format!r}; known: {', '.join(FORMATS)}")
     spec = resolve_scheme(scheme, read_quant_spec(source))
     model = load_quantized(source, trust_remote_code=trust_remote_code)
-    return export_pack_quantized(model, load_tokenizer(source, trust_remote_code), spec, out)
+    tokenizer = load_tokenizer(source, trust_remote_code)
+    if format == "gptq":
+        from pipeline.quant.gptq_format import export_gptq
+
+        export_gptq(model, tokenizer, spec, out)
+    else:
+        export_pack_quantized(model, tokenizer, spec, out)
+    give_umask_modes(out)
+    return checkpoint_size(out)
+
+
+def give_umask_modes(out_dir: Path) -> None:
+    """Give every file under `out_dir` the mode a plain open() would (0666 less the umask): safetensors
+    writes its files 0600, which leaves a checkpoint unreadable to the serving engine's user or a
+    shared cache."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in Path(out_dir).rglob("*"):
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
 
 
 def describe_size(size: dict[str, float]) -> str:
@@ -245,7 +293,7 @@ def cli_export(args: argparse.Namespace) -> int:
             raise InputError("stage_dir", f"{source} holds no quantized model (run a ptq stage first)")
         if out.exists() and any(out.iterdir()):
             raise InputError("--out", f"{out} exists and is not empty")
-        size = export_checkpoint(source, args.scheme, out, args.trust_remote_code)
+        size = export_checkpoint(source, args.scheme, out, args.trust_remote_code, args.format)
     except CustomCodeRefused as e:
         raise CustomCodeRefused(e.path, "stage_dir", "pass --trust-remote-code") from None
     print(f"exported {source} -> {out}: {describe_size(size)}")
