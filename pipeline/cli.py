@@ -7,6 +7,7 @@
     reasoning-qat export STAGE_DIR --scheme w3g128 --out ckpt/
     reasoning-qat report RECIPE [--artifacts DIR] [--baseline EVAL_STAGE]
     reasoning-qat import-gguf FILE | --smollm2 --out DIR
+    reasoning-qat --version
     accelerate launch -m pipeline.cli run RECIPE
 
 Exit codes: 0 done (a stage skipped by its gate counts as done), 2 bad input (one line per problem,
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reasoning-qat", description="Run, inspect and validate recipes; "
                                      "evaluate and export models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run what is missing or stale")
@@ -212,6 +214,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             table.add_row(o.name, o.state, wall, _plain(o.headline))
         _out().print(table)
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("reasoning-qat")
+    except PackageNotFoundError:  # run from a source tree that was never installed (PYTHONPATH=.)
+        return "unknown (not installed)"
 
 
 # -- output ----------------------------------------------------------------------------------------
