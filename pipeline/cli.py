@@ -3,6 +3,7 @@
     reasoning-qat run RECIPE [--artifacts DIR] [--from STAGE | --only STAGE] [--force] [--dry-run] [--set K=V ...]
     reasoning-qat status RECIPE [--artifacts DIR] [--json] [--set K=V ...]
     reasoning-qat validate RECIPE [--set K=V ...]
+    reasoning-qat stages [TYPE | --markdown]
     reasoning-qat eval MODEL_DIR --bench gsm8k --limit 200
     reasoning-qat export STAGE_DIR --scheme w3g128 --out ckpt/
     reasoning-qat report RECIPE [--artifacts DIR] [--baseline EVAL_STAGE]
@@ -113,6 +114,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     recipe_arguments(validate, artifacts=False)
     validate.set_defaults(handler=cmd_validate)
 
+    reference = sub.add_parser("stages", help="the stage types; with TYPE, every key of its schema")
+    reference.add_argument("topic", nargs="?", metavar="TYPE",
+                           help="a stage type, or a recipe-wide section (model, quant, data)")
+    reference.add_argument("--markdown", action="store_true",
+                           help="the whole reference as docs/stages.md holds it")
+    reference.set_defaults(handler=cmd_stages)
+
     for name, (module_name, add_arguments, run_name, help_text) in DELEGATED.items():
         command = sub.add_parser(name, help=help_text)
         if argv[:1] == [name]:  # import the heavy module only for its own subcommand
@@ -159,6 +167,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     names = ", ".join(f"{n} ({c.type})" for n, c in recipe.stages.items())
     _out().print(f"{args.recipe}: ok: {len(recipe.stages)} stages: {names}", markup=False, highlight=False)
+    return 0
+
+
+def cmd_stages(args: argparse.Namespace) -> int:
+    from pipeline import reference
+
+    if args.markdown:
+        print(reference.markdown(), end="")
+    elif args.topic is None:
+        for stage_type, summary in reference.summaries():
+            print(f"{stage_type:<8} {summary}")
+    elif args.topic in reference.topics():
+        print(reference.topic_text(args.topic), end="")
+    else:
+        raise InputError("TYPE", f"unknown stage type {args.topic!r}; known: {', '.join(reference.topics())}")
     return 0
 
 

@@ -54,6 +54,7 @@ class Config(StageConfig):
     """"traces": the `calibration` stage's traces; "generic": non-domain English text (the WikiText
     stand-in, Python standard-library docstrings)."""
     method: Literal["rtn", "gptq", "quarot", "flatquant"] = "gptq"
+    """How the model is quantized (see the module docstring)."""
     weight_method: Literal["rtn", "gptq"] = "rtn"
     """quarot / flatquant: how the transformed weights are quantized (GPTQ settings below apply)."""
     epochs: int = Field(15, ge=0)

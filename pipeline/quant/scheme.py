@@ -43,9 +43,11 @@ class WeightSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_bits: int = Field(3, ge=1, le=8)
+    """Bits per weight code."""
     group_size: int | None = Field(128, gt=0)
     """Columns per group; None = one scale per output channel."""
     symmetric: bool = False
+    """Symmetric range (scale only); False: asymmetric (scale and zero point per group)."""
     group_size_policy: Literal["largest_divisor", "exact"] = "largest_divisor"
     """A Linear whose in_features `group_size` does not divide (widths 576, 960, ...): "largest_divisor" gives it
     the largest group size <= group_size that divides in_features and is a multiple of gcd(group_size, 32)
@@ -58,8 +60,11 @@ class ActivationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_bits: int = Field(4, ge=1, le=8)
+    """Bits per activation code."""
     symmetric: bool = False
+    """Symmetric range per token; False: asymmetric (scale and zero point per token)."""
     clip_ratio: float = Field(1.0, gt=0, le=1)
+    """Each token's range is shrunk to this fraction of its min/max before quantizing (QuaRot's clipping)."""
 
 
 class KVCacheSpec(BaseModel):
@@ -68,21 +73,31 @@ class KVCacheSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_bits: int = Field(4, ge=1, le=8)
+    """Bits per key / value code."""
     symmetric: bool = False
+    """Symmetric range; False: asymmetric (scale and zero point per group)."""
     group_size: int | None = Field(None, gt=0)
     """None = head_dim."""
     clip_ratio: float = Field(1.0, gt=0, le=1)
+    """Each group's range is shrunk to this fraction of its min/max before quantizing."""
 
 
 class QuantSpec(BaseModel):
+    """The recipe's quantization scheme: a preset name (`quant: w3g128`), a mapping of the keys below, or
+    `preset: NAME` with some of them overridden."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     weights: WeightSpec = WeightSpec()
+    """Weight quantization of the targeted Linears."""
     activations: ActivationSpec | None = None
+    """Input activation quantization of the targeted Linears (None: activations stay in full precision)."""
     kv_cache: KVCacheSpec | None = None
+    """KV-cache quantization (None: the cache stays in full precision)."""
     targets: tuple[str, ...] = ("Linear",)
     """Module class names, exact module names, or `re:<regex>` on module names, as in llmcompressor."""
     ignore: tuple[str, ...] = ("lm_head",)
+    """Modules left unquantized, matched like `targets`."""
 
     @model_validator(mode="before")
     @classmethod
