@@ -29,10 +29,9 @@ from typing import Callable
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.api import DEFAULT_ARTIFACTS
 from pipeline.errors import InputError
 from pipeline.progress import console as err_console
-
-DEFAULT_ARTIFACTS = "artifacts"
 
 # Subcommands whose code lives elsewhere and is heavy to import: (module, adds arguments, runs).
 DELEGATED = {
@@ -162,9 +161,9 @@ def _unavailable(name: str) -> Callable[[argparse.Namespace], int]:
 # -- commands --------------------------------------------------------------------------------------
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from pipeline.recipe import load_recipe
+    from pipeline import api
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = api.load(args.recipe, args.overrides)
     names = ", ".join(f"{n} ({c.type})" for n, c in recipe.stages.items())
     _out().print(f"{args.recipe}: ok: {len(recipe.stages)} stages: {names}", markup=False, highlight=False)
     return 0
@@ -186,12 +185,10 @@ def cmd_stages(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.recipe import load_recipe
-    from pipeline.runner import status
-    from pipeline.store import Store
+    from pipeline import api
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    decisions = status(recipe, Store(args.artifacts, recipe.name))
+    recipe = api.load(args.recipe, args.overrides)
+    decisions = api.status(recipe, args.artifacts)
     if args.json:
         rows = [{"name": d.name, "type": d.type, "state": d.state, "reason": d.reason} for d in decisions]
         print(json.dumps({"stages": rows}, indent=2))
@@ -208,15 +205,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline import logs
-    from pipeline.recipe import load_recipe
-    from pipeline.runner import Options, Processes, plan, run
-    from pipeline.store import Store
+    from pipeline import api, logs
+    from pipeline.runner import Processes
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    options = Options(from_stage=args.from_stage, only=args.only, force=args.force)
+    recipe = api.load(args.recipe, args.overrides)
+    selection = dict(from_stage=args.from_stage, only=args.only, force=args.force)
     if args.dry_run:
-        decisions = plan(recipe, Store(args.artifacts, recipe.name), options)
+        decisions = api.plan(recipe, args.artifacts, **selection)
         table = Table(title=f"plan for {recipe.name} (dry run: nothing written)", title_justify="left")
         for column in ("stage", "type", "action", "why"):
             table.add_column(column)
@@ -227,7 +222,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     procs = Processes()
     logs.setup_console(quiet=not procs.is_main)
-    outcomes = run(recipe, args.artifacts, options, procs)
+    outcomes = api.run(recipe, args.artifacts, **selection, procs=procs)
     if procs.is_main:
         table = Table(title=f"{recipe.name}: done ({args.artifacts}/{recipe.name})", title_justify="left")
         for column in ("stage", "state", "wall", "headline"):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from pipeline.benchmarks import BENCHMARKS, load_benchmark
+from pipeline.benchmarks import BENCHMARKS
 from pipeline.data import Problem
 from pipeline.errors import InputError
 from pipeline.generate import GenerationSpec, generate
@@ -220,26 +220,11 @@ def cli_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.models import CustomCodeRefused, load_model, load_tokenizer
+    from pipeline import api
 
     spec = _spec_from_args(args)
-    if args.out is not None:
-        _check_out(args.out)
-    testbed, data_dir = None, args.data_dir
-    if args.recipe is not None:
-        from pipeline.recipe import load_recipe
-
-        recipe = load_recipe(args.recipe)
-        testbed, data_dir = recipe.data.testbed, data_dir or recipe.data.benchmarks_dir
-    problems = load_benchmark(args.bench, limit=args.limit, data_dir=data_dir, testbed=testbed)
-    trust = args.trust_remote_code
-    try:
-        _check_model_dir(args.model_dir, trust)
-        tokenizer = load_tokenizer(args.model_dir, trust_remote_code=trust)
-        model = load_model(args.model_dir, dtype=args.dtype, device=PartialState().device, trust_remote_code=trust)
-    except CustomCodeRefused as e:
-        raise CustomCodeRefused(e.path, "MODEL_DIR", "pass --trust-remote-code") from None
-    metrics = evaluate(model, tokenizer, problems, spec, samples_path=args.out)
+    metrics = api.evaluate(args.model_dir, args.bench, args.limit, spec, args.out, data_dir=args.data_dir,
+                           recipe=args.recipe, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     if PartialState().is_main_process:
         k = spec.num_samples
         table = Table(title=f"{args.model_dir} on {args.bench} ({metrics['num_problems']} problems, K={k})")
