@@ -4,6 +4,7 @@
     reasoning-qat status RECIPE [--artifacts DIR] [--json] [--set K=V ...]
     reasoning-qat validate RECIPE [--set K=V ...]
     reasoning-qat stages [TYPE | --markdown]
+    reasoning-qat recipes
     reasoning-qat eval MODEL_DIR --bench gsm8k --limit 200
     reasoning-qat export STAGE_DIR --scheme w3g128 --out ckpt/
     reasoning-qat report RECIPE [--artifacts DIR] [--baseline EVAL_STAGE]
@@ -120,6 +121,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
                            help="the whole reference as docs/stages.md holds it")
     reference.set_defaults(handler=cmd_stages)
 
+    shipped = sub.add_parser("recipes", help="the shipped recipes; RECIPE arguments take their names")
+    shipped.set_defaults(handler=cmd_recipes)
+
     for name, (module_name, add_arguments, run_name, help_text) in DELEGATED.items():
         command = sub.add_parser(name, help=help_text)
         if argv[:1] == [name]:  # import the heavy module only for its own subcommand
@@ -128,7 +132,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def recipe_arguments(parser: argparse.ArgumentParser, artifacts: bool) -> None:
-    parser.add_argument("recipe", help="the recipe YAML file")
+    parser.add_argument("recipe", help="the recipe YAML file, or a shipped recipe's name (reasoning-qat recipes)")
     if artifacts:
         parser.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, metavar="DIR",
                             help="artifacts root (default ./artifacts)")
@@ -181,6 +185,16 @@ def cmd_stages(args: argparse.Namespace) -> int:
         print(reference.topic_text(args.topic), end="")
     else:
         raise InputError("TYPE", f"unknown stage type {args.topic!r}; known: {', '.join(reference.topics())}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from pipeline.recipe import shipped_recipes, shipped_summary
+
+    recipes = shipped_recipes()
+    width = max(map(len, recipes))
+    for name, path in recipes.items():
+        print(f"{name:<{width}}  {shipped_summary(path)}")
     return 0
 
 
