@@ -5,6 +5,7 @@
     reasoning-qat validate RECIPE [--set K=V ...]
     reasoning-qat stages [TYPE | --markdown]
     reasoning-qat recipes
+    reasoning-qat init --model MODEL_DIR --scheme w3g128|w4a4kv4 [--out RECIPE]
     reasoning-qat eval MODEL_DIR --bench gsm8k --limit 200
     reasoning-qat export STAGE_DIR --scheme w3g128 --out ckpt/
     reasoning-qat report RECIPE [--artifacts DIR] [--baseline EVAL_STAGE]
@@ -124,6 +125,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     shipped = sub.add_parser("recipes", help="the shipped recipes; RECIPE arguments take their names")
     shipped.set_defaults(handler=cmd_recipes)
 
+    init = sub.add_parser("init", help="write a commented starting recipe for your model folder")
+    init.add_argument("--model", required=True, metavar="MODEL_DIR", help="a local Hugging Face model folder")
+    init.add_argument("--scheme", required=True, metavar="SCHEME", help="w3g128 or w4a4kv4")
+    init.add_argument("--out", default=None, metavar="RECIPE", help="file to write (default ./<folder>-<scheme>.yaml); "
+                      "never overwritten")
+    init.set_defaults(handler=cmd_init)
+
     for name, (module_name, add_arguments, run_name, help_text) in DELEGATED.items():
         command = sub.add_parser(name, help=help_text)
         if argv[:1] == [name]:  # import the heavy module only for its own subcommand
@@ -195,6 +203,14 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     width = max(map(len, recipes))
     for name, path in recipes.items():
         print(f"{name:<{width}}  {shipped_summary(path)}")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from pipeline.starter import write_starter
+
+    out = write_starter(args.model, args.scheme, args.out)
+    print(f"wrote {out}; next: reasoning-qat validate {out}")
     return 0
 
 

@@ -252,6 +252,17 @@ def check_fit(model_or_config: Any, spec: QuantSpec, where: str = "quant",
     return errors
 
 
+def lowered_group_sizes(config: Any, spec: QuantSpec, trust_remote_code: bool = False) -> dict[int, int]:
+    """in_features -> the group size `group_size_policy` gives the targeted Linears of that width, for each width
+    the spec's group size does not divide; the model is built on the meta device. Call it on a spec that
+    `check_fit` passed (ValueError otherwise)."""
+    from pipeline.quant.apply import match_targets
+
+    widths = sorted({m.in_features for _, m in match_targets(_meta_model(config, trust_remote_code), spec)})
+    return {w: layer_weights(spec.weights, w).group_size for w in widths
+            if layer_weights(spec.weights, w).group_size != spec.weights.group_size}
+
+
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
