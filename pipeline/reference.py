@@ -24,7 +24,7 @@ from pydantic_core import PydanticUndefined, to_jsonable_python
 
 import stages as stage_registry
 from pipeline.recipe import SECTIONS
-from pipeline.stage_api import _StageRefMarker
+from pipeline.stage_api import stage_ref_accepts
 
 UNDOCUMENTED = "(undocumented)"
 HEADER = """# Stage reference
@@ -44,14 +44,16 @@ def topics() -> tuple[str, ...]:
     return (*stage_registry.STAGE_TYPES, *SECTIONS)
 
 
+def summary(stage_type: str) -> str:
+    """What a stage type does, in one line: the first line of its module's docstring."""
+    first = (stage_registry.stage_module(stage_type).__doc__ or "").strip().splitlines()[0]
+    text = first.removeprefix(f"Stage `{stage_type}`: ")
+    return text[:1].upper() + text[1:]
+
+
 def summaries() -> list[tuple[str, str]]:
-    """(stage type, what it does in one line), from each stage module's docstring."""
-    out = []
-    for stage_type in stage_registry.STAGE_TYPES:
-        first = (stage_registry.stage_module(stage_type).__doc__ or "").strip().splitlines()[0]
-        summary = first.removeprefix(f"Stage `{stage_type}`: ")
-        out.append((stage_type, summary[:1].upper() + summary[1:]))
-    return out
+    """(stage type, what it does), for every stage type."""
+    return [(stage_type, summary(stage_type)) for stage_type in stage_registry.STAGE_TYPES]
 
 
 def stage_section(stage_type: str) -> str:
@@ -59,7 +61,7 @@ def stage_section(stage_type: str) -> str:
     module = stage_registry.stage_module(stage_type)
     output = getattr(module, "OUTPUT", "nothing")
     uses = ", ".join(f"`{s}`" for s in module.USES) or "none"
-    lines = [f"## {stage_type}", "", dict(summaries())[stage_type], "",
+    lines = [f"## {stage_type}", "", summary(stage_type), "",
              f"Writes {output}. Recipe-wide sections it reads: {uses}.", ""]
     return "\n".join(lines + key_lines(module.Config)) + "\n"
 
@@ -95,11 +97,12 @@ def markdown() -> str:
 
 def key_lines(cls: type[BaseModel], prefix: str = "") -> list[str]:
     """One markdown list item per key of `cls`, `prefix` before its name; nested models' keys follow theirs."""
-    docs = attribute_docs(cls)
+    docs, refs = attribute_docs(cls), stage_ref_accepts(cls)
     lines = []
     for name, info in cls.model_fields.items():
         doc = info.description or docs.get(name) or UNDOCUMENTED
-        lines.append(f"- `{prefix}{name}` ({describe_type(info)}{_default(info)}): {' '.join(doc.split())}")
+        kind = describe_type(info, refs.get(name))
+        lines.append(f"- `{prefix}{name}` ({kind}{_default(info)}): {' '.join(doc.split())}")
         for nested in _models_in(info.annotation):
             lines += key_lines(nested, f"{prefix}{name}.")
     return lines
@@ -127,24 +130,22 @@ _BOUNDS = ((annotated_types.Gt, "gt", ">"), (annotated_types.Ge, "ge", ">="), (a
            (annotated_types.Le, "le", "<="))
 
 
-def describe_type(info: FieldInfo) -> str:
-    """`int, > 0`, `one of rtn, gptq`, `stage (a quantized model) or null`, ... of a field."""
+def describe_type(info: FieldInfo, stage_ref: tuple[str, ...] | None = None) -> str:
+    """`int, > 0`, `one of rtn, gptq`, `stage writing traces or null`, ... of a field; `stage_ref`: the output
+    kinds it accepts when it names a stage (empty: any)."""
     bounds = [f"{sign} {getattr(m, attr)}" for m in info.metadata for kind, attr, sign in _BOUNDS
               if isinstance(m, kind)]
-    return ", ".join([_type_name(info.annotation, info.metadata), *bounds])
+    return ", ".join([_type_name(info.annotation, stage_ref), *bounds])
 
 
-def _type_name(annotation: Any, metadata: typing.Sequence[Any] = ()) -> str:
-    marker = next((m for m in metadata if isinstance(m, _StageRefMarker)), None)
+def _type_name(annotation: Any, stage_ref: tuple[str, ...] | None = None) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Annotated:
-        return _type_name(args[0], annotation.__metadata__)
-    if marker is not None:
-        return "stage" + (f" writing {' or '.join(marker.accepts)}" if marker.accepts else "")
+    if stage_ref is not None and (annotation is str or origin is typing.Annotated):  # Annotated inside `| None`
+        return "stage" + (f" writing {' or '.join(stage_ref)}" if stage_ref else "")
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a, stage_ref) for a in args)
     if origin is typing.Literal:
         return "one of " + ", ".join(str(to_jsonable_python(a)) for a in args)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
     if origin in (tuple, list):
         return f"list of {_type_name(args[0])}"
     if annotation is type(None):
