@@ -3,11 +3,15 @@
     reasoning-qat run RECIPE [--artifacts DIR] [--from STAGE | --only STAGE] [--force] [--dry-run] [--set K=V ...]
     reasoning-qat status RECIPE [--artifacts DIR] [--json] [--set K=V ...]
     reasoning-qat validate RECIPE [--set K=V ...]
+    reasoning-qat stages [TYPE | --markdown]
+    reasoning-qat recipes
+    reasoning-qat init --model MODEL_DIR --scheme w3g128|w4a4kv4 [--out RECIPE]
     reasoning-qat eval MODEL_DIR --bench gsm8k --limit 200
     reasoning-qat eval MODEL_DIR --bench gsm8k --perplexity [--teacher DIR] | --text FILE [--teacher DIR]
     reasoning-qat export STAGE_DIR --scheme w3g128 --out ckpt/
     reasoning-qat report RECIPE [--artifacts DIR] [--baseline EVAL_STAGE]
     reasoning-qat import-gguf FILE | --smollm2 --out DIR
+    reasoning-qat --version
     accelerate launch -m pipeline.cli run RECIPE
 
 Exit codes: 0 done (a stage skipped by its gate counts as done), 2 bad input (one line per problem,
@@ -28,10 +32,9 @@ from typing import Callable
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.api import DEFAULT_ARTIFACTS
 from pipeline.errors import InputError
 from pipeline.progress import console as err_console
-
-DEFAULT_ARTIFACTS = "artifacts"
 
 # Subcommands whose code lives elsewhere and is heavy to import: (module, adds arguments, runs).
 DELEGATED = {
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reasoning-qat", description="Run, inspect and validate recipes; "
                                      "evaluate and export models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run what is missing or stale")
@@ -112,6 +116,23 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     recipe_arguments(validate, artifacts=False)
     validate.set_defaults(handler=cmd_validate)
 
+    reference = sub.add_parser("stages", help="the stage types; with TYPE, every key of its schema")
+    reference.add_argument("topic", nargs="?", metavar="TYPE",
+                           help="a stage type, or a recipe-wide section (model, quant, data)")
+    reference.add_argument("--markdown", action="store_true",
+                           help="the whole reference as docs/stages.md holds it")
+    reference.set_defaults(handler=cmd_stages)
+
+    shipped = sub.add_parser("recipes", help="the shipped recipes; RECIPE arguments take their names")
+    shipped.set_defaults(handler=cmd_recipes)
+
+    init = sub.add_parser("init", help="write a commented starting recipe for your model folder")
+    init.add_argument("--model", required=True, metavar="MODEL_DIR", help="a local Hugging Face model folder")
+    init.add_argument("--scheme", required=True, metavar="SCHEME", help="w3g128 or w4a4kv4")
+    init.add_argument("--out", default=None, metavar="RECIPE", help="file to write (default ./<folder>-<scheme>.yaml); "
+                      "never overwritten")
+    init.set_defaults(handler=cmd_init)
+
     for name, (module_name, add_arguments, run_name, help_text) in DELEGATED.items():
         command = sub.add_parser(name, help=help_text)
         if argv[:1] == [name]:  # import the heavy module only for its own subcommand
@@ -120,7 +141,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def recipe_arguments(parser: argparse.ArgumentParser, artifacts: bool) -> None:
-    parser.add_argument("recipe", help="the recipe YAML file")
+    parser.add_argument("recipe", help="the recipe YAML file, or a shipped recipe's name (reasoning-qat recipes)")
     if artifacts:
         parser.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, metavar="DIR",
                             help="artifacts root (default ./artifacts)")
@@ -153,21 +174,52 @@ def _unavailable(name: str) -> Callable[[argparse.Namespace], int]:
 # -- commands --------------------------------------------------------------------------------------
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from pipeline.recipe import load_recipe
+    from pipeline import api
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = api.load(args.recipe, args.overrides)
     names = ", ".join(f"{n} ({c.type})" for n, c in recipe.stages.items())
     _out().print(f"{args.recipe}: ok: {len(recipe.stages)} stages: {names}", markup=False, highlight=False)
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.recipe import load_recipe
-    from pipeline.runner import status
-    from pipeline.store import Store
+def cmd_stages(args: argparse.Namespace) -> int:
+    from pipeline import reference
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    decisions = status(recipe, Store(args.artifacts, recipe.name))
+    if args.markdown:
+        print(reference.markdown(), end="")
+    elif args.topic is None:
+        for stage_type, summary in reference.summaries():
+            print(f"{stage_type:<8} {summary}")
+    elif args.topic in reference.topics():
+        print(reference.topic_text(args.topic), end="")
+    else:
+        raise InputError("TYPE", f"unknown stage type {args.topic!r}; known: {', '.join(reference.topics())}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from pipeline.recipe import shipped_recipes, shipped_summary
+
+    recipes = shipped_recipes()
+    width = max(map(len, recipes))
+    for name, path in recipes.items():
+        print(f"{name:<{width}}  {shipped_summary(path)}")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from pipeline.starter import write_starter
+
+    out = write_starter(args.model, args.scheme, args.out)
+    print(f"wrote {out}; next: reasoning-qat validate {out}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pipeline import api
+
+    recipe = api.load(args.recipe, args.overrides)
+    decisions = api.status(recipe, args.artifacts)
     if args.json:
         rows = [{"name": d.name, "type": d.type, "state": d.state, "reason": d.reason} for d in decisions]
         print(json.dumps({"stages": rows}, indent=2))
@@ -184,15 +236,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline import logs
-    from pipeline.recipe import load_recipe
-    from pipeline.runner import Options, Processes, plan, run
-    from pipeline.store import Store
+    from pipeline import api, logs
+    from pipeline.runner import Processes
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    options = Options(from_stage=args.from_stage, only=args.only, force=args.force)
+    recipe = api.load(args.recipe, args.overrides)
+    selection = dict(from_stage=args.from_stage, only=args.only, force=args.force)
     if args.dry_run:
-        decisions = plan(recipe, Store(args.artifacts, recipe.name), options)
+        decisions = api.plan(recipe, args.artifacts, **selection)
         table = Table(title=f"plan for {recipe.name} (dry run: nothing written)", title_justify="left")
         for column in ("stage", "type", "action", "why"):
             table.add_column(column)
@@ -203,7 +253,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     procs = Processes()
     logs.setup_console(quiet=not procs.is_main)
-    outcomes = run(recipe, args.artifacts, options, procs)
+    outcomes = api.run(recipe, args.artifacts, **selection, procs=procs)
     if procs.is_main:
         table = Table(title=f"{recipe.name}: done ({args.artifacts}/{recipe.name})", title_justify="left")
         for column in ("stage", "state", "wall", "headline"):
@@ -213,6 +263,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             table.add_row(o.name, o.state, wall, _plain(o.headline))
         _out().print(table)
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("reasoning-qat")
+    except PackageNotFoundError:  # run from a source tree that was never installed (PYTHONPATH=.)
+        return "unknown (not installed)"
 
 
 # -- output ----------------------------------------------------------------------------------------

@@ -262,19 +262,19 @@ def _check_model_dir(path: str, where: str, trust_remote_code: bool) -> None:
         raise InputError(where, f"{inner} has no tokenizer (tokenizer.json / tokenizer_config.json)")
 
 
-def _problems(args: argparse.Namespace) -> tuple[list[Problem], str]:
-    """--bench's problems, from --data-dir / --hub or the recipe's `data` section, and the instruction."""
-    testbed, data_dir, hub, instruction = None, args.data_dir, {}, BOXED_INSTRUCTION
-    if args.recipe is not None:
-        from pipeline.recipe import load_recipe
-
-        data = load_recipe(args.recipe).data
-        testbed, data_dir, hub, instruction = data.testbed, data_dir or data.benchmarks_dir, dict(data.hub), data.instruction
-    if args.hub is not None:
-        if args.bench not in HUB_IDS:
-            raise InputError("--hub", f"{args.bench} is not read from the hub here; --hub serves {', '.join(HUB_IDS)}")
-        hub[args.bench] = args.hub
-    return load_benchmark(args.bench, limit=args.limit, data_dir=data_dir, testbed=testbed, hub=hub), instruction
+def bench_problems(bench: str, limit: int | None, data_dir: str | None, hub: str | None,
+                   data=None) -> tuple[list[Problem], str]:
+    """`bench`'s first `limit` problems and the instruction to ask them with: from `data_dir` or the hub
+    dataset `hub` (a hub id or local copy), else from `data` (a recipe's DataSpec: its testbed, sources and
+    instruction)."""
+    testbed, hubs, instruction = None, {}, BOXED_INSTRUCTION
+    if data is not None:
+        testbed, data_dir, hubs, instruction = data.testbed, data_dir or data.benchmarks_dir, dict(data.hub), data.instruction
+    if hub is not None:
+        if bench not in HUB_IDS:
+            raise InputError("--hub", f"{bench} is not read from the hub here; --hub serves {', '.join(HUB_IDS)}")
+        hubs[bench] = hub
+    return load_benchmark(bench, limit=limit, data_dir=data_dir, testbed=testbed, hub=hubs), instruction
 
 
 def _tokenizer(path: str, where: str, needs_chat: bool, trust_remote_code: bool):
@@ -323,13 +323,11 @@ def _cli_generate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from pipeline import api
+
     spec = _spec_from_args(args)
-    if args.out is not None:
-        _check_out(args.out)
-    problems, instruction = _problems(args)
-    tokenizer = _tokenizer(args.model_dir, "MODEL_DIR", needs_chat=True, trust_remote_code=args.trust_remote_code)
-    model = _model(args.model_dir, args.dtype, args.trust_remote_code)
-    metrics = evaluate(model, tokenizer, problems, spec, samples_path=args.out, instruction=instruction)
+    metrics = api.evaluate(args.model_dir, args.bench, args.limit, spec, args.out, data_dir=args.data_dir,
+                           hub=args.hub, recipe=args.recipe, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     if PartialState().is_main_process:
         k = spec.num_samples
         table = Table(title=f"{args.model_dir} on {args.bench} ({metrics['num_problems']} problems, K={k})")
@@ -359,7 +357,11 @@ def _cli_perplexity(args: argparse.Namespace) -> int:
     if args.max_length < 2:
         raise InputError("--max-length", f"must be >= 2, got {args.max_length}")
     texts = read_texts(args.text, "--text") if args.text else None
-    problems, instruction = (None, None) if texts else _problems(args)
+    if texts is None:
+        from pipeline import api
+
+        data = api.load(args.recipe).data if args.recipe is not None else None
+        problems, instruction = bench_problems(args.bench, args.limit, args.data_dir, args.hub, data)
     trust = args.trust_remote_code
     tokenizer = _tokenizer(args.model_dir, "MODEL_DIR", needs_chat=texts is None, trust_remote_code=trust)
     if args.teacher:

@@ -44,14 +44,23 @@ class Qwen3Arch(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     hidden_size: int = Field(128, gt=0)
+    """Width of the residual stream."""
     intermediate_size: int = Field(384, gt=0)
+    """Width of the MLP's hidden layer."""
     num_hidden_layers: int = Field(2, gt=0)
+    """Decoder layers."""
     num_attention_heads: int = Field(4, gt=0)
+    """Query heads."""
     num_key_value_heads: int = Field(2, gt=0)
+    """Key/value heads (grouped-query attention); must divide num_attention_heads."""
     head_dim: int = Field(32, gt=0)
+    """Width of each attention head."""
     max_position_embeddings: int = Field(1024, gt=0)
+    """Longest sequence (prompt + completion) in tokens."""
     rope_theta: float = Field(10000.0, gt=0)
+    """RoPE base frequency."""
     tie_word_embeddings: bool = False
+    """Share the input embedding with lm_head."""
 
     @model_validator(mode="after")
     def _gqa(self):
@@ -70,7 +79,9 @@ class ModelSpec(BaseModel):
     arch: Qwen3Arch | None = None
     """Build a Qwen3 model of this size from scratch (the testbed); the `sft` stage trains it."""
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Dtype the base model is loaded (or built) in."""
     trust_remote_code: bool = False
+    """Allow a model whose loading runs Python from its folder (config.json `auto_map`); off, such a model is refused."""
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -5,6 +5,8 @@ A recipe is a declaration (like DVC's `dvc.yaml`): the recipe-wide sections `see
 pydantic `Config` from the closed registry in `stages/`; nothing in a YAML file can import code.
 
     recipe = load_recipe("recipes/demo.yaml", overrides=["stages.teacher.lr=1e-3"])
+    recipe = load_recipe("demo")   # a shipped recipe (pipeline/recipes/, in the wheel) by name
+
 
 `load_recipe` raises `RecipeError` holding every problem found, each as (key path, message), in the
 order the checks run: YAML -> top-level keys -> sections -> each stage's type and schema ->
@@ -47,6 +49,8 @@ MAX_RECIPE_BYTES = 1 << 20
 """A recipe is a page of YAML; a larger file is something else named by mistake."""
 MAX_YAML_NODES = 100_000
 """Most values a recipe may hold once its aliases are expanded; the shipped ones hold a few hundred."""
+SHIPPED_DIR = Path(__file__).parent / "recipes"
+"""The shipped recipes: package data, so an installed wheel has them (`recipes/` in a checkout links here)."""
 
 
 class RecipeError(Exception):
@@ -96,8 +100,33 @@ def _refs_of(config: StageConfig) -> dict[str, str]:
 
 # -- entry points ------------------------------------------------------------------------------
 
+def shipped_recipes() -> dict[str, Path]:
+    """Name -> file of each shipped recipe, by name."""
+    return {p.stem: p for p in sorted(SHIPPED_DIR.glob("*.yaml"))}
+
+
+def shipped_summary(path: Path) -> str:
+    """What a shipped recipe is for: its header comment up to the first colon or full stop."""
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("# "))
+    return re.split(r"[:.](?:\s|$)", " ".join(header), maxsplit=1)[0]
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """`path` itself, or the shipped recipe it names when no such file exists and it is a bare name."""
+    name = str(path).removesuffix(".yaml")
+    if not Path(path).exists() and Path(name).parent == Path(".") and name in shipped_recipes():
+        return shipped_recipes()[name]
+    return Path(path)
+
+
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
-    """Read, override and validate a recipe file; RecipeError lists every problem."""
+    """Read, override and validate a recipe file, or the shipped recipe `path` names; RecipeError lists
+    every problem."""
+    path = resolve_recipe(path)
     source = str(path)
     try:
         with open(path, "rb") as f:

@@ -174,7 +174,9 @@ class GRPOSettings(BaseModel):
     lr: float = Field(1e-6, gt=0)
     """AdamW learning rate, constant after warmup (as DAPO / TRL); LoRA usually wants ~1e-5."""
     warmup_steps: int = Field(0, ge=0)
+    """Steps of linear learning-rate warmup from 0."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
     grad_clip: float = Field(1.0, gt=0)
     """Clip the global gradient norm to this."""
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
@@ -191,9 +193,13 @@ class GRPOSettings(BaseModel):
     mask_truncated_completions: bool = False
     """Leave completions that hit max_completion_length out of the loss (DAPO's overlong filtering)."""
     temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the rollouts (and of the policy's log-probabilities in the loss)."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling of the rollouts (1: off)."""
     top_k: int = Field(0, ge=0)
+    """Top-k sampling of the rollouts (0: off)."""
     max_completion_length: int = Field(512, gt=0)
+    """Most new tokens per rollout completion."""
     rollout_batch_size: int = Field(64, gt=0)
     """Sequences decoded together by pipeline.generate (its `batch_size`)."""
     backend: Literal["auto", "refill", "generate", "static", "continuous"] = "auto"
@@ -205,7 +211,9 @@ class GRPOSettings(BaseModel):
     policy: Literal["qat", "lora"] = "qat"
     """qat: latent weights train through fake quantization; lora: adapters on the frozen quantized base."""
     lora_rank: int = Field(16, gt=0)
+    """lora: rank of the adapters."""
     lora_alpha: float = Field(32.0, gt=0)
+    """lora: scaling numerator of the adapters (their output is scaled by lora_alpha / lora_rank)."""
     aqn: AQNSpec | None = None
     """Adaptive quantization noise on the rollout policy's RMSNorm weights (None: off)."""
     format_weight: float = Field(0.0, ge=0)

@@ -79,6 +79,7 @@ class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: str
+    """The stage type: picks this schema."""
     when: StageRef | None = None
     """Name of a `gate` stage; this stage is skipped (state `skipped`) when that gate fails."""
 

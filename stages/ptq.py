@@ -60,6 +60,7 @@ class Config(StageConfig):
     """calibration_source generic: a text corpus to cut calibration windows from (.jsonl / .parquet with
     a `text` field, e.g. a WikiText or C4 slice); None: the built-in text."""
     method: Literal["rtn", "gptq", "quarot", "flatquant"] = "gptq"
+    """How the model is quantized (see the module docstring)."""
     weight_method: Literal["rtn", "gptq"] = "rtn"
     """quarot / flatquant: how the transformed weights are quantized (GPTQ settings below apply)."""
     epochs: int = Field(15, ge=0)

@@ -87,3 +87,11 @@ def test_python_dash_m_entry_point(tmp_path):
                           capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 2 and "invalid choice: 'nonsense'" in done.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_version_comes_from_the_installed_package(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:  # argparse's version action prints and exits
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"reasoning-qat {version('reasoning-qat')}"

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml"
+DEMO = Path(__file__).resolve().parents[1] / "pipeline" / "recipes" / "demo.yaml"
 TOY = [
     "data.testbed.train_size=200", "data.testbed.test_size=8",
     "stages.teacher.steps=8", "stages.teacher.warmup_steps=1", "stages.teacher.batch_size=8",

@@ -1,4 +1,5 @@
-"""Every shipped recipe validates; every shipped stage module keeps the stage contract."""
+"""Every shipped recipe validates, resolves by name and is in the wheel; every shipped stage module keeps the
+stage contract."""
 from __future__ import annotations
 
 import typing
@@ -14,17 +15,51 @@ from pipeline.models import Qwen3Arch, build_model, save_model
 from pipeline.quant.apply import quantize_rtn
 from pipeline.quant.io import save_quantized
 from pipeline.quant.scheme import resolve
-from pipeline.recipe import RecipeError, load_recipe
+from pipeline.recipe import SHIPPED_DIR, RecipeError, load_recipe, shipped_recipes
 from pipeline.stage_api import StageConfig
 from pipeline.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+RECIPES = list(shipped_recipes().values())
 SHIPPED = [t for t in stages.STAGE_TYPES if (ROOT / "stages" / f"{t}.py").is_file()]
 
 
-def test_recipes_exist():
-    assert ROOT / "recipes" / "demo.yaml" in RECIPES
+def test_recipes_exist_and_the_top_level_folder_links_to_them():
+    assert SHIPPED_DIR / "demo.yaml" in RECIPES and SHIPPED_DIR == ROOT / "pipeline" / "recipes"
+    assert (ROOT / "recipes").resolve() == SHIPPED_DIR  # `reasoning-qat run recipes/demo.yaml` in a checkout
+
+
+def test_a_shipped_recipe_resolves_by_name_where_no_file_has_it(tmp_path, monkeypatch, run_cli):
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe("demo").source == str(SHIPPED_DIR / "demo.yaml") == load_recipe("demo.yaml").source
+    (tmp_path / "demo.yaml").write_text((SHIPPED_DIR / "demo.yaml").read_text().replace("\nname: demo\n", "\nname: mine\n"))
+    assert load_recipe("demo.yaml").name == "mine"  # an existing file wins
+    with pytest.raises(RecipeError, match="sub/demo: no such file"):
+        load_recipe("sub/demo")
+    code, out, _ = run_cli("recipes")
+    listed = dict(line.split(maxsplit=1) for line in out.splitlines())
+    assert code == 0 and list(listed) == list(shipped_recipes())
+    assert listed["demo"] == "The whole workflow on the built-in testbed, on a laptop CPU, in minutes"
+
+
+def test_the_wheel_carries_the_shipped_recipes(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    # a copy of what the wheel is built from: setuptools writes build/ and *.egg-info/ beside pyproject.toml
+    source = tmp_path / "src"
+    for name in ("pipeline", "stages"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, cwd=tmp_path)
+    assert build.returncode == 0, build.stderr
+    wheel, = (tmp_path / "dist").glob("reasoning_qat-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert sorted(n for n in names if n.startswith("pipeline/recipes/")) == [f"pipeline/recipes/{p.name}" for p in RECIPES]
 
 
 # The real base models of the shipped recipes, by `model.path`: (model_type, the config.json values that
@@ -65,7 +100,7 @@ def stand_in(raw: dict, out: Path) -> Path:
     # student of it): a model of demo-gpu's widths, quantized (RTN, the recipe's scheme) where the
     # recipe starts from a student
     assert model_path.startswith("artifacts/demo-gpu"), f"{model_path}: add its shapes to REAL_SHAPES"
-    arch = yaml.safe_load((ROOT / "recipes" / "demo-gpu.yaml").read_text())["model"]["arch"]
+    arch = yaml.safe_load((SHIPPED_DIR / "demo-gpu.yaml").read_text())["model"]["arch"]
     tokenizer = build_tokenizer()
     model = build_model(Qwen3Arch(**arch), tokenizer)
     if any(st.get("init") == "model" for st in raw["stages"].values()):  # rl from model.path's student
@@ -96,7 +131,7 @@ def test_stand_in_is_checked(monkeypatch, tmp_path):
     asks for exact group sizes)."""
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("REASONING_QAT_BENCHMARKS", str(ROOT / "tests" / "data"))
-    path = ROOT / "recipes" / "smollm2-w3.yaml"
+    path = SHIPPED_DIR / "smollm2-w3.yaml"
     model = stand_in(yaml.safe_load(path.read_text()), tmp_path / "model")
     with pytest.raises(RecipeError) as e:
         load_recipe(path.relative_to(ROOT), [f"model.path={model}", "quant.weights.group_size=128",

@@ -281,20 +281,8 @@ def describe_size(size: dict[str, float]) -> str:
 
 def cli_export(args: argparse.Namespace) -> int:
     """`reasoning-qat export`: returns 0; bad input raises InputError (exit 2), nothing written."""
-    from pipeline.models import CustomCodeRefused, check_model_dir
-    from pipeline.quant.io import is_quantized
+    from pipeline.api import export
 
-    source, out = Path(args.stage_dir), Path(args.out)
-    if not source.exists():
-        raise InputError("stage_dir", f"{source} does not exist")
-    try:
-        check_model_dir(source, "stage_dir", args.trust_remote_code)
-        if not is_quantized(source):
-            raise InputError("stage_dir", f"{source} holds no quantized model (run a ptq stage first)")
-        if out.exists() and any(out.iterdir()):
-            raise InputError("--out", f"{out} exists and is not empty")
-        size = export_checkpoint(source, args.scheme, out, args.trust_remote_code, args.format)
-    except CustomCodeRefused as e:
-        raise CustomCodeRefused(e.path, "stage_dir", "pass --trust-remote-code") from None
-    print(f"exported {source} -> {out}: {describe_size(size)}")
+    size = export(args.stage_dir, args.out, args.scheme, args.trust_remote_code, args.format)
+    print(f"exported {args.stage_dir} -> {args.out}: {describe_size(size)}")
     return 0

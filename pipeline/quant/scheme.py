@@ -43,9 +43,11 @@ class WeightSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_bits: int = Field(3, ge=1, le=8)
+    """Bits per weight code."""
     group_size: int | None = Field(128, gt=0)
     """Columns per group; None = one scale per output channel."""
     symmetric: bool = False
+    """Symmetric range (scale only); False: asymmetric (scale and zero point per group)."""
     group_size_policy: Literal["largest_divisor", "exact"] = "largest_divisor"
     """A Linear whose in_features `group_size` does not divide (widths 576, 960, ...): "largest_divisor" gives it
     the largest group size <= group_size that divides in_features and is a multiple of gcd(group_size, 32)
@@ -58,8 +60,11 @@ class ActivationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_bits: int = Field(4, ge=1, le=8)
+    """Bits per activation code."""
     symmetric: bool = False
+    """Symmetric range per token; False: asymmetric (scale and zero point per token)."""
     clip_ratio: float = Field(1.0, gt=0, le=1)
+    """Each token's range is shrunk to this fraction of its min/max before quantizing (QuaRot's clipping)."""
 
 
 class KVCacheSpec(BaseModel):
@@ -68,21 +73,31 @@ class KVCacheSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_bits: int = Field(4, ge=1, le=8)
+    """Bits per key / value code."""
     symmetric: bool = False
+    """Symmetric range; False: asymmetric (scale and zero point per group)."""
     group_size: int | None = Field(None, gt=0)
     """None = head_dim."""
     clip_ratio: float = Field(1.0, gt=0, le=1)
+    """Each group's range is shrunk to this fraction of its min/max before quantizing."""
 
 
 class QuantSpec(BaseModel):
+    """The recipe's quantization scheme: a preset name (`quant: w3g128`), a mapping of the keys below, or
+    `preset: NAME` with some of them overridden."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     weights: WeightSpec = WeightSpec()
+    """Weight quantization of the targeted Linears."""
     activations: ActivationSpec | None = None
+    """Input activation quantization of the targeted Linears (None: activations stay in full precision)."""
     kv_cache: KVCacheSpec | None = None
+    """KV-cache quantization (None: the cache stays in full precision)."""
     targets: tuple[str, ...] = ("Linear",)
     """Module class names, exact module names, or `re:<regex>` on module names, as in llmcompressor."""
     ignore: tuple[str, ...] = ("lm_head",)
+    """Modules left unquantized, matched like `targets`."""
 
     @model_validator(mode="before")
     @classmethod
@@ -235,6 +250,17 @@ def check_fit(model_or_config: Any, spec: QuantSpec, where: str = "quant",
                 f"{spec.kv_cache.group_size} does not divide head_dim {head_dim}",
             ))
     return errors
+
+
+def lowered_group_sizes(config: Any, spec: QuantSpec, trust_remote_code: bool = False) -> dict[int, int]:
+    """in_features -> the group size `group_size_policy` gives the targeted Linears of that width, for each width
+    the spec's group size does not divide; the model is built on the meta device. Call it on a spec that
+    `check_fit` passed (ValueError otherwise)."""
+    from pipeline.quant.apply import match_targets
+
+    widths = sorted({m.in_features for _, m in match_targets(_meta_model(config, trust_remote_code), spec)})
+    return {w: layer_weights(spec.weights, w).group_size for w in widths
+            if layer_weights(spec.weights, w).group_size != spec.weights.group_size}
 
 
 def _head_dim(config) -> int:

@@ -1,0 +1,137 @@
+"""The Python API: what `reasoning-qat run / status / eval / export` do, as functions the CLI itself calls.
+
+    import pipeline
+    from pipeline.api import evaluate
+
+    pipeline.run("recipes/demo.yaml", artifacts="artifacts")          # -> [Outcome(name, state, wall, headline)]
+    pipeline.status("demo")                                            # a shipped recipe by name
+    pipeline.export("artifacts/demo/kd_qat", "ckpt/", scheme="w3g128") # -> sizes of the checkpoint
+    evaluate("ckpt/", bench="gsm8k", limit=200)                        # -> accuracy, pass@K, tokens/s, ...
+    model = pipeline.load_quantized("ckpt/")
+
+`evaluate` is not on the package itself: `pipeline.evaluate` is the evaluation module. A recipe argument is a
+`Recipe`, a YAML path or the name of a shipped recipe; `overrides` are `--set` strings. Bad input raises
+RecipeError (every problem) or InputError (one), before anything is written, as on the command line.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from pipeline.errors import InputError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from pipeline.generate import GenerationSpec
+    from pipeline.recipe import Recipe
+    from pipeline.runner import Decision, Outcome, Processes
+
+DEFAULT_ARTIFACTS = "artifacts"
+
+
+def load(recipe: "Recipe | str | Path", overrides: Sequence[str] = ()) -> "Recipe":
+    """The validated recipe: `recipe` itself, or the file (or shipped recipe) it names with `overrides` applied."""
+    from pipeline.recipe import Recipe, load_recipe
+
+    if isinstance(recipe, Recipe):
+        if overrides:
+            raise InputError("overrides", "apply overrides when loading the recipe, not to a loaded Recipe")
+        return recipe
+    return load_recipe(recipe, overrides)
+
+
+def run(recipe: "Recipe | str | Path", artifacts: str | Path = DEFAULT_ARTIFACTS, *, overrides: Sequence[str] = (),
+        from_stage: str | None = None, only: str | None = None, force: bool = False,
+        procs: "Processes | None" = None) -> "list[Outcome]":
+    """Run what is missing or stale under `artifacts/<recipe name>/`: `from_stage` re-runs it and everything
+    downstream, `only` just it, `force` every selected stage. Returns each stage's outcome; raises RunError when
+    a stage fails, RunStopped on SIGINT / SIGTERM. `procs`: the caller's view of the ranks, if it made one."""
+    from pipeline.runner import Options, run as run_recipe
+
+    options = Options(from_stage=from_stage, only=only, force=force)
+    return run_recipe(load(recipe, overrides), artifacts, options, procs)
+
+
+def plan(recipe: "Recipe | str | Path", artifacts: str | Path = DEFAULT_ARTIFACTS, *, overrides: Sequence[str] = (),
+         from_stage: str | None = None, only: str | None = None, force: bool = False) -> "list[Decision]":
+    """What `run` with the same arguments would do to each stage (`action`: run / skip / gate, and why);
+    writes nothing."""
+    from pipeline.runner import Options, plan as plan_recipe
+    from pipeline.store import Store
+
+    loaded = load(recipe, overrides)
+    options = Options(from_stage=from_stage, only=only, force=force)
+    return plan_recipe(loaded, Store(artifacts, loaded.name), options)
+
+
+def status(recipe: "Recipe | str | Path", artifacts: str | Path = DEFAULT_ARTIFACTS, *,
+           overrides: Sequence[str] = ()) -> "list[Decision]":
+    """Each stage's `state` (complete, stale, pending, skipped, failed, running) and `reason`; writes nothing."""
+    from pipeline.runner import status as recipe_status
+    from pipeline.store import Store
+
+    loaded = load(recipe, overrides)
+    return recipe_status(loaded, Store(artifacts, loaded.name))
+
+
+def load_quantized(path: str | Path, device: str | None = None, trust_remote_code: bool = False) -> "nn.Module":
+    """The quantized model at `path` (a ptq / kd_qat / rl stage directory, its model folder or an exported
+    checkpoint), checked first (safetensors only, files matching their manifest), in eval mode on `device`."""
+    from pipeline.quant.io import load_quantized as load_checked
+
+    _check_quantized(Path(path), "path", trust_remote_code)
+    return load_checked(path, device=device, trust_remote_code=trust_remote_code)
+
+
+def export(source: str | Path, out: str | Path, scheme: str | None = None, trust_remote_code: bool = False,
+           format: str = "pack-quantized") -> dict[str, float]:
+    """Write the quantized model at `source` to `out` (missing or empty) as a real low-bit checkpoint; `scheme`
+    (a preset) must name the model's own; `format` is pack-quantized (compressed-tensors) or gptq (3/4-bit
+    weight-only models, for vLLM's GPTQ kernels). Returns bytes on disk and bits per weight / parameter."""
+    from pipeline.quant.export import export_checkpoint
+
+    source, out = Path(source), Path(out)
+    _check_quantized(source, "stage_dir", trust_remote_code)
+    if out.exists() and any(out.iterdir()):
+        raise InputError("--out", f"{out} exists and is not empty")
+    return export_checkpoint(source, scheme, out, trust_remote_code, format)
+
+
+def evaluate(model_dir: str | Path, bench: str = "testbed", limit: int | None = None,
+             generation: "GenerationSpec | dict[str, Any] | None" = None, samples_path: str | Path | None = None, *,
+             data_dir: str | None = None, hub: str | None = None, recipe: "Recipe | str | Path | None" = None,
+             dtype: str | None = None, trust_remote_code: bool = False) -> dict[str, float]:
+    """Accuracy (avg@K), pass@K, truncation rate, tokens and speed of the model at `model_dir` on `bench`'s first
+    `limit` problems, sampled as `generation` says (a GenerationSpec or its keys); every sample is written to
+    `samples_path` (jsonl) when given. Problems come from `data_dir` or the hub dataset `hub`; `recipe`: take
+    the testbed spec, data sources and instruction from its `data` section."""
+    from pipeline.evaluate import _check_out, _model, _tokenizer, bench_problems, evaluate as evaluate_model
+    from pipeline.generate import GenerationSpec
+    from pipeline.models import CustomCodeRefused
+
+    spec = generation if isinstance(generation, GenerationSpec) else GenerationSpec(**(generation or {}))
+    if samples_path is not None:
+        _check_out(str(samples_path))
+    problems, instruction = bench_problems(bench, limit, data_dir, hub, load(recipe).data if recipe is not None else None)
+    try:
+        tokenizer = _tokenizer(str(model_dir), "MODEL_DIR", needs_chat=True, trust_remote_code=trust_remote_code)
+        model = _model(str(model_dir), dtype, trust_remote_code)
+    except CustomCodeRefused as e:
+        raise CustomCodeRefused(e.path, "MODEL_DIR", "pass --trust-remote-code") from None
+    return evaluate_model(model, tokenizer, problems, spec, samples_path=samples_path, instruction=instruction)
+
+
+def _check_quantized(path: Path, where: str, trust_remote_code: bool) -> None:
+    """InputError(where, ...) unless `path` holds a quantized model this process may load."""
+    from pipeline.models import CustomCodeRefused, check_model_dir
+    from pipeline.quant.io import is_quantized
+
+    if not path.exists():
+        raise InputError(where, f"{path} does not exist")
+    try:
+        check_model_dir(path, where, trust_remote_code)
+    except CustomCodeRefused as e:
+        raise CustomCodeRefused(e.path, where, "pass --trust-remote-code") from None
+    if not is_quantized(path):
+        raise InputError(where, f"{path} holds no quantized model (run a ptq stage first)")
