@@ -370,8 +370,7 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
     started = time.perf_counter()
     tokens_total = 0
     with signals.stop_at_safe_points():  # a first SIGINT/SIGTERM is seen after the step: checkpoint, then stop
-        with progress(desc, total=args.steps) as bar:
-            bar.advance(start)
+        with progress(desc, total=args.steps, unit="step", done=start) as bar:
             for step in range(start, args.steps):
                 t0 = time.perf_counter()
                 batches = on_every_rank(ranks, lambda: _my_batches(examples, seed, step, args, micro, acc.process_index,
@@ -422,7 +421,7 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
                 if acc.is_main_process:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
-                bar.advance(1, loss=f"{loss_sum:.4f}")
+                bar.advance(1, tokens=tokens, loss=f"{loss_sum:.4f}")
                 if stop or checkpointer.due(done):
                     shared, own = on_every_rank(ranks, lambda: _checkpoint_parts(acc, model, optimizer, {
                         "scheduler": scheduler.state_dict(), "metrics": rows, "step": done, "signature": signature}))
