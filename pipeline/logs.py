@@ -32,6 +32,16 @@ class _ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
+def format_number(value: float) -> str:
+    """A metric as people read it: counts as integers (20,000, never 2e+04), large values without an exponent,
+    the rest to 4 significant digits."""
+    if float(value).is_integer() and abs(value) < 1e18:
+        return f"{int(value):,}"
+    if abs(value) >= 1e4:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
+
+
 def setup_console(quiet: bool = False) -> None:
     """Console logging for this process; `quiet` (non-main ranks) shows warnings only."""
     root = logging.getLogger()
