@@ -58,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = "--verbose" in argv  # anywhere on the line, for every subcommand
+    argv = [a for a in argv if a != "--verbose"]
     args = build_parser(argv).parse_args(argv)
+    from pipeline import logs
+
+    logs.quiet_libraries(verbose)
     # the recipe schema imports every stage type (torch, transformers): not needed for --help
     from pipeline.recipe import RecipeError
 
@@ -92,6 +97,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reasoning-qat", description="Run, inspect and validate recipes; "
                                      "evaluate and export models.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--verbose", action="store_true", help="also show other libraries' logs and progress bars "
+                        "(llmcompressor, DeepSpeed, transformers, datasets); may follow the subcommand")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run what is missing or stale")

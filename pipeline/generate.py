@@ -52,6 +52,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 
 from pipeline import refill
 from pipeline.data import BOXED_INSTRUCTION, chat_prompt, end_of_turn_id
+from pipeline.progress import Bar, progress
 from pipeline.stage_api import SEED_MAX
 
 
@@ -147,7 +148,7 @@ def _completion(ids: list[int], stops: set[int], tokenizer) -> Completion:
 
 
 def _generate_padded(model, prompt_ids: list[list[int]], spec: GenerationSpec, stops: list[int],
-                     pad_id: int, cache_implementation: str | None) -> list[list[list[int]]]:
+                     pad_id: int, cache_implementation: str | None, bar: Bar) -> list[list[list[int]]]:
     k = spec.num_samples
     per_batch = max(1, spec.batch_size // k)
     config = _generation_config(spec, stops, pad_id, k, cache_implementation)
@@ -167,11 +168,17 @@ def _generate_padded(model, prompt_ids: list[list[int]], spec: GenerationSpec, s
         rows = generated[:, width:].tolist()  # (len(batch) * k, new tokens), samples of one prompt adjacent
         for j, i in enumerate(batch):
             out[i] = rows[j * k:(j + 1) * k]
+        bar.advance(len(rows), tokens=_decoded_tokens(rows, set(stops)))
     return out
 
 
+def _decoded_tokens(rows: list[list[int]], stops: set[int]) -> int:
+    """Tokens up to each row's first stop (what was generated; the rest is padding)."""
+    return sum(first_stop_end(ids, stops) or len(ids) for ids in rows)
+
+
 def _generate_continuous(model, prompt_ids: list[list[int]], spec: GenerationSpec, stops: list[int],
-                         pad_id: int) -> list[list[list[int]]]:
+                         pad_id: int, bar: Bar) -> list[list[list[int]]]:
     from transformers import ContinuousBatchingConfig
 
     k = spec.num_samples
@@ -186,6 +193,7 @@ def _generate_continuous(model, prompt_ids: list[list[int]], spec: GenerationSpe
         raise RuntimeError(f"continuous batching returned {len(outputs)} of {len(requests)} requests"
                            + (f"; failed: {failed[:5]}" if failed else ""))
     rows = [list(o.generated_tokens) for o in outputs]
+    bar.advance(len(rows), tokens=_decoded_tokens(rows, set(stops)))  # generate_batch reports nothing on the way
     return [rows[i * k:(i + 1) * k] for i in range(len(prompt_ids))]
 
 
@@ -218,7 +226,7 @@ AttentionMaskInterface.register(GROUPED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa
 
 
 def _generate_refill(model, prompt_ids: list[list[int]], spec: GenerationSpec, stops: list[int], pad_id: int,
-                     max_new_tokens: list[int]) -> list[list[list[int]]]:
+                     max_new_tokens: list[int], bar: Bar) -> list[list[list[int]]]:
     k = spec.num_samples
     warpers = None
     if spec.do_sample:  # generate's warpers, in generate's order
@@ -228,7 +236,7 @@ def _generate_refill(model, prompt_ids: list[list[int]], spec: GenerationSpec, s
     # request i * k + j is sample j of prompt i: its index seeds its sampling stream
     rows = refill.decode(model, [ids for ids in prompt_ids for _ in range(k)],
                          [limit for limit in max_new_tokens for _ in range(k)], stops=set(stops), pad_id=pad_id,
-                         warpers=warpers, seed=spec.seed, max_slots=spec.batch_size)
+                         warpers=warpers, seed=spec.seed, max_slots=spec.batch_size, bar=bar)
     return [rows[i * k:(i + 1) * k] for i in range(len(prompt_ids))]
 
 
@@ -264,15 +272,19 @@ def generate_ids(model, prompt_ids: list[list[int]], spec: GenerationSpec, stops
 
     # a weight-only quantized model decodes on q(w) computed once, not re-quantized at every token
     frozen = decoding_weights(model) if weight_only(model) else nullcontext()
+    sequences = len(prompt_ids) * spec.num_samples
     try:
-        with frozen, torch.random.fork_rng(devices=devices):  # seed sampling without moving the caller's RNG
+        # fork_rng: seed sampling without moving the caller's RNG
+        with frozen, torch.random.fork_rng(devices=devices), \
+                progress("generate", total=sequences, unit="sequences") as bar:
             torch.manual_seed(spec.seed)
             if backend == "refill":
                 return _generate_refill(model, prompt_ids, spec, stops, pad_id,
-                                        max_new_tokens or [spec.max_new_tokens] * len(prompt_ids))
+                                        max_new_tokens or [spec.max_new_tokens] * len(prompt_ids), bar)
             if backend == "continuous":
-                return _generate_continuous(model, prompt_ids, spec, stops, pad_id)
-            return _generate_padded(model, prompt_ids, spec, stops, pad_id, "static" if backend == "static" else None)
+                return _generate_continuous(model, prompt_ids, spec, stops, pad_id, bar)
+            return _generate_padded(model, prompt_ids, spec, stops, pad_id, "static" if backend == "static" else None,
+                                    bar)
     finally:
         if model.config._attn_implementation != attn:
             model.set_attn_implementation(attn)

@@ -2,11 +2,14 @@
 two do not garble each other), everything (DEBUG, tracebacks, warnings) in `<artifacts>/<recipe>/run.log`.
 
 Stage code logs through `ctx.log` (the logger `stages.<stage name>`); library code through
-`logging.getLogger(__name__)`.
+`logging.getLogger(__name__)`. Other libraries' chatter is off unless the CLI gets `--verbose`
+(`quiet_libraries`).
 """
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 
 from pipeline.progress import console
@@ -27,6 +30,16 @@ class _ConsoleHandler(logging.Handler):
             console.print(f"{name}: {level}{message}", markup=False, highlight=False, soft_wrap=True, style=style)
         except Exception:  # noqa: BLE001 - logging must never take the run down
             self.handleError(record)
+
+
+def format_number(value: float) -> str:
+    """A metric as people read it: counts as integers (20,000, never 2e+04), large values without an exponent,
+    the rest to 4 significant digits."""
+    if float(value).is_integer() and abs(value) < 1e18:
+        return f"{int(value):,}"
+    if abs(value) >= 1e4:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
 
 
 def setup_console(quiet: bool = False) -> None:
@@ -54,3 +67,55 @@ def attach_run_log(path: Path) -> logging.Handler:
 def detach(handler: logging.Handler) -> None:
     logging.getLogger().removeHandler(handler)
     handler.close()
+
+
+# Switches the libraries read when they are imported (and that accelerate launch's processes inherit)
+QUIET_ENV = {
+    # its loguru lines: "No accelerator available!" (WARNING), a GPTQ METRIC line (level 38) per module; not
+    # LLM_COMPRESSOR_LOG_DISABLED, which skips defining METRIC, and GPTQ then fails logging at it
+    "LLM_COMPRESSOR_LOG_LEVEL": "ERROR",
+    "TQDM_DISABLE": "1",  # llmcompressor's and compressed-tensors' calibration / compression bars
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' weight loading / shard writing bars follow this one
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
+QUIET_LOGGERS = ("torch.fx._symbolic_trace",)  # "is_fx_tracing will return true ..." at each llmcompressor trace
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Silence third-party progress bars and info / warning lines (errors still show): our own progress lines
+    say what is happening. `verbose` leaves every library as it sets itself up."""
+    if verbose:
+        return
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)  # the user's own setting wins
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # DeepSpeed ("Setting accelerator to CPU" on runs that never use it) sets its logger's level and handler when
+    # imported; a filter on the logger outlives that
+    deepspeed = logging.getLogger("DeepSpeed")
+    if _errors_only not in deepspeed.filters:
+        deepspeed.addFilter(_errors_only)
+    _quiet_imported()
+
+
+def _quiet_imported() -> None:
+    """The same for libraries this process imported already (the CLI called in-process), whose import-time
+    switches were read before."""
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
+    if "llmcompressor" in sys.modules:
+        from loguru import logger
+
+        logger.disable("llmcompressor")

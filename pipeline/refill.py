@@ -1,7 +1,7 @@
 """Refilling batches: the decode loop behind pipeline.generate's opt-in backend, `refill`.
 
     from pipeline.refill import decode
-    rows = decode(model, prompts, max_new_tokens, stops={eos}, warpers=None, seed=0, max_slots=256)
+    rows = decode(model, prompts, max_new_tokens, stops={eos}, warpers=None, seed=0, max_slots=256, bar=bar)
 
 Reasoning traces, eval and GRPO rollouts decode thousands to tens of thousands of tokens per sequence,
 with lengths an order of magnitude apart. A batch that runs until its longest sequence stops
@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from pipeline.progress import progress
+from pipeline.progress import Bar
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +71,6 @@ RESORT_HORIZON = 64
 """Steps over which the reads saved by re-sorting the rows must repay the copy."""
 MEMORY_FRACTION = 0.9
 """Share of the free device memory the slots and the working set may take."""
-LOG_EVERY_S = 30.0
-"""Progress log interval when stderr is not a terminal (a terminal gets a live bar instead)."""
 ROWS_PREFIX = "rows_"
 
 
@@ -394,32 +391,18 @@ class _Batch:
         return min([self.settings.sync_every] + [self.budget[s] - len(self.tokens[s]) for s in self.live()])
 
 
-class _Progress:
-    """Sequences done and tokens/s: a live bar on a terminal, else a log line every LOG_EVERY_S seconds."""
-
-    def __init__(self, bar, total: int):
-        self.bar, self.total, self.done, self.finished_tokens = bar, total, 0, 0
-        self.start = self.last_log = time.perf_counter()
-        self.log_lines = not sys.stderr.isatty()
-
-    def update(self, finished: list[tuple[int, list[int]]], batch: _Batch) -> None:
-        self.done += len(finished)
-        self.finished_tokens += sum(len(tokens) for _, tokens in finished)
-        tokens = self.finished_tokens + sum(map(len, batch.tokens))
-        in_flight = len(batch.live())
-        now = time.perf_counter()
-        rate = tokens / max(now - self.start, 1e-9)
-        self.bar.advance(len(finished), tokens_per_s=f"{rate:,.0f}", in_flight=in_flight)
-        if self.log_lines and now - self.last_log >= LOG_EVERY_S:
-            self.last_log = now
-            log.info("decoded %d/%d sequences (%d in flight), %d tokens, %.0f tokens/s", self.done, self.total,
-                     in_flight, tokens, rate)
+def _report(bar: Bar, finished: list[tuple[int, list[int]]], batch: _Batch, decoded: int) -> int:
+    """Advance `bar` by the sequences that finished and the tokens decoded since the last report (in flight
+    ones too, so the rate does not wait for long sequences to end); returns the tokens decoded so far."""
+    now = sum(len(tokens) for _, tokens in finished) + sum(map(len, batch.tokens))
+    bar.advance(len(finished), tokens=now - decoded, in_flight=len(batch.live()))
+    return now - sum(len(tokens) for _, tokens in finished)
 
 
 def _run(batch: _Batch, pending: deque, results: dict[int, list[int]], prompts: list[list[int]],
-         max_new_tokens: list[int], report: _Progress) -> None:
+         max_new_tokens: list[int], bar: Bar) -> None:
     """Decode until `pending` is empty and no sequence is in flight."""
-    steps = 0
+    steps, decoded = 0, 0  # decoded: tokens of the sequences in flight, as last reported
     while True:
         finished = batch.sync(steps)
         results.update(finished)
@@ -429,7 +412,7 @@ def _run(batch: _Batch, pending: deque, results: dict[int, list[int]], prompts: 
             index = pending.popleft()
             new.append((free[len(new)], index, prompts[index], max_new_tokens[index]))
         batch.admit(new)
-        report.update(finished, batch)
+        decoded = _report(bar, finished, batch, decoded)
         if not batch.live():
             return
         n, chunks = batch.plan()
@@ -444,12 +427,12 @@ def full_attention(model) -> bool:
 
 
 def decode(model, prompts: list[list[int]], max_new_tokens: list[int], *, stops: set[int], pad_id: int,
-           warpers: LogitsProcessorList | None, seed: int, max_slots: int) -> list[list[int]]:
+           warpers: LogitsProcessorList | None, seed: int, max_slots: int, bar: Bar) -> list[list[int]]:
     """Generated ids for each prompt (in order), cut after the first stop token or at its budget.
 
     `max_new_tokens[i]` is prompt i's budget. `warpers` None = greedy; else the logits warpers of
     sampling, with per-request streams seeded by `seed`. At most `max_slots` sequences decode
-    together, fewer when memory is short.
+    together, fewer when memory is short. `bar` (pipeline.progress) counts sequences done and tokens.
     """
     if not prompts:
         return []
@@ -465,24 +448,22 @@ def decode(model, prompts: list[list[int]], max_new_tokens: list[int], *, stops:
                          chunk_cost=CHUNK_COST_TOKENS if chunked else None)
     slots = slot_count(model, capacity, min(max_slots, len(prompts)), free_memory_bytes(model.device))
     pending, results = deque(range(len(prompts))), {}
-    with progress("generate", total=len(prompts)) as bar:
-        report = _Progress(bar, len(prompts))
-        while pending:
-            batch = _Batch(model, slots, capacity, max(max_new_tokens), settings)
-            try:
-                _run(batch, pending, results, prompts, max_new_tokens, report)
-            except torch.OutOfMemoryError:
-                if slots == 1:
-                    kv_mib = capacity * kv_bytes_per_token(model) / 2**20
-                    raise RuntimeError(f"out of device memory decoding one sequence of up to {capacity} tokens "
-                                       f"({kv_mib:,.0f} MiB of KV cache)") from None
-                pending.extendleft(sorted((batch.request[s] for s in batch.live()), reverse=True))
-                log.warning("out of device memory with %d slots: the %d sequences in flight start again with %d",
-                            slots, len(batch.live()), slots // 2)
-                slots //= 2
-            del batch
-            if pending:  # after an out-of-memory error: free the failed batch's cache before the next one
-                gc.collect()
-                if model.device.type == "cuda":
-                    torch.cuda.empty_cache()
+    while pending:
+        batch = _Batch(model, slots, capacity, max(max_new_tokens), settings)
+        try:
+            _run(batch, pending, results, prompts, max_new_tokens, bar)
+        except torch.OutOfMemoryError:
+            if slots == 1:
+                kv_mib = capacity * kv_bytes_per_token(model) / 2**20
+                raise RuntimeError(f"out of device memory decoding one sequence of up to {capacity} tokens "
+                                   f"({kv_mib:,.0f} MiB of KV cache)") from None
+            pending.extendleft(sorted((batch.request[s] for s in batch.live()), reverse=True))
+            log.warning("out of device memory with %d slots: the %d sequences in flight start again with %d",
+                        slots, len(batch.live()), slots // 2)
+            slots //= 2
+        del batch
+        if pending:  # after an out-of-memory error: free the failed batch's cache before the next one
+            gc.collect()
+            if model.device.type == "cuda":
+                torch.cuda.empty_cache()
     return [results[i] for i in range(len(prompts))]

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from pipeline.errors import InputError
+from pipeline.logs import format_number
 
 # The metrics a row shows, per stage type, in order.
 COLUMNS = {
@@ -83,7 +84,7 @@ def build_rows(recipe, root: str | Path, baseline: str | None) -> list[dict]:
 
 def _fmt(value) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return format_number(value)
     return "" if value is None else str(value)
 
 

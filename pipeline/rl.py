@@ -358,6 +358,7 @@ def _engine_callback(trainer, checkpointer: Checkpointer, metrics_path: Path, ro
 
     class EngineCallback(TrainerCallback):
         summary: dict = {}
+        tokens_seen = 0  # rollout tokens already counted on the bar
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -371,7 +372,9 @@ def _engine_callback(trainer, checkpointer: Checkpointer, metrics_path: Path, ro
             if trainer.accelerator.is_main_process:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
-            bar.advance(1, reward=f"{row.get('reward', 0.0):.3f}")
+            tokens, self.tokens_seen = trainer.rollout_tokens - self.tokens_seen, trainer.rollout_tokens
+            bar.advance(1, tokens=tokens, reward=f"{row.get('reward', 0.0):.3f}",
+                        entropy=f"{row.get('entropy', float('nan')):.3f}")
             if checkpointer.due(state.global_step):
                 if trainer.accelerator.is_main_process:
                     checkpointer.save(state.global_step, trainer.checkpoint_state(rows, signature))
@@ -499,8 +502,7 @@ def grpo_train(model, tokenizer, problems: Sequence[Problem], settings: GRPOSett
     started = time.perf_counter()
     try:
         # a first SIGINT/SIGTERM is seen after the step (the engine callback): checkpoint, then stop
-        with signals.stop_at_safe_points(), progress(desc, total=settings.steps) as bar:
-            bar.advance(len(rows))
+        with signals.stop_at_safe_points(), progress(desc, total=settings.steps, unit="step", done=len(rows)) as bar:
             trainer.add_callback(_engine_callback(trainer, checkpointer, metrics_path, rows, signature, bar))
             trainer.train(resume_from_checkpoint=str(resume_dir) if resume_dir else None)
     finally:

@@ -558,11 +558,11 @@ def _headline(recipe: Recipe, name: str, manifest: dict | None) -> str:
     metrics = (manifest or {}).get("metrics", {})
     if key is None or key not in metrics:
         return ""
-    return f"{key} {metrics[key]:.4g}"
+    return f"{key} {logs.format_number(metrics[key])}"
 
 
 def _format_metrics(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+    return " ".join(f"{k}={logs.format_number(v)}" for k, v in metrics.items())
 
 
 def seed_everything(seed: int) -> None:

@@ -116,7 +116,7 @@ def result_config(config_cls: type[BaseModel], data: dict[str, Any]) -> dict[str
         default = to_jsonable_python(info.get_default(call_default_factory=True))
         if extra.get("operational"):
             out[name] = default
-        elif extra.get("omit_at_default") and out[name] == default:
+        if extra.get("omit_at_default") and out[name] == default:  # both: an operational key added later
             del out[name]
     return out
 

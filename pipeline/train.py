@@ -48,7 +48,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 from accelerate import Accelerator, DistributedType
@@ -61,6 +61,7 @@ from pipeline.optim import OptimizerName, ParamDtype, make_optimizer
 from pipeline.progress import progress
 from pipeline.stage_api import ADDED_KEY, OPERATIONAL, result_config
 
+Tracker = Literal["tensorboard", "wandb"]
 Example = tuple[Sequence[int], int]
 """(token ids of prompt + completion, index where the completion starts)."""
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -96,6 +97,9 @@ class TrainArgs(BaseModel):
     """Latent weights and gradients: float32, or bfloat16 (half the memory; updates stochastically rounded)."""
     optimizer: OptimizerName = Field("adamw", json_schema_extra=ADDED_KEY)
     """adamw (fp32 moments, 8 bytes a parameter) or adamw_8bit (block-wise 8-bit moments, 2 bytes)."""
+    report_to: tuple[Tracker, ...] = Field((), json_schema_extra={**OPERATIONAL, **ADDED_KEY})
+    """Also log each step's metrics row (loss, lr, grad_norm, held-out accuracy, ...) to these trackers, through
+    accelerate; tensorboard writes under `<stage>/tensorboard`. Needs `pip install 'reasoning-qat[trackers]'`."""
 
 
 def check_train_args(args: TrainArgs) -> list[tuple[str, str]]:
@@ -105,17 +109,32 @@ def check_train_args(args: TrainArgs) -> list[tuple[str, str]]:
         errors.append(("batch_size", f"must be a multiple of grad_accum ({args.grad_accum})"))
     if args.warmup_steps > args.steps:
         errors.append(("warmup_steps", f"must be <= steps ({args.steps})"))
-    return errors
+    return errors + missing_trackers(args.report_to)
+
+
+def missing_trackers(trackers: Sequence[str]) -> list[tuple[str, str]]:
+    """("report_to", message) for each tracker whose package is not installed: found before anything runs."""
+    import importlib.util
+
+    return [("report_to", f"{t} is not installed (pip install {t}, or 'reasoning-qat[trackers]')")
+            for t in trackers if importlib.util.find_spec(t) is None]
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the run stopped before updating the weights."""
 
 
-def make_accelerator() -> Accelerator:
-    """bf16 autocast where the GPU supports it, full precision otherwise (CPU)."""
+def make_accelerator(report_to: Sequence[str] = (), out_dir: str | Path | None = None) -> Accelerator:
+    """bf16 autocast where the GPU supports it, full precision otherwise (CPU); `report_to` trackers, tensorboard's
+    event files under `<out_dir>/tensorboard/` (wandb keeps its own run directory)."""
+    from accelerate.utils import ProjectConfiguration
+
     bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return Accelerator(mixed_precision="bf16" if bf16 else "no")
+    trackers = {}
+    if report_to:
+        where = ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(Path(out_dir) / "tensorboard"))
+        trackers = {"log_with": list(report_to), "project_config": where}
+    return Accelerator(mixed_precision="bf16" if bf16 else "no", **trackers)
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -369,9 +388,10 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
     checkpointer.every = args.checkpoint_every
     started = time.perf_counter()
     tokens_total = 0
+    if acc.log_with:  # the wandb project; tensorboard writes <logging_dir>/reasoning-qat
+        acc.init_trackers("reasoning-qat", init_kwargs={"wandb": {"name": desc}})
     with signals.stop_at_safe_points():  # a first SIGINT/SIGTERM is seen after the step: checkpoint, then stop
-        with progress(desc, total=args.steps) as bar:
-            bar.advance(start)
+        with progress(desc, total=args.steps, unit="step", done=start) as bar:
             for step in range(start, args.steps):
                 t0 = time.perf_counter()
                 batches = on_every_rank(ranks, lambda: _my_batches(examples, seed, step, args, micro, acc.process_index,
@@ -422,7 +442,9 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
                 if acc.is_main_process:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
-                bar.advance(1, loss=f"{loss_sum:.4f}")
+                if acc.log_with:
+                    acc.log({k: v for k, v in row.items() if k != "step"}, step=done)
+                bar.advance(1, tokens=tokens, loss=f"{loss_sum:.4f}")
                 if stop or checkpointer.due(done):
                     shared, own = on_every_rank(ranks, lambda: _checkpoint_parts(acc, model, optimizer, {
                         "scheduler": scheduler.state_dict(), "metrics": rows, "step": done, "signature": signature}))
@@ -430,6 +452,8 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
                 if stop:
                     raise StageInterrupted(f"{desc}: stopped at step {done} on a signal; checkpoint saved")
     seconds = time.perf_counter() - started
+    if acc.log_with:
+        acc.end_training()  # flushes the event files before the stage directory is renamed into place
     acc.wait_for_everyone()
     tail = [r["loss"] for r in rows[-10:]]
     return {"final_loss": sum(tail) / len(tail), "steps": args.steps, "train_seconds": seconds,

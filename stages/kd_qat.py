@@ -203,7 +203,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     if not is_quantized(ctx.inputs["init"]):
         raise InputError(f"stages.{ctx.name}.init", f"{config.init!r} holds no quantized model (use a ptq stage)")
     spec = read_quant_spec(ctx.inputs["init"])
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(config.report_to, ctx.out_dir)
     with whole_models(accelerator):
         student = load_model(ctx.inputs["init"], dtype="float32", trust_remote_code=trust)
     tokenizer = load_tokenizer(ctx.inputs["init"], trust_remote_code=trust)

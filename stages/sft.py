@@ -80,7 +80,7 @@ def _examples(ctx: StageContext, tokenizer) -> list[tuple[list[int], int]]:
 def run(ctx: StageContext) -> dict[str, float]:
     config, recipe = ctx.config, ctx.recipe
     trust = recipe.model.trust_remote_code
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(config.report_to, ctx.out_dir)
     quant_spec = None
     if config.init is not None:
         if is_quantized(ctx.inputs["init"]):

@@ -289,13 +289,15 @@ def test_slots_fit_the_free_memory():
     assert refill.slot_count(model, capacity, 1024, 2**20) == 1  # too little memory: one, and an OOM would say so
 
 
-def test_refill_logs_progress_when_not_a_terminal(lm, monkeypatch, caplog):
+@pytest.mark.parametrize("backend", ["refill", "generate"])
+def test_generation_logs_progress_when_not_a_terminal(lm, monkeypatch, caplog, backend):
     model, tok = lm
-    monkeypatch.setattr(refill, "LOG_EVERY_S", 0.0)
-    with caplog.at_level(logging.INFO, logger="pipeline.refill"):
-        generate(model, tok, QUESTIONS, GenerationSpec(max_new_tokens=4, backend="refill"))
-    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.refill"]
-    assert lines[-1].startswith("decoded 3/3 sequences (0 in flight), 12 tokens,") and "tokens/s" in lines[-1]
+    monkeypatch.setenv("REASONING_QAT_PROGRESS_EVERY", "0")
+    with caplog.at_level(logging.INFO, logger="pipeline.progress"):
+        generate(model, tok, QUESTIONS, GenerationSpec(max_new_tokens=4, batch_size=2, backend=backend))
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.progress"]
+    assert lines[-1].startswith("generate: sequences 3/3, ") and "tokens/s" in lines[-1]
+    assert any(line.startswith("generate: sequences 2/3, ") and "ETA" in line for line in lines)
 
 
 def test_per_prompt_budgets_need_the_refill_backend(lm):

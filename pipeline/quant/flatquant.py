@@ -46,7 +46,7 @@ from torch import nn
 from pipeline.quant import fake
 from pipeline.quant.apply import quant_linears, set_fake_quant
 from pipeline.quant.hadamard import kronecker_factors
-from pipeline.quant.layerwise import LayerInput, capture_inputs, run_layer
+from pipeline.quant.layerwise import LayerInput, capture_inputs, each_layer, run_layer
 from pipeline.quant.linear import QuantLinear
 from pipeline.quant.online import KroneckerTransform, TransformedNorm, transforms
 from pipeline.quant.quarot import decoder_layers, rotate_values
@@ -149,7 +149,7 @@ def calibrate(
     inputs = capture_inputs(model, samples)
     generator = torch.Generator().manual_seed(seed)
     report = []
-    for index, layer in enumerate(layers):
+    for index, layer in each_layer(model, "flatquant"):
         start = time.perf_counter()
         layer.float()
         inputs = [LayerInput(i.hidden.float(), i.kwargs) for i in inputs]

@@ -20,10 +20,13 @@ The "group" (dynamic) ordering, which did need a g_idx, was removed from compres
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Literal
 
+import torch
 from torch import nn
 
+from pipeline.progress import progress
 from pipeline.quant.apply import from_compressed_tensors, match_targets, quiet_overridden_targets
 from pipeline.quant.calibration import calibration_loader
 from pipeline.quant.scheme import QuantSpec, config_groups, layer_weights, weight_quantization_args
@@ -71,7 +74,7 @@ def run_gptq(
 
     expected = [name for name, _ in match_targets(model, spec)]
     modifier = gptq_modifier(model, spec, block_size, dampening_frac, actorder, observer)
-    with quiet_overridden_targets(modifier.config_groups):
+    with quiet_overridden_targets(modifier.config_groups), _layer_progress(model, "gptq"):
         oneshot(model=model, recipe=modifier, dataset=calibration_loader(samples), processor=tokenizer)
     active_session().reset()
     # oneshot leaves every module under compressed-tensors' offloading (tensors kept on an offload device, moved
@@ -90,6 +93,31 @@ def run_gptq(
 
         enable_kv_quant(model, spec.kv_cache)
     return names
+
+
+@contextmanager
+def _layer_progress(model: nn.Module, description: str):
+    """Decoder layers done, on a progress bar, while oneshot runs: its sequential pipeline calibrates and
+    quantizes layer i on every sample before it runs layer i + 1, so layer i's first forward on real tensors
+    (not fx's tracing proxies) says layers 0 .. i-1 are done."""
+    from pipeline.quant.quarot import decoder_layers
+
+    layers = decoder_layers(model)
+    with progress(description, total=len(layers), unit="layers") as bar:
+        def starts(index):
+            def hook(module, args, kwargs):
+                hidden = args[0] if args else kwargs.get("hidden_states")
+                if isinstance(hidden, torch.Tensor) and bar.done < index:
+                    bar.advance(index - bar.done)
+            return hook
+
+        handles = [layer.register_forward_pre_hook(starts(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        bar.advance(len(layers) - bar.done)
 
 
 def gptq_layerwise(
@@ -118,12 +146,11 @@ def gptq_layerwise(
     from llmcompressor.modifiers.gptq.helpers import accumulate_hessian, make_empty_hessian
 
     from pipeline.quant.apply import observe, quant_linears
-    from pipeline.quant.layerwise import capture_inputs, next_inputs, run_layer
-    from pipeline.quant.quarot import decoder_layers
+    from pipeline.quant.layerwise import capture_inputs, each_layer, next_inputs, run_layer
 
     inputs = capture_inputs(model, samples)
     done = []
-    for index, layer in enumerate(decoder_layers(model)):
+    for index, layer in each_layer(model, "gptq"):
         modules = quant_linears(layer)
         hessians = {name: make_empty_hessian(m) for name, m in modules}
         counts = {name: torch.zeros((), dtype=torch.long) for name, _ in modules}

@@ -9,10 +9,12 @@ that stops the model there.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
 
+from pipeline.progress import progress
 from pipeline.quant.quarot import decoder_layers
 
 
@@ -58,3 +60,13 @@ def run_layer(layer: nn.Module, inp: LayerInput) -> torch.Tensor:
 def next_inputs(layer: nn.Module, inputs: list[LayerInput]) -> list[LayerInput]:
     """The next layer's inputs: this layer's outputs with the same keyword arguments."""
     return [LayerInput(run_layer(layer, i), i.kwargs) for i in inputs]
+
+
+def each_layer(model: nn.Module, description: str) -> Iterator[tuple[int, nn.Module]]:
+    """(index, decoder layer) in order, counted on a progress bar as each one is done (its calibration is
+    the slow part of a layer-by-layer method: minutes a layer on a real model)."""
+    layers = decoder_layers(model)
+    with progress(description, total=len(layers), unit="layers") as bar:
+        for index, layer in enumerate(layers):
+            yield index, layer
+            bar.advance(1)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.progress import progress
 from pipeline.quant.hadamard import kronecker_factors, random_hadamard
 from pipeline.quant.linear import QuantLinear
 from pipeline.quant.online import KroneckerTransform
@@ -104,19 +105,28 @@ def rotate(model: nn.Module, seed: int = 0) -> None:
     _set(head.weight, head.weight.double() @ q)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     h_d = torch.kron(*kronecker_factors(head_dim)).to(device)
-    for layer in decoder_layers(model):
-        attn, mlp = layer.self_attn, layer.mlp
-        for reader in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            _set(reader.weight, reader.weight.double() @ q)
-        for writer in (attn.o_proj, mlp.down_proj):
-            _set(writer.weight, q.T @ writer.weight.double())
-            if writer.bias is not None:
-                _set(writer.bias, writer.bias.double() @ q)
-        rotate_values(attn, h_d)
+    layers = decoder_layers(model)
+    with progress("quarot", total=len(layers), unit="layers") as bar:
+        for layer in layers:
+            _rotate_layer(layer, q, h_d, seed)
+            bar.advance(1)
 
-        for reader in (attn.o_proj, mlp.down_proj):
-            online = KroneckerTransform(*kronecker_factors(reader.in_features, seed)).to(device)
-            _set(reader.weight, online.inverse_transpose(reader.weight.double()))
-            reader.input_transform = online.to(dtype=reader.weight.dtype).requires_grad_(False)
-        attn.qk_transform = KroneckerTransform(*kronecker_factors(head_dim)).to(
-            device=device, dtype=attn.o_proj.weight.dtype).requires_grad_(False)
+
+def _rotate_layer(layer: nn.Module, q: torch.Tensor, h_d: torch.Tensor, seed: int) -> None:
+    """One decoder layer's share of `rotate`: its weights in float64, its online transforms attached."""
+    device, head_dim = q.device, h_d.shape[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    for reader in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+        _set(reader.weight, reader.weight.double() @ q)
+    for writer in (attn.o_proj, mlp.down_proj):
+        _set(writer.weight, q.T @ writer.weight.double())
+        if writer.bias is not None:
+            _set(writer.bias, writer.bias.double() @ q)
+    rotate_values(attn, h_d)
+
+    for reader in (attn.o_proj, mlp.down_proj):
+        online = KroneckerTransform(*kronecker_factors(reader.in_features, seed)).to(device)
+        _set(reader.weight, online.inverse_transpose(reader.weight.double()))
+        reader.input_transform = online.to(dtype=reader.weight.dtype).requires_grad_(False)
+    attn.qk_transform = KroneckerTransform(*kronecker_factors(head_dim)).to(
+        device=device, dtype=attn.o_proj.weight.dtype).requires_grad_(False)

@@ -1,0 +1,36 @@
+"""pipeline.logs through the CLI: a GPTQ ptq run shows our progress lines and none of llmcompressor's or
+DeepSpeed's chatter; --verbose brings that back."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from quant_tiny import save_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+CHATTER = ("METRIC", "No accelerator available", "Setting accelerator to CPU")
+
+
+def _run(recipe: Path, artifacts: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "REASONING_QAT_PROGRESS_EVERY": "0", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--artifacts", str(artifacts),
+                           *extra], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_gptq_run_is_quiet_unless_verbose(tmp_path):
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "q", "seed": 0, "model": {"path": str(save_tiny(tmp_path / "model")), "dtype": "float32"},
+        "quant": {"weights": {"num_bits": 3, "group_size": 128, "symmetric": False}},
+        "stages": {"ptq": {"type": "ptq", "model": "model", "method": "gptq", "calibration_source": "generic",
+                           "nsamples": 2, "seqlen": 32, "sqnr_samples": 1}}}))
+    quiet = _run(recipe, tmp_path / "a")
+    assert quiet.returncode == 0, quiet.stderr
+    both = quiet.stdout + quiet.stderr
+    assert not [c for c in CHATTER if c in both]
+    assert "progress: gptq: layers 2/2" in quiet.stderr
+    verbose = _run(recipe, tmp_path / "b", "--verbose")
+    assert verbose.returncode == 0, verbose.stderr
+    assert "METRIC" in verbose.stdout + verbose.stderr and "No accelerator available" in verbose.stdout + verbose.stderr
