@@ -21,16 +21,17 @@ and an activation clip (one scalar, σ(logit) · each token's min/max).
 Init: A, B Hadamard factors (pipeline.quant.hadamard, so a transform starts as a rotation) and s the
 SmoothQuant balance s_j = max|x_j|^α / max|W_:,j|^(1-α) (α = 0.5) from the calibration activations.
 Training: AdamW on every transform, smoothing vector and clip logit of the layer, `epochs` passes over the
-samples (one sample per step), loss = MSE(quantized layer(x), full-precision layer(x)), cosine schedule,
-in float32; each layer keeps the parameters of the epoch (or the init) with the lowest calibration MSE, measured
-after every epoch: with one sample per step the epoch-to-epoch MSE swings by up to 2x, and ending on a bad epoch
-used to throw the good ones away (keeping the init). Each layer is calibrated on the full-precision model's inputs to it (the FP stream, as the
+samples (`batch_size` samples of one length per step, 1 by default; FlatQuant's code takes 4), loss =
+MSE(quantized layer(x), full-precision layer(x)), cosine schedule, in float32; each transform inverted once
+per step for all its readers (StepInverses); each layer keeps the parameters of the epoch (or the init) with
+the lowest calibration MSE, measured after every epoch: with one sample per step the epoch-to-epoch MSE swings
+by up to 2x, and ending on a bad epoch used to throw the good ones away (keeping the init). Each layer is calibrated on the full-precision model's inputs to it (the FP stream, as the
 paper's code does), with the layer's KV-cache quantization on.
 
 Departures from the paper: A and B are plain matrices (the paper optionally keeps them in SVD form to
 guarantee invertibility; at these learning rates they stay well conditioned); lr 1e-3 by default, not the
 paper's 5e-3, because with one sample per step (the paper batches 4) 5e-3 made layer MSE worse on our
-tiny models;
+tiny models (with `batch_size=4`, 5e-3 does at least as well as one sample at 1e-3 on the planted-outlier test);
 q, k and v each hold their own activation clip (they quantize the same input; a fused kernel would
 share one).
 """
