@@ -148,14 +148,45 @@ def test_batches_cover_every_sample_once_and_never_mix_lengths():
 
 
 def test_batched_calibration_is_as_good_as_one_sample_per_step_on_planted_outliers():
-    # FlatQuant's own setting (4 sequences per step, lr 5e-3) against ours (1 per step, lr 1e-3), on held-out
-    # samples; seen: 0.0042 / 0.0025 batched vs 0.0042 / 0.0028 one at a time (layer 0 / layer 1)
+    # FlatQuant's own setting (4 sequences per step, lr 5e-3) against ours (1 per step, lr 1e-3), held-out MSE
+    # summed over the layers. Seen over three calibration draws (seeds 0, 2, 4): batched 0.00676 / 0.00667 /
+    # 0.00634 vs one per step 0.00692 / 0.00666 / 0.00669; per layer either may lead by up to 5% (which epoch
+    # beats the init is a coin toss at 4 bits). Batched at lr 1e-3 was worse (0.00705 / 0.00723 / 0.00669):
+    # fewer steps want the larger rate.
     calib, held_out = _samples(6), _samples(8, seed=1)
     single, batched = _planted(), _planted()
     flatquant.calibrate(single, calib, epochs=5, lr=1e-3)
     report = flatquant.calibrate(batched, calib, epochs=5, lr=5e-3, batch_size=4)
-    assert [r["steps"] for r in report] == [10, 10]
+    assert [r["steps"] for r in report] == [10, 10]  # 5 epochs x ceil(6 / 4)
     mse_single, mse_batched = flatquant.layer_output_mse(single, held_out), flatquant.layer_output_mse(batched, held_out)
     print(mse_single, mse_batched)
-    for layer in range(2):
-        assert mse_batched[layer] <= 1.01 * mse_single[layer]
+    assert sum(mse_batched) <= 1.01 * sum(mse_single)
+
+
+def test_merging_once_per_step_gives_the_per_reader_loss_and_gradients():
+    model = _planted()
+    layer = model.model.layers[0].float()
+    buckets = flatquant._buckets(capture_inputs(model, _samples(2)))
+    calib = flatquant._install(layer, flatquant._fp_targets(layer, buckets, 1), 0.5, 0)
+    trained = [p for _, t in transforms(layer) for p in t.parameters()] + [c.weight_clip for c in calib.values()]
+    for p in trained:
+        p.requires_grad_(True)
+    b = buckets[0]
+
+    def loss_and_grads(step):
+        for p in trained:
+            p.grad = None
+        if step is not None:
+            step.refresh()
+        loss = flatquant._mse_loss(layer, b.hidden[:2], b.targets[:2], b.kwargs)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trained]
+
+    loss, grads = loss_and_grads(None)
+    with flatquant._StepMerge(layer, calib) as step:
+        assert len(step.groups) == 4  # q/k/v, gate/up, o, down
+        merged_loss, merged_grads = loss_and_grads(step)
+    torch.testing.assert_close(merged_loss, loss, rtol=1e-5, atol=0)
+    for g, mg in zip(grads, merged_grads):
+        torch.testing.assert_close(mg, g, rtol=1e-4, atol=1e-4 * g.abs().max().item())
+    assert all(c.step_weight is None for c in calib.values())

@@ -23,7 +23,7 @@ SmoothQuant balance s_j = max|x_j|^α / max|W_:,j|^(1-α) (α = 0.5) from the ca
 Training: AdamW on every transform, smoothing vector and clip logit of the layer, `epochs` passes over the
 samples (`batch_size` samples of one length per step, 1 by default; FlatQuant's code takes 4), loss =
 MSE(quantized layer(x), full-precision layer(x)), cosine schedule, in float32; each transform inverted once
-per step for all its readers (StepInverses); each layer keeps the parameters of the epoch (or the init) with
+per step for all its readers (_StepMerge); each layer keeps the parameters of the epoch (or the init) with
 the lowest calibration MSE, measured after every epoch: with one sample per step the epoch-to-epoch MSE swings
 by up to 2x, and ending on a bad epoch used to throw the good ones away (keeping the init). Each layer is calibrated on the full-precision model's inputs to it (the FP stream, as the
 paper's code does), with the layer's KV-cache quantization on.
@@ -68,15 +68,16 @@ class _CalibLinear(nn.Module):
         self._merge = (merge,)  # owned by the norm or by linear.input_transform: not registered twice
         self.weight_clip = nn.Parameter(torch.full((linear.out_features, 1), CLIP_INIT_LOGIT, device=linear.weight.device))
         self.act_clip = nn.Parameter(torch.tensor(CLIP_INIT_LOGIT, device=linear.weight.device))
+        self.step_weight: torch.Tensor | None = None  # set by _StepMerge for the current step
 
     def merged_weight(self, dtype=None) -> torch.Tensor:
         w = self.linear.weight
         return self._merge[0].inverse_transpose(w if dtype is None else w.to(dtype))
 
-    def qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def qparams(self, w: torch.Tensor, clip_logit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         spec = self.linear.weights
         min_vals, max_vals = fake.group_minmax(w.detach(), spec.group_size)
-        clip = torch.sigmoid(self.weight_clip).to(w.dtype)
+        clip = torch.sigmoid(self.weight_clip if clip_logit is None else clip_logit).to(w.dtype)
         return fake.calculate_qparams(min_vals * clip, max_vals * clip, spec.num_bits, spec.symmetric)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,11 +87,15 @@ class _CalibLinear(nn.Module):
         if q.activations is not None:
             a = q.activations
             x = fake.fake_quantize_per_token(x, a.num_bits, a.symmetric, torch.sigmoid(self.act_clip))
-        w = self.merged_weight()
-        scale, zero_point = self.qparams(w)
-        spec = q.weights
-        w_q = fake.fake_quantize(w, scale, None if spec.symmetric else zero_point, spec.num_bits, spec.group_size)
+        w_q = self.step_weight if self.step_weight is not None else self.quantized_weight(self.merged_weight())
         return F.linear(x, w_q, q.bias)
+
+    def quantized_weight(self, w: torch.Tensor, clip_logit: torch.Tensor | None = None) -> torch.Tensor:
+        """`w` (merged: this Linear's rows, or several readers' stacked with their `clip_logit`s) fake-quantized
+        on the clipped grid of this Linear's spec, differentiable in the transform and the clip."""
+        spec = self.linear.weights
+        scale, zero_point = self.qparams(w, clip_logit)
+        return fake.fake_quantize(w, scale, None if spec.symmetric else zero_point, spec.num_bits, spec.group_size)
 
     @torch.no_grad()
     def finalize(self) -> QuantLinear:
@@ -103,6 +108,44 @@ class _CalibLinear(nn.Module):
         if q.activations is not None:
             q.activation_clip = nn.Parameter(torch.sigmoid(self.act_clip.detach()).to(q.weight.dtype))
         return q
+
+
+class _StepMerge:
+    """Once per optimizer step (`refresh`, before the forward), for each transform: its inverse factors
+    (StepInverses, no host sync) and the merged, fake-quantized weights of all the Linears that read it, as
+    one stacked tensor (q/k/v and gate/up: one merge chain each instead of three and two; the frozen weights are
+    stacked once per layer). Each _CalibLinear's forward takes its rows. Readers whose weight specs differ
+    (a lowered group size) are merged apart. A `with` block: the cached tensors go when it ends."""
+
+    def __init__(self, layer: nn.Module, calib: dict[str, _CalibLinear]):
+        self.inverses = StepInverses([t for _, t in transforms(layer)])
+        groups: dict[tuple, list[_CalibLinear]] = {}
+        for c in calib.values():
+            groups.setdefault((id(c._merge[0]), c.linear.weights), []).append(c)
+        self.groups = [(g, torch.cat([c.linear.weight for c in g]), [c.linear.out_features for c in g])
+                       for g in groups.values()]
+
+    def refresh(self) -> None:
+        self.inverses.refresh()
+        for members, weight, rows in self.groups:
+            clip_logit = torch.cat([c.weight_clip for c in members]) if len(members) > 1 else None
+            lead = members[0]
+            merged = lead.quantized_weight(lead._merge[0].inverse_transpose(weight), clip_logit)
+            for c, part in zip(members, merged.split(rows)):
+                c.step_weight = part
+
+    def check(self) -> None:
+        self.inverses.check()
+
+    def __enter__(self) -> "_StepMerge":
+        self.inverses.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.inverses.__exit__(*exc)
+        for members, _, _ in self.groups:
+            for c in members:
+                c.step_weight = None
 
 
 def _abs_max_hooks(modules: dict[str, nn.Module], stats: dict[str, torch.Tensor]) -> list:
@@ -218,11 +261,11 @@ def _mse_loss(layer: nn.Module, hidden: torch.Tensor, target: torch.Tensor, kwar
 
 
 @torch.no_grad()
-def _layer_mse(layer: nn.Module, buckets: list[_Bucket], batch_size: int, inverses: StepInverses | None = None) -> float:
+def _layer_mse(layer: nn.Module, buckets: list[_Bucket], batch_size: int, step: _StepMerge | None = None) -> float:
     """Mean over the samples of each one's output MSE, run `batch_size` at a time, read back with one host sync
     (summed in sample order, so that batch_size 1 gives the number the one-sample-at-a-time loop gave)."""
-    if inverses is not None:
-        inverses.refresh()
+    if step is not None:
+        step.refresh()
     losses: dict[int, torch.Tensor] = {}
     for b in buckets:
         for i, j in _chunks(b, batch_size):
@@ -259,27 +302,27 @@ def _steps_per_epoch(buckets: list[_Bucket], batch_size: int) -> int:
 
 
 def _train(layer: nn.Module, buckets: list[_Bucket], trained: list[nn.Parameter], optimizer, epochs: int,
-           batch_size: int, generator: torch.Generator, inverses: StepInverses | None, loss_fn) -> float:
+           batch_size: int, generator: torch.Generator, step: _StepMerge | None, loss_fn) -> float:
     """`epochs` passes of AdamW (cosine to 0) over the buckets; leaves `trained` at the epoch (or the init) of
     lowest calibration MSE, measured after each epoch: with few samples per step the epoch-to-epoch MSE swings
     by up to 2x, and ending on a bad epoch used to throw the good ones away. Returns the MSE at init."""
     steps = epochs * _steps_per_epoch(buckets, batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
-    mse_init = _layer_mse(layer, buckets, batch_size, inverses)
+    mse_init = _layer_mse(layer, buckets, batch_size, step)
     best_mse, best_state = mse_init, [p.detach().clone() for p in trained]
     for _ in range(epochs):
         with torch.enable_grad():
             for bucket, rows in _epoch_batches(buckets, batch_size, generator):
-                if inverses is not None:
-                    inverses.refresh()
+                if step is not None:
+                    step.refresh()
                 loss = loss_fn(layer, bucket.hidden[rows], bucket.targets[rows], bucket.kwargs)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
-        epoch_mse = _layer_mse(layer, buckets, batch_size, inverses)
-        if inverses is not None:
-            inverses.check()
+        epoch_mse = _layer_mse(layer, buckets, batch_size, step)
+        if step is not None:
+            step.check()
         if epoch_mse < best_mse:
             best_mse, best_state = epoch_mse, [p.detach().clone() for p in trained]
     with torch.no_grad():
@@ -289,7 +332,7 @@ def _train(layer: nn.Module, buckets: list[_Bucket], trained: list[nn.Parameter]
 
 
 def _calibrate_layer(layer: nn.Module, buckets: list[_Bucket], epochs: int, lr: float, alpha: float, seed: int,
-                     generator: torch.Generator, batch_size: int, step_inverses: bool, loss_fn) -> tuple[float, float, int]:
+                     generator: torch.Generator, batch_size: int, merge_once: bool, loss_fn) -> tuple[float, float, int]:
     """One decoder layer (float32, FP inputs in `buckets`): transforms and clips trained, merged, the
     QuantLinears put back; the buckets' targets set. Returns (MSE at init, MSE after, optimizer steps)."""
     stats = _fp_targets(layer, buckets, batch_size)
@@ -299,8 +342,8 @@ def _calibrate_layer(layer: nn.Module, buckets: list[_Bucket], epochs: int, lr: 
     for p in params + clips:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW([{"params": params}, {"params": clips}], lr=lr, weight_decay=0.0)
-    with StepInverses([t for _, t in transforms(layer)]) if step_inverses else nullcontext() as inverses:
-        mse_init = _train(layer, buckets, params + clips, optimizer, epochs, batch_size, generator, inverses, loss_fn)
+    with _StepMerge(layer, calib) if merge_once else nullcontext() as step:
+        mse_init = _train(layer, buckets, params + clips, optimizer, epochs, batch_size, generator, step, loss_fn)
     for p in params:
         p.requires_grad_(False)
     for name, c in calib.items():
@@ -318,7 +361,7 @@ def calibrate(
     log=None,
     *,
     batch_size: int = 1,
-    step_inverses: bool = True,
+    merge_once: bool = True,
     compile: bool = False,
 ) -> list[dict]:
     """FlatQuant on a prepared (uncalibrated) model, in place; returns per layer {"layer", "mse_init",
@@ -330,8 +373,9 @@ def calibrate(
     layer, lr 5e-3; ours defaulted to one sequence per step (1920 steps, lr 1e-3), which this keeps at 1.
     Larger batches make fewer, wider steps (the launches of a step are paid once for `batch_size`
     sequences), with the lr left to the caller. Sequences of different lengths never share a batch.
-    `step_inverses`: invert each transform once per step for all its readers, without host syncs
-    (StepInverses); False inverts per reader as the first version did (same math, other float rounding).
+    `merge_once`: each transform inverted, merged into its readers' stacked weights and fake-quantized once
+    per step, without host syncs (_StepMerge); False merges per reader with a checked inversion each, as the
+    first version did (same math, other float rounding: with batch_size 1 it reproduces that version's bits).
     `compile`: torch.compile the per-layer loss (for CUDA; recompiles once per layer and sequence length)."""
     layers = decoder_layers(model)
     if not isinstance(layers[0].mlp.down_proj, QuantLinear):
@@ -351,7 +395,7 @@ def calibrate(
         for b in buckets:
             b.hidden = b.hidden.float()
         mse_init, mse, steps = _calibrate_layer(layer, buckets, epochs, lr, alpha, seed, generator, batch_size,
-                                                step_inverses, loss_fn)
+                                                merge_once, loss_fn)
         layer.to(dtype)
         for b in buckets:  # the FP layer's outputs are the next layer's inputs (the FP stream)
             b.hidden, b.targets = b.targets.to(dtype), None
