@@ -117,6 +117,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    if device == "cpu":
+        torch.set_num_threads(1)  # a CPU run measures launches, and OpenMP threads on shared cores stall each other
     shape = TINY if args.tiny else QWEN3_0_6B
     nsamples = args.nsamples or (8 if args.tiny else 32)
     seqlen = args.seqlen or (64 if args.tiny else 2048)
