@@ -376,7 +376,8 @@ def calibrate(
     `merge_once`: each transform inverted, merged into its readers' stacked weights and fake-quantized once
     per step, without host syncs (_StepMerge); False merges per reader with a checked inversion each, as the
     first version did (same math, other float rounding: with batch_size 1 it reproduces that version's bits).
-    `compile`: torch.compile the per-layer loss (for CUDA; recompiles once per layer and sequence length)."""
+    `compile`: torch.compile the per-layer loss (for CUDA; compiles in the first layer, again for another
+    sequence length or a short last batch; the weight merges of _StepMerge stay eager)."""
     layers = decoder_layers(model)
     if not isinstance(layers[0].mlp.down_proj, QuantLinear):
         raise ValueError("flatquant needs the model prepared (pipeline.quant.apply.prepare) with every Linear of the layers targeted")
