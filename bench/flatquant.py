@@ -1,27 +1,33 @@
-"""FlatQuant calibration wall time on a Qwen3-shaped model, against GPTQ on the same (rotated) layers.
+"""FlatQuant calibration wall time on a Qwen3-shaped model: the one-sequence-per-step path against the
+batched one, extrapolated to the full calibration; QuaRot + GPTQ on the same layers as the peer.
 
-    python bench/flatquant.py --out flatquant.json                  # one H200: Qwen3-0.6B widths, 2 layers (~5 min)
-    python bench/flatquant.py --layers 2 --nsamples 32 --out f.json # shorter
-    python bench/flatquant.py --tiny --out flatquant-tiny.json      # CPU smoke test, seconds
+    python bench/flatquant.py --out flatquant.json                     # one GPU: 0.6B widths, 2 layers, 32 × 2048, 2 epochs
+    python bench/flatquant.py --compile --no-gptq --out f.json         # also the batched path with torch.compile
+    python bench/flatquant.py --tiny --no-gptq                         # CPU, seconds
 
 The model is Qwen3Config with Qwen3-0.6B's widths (hidden 1024, intermediate 3072, 16 heads × 128 = 2048
 ≠ hidden, 8 KV heads) and `--layers` decoder layers, random float32 weights from a fixed seed (the ptq
 stage quantizes transform methods in float32 too), prepared for W4A4KV4. Calibration: `--nsamples`
-sequences of `--seqlen` random token ids, `--epochs` passes per layer (the paper's 128 × 2048 × 15 by
-default), lr 1e-3, one sequence per step, as the ptq stage's `method: flatquant` runs it.
+sequences of `--seqlen` random token ids, `--epochs` passes per layer, lr 1e-3.
 
-Timed: `pipeline.quant.flatquant.calibrate` (capture of layer-0 inputs included) and, as the peer measured
-in the same run, QuaRot + our layerwise GPTQ (`pipeline.quant.gptq.gptq_layerwise`) on a fresh model of
-the same shape and samples. Every layer has the same widths and the same number of steps, so the cost
-of a layer is the same whatever its depth: the full 28-layer estimate is
-    capture + 28 × (mean seconds per layer over layers 1.. — layer 0 also pays CUDA warm-up),
-an extrapolation, printed and written as `full_model_estimate_s` next to the measured numbers.
-Bounded: the defaults run 2 layers (~4.5 min on an H200: 62 ms per step at 2048 tokens, measured); `--layers` / `--nsamples` / `--epochs` shrink it further.
+Paths timed, each on a fresh model (`pipeline.quant.flatquant.calibrate`, capture of layer-0 inputs included):
+  before:  batch_size 1, merge_once False (the ptq stage without `batch_size`: the first version)
+  after-bN:   batch_size N for each N of `--batch-size` (default 4, as FlatQuant's code, and 8), each transform
+              merged once per step
+  compile-bN: the same with the per-layer loss under torch.compile (`--compile`; compiles in the first layer)
+For each: wall ms per optimizer step (a layer's seconds / its steps, so the per-epoch MSE evaluation, the FP
+targets and the merge are included), steps per layer, peak GPU memory, and the full calibration extrapolated
+to 28 layers at the paper's 15 epochs × 128 samples:
+    capture × 128 / nsamples + 28 × ms per step × 15 × ceil(128 / batch_size),
+with ms per step from the layers after the first (layer 0 pays CUDA warm-up and compilation). The per-layer
+fixed costs (targets, init, merge) are spread over 2 epochs here rather than 15, so the estimate errs high.
+It holds for the shape and sequence length measured: `--seqlen` other than 2048 or `--tiny` measure a ratio only.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -57,62 +63,103 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+FULL_EPOCHS, FULL_SAMPLES = 15, 128
+
+
+def time_path(name: str, shape: dict, layers: int, device: str, samples: list[list[int]], epochs: int,
+              **calibrate_kwargs) -> dict:
+    """One calibration on a fresh model: per-layer seconds and steps, ms per step, peak memory, the estimate."""
+    model = build(shape, layers, device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    start = time.perf_counter()
+    report = flatquant.calibrate(model, samples, epochs=epochs, lr=1e-3, **calibrate_kwargs)
+    sync(device)
+    total = time.perf_counter() - start
+    steady = report[1:] or report
+    ms_per_step = 1000 * sum(r["seconds"] for r in steady) / sum(r["steps"] for r in steady)
+    capture_s = total - sum(r["seconds"] for r in report)
+    batch = calibrate_kwargs.get("batch_size", 1)
+    full_steps = FULL_EPOCHS * math.ceil(FULL_SAMPLES / batch)
+    full_s = capture_s * FULL_SAMPLES / len(samples) + FULL_LAYERS * ms_per_step / 1000 * full_steps
+    for r in report:
+        print(f"{name} layer {r['layer']}: {r['seconds']:.2f}s, {r['steps']} steps, output MSE {r['mse_init']:.3e} -> {r['mse']:.3e}")
+    return {"batch_size": batch, **{k: v for k, v in calibrate_kwargs.items() if k != "batch_size"},
+            "seconds": total, "capture_s": capture_s, "layer_s": [r["seconds"] for r in report],
+            "steps_per_layer": report[0]["steps"], "ms_per_step": ms_per_step, "ms_per_sample": ms_per_step / batch,
+            "mse": [r["mse"] for r in report], "full_steps_per_layer": full_steps, "full_estimate_min": full_s / 60,
+            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
+
+
+def print_path(name: str, r: dict, label: str, full: bool) -> None:
+    memory = f", peak {r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else ""
+    print(f"{name:10s} ({label}): batch {r['batch_size']}, {r['ms_per_step']:.1f} ms/step "
+          f"({r['ms_per_sample']:.1f} ms/sequence), {r['steps_per_layer']} steps/layer here, "
+          f"{r['full_steps_per_layer']} at 15 x 128{memory}", flush=True)
+    if full:
+        print(f"{'':10s} full calibration, {FULL_LAYERS} layers x 15 epochs x 128 x 2048: "
+              f"~{r['full_estimate_min']:.1f} min (extrapolated)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke test on a 2-layer 256-wide model")
-    parser.add_argument("--layers", type=int, default=None, help="decoder layers to calibrate (default 2; tiny 2)")
-    parser.add_argument("--nsamples", type=int, default=None, help="calibration sequences (default 128; tiny 4)")
+    parser.add_argument("--tiny", action="store_true", help="CPU run on a 2-layer 256-wide model")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers to calibrate (at least 2: the first warms up)")
+    parser.add_argument("--nsamples", type=int, default=None, help="calibration sequences (default 32; tiny 8)")
     parser.add_argument("--seqlen", type=int, default=None, help="tokens per sequence (default 2048; tiny 64)")
-    parser.add_argument("--epochs", type=int, default=None, help="passes per layer (default 15; tiny 2)")
+    parser.add_argument("--epochs", type=int, default=2, help="passes per layer")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[4, 8],
+                        help="sequences per step of the batched path, one run each (default 4 8)")
+    parser.add_argument("--compile", action="store_true", help="also time the batched path under torch.compile")
+    parser.add_argument("--no-before", action="store_true", help="skip the one-sequence-per-step path")
     parser.add_argument("--no-gptq", action="store_true", help="skip the QuaRot + GPTQ peer")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
+    if device == "cpu":
+        torch.set_num_threads(1)  # a CPU run measures launches, and OpenMP threads on shared cores stall each other
     shape = TINY if args.tiny else QWEN3_0_6B
-    layers = args.layers or 2
-    nsamples = args.nsamples or (4 if args.tiny else 128)
+    nsamples = args.nsamples or (8 if args.tiny else 32)
     seqlen = args.seqlen or (64 if args.tiny else 2048)
-    epochs = args.epochs if args.epochs is not None else (2 if args.tiny else 15)
     g = torch.Generator().manual_seed(0)
     samples = [torch.randint(0, shape["vocab_size"], (seqlen,), generator=g).tolist() for _ in range(nsamples)]
+    paths = {} if args.no_before else {"before": dict(batch_size=1, merge_once=False)}
+    for batch in args.batch_size:
+        paths[f"after-b{batch}"] = dict(batch_size=batch)
+    if args.compile:
+        for batch in args.batch_size:
+            paths[f"compile-b{batch}"] = dict(batch_size=batch, compile=True)
 
-    model = build(shape, layers, device)
-    sync(device)
-    start = time.perf_counter()
-    report = flatquant.calibrate(model, samples, epochs=epochs, lr=1e-3)
-    sync(device)
-    flat_s = time.perf_counter() - start
-    per_layer = [r["seconds"] for r in report]
-    steady = per_layer[1:] or per_layer
-    capture_s = flat_s - sum(per_layer)
-    estimate = capture_s + FULL_LAYERS * sum(steady) / len(steady)
-    for r in report:
-        print(f"flatquant layer {r['layer']}: {r['seconds']:.2f}s, output MSE {r['mse_init']:.3e} -> {r['mse']:.3e}")
-    result = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "shape": "tiny" if args.tiny else "qwen3-0.6b", "layers": layers, "nsamples": nsamples, "seqlen": seqlen,
-        "epochs": epochs, "steps_per_layer": epochs * nsamples,
-        "flatquant_s": flat_s, "flatquant_capture_s": capture_s, "flatquant_layer_s": per_layer,
-        "full_model_estimate_s": estimate if not args.tiny else None,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
-    }
-    del model
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+              "shape": "tiny" if args.tiny else "qwen3-0.6b", "layers": args.layers, "nsamples": nsamples,
+              "seqlen": seqlen, "epochs": args.epochs, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    label = f"{result['device']}, {result['shape']}, {seqlen} tokens"
+    full = not args.tiny and seqlen == 2048
+    for name, kwargs in paths.items():
+        try:
+            result[name] = time_path(name, shape, args.layers, device, samples, args.epochs, **kwargs)
+        except Exception as e:  # noqa: BLE001 (compile on a new stack): the other paths' numbers still count
+            if not kwargs.get("compile"):
+                raise
+            result[name] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"{name} failed: {result[name]['error'][:2000]}")
+            continue
+        print_path(name, result[name], label, full)
     if not args.no_gptq:
-        model = build(shape, layers, device)
+        model = build(shape, args.layers, device)
         sync(device)
         start = time.perf_counter()
         quarot.rotate(model)
         gptq_layerwise(model, samples)
         sync(device)
         result["quarot_gptq_s"] = time.perf_counter() - start
-        result["flatquant_over_quarot_gptq"] = flat_s / result["quarot_gptq_s"]
-    print(f"flatquant: {flat_s:.1f}s for {layers} layers ({capture_s:.1f}s capture, "
-          f"{sum(steady) / len(steady):.2f}s per layer after the first)")
-    if not args.tiny:
-        print(f"extrapolated to {FULL_LAYERS} layers: {estimate:.0f}s (capture + {FULL_LAYERS} x per-layer mean)")
+
+    if "before" in result:
+        for name in [n for n in paths if n != "before" and "error" not in result[n]]:
+            print(f"{name} / before, ms per sequence: {result[name]['ms_per_sample'] / result['before']['ms_per_sample']:.2f}")
     if "quarot_gptq_s" in result:
-        print(f"quarot+gptq on the same layers: {result['quarot_gptq_s']:.1f}s; "
-              f"flatquant / quarot+gptq = {result['flatquant_over_quarot_gptq']:.1f}x")
+        print(f"quarot+gptq on the same layers and samples: {result['quarot_gptq_s']:.1f}s")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 

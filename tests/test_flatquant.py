@@ -8,6 +8,7 @@ import pipeline
 from pipeline.quant import flatquant, quarot
 from pipeline.quant.apply import calibrate, prepare, set_fake_quant
 from pipeline.quant.io import save_quantized
+from pipeline.quant.layerwise import capture_inputs
 from pipeline.quant.online import transform_parameters, transforms
 from pipeline.quant.scheme import QuantSpec
 from quant_tiny import one_thread, tiny_model, tiny_tokenizer
@@ -106,3 +107,86 @@ def test_gradients_reach_transforms_and_clips():
 def test_flatquant_needs_a_prepared_model():
     with pytest.raises(ValueError, match="prepared"):
         flatquant.calibrate(tiny_model(300), _samples(1))
+
+
+def test_step_inverses_share_one_inversion_and_defer_the_singularity_check():
+    from pipeline.quant.online import KroneckerTransform, StepInverses
+    g = torch.Generator().manual_seed(0)
+    t = KroneckerTransform(torch.eye(4) + 0.1 * torch.randn(4, 4, generator=g),
+                           torch.eye(8) + 0.1 * torch.randn(8, 8, generator=g), torch.rand(32, generator=g) + 0.5)
+    w = torch.randn(6, 32, generator=g)
+    per_reader, exact = t.inverse_transpose(w), t.inverse_transpose(w.double())
+    with StepInverses([t]) as inverses:
+        cached = t._inverses[1]
+        torch.testing.assert_close(t.inverse_transpose(w), per_reader, rtol=1e-5, atol=1e-6)
+        assert t._inverses[1] is cached  # a second reader reuses the step's inversion
+        assert torch.equal(t.inverse_transpose(w.double()), exact)  # the float64 merge inverts on its own
+        inverses.check()
+        with torch.no_grad():
+            t.left.zero_()
+        inverses.refresh()  # no host sync here: the error waits for the epoch's check
+        with pytest.raises(torch.linalg.LinAlgError, match="singular"):
+            inverses.check()
+    assert t._inverses is None
+
+
+def test_batches_cover_every_sample_once_and_never_mix_lengths():
+    model = tiny_model(300)
+    prepare(model, W4A4KV4)
+    samples = _samples(5) + _samples(2, length=40, seed=2)
+    buckets = flatquant._buckets(capture_inputs(model, samples))
+    assert sorted(b.hidden.shape[:2] for b in buckets) == [(2, 40), (5, 48)]
+    batches = flatquant._epoch_batches(buckets, 4, torch.Generator().manual_seed(0))
+    assert sorted(len(rows) for _, rows in batches) == [1, 2, 4]  # ceil(5/4) + ceil(2/4) steps
+    seen = sorted(b.samples[r] for b, rows in batches for r in rows.tolist())
+    assert seen == list(range(7))
+    # one per step: the order the one-sample loop drew
+    singles = flatquant._epoch_batches(buckets, 1, torch.Generator().manual_seed(0))
+    assert [b.samples[int(rows)] for b, rows in singles] == torch.randperm(7, generator=torch.Generator().manual_seed(0)).tolist()
+    report = flatquant.calibrate(model, samples, epochs=2, batch_size=4)
+    assert [r["steps"] for r in report] == [6, 6]
+
+
+def test_batched_calibration_is_as_good_as_one_sample_per_step_on_planted_outliers():
+    # FlatQuant's own setting (4 sequences per step, lr 5e-3) against ours (1 per step, lr 1e-3), held-out MSE
+    # summed over the layers. Seen over three calibration draws (seeds 0, 2, 4): batched 0.00676 / 0.00667 /
+    # 0.00634 vs one per step 0.00692 / 0.00666 / 0.00669; per layer either may lead by up to 5% (which epoch
+    # beats the init is a coin toss at 4 bits). Batched at lr 1e-3 was worse (0.00705 / 0.00723 / 0.00669):
+    # fewer steps want the larger rate.
+    calib, held_out = _samples(6), _samples(8, seed=1)
+    single, batched = _planted(), _planted()
+    flatquant.calibrate(single, calib, epochs=5, lr=1e-3)
+    report = flatquant.calibrate(batched, calib, epochs=5, lr=5e-3, batch_size=4)
+    assert [r["steps"] for r in report] == [10, 10]  # 5 epochs x ceil(6 / 4)
+    mse_single, mse_batched = flatquant.layer_output_mse(single, held_out), flatquant.layer_output_mse(batched, held_out)
+    print(mse_single, mse_batched)
+    assert sum(mse_batched) <= 1.01 * sum(mse_single)
+
+
+def test_merging_once_per_step_gives_the_per_reader_loss_and_gradients():
+    model = _planted()
+    layer = model.model.layers[0].float()
+    buckets = flatquant._buckets(capture_inputs(model, _samples(2)))
+    calib = flatquant._install(layer, flatquant._fp_targets(layer, buckets, 1), 0.5, 0)
+    trained = [p for _, t in transforms(layer) for p in t.parameters()] + [c.weight_clip for c in calib.values()]
+    for p in trained:
+        p.requires_grad_(True)
+    b = buckets[0]
+
+    def loss_and_grads(step):
+        for p in trained:
+            p.grad = None
+        if step is not None:
+            step.refresh()
+        loss = flatquant._mse_loss(layer, b.hidden[:2], b.targets[:2], b.kwargs)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trained]
+
+    loss, grads = loss_and_grads(None)
+    with flatquant._StepMerge(layer, calib) as step:
+        assert len(step.groups) == 4  # q/k/v, gate/up, o, down
+        merged_loss, merged_grads = loss_and_grads(step)
+    torch.testing.assert_close(merged_loss, loss, rtol=1e-5, atol=0)
+    for g, mg in zip(grads, merged_grads):
+        torch.testing.assert_close(mg, g, rtol=1e-4, atol=1e-4 * g.abs().max().item())
+    assert all(c.step_weight is None for c in calib.values())

@@ -262,3 +262,21 @@ def test_transform_methods_need_every_decoder_linear(teacher, tmp_path):
         ptq.run(ctx)
     with pytest.raises(ValidationError, match="needs `calibration"):
         ptq.Config(model="teacher", method="flatquant")
+
+
+def test_flatquant_batch_size_is_left_out_of_old_configs_and_batches_the_steps(teacher, tmp_path):
+    from pipeline.stage_api import result_config
+    base = {"type": "ptq", "model": "teacher", "calibration": "traces", "method": "flatquant", "nsamples": 4,
+            "seqlen": 64, "epochs": 1, "sqnr_samples": 1}
+    # unset, the key is not in what the fingerprint hashes: flatquant artifacts made before it stay current
+    assert "batch_size" not in result_config(ptq.Config, ptq.Config.model_validate(base).model_dump(mode="json"))
+    config = ptq.Config.model_validate({**base, "batch_size": 4})
+    assert result_config(ptq.Config, config.model_dump(mode="json"))["batch_size"] == 4
+    ctx = StageContext(name="ptq", config=config, recipe=_recipe(W4A4KV4), out_dir=tmp_path,
+                       inputs={"model": teacher.dir, "calibration": teacher.traces},
+                       input_manifests={"model": {}, "calibration": {}}, checkpointer=None, log=logging.getLogger("test"))
+    ptq.run(ctx)
+    report = json.loads((tmp_path / "flatquant.json").read_text())
+    # one step per distinct trace length (traces of one length share a batch), never one per trace
+    lengths = {len(s) for s in traces_samples(AutoTokenizer.from_pretrained(teacher.dir), teacher.traces, 4, 64, 0)}
+    assert [r["steps"] for r in report] == [len(lengths)] * 2

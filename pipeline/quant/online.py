@@ -32,6 +32,7 @@ class KroneckerTransform(nn.Module):
         self.left = nn.Parameter(left)
         self.right = nn.Parameter(right)
         self.smooth = None if smooth is None else nn.Parameter(smooth)
+        self._inverses: tuple[torch.dtype, torch.Tensor, torch.Tensor] | None = None  # set by StepInverses
 
     @classmethod
     def empty(cls, n1: int, n2: int, smooth: bool, device=None, dtype=None) -> "KroneckerTransform":
@@ -57,13 +58,54 @@ class KroneckerTransform(nn.Module):
         grid = y.unflatten(-1, self.sizes)
         # inverted in at least float32 (linalg.inv refuses bf16), applied in y's dtype
         work = torch.promote_types(dtype, torch.float32)
-        left_inv = torch.linalg.inv(self.left.to(work)).to(dtype)
-        right_inv = torch.linalg.inv(self.right.to(work)).to(dtype)
-        return (left_inv @ grid @ right_inv.T).flatten(-2)
+        if self._inverses is not None and self._inverses[0] == work:
+            left_inv, right_inv = self._inverses[1:]
+        else:
+            left_inv, right_inv = torch.linalg.inv(self.left.to(work)), torch.linalg.inv(self.right.to(work))
+        return (left_inv.to(dtype) @ grid @ right_inv.to(dtype).T).flatten(-2)
 
     def extra_repr(self) -> str:
         n1, n2 = self.sizes
         return f"{n1}x{n2}" + (", smooth" if self.smooth is not None else "")
+
+
+class StepInverses:
+    """The inverse factors A⁻¹, B⁻¹ of some transforms, computed once per optimizer step and shared by every
+    `inverse_transpose` until the next `refresh` (FlatQuant's calibration: the q/k/v weights merge one transform,
+    gate/up another, and queries use the key transform's inverse; without this each of them inverts again, and
+    the inverses' backward runs once per reader instead of once).
+
+    `torch.linalg.inv` checks for singular matrices with a host sync on CUDA (two per merge, sixteen per forward
+    of a decoder layer); `inv_ex` does not, and its error codes pile up on the device for `check`, once per epoch.
+    Float32 inverses only (calibration's dtype); other dtypes (the float64 merge of finalize) invert as before.
+    A `with` block: the transforms stop using the cache when it ends."""
+
+    def __init__(self, modules: list[KroneckerTransform]):
+        self.modules = modules
+        self._failed: torch.Tensor | None = None
+
+    def refresh(self) -> None:
+        """Invert every transform's current factors (after each optimizer step, before the next forward)."""
+        for m in self.modules:
+            left_inv, left_info = torch.linalg.inv_ex(m.left.float())
+            right_inv, right_info = torch.linalg.inv_ex(m.right.float())
+            m._inverses = (torch.float32, left_inv, right_inv)
+            failed = (left_info != 0) | (right_info != 0)
+            self._failed = failed if self._failed is None else self._failed | failed
+
+    def check(self) -> None:
+        """Raise if any factor inverted since the last check was singular (one host sync)."""
+        if self._failed is not None and bool(self._failed):
+            raise torch.linalg.LinAlgError("a FlatQuant transform factor became singular during calibration")
+        self._failed = None
+
+    def __enter__(self) -> "StepInverses":
+        self.refresh()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m in self.modules:
+            m._inverses = None
 
 
 class TransformedNorm(nn.Module):
