@@ -44,7 +44,7 @@ def _evaluated(recipe, name: str) -> str | None:
 
 def default_baseline(recipe) -> str | None:
     for name, config in recipe.stages.items():
-        if config.type != "eval":
+        if config.type != "eval" or not config.generate:  # a perplexity-only eval has no accuracy to retain
             continue
         target = _evaluated(recipe, name)
         if target == "model":

@@ -73,7 +73,8 @@ class Config(StageConfig):
     """flatquant: calibration sequences per optimizer step, each transform merged once per step
     (pipeline.quant.flatquant.calibrate). FlatQuant's code takes 4 with lr 5e-3: fewer steps want the larger
     rate (4 at 1e-3 did worse than 1 at 1e-3 on our tests, 4 at 5e-3 as well or better). None: one sequence per
-    step with the first version's arithmetic, as before this key; 1 is that schedule, faster, rounded differently."""
+    step with the first version's arithmetic, as before this key; 1 is that schedule, faster, rounded differently.
+    Set, the traces are packed into windows of exactly `seqlen` tokens, so that every batch fills."""
     nsamples: int = Field(128, gt=0)
     """Calibration sequences."""
     seqlen: int = Field(2048, gt=0)
@@ -141,7 +142,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     from pipeline.models import load_model, load_tokenizer
     from pipeline.quant import sqnr
     from pipeline.quant.apply import quant_linears, quantize_rtn
-    from pipeline.quant.calibration import generic_samples, traces_samples
+    from pipeline.quant.calibration import generic_samples, packed_traces_samples, traces_samples
     from pipeline.quant.gptq import run_gptq
     from pipeline.quant.io import save_quantized
     from pipeline.quant.scheme import check_fit
@@ -158,8 +159,11 @@ def run(ctx: StageContext) -> dict[str, float]:
         raise InputError(*misfits[0])
 
     if config.calibration is not None:
-        samples = traces_samples(tokenizer, ctx.inputs["calibration"], config.nsamples, config.seqlen, ctx.recipe.seed,
-                                 where=f"stages.{ctx.name}.calibration")
+        # batched FlatQuant needs samples of one length (see packed_traces_samples); the other methods keep
+        # one trace a sample, as their artifacts were made
+        sampler = packed_traces_samples if config.method == "flatquant" and config.batch_size else traces_samples
+        samples = sampler(tokenizer, ctx.inputs["calibration"], config.nsamples, config.seqlen, ctx.recipe.seed,
+                          where=f"stages.{ctx.name}.calibration")
     else:
         texts = read_texts(config.calibration_text, f"stages.{ctx.name}.calibration_text") \
             if config.calibration_text else None

@@ -14,7 +14,7 @@ from pipeline.errors import InputError
 from pipeline.models import Qwen3Arch
 from pipeline.quant import sqnr
 from pipeline.quant.apply import quant_linears, quantize_rtn
-from pipeline.quant.calibration import generic_samples, traces_samples
+from pipeline.quant.calibration import generic_samples, packed_traces_samples, traces_samples
 from pipeline.quant.gptq import gptq_modifier, run_gptq
 from pipeline.quant.scheme import QuantSpec
 from pipeline.stage_api import StageContext
@@ -277,6 +277,15 @@ def test_flatquant_batch_size_is_left_out_of_old_configs_and_batches_the_steps(t
                        input_manifests={"model": {}, "calibration": {}}, checkpointer=None, log=logging.getLogger("test"))
     ptq.run(ctx)
     report = json.loads((tmp_path / "flatquant.json").read_text())
-    # one step per distinct trace length (traces of one length share a batch), never one per trace
-    lengths = {len(s) for s in traces_samples(AutoTokenizer.from_pretrained(teacher.dir), teacher.traces, 4, 64, 0)}
-    assert [r["steps"] for r in report] == [len(lengths)] * 2
+    # the traces are packed into 4 windows of 64 tokens: one batch of 4, one step a layer
+    assert [r["steps"] for r in report] == [1] * 2
+
+
+def test_packed_traces_samples_are_equal_windows_of_the_traces(teacher):
+    tokenizer = AutoTokenizer.from_pretrained(teacher.dir)
+    whole = [t for s in traces_samples(tokenizer, teacher.traces, 8, 10**6, 0) for t in s]  # same seeded order
+    windows = packed_traces_samples(tokenizer, teacher.traces, 3, 16, 0)
+    assert [len(w) for w in windows] == [16, 16, 16] and [t for w in windows for t in w] == whole[:48]
+    assert len(packed_traces_samples(tokenizer, teacher.traces, 10**4, 16, 0)) == len(whole) // 16
+    with pytest.raises(InputError, match="fewer than one window of seqlen"):
+        packed_traces_samples(tokenizer, teacher.traces, 1, len(whole) + 1, 0)

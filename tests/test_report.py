@@ -16,3 +16,15 @@ def test_rl_curves_get_their_own_figure_and_stay_out_of_the_loss_plot(tmp_path):
     kd = [{"step": s, "loss": 1.0 / s} for s in range(1, 4)] + [{"step": 3, "loss": 0.3, "eval_accuracy": 0.9}]
     written = plot(tmp_path, rows(("kd_qat", "kd_qat"), ("rl", "rl")), {"kd_qat": kd, "rl": rl}, None)
     assert written == ["training.png", "eval_accuracy.png", "rl.png"]
+
+
+def test_default_baseline_is_an_eval_of_the_base_model_that_measures_accuracy():
+    from types import SimpleNamespace
+
+    from pipeline.report import default_baseline
+
+    def evals(**generate):
+        return SimpleNamespace(stages={name: SimpleNamespace(type="eval", model="model", generate=g)
+                                       for name, g in generate.items()})
+    assert default_baseline(evals(teacher_ppl=False, teacher_acc=True)) == "teacher_acc"
+    assert default_baseline(evals(teacher_ppl=False)) is None  # perplexity only: no retention column, no error

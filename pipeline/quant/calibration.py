@@ -44,6 +44,27 @@ def traces_samples(tokenizer, traces_dir: str | Path, nsamples: int, seqlen: int
     return [t.example(tokenizer)[0][:seqlen] for t in traces[:nsamples]]
 
 
+def packed_traces_samples(tokenizer, traces_dir: str | Path, nsamples: int, seqlen: int, seed: int,
+                          where: str = "calibration") -> list[list[int]]:
+    """Up to `nsamples` windows of exactly `seqlen` tokens: the traces (chat-formatted, in a seeded random
+    order) joined end to end and cut, as FlatQuant calibrates on equal 2048-token windows of WikiText.
+    Equal lengths let a batched calibration fill every batch: traces cut one per sample are all of
+    different lengths, and samples of different lengths cannot share a step. Fewer windows when the
+    traces hold fewer than nsamples x seqlen tokens; an InputError (on `where`) when not even one."""
+    from pipeline.traces import read_traces
+
+    traces = read_traces(traces_dir, where)
+    random.Random(seed).shuffle(traces)
+    ids: list[int] = []
+    for trace in traces:
+        if len(ids) >= nsamples * seqlen:
+            break
+        ids += trace.example(tokenizer)[0]
+    if len(ids) < seqlen:
+        raise InputError(where, f"the traces hold {len(ids)} tokens, fewer than one window of seqlen {seqlen}")
+    return [ids[i : i + seqlen] for i in range(0, min(len(ids) // seqlen, nsamples) * seqlen, seqlen)]
+
+
 def generic_text() -> str:
     parts = []
     with warnings.catch_warnings():  # e.g. typing.io's deprecation warning, fired by reading its attributes
