@@ -75,11 +75,27 @@ def build_rows(recipe, root: str | Path, baseline: str | None) -> list[dict]:
         row = {"stage": d.name, "type": d.type, "state": d.state,
                "of": _evaluated(recipe, d.name) if d.type in ("eval", "gate") else None,
                "wall_seconds": manifest.get("wall_seconds"),
-               "metrics": {k: metrics[k] for k in COLUMNS.get(d.type, ()) if k in metrics}}
+               "metrics": {_column(d.type, k): metrics[k] for k in COLUMNS.get(d.type, ()) if k in metrics},
+               "problems": metrics.get("num_problems") or getattr(recipe.stages[d.name], "limit", None),
+               "loss": _loss_kind(recipe.stages[d.name])}
         if d.type == "eval" and base_accuracy and "accuracy" in metrics:
             row["metrics"]["retention"] = metrics["accuracy"] / base_accuracy
         rows.append(row)
     return rows
+
+
+def _column(stage_type: str, metric: str) -> str:
+    """A metric's name in the report: an rl stage's accuracy is over its own rollouts, not an eval's."""
+    return "rollout_accuracy" if (stage_type, metric) == ("rl", "accuracy") else metric
+
+
+def _loss_kind(config) -> str | None:
+    """What a training stage's `loss` column measures."""
+    if config.type == "sft" or getattr(config, "objective", None) == "sft":
+        return "cross-entropy"
+    if config.type == "kd_qat":
+        return {"forward_kl": "forward KL", "reverse_kl": "reverse KL", "jsd": "JSD"}[config.loss]
+    return None
 
 
 def _fmt(value) -> str:
@@ -95,7 +111,8 @@ def markdown(recipe_name: str, rows: list[dict], baseline: str | None, plots: li
     lines += ["| stage | type | state | of | wall (s) | metrics |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in r["metrics"].items())
-        lines.append(f"| {r['stage']} | {r['type']} | {r['state']} | {r['of'] or ''} | {_fmt(r['wall_seconds'])} "
+        of = (r["of"] or "") + (f" ({r['problems']} problems)" if r["of"] and r.get("problems") else "")
+        lines.append(f"| {r['stage']} | {r['type']} | {r['state']} | {of} | {_fmt(r['wall_seconds'])} "
                      f"| {metrics} |")
     lines += [""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
@@ -115,65 +132,93 @@ def plot(out_dir: Path, rows: list[dict], curves: dict[str, list[dict]], baselin
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
 
-    written = []
     kinds = {r["stage"]: r["type"] for r in rows}
+    losses = {r["stage"]: r.get("loss") or "training loss" for r in rows}
     rl_curves = {n: pts for n, pts in curves.items() if kinds[n] == "rl"}
     curves = {n: pts for n, pts in curves.items() if kinds[n] != "rl"}
-    if curves:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for name, points in curves.items():
-            ax.plot([p["step"] for p in points], [p["loss"] for p in points], label=name)
-        ax.set(xlabel="step", ylabel="training loss", yscale="log", title="training loss")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / "training.png", dpi=120)
-        plt.close(fig)
-        written.append("training.png")
     evaluated = {n: [p for p in pts if "eval_accuracy" in p] for n, pts in curves.items()}
-    evaluated = {n: pts for n, pts in evaluated.items() if pts}
-    if evaluated:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for name, points in evaluated.items():
-            ax.plot([p["step"] for p in points], [p["eval_accuracy"] for p in points], marker="o", label=name)
-        ax.set(xlabel="step", ylabel="held-out accuracy", ylim=(0, 1), title="accuracy during training")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / "eval_accuracy.png", dpi=120)
-        plt.close(fig)
-        written.append("eval_accuracy.png")
-    if rl_curves:  # GRPO's loss says little; what the studies compare is reward and entropy
-        panels = [(k, label) for k, label in (("accuracy", "rollout accuracy"), ("entropy", "entropy"),
-                                              ("completion_length", "completion tokens"))
-                  if any(k in p for pts in rl_curves.values() for p in pts)]
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
-        for ax, (key, label) in zip(axes[0], panels):
-            for name, points in rl_curves.items():
-                shown = [p for p in points if key in p]
-                ax.plot([p["step"] for p in shown], [p[key] for p in shown], label=name)
-            ax.set(xlabel="step", ylabel=label, title=label)
-        axes[0][0].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / "rl.png", dpi=120)
-        plt.close(fig)
-        written.append("rl.png")
-    scored = [r for r in rows if r["type"] in ("eval", "gate") and "accuracy" in r["metrics"]]
-    if scored:
-        fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(scored)), 4))
-        names = [f"{r['stage']}\n({r['of']})" for r in scored]
-        ax.bar(names, [r["metrics"]["accuracy"] for r in scored], color="tab:blue")
-        base = next((r for r in scored if r["stage"] == baseline), None)
-        if base is not None:
-            ax.axhline(base["metrics"]["accuracy"], color="tab:red", linestyle="--", label=f"{baseline}")
-            ax.legend()
-        ax.set(ylabel="accuracy", ylim=(0, 1), title="accuracy by stage")
-        ax.tick_params(axis="x", labelsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / "accuracy.png", dpi=120)
-        plt.close(fig)
-        written.append("accuracy.png")
+    figures = [
+        ("training.png", curves and (lambda: _training_figure(curves, losses))),
+        ("eval_accuracy.png", any(evaluated.values()) and (lambda: _eval_accuracy_figure(evaluated))),
+        ("rl.png", rl_curves and (lambda: _rl_figure(rl_curves))),
+        ("accuracy.png", _bars_figure(rows, "accuracy", baseline)),
+        ("perplexity.png", _bars_figure(rows, "perplexity", None)),
+    ]
+    written = []
+    for name, draw in figures:
+        fig = draw() if callable(draw) else draw
+        if fig:
+            fig.tight_layout()
+            fig.savefig(out_dir / name, dpi=120)
+            matplotlib.pyplot.close(fig)
+            written.append(name)
     return written
+
+
+def _training_figure(curves: dict[str, list[dict]], losses: dict[str, str]):
+    """One panel per kind of loss: cross-entropy and a KL are different quantities, not one log axis."""
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({losses[n] for n in curves})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(7 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for name, points in curves.items():
+            if losses[name] == kind:
+                ax.plot([p["step"] for p in points], [p["loss"] for p in points], label=name)
+        ax.set(xlabel="step", ylabel=kind, yscale="log", title=f"training: {kind}")
+        ax.legend()
+    return fig
+
+
+def _eval_accuracy_figure(evaluated: dict[str, list[dict]]):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, points in evaluated.items():
+        if points:
+            ax.plot([p["step"] for p in points], [p["eval_accuracy"] for p in points], marker="o", label=name)
+    ax.set(xlabel="step", ylabel="held-out accuracy", ylim=(0, 1), title="accuracy during training")
+    ax.legend()
+    return fig
+
+
+def _rl_figure(rl_curves: dict[str, list[dict]]):
+    """GRPO's loss says little; what the studies compare is reward and entropy (of the rollouts, which are
+    training samples: their accuracy is not an eval's)."""
+    import matplotlib.pyplot as plt
+
+    panels = [(k, label) for k, label in (("accuracy", "rollout accuracy"), ("entropy", "entropy"),
+                                          ("completion_length", "completion tokens"))
+              if any(k in p for pts in rl_curves.values() for p in pts)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for name, points in rl_curves.items():
+            shown = [p for p in points if key in p]
+            ax.plot([p["step"] for p in shown], [p[key] for p in shown], label=name)
+        ax.set(xlabel="step", ylabel=label, title=label)
+    axes[0][0].legend(fontsize=8)
+    return fig
+
+
+def _bars_figure(rows: list[dict], metric: str, baseline: str | None):
+    """`metric` of every eval / gate stage that has it, one bar each, labelled with what it measured and
+    on how many problems (a gate's 100 beside an eval's 200 is not the same measurement)."""
+    scored = [r for r in rows if r["type"] in ("eval", "gate") and metric in r["metrics"]]
+    if not scored:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(scored)), 4))
+    names = [f"{r['stage']}\n({r['of']}" + (f", n={r['problems']})" if r.get("problems") else ")") for r in scored]
+    ax.bar(names, [r["metrics"][metric] for r in scored], color="tab:blue")
+    base = next((r for r in scored if r["stage"] == baseline), None)
+    if base is not None:
+        ax.axhline(base["metrics"][metric], color="tab:red", linestyle="--", label=f"{baseline}")
+        ax.legend()
+    ax.set(ylabel=metric, title=f"{metric} by stage", **({"ylim": (0, 1)} if metric == "accuracy" else {}))
+    ax.tick_params(axis="x", labelsize=8)
+    return fig
 
 
 def write_report(recipe, root: str | Path, baseline: str | None = None) -> tuple[Path, list[dict]]:

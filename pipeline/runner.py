@@ -554,11 +554,11 @@ def _metrics(value: Any) -> dict[str, float]:
 
 
 def _headline(recipe: Recipe, name: str, manifest: dict | None) -> str:
-    key = getattr(recipe.modules[name], "HEADLINE", None)
+    """The stage type's HEADLINE metric (a name, or names to try in order) for the run summary."""
+    keys = getattr(recipe.modules[name], "HEADLINE", None) or ()
     metrics = (manifest or {}).get("metrics", {})
-    if key is None or key not in metrics:
-        return ""
-    return f"{key} {logs.format_number(metrics[key])}"
+    key = next((k for k in ((keys,) if isinstance(keys, str) else keys) if k in metrics), None)
+    return "" if key is None else f"{key} {logs.format_number(metrics[key])}"
 
 
 def _format_metrics(metrics: dict[str, float]) -> str:

@@ -13,7 +13,7 @@ A stage type is one module `stages/<type>.py` that defines:
                                   # more than the schema (shapes, paths); (key path, message) pairs,
                                   # key path relative to the stage, e.g. ("group_size", "must divide 1024")
     def run(ctx: StageContext) -> dict[str, float]       # does the work, returns metrics
-    HEADLINE: str | None          # optional: the metric shown in the run summary
+    HEADLINE: str | tuple | None  # optional: the metric shown in the run summary (the first one present)
     PASSTHROUGH: str              # optional: for a stage that can be skipped by its gate, the
                                   # StageRef field whose artifact downstream stages read instead
     def output(config, input_kinds) -> str   # optional: what the stage writes when that depends

@@ -45,7 +45,7 @@ from pipeline.tasks.testbed import MAX_PROBLEMS
 
 CODE_VERSION = 1
 USES = ("seed", "data")
-HEADLINE = "accuracy"
+HEADLINE = ("accuracy", "perplexity")  # a perplexity-only eval has no accuracy
 OUTPUT = SAMPLES
 
 

@@ -54,7 +54,7 @@ from pipeline.tasks.testbed import MAX_PROBLEMS
 
 CODE_VERSION = 1
 USES = ("seed", "model", "data")
-HEADLINE = "accuracy"
+HEADLINE = "reward"  # over its own rollouts: an rl "accuracy" beside the evals would read as one of them
 PASSTHROUGH = "init"
 OUTPUT = QUANTIZED
 

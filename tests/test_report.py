@@ -28,3 +28,19 @@ def test_default_baseline_is_an_eval_of_the_base_model_that_measures_accuracy():
                                        for name, g in generate.items()})
     assert default_baseline(evals(teacher_ppl=False, teacher_acc=True)) == "teacher_acc"
     assert default_baseline(evals(teacher_ppl=False)) is None  # perplexity only: no retention column, no error
+
+
+def test_cross_entropy_and_kl_curves_get_separate_axes_and_rl_accuracy_is_named_rollout():
+    from types import SimpleNamespace
+
+    from pipeline.report import _column, _loss_kind, _training_figure
+
+    sft = SimpleNamespace(type="kd_qat", objective="sft", loss="forward_kl")
+    kd = SimpleNamespace(type="kd_qat", objective="kd", loss="reverse_kl")
+    assert (_loss_kind(sft), _loss_kind(kd), _loss_kind(SimpleNamespace(type="eval"))) == \
+        ("cross-entropy", "reverse KL", None)
+    points = [{"step": s, "loss": 1.0 / s} for s in range(1, 4)]
+    fig = _training_figure({"sft_qat": points, "kd": points}, {"sft_qat": "cross-entropy", "kd": "reverse KL"})
+    assert [ax.get_ylabel() for ax in fig.axes] == ["cross-entropy", "reverse KL"]
+    assert [[line.get_label() for line in ax.get_lines()] for ax in fig.axes] == [["sft_qat"], ["kd"]]
+    assert (_column("rl", "accuracy"), _column("eval", "accuracy")) == ("rollout_accuracy", "accuracy")
