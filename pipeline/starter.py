@@ -44,12 +44,7 @@ model:
 
 """
 
-W3G128 = """\
-quant:
-  preset: w3g128              # 3-bit asymmetric integer weights, one scale + zero per 128 input columns
-  weights:
-    group_size_policy: largest_divisor
-$group_note
+STAGES_HEAD = """\
 data:
   task: gsm8k                 # training prompts: GSM8K train; a MATH-style `jsonl` prompts file fits the evals better
 
@@ -60,10 +55,19 @@ stages:
     bench: math500
     generation: $eval_gen
 
-  traces:                     # the model's own solutions of the training prompts: GPTQ calibration and KD data
+  traces:                     # the model's own solutions of the training prompts: calibration and KD data
     type: traces
     model: model
-    count: 7473               # every GSM8K train prompt
+"""
+"""The data section and the first two stages, the same for both schemes."""
+
+W3G128 = """\
+quant:
+  preset: w3g128              # 3-bit asymmetric integer weights, one scale + zero per 128 input columns
+  weights:
+    group_size_policy: largest_divisor
+$group_note
+""" + STAGES_HEAD + """    count: 7473               # every GSM8K train prompt
     generation: $traces_gen
 
   gptq:                       # GPTQ (asymmetric, act-order) calibrated on the traces: the PTQ init and baseline
@@ -135,20 +139,7 @@ quant:
   preset: w4a4kv4             # int4 per-channel symmetric weights, int4 per-token activations, int4 KV per head
   activations: {clip_ratio: 0.9}   # QuaRot's activation clip ratio; FlatQuant learns its own clips on top
 
-data:
-  task: gsm8k                 # training prompts: GSM8K train; a MATH-style `jsonl` prompts file fits the evals better
-
-stages:
-  teacher_math500:            # the BF16 reference
-    type: eval
-    model: model
-    bench: math500
-    generation: $eval_gen
-
-  traces:                     # the model's own solutions of the training prompts: calibration and KD data
-    type: traces
-    model: model
-    count: 7473               # every GSM8K train prompt
+""" + STAGES_HEAD + """    count: 7473               # every GSM8K train prompt
     generation: $traces_gen
 
   flatquant:                  # learned transforms + clipping, layer by layer on output MSE: the PTQ init
