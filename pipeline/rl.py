@@ -68,7 +68,8 @@ from pipeline.checkpoint import Checkpointer, StageInterrupted
 from pipeline.data import BOXED_INSTRUCTION, Problem, chat_prompt
 from pipeline.generate import first_stop_end, generate_ids, resolve_backend
 from pipeline.quant.apply import decoding_weights, weight_only
-from pipeline.stage_api import OPERATIONAL, result_config
+from pipeline.stage_api import ADDED_KEY, OPERATIONAL, result_config
+from pipeline.train import Tracker
 
 # -- rewards --------------------------------------------------------------------------------------
 
@@ -218,6 +219,9 @@ class GRPOSettings(BaseModel):
     """Adaptive quantization noise on the rollout policy's RMSNorm weights (None: off)."""
     format_weight: float = Field(0.0, ge=0)
     """Weight of the format reward next to the accuracy reward (weight 1); 0 logs it without using it."""
+    report_to: tuple[Tracker, ...] = Field((), json_schema_extra={**OPERATIONAL, **ADDED_KEY})
+    """Also log each step's row (reward, accuracy, entropy, kl, completion length, ...) to these trackers,
+    through TRL's own reporting; tensorboard writes under `<stage>/tensorboard`."""
 
     @model_validator(mode="after")
     def _batches(self):
@@ -406,6 +410,13 @@ def codes_changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor
 RewardFunc = Callable[..., list[float]]
 
 
+def _tensorboard_callback(log_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))
+
+
 def grpo_train(model, tokenizer, problems: Sequence[Problem], settings: GRPOSettings, *, out_dir: str | Path,
                checkpointer: Checkpointer, seed: int, ref_model=None,
                reward_funcs: Sequence[RewardFunc] | None = None, reward_weights: Sequence[float] | None = None,
@@ -462,7 +473,8 @@ def grpo_train(model, tokenizer, problems: Sequence[Problem], settings: GRPOSett
         temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
         max_completion_length=settings.max_completion_length, reward_weights=list(reward_weights),
         gradient_checkpointing=settings.gradient_checkpointing, disable_dropout=True, bf16=bf16,
-        seed=seed, data_seed=seed, logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
+        seed=seed, data_seed=seed, logging_steps=1, save_strategy="no", eval_strategy="no",
+        report_to=[t for t in settings.report_to if t != "tensorboard"] or "none",  # tensorboard: below
         disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, log_completions=False,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
@@ -494,6 +506,8 @@ def grpo_train(model, tokenizer, problems: Sequence[Problem], settings: GRPOSett
         peft_config=peft_config, seed=seed, rollout_spec=rollout, aqn=settings.aqn, beta=settings.beta,
         ref_model=ref_model, resume=found[1] if found else None)
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; metrics.jsonl and the bar say it
+    if "tensorboard" in settings.report_to:  # transformers' own would write to ./runs: give it the stage's folder
+        trainer.add_callback(_tensorboard_callback(Path(out_dir) / "tensorboard"))
     if trainer.accelerator.is_main_process:
         with open(metrics_path, "w") as f:  # rows after the checkpoint belong to a lost future
             f.writelines(json.dumps(r) + "\n" for r in rows)

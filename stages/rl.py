@@ -51,6 +51,7 @@ from pipeline.errors import InputError
 from pipeline.rl import GRPOSettings
 from pipeline.stage_api import QUANTIZED, SEED_MAX, StageConfig, StageContext, stage_ref
 from pipeline.tasks.testbed import MAX_PROBLEMS
+from pipeline.train import missing_trackers
 
 CODE_VERSION = 1
 USES = ("seed", "model", "data")
@@ -73,7 +74,7 @@ class Config(GRPOSettings, StageConfig):
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
     # `init: model` needs a model.path holding a quantized model: checked with every reference's kind
-    return check_training_data(recipe.data, need_answers=True)
+    return check_training_data(recipe.data, need_answers=True) + missing_trackers(config.report_to)
 
 
 def run(ctx: StageContext) -> dict[str, float]:

@@ -245,3 +245,16 @@ def test_init_may_be_the_base_model_when_it_is_a_quantized_model(init_dir, tmp_p
     with pytest.raises(RecipeError, match="stages.rl.aqn.sigma_start: must be > 0"):
         recipe(aqn={"sigma_start": 0})
     assert rl_stage.PASSTHROUGH == "init"
+
+
+def test_tensorboard_tracker_holds_each_steps_reward_under_the_stage(init_dir, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)  # where transformers' own TensorBoardCallback would have written ./runs
+    train(init_dir, tmp_path, report_to=("tensorboard",))
+    runs = list((tmp_path / "out" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(runs) == 1 and not (tmp_path / "runs").exists()
+    events = EventAccumulator(str(runs[0].parent))
+    events.Reload()
+    rewards = [e.value for e in events.Scalars("train/reward")]
+    assert rewards == pytest.approx([r["reward"] for r in rows(tmp_path)])
