@@ -1,6 +1,6 @@
 """Stage `kd_qat`: train the fake-quantized student against the frozen BF16 teacher.
 
-The second step of the reasoning-QAT workflow (DESIGN.md §1): start from a `ptq` stage's quantized
+The second step of the reasoning-QAT workflow (README.md; results in docs/results/): start from a `ptq` stage's quantized
 model (GPTQ init; RTN init for the ablation), and distil the teacher's token distributions on the
 teacher's own reasoning traces. The studies found KD beats plain SFT on the same traces, whether the
 teacher was trained by SFT or RL, and a PTQ init beats an RTN init; `objective: sft` gives the SFT

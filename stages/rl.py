@@ -1,6 +1,6 @@
 """Stage `rl`: GRPO with verifiable rewards on the quantized student (the optional third step).
 
-DESIGN.md §1: after KD-QAT, RL adds a few points *if* the student clears a capability threshold;
+The published studies found that after KD-QAT, RL adds a few points *if* the student clears a capability threshold;
 below it RL collapses. So this stage normally carries `when: <gate>` and is skipped (state
 `skipped`, downstream stages reading `init` instead) when the gate fails; `--force` runs it anyway.
 

@@ -1,7 +1,7 @@
 """FlatQuant (Sun et al. 2024): per-layer learnable affine transforms that flatten weights and activations
 before 4-bit quantization, with learnable weight and activation clipping, calibrated decoder layer by
-decoder layer on the layer's output MSE against the full-precision layer. The W4A4KV4 PTQ init of
-DESIGN.md §1.
+decoder layer on the layer's output MSE against the full-precision layer. The W4A4KV4 PTQ init
+(docs/results/w4a4kv4/README.md).
 
     prepare(model, spec)                            # QuantLinears (+ KV-cache quant from the spec)
     report = calibrate(model, samples, epochs=15, lr=5e-3)   # transforms + clips learned, merged, RTN

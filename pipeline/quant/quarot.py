@@ -1,5 +1,6 @@
 """QuaRot (Ashkboos et al. 2024): Hadamard rotations that spread activation outliers over all channels,
-so that 4-bit per-token activations and KV cache lose less. The weaker W4A4KV4 baseline of DESIGN.md §1.
+so that 4-bit per-token activations and KV cache lose less. The weaker W4A4KV4 baseline
+(docs/results/w4a4kv4/README.md).
 
     prepare(model, spec)      # QuantLinears in place (not calibrated)
     rotate(model, seed)       # function-preserving: logits unchanged with quantization off
