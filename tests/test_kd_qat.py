@@ -128,7 +128,7 @@ def test_held_out_evaluation_under_bf16_autocast_with_a_static_cache(artifacts, 
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    def bf16_cpu():
+    def bf16_cpu(*_):  # make_accelerator's report_to and out_dir: no trackers here
         AcceleratorState._reset_state(reset_partial_state=True)  # a process-wide singleton
         return Accelerator(mixed_precision="bf16", cpu=True)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.logs import QUIET_ENV
 from quant_tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,7 +15,9 @@ CHATTER = ("METRIC", "No accelerator available", "Setting accelerator to CPU")
 
 
 def _run(recipe: Path, artifacts: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "REASONING_QAT_PROGRESS_EVERY": "0", "OMP_NUM_THREADS": "1"}
+    # without the settings an in-process CLI call of another test left in this process's environment
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_ENV}
+    env |= {"PYTHONPATH": str(ROOT), "REASONING_QAT_PROGRESS_EVERY": "0", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--artifacts", str(artifacts),
                            *extra], capture_output=True, text=True, env=env, timeout=600)
 

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import pipeline
+from pipeline.errors import InputError
 from pipeline.quant.apply import quant_linears, quantize_rtn
 from pipeline.quant.io import QUANT_CONFIG, is_quantized, read_quant_spec, save_quantized
 from pipeline.quant.scheme import QuantSpec
@@ -37,5 +38,5 @@ def test_save_load_identical_logits(tmp_path, preset, tied):
 
 def test_not_quantized_is_an_error(tmp_path):
     src = save_tiny(tmp_path / "teacher")
-    with pytest.raises(ValueError, match="no quantized model"):
+    with pytest.raises(InputError, match="holds no quantized model"):  # the API's bad-input error, one line
         pipeline.load_quantized(src)
