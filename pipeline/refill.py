@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import time
 from collections import deque
 from dataclasses import dataclass
 

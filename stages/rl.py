@@ -78,7 +78,6 @@ def check(config: Config, recipe) -> list[tuple[str, str]]:
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    import torch
     from accelerate import PartialState
 
     from pipeline.models import is_quantized, load_model, load_tokenizer

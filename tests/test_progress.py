@@ -3,7 +3,6 @@ environment sets, one at the end, none on other ranks; counts print as integers.
 import logging
 import re
 
-import pytest
 
 from pipeline.logs import format_number
 from pipeline.progress import duration, progress

@@ -151,7 +151,7 @@ MALFORMED = [
      "stages.kd_qat.teacher: 'traces' (traces stage) writes traces; needs a full-precision model or a quantized model "
      "(written by sft, ptq, kd_qat, rl or export stages)"),
     ("export-of-base", with_("stages.export.model", "model", REAL), [],
-     f"stages.export.model: 'model' (the recipe's base model) is a full-precision model; needs a quantized model"),
+     "stages.export.model: 'model' (the recipe's base model) is a full-precision model; needs a quantized model"),
 ]
 
 

@@ -35,9 +35,12 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:  # the annotation only: pipeline.data imports this module
+    from pipeline.data import Problem
 
 TEST_BUCKETS = 8
 """One question in TEST_BUCKETS (by hash) is reserved for the test split."""
@@ -177,7 +180,7 @@ def _solution(chain: list[str], summary: str, answer: int) -> str:
 
 
 def make_problems(spec: TestbedSpec, split: Literal["train", "test"], n: int | None = None,
-                  seed: int = 0) -> list["Problem"]:
+                  seed: int = 0) -> list[Problem]:
     """`n` unique problems of `split` (default: spec.train_size / spec.test_size), the same for the
     same (spec, split, n, seed); no question of one split appears in the other, for any seeds."""
     from pipeline.data import Problem  # pipeline.data imports TestbedSpec from here: import at call time
