@@ -108,30 +108,23 @@ def evaluate(model_dir: str | Path, bench: str = "testbed", limit: int | None = 
     the testbed spec, data sources and instruction from its `data` section."""
     from pipeline.evaluate import _check_out, _model, _tokenizer, bench_problems, evaluate as evaluate_model
     from pipeline.generate import GenerationSpec
-    from pipeline.models import CustomCodeRefused
 
     spec = generation if isinstance(generation, GenerationSpec) else GenerationSpec(**(generation or {}))
     if samples_path is not None:
         _check_out(str(samples_path))
     problems, instruction = bench_problems(bench, limit, data_dir, hub, load(recipe).data if recipe is not None else None)
-    try:
-        tokenizer = _tokenizer(str(model_dir), "MODEL_DIR", needs_chat=True, trust_remote_code=trust_remote_code)
-        model = _model(str(model_dir), dtype, trust_remote_code)
-    except CustomCodeRefused as e:
-        raise CustomCodeRefused(e.path, "MODEL_DIR", "pass --trust-remote-code") from None
+    tokenizer = _tokenizer(str(model_dir), "MODEL_DIR", needs_chat=True, trust_remote_code=trust_remote_code)
+    model = _model(str(model_dir), dtype, trust_remote_code)
     return evaluate_model(model, tokenizer, problems, spec, samples_path=samples_path, instruction=instruction)
 
 
 def _check_quantized(path: Path, where: str, trust_remote_code: bool) -> None:
     """InputError(where, ...) unless `path` holds a quantized model this process may load."""
-    from pipeline.models import CustomCodeRefused, check_model_dir
+    from pipeline.models import PASS_TRUST_FLAG, check_model_dir
     from pipeline.quant.io import is_quantized
 
     if not path.exists():
         raise InputError(where, f"{path} does not exist")
-    try:
-        check_model_dir(path, where, trust_remote_code)
-    except CustomCodeRefused as e:
-        raise CustomCodeRefused(e.path, where, "pass --trust-remote-code") from None
+    check_model_dir(path, where, trust_remote_code, allow=PASS_TRUST_FLAG)
     if not is_quantized(path):
         raise InputError(where, f"{path} holds no quantized model (run a ptq stage first)")

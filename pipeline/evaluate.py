@@ -253,11 +253,11 @@ def _spec_from_args(args: argparse.Namespace) -> GenerationSpec:
 
 
 def _check_model_dir(path: str, where: str, trust_remote_code: bool) -> None:
-    from pipeline.models import check_model_dir
+    from pipeline.models import PASS_TRUST_FLAG, check_model_dir
 
     if not Path(path).exists():
         raise InputError(where, f"no such directory: {path}")
-    inner = Path(check_model_dir(path, where, trust_remote_code))
+    inner = Path(check_model_dir(path, where, trust_remote_code, allow=PASS_TRUST_FLAG))
     if not any((inner / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise InputError(where, f"{inner} has no tokenizer (tokenizer.json / tokenizer_config.json)")
 
@@ -310,12 +310,7 @@ def _check_out(path: str) -> None:
 
 
 def cli_eval(args: argparse.Namespace) -> int:
-    from pipeline.models import CustomCodeRefused
-
-    try:
-        return (_cli_perplexity if args.perplexity or args.text or args.teacher else _cli_generate)(args)
-    except CustomCodeRefused as e:  # the way out on the command line is a flag, not the recipe key
-        raise CustomCodeRefused(e.path, e.where, "pass --trust-remote-code") from None
+    return (_cli_perplexity if args.perplexity or args.text or args.teacher else _cli_generate)(args)
 
 
 def _cli_generate(args: argparse.Namespace) -> int:

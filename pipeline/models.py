@@ -140,15 +140,21 @@ def load_pretrained(path: str | Path, trust_remote_code: bool = False, **kwargs)
                                                     **kwargs)
 
 
-def check_model_dir(path: str | Path, where: str, trust_remote_code: bool = False, verify_manifest: bool = True) -> str:
+PASS_TRUST_FLAG = "pass --trust-remote-code"
+"""The way out of a custom-code refusal where trust_remote_code is an argument (CLI flag, API keyword)."""
+
+
+def check_model_dir(path: str | Path, where: str, trust_remote_code: bool = False, verify_manifest: bool = True,
+                    allow: str | None = None) -> str:
     """The model directory behind a user-given `path` (recipe `model.path`, a CLI argument), checked
     before anything is loaded; each problem is InputError(where, ...), one line.
 
     A local path must be a model directory or a stage directory holding one, with config.json and
     safetensors weights; where it (or the stage directory around it) has a manifest.json, its files
     must match the manifest's sha256s (if `verify_manifest`); a config with custom code (`auto_map`)
-    must be one transformers loads without running it, unless trust_remote_code is on. A path that
-    does not exist is taken for a hub id and returned as it is.
+    must be one transformers loads without running it, unless trust_remote_code is on (`allow`: the way out
+    the refusal names, if not the recipe key). A path that does not exist is taken for a hub id and returned
+    as it is.
     """
     local = Path(path).expanduser()
     if not local.exists():
@@ -169,7 +175,7 @@ def check_model_dir(path: str | Path, where: str, trust_remote_code: bool = Fals
         try:
             load_config(inner, trust_remote_code)
         except CustomCodeRefused:
-            raise CustomCodeRefused(path, where) from None
+            raise CustomCodeRefused(path, where, *([allow] if allow else [])) from None
     return str(inner)
 
 

@@ -223,15 +223,13 @@ def render(name: str, model_path: Path, scheme: str, config, out: Path) -> str:
 
 def _model_config(model: str | Path):
     """The transformers config of the model folder `model`, read without running code from it."""
-    from pipeline.models import CustomCodeRefused, check_model_dir, load_config
+    from pipeline.models import check_model_dir, load_config
 
     if not Path(model).is_dir():
         raise InputError("--model", f"no such directory: {model}")
     try:
-        check_model_dir(model, "--model")
+        check_model_dir(model, "--model", allow="write its recipe by hand with model.trust_remote_code: true")
         return load_config(model)
-    except CustomCodeRefused:
-        raise CustomCodeRefused(model, "--model", "write its recipe by hand with model.trust_remote_code: true") from None
     except (OSError, ValueError) as e:  # e.g. a model type transformers does not know
         raise InputError("--model", f"{model}: {str(e).splitlines()[0]}") from None
 

@@ -37,11 +37,15 @@ def traces_samples(tokenizer, traces_dir: str | Path, nsamples: int, seqlen: int
                    where: str = "calibration") -> list[list[int]]:
     """Up to `nsamples` token-id sequences from `<traces_dir>/traces.jsonl`, a seeded random subset;
     `where` is the key blamed for a missing or malformed file."""
+    return [t.example(tokenizer)[0][:seqlen] for t in _shuffled_traces(traces_dir, seed, where)[:nsamples]]
+
+
+def _shuffled_traces(traces_dir: str | Path, seed: int, where: str) -> list:
     from pipeline.traces import read_traces
 
     traces = read_traces(traces_dir, where)
     random.Random(seed).shuffle(traces)
-    return [t.example(tokenizer)[0][:seqlen] for t in traces[:nsamples]]
+    return traces
 
 
 def packed_traces_samples(tokenizer, traces_dir: str | Path, nsamples: int, seqlen: int, seed: int,
@@ -51,12 +55,8 @@ def packed_traces_samples(tokenizer, traces_dir: str | Path, nsamples: int, seql
     Equal lengths let a batched calibration fill every batch: traces cut one per sample are all of
     different lengths, and samples of different lengths cannot share a step. Fewer windows when the
     traces hold fewer than nsamples x seqlen tokens; an InputError (on `where`) when not even one."""
-    from pipeline.traces import read_traces
-
-    traces = read_traces(traces_dir, where)
-    random.Random(seed).shuffle(traces)
     ids: list[int] = []
-    for trace in traces:
+    for trace in _shuffled_traces(traces_dir, seed, where):
         if len(ids) >= nsamples * seqlen:
             break
         ids += trace.example(tokenizer)[0]
