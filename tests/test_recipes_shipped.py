@@ -152,3 +152,40 @@ def test_stage_module_contract(stage_type):
         assert module.PASSTHROUGH in module.Config.model_fields
     headline = getattr(module, "HEADLINE", None)
     assert headline is None or isinstance(headline, str) or all(isinstance(k, str) for k in headline)
+
+
+FINGERPRINTS = ROOT / "tests" / "data" / "shipped_fingerprints.json"
+
+
+def stage_fingerprints(path: Path, model_dir: Path) -> dict[str, str]:
+    """Each stage's fingerprint, less its inputs' (which hash the base model folder, here a stand-in): what the
+    stage's own config (as `result_config` reads it), its recipe sections and its CODE_VERSION hash to. The
+    model section is the recipe's own text, since the stand-in's path and files are not the real model's."""
+    from pipeline.stage_api import result_config
+    from pipeline.store import fingerprint
+
+    raw = yaml.safe_load(path.read_text())
+    overrides = [f"model.path={stand_in(raw, model_dir)}"] if raw["model"].get("path") else []
+    recipe = load_recipe(path.relative_to(ROOT), overrides)
+    out = {}
+    for name, config in recipe.stages.items():
+        module = recipe.modules[name]
+        sections = {s: raw["model"] if s == "model" else recipe.section(s) for s in module.USES}
+        out[name] = fingerprint(config.type, result_config(type(config), config.model_dump(mode="json")), sections,
+                                recipe.refs(name), module.CODE_VERSION)
+    return out
+
+
+def test_refactors_keep_the_fingerprints_of_shipped_stages(monkeypatch, tmp_path):
+    """A change of layout or of how a config is declared must not re-run anyone's finished stages: every shipped
+    recipe's stages hash as recorded. A change that alters a stage's output bumps its CODE_VERSION and this file,
+    rewritten with REASONING_QAT_WRITE_FINGERPRINTS=1 (and says so in its commit)."""
+    import json
+    import os
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("REASONING_QAT_BENCHMARKS", str(ROOT / "tests" / "data"))
+    now = {p.name: stage_fingerprints(p, tmp_path / p.stem) for p in RECIPES}
+    if os.environ.get("REASONING_QAT_WRITE_FINGERPRINTS"):
+        FINGERPRINTS.write_text(json.dumps(now, indent=1, sort_keys=True) + "\n")
+    assert now == json.loads(FINGERPRINTS.read_text())
