@@ -10,7 +10,7 @@ The model is Qwen3Config with Qwen3-0.6B's widths (hidden 1024, intermediate 307
 stage quantizes transform methods in float32 too), prepared for W4A4KV4. Calibration: `--nsamples`
 sequences of `--seqlen` random token ids, `--epochs` passes per layer, lr 1e-3.
 
-Paths timed, each on a fresh model (`pipeline.quant.flatquant.calibrate`, capture of layer-0 inputs included):
+Paths timed, each on a fresh model (`pipeline.quant.methods.flatquant.calibrate`, capture of layer-0 inputs included):
   before:  batch_size 1, merge_once False (the ptq stage without `batch_size`: the first version)
   after-bN:   batch_size N for each N of `--batch-size` (default 4, as FlatQuant's code, and 8), each transform
               merged once per step
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.quant import flatquant, quarot  # noqa: E402
 from pipeline.quant.apply import prepare  # noqa: E402
-from pipeline.quant.gptq import gptq_layerwise  # noqa: E402
+from pipeline.quant.methods.gptq import gptq_layerwise  # noqa: E402
 from pipeline.quant.scheme import QuantSpec  # noqa: E402
 
 QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_attention_heads=16,

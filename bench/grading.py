@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.benchmarks import load_benchmark  # noqa: E402
-from pipeline.grading import grade_many  # noqa: E402
+from pipeline.data.benchmarks import load_benchmark  # noqa: E402
+from pipeline.data.grading import grade_many  # noqa: E402
 
 
 def measure(name: str, data_dir: str | None, workers: int | None, seed: int) -> dict:
@@ -51,7 +51,7 @@ def measure(name: str, data_dir: str | None, workers: int | None, seed: int) -> 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=None, help="benchmark jsonl directory (default: see pipeline.benchmarks)")
+    parser.add_argument("--data-dir", default=None, help="benchmark jsonl directory (default: see pipeline.data.benchmarks)")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the results as JSON here")

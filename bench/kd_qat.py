@@ -1,6 +1,6 @@
 """KD-QAT step time against a plain BF16 KD step: the cost of fake quantization in training.
 
-Both runs go through the real loop (`pipeline.train.train`) with the `kd_qat` stage's loss (forward
+Both runs go through the real loop (`pipeline.train.loop.train`) with the `kd_qat` stage's loss (forward
 KL, chunked), the same teacher, batch, optimizer (AdamW, fused on GPU) and bf16 autocast; the only
 difference is the student: plain Linears (the peer) or QuantLinears at the scheme given (ours).
 Random weights and tokens: speed does not depend on them.
@@ -13,7 +13,7 @@ Random weights and tokens: speed does not depend on them.
 
 Prints, per run: median step time over the timed steps (after `--warmup` steps), tokens/s, peak
 GPU memory, MFU (student forward+backward 6·N·T plus teacher forward 2·N·T FLOPs, attention left
-out, over the H100/H200's 989 TFLOP/s dense bf16), the ratio ours / peer, and `pipeline.memory`'s
+out, over the H100/H200's 989 TFLOP/s dense bf16), the ratio ours / peer, and `pipeline.train.memory`'s
 estimate of the step's memory beside the measured peak. `--ours-only` skips the peer (for shapes where
 only the levers make the student fit).
 """
@@ -34,11 +34,11 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.checkpoint import Checkpointer  # noqa: E402
-from pipeline.memory import GIB, kd_step_memory_of  # noqa: E402
+from pipeline.engine.checkpoint import Checkpointer  # noqa: E402
+from pipeline.train.memory import GIB, kd_step_memory_of  # noqa: E402
 from pipeline.quant.apply import quantize_rtn  # noqa: E402
 from pipeline.quant.scheme import QuantSpec  # noqa: E402
-from pipeline.train import TrainArgs, make_accelerator, train  # noqa: E402
+from pipeline.train.loop import TrainArgs, make_accelerator, train  # noqa: E402
 
 SHAPES = {  # Qwen3 model cards' sizes
     "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,

@@ -1,4 +1,4 @@
-"""GPTQ wall time: our ptq stage's GPTQ (pipeline.quant.gptq.run_gptq) over llmcompressor's bare `oneshot`.
+"""GPTQ wall time: our ptq stage's GPTQ (pipeline.quant.methods.gptq.run_gptq) over llmcompressor's bare `oneshot`.
 
     python bench/ptq.py --out ptq.json                 # one GPU: Qwen3-0.6B and 1.7B shapes
     python bench/ptq.py --shapes 0.6b --out ptq.json   # one shape
@@ -36,9 +36,9 @@ from pipeline.models import load_pretrained  # noqa: E402
 from pipeline.quant import sqnr  # noqa: E402
 from pipeline.quant.apply import quantize_rtn  # noqa: E402
 from pipeline.quant.calibration import calibration_loader  # noqa: E402
-from pipeline.quant.gptq import gptq_modifier, run_gptq  # noqa: E402
+from pipeline.quant.methods.gptq import gptq_modifier, run_gptq  # noqa: E402
 from pipeline.quant.scheme import QuantSpec  # noqa: E402
-from pipeline.tokenizer import build_tokenizer  # noqa: E402
+from pipeline.data.tokenizer import build_tokenizer  # noqa: E402
 
 QWEN3 = dict(vocab_size=151936, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
              max_position_embeddings=40960, tie_word_embeddings=True)

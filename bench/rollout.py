@@ -4,7 +4,7 @@
     python bench/rollout.py --tiny --out rollout-tiny.json   # CPU smoke test (a 2-layer model)
 
 Both policies decode through `pipeline.generate.generate_ids` (the path GRPO rollouts take in
-pipeline.rl) with the rollout sampling settings (temperature 1, `--new-tokens`, `--batch-size`
+pipeline.train.rl) with the rollout sampling settings (temperature 1, `--new-tokens`, `--batch-size`
 sequences at once): `bf16` is the model as built (bf16 on GPU, fp32 on CPU); `quant` is the same
 model after RTN quantization to `--scheme` (QuantLinear modules, the representation the `rl` stage
 trains, fp32 latent weights) decoded as GRPO rollouts decode it (`pipeline.quant.apply.decoding_weights`:

@@ -18,21 +18,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from pipeline.errors import InputError
+from pipeline.engine.errors import InputError
 
 if TYPE_CHECKING:
     from torch import nn
 
     from pipeline.generate import GenerationSpec
-    from pipeline.recipe import Recipe
-    from pipeline.runner import Decision, Outcome, Processes
+    from pipeline.engine.recipe import Recipe
+    from pipeline.engine.runner import Decision, Outcome, Processes
 
 DEFAULT_ARTIFACTS = "artifacts"
 
 
 def load(recipe: "Recipe | str | Path", overrides: Sequence[str] = ()) -> "Recipe":
     """The validated recipe: `recipe` itself, or the file (or shipped recipe) it names with `overrides` applied."""
-    from pipeline.recipe import Recipe, load_recipe
+    from pipeline.engine.recipe import Recipe, load_recipe
 
     if isinstance(recipe, Recipe):
         if overrides:
@@ -47,7 +47,7 @@ def run(recipe: "Recipe | str | Path", artifacts: str | Path = DEFAULT_ARTIFACTS
     """Run what is missing or stale under `artifacts/<recipe name>/`: `from_stage` re-runs it and everything
     downstream, `only` just it, `force` every selected stage. Returns each stage's outcome; raises RunError when
     a stage fails, RunStopped on SIGINT / SIGTERM. `procs`: the caller's view of the ranks, if it made one."""
-    from pipeline.runner import Options, run as run_recipe
+    from pipeline.engine.runner import Options, run as run_recipe
 
     options = Options(from_stage=from_stage, only=only, force=force)
     return run_recipe(load(recipe, overrides), artifacts, options, procs)
@@ -57,8 +57,8 @@ def plan(recipe: "Recipe | str | Path", artifacts: str | Path = DEFAULT_ARTIFACT
          from_stage: str | None = None, only: str | None = None, force: bool = False) -> "list[Decision]":
     """What `run` with the same arguments would do to each stage (`action`: run / skip / gate, and why);
     writes nothing."""
-    from pipeline.runner import Options, plan as plan_recipe
-    from pipeline.store import Store
+    from pipeline.engine.runner import Options, plan as plan_recipe
+    from pipeline.engine.store import Store
 
     loaded = load(recipe, overrides)
     options = Options(from_stage=from_stage, only=only, force=force)
@@ -68,8 +68,8 @@ def plan(recipe: "Recipe | str | Path", artifacts: str | Path = DEFAULT_ARTIFACT
 def status(recipe: "Recipe | str | Path", artifacts: str | Path = DEFAULT_ARTIFACTS, *,
            overrides: Sequence[str] = ()) -> "list[Decision]":
     """Each stage's `state` (complete, stale, pending, skipped, failed, running) and `reason`; writes nothing."""
-    from pipeline.runner import status as recipe_status
-    from pipeline.store import Store
+    from pipeline.engine.runner import status as recipe_status
+    from pipeline.engine.store import Store
 
     loaded = load(recipe, overrides)
     return recipe_status(loaded, Store(artifacts, loaded.name))
@@ -78,7 +78,7 @@ def status(recipe: "Recipe | str | Path", artifacts: str | Path = DEFAULT_ARTIFA
 def load_quantized(path: str | Path, device: str | None = None, trust_remote_code: bool = False) -> "nn.Module":
     """The quantized model at `path` (a ptq / kd_qat / rl stage directory, its model folder or an exported
     checkpoint), checked first (safetensors only, files matching their manifest), in eval mode on `device`."""
-    from pipeline.quant.io import load_quantized as load_checked
+    from pipeline.quant.formats.io import load_quantized as load_checked
 
     _check_quantized(Path(path), "path", trust_remote_code)
     return load_checked(path, device=device, trust_remote_code=trust_remote_code)
@@ -89,7 +89,7 @@ def export(source: str | Path, out: str | Path, scheme: str | None = None, trust
     """Write the quantized model at `source` to `out` (missing or empty) as a real low-bit checkpoint; `scheme`
     (a preset) must name the model's own; `format` is pack-quantized (compressed-tensors) or gptq (3/4-bit
     weight-only models, for vLLM's GPTQ kernels). Returns bytes on disk and bits per weight / parameter."""
-    from pipeline.quant.export import export_checkpoint
+    from pipeline.quant.formats.export import export_checkpoint
 
     source, out = Path(source), Path(out)
     _check_quantized(source, "stage_dir", trust_remote_code)
@@ -121,7 +121,7 @@ def evaluate(model_dir: str | Path, bench: str = "testbed", limit: int | None = 
 def _check_quantized(path: Path, where: str, trust_remote_code: bool) -> None:
     """InputError(where, ...) unless `path` holds a quantized model this process may load."""
     from pipeline.models import PASS_TRUST_FLAG, check_model_dir
-    from pipeline.quant.io import is_quantized
+    from pipeline.quant.formats.io import is_quantized
 
     if not path.exists():
         raise InputError(where, f"{path} does not exist")

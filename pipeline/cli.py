@@ -33,14 +33,14 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.api import DEFAULT_ARTIFACTS
-from pipeline.errors import InputError
-from pipeline.progress import console as err_console
+from pipeline.engine.errors import InputError
+from pipeline.engine.progress import console as err_console
 
 # Subcommands whose code lives elsewhere and is heavy to import: (module, adds arguments, runs).
 DELEGATED = {
     "eval": ("pipeline.evaluate", "add_eval_arguments", "cli_eval",
              "evaluate a model on a benchmark (accuracy, samples.jsonl), or its perplexity / KL to a teacher"),
-    "export": ("pipeline.quant.export", "add_export_arguments", "cli_export",
+    "export": ("pipeline.quant.formats.export", "add_export_arguments", "cli_export",
                "write a real low-bit checkpoint from a stage directory"),
     "report": ("pipeline.report", "add_report_arguments", "cli_report",
                "accuracy per stage, retention against the teacher, training curves (table + plots)"),
@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     verbose = "--verbose" in argv  # anywhere on the line, for every subcommand
     argv = [a for a in argv if a != "--verbose"]
     args = build_parser(argv).parse_args(argv)
-    from pipeline import logs
+    from pipeline.engine import logs
 
     logs.quiet_libraries(verbose)
     # the recipe schema imports every stage type (torch, transformers): not needed for --help
-    from pipeline.recipe import RecipeError
+    from pipeline.engine.recipe import RecipeError
 
     try:
         return args.handler(args)
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         _error("interrupted")
         return 130
     except Exception as e:  # noqa: BLE001 - everything else is a run-time failure: one line, exit 1
-        from pipeline.runner import RunError, RunStopped
-        from pipeline.store import LockedError
+        from pipeline.engine.runner import RunError, RunStopped
+        from pipeline.engine.store import LockedError
 
         if isinstance(e, RunStopped):
             _error(str(e))
@@ -190,7 +190,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
-    from pipeline import reference
+    from pipeline.engine import reference
 
     if args.markdown:
         print(reference.markdown(), end="")
@@ -205,7 +205,7 @@ def cmd_stages(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from pipeline.recipe import shipped_recipes, shipped_summary
+    from pipeline.engine.recipe import shipped_recipes, shipped_summary
 
     recipes = shipped_recipes()
     width = max(map(len, recipes))
@@ -243,8 +243,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline import api, logs
-    from pipeline.runner import Processes
+    from pipeline import api
+    from pipeline.engine import logs
+    from pipeline.engine.runner import Processes
 
     recipe = api.load(args.recipe, args.overrides)
     selection = dict(from_stage=args.from_stage, only=args.only, force=args.force)

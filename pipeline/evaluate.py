@@ -42,12 +42,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from pipeline.benchmarks import BENCHMARKS, HUB_IDS, load_benchmark
-from pipeline.data import BOXED_INSTRUCTION, Problem, chat_example
-from pipeline.errors import InputError
+from pipeline.data.benchmarks import BENCHMARKS, HUB_IDS, load_benchmark
+from pipeline.data.spec import BOXED_INSTRUCTION, Problem, chat_example
+from pipeline.engine.errors import InputError
 from pipeline.generate import GenerationSpec, generate
-from pipeline.grading import grade_many
-from pipeline.rows import write_jsonl
+from pipeline.data.grading import grade_many
+from pipeline.data.rows import write_jsonl
 
 
 def sample_and_grade(model, tokenizer, problems: list[Problem], spec: GenerationSpec,
@@ -150,8 +150,8 @@ def perplexity(model, examples: list[tuple[list[int], int]], pad_id: int, teache
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from pipeline.distill import token_divergence
-    from pipeline.train import collate
+    from pipeline.train.distill import token_divergence
+    from pipeline.train.loop import collate
 
     state = PartialState()
     device = next(model.parameters()).device
@@ -279,7 +279,7 @@ def bench_problems(bench: str, limit: int | None, data_dir: str | None, hub: str
 
 def _tokenizer(path: str, where: str, needs_chat: bool, trust_remote_code: bool):
     """The tokenizer of a model directory the user named, checked before any weights are read."""
-    from pipeline.data import NO_CHAT_TEMPLATE
+    from pipeline.data.spec import NO_CHAT_TEMPLATE
     from pipeline.models import load_tokenizer
 
     _check_model_dir(path, where, trust_remote_code)
@@ -345,7 +345,7 @@ def _cli_perplexity(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.data import read_texts
+    from pipeline.data.spec import read_texts
 
     if args.out is not None:
         raise InputError("--out", "perplexity generates no samples to write; drop --out or --perplexity")

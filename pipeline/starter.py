@@ -17,7 +17,7 @@ from string import Template
 
 import yaml
 
-from pipeline.errors import InputError
+from pipeline.engine.errors import InputError
 
 SCHEMES = ("w3g128", "w4a4kv4")
 TOKEN_CAPS = {"eval": 32768, "traces": 8192, "train_eval": 4096}
@@ -185,7 +185,7 @@ quant:
 def write_starter(model: str | Path, scheme: str, out: str | Path | None = None) -> Path:
     """Write the starting recipe for the model folder `model` in `scheme` to `out` (default `<name>.yaml` here);
     returns its path. Bad input raises InputError or RecipeError before anything is written."""
-    from pipeline.recipe import parse_recipe
+    from pipeline.engine.recipe import parse_recipe
 
     if scheme not in SCHEMES:
         raise InputError("--scheme", f"unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}")
@@ -262,7 +262,7 @@ def _group_note(config, scheme: str) -> str:
     """Comment lines under `group_size_policy`: which widths get which lowered group size. RecipeError when
     no group size fits some layer."""
     from pipeline.quant.scheme import QuantSpec, check_fit, lowered_group_sizes
-    from pipeline.recipe import RecipeError
+    from pipeline.engine.recipe import RecipeError
 
     spec = QuantSpec.model_validate({"preset": scheme, "weights": {"group_size_policy": "largest_divisor"}})
     errors = check_fit(config, spec)

@@ -86,13 +86,13 @@ def main() -> None:
     if not 0 < args.clip <= 1 or args.problems < 1:
         parser.error("--clip must be in (0, 1] and --problems at least 1")
 
-    from pipeline.benchmarks import load_benchmark
-    from pipeline.data import DataSpec, chat_example
+    from pipeline.data.benchmarks import load_benchmark
+    from pipeline.data.spec import DataSpec, chat_example
     from pipeline.models import load_model, load_tokenizer
-    from pipeline.quant import quarot
+    from pipeline.quant.methods import quarot
     from pipeline.quant.apply import calibrate, prepare, quant_linears
     from pipeline.quant.scheme import QuantSpec
-    from pipeline.train import collate
+    from pipeline.train.loop import collate
 
     data = DataSpec()
     if args.recipe is not None:

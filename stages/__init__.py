@@ -1,6 +1,6 @@
 """The closed registry of stage types: a recipe's `type:` picks one of these modules, nothing else.
 
-Each type is the module `stages/<type>.py` (contract: pipeline/stage_api.py). The set is fixed here,
+Each type is the module `stages/<type>.py` (contract: pipeline/engine/stage_api.py). The set is fixed here,
 so a recipe can never import code by name; a type listed but not shipped yet is reported as not
 available in this version.
 """

@@ -3,7 +3,7 @@ and/or its perplexity and KL to a teacher, teacher-forced.
 
 Generation (`generate`, on by default): samples K = `generation.num_samples` completions per problem
 through the one generation path (pipeline.generate), grades them with math-verify
-(pipeline.grading) and reports accuracy (avg@K), pass@K, truncation rate, mean generated tokens and
+(pipeline.data.grading) and reports accuracy (avg@K), pass@K, truncation rate, mean generated tokens and
 tokens/s. Every sample goes to `<out_dir>/samples.jsonl` ({"id", "question", "gold", "sample",
 "completion", "correct", "num_tokens", "truncated"}). The Qwen3 cards evaluate thinking mode with
 temperature 0.6, top-p 0.95, top-k 20; the default here is greedy, which is deterministic and what
@@ -37,11 +37,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.benchmarks import check_bench, load_benchmark
+from pipeline.data.benchmarks import check_bench, load_benchmark
 from pipeline.evaluate import evaluate, perplexity, solution_examples, text_examples
 from pipeline.generate import GenerationSpec
-from pipeline.stage_api import ADDED_KEY, ANY_MODEL, SAMPLES, StageConfig, StageContext, stage_ref, untrained_base_model
-from pipeline.tasks.testbed import MAX_PROBLEMS
+from pipeline.engine.stage_api import ADDED_KEY, ANY_MODEL, SAMPLES, StageConfig, StageContext, stage_ref, untrained_base_model
+from pipeline.data.testbed import MAX_PROBLEMS
 
 CODE_VERSION = 1
 USES = ("seed", "data")
@@ -92,7 +92,7 @@ def check(config: Config, recipe) -> list[tuple[str, str]]:
 def run(ctx: StageContext) -> dict[str, float]:
     from accelerate import PartialState
 
-    from pipeline.data import read_texts
+    from pipeline.data.spec import read_texts
     from pipeline.models import load_model, load_tokenizer
 
     config, data = ctx.config, ctx.recipe.data
@@ -118,7 +118,7 @@ def run(ctx: StageContext) -> dict[str, float]:
 
 
 def _perplexity(ctx: StageContext, model, tokenizer, problems, texts) -> dict[str, float]:
-    from pipeline.errors import InputError
+    from pipeline.engine.errors import InputError
     from pipeline.models import load_model
 
     config = ctx.config

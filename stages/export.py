@@ -8,7 +8,7 @@ quantization, QuaRot / FlatQuant transforms) get the same packed weights, the ac
 in the quantization_config, the transforms in transforms.safetensors, and a model_type that only
 `pipeline.load_quantized` reads (stock transformers refuses it rather than run it without its
 transforms). Format `gptq` (weight-only models): the same integer codes in the GPTQ v1 layout, which vLLM
-serves with `--quantization gptq` (pipeline.quant.gptq_format). See pipeline.quant.export and docs/serving.md.
+serves with `--quantization gptq` (pipeline.quant.formats.gptq_format). See pipeline.quant.formats.export and docs/serving.md.
 
 Outputs: `<out_dir>/model/`. Metrics: bytes on disk, bits per quantized weight, bits per parameter.
 
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pipeline.errors import InputError
-from pipeline.stage_api import QUANTIZED, StageConfig, StageContext, stage_ref
+from pipeline.engine.errors import InputError
+from pipeline.engine.stage_api import QUANTIZED, StageConfig, StageContext, stage_ref
 
 CODE_VERSION = 3
 USES = ()
@@ -40,7 +40,7 @@ class Config(StageConfig):
 
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
-    from pipeline.quant.export import resolve_scheme
+    from pipeline.quant.formats.export import resolve_scheme
 
     if config.scheme is None:
         return []
@@ -53,8 +53,8 @@ def check(config: Config, recipe) -> list[tuple[str, str]]:
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    from pipeline.quant.export import describe_size, export_checkpoint
-    from pipeline.quant.io import is_quantized
+    from pipeline.quant.formats.export import describe_size, export_checkpoint
+    from pipeline.quant.formats.io import is_quantized
 
     source = ctx.inputs["model"]
     if not is_quantized(source):

@@ -6,7 +6,7 @@ teacher's own reasoning traces. The studies found KD beats plain SFT on the same
 teacher was trained by SFT or RL, and a PTQ init beats an RTN init; `objective: sft` gives the SFT
 baseline with everything else (data, steps, evaluation) equal.
 
-Loss (pipeline.distill): forward KL by default, reverse KL, generalised JSD (β) or top-k forward KL,
+Loss (pipeline.train.distill): forward KL by default, reverse KL, generalised JSD (β) or top-k forward KL,
 at a temperature, optionally mixed with the label cross-entropy (`ce_weight`); on completion tokens
 only; the logits are made a chunk of tokens at a time so that Qwen3's 151,936-entry vocabulary never
 materialises for the whole batch. The teacher stays in eval mode with no gradients, on the same
@@ -16,11 +16,11 @@ What trains (`train`): `weights` — every parameter except the quantizer scales
 through the straight-through estimator, norms, embeddings, the unquantized lm_head); `scales` — the
 weight scales only (LSQ); `both`.
 
-The loop is `pipeline.train` (shared with `sft`): AdamW, warmup + cosine, clipping, accumulation,
+The loop is `pipeline.train.loop` (shared with `sft`): AdamW, warmup + cosine, clipping, accumulation,
 gradient checkpointing, bf16 autocast on GPU, exact resume, `accelerate launch` for several
-processes. Memory levers for large students (`pipeline.optim`): `param_dtype: bfloat16` (latent weights
+processes. Memory levers for large students (`pipeline.train.optim`): `param_dtype: bfloat16` (latent weights
 and gradients in bf16, stochastically rounded updates), `optimizer: adamw_8bit`, `gradient_checkpointing`;
-on a GPU the step's memory is estimated first (`pipeline.memory`) and a setting that cannot fit stops
+on a GPU the step's memory is estimated first (`pipeline.train.memory`) and a setting that cannot fit stops
 before training with the levers that would make it fit. Output: the student in the quantized representation (`<out_dir>/model/`, loadable with
 `pipeline.load_quantized`) and `metrics.jsonl`.
 
@@ -34,18 +34,18 @@ import torch
 from accelerate import DistributedType
 from pydantic import Field, model_validator
 
-from pipeline.distill import chunked_kd_loss
-from pipeline.errors import InputError
+from pipeline.train.distill import chunked_kd_loss
+from pipeline.engine.errors import InputError
 from pipeline.generate import GenerationSpec
-from pipeline.memory import GIB, fit_error, kd_step_memory_of
+from pipeline.train.memory import GIB, fit_error, kd_step_memory_of
 from pipeline.models import is_quantized, load_model, load_tokenizer
 from pipeline.quant.apply import decoding_weights, quant_linears, weight_only
-from pipeline.quant.io import read_quant_spec, save_quantized, saved_dtype
-from pipeline.rows import read_jsonl
-from pipeline.stage_api import ANY_MODEL, QUANTIZED, TRACES, StageConfig, StageContext, stage_ref
-from pipeline.tasks.testbed import MAX_PROBLEMS
-from pipeline.traces import training_traces
-from pipeline.train import (TrainArgs, causal_lm_loss, check_train_args, gathered, make_accelerator, train,
+from pipeline.quant.formats.io import read_quant_spec, save_quantized, saved_dtype
+from pipeline.data.rows import read_jsonl
+from pipeline.engine.stage_api import ANY_MODEL, QUANTIZED, TRACES, StageConfig, StageContext, stage_ref
+from pipeline.data.testbed import MAX_PROBLEMS
+from pipeline.data.traces import training_traces
+from pipeline.train.loop import (TrainArgs, causal_lm_loss, check_train_args, gathered, make_accelerator, train,
                             whole_models)
 
 CODE_VERSION = 2
@@ -109,7 +109,7 @@ class Config(TrainArgs, StageConfig):
 
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
-    from pipeline.benchmarks import check_bench
+    from pipeline.data.benchmarks import check_bench
 
     bench = check_bench(config.eval_bench, recipe.data, "eval_bench", config.eval_limit) if config.eval_every else []
     return check_train_args(config) + bench
@@ -126,7 +126,7 @@ def _select_trainable(model: torch.nn.Module, what: str, transforms: str = "froz
 
 
 def kd_loss_fn(teacher: torch.nn.Module, config: Config):
-    """loss_fn for pipeline.train: KD of the student (the model being trained) towards `teacher`."""
+    """loss_fn for pipeline.train.loop: KD of the student (the model being trained) towards `teacher`."""
 
     def loss_fn(model, batch):
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -147,8 +147,8 @@ def kd_loss_fn(teacher: torch.nn.Module, config: Config):
 
 
 def held_out_eval(ctx: StageContext, tokenizer, accelerator):
-    """on_step hook of pipeline.train: accuracy on `eval_limit` held-out problems every `eval_every` steps."""
-    from pipeline.benchmarks import load_benchmark
+    """on_step hook of pipeline.train.loop: accuracy on `eval_limit` held-out problems every `eval_every` steps."""
+    from pipeline.data.benchmarks import load_benchmark
     from pipeline.evaluate import evaluate
 
     config, data = ctx.config, ctx.recipe.data

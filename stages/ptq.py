@@ -4,22 +4,22 @@ Methods:
   - `gptq` (default): GPTQ (Frantar et al. 2023) through llmcompressor's GPTQModifier + oneshot,
     calibrated on the teacher's own reasoning traces (the paper's domain-matched calibration) or on
     the generic text source (the WikiText stand-in, see pipeline.quant.calibration); asymmetric,
-    act-order ("static"), min-max or MSE-searched ranges ("clipping"). See pipeline.quant.gptq for
+    act-order ("static"), min-max or MSE-searched ranges ("clipping"). See pipeline.quant.methods.gptq for
     how its result becomes our representation.
   - `rtn`: round-to-nearest with min-max (or MSE) ranges; no data needed (calibration data, when
     given, only feeds the SQNR report).
   - `quarot` (W4A4KV4 baseline): Hadamard rotations fused into the weights plus online ones on the
-    down_proj input and on queries/keys (pipeline.quant.quarot), then `weight_method` rtn or gptq on the
+    down_proj input and on queries/keys (pipeline.quant.methods.quarot), then `weight_method` rtn or gptq on the
     rotated weights.
   - `flatquant` (W4A4KV4 PTQ init): learned Kronecker-factored affine transforms, weight and activation
     clipping, calibrated layer by layer on output MSE (`epochs`, `lr`, `nsamples`, `seqlen`, `batch_size`;
-    pipeline.quant.flatquant), then `weight_method` rtn (with the learned clips) or gptq (on the learned
+    pipeline.quant.methods.flatquant), then `weight_method` rtn (with the learned clips) or gptq (on the learned
     clipped grid). The model is quantized and saved in float32 (the merged transforms keep their precision;
     KD-QAT trains in float32 anyway).
-  Online transforms are saved with the model (pipeline.quant.io) and reload with it.
+  Online transforms are saved with the model (pipeline.quant.formats.io) and reload with it.
 The scheme is the recipe's `quant` section (e.g. `quant: w3g128`).
 
-Outputs: `<out_dir>/model/` (pipeline.quant.io layout: safetensors with latent weights, scales and
+Outputs: `<out_dir>/model/` (pipeline.quant.formats.io layout: safetensors with latent weights, scales and
 zero points, `reasoning_qat_quant.json` with the layers whose group size was lowered, tokenizer),
 `<out_dir>/sqnr.json` (per layer: weight and output SQNR in dB). Metrics: mean/min SQNR,
 final-hidden-state SQNR, wall time of the quantization, layers with a lowered group size.
@@ -38,8 +38,8 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from pipeline.errors import InputError
-from pipeline.stage_api import ADDED_KEY, MODEL, QUANTIZED, TRACES, StageConfig, StageContext, stage_ref
+from pipeline.engine.errors import InputError
+from pipeline.engine.stage_api import ADDED_KEY, MODEL, QUANTIZED, TRACES, StageConfig, StageContext, stage_ref
 
 CODE_VERSION = 5
 USES = ("seed", "quant")
@@ -71,7 +71,7 @@ class Config(StageConfig):
     """flatquant: SmoothQuant migration strength of the per-channel smoothing init."""
     batch_size: int | None = Field(None, ge=1, json_schema_extra=ADDED_KEY)
     """flatquant: calibration sequences per optimizer step, each transform merged once per step
-    (pipeline.quant.flatquant.calibrate). FlatQuant's code takes 4 with lr 5e-3: fewer steps want the larger
+    (pipeline.quant.methods.flatquant.calibrate). FlatQuant's code takes 4 with lr 5e-3: fewer steps want the larger
     rate (4 at 1e-3 did worse than 1 at 1e-3 on our tests, 4 at 5e-3 as well or better). None: one sequence per
     step with the first version's arithmetic, as before this key; 1 is that schedule, faster, rounded differently.
     Set, the traces are packed into windows of exactly `seqlen` tokens, so that every batch fills."""
@@ -138,13 +138,13 @@ def _scheme_fit(recipe) -> list[tuple[str, str]]:
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    from pipeline.data import read_texts
+    from pipeline.data.spec import read_texts
     from pipeline.models import load_model, load_tokenizer
     from pipeline.quant import sqnr
     from pipeline.quant.apply import quant_linears, quantize_rtn
     from pipeline.quant.calibration import generic_samples, packed_traces_samples, traces_samples
-    from pipeline.quant.gptq import run_gptq
-    from pipeline.quant.io import save_quantized
+    from pipeline.quant.methods.gptq import run_gptq
+    from pipeline.quant.formats.io import save_quantized
     from pipeline.quant.scheme import check_fit
 
     config, spec = ctx.config, ctx.recipe.quant
@@ -232,9 +232,10 @@ def _log_lowered_group_sizes(model, spec, log) -> int:
 def _transform_and_quantize(model, spec, samples, config: Config, ctx: StageContext):
     """quarot / flatquant, then weight_method; returns the method's own metrics and the transformed
     full-precision weights (the reference of the SQNR report)."""
-    from pipeline.quant import flatquant, quarot, sqnr
+    from pipeline.quant.methods import flatquant, quarot
+    from pipeline.quant import sqnr
     from pipeline.quant.apply import calibrate, prepare
-    from pipeline.quant.gptq import gptq_layerwise
+    from pipeline.quant.methods.gptq import gptq_layerwise
 
     prepare(model, spec)
     metrics: dict[str, float] = {}

@@ -5,15 +5,15 @@ below it RL collapses. So this stage normally carries `when: <gate>` and is skip
 `skipped`, downstream stages reading `init` instead) when the gate fails; `--force` runs it anyway.
 
 The policy is the quantized model of `init` (kd_qat, ptq or any stage that saved QuantLinears),
-trained by TRL's GRPOTrainer through pipeline.rl (which says where and why it departs from stock
-TRL): rollouts through pipeline.generate, reward = pipeline.grading's verdict (1/0) plus an optional
+trained by TRL's GRPOTrainer through pipeline.train.rl (which says where and why it departs from stock
+TRL): rollouts through pipeline.generate, reward = pipeline.data.grading's verdict (1/0) plus an optional
 format reward, GRPO/DAPO losses and clipping as TRL implements them. Prompts are `count` problems of
 the recipe's training domain (`data.task`: the testbed's train split, GSM8K train, or a prompts
 jsonl with answers), in the chat template.
 
 Policy modes (`policy`): `qat` trains the latent weights through fake quantization (scales frozen);
 `lora` trains LoRA adapters on the frozen quantized base and merges them at the end (the merged
-latent weights re-quantize with the same scales; see pipeline.rl). `aqn` adds QeRL's adaptive
+latent weights re-quantize with the same scales; see pipeline.train.rl). `aqn` adds QeRL's adaptive
 quantization noise to the rollout policy's RMSNorm weights. β > 0 in `qat` mode keeps a frozen copy of
 the initial policy as the reference; in `lora` mode the reference is the base with adapters disabled.
 
@@ -46,12 +46,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.benchmarks import check_training_data, training_problems
-from pipeline.errors import InputError
-from pipeline.rl import GRPOSettings
-from pipeline.stage_api import QUANTIZED, SEED_MAX, StageConfig, StageContext, stage_ref
-from pipeline.tasks.testbed import MAX_PROBLEMS
-from pipeline.train import missing_trackers
+from pipeline.data.benchmarks import check_training_data, training_problems
+from pipeline.engine.errors import InputError
+from pipeline.train.rl import GRPOSettings
+from pipeline.engine.stage_api import QUANTIZED, SEED_MAX, StageConfig, StageContext, stage_ref
+from pipeline.data.testbed import MAX_PROBLEMS
+from pipeline.train.loop import missing_trackers
 
 CODE_VERSION = 1
 USES = ("seed", "model", "data")
@@ -81,8 +81,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     from accelerate import PartialState
 
     from pipeline.models import is_quantized, load_model, load_tokenizer
-    from pipeline.quant.io import read_quant_spec, save_quantized, saved_dtype
-    from pipeline.rl import grpo_train
+    from pipeline.quant.formats.io import read_quant_spec, save_quantized, saved_dtype
+    from pipeline.train.rl import grpo_train
 
     config, recipe = ctx.config, ctx.recipe
     if not is_quantized(ctx.inputs["init"]):

@@ -18,7 +18,7 @@ testbed teacher is trained from scratch here, so it is the only model the demo r
 
 Outputs: `<out_dir>/model/` (Hugging Face layout, safetensors, tokenizer and generation config) in
 the recipe's `model.dtype`, and `<out_dir>/metrics.jsonl` (one row per step). Resumes exactly from
-its checkpoints (pipeline.train).
+its checkpoints (pipeline.train.loop).
 
     reasoning-qat run recipes/demo.yaml --only teacher
 """
@@ -28,14 +28,14 @@ from typing import Literal
 
 import torch
 
-from pipeline.data import chat_example
-from pipeline.errors import InputError
+from pipeline.data.spec import chat_example
+from pipeline.engine.errors import InputError
 from pipeline.models import build_model, is_quantized, load_model, load_tokenizer, save_model
-from pipeline.stage_api import ANY_MODEL, MODEL, TRACES, StageConfig, StageContext, stage_ref
-from pipeline.tasks.testbed import make_problems
-from pipeline.tokenizer import build_tokenizer
-from pipeline.traces import training_traces
-from pipeline.train import TrainArgs, causal_lm_loss, check_train_args, make_accelerator, train
+from pipeline.engine.stage_api import ANY_MODEL, MODEL, TRACES, StageConfig, StageContext, stage_ref
+from pipeline.data.testbed import make_problems
+from pipeline.data.tokenizer import build_tokenizer
+from pipeline.data.traces import training_traces
+from pipeline.train.loop import TrainArgs, causal_lm_loss, check_train_args, make_accelerator, train
 
 CODE_VERSION = 1
 USES = ("seed", "model", "data")
@@ -84,7 +84,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     quant_spec = None
     if config.init is not None:
         if is_quantized(ctx.inputs["init"]):
-            from pipeline.quant.io import read_quant_spec
+            from pipeline.quant.formats.io import read_quant_spec
             quant_spec = read_quant_spec(ctx.inputs["init"])
         model = load_model(ctx.inputs["init"], dtype="float32", trust_remote_code=trust)
         tokenizer = load_tokenizer(ctx.inputs["init"], trust_remote_code=trust)
@@ -110,7 +110,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     if accelerator.is_main_process:
         model = accelerator.unwrap_model(model).eval().to(getattr(torch, recipe.model.dtype))
         if quant_spec is not None:  # SFT-QAT: the model keeps its QuantLinears and their format
-            from pipeline.quant.io import save_quantized
+            from pipeline.quant.formats.io import save_quantized
             save_quantized(model, tokenizer, ctx.out_dir / "model", quant_spec)
         else:
             save_model(model, tokenizer, ctx.out_dir / "model")

@@ -7,10 +7,10 @@ completions for each of `count` prompts of the recipe's training domain (`data.t
   testbed  the testbed's train split (`data.testbed`, seed = recipe seed)
   gsm8k    GSM8K train (from data.benchmarks_dir)
   jsonl    `data.prompts_file` ({"question", "answer"?} per line; without answers nothing is graded)
-Each completion is graded against the prompt's answer (pipeline.grading); `only_correct` keeps just
+Each completion is graded against the prompt's answer (pipeline.data.grading); `only_correct` keeps just
 the correct ones (rejection sampling). The prompt is the question and `data.instruction` in the
 model's chat template. Output `<out_dir>/traces.jsonl`, one row per kept completion, a
-`pipeline.traces.Trace`: {"id", "question", "instruction", "answer", "completion", "correct",
+`pipeline.data.traces.Trace`: {"id", "question", "instruction", "answer", "completion", "correct",
 "num_tokens", "sample", "truncated"}.
 
     stages:
@@ -26,12 +26,12 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.benchmarks import check_training_data, training_problems
+from pipeline.data.benchmarks import check_training_data, training_problems
 from pipeline.evaluate import sample_and_grade
 from pipeline.generate import GenerationSpec
-from pipeline.stage_api import ANY_MODEL, TRACES, StageConfig, StageContext, stage_ref, untrained_base_model
-from pipeline.tasks.testbed import MAX_PROBLEMS
-from pipeline.traces import Trace, write_traces
+from pipeline.engine.stage_api import ANY_MODEL, TRACES, StageConfig, StageContext, stage_ref, untrained_base_model
+from pipeline.data.testbed import MAX_PROBLEMS
+from pipeline.data.traces import Trace, write_traces
 
 CODE_VERSION = 2
 USES = ("seed", "data")

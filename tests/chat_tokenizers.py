@@ -1,6 +1,6 @@
 """Tiny tokenizers of other model families' chat formats, built locally (no hub): a byte-level BPE with
 the family's special tokens and its published chat template, verbatim. The testbed tokenizer
-(pipeline.tokenizer) is the Qwen / ChatML one."""
+(pipeline.data.tokenizer) is the Qwen / ChatML one."""
 from __future__ import annotations
 
 from functools import lru_cache

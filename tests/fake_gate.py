@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pipeline.stage_api import StageConfig, StageContext, StageRef
+from pipeline.engine.stage_api import StageConfig, StageContext, StageRef
 
 CODE_VERSION = 1
 USES = ()

@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline import signals
-from pipeline.stage_api import ADDED_KEY, OPERATIONAL, StageConfig, StageContext, StageRef
+from pipeline.engine import signals
+from pipeline.engine.stage_api import ADDED_KEY, OPERATIONAL, StageConfig, StageContext, StageRef
 
 CODE_VERSION = 1
 USES = ("seed",)
@@ -49,7 +49,7 @@ def check(config: Config, recipe) -> list[tuple[str, str]]:
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    from pipeline.checkpoint import StageInterrupted
+    from pipeline.engine.checkpoint import StageInterrupted
 
     calls.append(ctx.name)
     cfg = ctx.config

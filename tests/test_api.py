@@ -12,12 +12,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import pipeline
 import tiny_lm
 from pipeline import api
-from pipeline.errors import InputError
+from pipeline.engine.errors import InputError
 from pipeline.models import save_model
 from pipeline.quant.apply import quantize_rtn
-from pipeline.quant.io import save_quantized
+from pipeline.quant.formats.io import save_quantized
 from pipeline.quant.scheme import QuantSpec
-from pipeline.recipe import load_recipe
+from pipeline.engine.recipe import load_recipe
 from quant_tiny import save_tiny
 
 

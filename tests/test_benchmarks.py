@@ -3,11 +3,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import benchmarks
-from pipeline.benchmarks import load_benchmark, load_prompts_file
-from pipeline.errors import InputError
-from pipeline.rows import read_rows
-from pipeline.tasks import testbed
+from pipeline.data import benchmarks
+from pipeline.data.benchmarks import load_benchmark, load_prompts_file
+from pipeline.engine.errors import InputError
+from pipeline.data.rows import read_rows
+from pipeline.data import testbed
 
 DATA = Path(__file__).parent / "data"
 
@@ -194,8 +194,8 @@ def test_no_benchmark_directory_says_how_to_give_one(monkeypatch):
 
 
 def test_validation_finds_missing_sources(monkeypatch, tmp_path):
-    from pipeline.benchmarks import check_bench, check_training_data
-    from pipeline.data import DataSpec
+    from pipeline.data.benchmarks import check_bench, check_training_data
+    from pipeline.data.spec import DataSpec
 
     monkeypatch.delenv("REASONING_QAT_BENCHMARKS", raising=False)
     assert check_bench("gsm8k", DataSpec(benchmarks_dir=str(DATA))) == []

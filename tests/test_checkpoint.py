@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from pipeline.checkpoint import Checkpointer, RankFailed, Ranks, on_every_rank
+from pipeline.engine.checkpoint import Checkpointer, RankFailed, Ranks, on_every_rank
 
 
 def _state(step: int) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import cli
-from pipeline.errors import InputError
+from pipeline.engine.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 

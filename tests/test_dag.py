@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import dag
-from pipeline.recipe import RecipeError, check_references, find_cycle, parse_recipe
+from pipeline.engine import dag
+from pipeline.engine.recipe import RecipeError, check_references, find_cycle, parse_recipe
 
 from conftest import TINY_MODEL
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.distill import chunked_kd_loss, token_divergence
+from pipeline.train.distill import chunked_kd_loss, token_divergence
 
 
 def _logits(seed, n=7, vocab=11):

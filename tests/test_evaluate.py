@@ -6,7 +6,7 @@ import pytest
 
 import tiny_lm
 from pipeline import evaluate as evaluate_module
-from pipeline.data import Problem
+from pipeline.data.spec import Problem
 from pipeline.evaluate import evaluate
 from pipeline.generate import Completion, GenerationSpec
 from pipeline.models import save_model
@@ -119,9 +119,9 @@ def test_solution_perplexity_matches_the_models_own_loss():
 
     import torch
 
-    from pipeline.data import chat_example
+    from pipeline.data.spec import chat_example
     from pipeline.evaluate import solution_perplexity
-    from pipeline.tasks.testbed import TestbedSpec, make_problems
+    from pipeline.data.testbed import TestbedSpec, make_problems
 
     model, tokenizer = tiny_lm.model().eval(), tiny_lm.tokenizer()
     problems = make_problems(TestbedSpec(), "test", n=5)
@@ -138,7 +138,7 @@ def test_solution_perplexity_matches_the_models_own_loss():
 
 
 def test_solution_perplexity_needs_reference_solutions():
-    from pipeline.errors import InputError
+    from pipeline.engine.errors import InputError
     from pipeline.evaluate import solution_perplexity
 
     with pytest.raises(InputError, match="3 problems have no reference solution"):
@@ -178,7 +178,7 @@ def test_kl_to_teacher_matches_full_logits():
     import torch.nn.functional as F
 
     from pipeline.evaluate import perplexity, solution_examples
-    from pipeline.tasks.testbed import TestbedSpec, make_problems
+    from pipeline.data.testbed import TestbedSpec, make_problems
 
     student, teacher, tokenizer = tiny_lm.model(0), tiny_lm.model(1), tiny_lm.tokenizer()
     examples = solution_examples(tokenizer, make_problems(TestbedSpec(), "test", n=3))
@@ -202,7 +202,7 @@ def teacher_dir(tmp_path_factory):
 
 
 def test_cli_perplexity_of_reference_solutions(run_cli, model_dir, teacher_dir):
-    from pipeline.benchmarks import load_benchmark
+    from pipeline.data.benchmarks import load_benchmark
     from pipeline.evaluate import solution_perplexity
 
     code, stdout, stderr = run_cli("eval", model_dir, "--perplexity", "--bench", "gsm8k", "--data-dir", DATA,
@@ -262,7 +262,7 @@ def test_eval_stage_perplexity_only(model_dir, teacher_dir, tmp_path, run_cli):
     """`generate: false`: no samples, perplexity of GSM8K solutions and of a text file, KL to a teacher."""
     import yaml
 
-    from pipeline.benchmarks import load_benchmark
+    from pipeline.data.benchmarks import load_benchmark
     from pipeline.evaluate import solution_perplexity
 
     text = tmp_path / "heldout.jsonl"
@@ -291,7 +291,7 @@ def test_eval_stage_perplexity_only(model_dir, teacher_dir, tmp_path, run_cli):
     ({"perplexity": True, "text": "/nonexistent.jsonl"}, "stages.e.text", "no such file: /nonexistent.jsonl"),
 ])
 def test_eval_stage_recipe_errors(model_dir, stage, where, message):
-    from pipeline.recipe import RecipeError, parse_recipe
+    from pipeline.engine.recipe import RecipeError, parse_recipe
 
     with pytest.raises(RecipeError) as err:
         parse_recipe({"name": "t", "model": {"path": str(model_dir)},

@@ -13,12 +13,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import pipeline
-from pipeline.errors import InputError
+from pipeline.engine.errors import InputError
 from pipeline.quant.apply import quant_linears, quantize_rtn
-from pipeline.quant.export import add_export_arguments, cli_export
-from pipeline.quant.io import save_quantized
+from pipeline.quant.formats.export import add_export_arguments, cli_export
+from pipeline.quant.formats.io import save_quantized
 from pipeline.quant.scheme import QuantSpec
-from pipeline.stage_api import StageContext
+from pipeline.engine.stage_api import StageContext
 from quant_tiny import moves_whole, one_thread, save_tiny
 from stages import export as export_stage
 

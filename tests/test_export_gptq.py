@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import pipeline
 from pipeline.quant.apply import prepare, quant_linears, quantize_rtn
-from pipeline.quant.gptq_format import pack_bits
-from pipeline.quant.io import save_quantized
+from pipeline.quant.formats.gptq_format import pack_bits
+from pipeline.quant.formats.io import save_quantized
 from pipeline.quant.scheme import QuantSpec
 from quant_tiny import one_thread, save_tiny
 
@@ -126,7 +126,7 @@ def test_gptq_checkpoint_dequantizes_to_the_fake_quant_weights(stage, tmp_path, 
     assert state.keys() == stage.plain.keys()
     assert all(torch.equal(state[k], v) for k, v in stage.plain.items())
 
-    size = pipeline.quant.export.checkpoint_size(out)
+    size = pipeline.quant.formats.export.checkpoint_size(out)
     group = w.group_size or 256
     assert w.num_bits < size["bits_per_weight"] < w.num_bits + (16 + w.num_bits) / group + 32 / 128 + 1e-9
 
@@ -135,7 +135,7 @@ def test_gptq_stage_and_pack_quantized_modes(tmp_path):
     """The export stage's `format: gptq`; the default format's files also get the umask's mode (0600 before)."""
     import logging
 
-    from pipeline.stage_api import StageContext, result_config
+    from pipeline.engine.stage_api import StageContext, result_config
     from stages import export as export_stage
 
     spec = QuantSpec.model_validate("w3g128")

@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM
 
 import pipeline
 from pipeline.models import load_model
-from pipeline.quant import flatquant, quarot
+from pipeline.quant.methods import flatquant, quarot
 from pipeline.quant.apply import calibrate, prepare
-from pipeline.quant.export import TRANSFORMS_FILE, add_export_arguments, cli_export
-from pipeline.quant.io import save_quantized
+from pipeline.quant.formats.export import TRANSFORMS_FILE, add_export_arguments, cli_export
+from pipeline.quant.formats.io import save_quantized
 from pipeline.quant.online import transforms
 from pipeline.quant.scheme import QuantSpec
 from quant_tiny import one_thread, tiny_model, tiny_tokenizer

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import pipeline
-from pipeline.quant import flatquant, quarot
+from pipeline.quant.methods import flatquant, quarot
 from pipeline.quant.apply import calibrate, prepare, set_fake_quant
-from pipeline.quant.io import save_quantized
+from pipeline.quant.formats.io import save_quantized
 from pipeline.quant.layerwise import capture_inputs
 from pipeline.quant.online import transform_parameters, transforms
 from pipeline.quant.scheme import QuantSpec

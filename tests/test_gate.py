@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 import stages.gate as gate
-from pipeline.recipe import RecipeError, parse_recipe
+from pipeline.engine.recipe import RecipeError, parse_recipe
 from quant_tiny import one_thread, save_tiny
 
 SHAPE = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32, "num_hidden_layers": 1}

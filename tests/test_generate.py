@@ -12,7 +12,7 @@ from transformers import LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM, Top
 
 import tiny_lm
 from pipeline import refill
-from pipeline.data import chat_prompt
+from pipeline.data.spec import chat_prompt
 from pipeline.generate import GenerationSpec, first_stop_end, generate, generate_ids, stop_token_ids
 
 QUESTIONS = ["Mia has 3 apples. She buys 4 more. How many apples does Mia have?",
@@ -293,9 +293,9 @@ def test_slots_fit_the_free_memory():
 def test_generation_logs_progress_when_not_a_terminal(lm, monkeypatch, caplog, backend):
     model, tok = lm
     monkeypatch.setenv("REASONING_QAT_PROGRESS_EVERY", "0")
-    with caplog.at_level(logging.INFO, logger="pipeline.progress"):
+    with caplog.at_level(logging.INFO, logger="pipeline.engine.progress"):
         generate(model, tok, QUESTIONS, GenerationSpec(max_new_tokens=4, batch_size=2, backend=backend))
-    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.progress"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.engine.progress"]
     assert lines[-1].startswith("generate: sequences 3/3, ") and "tokens/s" in lines[-1]
     assert any(line.startswith("generate: sequences 2/3, ") and "ETA" in line for line in lines)
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pipeline import gguf as gguf_import
-from pipeline.benchmarks import load_benchmark
+from pipeline.data.benchmarks import load_benchmark
 
 DATA = Path(__file__).parent / "data"
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "

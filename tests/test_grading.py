@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.benchmarks import load_benchmark
-from pipeline.grading import GradingPool, grade, grade_many, verify_answer
+from pipeline.data.benchmarks import load_benchmark
+from pipeline.data.grading import GradingPool, grade, grade_many, verify_answer
 
 DATA = Path(__file__).parent / "data"
 
@@ -98,7 +98,7 @@ def test_hung_worker_is_killed_and_replaced():
 
 def test_pool_starts_when_the_calling_script_comes_from_stdin(tmp_path):
     """`python - <<EOF`: __main__.__file__ is "<stdin>", which a worker must not try to re-run."""
-    script = ("from pipeline.grading import grade_many\n"
+    script = ("from pipeline.data.grading import grade_many\n"
               "print(grade_many([('\\\\boxed{3}', '3'), ('\\\\boxed{4}', '3')], workers=1))\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     done = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, cwd=tmp_path, env=env,

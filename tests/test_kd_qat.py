@@ -6,16 +6,16 @@ import pytest
 import torch
 
 import stages.kd_qat as kd_qat
-from pipeline.checkpoint import Checkpointer
-from pipeline.data import chat_example
-from pipeline.distill import token_divergence
+from pipeline.engine.checkpoint import Checkpointer
+from pipeline.data.spec import chat_example
+from pipeline.train.distill import token_divergence
 from pipeline.models import load_model, load_tokenizer
 from pipeline.quant.apply import quant_linears, quantize_rtn
-from pipeline.quant.io import load_quantized, save_quantized
+from pipeline.quant.formats.io import load_quantized, save_quantized
 from pipeline.quant.scheme import QuantSpec
-from pipeline.recipe import RecipeError, parse_recipe
-from pipeline.stage_api import StageContext
-from pipeline.train import collate
+from pipeline.engine.recipe import RecipeError, parse_recipe
+from pipeline.engine.stage_api import StageContext
+from pipeline.train.loop import collate
 from quant_tiny import one_thread, save_tiny, write_traces
 
 TRAIN = {"steps": 6, "batch_size": 4, "warmup_steps": 0, "lr": 3e-3, "checkpoint_every": 0}
@@ -160,7 +160,7 @@ def test_transforms_of_a_quarot_init_train_only_when_asked(artifacts, tmp_path, 
     """trainable: the online rotations move and every activation quantizer gets a learned clip that starts
     at the scheme's ratio (the student's forward is unchanged at step 0) and is saved with the model;
     frozen: both stay exactly as the PTQ stage left them."""
-    from pipeline.quant import quarot
+    from pipeline.quant.methods import quarot
     from pipeline.quant.apply import calibrate, prepare
     from pipeline.quant.online import add_activation_clips, transforms as online_transforms
 
@@ -198,7 +198,7 @@ def test_transforms_of_a_quarot_init_train_only_when_asked(artifacts, tmp_path, 
 
 def test_traces_kept_are_logged_and_none_left_fails_the_stage(artifacts, tmp_path, caplog):
     """A weak teacher's traces: the stage says how many it kept, and refuses to train on none, naming only_correct."""
-    from pipeline.traces import read_traces, write_traces as write
+    from pipeline.data.traces import read_traces, write_traces as write
 
     wrong = tmp_path / "wrong"
     write([t.model_copy(update={"correct": i == 0}) for i, t in enumerate(read_traces(artifacts / "traces", "x"))],

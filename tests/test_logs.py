@@ -1,4 +1,4 @@
-"""pipeline.logs through the CLI: a GPTQ ptq run shows our progress lines and none of llmcompressor's or
+"""pipeline.engine.logs through the CLI: a GPTQ ptq run shows our progress lines and none of llmcompressor's or
 DeepSpeed's chatter; --verbose brings that back."""
 import os
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.logs import QUIET_ENV
+from pipeline.engine.logs import QUIET_ENV
 from quant_tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,8 +1,8 @@
-"""The KD-QAT step-memory estimate and the fit check that refuses a setting before training (pipeline.memory)."""
+"""The KD-QAT step-memory estimate and the fit check that refuses a setting before training (pipeline.train.memory)."""
 from transformers import Qwen3Config
 
-from pipeline.memory import GIB, fit_error, kd_step_memory
-from pipeline.optim import bytes_per_trainable_parameter
+from pipeline.train.memory import GIB, fit_error, kd_step_memory
+from pipeline.train.optim import bytes_per_trainable_parameter
 
 QWEN3_8B = Qwen3Config(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
                        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False)

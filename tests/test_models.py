@@ -9,7 +9,7 @@ from transformers import Qwen3ForCausalLM
 import pipeline.quant
 from pipeline import models
 from pipeline.models import Qwen3Arch, build_model, load_model, load_tokenizer, save_model
-from pipeline.tokenizer import build_tokenizer
+from pipeline.data.tokenizer import build_tokenizer
 
 ARCH = Qwen3Arch(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16)
@@ -56,10 +56,10 @@ def test_save_then_load_from_stage_or_model_dir(tokenizer, tmp_path):
 def test_quantized_directories_go_to_quant_io(tokenizer, tmp_path, monkeypatch):
     save_model(build_model(ARCH, tokenizer), tokenizer, tmp_path / "model")
     sentinel = torch.nn.Linear(2, 2)
-    fake = types.ModuleType("pipeline.quant.io")
+    fake = types.ModuleType("pipeline.quant.formats.io")
     fake.is_quantized = lambda path: str(path) == str(tmp_path / "model")
     fake.load_quantized = lambda path, trust_remote_code: sentinel
-    monkeypatch.setitem(sys.modules, "pipeline.quant.io", fake)
+    monkeypatch.setitem(sys.modules, "pipeline.quant.formats.io", fake)
     monkeypatch.setattr(pipeline.quant, "io", fake, raising=False)
     assert models.is_quantized(tmp_path)
     assert load_model(tmp_path) is sentinel and not sentinel.training

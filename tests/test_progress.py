@@ -1,23 +1,23 @@
-"""pipeline.progress: a piped run prints progress lines (step/total, loss, tokens/s, ETA) at the interval the
+"""pipeline.engine.progress: a piped run prints progress lines (step/total, loss, tokens/s, ETA) at the interval the
 environment sets, one at the end, none on other ranks; counts print as integers."""
 import logging
 import re
 
 
-from pipeline.logs import format_number
-from pipeline.progress import duration, progress
+from pipeline.engine.logs import format_number
+from pipeline.engine.progress import duration, progress
 
 SFT = {"type": "sft", "steps": 3, "batch_size": 4, "warmup_steps": 1}
 DATA = {"testbed": {"train_size": 24, "test_size": 4}}
 
 
 def _lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "pipeline.progress"]
+    return [r.getMessage() for r in caplog.records if r.name == "pipeline.engine.progress"]
 
 
 def test_lines_at_every_advance_with_eta_and_a_closing_line(monkeypatch, caplog):
     monkeypatch.setenv("REASONING_QAT_PROGRESS_EVERY", "0")
-    with caplog.at_level(logging.INFO, logger="pipeline.progress"), progress("x", total=4, done=1) as bar:
+    with caplog.at_level(logging.INFO, logger="pipeline.engine.progress"), progress("x", total=4, done=1) as bar:
         for _ in range(3):
             bar.advance(1, tokens=100, loss="0.5000")
     lines = _lines(caplog)
@@ -27,7 +27,7 @@ def test_lines_at_every_advance_with_eta_and_a_closing_line(monkeypatch, caplog)
 
 def test_the_interval_holds_lines_back_but_not_the_last(monkeypatch, caplog):
     monkeypatch.setenv("REASONING_QAT_PROGRESS_EVERY", "3600")
-    with caplog.at_level(logging.INFO, logger="pipeline.progress"), progress("x", total=50, unit="layers") as bar:
+    with caplog.at_level(logging.INFO, logger="pipeline.engine.progress"), progress("x", total=50, unit="layers") as bar:
         for _ in range(50):
             bar.advance(1)
     assert _lines(caplog) == [_lines(caplog)[0]] and _lines(caplog)[0].startswith("x: layers 50/50, ")
@@ -36,14 +36,14 @@ def test_the_interval_holds_lines_back_but_not_the_last(monkeypatch, caplog):
 def test_other_ranks_print_nothing(monkeypatch, caplog):
     monkeypatch.setenv("REASONING_QAT_PROGRESS_EVERY", "0")
     monkeypatch.setenv("RANK", "1")
-    with caplog.at_level(logging.INFO, logger="pipeline.progress"), progress("x", total=2) as bar:
+    with caplog.at_level(logging.INFO, logger="pipeline.engine.progress"), progress("x", total=2) as bar:
         bar.advance(2)
     assert _lines(caplog) == [] and bar.done == 2
 
 
 def test_a_nested_bar_prints_no_closing_line(monkeypatch, caplog):
     monkeypatch.setenv("REASONING_QAT_PROGRESS_EVERY", "3600")
-    with caplog.at_level(logging.INFO, logger="pipeline.progress"), progress("train", total=1) as outer:
+    with caplog.at_level(logging.INFO, logger="pipeline.engine.progress"), progress("train", total=1) as outer:
         with progress("generate", total=5, unit="sequences") as inner:
             inner.advance(5)
         outer.advance(1)

@@ -10,14 +10,14 @@ from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import pipeline
-from pipeline.errors import InputError
+from pipeline.engine.errors import InputError
 from pipeline.models import Qwen3Arch
 from pipeline.quant import sqnr
 from pipeline.quant.apply import quant_linears, quantize_rtn
 from pipeline.quant.calibration import generic_samples, packed_traces_samples, traces_samples
-from pipeline.quant.gptq import gptq_modifier, run_gptq
+from pipeline.quant.methods.gptq import gptq_modifier, run_gptq
 from pipeline.quant.scheme import QuantSpec
-from pipeline.stage_api import StageContext
+from pipeline.engine.stage_api import StageContext
 from quant_tiny import one_thread, save_tiny, write_traces
 from stages import ptq
 
@@ -265,7 +265,7 @@ def test_transform_methods_need_every_decoder_linear(teacher, tmp_path):
 
 
 def test_flatquant_batch_size_is_left_out_of_old_configs_and_batches_the_steps(teacher, tmp_path):
-    from pipeline.stage_api import result_config
+    from pipeline.engine.stage_api import result_config
     base = {"type": "ptq", "model": "teacher", "calibration": "traces", "method": "flatquant", "nsamples": 4,
             "seqlen": 64, "epochs": 1, "sqnr_samples": 1}
     # unset, the key is not in what the fingerprint hashes: flatquant artifacts made before it stay current

@@ -11,11 +11,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import pipeline
-from pipeline.quant import flatquant, quarot
+from pipeline.quant.methods import flatquant, quarot
 from pipeline.quant.apply import calibrate, lowered_group_sizes, prepare, quant_linears, quantize_rtn, set_fake_quant
-from pipeline.quant.export import export_checkpoint
-from pipeline.quant.gptq import gptq_modifier, run_gptq
-from pipeline.quant.io import read_quant_spec, save_quantized
+from pipeline.quant.formats.export import export_checkpoint
+from pipeline.quant.methods.gptq import gptq_modifier, run_gptq
+from pipeline.quant.formats.io import read_quant_spec, save_quantized
 from pipeline.quant.online import transform_parameters
 from pipeline.quant.scheme import QuantSpec
 from quant_tiny import FAMILIES, family_model, moves_whole, one_thread, save_tiny
@@ -148,9 +148,9 @@ def _check_w4a4kv4_round_trip(model, family, tmp_path):
 
 def test_kd_qat_trains_a_lowered_group_student_and_saves_it(family, tmp_path):
     import stages.kd_qat as kd_qat
-    from pipeline.checkpoint import Checkpointer
-    from pipeline.recipe import parse_recipe
-    from pipeline.stage_api import StageContext
+    from pipeline.engine.checkpoint import Checkpointer
+    from pipeline.engine.recipe import parse_recipe
+    from pipeline.engine.stage_api import StageContext
     from quant_tiny import write_traces
 
     student = _load(save_tiny(tmp_path / "other", seed=1, family=family.name))

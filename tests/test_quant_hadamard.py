@@ -56,7 +56,7 @@ def test_kronecker_transform_equals_dense_and_inverse_transpose_undoes_it():
 def test_inverse_transpose_of_bf16_activations_inverts_in_float32():
     """Under bf16 autocast the queries reach the online transform in bf16, and linalg.inv refuses bf16:
     the factors are inverted in float32 and the result comes back in the input's dtype."""
-    from pipeline.quant.io import saved_dtype
+    from pipeline.quant.formats.io import saved_dtype
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(4, 4, generator=g) + 4 * torch.eye(4), torch.randn(8, 8, generator=g) + 4 * torch.eye(8)

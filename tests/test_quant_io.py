@@ -6,9 +6,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import pipeline
-from pipeline.errors import InputError
+from pipeline.engine.errors import InputError
 from pipeline.quant.apply import quant_linears, quantize_rtn
-from pipeline.quant.io import QUANT_CONFIG, is_quantized, read_quant_spec, save_quantized
+from pipeline.quant.formats.io import QUANT_CONFIG, is_quantized, read_quant_spec, save_quantized
 from pipeline.quant.scheme import QuantSpec
 from quant_tiny import save_tiny
 

@@ -8,7 +8,7 @@ import yaml
 from safetensors.torch import save_file
 
 import stages
-from pipeline.recipe import RecipeError, load_recipe, parse_recipe
+from pipeline.engine.recipe import RecipeError, load_recipe, parse_recipe
 
 from conftest import TINY_MODEL
 

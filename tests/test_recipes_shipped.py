@@ -13,11 +13,11 @@ from safetensors.torch import save_file
 import stages
 from pipeline.models import Qwen3Arch, build_model, save_model
 from pipeline.quant.apply import quantize_rtn
-from pipeline.quant.io import save_quantized
+from pipeline.quant.formats.io import save_quantized
 from pipeline.quant.scheme import resolve
-from pipeline.recipe import SHIPPED_DIR, RecipeError, load_recipe, shipped_recipes
-from pipeline.stage_api import StageConfig
-from pipeline.tokenizer import build_tokenizer
+from pipeline.engine.recipe import SHIPPED_DIR, RecipeError, load_recipe, shipped_recipes
+from pipeline.engine.stage_api import StageConfig
+from pipeline.data.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = list(shipped_recipes().values())
@@ -161,8 +161,8 @@ def stage_fingerprints(path: Path, model_dir: Path) -> dict[str, str]:
     """Each stage's fingerprint, less its inputs' (which hash the base model folder, here a stand-in): what the
     stage's own config (as `result_config` reads it), its recipe sections and its CODE_VERSION hash to. The
     model section is the recipe's own text, since the stand-in's path and files are not the real model's."""
-    from pipeline.stage_api import result_config
-    from pipeline.store import fingerprint
+    from pipeline.engine.stage_api import result_config
+    from pipeline.engine.store import fingerprint
 
     raw = yaml.safe_load(path.read_text())
     overrides = [f"model.path={stand_in(raw, model_dir)}"] if raw["model"].get("path") else []

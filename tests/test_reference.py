@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import stages
-from pipeline import reference
-from pipeline.recipe import SECTIONS
+from pipeline.engine import reference
+from pipeline.engine.recipe import SECTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 

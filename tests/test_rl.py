@@ -1,4 +1,4 @@
-"""Stage `rl` and pipeline.rl: rewards on known completions, GRPO steps on a tiny quantized model (qat and
+"""Stage `rl` and pipeline.train.rl: rewards on known completions, GRPO steps on a tiny quantized model (qat and
 lora), the saved policy's format, exact resume after a stop, the recipe checks."""
 import json
 import logging
@@ -9,15 +9,15 @@ import pytest
 import torch
 
 import stages.rl as rl_stage
-from pipeline import signals
-from pipeline.checkpoint import Checkpointer, StageInterrupted
-from pipeline.data import Problem
+from pipeline.engine import signals
+from pipeline.engine.checkpoint import Checkpointer, StageInterrupted
+from pipeline.data.spec import Problem
 from pipeline.quant.apply import decoding_weights, quant_linears, quantize_rtn
-from pipeline.quant.io import load_quantized, read_quant_spec, save_quantized
+from pipeline.quant.formats.io import load_quantized, read_quant_spec, save_quantized
 from pipeline.quant.scheme import QuantSpec
-from pipeline.recipe import RecipeError, parse_recipe
-from pipeline.rl import GRPOSettings, accuracy_reward, cut_at_stop, format_reward, grpo_train, is_well_formed
-from pipeline.stage_api import StageContext
+from pipeline.engine.recipe import RecipeError, parse_recipe
+from pipeline.train.rl import GRPOSettings, accuracy_reward, cut_at_stop, format_reward, grpo_train, is_well_formed
+from pipeline.engine.stage_api import StageContext
 from quant_tiny import one_thread, tiny_model, tiny_tokenizer
 
 SHAPE = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32, "num_hidden_layers": 1}
@@ -77,7 +77,7 @@ def test_rewards_on_known_completions():
 
 
 def test_decoding_weights_sample_the_same_tokens_and_leave_the_latent_weights_as_they_were(init_dir):
-    from pipeline.data import chat_prompt
+    from pipeline.data.spec import chat_prompt
     from pipeline.generate import GenerationSpec, generate_ids
     from pipeline.models import load_tokenizer
 

@@ -1,8 +1,8 @@
 """The one JSON Lines reader and writer: records hold the characters str.splitlines() breaks on; parquet."""
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.rows import read_jsonl, read_rows, write_jsonl
+from pipeline.engine.errors import InputError
+from pipeline.data.rows import read_jsonl, read_rows, write_jsonl
 
 # each of these is a line break to str.splitlines() (and U+2028 / U+2029 to JavaScript), none to JSON Lines
 BREAKERS = "\u2028\u2029\u0085\x1c\x1d\x1e\x0b\x0c"

@@ -80,7 +80,7 @@ def test_config_change_makes_that_stage_and_downstream_stale(chain, fake_stages,
 def test_an_operational_key_changes_no_fingerprint(chain, fake_stages, run_cli):
     """`checkpoint_every` (marked OPERATIONAL) cannot change what a stage writes: nothing re-runs, and the
     fingerprint of a stage at the default is what it was before the key was marked (the whole config)."""
-    from pipeline.store import fingerprint
+    from pipeline.engine.store import fingerprint
 
     recipe, art = chain
     assert states(run_cli, recipe, art, "--set", "stages.b.checkpoint_every=7") == {
@@ -111,7 +111,7 @@ def test_changing_an_operational_key_resumes_from_the_checkpoint(fake_stages, wr
 def test_artifacts_fingerprinted_before_a_key_was_operational_stay_up_to_date(chain, fake_stages, run_cli):
     """Artifacts written when checkpoint_every was still hashed at its value (here 7) keep their fingerprints;
     the runner compares their parts and hands downstream the fingerprint they recorded."""
-    from pipeline.store import fingerprint
+    from pipeline.engine.store import fingerprint
 
     recipe, art = chain
     code, _, _ = run_cli("run", recipe, "--artifacts", art, "--force", "--set", "stages.a.checkpoint_every=7")
@@ -136,7 +136,7 @@ def test_artifacts_fingerprinted_before_a_key_was_operational_stay_up_to_date(ch
 def test_a_key_added_at_its_default_keeps_earlier_artifacts_up_to_date(chain, fake_stages, run_cli):
     """`flavour` (ADDED_KEY) is left out of the fingerprint at its default: the chain, written as if before the key
     existed, stays up to date whether or not the recipe names the default; another value re-runs that stage."""
-    from pipeline.store import fingerprint
+    from pipeline.engine.store import fingerprint
 
     recipe, art = chain
     a = json.loads((art / "t" / "a" / "manifest.json").read_text())
@@ -367,7 +367,7 @@ def test_status_shows_the_stage_another_process_is_running(chain, fake_stages, r
     root = Path(__file__).resolve().parents[1]
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\n"
-         "from pipeline.store import Store\n"
+         "from pipeline.engine.store import Store\n"
          "store = Store(sys.argv[1], 't')\n"
          "with store.lock():\n"
          "    store.mark_running('b')\n"
@@ -468,7 +468,7 @@ def test_a_signal_stops_a_stage_that_does_not_train_at_once(fake_stages, write_r
 
 
 def test_second_signal_stops_a_training_loop_at_once(fake_stages, write_recipe, tmp_path, run_cli, monkeypatch):
-    from pipeline import signals
+    from pipeline.engine import signals
 
     def run(ctx):
         with signals.stop_at_safe_points():

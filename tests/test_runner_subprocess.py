@@ -134,9 +134,9 @@ stages:
     assert err.strip().splitlines()[-1] == "stages.traces: stopped by SIGTERM; re-run to start it again"
     assert "SIGTERM: stopping now" in run_log.read_text()
     assert not (art / "tiny" / "traces").exists()
-    from pipeline.recipe import load_recipe
-    from pipeline.runner import status
-    from pipeline.store import Store
+    from pipeline.engine.recipe import load_recipe
+    from pipeline.engine.runner import status
+    from pipeline.engine.store import Store
 
     [traces] = status(load_recipe(recipe), Store(art, "tiny"))
     assert (traces.state, traces.reason) == ("pending", "never run")
@@ -285,7 +285,7 @@ def _kd_qat_recipe(write_recipe, checkpoint_every: int) -> Path:
 
 def _assert_same_student(two: Path, one: Path) -> None:
     """The kd_qat students (metrics and weights) under `two` (several ranks) and `one` (one process) agree."""
-    from pipeline.quant.io import load_quantized
+    from pipeline.quant.formats.io import load_quantized
 
     rows = {n: [json.loads(line) for line in open(d / "tiny" / "student" / "metrics.jsonl")]
             for n, d in (("two", two), ("one", one))}

@@ -18,9 +18,9 @@ from transformers import AutoConfig
 import tiny_lm
 from pipeline.models import CustomCodeRefused, check_model_dir, load_model, load_tokenizer, save_model
 from pipeline.quant.apply import quantize_rtn
-from pipeline.quant.io import FORMAT, FORMAT_VERSION, QUANT_CONFIG, save_quantized
+from pipeline.quant.formats.io import FORMAT, FORMAT_VERSION, QUANT_CONFIG, save_quantized
 from pipeline.quant.scheme import QuantSpec
-from pipeline.store import Store
+from pipeline.engine.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 W4_CHANNEL = QuantSpec.model_validate({"weights": {"num_bits": 4, "group_size": None, "symmetric": True}})
@@ -88,7 +88,7 @@ def test_loaders_refuse_custom_code_without_asking(tmp_path, no_prompt, layout):
     marker = tmp_path / "marker"
     evil = _evil_dir(tmp_path / "evil", marker, layout)
     with pytest.raises(CustomCodeRefused) as e:
-        load_model(evil)  # quantized layouts go through pipeline.quant.io.load_quantized
+        load_model(evil)  # quantized layouts go through pipeline.quant.formats.io.load_quantized
     assert e.value.where == "model.path" and "needs custom code (auto_map)" in e.value.message
     with pytest.raises(CustomCodeRefused):
         load_tokenizer(evil)
@@ -120,7 +120,7 @@ def test_cli_refuses_custom_code_in_one_line(tmp_path, run_cli, no_prompt, comma
 
 DRIVER = """
 import json, sys
-import pipeline.evaluate, pipeline.quant.export, pipeline.recipe  # import-time warnings of the environment first
+import pipeline.evaluate, pipeline.quant.formats.export, pipeline.engine.recipe  # import-time warnings of the environment first
 from pipeline import cli
 for argv in json.loads(sys.argv[1]):
     print("--- " + argv[0], file=sys.stderr, flush=True)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import stages.sft as sft
-from pipeline.checkpoint import Checkpointer
+from pipeline.engine.checkpoint import Checkpointer
 from pipeline.models import load_model, load_tokenizer
-from pipeline.recipe import RecipeError, parse_recipe
-from pipeline.stage_api import StageContext
+from pipeline.engine.recipe import RecipeError, parse_recipe
+from pipeline.engine.stage_api import StageContext
 
 TINY = {"arch": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
                  "num_key_value_heads": 1, "head_dim": 16}, "dtype": "float32"}

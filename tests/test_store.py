@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from pipeline.checkpoint import Checkpointer
-from pipeline.store import LockedError, Store, fingerprint, hash_tree, sha256_json
+from pipeline.engine.checkpoint import Checkpointer
+from pipeline.engine.store import LockedError, Store, fingerprint, hash_tree, sha256_json
 
 
 def test_fingerprint_is_canonical_and_sensitive():

@@ -5,7 +5,7 @@ import time
 import pytest
 from pydantic import ValidationError
 
-from pipeline.tasks.testbed import MAX_PROBLEMS, TestbedSpec, make_problems
+from pipeline.data.testbed import MAX_PROBLEMS, TestbedSpec, make_problems
 
 EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)\.$")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a // b}

@@ -2,9 +2,9 @@
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.data import chat_example, chat_prompt
-from pipeline.tasks.testbed import TestbedSpec, make_problems
-from pipeline.tokenizer import build_tokenizer, save_tokenizer
+from pipeline.data.spec import chat_example, chat_prompt
+from pipeline.data.testbed import TestbedSpec, make_problems
+from pipeline.data.tokenizer import build_tokenizer, save_tokenizer
 
 
 @pytest.fixture(scope="module")

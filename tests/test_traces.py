@@ -1,5 +1,5 @@
 """Stage traces (and eval) on a tiny model: rows written, only_correct, recipe checks, a run through the runner;
-traces.jsonl's one reader (pipeline.traces) as sft, kd_qat and ptq use it."""
+traces.jsonl's one reader (pipeline.data.traces) as sft, kd_qat and ptq use it."""
 import json
 import logging
 from pathlib import Path
@@ -11,10 +11,10 @@ import tiny_lm
 from pipeline import evaluate as evaluate_module
 from pipeline.generate import Completion
 from pipeline.models import save_model
-from pipeline.recipe import RecipeError, parse_recipe
-from pipeline.rows import read_jsonl
-from pipeline.stage_api import StageContext
-from pipeline.tasks.testbed import TestbedSpec, make_problems
+from pipeline.engine.recipe import RecipeError, parse_recipe
+from pipeline.data.rows import read_jsonl
+from pipeline.engine.stage_api import StageContext
+from pipeline.data.testbed import TestbedSpec, make_problems
 from stages import traces as traces_stage
 
 DATA = Path(__file__).parent / "data"
@@ -122,7 +122,7 @@ def test_only_correct_with_nothing_correct_fails_the_run(model_dir, tmp_path, mo
         run_stage(recipe_for(model_dir, stage), model_dir, tmp_path / "out")
 
 
-# -- pipeline.traces: the one reader of traces.jsonl --------------------------------------------------
+# -- pipeline.data.traces: the one reader of traces.jsonl --------------------------------------------------
 
 # str.splitlines() breaks lines at each of these; a teacher can write any of them
 BREAKERS = "\u2028\u2029\u0085\x1c"
@@ -148,7 +148,7 @@ def odd_traces(model_dir, tmp_path, monkeypatch):
 
 def test_traces_with_line_separators_read_back(odd_traces, caplog):
     from pipeline.quant.calibration import traces_samples
-    from pipeline.traces import read_traces, training_traces
+    from pipeline.data.traces import read_traces, training_traces
 
     out, problems = odd_traces
     assert len((out / "traces.jsonl").read_text(encoding="utf-8").splitlines()) > 4  # what broke the old reader
@@ -171,7 +171,7 @@ def test_traces_with_line_separators_read_back(odd_traces, caplog):
 
 
 def test_training_traces_with_none_correct_names_only_correct(tmp_path):
-    from pipeline.traces import Trace, training_traces, write_traces
+    from pipeline.data.traces import Trace, training_traces, write_traces
 
     write_traces([Trace(id=f"p{i}", question="q", answer="1", completion="2", correct=False, num_tokens=1,
                         sample=0, truncated=False) for i in range(3)], tmp_path)
@@ -183,9 +183,9 @@ def test_training_traces_with_none_correct_names_only_correct(tmp_path):
 
 
 def test_traces_of_an_older_version_and_bad_rows(tmp_path):
-    from pipeline.data import BOXED_INSTRUCTION
-    from pipeline.errors import InputError
-    from pipeline.traces import read_traces
+    from pipeline.data.spec import BOXED_INSTRUCTION
+    from pipeline.engine.errors import InputError
+    from pipeline.data.traces import read_traces
 
     row = {"id": "a", "question": "q", "answer": "1", "completion": "c", "correct": True, "num_tokens": 1,
            "sample": 0, "truncated": False}  # written before traces recorded their instruction

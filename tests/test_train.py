@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import signals
-from pipeline.checkpoint import Checkpointer, StageInterrupted
-from pipeline.data import chat_example
+from pipeline.engine import signals
+from pipeline.engine.checkpoint import Checkpointer, StageInterrupted
+from pipeline.data.spec import chat_example
 from pipeline.models import Qwen3Arch, build_model
-from pipeline.tasks.testbed import TestbedSpec, make_problems
-from pipeline.tokenizer import build_tokenizer
-from pipeline.train import NonFiniteLoss, TrainArgs, batch_indices, causal_lm_loss, collate, train
+from pipeline.data.testbed import TestbedSpec, make_problems
+from pipeline.data.tokenizer import build_tokenizer
+from pipeline.train.loop import NonFiniteLoss, TrainArgs, batch_indices, causal_lm_loss, collate, train
 
 ARCH = Qwen3Arch(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=16)

@@ -6,7 +6,7 @@ from functools import lru_cache
 import torch
 from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
-from pipeline.tokenizer import build_tokenizer
+from pipeline.data.tokenizer import build_tokenizer
 
 
 @lru_cache(maxsize=1)

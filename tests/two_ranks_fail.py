@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from pipeline import train as training
-from pipeline.checkpoint import Checkpointer
-from pipeline.data import chat_example
+from pipeline.train import loop as training
+from pipeline.engine.checkpoint import Checkpointer
+from pipeline.data.spec import chat_example
 from pipeline.models import Qwen3Arch, build_model
-from pipeline.tasks.testbed import TestbedSpec, make_problems
-from pipeline.tokenizer import build_tokenizer
+from pipeline.data.testbed import TestbedSpec, make_problems
+from pipeline.data.tokenizer import build_tokenizer
 
 ARCH = Qwen3Arch(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                  num_key_value_heads=1, head_dim=16)
@@ -22,7 +22,7 @@ ARCH = Qwen3Arch(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_
 def main(out: Path) -> None:
     tok = build_tokenizer()
     examples = [chat_example(tok, p.question, p.solution) for p in make_problems(TestbedSpec(), "train", n=8)]
-    PartialState(cpu=True)  # CPU ranks share a gloo group only when asked (as pipeline.runner does)
+    PartialState(cpu=True)  # CPU ranks share a gloo group only when asked (as pipeline.engine.runner does)
     acc = training.make_accelerator()
     rank = acc.process_index
     args = training.TrainArgs(steps=3, batch_size=4, lr=1e-3, warmup_steps=0, checkpoint_every=1)

@@ -170,7 +170,7 @@ def to_compressed_tensors(model: nn.Module, spec: QuantSpec) -> None:
     same integer codes our fake quantization uses."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
 
-    # activation / KV-cache schemes are not module state: pipeline.quant.export writes them to the config
+    # activation / KV-cache schemes are not module state: pipeline.quant.formats.export writes them to the config
     quantized = quant_linears(model)
     if not quantized:
         raise ValueError("the model has no QuantLinear to export")

@@ -2,7 +2,7 @@
 
 Two sources, to reproduce the paper's comparison (domain-matched traces vs generic text):
 - "traces": the teacher's own reasoning traces (a `traces` stage's `traces.jsonl`), each rendered
-  with the chat template as prompt + completion (`pipeline.traces.Trace.example`), as the QAT stage
+  with the chat template as prompt + completion (`pipeline.data.traces.Trace.example`), as the QAT stage
   will see them; truncated to `seqlen`.
 - "generic": a user's text corpus (a .jsonl / .parquet file with a `text` field, e.g. WikiText), or,
   without one, English prose with no math and no reasoning chains standing in for WikiText (which
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.errors import InputError
+from pipeline.engine.errors import InputError
 
 GENERIC_MODULES = (
     "argparse", "asyncio", "calendar", "collections", "concurrent.futures", "contextlib", "csv",
@@ -41,7 +41,7 @@ def traces_samples(tokenizer, traces_dir: str | Path, nsamples: int, seqlen: int
 
 
 def _shuffled_traces(traces_dir: str | Path, seed: int, where: str) -> list:
-    from pipeline.traces import read_traces
+    from pipeline.data.traces import read_traces
 
     traces = read_traces(traces_dir, where)
     random.Random(seed).shuffle(traces)

@@ -14,8 +14,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from pipeline.progress import progress
-from pipeline.quant.quarot import decoder_layers
+from pipeline.engine.progress import progress
+from pipeline.quant.methods.quarot import decoder_layers
 
 
 @dataclass

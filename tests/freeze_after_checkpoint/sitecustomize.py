@@ -9,7 +9,7 @@ if os.environ.get("FREEZE_AFTER_CHECKPOINT"):
     import signal
     from pathlib import Path
 
-    from pipeline import checkpoint
+    from pipeline.engine import checkpoint
 
     _save = checkpoint.Checkpointer.save
 

@@ -1,0 +1,480 @@
+"""The one training loop, shared by `sft` (teacher bootstrap, SFT-QAT baseline) and `kd_qat`.
+
+    from pipeline.train.loop import TrainArgs, train, causal_lm_loss
+    result = train(model, examples, causal_lm_loss, args, out_dir=ctx.out_dir,
+                   checkpointer=ctx.checkpointer, seed=recipe.seed, pad_id=tokenizer.pad_token_id,
+                   log=ctx.log)
+
+`examples` are (token ids, completion start) pairs as `pipeline.data.spec.chat_example` makes them; a batch
+is {"input_ids", "attention_mask", "labels"} padded on the right to its longest sequence, labels
+aligned with input_ids (the Hugging Face convention: the model shifts them) and -100 on the prompt
+and the padding, so loss falls on completion tokens only. The loss is pluggable,
+`loss_fn(model, batch) -> (loss, metrics)`, loss being the mean over the batch's label tokens; KD
+closes over a frozen teacher.
+
+What the loop does: AdamW (fused on GPU) with linear warmup and cosine decay (transformers'
+schedule), gradient clipping, gradient accumulation, optional gradient checkpointing and
+`torch.compile` of the decoder layers, bf16 autocast on GPU, one metrics row per step in
+`<out_dir>/metrics.jsonl`, a progress bar. It runs on accelerate's `Accelerator`: one process on CPU,
+or `accelerate launch` with several processes (DDP or DeepSpeed), `batch_size` being global.
+
+Exact resume: the batch at step s is a pure function of (seed, s) (a fresh permutation of the
+examples per epoch), so the data position is the step. A checkpoint (every `checkpoint_every` steps,
+and on SIGTERM/SIGINT, after which StageInterrupted is raised) holds model, optimizer, scheduler,
+every process's RNG state, the metrics rows so far and the step (pipeline.engine.checkpoint: atomic, verified
+on resume, the last good one kept); under DeepSpeed ZeRO-2/3 each process saves its own partition of
+the optimizer (fp32 master weights and AdamW state). A resumed run gives bit-identical losses and
+weights on CPU, with one process or several. A non-finite loss stops the run before the optimizer
+step, leaving the last good checkpoint as it was.
+
+Several processes stay in step: a NaN loss or an exception on one (in the data, the forward, the loss,
+`on_step`, a checkpoint) reaches every other through a small all-reduce before the next collective,
+and all raise RankFailed with its message; a signal on any process stops all at the same step. (An
+exception inside a forward that is itself collective, ZeRO-3's parameter gathers, can still leave the
+others waiting until the process group's timeout.)
+
+Departures from common practice: the micro-batches of one step, on every rank, are weighted by their
+share of the global batch's label tokens (not averaged per micro-batch or per rank), so the update
+does not depend on how a step is split across processes, accumulation steps or padding: N processes
+train the model one process trains.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from contextlib import contextmanager, nullcontext
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import torch
+from accelerate import Accelerator, DistributedType
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import get_cosine_schedule_with_warmup
+
+from pipeline.engine import signals
+from pipeline.engine.checkpoint import Checkpointer, Ranks, StageInterrupted, on_every_rank
+from pipeline.train.optim import OptimizerName, ParamDtype, make_optimizer
+from pipeline.engine.progress import progress
+from pipeline.engine.stage_api import ADDED_KEY, OPERATIONAL, result_config
+
+Tracker = Literal["tensorboard", "wandb"]
+Example = tuple[Sequence[int], int]
+"""(token ids of prompt + completion, index where the completion starts)."""
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+OnStep = Callable[[int, torch.nn.Module], dict[str, float]]
+
+
+class TrainArgs(BaseModel):
+    """Optimisation settings shared by the training stages (their Config inherits these fields)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(500, gt=0)
+    """Optimizer steps."""
+    batch_size: int = Field(32, gt=0)
+    """Sequences per optimizer step, over all processes and accumulation micro-steps."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-steps per optimizer step: more saves memory at the same batch_size, costs speed."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate (AdamW), reached after warmup, then cosine decay to 0."""
+    warmup_steps: int = Field(50, ge=0)
+    """Linear warmup from 0 to lr."""
+    weight_decay: float = Field(0.1, ge=0)
+    """AdamW weight decay, on matrices only (not norms)."""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this; None: no clipping."""
+    checkpoint_every: int = Field(100, ge=0, json_schema_extra=OPERATIONAL)
+    """Save a resumable checkpoint every this many steps (0: only on SIGTERM/SIGINT)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, about a third more compute."""
+    compile: bool = False
+    """torch.compile each decoder layer (GPU: faster steps after a compile pause; CPU: rarely worth it)."""
+    param_dtype: ParamDtype = Field("float32", json_schema_extra=ADDED_KEY)
+    """Latent weights and gradients: float32, or bfloat16 (half the memory; updates stochastically rounded)."""
+    optimizer: OptimizerName = Field("adamw", json_schema_extra=ADDED_KEY)
+    """adamw (fp32 moments, 8 bytes a parameter) or adamw_8bit (block-wise 8-bit moments, 2 bytes)."""
+    report_to: tuple[Tracker, ...] = Field((), json_schema_extra={**OPERATIONAL, **ADDED_KEY})
+    """Also log each step's metrics row (loss, lr, grad_norm, held-out accuracy, ...) to these trackers, through
+    accelerate; tensorboard writes under `<stage>/tensorboard`. Needs `pip install 'reasoning-qat[trackers]'`."""
+
+
+def check_train_args(args: TrainArgs) -> list[tuple[str, str]]:
+    """What the schema alone cannot say about TrainArgs, as (key, message) pairs for a stage's `check`."""
+    errors = []
+    if args.batch_size % args.grad_accum:
+        errors.append(("batch_size", f"must be a multiple of grad_accum ({args.grad_accum})"))
+    if args.warmup_steps > args.steps:
+        errors.append(("warmup_steps", f"must be <= steps ({args.steps})"))
+    return errors + missing_trackers(args.report_to)
+
+
+def missing_trackers(trackers: Sequence[str]) -> list[tuple[str, str]]:
+    """("report_to", message) for each tracker whose package is not installed: found before anything runs."""
+    import importlib.util
+
+    return [("report_to", f"{t} is not installed (pip install {t}, or 'reasoning-qat[trackers]')")
+            for t in trackers if importlib.util.find_spec(t) is None]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the run stopped before updating the weights."""
+
+
+def make_accelerator(report_to: Sequence[str] = (), out_dir: str | Path | None = None) -> Accelerator:
+    """bf16 autocast where the GPU supports it, full precision otherwise (CPU); `report_to` trackers, tensorboard's
+    event files under `<out_dir>/tensorboard/` (wandb keeps its own run directory)."""
+    from accelerate.utils import ProjectConfiguration
+
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    trackers = {}
+    if report_to:
+        where = ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(Path(out_dir) / "tensorboard"))
+        trackers = {"log_with": list(report_to), "project_config": where}
+    return Accelerator(mixed_precision="bf16" if bf16 else "no", **trackers)
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Next-token cross-entropy on the completion tokens (SFT)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                use_cache=False)
+    return out.loss, {}
+
+
+@lru_cache(maxsize=2)
+def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator)
+
+
+def batch_indices(seed: int, step: int, n: int, batch_size: int) -> list[int]:
+    """Indices of the examples in the global batch of `step`: positions step*B .. step*B+B-1 of an
+    endless stream that visits all `n` examples once per epoch in a seeded random order."""
+    positions = range(step * batch_size, (step + 1) * batch_size)
+    return [int(_epoch_order(seed, p // n, n)[p % n]) for p in positions]
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence; labels -100 on prompt and padding."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for row, (ids, start) in enumerate(examples):
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+        labels[row, start : len(ids)] = ids[start:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    # the first position has no prediction: the model shifts labels left by one
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def _sum_over_ranks(acc: Accelerator, values: Sequence[float]) -> list[float]:
+    """`values` summed element-wise over all processes, in one all-reduce (float64: counts stay exact)."""
+    return acc.reduce(torch.tensor(values, dtype=torch.float64, device=acc.device), "sum").tolist()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+_MESSAGE_BYTES = 2000
+
+
+class AcceleratorRanks(Ranks):
+    """The processes of an Accelerator. A failure travels as a fixed-size tensor of UTF-8 bytes (an all-gather;
+    no pickle), after one all-reduce that, when nothing failed, is all it costs."""
+
+    def __init__(self, acc: Accelerator):
+        self.acc, self.rank, self.count = acc, acc.process_index, acc.num_processes
+
+    def first_failure(self, error: str | None) -> tuple[int, str] | None:
+        if self.count == 1:
+            return super().first_failure(error)
+        if not _sum_over_ranks(self.acc, [error is not None])[0]:
+            return None
+        mine = torch.zeros(1 + _MESSAGE_BYTES, dtype=torch.uint8)  # [failed, message bytes, zero padded]
+        if error is not None:
+            raw = error.encode()[:_MESSAGE_BYTES]
+            mine[0] = 1
+            mine[1:1 + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        every = self.acc.gather(mine.to(self.acc.device)).view(self.count, -1).cpu()
+        rank = int(every[:, 0].nonzero()[0])
+        return rank, bytes(every[rank, 1:].tolist()).rstrip(b"\0").decode(errors="replace")
+
+
+def _zero_stage(acc: Accelerator) -> int:
+    """DeepSpeed's ZeRO stage, 0 without DeepSpeed."""
+    return acc.state.deepspeed_plugin.zero_stage if acc.distributed_type == DistributedType.DEEPSPEED else 0
+
+
+def _zero_optimizer_state(zero_optimizer) -> dict:
+    """This process's partition of a ZeRO optimizer (DeepSpeed's own state_dict: the fp32 master weights and the
+    AdamW state of the partition), saveable as safetensors + JSON. DeepSpeed's engine checkpoint is torch.save
+    pickles, so we write this ourselves; of DeepSpeed's entries only two need pickle: the loss scaler object
+    (kept as its plain attributes, put back onto the engine's own scaler on load) and the parameter slice
+    mappings (read only by DeepSpeed's universal-checkpoint converter; dropped)."""
+    state = dict(zero_optimizer.state_dict())
+    state.pop("param_slice_mappings", None)
+    scaler = state.pop("loss_scaler")
+    state["loss_scaler"] = {k: v for k, v in vars(scaler).items() if v is None or isinstance(v, (bool, int, float, str))}
+    return state
+
+
+def _load_zero_optimizer_state(zero_optimizer, state: dict, processes: int) -> None:
+    state = dict(state)
+    scaler = zero_optimizer.loss_scaler
+    for k, v in state.pop("loss_scaler").items():
+        setattr(scaler, k, v)
+    state["loss_scaler"] = scaler
+    # DeepSpeed takes every process's state and reads entry [rank]: each process passes its own in every slot;
+    # the fp32 master weights are restored exactly (not rounded from the model's 16-bit ones)
+    zero_optimizer.load_state_dict([state] * processes, load_optimizer_states=True, load_from_fp32_weights=True)
+
+
+def _checkpoint_parts(acc: Accelerator, model, optimizer, shared: dict) -> tuple[dict | None, dict]:
+    """(what the main process saves for all, what this process saves of its own): the model in the shared part
+    (under ZeRO-3 it is not: its partitions come back with the optimizer's fp32 master weights), the optimizer
+    there too unless ZeRO partitions it over processes, and every process's RNG state in its own part."""
+    zero = _zero_stage(acc)
+    own = {"rng": rng_state()}
+    if zero:
+        own["optimizer"] = _zero_optimizer_state(model.optimizer)
+    if not acc.is_main_process:
+        return None, own
+    shared = dict(shared)
+    if not zero:
+        shared["optimizer"] = optimizer.state_dict()
+    if zero != 3:
+        shared["model"] = acc.unwrap_model(model).state_dict()
+    return shared, own
+
+
+def _restore(acc: Accelerator, model, optimizer, scheduler, state: dict) -> None:
+    """Inverse of `_checkpoint_parts` (the model before the optimizer: ZeRO-2 restores its fp32 masters after)."""
+    if "model" in state:
+        acc.unwrap_model(model).load_state_dict(state["model"])
+    if _zero_stage(acc):
+        _load_zero_optimizer_state(model.optimizer, state["optimizer"], acc.num_processes)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+
+
+def _configure_deepspeed(acc: Accelerator, args: TrainArgs, micro: int) -> None:
+    """DeepSpeed takes the batch shape and the gradient clipping from its config, not from the loop (accelerate
+    would otherwise ask for a dataloader, and clip at 1.0): set them from `args`. A value a config file
+    states explicitly must agree."""
+    config = acc.state.deepspeed_plugin.deepspeed_config
+    wanted = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": args.grad_accum,
+              "train_batch_size": args.batch_size, "gradient_clipping": args.grad_clip or 0.0}
+    for key, value in wanted.items():
+        if config.get(key, "auto") not in ("auto", value):
+            raise ValueError(f"the DeepSpeed config sets {key} to {config[key]}; this stage needs {value}")
+        config[key] = value
+    if config.get("zero_optimization", {}).get("elastic_checkpoint"):
+        # an elastic ZeRO state needs every process's file to load one: ours are per process
+        raise ValueError("the DeepSpeed config sets zero_optimization.elastic_checkpoint; checkpoints here need it false")
+    acc.gradient_accumulation_steps = args.grad_accum
+
+
+@contextmanager
+def whole_models(accelerator: Accelerator):
+    """Models built in here have all their weights on every rank, also under ZeRO-3, where transformers would
+    otherwise build them inside deepspeed.zero.Init (empty, partitioned parameters): the quantized student's
+    meta-device load cannot be partitioned that way, and the teacher, which never enters the DeepSpeed
+    engine, would be left with no weights. The engine partitions the student itself when it is prepared."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        yield
+        return
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(accelerator.state.deepspeed_plugin.dschf)
+
+
+def gathered(acc: Accelerator, model: torch.nn.Module):
+    """Context in which the (unwrapped) model's parameters are whole, to save them: under ZeRO-3 each rank holds
+    a shard and the rest are empty tensors, so every rank must enter (it is a collective); elsewhere a no-op."""
+    if acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    return nullcontext()
+
+
+def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, args: TrainArgs, *,
+          out_dir: str | Path, checkpointer: Checkpointer, seed: int, pad_id: int,
+          log: logging.Logger | None = None, accelerator: Accelerator | None = None,
+          desc: str = "train", on_step: OnStep | None = None) -> dict[str, float]:
+    """Train `model` in place for `args.steps` steps (resuming from `checkpointer` if it holds a
+    checkpoint of the same run); returns {"final_loss", "steps", "train_seconds", "tokens_per_s"}.
+
+    `on_step(step, model)`, when given, runs on every process after each optimizer step (with the
+    unwrapped model, in train mode); the metrics it returns join that step's row (held-out evaluation).
+
+    Raises StageInterrupted after checkpointing on SIGTERM/SIGINT, NonFiniteLoss on a NaN/inf loss,
+    ValueError when batch_size does not split over processes and grad_accum. With several processes, a
+    failure on one (a NaN loss, an exception) stops every one with RankFailed and the same message.
+    """
+    log = log or logging.getLogger(__name__)
+    acc = accelerator or make_accelerator()
+    ranks = AcceleratorRanks(acc)
+    micro = args.batch_size // (acc.num_processes * args.grad_accum)
+    if micro * acc.num_processes * args.grad_accum != args.batch_size:
+        raise ValueError(f"batch_size {args.batch_size} must be a multiple of processes ({acc.num_processes}) "
+                         f"x grad_accum ({args.grad_accum})")
+    if not examples:
+        raise ValueError("no training examples")
+    deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+    if deepspeed and (args.param_dtype, args.optimizer) != ("float32", "adamw"):
+        # DeepSpeed keeps its own fp32 master weights and optimizer state: these levers are the one-GPU path's
+        raise ValueError("param_dtype and optimizer must stay float32 / adamw under DeepSpeed")
+    if deepspeed:
+        _configure_deepspeed(acc, args, micro)
+    out_dir = Path(out_dir)
+    metrics_path = out_dir / "metrics.jsonl"
+
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.compile:
+        for layer in model.model.layers:
+            layer.compile()
+    model.to(acc.device, torch.bfloat16 if args.param_dtype == "bfloat16" else None)
+    model.train()
+    raw_optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, acc.device)
+    # the scheduler stays outside accelerate: prepared, it would step once per process
+    scheduler = get_cosine_schedule_with_warmup(raw_optimizer, args.warmup_steps, args.steps)
+    model, optimizer = acc.prepare(model, raw_optimizer)
+
+    # a checkpoint is resumed only if it was made by this same run
+    signature = {"args": result_config(type(args), args.model_dump(mode="json")), "seed": seed, "examples": len(examples),
+                 "processes": acc.num_processes}
+    rows: list[dict] = []
+    start = 0
+    found = checkpointer.resume(signature, log, ranks)
+    if found is not None:
+        start, state = found
+        on_every_rank(ranks, lambda: _restore(acc, model, optimizer, scheduler, state))
+        rows = state["metrics"]
+        log.info("resuming from the checkpoint at step %d", start)
+    if acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(metrics_path, "w") as f:  # rows after the checkpoint belong to a lost future
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    checkpointer.every = args.checkpoint_every
+    started = time.perf_counter()
+    tokens_total = 0
+    if acc.log_with:  # the wandb project; tensorboard writes <logging_dir>/reasoning-qat
+        acc.init_trackers("reasoning-qat", init_kwargs={"wandb": {"name": desc}})
+    with signals.stop_at_safe_points():  # a first SIGINT/SIGTERM is seen after the step: checkpoint, then stop
+        with progress(desc, total=args.steps, unit="step", done=start) as bar:
+            for step in range(start, args.steps):
+                t0 = time.perf_counter()
+                batches = on_every_rank(ranks, lambda: _my_batches(examples, seed, step, args, micro, acc.process_index,
+                                                                   pad_id))
+                weights = [_label_tokens(b) for b in batches]
+                # the step's loss is the mean over the label tokens of the global batch, all ranks'
+                seen = sum(int(b["attention_mask"].sum()) for b in batches)
+                total, tokens = map(int, _sum_over_ranks(acc, [sum(weights), seen]))
+                loss_sum, extra = 0.0, {}
+                for j, batch in enumerate(batches):
+                    batch = {k: v.to(acc.device) for k, v in batch.items()}
+                    # gradients are all-reduced once per step, on the last micro-step (DeepSpeed: its engine
+                    # also steps there, inside acc.backward)
+                    last_micro = j == len(batches) - 1
+                    if deepspeed:
+                        acc.sync_gradients = last_micro
+                    with nullcontext() if last_micro else acc.no_sync(model), acc.autocast():
+                        # every rank learns of a NaN or an exception here before any enters the backward's
+                        # collectives, so all stop together rather than some waiting there forever
+                        loss, value, metrics = on_every_rank(
+                            ranks, lambda: _finite_loss(loss_fn, model, batch, step, checkpointer))
+                    # x num_processes: DDP (and DeepSpeed) average the gradients over ranks
+                    # (DeepSpeed would also divide by grad_accum: the weights already do)
+                    acc.backward(loss * (weights[j] * acc.num_processes / total),
+                                 **({"scale_wrt_gas": False} if deepspeed else {}))
+                    loss_sum += value * weights[j] / total
+                    for k, v in metrics.items():
+                        extra[k] = extra.get(k, 0.0) + v * weights[j] / total
+                grad_norm = acc.clip_grad_norm_(model.parameters(), args.grad_clip) if args.grad_clip else None
+                lr = float(scheduler.get_last_lr()[0])  # a tensor for torchao optimizers
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                # each rank held its share of the loss; a stop asked of any rank stops all at the same step
+                loss_sum, *parts, stop = _sum_over_ranks(acc, [loss_sum, *extra.values(), checkpointer.stop_requested])
+                extra = dict(zip(extra, parts))
+
+                done = step + 1
+                tokens_total += tokens
+                row = {"step": done, "loss": loss_sum, "lr": lr, "tokens": tokens,
+                       "tokens_per_s": tokens / (time.perf_counter() - t0), **extra}
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
+                if on_step is not None:
+                    row.update(on_every_rank(ranks, lambda: on_step(done, acc.unwrap_model(model))))
+                    model.train()
+                rows.append(row)
+                if acc.is_main_process:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                if acc.log_with:
+                    acc.log({k: v for k, v in row.items() if k != "step"}, step=done)
+                bar.advance(1, tokens=tokens, loss=f"{loss_sum:.4f}")
+                if stop or checkpointer.due(done):
+                    shared, own = on_every_rank(ranks, lambda: _checkpoint_parts(acc, model, optimizer, {
+                        "scheduler": scheduler.state_dict(), "metrics": rows, "step": done, "signature": signature}))
+                    checkpointer.save(done, shared, own, ranks)
+                if stop:
+                    raise StageInterrupted(f"{desc}: stopped at step {done} on a signal; checkpoint saved")
+    seconds = time.perf_counter() - started
+    if acc.log_with:
+        acc.end_training()  # flushes the event files before the stage directory is renamed into place
+    acc.wait_for_everyone()
+    tail = [r["loss"] for r in rows[-10:]]
+    return {"final_loss": sum(tail) / len(tail), "steps": args.steps, "train_seconds": seconds,
+            "tokens_per_s": tokens_total / seconds if seconds > 0 else 0.0}
+
+
+def _my_batches(examples: Sequence[Example], seed: int, step: int, args: TrainArgs, micro: int, rank: int,
+                pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """This rank's micro-batches of `step`: its slice of the global batch, split into grad_accum pieces."""
+    indices = batch_indices(seed, step, len(examples), args.batch_size)
+    mine = indices[rank * micro * args.grad_accum:][: micro * args.grad_accum]
+    return [collate([examples[i] for i in mine[j * micro:(j + 1) * micro]], pad_id) for j in range(args.grad_accum)]
+
+
+def _finite_loss(loss_fn: LossFn, model, batch: dict[str, torch.Tensor], step: int,
+                 checkpointer: Checkpointer) -> tuple[torch.Tensor, float, dict[str, float]]:
+    """(loss, its value, metrics) of one micro-batch; NonFiniteLoss if the loss is NaN or infinite."""
+    loss, metrics = loss_fn(model, batch)
+    value = loss.item()
+    if not math.isfinite(value):
+        last = checkpointer.latest_step()
+        kept = f"the checkpoint of step {last} is kept" if last is not None else "no checkpoint was saved"
+        raise NonFiniteLoss(f"step {step + 1}: loss is {value}; stopped before the update, {kept}")
+    return loss, value, metrics

@@ -1,0 +1,112 @@
+"""Will a KD-QAT step fit the GPU? An estimate made before anything is moved to it, so that a setting that
+cannot fit fails in seconds with the levers that would make it fit, not after minutes of loading.
+
+The estimate adds what stays resident (the student's latent weights, gradients and optimizer moments, per
+`pipeline.train.optim.bytes_per_trainable_parameter`; frozen student weights; the teacher) and the activations of
+one micro-batch. Activations per layer and token follow Korthikanti et al. 2022 ("Reducing Activation
+Recomputation in Large Transformer Models", §4.1) with flash attention (no s×s scores), adapted to a SwiGLU
+MLP and to fake quantization, which saves each quantized input a second time; with gradient checkpointing
+only each layer's input is kept, plus one layer's full set while it is recomputed. It is an estimate,
+within 10% of the peaks measured on an H100: `bench/kd_qat.py` prints it beside the measured peak
+(`estimate_gib` and `peak_gib`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.train.optim import bytes_per_trainable_parameter
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """Bytes of one KD-QAT step on one GPU, by what holds them."""
+
+    student: int
+    teacher: int
+    activations: int
+    quantized_weights: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return self.student + self.teacher + self.activations + self.quantized_weights + self.logits
+
+    def describe(self) -> str:
+        parts = {"student": self.student, "teacher": self.teacher, "activations": self.activations,
+                 "quantized weights": self.quantized_weights, "logits": self.logits}
+        return ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts.items())
+
+
+def kd_step_memory(config, *, trainable: int, student_total: int, teacher_total: int, teacher_bytes: int,
+                   param_dtype: str, optimizer: str, tokens: int, chunk_size: int, gradient_checkpointing: bool,
+                   activation_quant: bool) -> StepMemory:
+    """Estimate for a student of transformers `config` with `trainable` of `student_total` parameters trained,
+    `teacher_total` parameters of `teacher_bytes` each, `tokens` per micro-batch, bf16 autocast."""
+    weight_bytes = 4 if param_dtype == "float32" else 2
+    student = (trainable * bytes_per_trainable_parameter(param_dtype, optimizer)
+               + (student_total - trainable) * weight_bytes)
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * getattr(config, "head_dim", h // config.num_attention_heads)
+    # one layer, per token, in bf16 (2 bytes): inputs of q/k/v, o, gate/up, down projections and of the two
+    # norms, q/k/v outputs, attention output, gate/up outputs and the SwiGLU product
+    per_token_layer = 2 * (2 * h + h + (h + 2 * kv) + h + h + h + 3 * i)
+    if activation_quant:
+        per_token_layer += 2 * (3 * h + i)  # each quantized linear input saved again, fake-quantized
+    per_token_layer += 2 * weight_bytes * h  # the residual stream and the norm inputs in the weights' dtype
+    # autograd keeps about twice what is counted above (q/k norms, RoPE, attention output and log-sum-exp,
+    # SiLU): calibrated on the Qwen3-0.6B eager step, 57.5 GiB measured on an H100
+    per_token_layer *= 2
+    # autograd keeps each layer's fake-quantized weight (its bf16 copy, 2 bytes) and the fp32 intermediates
+    # of the quantizer that the scale's gradient needs (about 2 more fp32 copies): 10 bytes a weight
+    layer_weights = 10 * (student_total - 2 * config.vocab_size * h) // layers
+    if gradient_checkpointing:
+        activations = tokens * (layers * weight_bytes * h + per_token_layer)
+        quantized_weights = layer_weights
+    else:
+        activations = tokens * layers * per_token_layer
+        quantized_weights = layer_weights * layers
+    # one chunk of fp32 logits at a time: student and teacher, their log-softmaxes, the gradient (4 copies)
+    logits = 4 * min(chunk_size, tokens) * config.vocab_size * 4
+    return StepMemory(student=student, teacher=teacher_total * teacher_bytes, activations=activations,
+                      quantized_weights=max(quantized_weights, 0), logits=logits)
+
+
+def kd_step_memory_of(student, args, *, teacher_total: int, teacher_bytes: int, tokens: int,
+                      chunk_size: int) -> StepMemory:
+    """`kd_step_memory` of a student model as it will train under `args` (pipeline.train.loop.TrainArgs): its
+    parameters, which of them train, and whether it quantizes activations, read off the model."""
+    from pipeline.quant.apply import weight_only
+
+    params = list(student.parameters())
+    return kd_step_memory(
+        student.config, trainable=sum(p.numel() for p in params if p.requires_grad),
+        student_total=sum(p.numel() for p in params), teacher_total=teacher_total, teacher_bytes=teacher_bytes,
+        param_dtype=args.param_dtype, optimizer=args.optimizer, tokens=tokens, chunk_size=chunk_size,
+        gradient_checkpointing=args.gradient_checkpointing, activation_quant=not weight_only(student))
+
+
+# The estimate was within 10% of the measured peak of every step bench/kd_qat.py ran on an H100 (Qwen3 shapes
+# 0.6B-8B, 8 x 2048 tokens: -7% to +9%), so only a setting estimated to need more than this much of the free
+# memory is refused; one near the limit is left to try (and may run out of memory at its first step).
+REFUSE_ABOVE = 1.10
+
+
+def fit_error(memory: StepMemory, available: int, *, param_dtype: str, optimizer: str,
+              gradient_checkpointing: bool) -> str | None:
+    """None unless `memory` is clearly more than `available` bytes (REFUSE_ABOVE), else the message: what it
+    needs, what the GPU has, and the levers not yet pulled."""
+    if memory.total <= REFUSE_ABOVE * available:
+        return None
+    levers = []
+    if not gradient_checkpointing:
+        levers.append("gradient_checkpointing: true")
+    if param_dtype == "float32":
+        levers.append("param_dtype: bfloat16")
+    if optimizer == "adamw":
+        levers.append("optimizer: adamw_8bit")
+    advice = ("try " + ", ".join(levers) + ", or a smaller batch_size / more grad_accum / chunk_size" if levers
+              else "use a smaller batch_size / more grad_accum / a smaller chunk_size, or several GPUs (ZeRO-3)")
+    return (f"a KD-QAT step needs about {memory.total / GIB:.1f} GiB ({memory.describe()} GiB), the GPU has "
+            f"{available / GIB:.1f} GiB free: {advice}")
