@@ -138,7 +138,7 @@ def _scheme_fit(recipe) -> list[tuple[str, str]]:
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    from pipeline.data.spec import read_texts
+    from pipeline.data.rows import read_texts
     from pipeline.models import load_model, load_tokenizer
     from pipeline.quant import sqnr
     from pipeline.quant.apply import quant_linears, quantize_rtn

@@ -28,7 +28,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 import stages as stage_registry
-from pipeline.data.spec import DataSpec, check_chat_template
+from pipeline.data.chat import check_chat_template
+from pipeline.data.spec import DataSpec
 from pipeline.engine.errors import InputError
 from pipeline.models import ModelSpec, check_model_dir
 from pipeline.quant.scheme import QuantSpec
