@@ -53,7 +53,8 @@ def is_quantized(path: str | Path) -> bool:
 
 def read_quant_spec(path: str | Path):
     """The QuantSpec of a quantized model directory (ours or compressed-tensors)."""
-    from pipeline.quant.scheme import QuantSpec, weight_spec_from_args
+    from pipeline.quant.formats.compressed import weight_spec_from_args
+    from pipeline.quant.scheme import QuantSpec
 
     path = model_dir(path)
     if (path / QUANT_CONFIG).exists():
@@ -214,7 +215,8 @@ def _load_w4a4kv4_export(path: Path, trust_remote_code: bool) -> nn.Module:
     from pipeline.quant.apply import prepare, quant_linears
     from pipeline.quant.formats.export import TRANSFORMS_FILE
     from pipeline.quant.online import install
-    from pipeline.quant.scheme import QuantSpec, weight_quantization_args
+    from pipeline.quant.formats.compressed import weight_quantization_args
+    from pipeline.quant.scheme import QuantSpec
 
     raw = json.loads((path / "config.json").read_text())
     block = raw.pop("reasoning_qat")
