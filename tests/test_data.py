@@ -11,7 +11,8 @@ from pipeline.data.chat import BOXED_INSTRUCTION, chat_example, chat_prompt, che
 from pipeline.data.rows import read_texts
 from pipeline.engine.errors import InputError
 from pipeline.generate import stop_token_ids
-from pipeline.models import ModelSpec, save_model
+from pipeline.model_spec import ModelSpec
+from pipeline.models import save_model
 
 
 @pytest.mark.parametrize("family, eot", [

@@ -83,7 +83,7 @@ def end_of_turn_id(tokenizer) -> int:
 def check_chat_template(model) -> list[tuple[str, str]]:
     """At validation: a local `model.path` (the recipe's ModelSpec) whose tokenizer has no chat template.
     Reads only the tokenizer's files; a hub id is checked when a stage loads it."""
-    from pipeline.models import model_dir
+    from pipeline.quant.formats.layout import model_dir
 
     if model.path is None or not Path(model.path).expanduser().is_dir():
         return []
