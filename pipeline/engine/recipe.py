@@ -485,7 +485,7 @@ def check_input_kinds(recipe: Recipe, model_ok: bool = True) -> list[tuple[str, 
 def _base_model_kind(model: ModelSpec) -> str:
     """A local `model.path` may hold a quantized model (a student from another recipe)."""
     if model.path is not None and Path(model.path).is_dir():
-        from pipeline.models import is_quantized
+        from pipeline.quant.formats.layout import is_quantized  # file reads only: no torch to validate a recipe
 
         if is_quantized(model.path):
             return QUANTIZED
