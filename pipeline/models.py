@@ -142,10 +142,10 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     `pipeline.quant.formats.io.load_quantized`, which returns the model with its QuantLinear modules.
     dtype None keeps the dtype it was saved in.
     """
-    where = str(model_dir(path))
-    if is_quantized(where):
-        from pipeline.quant.formats.io import load_quantized
+    where = str(model_dir(path))  # resolved here, once: io's functions find `where` is the model folder itself
+    from pipeline.quant.formats.io import is_quantized as quantized, load_quantized
 
+    if quantized(where):
         model = load_quantized(where, trust_remote_code=trust_remote_code)
         if dtype is not None:
             model = model.to(_torch_dtype(dtype))
