@@ -67,10 +67,9 @@ def build(shape: str, seed: int, device: str, dtype: torch.dtype = torch.float32
 
 
 def timed_run(student, teacher, examples, args, label: str) -> dict:
-    # the stage's loss, closed over the teacher, exactly as kd_qat runs it
-    from stages.kd_qat import Config, kd_loss_fn
+    # the stage's loss (its default settings), closed over the teacher, exactly as kd_qat runs it
+    from pipeline.train.kd_loss import kd_loss_fn
 
-    config = Config(init="a", teacher="b", data="c", chunk_size=args.chunk)
     steps = args.warmup + args.steps
     train_args = TrainArgs(steps=steps, batch_size=args.batch, lr=1e-5, warmup_steps=0, checkpoint_every=0,
                            compile=args.compile, gradient_checkpointing=args.gradient_checkpointing,
@@ -79,7 +78,7 @@ def timed_run(student, teacher, examples, args, label: str) -> dict:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
-        train(student, examples, kd_loss_fn(teacher, config), train_args, out_dir=tmp,
+        train(student, examples, kd_loss_fn(teacher, chunk_size=args.chunk), train_args, out_dir=tmp,
               checkpointer=Checkpointer(Path(tmp) / "ckpt"), seed=0, pad_id=0,
               log=logging.getLogger("bench"), accelerator=make_accelerator(), desc=label)
         rows = [json.loads(line) for line in open(Path(tmp) / "metrics.jsonl")][args.warmup:]

@@ -43,7 +43,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from pipeline.data.benchmarks import BENCHMARKS, HUB_IDS, load_benchmark
-from pipeline.data.spec import BOXED_INSTRUCTION, Problem, chat_example
+from pipeline.data.chat import BOXED_INSTRUCTION, chat_example
+from pipeline.data.problem import Problem
 from pipeline.engine.errors import InputError
 from pipeline.generate import GenerationSpec, generate
 from pipeline.data.grading import grade_many
@@ -279,7 +280,7 @@ def bench_problems(bench: str, limit: int | None, data_dir: str | None, hub: str
 
 def _tokenizer(path: str, where: str, needs_chat: bool, trust_remote_code: bool):
     """The tokenizer of a model directory the user named, checked before any weights are read."""
-    from pipeline.data.spec import NO_CHAT_TEMPLATE
+    from pipeline.data.chat import NO_CHAT_TEMPLATE
     from pipeline.models import load_tokenizer
 
     _check_model_dir(path, where, trust_remote_code)
@@ -345,7 +346,7 @@ def _cli_perplexity(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.data.spec import read_texts
+    from pipeline.data.rows import read_texts
 
     if args.out is not None:
         raise InputError("--out", "perplexity generates no samples to write; drop --out or --perplexity")

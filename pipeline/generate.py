@@ -5,7 +5,7 @@
     outs = generate(model, tokenizer, [p.question for p in problems], spec)
     outs[i][k].text, outs[i][k].num_tokens, outs[i][k].truncated     # prompt i, sample k
 
-Each question is wrapped in the model's chat template (`pipeline.data.spec.chat_prompt`); decoding stops
+Each question is wrapped in the model's chat template (`pipeline.data.chat.chat_prompt`); decoding stops
 at the model's end-of-turn / end-of-text tokens or after `max_new_tokens`. All decoding runs the model's
 own forward (transformers), through one of these backends (`GenerationSpec.backend`):
 
@@ -51,7 +51,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 from pipeline import refill
-from pipeline.data.spec import BOXED_INSTRUCTION, chat_prompt, end_of_turn_id
+from pipeline.data.chat import BOXED_INSTRUCTION, chat_prompt, end_of_turn_id
 from pipeline.engine.progress import Bar, progress
 from pipeline.engine.stage_api import SEED_MAX
 

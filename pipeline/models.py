@@ -1,4 +1,5 @@
-"""Model loading and building: the recipe's `model` section, Hugging Face models, the testbed's Qwen3.
+"""Model loading and building: Hugging Face models, the testbed's Qwen3 (the recipe's `model` section is
+pipeline.model_spec, the closed transformers calls pipeline.loading, what a folder holds pipeline.quant.formats.layout).
 
     model = build_model(Qwen3Arch(), build_tokenizer(), seed=0)   # the testbed teacher, untrained
     save_model(model, tokenizer, "out/model")                     # HF layout, safetensors only
@@ -19,76 +20,16 @@ inside a stage directory, its files still match the manifest's sha256s.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Literal
 
 import torch
-import transformers.dynamic_module_utils
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PretrainedConfig,
-                          PreTrainedModel, PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 from pipeline.engine.errors import InputError
-
-# transformers asks "Do you wish to run the custom code? [y/N]" on stdin when a call leaves
-# trust_remote_code unset and the model has custom code. At 0 it refuses instead (the switch its own CI
-# uses). Our calls all pass the recipe's value; this covers calls inside transformers that do not
-# forward it, so that stdin is never read and custom code runs only when the recipe allows it.
-transformers.dynamic_module_utils.TIME_OUT_REMOTE_CODE = 0
-
-
-class Qwen3Arch(BaseModel):
-    """Size of a Qwen3-architecture model built from scratch (the testbed teacher)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    hidden_size: int = Field(128, gt=0)
-    """Width of the residual stream."""
-    intermediate_size: int = Field(384, gt=0)
-    """Width of the MLP's hidden layer."""
-    num_hidden_layers: int = Field(2, gt=0)
-    """Decoder layers."""
-    num_attention_heads: int = Field(4, gt=0)
-    """Query heads."""
-    num_key_value_heads: int = Field(2, gt=0)
-    """Key/value heads (grouped-query attention); must divide num_attention_heads."""
-    head_dim: int = Field(32, gt=0)
-    """Width of each attention head."""
-    max_position_embeddings: int = Field(1024, gt=0)
-    """Longest sequence (prompt + completion) in tokens."""
-    rope_theta: float = Field(10000.0, gt=0)
-    """RoPE base frequency."""
-    tie_word_embeddings: bool = False
-    """Share the input embedding with lm_head."""
-
-    @model_validator(mode="after")
-    def _gqa(self):
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-        return self
-
-
-class ModelSpec(BaseModel):
-    """The recipe's base model: a Hugging Face causal LM (`path`) or one built from scratch (`arch`)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    path: str | None = None
-    """Hub id or local directory of a Hugging Face causal LM."""
-    arch: Qwen3Arch | None = None
-    """Build a Qwen3 model of this size from scratch (the testbed); the `sft` stage trains it."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    """Dtype the base model is loaded (or built) in."""
-    trust_remote_code: bool = False
-    """Allow a model whose loading runs Python from its folder (config.json `auto_map`); off, such a model is refused."""
-
-    @model_validator(mode="after")
-    def _one_source(self):
-        if (self.path is None) == (self.arch is None):
-            raise ValueError("give exactly one of `path` (a pretrained model) or `arch` (build from scratch)")
-        return self
-
+from pipeline.loading import CustomCodeRefused, _refusing_custom_code, load_config, load_pretrained
+from pipeline.model_spec import Qwen3Arch
+from pipeline.quant.formats.layout import model_dir
 
 # -- building, loading, saving ------------------------------------------------------------------
 
@@ -96,48 +37,6 @@ def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     if dtype is None:
         return "auto"  # whatever the checkpoint was saved in
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-
-def model_dir(path: str | Path) -> str:
-    """The Hugging Face model directory (or hub id) behind `path`: a stage directory means `<path>/model`."""
-    inner = Path(path) / "model"
-    return str(inner) if (inner / "config.json").is_file() else str(path)
-
-
-class CustomCodeRefused(InputError):
-    """Loading the model at `path` would run Python from it (config.json `auto_map`), and trust_remote_code is off."""
-
-    def __init__(self, path: str | Path, where: str = "model.path", allow: str = "set model.trust_remote_code: true"):
-        super().__init__(where, f"{path} needs custom code (auto_map); {allow} to allow it")
-        self.path = path
-
-
-@contextmanager
-def _refusing_custom_code(path: str | Path) -> Iterator[None]:
-    """transformers' refusal of untrusted custom code as CustomCodeRefused: a plain ValueError, told
-    apart by the `trust_remote_code=True` every one of its refusal messages asks for."""
-    try:
-        yield
-    except ValueError as e:
-        if "trust_remote_code=True" not in str(e):
-            raise
-        raise CustomCodeRefused(path) from None
-
-
-def load_config(path: str | Path, trust_remote_code: bool = False) -> PretrainedConfig:
-    """The config of the model at `path` (stage directory, model directory or hub id); no weights read."""
-    where = model_dir(path)
-    with _refusing_custom_code(where):
-        return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
-
-
-def load_pretrained(path: str | Path, trust_remote_code: bool = False, **kwargs) -> PreTrainedModel:
-    """`AutoModelForCausalLM.from_pretrained` as every model load here calls it: safetensors only (never
-    the pickle of a pytorch_model.bin), trust_remote_code as given. `kwargs` go to from_pretrained."""
-    where = model_dir(path)
-    with _refusing_custom_code(where):
-        return AutoModelForCausalLM.from_pretrained(where, use_safetensors=True, trust_remote_code=trust_remote_code,
-                                                    **kwargs)
 
 
 PASS_TRUST_FLAG = "pass --trust-remote-code"
@@ -228,18 +127,11 @@ def build_model(arch: Qwen3Arch, tokenizer: PreTrainedTokenizerBase, seed: int =
 
 
 def is_quantized(path: str | Path) -> bool:
-    """Whether `path` (stage or model directory) holds a quantized model, as pipeline.quant.formats.io tells."""
-    where = model_dir(path)
-    try:
-        import pipeline.quant.formats.io as quant_io
-    except ModuleNotFoundError as e:
-        if e.name != "pipeline.quant.formats.io":
-            raise
-        config = Path(where) / "config.json"
-        if config.is_file() and "quantization_config" in json.loads(config.read_text()):
-            raise ImportError(f"{where} holds a quantized model, which needs pipeline.quant.formats.io") from e
-        return False
-    return quant_io.is_quantized(where)
+    """Whether `path` (stage or model directory) holds a quantized model: pipeline.quant.formats.io's answer (the
+    one rule, pipeline.quant.formats.layout.is_quantized), looked up when called."""
+    from pipeline.quant.formats.io import is_quantized as quantized
+
+    return quantized(model_dir(path))
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
@@ -250,10 +142,10 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     `pipeline.quant.formats.io.load_quantized`, which returns the model with its QuantLinear modules.
     dtype None keeps the dtype it was saved in.
     """
-    where = model_dir(path)
-    if is_quantized(where):
-        from pipeline.quant.formats.io import load_quantized
+    where = str(model_dir(path))  # resolved here, once: io's functions find `where` is the model folder itself
+    from pipeline.quant.formats.io import is_quantized as quantized, load_quantized
 
+    if quantized(where):
         model = load_quantized(where, trust_remote_code=trust_remote_code)
         if dtype is not None:
             model = model.to(_torch_dtype(dtype))
@@ -266,7 +158,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a model (stage directory, model directory or hub id)."""
-    where = model_dir(path)
+    where = str(model_dir(path))
     with _refusing_custom_code(where):
         return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
 

@@ -87,7 +87,8 @@ def main() -> None:
         parser.error("--clip must be in (0, 1] and --problems at least 1")
 
     from pipeline.data.benchmarks import load_benchmark
-    from pipeline.data.spec import DataSpec, chat_example
+    from pipeline.data.chat import chat_example
+    from pipeline.data.spec import DataSpec
     from pipeline.models import load_model, load_tokenizer
     from pipeline.quant.methods import quarot
     from pipeline.quant.apply import calibrate, prepare, quant_linears

@@ -92,7 +92,7 @@ def check(config: Config, recipe) -> list[tuple[str, str]]:
 def run(ctx: StageContext) -> dict[str, float]:
     from accelerate import PartialState
 
-    from pipeline.data.spec import read_texts
+    from pipeline.data.rows import read_texts
     from pipeline.models import load_model, load_tokenizer
 
     config, data = ctx.config, ctx.recipe.data

@@ -34,7 +34,7 @@ import torch
 from accelerate import DistributedType
 from pydantic import Field, model_validator
 
-from pipeline.train.distill import chunked_kd_loss
+from pipeline.train.kd_loss import kd_loss_fn as distill_loss_fn
 from pipeline.engine.errors import InputError
 from pipeline.generate import GenerationSpec
 from pipeline.train.memory import GIB, fit_error, kd_step_memory_of
@@ -126,24 +126,9 @@ def _select_trainable(model: torch.nn.Module, what: str, transforms: str = "froz
 
 
 def kd_loss_fn(teacher: torch.nn.Module, config: Config):
-    """loss_fn for pipeline.train.loop: KD of the student (the model being trained) towards `teacher`."""
-
-    def loss_fn(model, batch):
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        # logits_to_keep=1: the full-vocabulary logits are made chunk by chunk in the loss instead;
-        # hidden_states[-1] is the final-norm output that lm_head reads
-        student = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        with torch.no_grad():  # the decoder alone: its last hidden state is all the loss reads of the teacher
-            teacher_hidden = teacher.get_decoder()(**inputs, use_cache=False).last_hidden_state
-        # position t predicts token t + 1
-        labels = batch["labels"][:, 1:]
-        head = getattr(model, "module", model).get_output_embeddings()
-        return chunked_kd_loss(student.hidden_states[-1][:, :-1], teacher_hidden[:, :-1], labels,
-                               head, teacher.get_output_embeddings(), divergence=config.loss,
-                               temperature=config.temperature, beta=config.beta, top_k=config.top_k,
-                               ce_weight=config.ce_weight, chunk_size=config.chunk_size)
-
-    return loss_fn
+    """loss_fn for pipeline.train.loop: KD of the student towards `teacher` with this stage's loss settings."""
+    return distill_loss_fn(teacher, loss=config.loss, temperature=config.temperature, beta=config.beta,
+                           top_k=config.top_k, ce_weight=config.ce_weight, chunk_size=config.chunk_size)
 
 
 def held_out_eval(ctx: StageContext, tokenizer, accelerator):

@@ -119,7 +119,7 @@ def _scheme_fit(recipe) -> list[tuple[str, str]]:
     from pathlib import Path
 
     from pipeline.models import check_model_dir, load_config
-    from pipeline.quant.scheme import check_fit
+    from pipeline.quant.fit import check_fit
 
     model = recipe.model
     if model.arch is not None:
@@ -138,14 +138,14 @@ def _scheme_fit(recipe) -> list[tuple[str, str]]:
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    from pipeline.data.spec import read_texts
+    from pipeline.data.rows import read_texts
     from pipeline.models import load_model, load_tokenizer
     from pipeline.quant import sqnr
     from pipeline.quant.apply import quant_linears, quantize_rtn
     from pipeline.quant.calibration import generic_samples, packed_traces_samples, traces_samples
     from pipeline.quant.methods.gptq import run_gptq
     from pipeline.quant.formats.io import save_quantized
-    from pipeline.quant.scheme import check_fit
+    from pipeline.quant.fit import check_fit
 
     config, spec = ctx.config, ctx.recipe.quant
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from pipeline.data.spec import chat_example
+from pipeline.data.chat import chat_example
 from pipeline.engine.errors import InputError
 from pipeline.models import build_model, is_quantized, load_model, load_tokenizer, save_model
 from pipeline.engine.stage_api import ANY_MODEL, MODEL, TRACES, StageConfig, StageContext, stage_ref

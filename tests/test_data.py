@@ -7,11 +7,12 @@ import yaml
 
 import chat_tokenizers
 import tiny_lm
-from pipeline.data.spec import (BOXED_INSTRUCTION, chat_example, chat_prompt, check_chat_template, end_of_turn,
-                           end_of_turn_id, read_texts)
+from pipeline.data.chat import BOXED_INSTRUCTION, chat_example, chat_prompt, check_chat_template, end_of_turn, end_of_turn_id
+from pipeline.data.rows import read_texts
 from pipeline.engine.errors import InputError
 from pipeline.generate import stop_token_ids
-from pipeline.models import ModelSpec, save_model
+from pipeline.model_spec import ModelSpec
+from pipeline.models import save_model
 
 
 @pytest.mark.parametrize("family, eot", [

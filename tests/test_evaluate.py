@@ -6,7 +6,7 @@ import pytest
 
 import tiny_lm
 from pipeline import evaluate as evaluate_module
-from pipeline.data.spec import Problem
+from pipeline.data.problem import Problem
 from pipeline.evaluate import evaluate
 from pipeline.generate import Completion, GenerationSpec
 from pipeline.models import save_model
@@ -119,7 +119,7 @@ def test_solution_perplexity_matches_the_models_own_loss():
 
     import torch
 
-    from pipeline.data.spec import chat_example
+    from pipeline.data.chat import chat_example
     from pipeline.evaluate import solution_perplexity
     from pipeline.data.testbed import TestbedSpec, make_problems
 

@@ -7,7 +7,7 @@ import torch
 
 import stages.kd_qat as kd_qat
 from pipeline.engine.checkpoint import Checkpointer
-from pipeline.data.spec import chat_example
+from pipeline.data.chat import chat_example
 from pipeline.train.distill import token_divergence
 from pipeline.models import load_model, load_tokenizer
 from pipeline.quant.apply import quant_linears, quantize_rtn

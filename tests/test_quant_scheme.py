@@ -6,8 +6,9 @@ from torch import nn
 
 from pipeline.models import Qwen3Arch
 from pipeline.quant.apply import lowered_group_sizes, match_targets, prepare, quant_linears
-from pipeline.quant.scheme import (QuantSpec, WeightSpec, check_fit, config_groups, layer_weights, weight_quantization_args,
-                                   weight_spec_from_args)
+from pipeline.quant.fit import check_fit
+from pipeline.quant.formats.compressed import config_groups, weight_quantization_args, weight_spec_from_args
+from pipeline.quant.scheme import QuantSpec, WeightSpec, layer_weights
 from quant_tiny import family_model, tiny_config, tiny_model
 
 

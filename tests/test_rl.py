@@ -11,7 +11,7 @@ import torch
 import stages.rl as rl_stage
 from pipeline.engine import signals
 from pipeline.engine.checkpoint import Checkpointer, StageInterrupted
-from pipeline.data.spec import Problem
+from pipeline.data.problem import Problem
 from pipeline.quant.apply import decoding_weights, quant_linears, quantize_rtn
 from pipeline.quant.formats.io import load_quantized, read_quant_spec, save_quantized
 from pipeline.quant.scheme import QuantSpec
@@ -77,7 +77,7 @@ def test_rewards_on_known_completions():
 
 
 def test_decoding_weights_sample_the_same_tokens_and_leave_the_latent_weights_as_they_were(init_dir):
-    from pipeline.data.spec import chat_prompt
+    from pipeline.data.chat import chat_prompt
     from pipeline.generate import GenerationSpec, generate_ids
     from pipeline.models import load_tokenizer
 

@@ -2,7 +2,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.data.spec import chat_example, chat_prompt
+from pipeline.data.chat import chat_example, chat_prompt
 from pipeline.data.testbed import TestbedSpec, make_problems
 from pipeline.data.tokenizer import build_tokenizer, save_tokenizer
 

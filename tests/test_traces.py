@@ -183,7 +183,7 @@ def test_training_traces_with_none_correct_names_only_correct(tmp_path):
 
 
 def test_traces_of_an_older_version_and_bad_rows(tmp_path):
-    from pipeline.data.spec import BOXED_INSTRUCTION
+    from pipeline.data.chat import BOXED_INSTRUCTION
     from pipeline.engine.errors import InputError
     from pipeline.data.traces import read_traces
 

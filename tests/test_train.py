@@ -13,7 +13,7 @@ import torch
 
 from pipeline.engine import signals
 from pipeline.engine.checkpoint import Checkpointer, StageInterrupted
-from pipeline.data.spec import chat_example
+from pipeline.data.chat import chat_example
 from pipeline.models import Qwen3Arch, build_model
 from pipeline.data.testbed import TestbedSpec, make_problems
 from pipeline.data.tokenizer import build_tokenizer

@@ -10,7 +10,7 @@ from accelerate import PartialState
 
 from pipeline.train import loop as training
 from pipeline.engine.checkpoint import Checkpointer
-from pipeline.data.spec import chat_example
+from pipeline.data.chat import chat_example
 from pipeline.models import Qwen3Arch, build_model
 from pipeline.data.testbed import TestbedSpec, make_problems
 from pipeline.data.tokenizer import build_tokenizer

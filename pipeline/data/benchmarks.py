@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import Callable, Mapping
 
-from pipeline.data.spec import Problem
+from pipeline.data.problem import Problem
 from pipeline.engine.errors import InputError
 from pipeline.data.rows import read_located, short_json
 from pipeline.data.testbed import MAX_PROBLEMS, TestbedSpec, make_problems

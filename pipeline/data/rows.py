@@ -12,6 +12,7 @@ breaks: JSON Lines separates records by "\\n" alone, and so does the reader here
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from pipeline.engine.errors import InputError
@@ -83,3 +84,16 @@ def short_json(value) -> str:
     """`value` as JSON, cut to 40 characters: for messages that quote a bad value."""
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def read_texts(path: str | os.PathLike, where: str) -> list[str]:
+    """The `text` field of every row of a .jsonl or .parquet file: a user's text corpus (perplexity,
+    KL to the teacher, generic PTQ calibration)."""
+    texts = []
+    for i, row in enumerate(read_rows(Path(path), where), 1):
+        if not isinstance(row.get("text"), str):
+            raise InputError(where, f"{path}: row {i} has no `text` string")
+        texts.append(row["text"])
+    if not any(texts):
+        raise InputError(where, f"{path}: no text in it")
+    return texts

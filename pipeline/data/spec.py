@@ -1,26 +1,15 @@
-"""The recipe's `data` section (which task the pipeline trains and evaluates on) and the chat format.
+"""The recipe's `data` section: which task the pipeline trains and evaluates on (pure schema).
 
-Every prompt is the model's own chat template applied to one user turn, `question + "\\n" +
-data.instruction`; every training example is that prompt, the completion, and the end of turn the
-template writes after an assistant message (`end_of_turn`): `<|im_end|>` for Qwen / ChatML,
-`<|eot_id|>` for Llama-3, `</s>` for Mistral. Nothing here knows a model family; a tokenizer without
-a chat template is refused (`check_chat_template` at validation, `InputError` at run time).
+The chat format is pipeline.data.chat, the `Problem` record pipeline.data.problem.
 """
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.engine.errors import InputError
+from pipeline.data.chat import BOXED_INSTRUCTION
 from pipeline.data.testbed import TestbedSpec
-
-# The instruction the Qwen3 model cards append to math prompts (DeepSeek-R1's cards use the same).
-BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
 class DataSpec(BaseModel):
@@ -41,116 +30,3 @@ class DataSpec(BaseModel):
     """Prompts of task `jsonl`: a .jsonl or .parquet file of {"question" (or "problem" / "prompt"), "answer"?}."""
     instruction: str = BOXED_INSTRUCTION
     """Appended to every question in the user turn (traces, eval, gate, rl); "" for the bare question."""
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One verifiable problem, from the testbed or a benchmark."""
-
-    id: str
-    question: str
-    """The problem statement, without the instruction."""
-    answer: str
-    """Gold final answer (a number or a LaTeX expression), what `pipeline.data.grading.grade` compares to."""
-    solution: str | None = None
-    """Reference solution: for the testbed, the assistant text to train on (`<think>…</think>` + boxed)."""
-
-
-def user_message(question: str, instruction: str = BOXED_INSTRUCTION) -> str:
-    """The user turn for a problem, as the Qwen3 cards prompt math."""
-    return f"{question}\n{instruction}" if instruction else question
-
-
-NO_CHAT_TEMPLATE = ("has no chat template, which every prompt and trace is rendered with; use the model's "
-                    "chat / instruct version, or give its tokenizer one (tokenizer.chat_template = ...; "
-                    "tokenizer.save_pretrained(DIR))")
-
-
-def _require_chat_template(tokenizer) -> None:
-    if not tokenizer.chat_template:
-        raise InputError("model", f"{tokenizer.name_or_path or 'the tokenizer'}: {NO_CHAT_TEMPLATE}")
-
-
-def chat_prompt(tokenizer, question: str, instruction: str = BOXED_INSTRUCTION) -> str:
-    """The text a model continues from: chat template applied, generation prompt added."""
-    _require_chat_template(tokenizer)
-    messages = [{"role": "user", "content": user_message(question, instruction)}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def chat_example(tokenizer, question: str, completion: str,
-                 instruction: str = BOXED_INSTRUCTION) -> tuple[list[int], int]:
-    """Token ids of prompt + completion + end of turn, and where the completion starts.
-
-    Training stages (sft, kd_qat) put the loss on ids[start:] only; PTQ calibrates on all of them.
-    """
-    prompt_ids = tokenizer(chat_prompt(tokenizer, question, instruction), add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(completion + end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
-    return prompt_ids + completion_ids, len(prompt_ids)
-
-
-_REPLY = "reasoning-qat assistant reply"
-
-
-def end_of_turn(tokenizer) -> str:
-    """What the chat template writes after an assistant message's content, up to and including its
-    first special token (the eos token when it writes none): what a completion is trained to end
-    with, and (its last token) what generation stops at. Found by rendering a chat, because neither
-    tokenizers nor transformers name this token: a template knows it only as text (and eos is often
-    another token: Llama-3's `<|end_of_text|>`, or `<|im_start|>` in SmolLM2's GGUF tokenizer)."""
-    _require_chat_template(tokenizer)
-    messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _REPLY}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    after = text[text.rindex(_REPLY) + len(_REPLY):]
-    specials = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
-                                                    if t.special}
-    found = [(after.index(s), -len(s), s) for s in specials if s and s in after]
-    if found:
-        position, _, token = min(found)
-        return after[:position + len(token)]
-    if tokenizer.eos_token:
-        return tokenizer.eos_token
-    raise InputError("model", f"{tokenizer.name_or_path}: its chat template ends an assistant turn with no "
-                     "special token and it has no eos token, so a completion could never end")
-
-
-def end_of_turn_id(tokenizer) -> int:
-    """The token id generation stops at: the last token of `end_of_turn`."""
-    return tokenizer(end_of_turn(tokenizer), add_special_tokens=False)["input_ids"][-1]
-
-
-def check_chat_template(model) -> list[tuple[str, str]]:
-    """At validation: a local `model.path` (the recipe's ModelSpec) whose tokenizer has no chat template.
-    Reads only the tokenizer's files; a hub id is checked when a stage loads it."""
-    from pipeline.models import model_dir
-
-    if model.path is None or not Path(model.path).expanduser().is_dir():
-        return []
-    where = Path(model_dir(Path(model.path).expanduser()))
-    config = where / "tokenizer_config.json"
-    if not config.is_file():
-        return []  # no tokenizer here at all: loading it fails with its own message
-    try:
-        if json.loads(config.read_text(encoding="utf-8")).get("chat_template"):
-            return []
-    except (ValueError, AttributeError):
-        return []  # not a JSON object: loading the tokenizer fails with its own message
-    if any((where / name).exists() for name in ("chat_template.jinja", "chat_template.json",
-                                                  "additional_chat_templates")):
-        return []
-    return [("model.path", f"{model.path} {NO_CHAT_TEMPLATE}")]
-
-
-def read_texts(path: str | os.PathLike, where: str) -> list[str]:
-    """The `text` field of every row of a .jsonl or .parquet file: a user's text corpus (perplexity,
-    KL to the teacher, generic PTQ calibration)."""
-    from pipeline.data.rows import read_rows
-
-    texts = []
-    for i, row in enumerate(read_rows(Path(path), where), 1):
-        if not isinstance(row.get("text"), str):
-            raise InputError(where, f"{path}: row {i} has no `text` string")
-        texts.append(row["text"])
-    if not any(texts):
-        raise InputError(where, f"{path}: no text in it")
-    return texts

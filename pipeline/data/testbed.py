@@ -35,12 +35,11 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-if TYPE_CHECKING:  # the annotation only: pipeline.data.spec imports this module
-    from pipeline.data.spec import Problem
+from pipeline.data.problem import Problem
 
 TEST_BUCKETS = 8
 """One question in TEST_BUCKETS (by hash) is reserved for the test split."""
@@ -183,8 +182,6 @@ def make_problems(spec: TestbedSpec, split: Literal["train", "test"], n: int | N
                   seed: int = 0) -> list[Problem]:
     """`n` unique problems of `split` (default: spec.train_size / spec.test_size), the same for the
     same (spec, split, n, seed); no question of one split appears in the other, for any seeds."""
-    from pipeline.data.spec import Problem  # pipeline.data.spec imports TestbedSpec from here: import at call time
-
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', not {split!r}")
     if n is None:

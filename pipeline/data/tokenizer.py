@@ -45,7 +45,7 @@ CHAT_TEMPLATE = (
 
 
 def _corpus() -> list[str]:
-    from pipeline.data.spec import user_message
+    from pipeline.data.chat import user_message
     from pipeline.data.testbed import TestbedSpec, make_problems
 
     spec = TestbedSpec(min_steps=1, max_steps=8, max_number=999, max_factor=9)
@@ -85,7 +85,7 @@ if __name__ == "__main__":
 
     from transformers import AutoTokenizer
 
-    from pipeline.data.spec import chat_example
+    from pipeline.data.chat import chat_example
     from pipeline.data.testbed import TestbedSpec, make_problems
 
     out = sys.argv[1] if len(sys.argv) > 1 else "/tmp/testbed-tokenizer"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.data.spec import BOXED_INSTRUCTION, chat_example
+from pipeline.data.chat import BOXED_INSTRUCTION, chat_example
 from pipeline.engine.errors import InputError
 from pipeline.data.rows import read_jsonl, write_jsonl
 

@@ -39,19 +39,22 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, TypeVar
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from pipeline.engine import signals
-from pipeline.train.optim import flatten_subclass, subclass_name, unflatten_subclass
+from pipeline.engine.files import MANIFEST, fsync_dir, hash_tree, sha256_file
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, safetensors and pipeline.train.optim (tensor subclasses of 8-bit optimizer state) are imported by the
+# functions that write and read tensors, not here: the store imports this module for every run (Checkpointer,
+# the resume point a plan reports), and the engine loads no ML library until a training stage saves or resumes.
 
 _TENSOR = "__tensor__"
 _TUPLE = "__tuple__"
 _ITEMS = "__items__"
 _SUBCLASS = "__subclass__"  # a tensor subclass of pipeline.train.optim.OPTIMIZER_STATE_TYPES (8-bit Adam moments)
-MANIFEST = "manifest.json"
 SHARED = "shared"
 T = TypeVar("T")
 
@@ -99,6 +102,10 @@ def on_every_rank(ranks: Ranks, work: Callable[[], T]) -> T:
 
 def flatten_state(state: Any) -> tuple[dict[str, torch.Tensor], Any]:
     """Split nested state into (tensors by key, JSON-able skeleton referring to those keys)."""
+    import torch
+
+    from pipeline.train.optim import flatten_subclass, subclass_name
+
     tensors: dict[str, torch.Tensor] = {}
 
     def walk(obj: Any) -> Any:
@@ -128,6 +135,7 @@ def flatten_state(state: Any) -> tuple[dict[str, torch.Tensor], Any]:
 
 def unflatten_state(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
     """Inverse of `flatten_state`."""
+    from pipeline.train.optim import unflatten_subclass
 
     def walk(obj: Any) -> Any:
         if isinstance(obj, dict):
@@ -148,21 +156,14 @@ def unflatten_state(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
     return walk(skeleton)
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (the directory entry, not just the file)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
 def _write_part(directory: Path, name: str, state: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
     tensors, skeleton = flatten_state(state)
     save_file(tensors, directory / f"{name}.safetensors")
     (directory / f"{name}.json").write_text(json.dumps(skeleton))
@@ -171,6 +172,8 @@ def _write_part(directory: Path, name: str, state: dict[str, Any]) -> None:
 
 
 def _read_part(directory: Path, name: str) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
     skeleton = json.loads((directory / f"{name}.json").read_text())
     return unflatten_state(load_file(directory / f"{name}.safetensors"), skeleton)
 
@@ -230,8 +233,6 @@ class Checkpointer:
         return final
 
     def _publish(self, step: int, tmp: Path, final: Path, processes: int) -> None:
-        from pipeline.engine.store import hash_tree  # the store imports this module
-
         files = hash_tree(tmp)
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "processes": processes, "files": files}, indent=2))
         _fsync_file(tmp / MANIFEST)
@@ -267,8 +268,6 @@ class Checkpointer:
                 return f"{name} is missing"
             if size != info["size"]:
                 return f"{name} is {size} bytes, its manifest says {info['size']}"
-        from pipeline.engine.store import sha256_file  # the store imports this module
-
         for name in hashed:
             if name not in files or sha256_file(path / name) != files[name]["sha256"]:
                 return f"{name} does not match the sha256 in its manifest"

@@ -28,9 +28,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 import stages as stage_registry
-from pipeline.data.spec import DataSpec, check_chat_template
+from pipeline.data.spec import DataSpec
 from pipeline.engine.errors import InputError
-from pipeline.models import ModelSpec, check_model_dir
+from pipeline.model_spec import ModelSpec
 from pipeline.quant.scheme import QuantSpec
 from pipeline.engine.stage_api import (BASE_MODEL_REF, MODEL, QUANTIZED, SEED_MAX, StageConfig, stage_ref_accepts,
                                 stage_ref_fields)
@@ -198,6 +198,8 @@ def parse_recipe(raw: dict, source: str = "<recipe>", overrides: typing.Sequence
         # the model): that path stays as it is; a bare `model` is the stage's own field of that name
         errors += [(where if "." in where and where.split(".")[0] in SECTIONS else _join(f"stages.{name}", where),
                     message) for where, message in found]
+    from pipeline.data.chat import check_chat_template  # the data layer's check: loaded when a recipe is validated
+
     errors += model_errors or check_chat_template(recipe.model)
     if errors:
         raise RecipeError(errors)
@@ -483,7 +485,7 @@ def check_input_kinds(recipe: Recipe, model_ok: bool = True) -> list[tuple[str, 
 def _base_model_kind(model: ModelSpec) -> str:
     """A local `model.path` may hold a quantized model (a student from another recipe)."""
     if model.path is not None and Path(model.path).is_dir():
-        from pipeline.models import is_quantized
+        from pipeline.quant.formats.layout import is_quantized  # file reads only: no torch to validate a recipe
 
         if is_quantized(model.path):
             return QUANTIZED
@@ -516,6 +518,8 @@ def _check_model_path(model: ModelSpec) -> list[tuple[str, str]]:
                    or (len(path.parts) > 1 and path.parent.is_dir()))
     if looks_local and not path.exists():
         return [("model.path", f"no such directory: {model.path}")]
+    from pipeline.models import check_model_dir  # transformers: only when a recipe names a local model
+
     try:
         check_model_dir(model.path, "model.path", model.trust_remote_code)
     except InputError as e:

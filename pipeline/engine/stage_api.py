@@ -38,7 +38,6 @@ from pydantic_core import to_jsonable_python
 
 if TYPE_CHECKING:
     from pipeline.engine.checkpoint import Checkpointer
-    from pipeline.engine.recipe import Recipe
 
 
 # Output kinds: what a stage writes (its module's OUTPUT), and what a reference field reads. The
@@ -145,7 +144,9 @@ class StageContext:
 
     name: str
     config: StageConfig
-    recipe: "Recipe"
+    recipe: Any
+    """The validated recipe (a pipeline.engine.recipe.Recipe; not imported here: recipe.py builds on this contract,
+    so the dependency runs one way)."""
     out_dir: Path
     """Temporary directory to write every output into; the runner renames it into place when `run`
     returns and writes the manifest (with each file's sha256) last."""

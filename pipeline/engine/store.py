@@ -29,11 +29,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.engine.checkpoint import Checkpointer, fsync_dir
+from pipeline.engine.checkpoint import Checkpointer
+from pipeline.engine.files import MANIFEST, fsync_dir, hash_tree, sha256_file
 
-MANIFEST = "manifest.json"
 RUN_RECORD = ".run.json"
-_CHUNK = 1 << 20
 
 
 class LockedError(RuntimeError):
@@ -56,24 +55,6 @@ def canonical_json(obj: Any) -> str:
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def hash_tree(directory: Path) -> dict[str, dict[str, Any]]:
-    """Relative path -> {"sha256", "size"} of every file under `directory` except the manifest."""
-    files = {}
-    for path in sorted(directory.rglob("*")):
-        rel = path.relative_to(directory).as_posix()
-        if path.is_file() and rel != MANIFEST:
-            files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
-    return files
 
 
 def read_manifest(directory: Path) -> dict | None:

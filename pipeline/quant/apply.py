@@ -22,8 +22,8 @@ from torch import nn
 
 from pipeline.quant import fake
 from pipeline.quant.linear import QuantLinear
-from pipeline.quant.scheme import (ActivationSpec, QuantSpec, WeightSpec, config_groups, layer_weights,
-                                   weight_quantization_args, weight_spec_from_args)
+from pipeline.quant.formats.compressed import config_groups, weight_quantization_args, weight_spec_from_args
+from pipeline.quant.scheme import ActivationSpec, QuantSpec, WeightSpec, layer_weights
 
 Observer = Literal["minmax", "mse"]
 
@@ -144,7 +144,7 @@ def from_compressed_tensors(model: nn.Module, activations: ActivationSpec | None
 @contextmanager
 def quiet_overridden_targets(groups: dict):
     """Within the block, compressed-tensors' "Could not match `<name>`" warnings about the exact-name targets of
-    config groups after group_0 (pipeline.quant.scheme.config_groups) are dropped: its matcher stops at the first
+    config groups after group_0 (pipeline.quant.formats.compressed.config_groups) are dropped: its matcher stops at the first
     target a module matches (group_0's `Linear`) and so reports those names unmatched, though they are matched
     and win (an exact name beats a class). One false line per lowered layer otherwise; other warnings stay."""
     import logging

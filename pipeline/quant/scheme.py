@@ -2,7 +2,8 @@
 
 Field names follow compressed-tensors' `QuantizationArgs` (num_bits, group_size, symmetric) so that a
 scheme maps one to one onto the `quantization_config` of an exported checkpoint
-(`weight_quantization_args`).
+(`pipeline.quant.formats.compressed.weight_quantization_args`). This module is pure data: no torch, no model;
+whether a scheme fits a model is `pipeline.quant.fit.check_fit`.
 
 A recipe gives the section in one of three forms:
 
@@ -26,13 +27,9 @@ Widths a group size does not divide (SmolLM2-135M's 576, SmolLM2-360M's 960): `w
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-if TYPE_CHECKING:
-    import torch
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
 GROUP_QUANTUM = 32
 """A lowered group size stays a multiple of gcd(group_size, 32): the group sizes kernels take (32, 64, 128)
@@ -150,33 +147,6 @@ def resolve(spec: QuantSpec | str | dict[str, Any]) -> QuantSpec:
     return spec if isinstance(spec, QuantSpec) else QuantSpec.model_validate(spec)
 
 
-def weight_quantization_args(weights: WeightSpec) -> "QuantizationArgs":
-    """compressed-tensors' QuantizationArgs for these weights (integer, static, min-max observer)."""
-    from compressed_tensors.quantization import QuantizationArgs
-
-    return QuantizationArgs(
-        num_bits=weights.num_bits,
-        type="int",
-        symmetric=weights.symmetric,
-        strategy="channel" if weights.group_size is None else "group",
-        group_size=weights.group_size,
-    )
-
-
-def weight_spec_from_args(args: "QuantizationArgs") -> WeightSpec:
-    """The inverse of `weight_quantization_args`; refuses what our QuantLinear cannot represent."""
-    if args.type != "int" or args.dynamic or args.strategy not in ("group", "channel"):
-        raise ValueError(
-            f"only static integer group/channel weight quantization is supported, got "
-            f"type={args.type} strategy={args.strategy} dynamic={args.dynamic}"
-        )
-    return WeightSpec(
-        num_bits=args.num_bits,
-        group_size=args.group_size if args.strategy == "group" else None,
-        symmetric=args.symmetric,
-    )
-
-
 def layer_weights(weights: WeightSpec, in_features: int) -> WeightSpec:
     """The weight spec of one Linear with `in_features` columns: `weights`, with the group size lowered by
     `group_size_policy` when it does not divide in_features; ValueError when no group size fits."""
@@ -189,92 +159,3 @@ def layer_weights(weights: WeightSpec, in_features: int) -> WeightSpec:
         why = " (group_size_policy: exact)" if fits else f", nor does any smaller multiple of {quantum}"
         raise ValueError(f"{size} does not divide in_features {in_features}{why}")
     return weights.model_copy(update={"group_size": fits[0]})
-
-
-def config_groups(spec: QuantSpec, per_layer: dict[str, WeightSpec], **args_update) -> dict[str, "QuantizationScheme"]:
-    """compressed-tensors config groups for layers quantized as `per_layer` says: `group_0`, the spec's own
-    weights on its targets, and one group per lowered group size on those layers' exact names, which
-    compressed-tensors (and so llmcompressor and transformers) prefers to a class or regex target.
-    `args_update` sets further QuantizationArgs fields (GPTQ's observer)."""
-    from compressed_tensors.quantization import QuantizationScheme
-
-    def scheme(group_size: int | None, targets: list[str]) -> QuantizationScheme:
-        args = weight_quantization_args(spec.weights.model_copy(update={"group_size": group_size}))
-        return QuantizationScheme(targets=targets, weights=args.model_copy(update=args_update))
-
-    lowered: dict[int, list[str]] = {}
-    for name, weights in per_layer.items():
-        if weights.group_size != spec.weights.group_size:
-            lowered.setdefault(weights.group_size, []).append(name)
-    groups = {"group_0": scheme(spec.weights.group_size, list(spec.targets))}
-    for index, (group_size, names) in enumerate(lowered.items(), start=1):
-        groups[f"group_{index}"] = scheme(group_size, names)
-    return groups
-
-
-def check_fit(model_or_config: Any, spec: QuantSpec, where: str = "quant",
-              trust_remote_code: bool = False) -> list[tuple[str, str]]:
-    """Every way `spec` does not fit the model, as (key path, message) pairs; [] if it fits.
-
-    `model_or_config` is a model, a transformers `PretrainedConfig`, or a `pipeline.models.Qwen3Arch`.
-    A config is instantiated on the meta device (no memory, no weights) so that target matching sees
-    the same module names and widths as the real model.
-    """
-    import torch
-
-    if isinstance(model_or_config, torch.nn.Module):
-        model = model_or_config
-    else:
-        model = _meta_model(model_or_config, trust_remote_code)
-    from pipeline.quant.apply import match_targets
-
-    try:
-        matched = match_targets(model, spec)
-    except ValueError as e:
-        return [(f"{where}.targets", str(e))]
-    errors = []
-    misfits = []
-    for name, module in matched:
-        try:
-            layer_weights(spec.weights, module.in_features)
-        except ValueError as e:
-            misfits.append(f"{name}: {e}")
-    if misfits:
-        more = f" (and {len(misfits) - 1} more layers)" if len(misfits) > 1 else ""
-        errors.append((f"{where}.weights.group_size", misfits[0] + more))
-    if spec.kv_cache is not None and spec.kv_cache.group_size is not None:
-        head_dim = _head_dim(model.config)
-        if head_dim % spec.kv_cache.group_size:
-            errors.append((
-                f"{where}.kv_cache.group_size",
-                f"{spec.kv_cache.group_size} does not divide head_dim {head_dim}",
-            ))
-    return errors
-
-
-def lowered_group_sizes(config: Any, spec: QuantSpec, trust_remote_code: bool = False) -> dict[int, int]:
-    """in_features -> the group size `group_size_policy` gives the targeted Linears of that width, for each width
-    the spec's group size does not divide; the model is built on the meta device. Call it on a spec that
-    `check_fit` passed (ValueError otherwise)."""
-    from pipeline.quant.apply import match_targets
-
-    widths = sorted({m.in_features for _, m in match_targets(_meta_model(config, trust_remote_code), spec)})
-    return {w: layer_weights(spec.weights, w).group_size for w in widths
-            if layer_weights(spec.weights, w).group_size != spec.weights.group_size}
-
-
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def _meta_model(config: Any, trust_remote_code: bool) -> "torch.nn.Module":
-    import torch
-    from transformers import AutoModelForCausalLM, PretrainedConfig, Qwen3Config
-
-    if not isinstance(config, PretrainedConfig):
-        # a Qwen3Arch: its fields are Qwen3Config's keyword arguments. The vocabulary only sets
-        # lm_head's out_features (never a grouped dimension), so the Qwen3 default stands in for the
-        # tokenizer's until the model is built.
-        config = Qwen3Config(**config.model_dump())
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)

@@ -5,7 +5,7 @@
                    checkpointer=ctx.checkpointer, seed=recipe.seed, pad_id=tokenizer.pad_token_id,
                    log=ctx.log)
 
-`examples` are (token ids, completion start) pairs as `pipeline.data.spec.chat_example` makes them; a batch
+`examples` are (token ids, completion start) pairs as `pipeline.data.chat.chat_example` makes them; a batch
 is {"input_ids", "attention_mask", "labels"} padded on the right to its longest sequence, labels
 aligned with input_ids (the Hugging Face convention: the model shifts them) and -100 on the prompt
 and the padding, so loss falls on completion tokens only. The loss is pluggable,

@@ -12,7 +12,7 @@ plumbing, each for a stated reason:
   (same backends, same stop tokens, seeded sampling), so the policy is sampled exactly as it is
   evaluated. The rollout seed is a function of (seed, step, process), so a resumed run draws the
   same completions as an uninterrupted one.
-- Prompts are the chat-templated strings of `pipeline.data.spec.chat_prompt`, tokenized without special
+- Prompts are the chat-templated strings of `pipeline.data.chat.chat_prompt`, tokenized without special
   tokens, as `pipeline.generate` does (TRL's default would add a BOS on tokenizers that have one).
 - The reference model (β > 0): TRL rebuilds it from `config._name_or_path`, which for a QuantLinear
   model silently loads the latent weights as plain Linears. `qat` mode therefore passes a reference
@@ -65,7 +65,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.engine import signals
 from pipeline.engine.checkpoint import Checkpointer, StageInterrupted
-from pipeline.data.spec import BOXED_INSTRUCTION, Problem, chat_prompt
+from pipeline.data.chat import BOXED_INSTRUCTION, chat_prompt
+from pipeline.data.problem import Problem
 from pipeline.generate import first_stop_end, generate_ids, resolve_backend
 from pipeline.quant.apply import decoding_weights, weight_only
 from pipeline.engine.stage_api import ADDED_KEY, OPERATIONAL, result_config

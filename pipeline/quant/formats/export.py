@@ -36,6 +36,7 @@ from pathlib import Path
 from torch import nn
 
 from pipeline.engine.errors import InputError
+from pipeline.quant.formats.layout import EXPORT_KEY, MODEL_TYPE, TRANSFORMS_FILE
 
 PACKED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -43,9 +44,6 @@ FORMATS = ("pack-quantized", "gptq")
 """Checkpoint formats of `reasoning-qat export --format` and the export stage's `format`."""
 LOADER = "pipeline.load_quantized(DIR) or `reasoning-qat eval DIR` (reasoning-qat, installed from its repository)"
 """What runs a W4A4KV4 export: written into its config.json and README."""
-MODEL_TYPE = "reasoning_qat"
-"""config.json `model_type` of checkpoints that only our loader runs correctly."""
-TRANSFORMS_FILE = "transforms.safetensors"
 README = """# reasoning-qat {scheme} checkpoint
 
 Weights: int4 packed (compressed-tensors `pack-quantized`), merged with the online transforms.
@@ -128,7 +126,7 @@ def _write_w4a4kv4(out_dir: Path, spec, online: dict, transform_state: dict, low
         qconfig["kv_cache_scheme"] = QuantizationArgs(
             num_bits=kv.num_bits, type="int", symmetric=kv.symmetric, strategy="token", dynamic=True
         ).model_dump(mode="json")
-    config["reasoning_qat"] = {
+    config[EXPORT_KEY] = {
         "base_model_type": config["model_type"],
         "spec": spec.model_dump(mode="json"),
         "online": online,

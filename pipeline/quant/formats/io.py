@@ -10,7 +10,8 @@ out of a path; the JSON is the record.
 integer group/channel weight-only one): stock transformers decompresses it and the decompressed
 modules become QuantLinears whose latent weights are the dequantized weights.
 
-`path` may be a stage directory (its `model/` is used) or a model directory. Loading follows
+`path` may be a stage directory (its `model/` is used) or a model directory (pipeline.quant.formats.layout, which
+owns the file names, resolves it and tells the kinds apart). Loading follows
 pipeline.models: trust_remote_code as given (off by default), weights from safetensors only.
 """
 from __future__ import annotations
@@ -21,39 +22,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-QUANT_CONFIG = "reasoning_qat_quant.json"
-FORMAT = "reasoning-qat/fake-quant"
-FORMAT_VERSION = 1
+from pipeline.quant.formats.layout import (EXPORT_KEY, FORMAT, FORMAT_VERSION, QUANT_CONFIG, TRANSFORMS_FILE,
+                                           compressed_tensors_config, is_quantized, locate, model_dir)
 
-
-def model_dir(path: str | Path) -> Path:
-    """A stage directory's `model/`, or the path itself when it is a model directory."""
-    path = Path(path)
-    if not (path / "config.json").exists() and (path / "model" / "config.json").exists():
-        return path / "model"
-    return path
-
-
-def _compressed_tensors_config(path: Path) -> dict | None:
-    config_file = path / "config.json"
-    if not config_file.exists():
-        return None
-    config = json.loads(config_file.read_text())
-    if "reasoning_qat" in config:  # our W4A4KV4 export (pipeline.quant.formats.export): compressed-tensors weights
-        return config["quantization_config"]
-    qconfig = config.get("quantization_config")
-    return qconfig if qconfig and qconfig.get("quant_method") == "compressed-tensors" else None
-
-
-def is_quantized(path: str | Path) -> bool:
-    """True when `path` holds a model `load_quantized` reads: ours, or a compressed-tensors checkpoint."""
-    path = model_dir(path)
-    return (path / QUANT_CONFIG).exists() or _compressed_tensors_config(path) is not None
+__all__ = ["FORMAT", "FORMAT_VERSION", "QUANT_CONFIG", "is_quantized", "load_quantized", "model_dir", "read_quant_spec",
+           "save_quantized", "saved_dtype"]
 
 
 def read_quant_spec(path: str | Path):
     """The QuantSpec of a quantized model directory (ours or compressed-tensors)."""
-    from pipeline.quant.scheme import QuantSpec, weight_spec_from_args
+    from pipeline.quant.formats.compressed import weight_spec_from_args
+    from pipeline.quant.scheme import QuantSpec
 
     path = model_dir(path)
     if (path / QUANT_CONFIG).exists():
@@ -61,12 +40,12 @@ def read_quant_spec(path: str | Path):
         if record.get("format") != FORMAT or record.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path / QUANT_CONFIG}: unknown format {record.get('format')} v{record.get('version')}")
         return QuantSpec.model_validate(record["spec"])
-    qconfig = _compressed_tensors_config(path)
+    qconfig = compressed_tensors_config(path)
     if qconfig is None:
         raise ValueError(f"{path} holds no quantized model")
     config = json.loads((path / "config.json").read_text())
-    if "reasoning_qat" in config:
-        return QuantSpec.model_validate(config["reasoning_qat"]["spec"])
+    if EXPORT_KEY in config:
+        return QuantSpec.model_validate(config[EXPORT_KEY]["spec"])
     from compressed_tensors.quantization import QuantizationScheme
 
     schemes = [QuantizationScheme.model_validate(g) for g in qconfig["config_groups"].values()]
@@ -115,13 +94,13 @@ def saved_dtype(model: nn.Module, dtype: str) -> torch.dtype:
 def load_quantized(path: str | Path, device: str | torch.device | None = None,
                    trust_remote_code: bool = False) -> nn.Module:
     """The quantized model at `path` with its QuantLinears calibrated, in eval mode, on `device`."""
-    path = model_dir(path)
-    if (path / QUANT_CONFIG).exists():
-        model = _load_ours(path, trust_remote_code)
-    elif _compressed_tensors_config(path) is not None:
-        model = _load_compressed_tensors(path, trust_remote_code)
+    folder = locate(path)
+    if folder.kind == "quantized":
+        model = _load_ours(folder.path, trust_remote_code)
+    elif folder.kind == "exported":
+        model = _load_compressed_tensors(folder.path, trust_remote_code)
     else:
-        raise ValueError(f"{path} holds no quantized model")
+        raise ValueError(f"{folder.path} holds no quantized model")
     if device is not None:
         model.to(device)
     return model.eval()
@@ -131,7 +110,7 @@ def _load_ours(path: Path, trust_remote_code: bool) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from pipeline.models import load_config
+    from pipeline.loading import load_config
     from pipeline.quant.apply import prepare, quant_linears
 
     spec = read_quant_spec(path)
@@ -179,9 +158,9 @@ def _is_tied(model: nn.Module, key: str) -> bool:
 
 
 def _load_compressed_tensors(path: Path, trust_remote_code: bool) -> nn.Module:
-    if "reasoning_qat" in json.loads((path / "config.json").read_text()):
+    if EXPORT_KEY in json.loads((path / "config.json").read_text()):
         return _load_w4a4kv4_export(path, trust_remote_code)
-    from pipeline.models import load_pretrained
+    from pipeline.loading import load_pretrained
     from pipeline.quant.apply import from_compressed_tensors
 
     # stock transformers + compressed-tensors load the packed modules; decompressing now (rather
@@ -212,12 +191,12 @@ def _load_w4a4kv4_export(path: Path, trust_remote_code: bool) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pipeline.quant.apply import prepare, quant_linears
-    from pipeline.quant.formats.export import TRANSFORMS_FILE
     from pipeline.quant.online import install
-    from pipeline.quant.scheme import QuantSpec, weight_quantization_args
+    from pipeline.quant.formats.compressed import weight_quantization_args
+    from pipeline.quant.scheme import QuantSpec
 
     raw = json.loads((path / "config.json").read_text())
-    block = raw.pop("reasoning_qat")
+    block = raw.pop(EXPORT_KEY)
     raw.pop("quantization_config")
     raw["model_type"] = block["base_model_type"]
     config = AutoConfig.for_model(**raw)  # a stock config class: for_model never runs custom code

@@ -29,7 +29,8 @@ from torch import nn
 from pipeline.engine.progress import progress
 from pipeline.quant.apply import from_compressed_tensors, match_targets, quiet_overridden_targets
 from pipeline.quant.calibration import calibration_loader
-from pipeline.quant.scheme import QuantSpec, config_groups, layer_weights, weight_quantization_args
+from pipeline.quant.formats.compressed import config_groups, weight_quantization_args
+from pipeline.quant.scheme import QuantSpec, layer_weights
 
 ActOrder = Literal["static", "weight"] | None
 
@@ -37,7 +38,7 @@ ActOrder = Literal["static", "weight"] | None
 def gptq_modifier(model: nn.Module, spec: QuantSpec, block_size: int, dampening_frac: float, actorder: ActOrder,
                   observer: str):
     """The GPTQModifier for `spec`'s weights on `model` (what both our stage and the bare-oneshot bench run):
-    one config group per group size the model's layers get (pipeline.quant.scheme.config_groups)."""
+    one config group per group size the model's layers get (pipeline.quant.formats.compressed.config_groups)."""
     from llmcompressor.modifiers.gptq import GPTQModifier
 
 
