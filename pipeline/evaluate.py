@@ -1,15 +1,11 @@
 """Evaluate a model on a benchmark: sample, grade, report accuracy (avg@K), pass@K, lengths, speed;
 or, without generating, perplexity and KL to a teacher on reference solutions or any text.
 
-    reasoning-qat eval artifacts/demo/teacher --bench testbed
-    reasoning-qat eval MODEL_DIR --bench gsm8k --limit 200 --out gsm8k.jsonl
-    reasoning-qat eval MODEL_DIR --bench math500 --samples 4 --temperature 0.6 --top-p 0.95 --top-k 20 \\
-        --max-new-tokens 4096
-    reasoning-qat eval MODEL_DIR --bench gsm8k --hub openai/gsm8k --perplexity --teacher TEACHER_DIR
-    reasoning-qat eval MODEL_DIR --text heldout.jsonl --teacher TEACHER_DIR --max-length 1024
-
     from pipeline.evaluate import evaluate
     metrics = evaluate(model, tokenizer, problems, GenerationSpec(...), samples_path="samples.jsonl")
+
+`reasoning-qat eval` (pipeline/cli/eval.py) and `pipeline.api.evaluate` / `pipeline.api.perplexity` load a
+model directory and call these functions.
 
 Metrics, with K = spec.num_samples completions per problem:
   accuracy         mean over all completions of "graded correct" (avg@K; plain accuracy when K = 1)
@@ -20,29 +16,20 @@ Metrics, with K = spec.num_samples completions per problem:
 Under `accelerate launch` each process generates a contiguous share of the problems on its own
 device and process 0 gathers, grades and writes.
 
-Perplexity (`--perplexity`, the eval stage's `perplexity`), teacher-forced, for models whose accuracy
+Perplexity (`eval --perplexity`, the eval stage's `perplexity`), teacher-forced, for models whose accuracy
 says little (a small pretrained model solves ~2% of GSM8K):
   perplexity         exp of the mean next-token NLL: over each reference solution given its chat
                      prompt (end of turn included), or over a text file in windows of --max-length
   perplexity_tokens  the tokens it is averaged over
   kl_to_teacher      with a teacher: mean per-token KL(teacher || model) over the same tokens
-
-The CLI's testbed problems come from `TestbedSpec()` unless `--recipe` names a recipe, whose
-`data.testbed`, `data.benchmarks_dir`, `data.hub` and `data.instruction` are then used: the same
-prompts that recipe's eval stages see.
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import time
-import typing
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from pipeline.data.benchmarks import BENCHMARKS, HUB_IDS, load_benchmark
+from pipeline.data.benchmarks import HUB_IDS, load_benchmark
 from pipeline.data.spec import BOXED_INSTRUCTION, Problem, chat_example
 from pipeline.engine.errors import InputError
 from pipeline.generate import GenerationSpec, generate
@@ -197,70 +184,7 @@ def solution_perplexity(model, tokenizer, problems: list[Problem], batch_size: i
                       teacher=teacher, batch_size=batch_size)
 
 
-# -- the `reasoning-qat eval` subcommand -------------------------------------------------------------
-
-_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
-          "top_k": "--top-k", "num_samples": "--samples", "batch_size": "--batch-size", "seed": "--seed",
-          "backend": "--backend"}
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = GenerationSpec()
-    parser.add_argument("model_dir", metavar="MODEL_DIR", help="a stage directory or a Hugging Face model directory")
-    parser.add_argument("--bench", default="testbed", metavar="NAME",
-                        help=f"benchmark: {', '.join(BENCHMARKS)} (default testbed)")
-    parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N problems")
-    parser.add_argument("--samples", type=int, default=1, metavar="K",
-                        help="completions per problem: accuracy is avg@K, and pass@K is reported (needs --temperature > 0)")
-    parser.add_argument("--out", default=None, metavar="FILE", help="write every sample here (jsonl)")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=defaults.top_p)
-    parser.add_argument("--top-k", type=int, default=defaults.top_k)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--backend", default=defaults.backend,
-                        choices=typing.get_args(GenerationSpec.model_fields["backend"].annotation))
-    parser.add_argument("--data-dir", default=None, metavar="DIR",
-                        help="directory of <bench>_<split>.jsonl / .parquet files (default $REASONING_QAT_BENCHMARKS)")
-    parser.add_argument("--hub", default=None, metavar="DATASET",
-                        help=f"read --bench through `datasets` from this hub id or local copy ({', '.join(HUB_IDS.values())})")
-    parser.add_argument("--recipe", default=None, metavar="RECIPE",
-                        help="take the testbed spec, data sources and instruction from this recipe's `data` section")
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                        help="load the weights in this dtype (default: as saved)")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow a model whose loading runs Python from its directory (config.json auto_map)")
-    parser.add_argument("--perplexity", action="store_true",
-                        help="no generation: perplexity of --bench's reference solutions (or of --text), teacher-forced")
-    parser.add_argument("--text", default=None, metavar="FILE",
-                        help="perplexity over this text (.jsonl / .parquet with a `text` field) instead; implies --perplexity")
-    parser.add_argument("--teacher", default=None, metavar="DIR",
-                        help="also the mean per-token KL(teacher || model) on the same text; implies --perplexity")
-    parser.add_argument("--max-length", type=int, default=2048, metavar="N", help="tokens per window of --text")
-
-
-def _spec_from_args(args: argparse.Namespace) -> GenerationSpec:
-    values = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-              "top_k": args.top_k, "num_samples": args.samples, "batch_size": args.batch_size, "seed": args.seed,
-              "backend": args.backend}
-    try:
-        return GenerationSpec(**values)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = _FLAGS.get(str(err["loc"][0]), "--samples") if err["loc"] else "--samples"
-        raise InputError(where, err["msg"].removeprefix("Value error, ")) from None
-
-
-def _check_model_dir(path: str, where: str, trust_remote_code: bool) -> None:
-    from pipeline.models import PASS_TRUST_FLAG, check_model_dir
-
-    if not Path(path).exists():
-        raise InputError(where, f"no such directory: {path}")
-    inner = Path(check_model_dir(path, where, trust_remote_code, allow=PASS_TRUST_FLAG))
-    if not any((inner / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        raise InputError(where, f"{inner} has no tokenizer (tokenizer.json / tokenizer_config.json)")
-
+# -- problems ------------------------------------------------------------------------------------
 
 def bench_problems(bench: str, limit: int | None, data_dir: str | None, hub: str | None,
                    data=None) -> tuple[list[Problem], str]:
@@ -275,111 +199,3 @@ def bench_problems(bench: str, limit: int | None, data_dir: str | None, hub: str
             raise InputError("--hub", f"{bench} is not read from the hub here; --hub serves {', '.join(HUB_IDS)}")
         hubs[bench] = hub
     return load_benchmark(bench, limit=limit, data_dir=data_dir, testbed=testbed, hub=hubs), instruction
-
-
-def _tokenizer(path: str, where: str, needs_chat: bool, trust_remote_code: bool):
-    """The tokenizer of a model directory the user named, checked before any weights are read."""
-    from pipeline.data.spec import NO_CHAT_TEMPLATE
-    from pipeline.models import load_tokenizer
-
-    _check_model_dir(path, where, trust_remote_code)
-    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    if needs_chat and not tokenizer.chat_template:
-        raise InputError(where, f"{path} {NO_CHAT_TEMPLATE}")
-    return tokenizer
-
-
-def _model(path: str, dtype: str | None, trust_remote_code: bool):
-    from accelerate import PartialState
-
-    from pipeline.models import load_model
-
-    return load_model(path, dtype=dtype, device=PartialState().device, trust_remote_code=trust_remote_code)
-
-
-def _check_out(path: str) -> None:
-    """`--out` must be a file this process can write, checked before the evaluation it would end."""
-    out = Path(path)
-    if out.is_dir():
-        raise InputError("--out", f"{path} is a directory; give a file name, e.g. {out / 'samples.jsonl'}")
-    folder = next(p for p in out.absolute().parents if p.exists())
-    if not folder.is_dir():
-        raise InputError("--out", f"{folder} is a file, so {path} cannot be written")
-    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise InputError("--out", f"{path} cannot be written (permission denied)")
-
-
-def cli_eval(args: argparse.Namespace) -> int:
-    return (_cli_perplexity if args.perplexity or args.text or args.teacher else _cli_generate)(args)
-
-
-def _cli_generate(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-    from rich.console import Console
-    from rich.table import Table
-
-    from pipeline import api
-
-    spec = _spec_from_args(args)
-    metrics = api.evaluate(args.model_dir, args.bench, args.limit, spec, args.out, data_dir=args.data_dir,
-                           hub=args.hub, recipe=args.recipe, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-    if PartialState().is_main_process:
-        k = spec.num_samples
-        table = Table(title=f"{args.model_dir} on {args.bench} ({metrics['num_problems']} problems, K={k})")
-        for name in ("metric", "value"):
-            table.add_column(name)
-        table.add_row("accuracy" + (f" (avg@{k})" if k > 1 else ""), f"{metrics['accuracy']:.2%}")
-        table.add_row(f"pass@{k}", f"{metrics['pass_at_k']:.2%}")
-        table.add_row("truncated", f"{metrics['truncation_rate']:.2%}")
-        table.add_row("mean tokens", f"{metrics['mean_tokens']:.1f}")
-        table.add_row("tokens/s", f"{metrics['tokens_per_s']:.0f}")
-        if args.out:
-            table.add_row("samples", str(args.out))
-        Console().print(table)
-    return 0
-
-
-def _cli_perplexity(args: argparse.Namespace) -> int:
-    """`eval --perplexity`: perplexity (and KL to --teacher) of --bench's reference solutions or of --text."""
-    from accelerate import PartialState
-    from rich.console import Console
-    from rich.table import Table
-
-    from pipeline.data.spec import read_texts
-
-    if args.out is not None:
-        raise InputError("--out", "perplexity generates no samples to write; drop --out or --perplexity")
-    if args.max_length < 2:
-        raise InputError("--max-length", f"must be >= 2, got {args.max_length}")
-    texts = read_texts(args.text, "--text") if args.text else None
-    if texts is None:
-        from pipeline import api
-
-        data = api.load(args.recipe).data if args.recipe is not None else None
-        problems, instruction = bench_problems(args.bench, args.limit, args.data_dir, args.hub, data)
-    trust = args.trust_remote_code
-    tokenizer = _tokenizer(args.model_dir, "MODEL_DIR", needs_chat=texts is None, trust_remote_code=trust)
-    if args.teacher:
-        _tokenizer(args.teacher, "--teacher", needs_chat=False, trust_remote_code=trust)
-    examples = (text_examples(tokenizer, texts, args.max_length) if texts
-                else solution_examples(tokenizer, problems, instruction))
-    model = _model(args.model_dir, args.dtype, trust)
-    teacher = None
-    if args.teacher:
-        teacher = _model(args.teacher, args.dtype, trust)
-        if teacher.config.vocab_size != model.config.vocab_size:
-            raise InputError("--teacher", f"vocabulary {teacher.config.vocab_size} differs from the model's "
-                             f"{model.config.vocab_size}")
-    metrics = perplexity(model, examples, tokenizer.pad_token_id, teacher=teacher, batch_size=args.batch_size)
-    if PartialState().is_main_process:
-        table = Table(title=f"{args.model_dir}, teacher-forced")
-        for name in ("metric", "value"):
-            table.add_column(name)
-        table.add_row("text", args.text or f"{args.bench} reference solutions ({len(problems)} problems)")
-        table.add_row("perplexity", f"{metrics['perplexity']:.4f}")
-        table.add_row("tokens", str(metrics["perplexity_tokens"]))
-        if teacher is not None:
-            table.add_row("teacher", args.teacher)
-            table.add_row("KL(teacher || model)", f"{metrics['kl_to_teacher']:.4f}")
-        Console().print(table)
-    return 0

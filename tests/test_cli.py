@@ -1,4 +1,4 @@
-"""The command line: subcommands, delegated eval/export, error lines and exit codes."""
+"""The command line: subcommands (one module each under pipeline/cli/), error lines and exit codes."""
 from __future__ import annotations
 
 import argparse
@@ -47,15 +47,7 @@ def test_unknown_stage_for_from_and_only(fake_stages, write_recipe, tmp_path, ru
     assert e.value.code == 2
 
 
-@pytest.mark.parametrize("command", ["eval", "export"])
-def test_delegated_command_not_shipped(command, monkeypatch, run_cli):
-    module, add, run, text = cli.DELEGATED[command]
-    monkeypatch.setitem(cli.DELEGATED, command, ("pipeline.not_here", add, run, text))
-    code, _, err = run_cli(command, "some/dir", "--limit", "3")
-    assert code == 2 and err.strip() == f"reasoning-qat {command}: not available in this version"
-
-
-def test_delegated_command_gets_its_arguments_and_input_errors_are_one_line(monkeypatch, run_cli):
+def test_subcommand_module_gets_its_arguments_and_input_errors_are_one_line(monkeypatch, run_cli):
     seen = {}
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,9 +61,9 @@ def test_delegated_command_gets_its_arguments_and_input_errors_are_one_line(monk
         return 0
 
     fake = types.ModuleType("fake_eval")
-    fake.add_eval_arguments, fake.cli_eval = add_arguments, run
+    fake.HELP, fake.add_arguments, fake.run = "eval", add_arguments, run
     monkeypatch.setitem(sys.modules, "fake_eval", fake)
-    monkeypatch.setitem(cli.DELEGATED, "eval", ("fake_eval", "add_eval_arguments", "cli_eval", "eval"))
+    monkeypatch.setitem(cli.COMMANDS, "eval", "fake_eval")
     assert run_cli("eval", "m", "--limit", "3")[0] == 0
     assert seen["model_dir"] == "m" and seen["limit"] == 3
     code, out, err = run_cli("eval", "m", "--limit", "-1")
