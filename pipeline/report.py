@@ -1,6 +1,6 @@
-"""`reasoning-qat report RECIPE`: what each stage of a run achieved, as a table and plots.
+"""What each stage of a run achieved, as rows, a table and plots: `write_report(recipe, root, baseline)`.
 
-    reasoning-qat report recipes/demo.yaml [--artifacts DIR] [--baseline EVAL_STAGE] [--json]
+    reasoning-qat report recipes/demo.yaml [--artifacts DIR] [--baseline EVAL_STAGE] [--json]   # pipeline/cli/report.py
 
 Reads only manifests and `metrics.jsonl` files (nothing runs). Writes `<root>/<recipe>/report/`:
   report.md         the table below, plus the plots

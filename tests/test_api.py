@@ -25,6 +25,16 @@ def test_the_package_exports_the_api():
     assert [getattr(pipeline, name) for name in pipeline.API] == [getattr(api, name) for name in pipeline.API]
 
 
+def test_no_submodule_shadows_an_api_function():
+    """Importing pipeline.X sets the package attribute X: a module named like an API function would replace it."""
+    import pkgutil
+
+    import pipeline.evaluation  # noqa: F401 - the measures behind pipeline.evaluate
+
+    assert not set(pipeline.API) & {m.name for m in pkgutil.iter_modules(pipeline.__path__)}
+    assert pipeline.evaluate is api.evaluate and pipeline.perplexity is api.perplexity
+
+
 def test_run_plan_and_status(fake_stages, write_recipe, tmp_path):
     recipe = write_recipe({"a": {"type": "make", "value": 2}, "b": {"type": "make", "src": "a"}})
     art = tmp_path / "art"

@@ -70,6 +70,21 @@ def test_subcommand_module_gets_its_arguments_and_input_errors_are_one_line(monk
     assert code == 2 and err.strip() == "--limit: must be >= 0" and "Traceback" not in out + err
 
 
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_every_subcommand_has_its_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith(f"usage: reasoning-qat {command}")
+
+
+def test_help_and_version_import_no_torch(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = "import sys\nfrom pipeline import cli\nfor argv in (['--help'], ['--version'], ['run', '--help']):\n" \
+           "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\nprint('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "False"
+
+
 def test_python_dash_m_entry_point(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--help"],

@@ -18,6 +18,10 @@ Exit codes: 0 done (a stage skipped by its gate counts as done), 2 bad input (on
 nothing written; also a run with work to do in an artifacts directory it may not write), 1 a failure
 while running (one line naming the stage; the traceback is in run.log), 128 + the signal's number when
 SIGINT / SIGTERM stopped a run (130 / 143; training stages resume from the checkpoint it saved).
+
+This package is the only code that parses arguments: one module per subcommand (COMMANDS), each with
+`HELP`, `add_arguments(parser)` and `run(args) -> exit code`, calling pipeline.api or a library module's
+plain functions. Shared arguments and output helpers are in pipeline/cli/common.py.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`reasoning-qat eval MODEL_DIR`: accuracy on a benchmark (pipeline.api.evaluate), or teacher-forced perplexity
-and KL to a teacher (pipeline.api.perplexity); pipeline.evaluate holds the measures.
+and KL to a teacher (pipeline.api.perplexity); pipeline.evaluation holds the measures.
 
     reasoning-qat eval artifacts/demo/teacher --bench testbed
     reasoning-qat eval MODEL_DIR --bench gsm8k --limit 200 --out gsm8k.jsonl

@@ -22,6 +22,7 @@ README.md in the directory says how to load it: `pipeline.load_quantized(DIR)` o
 `--format gptq` (pipeline.quant.formats.gptq_format): the same integer codes of a weight-only model in the GPTQ v1
 layout, which vLLM serves with its `gptq` method at 2/3/4/8 bits; what that layout cannot hold is refused.
 Every exported file gets the mode the umask gives (safetensors alone writes 0600).
+`export_checkpoint` is what `pipeline.api.export` and `reasoning-qat export` (pipeline/cli/export.py) run:
 
     reasoning-qat export artifacts/demo/ptq --scheme w3g128 --out ckpt/
     reasoning-qat export artifacts/demo/ptq --format gptq --out ckpt-gptq/      # vllm serve ckpt-gptq/ --quantization gptq

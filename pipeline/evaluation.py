@@ -1,7 +1,7 @@
 """Evaluate a model on a benchmark: sample, grade, report accuracy (avg@K), pass@K, lengths, speed;
 or, without generating, perplexity and KL to a teacher on reference solutions or any text.
 
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluation import evaluate
     metrics = evaluate(model, tokenizer, problems, GenerationSpec(...), samples_path="samples.jsonl")
 
 `reasoning-qat eval` (pipeline/cli/eval.py) and `pipeline.api.evaluate` / `pipeline.api.perplexity` load a
