@@ -105,3 +105,18 @@ def test_evaluate_returns_metrics_and_writes_samples(tmp_path):
     assert [r["sample"] for r in rows] == [0, 1, 0, 1] and all(r["num_tokens"] <= 4 for r in rows)
     with pytest.raises(InputError, match="MODEL_DIR: no such directory"):
         api.evaluate(tmp_path / "nope", limit=1)
+
+
+def test_perplexity_of_a_text_file(tmp_path):
+    from pipeline.evaluation import perplexity, text_examples
+
+    save_model(tiny_lm.model(), tiny_lm.tokenizer(), tmp_path / "m" / "model")
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "the quick brown fox jumps over the lazy dog " * 8}) + "\n")
+    metrics = api.perplexity(tmp_path / "m", text=text, max_length=16)
+    tokenizer = tiny_lm.tokenizer()
+    examples = text_examples(tokenizer, [json.loads(text.read_text())["text"]], 16)
+    assert metrics == pytest.approx(perplexity(tiny_lm.model(), examples, tokenizer.pad_token_id))
+    with pytest.raises(InputError, match="--max-length: must be >= 2"):
+        api.perplexity(tmp_path / "m", text=text, max_length=1)
+
