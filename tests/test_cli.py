@@ -77,6 +77,22 @@ def test_every_subcommand_has_its_help(command, capsys):
     assert e.value.code == 0 and capsys.readouterr().out.startswith(f"usage: reasoning-qat {command}")
 
 
+def test_eval_decoding_flags_are_generation_spec_fields():
+    """Every GenerationSpec field is an eval flag with the field's default; a value the spec refuses names the flag."""
+    from pipeline.cli import eval as eval_command
+    from pipeline.generate import GenerationSpec
+
+    parser = argparse.ArgumentParser()
+    eval_command.add_arguments(parser)
+    args = parser.parse_args(["m"])
+    assert eval_command.spec_from_args(args) == GenerationSpec()
+    flags = {a.dest: a.option_strings[0] for a in parser._actions if a.dest in GenerationSpec.model_fields}
+    assert flags.keys() == GenerationSpec.model_fields.keys()
+    assert flags["num_samples"] == "--samples" and flags["top_p"] == "--top-p"
+    with pytest.raises(InputError, match="^--top-p: "):
+        eval_command.spec_from_args(parser.parse_args(["m", "--top-p", "2"]))
+
+
 def test_help_and_version_import_no_torch(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     code = "import sys\nfrom pipeline import cli\nfor argv in (['--help'], ['--version'], ['run', '--help']):\n" \

@@ -64,15 +64,13 @@ def flag(field: str) -> str:
 def decoding_arguments(parser) -> None:
     """One flag per GenerationSpec field, defaulting to the field's default; values are checked by GenerationSpec
     itself (spec_from_args), so a bad one is refused with the field's own rule, named by its flag."""
-    from pydantic_core import PydanticUndefined
-
     from pipeline.engine.reference import attribute_docs
     from pipeline.generate import GenerationSpec
 
     docs = attribute_docs(GenerationSpec)
     for name, info in GenerationSpec.model_fields.items():
         kind = _argument_type(info.annotation)
-        default = None if info.default is PydanticUndefined else info.default
+        default = info.get_default(call_default_factory=True)
         text = " ".join((info.description or docs.get(name, "")).split()).replace("%", "%%")
         parser.add_argument(flag(name), dest=name, default=default, help=f"{text} (default %(default)s)".lstrip(), **kind)
 
@@ -96,7 +94,10 @@ def _argument_type(annotation) -> dict:
 def _yaml(text: str):
     import yaml
 
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise argparse.ArgumentTypeError(f"not YAML: {text!r} ({e.problem})") from None
 
 
 def spec_from_args(args: argparse.Namespace):
