@@ -5,12 +5,14 @@ first use:
 
     pipeline.run("recipes/demo.yaml")            # run what is missing or stale; also plan, status
     pipeline.export("artifacts/demo/kd_qat", "ckpt/")
+    pipeline.evaluate("ckpt/", bench="gsm8k")    # also perplexity
     model = pipeline.load_quantized(PATH)        # a quantized stage dir, model dir or exported checkpoint
 
-`pipeline.api.evaluate` is the evaluation function: `pipeline.evaluate` names the module pipeline/evaluate.py.
+No module of the package is named like one of these functions (the measures are in pipeline/evaluation.py):
+importing a submodule sets the package attribute of its name, which would replace the function.
 """
 
-API = ("run", "plan", "status", "load_quantized", "export")
+API = ("run", "plan", "status", "load_quantized", "export", "evaluate", "perplexity")
 
 
 def __getattr__(name: str):

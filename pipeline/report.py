@@ -1,6 +1,6 @@
-"""`reasoning-qat report RECIPE`: what each stage of a run achieved, as a table and plots.
+"""What each stage of a run achieved, as rows, a table and plots: `write_report(recipe, root, baseline)`.
 
-    reasoning-qat report recipes/demo.yaml [--artifacts DIR] [--baseline EVAL_STAGE] [--json]
+    reasoning-qat report recipes/demo.yaml [--artifacts DIR] [--baseline EVAL_STAGE] [--json]   # pipeline/cli/report.py
 
 Reads only manifests and `metrics.jsonl` files (nothing runs). Writes `<root>/<recipe>/report/`:
   report.md         the table below, plus the plots
@@ -15,7 +15,6 @@ base model. A plot needs at least one stage with something to draw; otherwise it
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -98,7 +97,7 @@ def _loss_kind(config) -> str | None:
     return None
 
 
-def _fmt(value) -> str:
+def format_value(value) -> str:
     if isinstance(value, float):
         return format_number(value)
     return "" if value is None else str(value)
@@ -110,9 +109,9 @@ def markdown(recipe_name: str, rows: list[dict], baseline: str | None, plots: li
         lines += [f"Retention is accuracy over `{baseline}`'s.", ""]
     lines += ["| stage | type | state | of | wall (s) | metrics |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        metrics = ", ".join(f"{k} {_fmt(v)}" for k, v in r["metrics"].items())
+        metrics = ", ".join(f"{k} {format_value(v)}" for k, v in r["metrics"].items())
         of = (r["of"] or "") + (f" ({r['problems']} problems)" if r["of"] and r.get("problems") else "")
-        lines.append(f"| {r['stage']} | {r['type']} | {r['state']} | {of} | {_fmt(r['wall_seconds'])} "
+        lines.append(f"| {r['stage']} | {r['type']} | {r['state']} | {of} | {format_value(r['wall_seconds'])} "
                      f"| {metrics} |")
     lines += [""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
@@ -235,32 +234,3 @@ def write_report(recipe, root: str | Path, baseline: str | None = None) -> tuple
     (out_dir / "report.json").write_text(json.dumps({"baseline": baseline, "stages": rows}, indent=2) + "\n")
     (out_dir / "report.md").write_text(markdown(recipe.name, rows, baseline, plots))
     return out_dir, rows
-
-
-def add_report_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline.cli import recipe_arguments
-
-    recipe_arguments(parser, artifacts=True)
-    parser.add_argument("--baseline", metavar="EVAL_STAGE", help="the eval stage retention is measured against")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
-
-
-def cli_report(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from pipeline.engine.recipe import load_recipe
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    out_dir, rows = write_report(recipe, args.artifacts, args.baseline)
-    if args.json:
-        print(json.dumps({"stages": rows}, indent=2))
-        return 0
-    table = Table(title=f"{recipe.name}: report in {out_dir}", title_justify="left")
-    for column in ("stage", "type", "state", "of", "metrics"):
-        table.add_column(column)
-    for r in rows:
-        table.add_row(r["stage"], r["type"], r["state"], r["of"] or "",
-                      ", ".join(f"{k} {_fmt(v)}" for k, v in r["metrics"].items()))
-    Console(highlight=False, soft_wrap=True, width=200).print(table)
-    return 0

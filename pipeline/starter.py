@@ -1,4 +1,5 @@
-"""`reasoning-qat init`: a commented starting recipe for the user's own model folder.
+"""A commented starting recipe for the user's own model folder: `write_starter(model, scheme, out)`, what
+`reasoning-qat init` (pipeline/cli/init.py) runs.
 
     reasoning-qat init --model /models/My-Reasoner-1.5B --scheme w3g128 [--out my-reasoner.yaml]
 

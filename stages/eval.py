@@ -9,7 +9,7 @@ tokens/s. Every sample goes to `<out_dir>/samples.jsonl` ({"id", "question", "go
 temperature 0.6, top-p 0.95, top-k 20; the default here is greedy, which is deterministic and what
 the testbed needs.
 
-Perplexity (`perplexity: true`; pipeline.evaluate.perplexity): of the bench's reference solutions
+Perplexity (`perplexity: true`; pipeline.evaluation.perplexity): of the bench's reference solutions
 given their chat prompts, or of a text file (`text`, in windows of `max_length` tokens); with
 `teacher`, also the mean per-token KL(teacher || model) on the same tokens. This is how a small
 pretrained model is judged, whose accuracy says little (SmolLM2-135M solves ~2% of GSM8K);
@@ -38,7 +38,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.data.benchmarks import check_bench, load_benchmark
-from pipeline.evaluate import evaluate, perplexity, solution_examples, text_examples
+from pipeline.evaluation import evaluate, perplexity, solution_examples, text_examples
 from pipeline.generate import GenerationSpec
 from pipeline.engine.stage_api import ADDED_KEY, ANY_MODEL, SAMPLES, StageConfig, StageContext, stage_ref, untrained_base_model
 from pipeline.data.testbed import MAX_PROBLEMS

@@ -1,7 +1,7 @@
 """Stage `gate`: is the quantized student capable enough for RL? (pass / fail, with the numbers)
 
 The studies found GRPO on a quantized reasoning model helps only from a viable cold start; below a
-capability threshold it collapses. The gate evaluates `model` (through pipeline.evaluate, the same
+capability threshold it collapses. The gate evaluates `model` (through pipeline.evaluation, the same
 path as `eval`) on a benchmark and passes when every threshold given holds:
   accuracy ≥ min_accuracy
   accuracy / teacher accuracy ≥ min_retention   (the teacher evaluated on the same problems, same decoding)
@@ -30,7 +30,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.data.benchmarks import check_bench, load_benchmark
-from pipeline.evaluate import evaluate
+from pipeline.evaluation import evaluate
 from pipeline.generate import GenerationSpec
 from pipeline.engine.stage_api import ANY_MODEL, VERDICT, StageConfig, StageContext, stage_ref, untrained_base_model
 from pipeline.data.testbed import MAX_PROBLEMS

@@ -134,7 +134,7 @@ def kd_loss_fn(teacher: torch.nn.Module, config: Config):
 def held_out_eval(ctx: StageContext, tokenizer, accelerator):
     """on_step hook of pipeline.train.loop: accuracy on `eval_limit` held-out problems every `eval_every` steps."""
     from pipeline.data.benchmarks import load_benchmark
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluation import evaluate
 
     config, data = ctx.config, ctx.recipe.data
     problems = load_benchmark(config.eval_bench, limit=config.eval_limit, data_dir=data.benchmarks_dir,

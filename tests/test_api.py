@@ -25,6 +25,16 @@ def test_the_package_exports_the_api():
     assert [getattr(pipeline, name) for name in pipeline.API] == [getattr(api, name) for name in pipeline.API]
 
 
+def test_no_submodule_shadows_an_api_function():
+    """Importing pipeline.X sets the package attribute X: a module named like an API function would replace it."""
+    import pkgutil
+
+    import pipeline.evaluation  # noqa: F401 - the measures behind pipeline.evaluate
+
+    assert not set(pipeline.API) & {m.name for m in pkgutil.iter_modules(pipeline.__path__)}
+    assert pipeline.evaluate is api.evaluate and pipeline.perplexity is api.perplexity
+
+
 def test_run_plan_and_status(fake_stages, write_recipe, tmp_path):
     recipe = write_recipe({"a": {"type": "make", "value": 2}, "b": {"type": "make", "src": "a"}})
     art = tmp_path / "art"
@@ -95,3 +105,18 @@ def test_evaluate_returns_metrics_and_writes_samples(tmp_path):
     assert [r["sample"] for r in rows] == [0, 1, 0, 1] and all(r["num_tokens"] <= 4 for r in rows)
     with pytest.raises(InputError, match="MODEL_DIR: no such directory"):
         api.evaluate(tmp_path / "nope", limit=1)
+
+
+def test_perplexity_of_a_text_file(tmp_path):
+    from pipeline.evaluation import perplexity, text_examples
+
+    save_model(tiny_lm.model(), tiny_lm.tokenizer(), tmp_path / "m" / "model")
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "the quick brown fox jumps over the lazy dog " * 8}) + "\n")
+    metrics = api.perplexity(tmp_path / "m", text=text, max_length=16)
+    tokenizer = tiny_lm.tokenizer()
+    examples = text_examples(tokenizer, [json.loads(text.read_text())["text"]], 16)
+    assert metrics == pytest.approx(perplexity(tiny_lm.model(), examples, tokenizer.pad_token_id))
+    with pytest.raises(InputError, match="--max-length: must be >= 2"):
+        api.perplexity(tmp_path / "m", text=text, max_length=1)
+

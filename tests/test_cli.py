@@ -1,4 +1,4 @@
-"""The command line: subcommands, delegated eval/export, error lines and exit codes."""
+"""The command line: subcommands (one module each under pipeline/cli/), error lines and exit codes."""
 from __future__ import annotations
 
 import argparse
@@ -47,15 +47,7 @@ def test_unknown_stage_for_from_and_only(fake_stages, write_recipe, tmp_path, ru
     assert e.value.code == 2
 
 
-@pytest.mark.parametrize("command", ["eval", "export"])
-def test_delegated_command_not_shipped(command, monkeypatch, run_cli):
-    module, add, run, text = cli.DELEGATED[command]
-    monkeypatch.setitem(cli.DELEGATED, command, ("pipeline.not_here", add, run, text))
-    code, _, err = run_cli(command, "some/dir", "--limit", "3")
-    assert code == 2 and err.strip() == f"reasoning-qat {command}: not available in this version"
-
-
-def test_delegated_command_gets_its_arguments_and_input_errors_are_one_line(monkeypatch, run_cli):
+def test_subcommand_module_gets_its_arguments_and_input_errors_are_one_line(monkeypatch, run_cli):
     seen = {}
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,13 +61,44 @@ def test_delegated_command_gets_its_arguments_and_input_errors_are_one_line(monk
         return 0
 
     fake = types.ModuleType("fake_eval")
-    fake.add_eval_arguments, fake.cli_eval = add_arguments, run
+    fake.HELP, fake.add_arguments, fake.run = "eval", add_arguments, run
     monkeypatch.setitem(sys.modules, "fake_eval", fake)
-    monkeypatch.setitem(cli.DELEGATED, "eval", ("fake_eval", "add_eval_arguments", "cli_eval", "eval"))
+    monkeypatch.setitem(cli.COMMANDS, "eval", "fake_eval")
     assert run_cli("eval", "m", "--limit", "3")[0] == 0
     assert seen["model_dir"] == "m" and seen["limit"] == 3
     code, out, err = run_cli("eval", "m", "--limit", "-1")
     assert code == 2 and err.strip() == "--limit: must be >= 0" and "Traceback" not in out + err
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_every_subcommand_has_its_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith(f"usage: reasoning-qat {command}")
+
+
+def test_eval_decoding_flags_are_generation_spec_fields():
+    """Every GenerationSpec field is an eval flag with the field's default; a value the spec refuses names the flag."""
+    from pipeline.cli import eval as eval_command
+    from pipeline.generate import GenerationSpec
+
+    parser = argparse.ArgumentParser()
+    eval_command.add_arguments(parser)
+    args = parser.parse_args(["m"])
+    assert eval_command.spec_from_args(args) == GenerationSpec()
+    flags = {a.dest: a.option_strings[0] for a in parser._actions if a.dest in GenerationSpec.model_fields}
+    assert flags.keys() == GenerationSpec.model_fields.keys()
+    assert flags["num_samples"] == "--samples" and flags["top_p"] == "--top-p"
+    with pytest.raises(InputError, match="^--top-p: "):
+        eval_command.spec_from_args(parser.parse_args(["m", "--top-p", "2"]))
+
+
+def test_help_and_version_import_no_torch(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = "import sys\nfrom pipeline import cli\nfor argv in (['--help'], ['--version'], ['run', '--help']):\n" \
+           "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\nprint('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_python_dash_m_entry_point(tmp_path):

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 import tiny_lm
-from pipeline import evaluate as evaluate_module
+from pipeline import evaluation as evaluate_module
 from pipeline.data.problem import Problem
-from pipeline.evaluate import evaluate
+from pipeline.evaluation import evaluate
 from pipeline.generate import Completion, GenerationSpec
 from pipeline.models import save_model
 
@@ -120,7 +120,7 @@ def test_solution_perplexity_matches_the_models_own_loss():
     import torch
 
     from pipeline.data.chat import chat_example
-    from pipeline.evaluate import solution_perplexity
+    from pipeline.evaluation import solution_perplexity
     from pipeline.data.testbed import TestbedSpec, make_problems
 
     model, tokenizer = tiny_lm.model().eval(), tiny_lm.tokenizer()
@@ -139,7 +139,7 @@ def test_solution_perplexity_matches_the_models_own_loss():
 
 def test_solution_perplexity_needs_reference_solutions():
     from pipeline.engine.errors import InputError
-    from pipeline.evaluate import solution_perplexity
+    from pipeline.evaluation import solution_perplexity
 
     with pytest.raises(InputError, match="3 problems have no reference solution"):
         solution_perplexity(tiny_lm.model(), tiny_lm.tokenizer(), PROBLEMS)
@@ -157,7 +157,7 @@ def test_text_perplexity_matches_the_models_own_loss():
 
     import torch
 
-    from pipeline.evaluate import perplexity, text_examples
+    from pipeline.evaluation import perplexity, text_examples
 
     model, tokenizer = tiny_lm.model().eval(), tiny_lm.tokenizer()
     examples = text_examples(tokenizer, TEXTS, max_length=16)
@@ -177,7 +177,7 @@ def test_kl_to_teacher_matches_full_logits():
     import torch
     import torch.nn.functional as F
 
-    from pipeline.evaluate import perplexity, solution_examples
+    from pipeline.evaluation import perplexity, solution_examples
     from pipeline.data.testbed import TestbedSpec, make_problems
 
     student, teacher, tokenizer = tiny_lm.model(0), tiny_lm.model(1), tiny_lm.tokenizer()
@@ -203,7 +203,7 @@ def teacher_dir(tmp_path_factory):
 
 def test_cli_perplexity_of_reference_solutions(run_cli, model_dir, teacher_dir):
     from pipeline.data.benchmarks import load_benchmark
-    from pipeline.evaluate import solution_perplexity
+    from pipeline.evaluation import solution_perplexity
 
     code, stdout, stderr = run_cli("eval", model_dir, "--perplexity", "--bench", "gsm8k", "--data-dir", DATA,
                                    "--limit", "3", "--teacher", teacher_dir)
@@ -263,7 +263,7 @@ def test_eval_stage_perplexity_only(model_dir, teacher_dir, tmp_path, run_cli):
     import yaml
 
     from pipeline.data.benchmarks import load_benchmark
-    from pipeline.evaluate import solution_perplexity
+    from pipeline.evaluation import solution_perplexity
 
     text = tmp_path / "heldout.jsonl"
     text.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS), encoding="utf-8")

@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import pipeline
+from pipeline.cli.export import add_arguments as add_export_arguments, run as cli_export
 from pipeline.engine.errors import InputError
 from pipeline.quant.apply import quant_linears, quantize_rtn
-from pipeline.quant.formats.export import add_export_arguments, cli_export
 from pipeline.quant.formats.io import save_quantized
 from pipeline.quant.scheme import QuantSpec
 from pipeline.engine.stage_api import StageContext

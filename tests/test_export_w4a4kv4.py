@@ -12,7 +12,8 @@ import pipeline
 from pipeline.models import load_model
 from pipeline.quant.methods import flatquant, quarot
 from pipeline.quant.apply import calibrate, prepare
-from pipeline.quant.formats.export import TRANSFORMS_FILE, add_export_arguments, cli_export
+from pipeline.cli.export import add_arguments as add_export_arguments, run as cli_export
+from pipeline.quant.formats.export import TRANSFORMS_FILE
 from pipeline.quant.formats.io import save_quantized
 from pipeline.quant.online import transforms
 from pipeline.quant.scheme import QuantSpec

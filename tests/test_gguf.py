@@ -202,7 +202,7 @@ def test_smollm2_imports_and_predicts_gsm8k_solutions(tmp_path):
     """The real model: eos is <|im_end|> (id 2), and teacher-forced perplexity of GSM8K reference
     solutions is that of a model that reads them (measured 4.49 on these four; a broken import reads
     thousands)."""
-    from pipeline.evaluate import solution_perplexity
+    from pipeline.evaluation import solution_perplexity
     from pipeline.models import load_model, load_tokenizer
 
     out = gguf_import.import_gguf(gguf_import.smollm2_file(), tmp_path / "smollm2")

@@ -7,7 +7,6 @@ statement, wherever it is: at module level, inside a function (a lazy import is 
 from __future__ import annotations
 
 import ast
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,18 +84,9 @@ def graph(tops: tuple[str, ...] = PACKAGES) -> dict[str, list[Import]]:
     return {name: imports_of(path, name, known) for name, path in modules.items()}
 
 
-# The argparse side of a command (`add_<cmd>_arguments`, `cli_<cmd>` and their `_cli_*` helpers) still sits in the
-# library modules it drives, and calls back into pipeline.api: evaluate.cli_eval / _cli_generate / _cli_perplexity
-# -> api -> evaluate, quant.formats.export.cli_export -> api -> export. Those functions move into a pipeline/cli/
-# package (#16, its own change); until then their imports are left out of the cycle check, and only theirs.
-CLI_FUNCTION = re.compile(r"_?cli_\w*|add_\w*_arguments")
-
-
-def internal_edges(g: dict[str, list[Import]], skip_cli: bool = True) -> dict[str, set[str]]:
-    """module -> the modules of the graph it imports (anywhere in its source but its CLI functions)."""
-    return {m: {i.target for i in imps if i.target in g and i.target != m
-                and not (skip_cli and i.function is not None and CLI_FUNCTION.fullmatch(i.function))}
-            for m, imps in g.items()}
+def internal_edges(g: dict[str, list[Import]]) -> dict[str, set[str]]:
+    """module -> the modules of the graph it imports (anywhere in its source)."""
+    return {m: {i.target for i in imps if i.target in g and i.target != m} for m, imps in g.items()}
 
 
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -140,7 +130,7 @@ def _describe(component: list[str], edges: dict[str, set[str]]) -> str:
 
 
 def test_no_import_cycles():
-    """No module reaches itself through imports, lazy and type-only ones included (but CLI_FUNCTION's, above)."""
+    """No module reaches itself through imports, lazy and type-only ones included."""
     edges = internal_edges(graph())
     found = cycles(edges)
     assert not found, "import cycles:\n" + "\n".join(_describe(c, edges) for c in found)

@@ -120,7 +120,7 @@ def test_cli_refuses_custom_code_in_one_line(tmp_path, run_cli, no_prompt, comma
 
 DRIVER = """
 import json, sys
-import pipeline.evaluate, pipeline.quant.formats.export, pipeline.engine.recipe  # import-time warnings of the environment first
+import pipeline.evaluation, pipeline.quant.formats.export, pipeline.engine.recipe  # import-time warnings of the environment first
 from pipeline import cli
 for argv in json.loads(sys.argv[1]):
     print("--- " + argv[0], file=sys.stderr, flush=True)

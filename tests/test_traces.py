@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 import tiny_lm
-from pipeline import evaluate as evaluate_module
+from pipeline import evaluation as evaluate_module
 from pipeline.generate import Completion
 from pipeline.models import save_model
 from pipeline.engine.recipe import RecipeError, parse_recipe

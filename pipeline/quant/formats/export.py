@@ -22,6 +22,7 @@ README.md in the directory says how to load it: `pipeline.load_quantized(DIR)` o
 `--format gptq` (pipeline.quant.formats.gptq_format): the same integer codes of a weight-only model in the GPTQ v1
 layout, which vLLM serves with its `gptq` method at 2/3/4/8 bits; what that layout cannot hold is refused.
 Every exported file gets the mode the umask gives (safetensors alone writes 0600).
+`export_checkpoint` is what `pipeline.api.export` and `reasoning-qat export` (pipeline/cli/export.py) run:
 
     reasoning-qat export artifacts/demo/ptq --scheme w3g128 --out ckpt/
     reasoning-qat export artifacts/demo/ptq --format gptq --out ckpt-gptq/      # vllm serve ckpt-gptq/ --quantization gptq
@@ -29,7 +30,6 @@ Every exported file gets the mode the umask gives (safetensors alone writes 0600
 """
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -224,18 +224,6 @@ def _describe(spec) -> str:
     return text
 
 
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `reasoning-qat export`."""
-    parser.add_argument("stage_dir", help="a quantized model: a stage directory (ptq, kd_qat, ...) or a model directory")
-    parser.add_argument("--scheme", default=None, help="preset the model must be quantized with (default: the model's own)")
-    parser.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    parser.add_argument("--format", default="pack-quantized", choices=FORMATS,
-                        help="pack-quantized: compressed-tensors (transformers; W4A4KV4 with our loader); "
-                             "gptq: GPTQ v1 layout that vLLM serves (--quantization gptq), weight-only models")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow a model whose loading runs Python from its directory (config.json auto_map)")
-
-
 def export_checkpoint(source: Path, scheme: str | None, out: Path, trust_remote_code: bool = False,
                       format: str = "pack-quantized") -> dict[str, float]:
     """Export the quantized model at `source` (a stage or model directory) to `out` in `scheme` (None:
@@ -275,12 +263,3 @@ def give_umask_modes(out_dir: Path) -> None:
 def describe_size(size: dict[str, float]) -> str:
     return (f"{size['bytes_on_disk'] / 2**20:.2f} MiB, {size['bits_per_weight']:.3f} bits per quantized weight, "
             f"{size['bits_per_param']:.3f} bits per parameter")
-
-
-def cli_export(args: argparse.Namespace) -> int:
-    """`reasoning-qat export`: returns 0; bad input raises InputError (exit 2), nothing written."""
-    from pipeline.api import export
-
-    size = export(args.stage_dir, args.out, args.scheme, args.trust_remote_code, args.format)
-    print(f"exported {args.stage_dir} -> {args.out}: {describe_size(size)}")
-    return 0
