@@ -33,13 +33,16 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_serializer, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import to_jsonable_python
 
 from pipeline.engine.errors import InputError
-from pipeline.engine.stage_api import ADDED_KEY, MODEL, QUANTIZED, TRACES, StageConfig, StageContext, stage_ref
+from pipeline.engine.stage_api import (ADDED_KEY, MODEL, QUANTIZED, TRACES, StageContext, VariantConfig,
+                                       register_variants, stage_ref)
 
 CODE_VERSION = 5
 USES = ("seed", "quant")
@@ -47,7 +50,11 @@ HEADLINE = "output_sqnr_mean"
 OUTPUT = QUANTIZED
 
 
-class Config(StageConfig):
+class Config(VariantConfig):
+    """The keys every method shares; `method` picks one of the per-method configs below (Rtn, Gptq, Quarot,
+    Flatquant), a pydantic discriminated union (pipeline.engine.stage_api.VariantConfig): `Config(...)` returns the
+    chosen method's config, and a key of another method is refused."""
+
     type: Literal["ptq"] = "ptq"
     model: stage_ref(MODEL) = "model"
     """The unquantized (BF16) model to quantize: a stage (e.g. the sft teacher) or "model"."""
@@ -61,8 +68,81 @@ class Config(StageConfig):
     a `text` field, e.g. a WikiText or C4 slice); None: the built-in text."""
     method: Literal["rtn", "gptq", "quarot", "flatquant"] = "gptq"
     """How the model is quantized (see the module docstring)."""
+    nsamples: int = Field(128, gt=0)
+    """Calibration sequences."""
+    seqlen: int = Field(2048, gt=0)
+    """Tokens per calibration sequence (traces are truncated, generic text is cut to exactly this)."""
+    observer: Literal["minmax", "mse"] = "minmax"
+    """How each group's range is chosen: min-max, or llmcompressor's MSE grid search (clipping)."""
+    sqnr_samples: int = Field(4, ge=0)
+    """Calibration sequences run through the model for the SQNR report; 0: no report."""
+    sqnr_seqlen: int = Field(256, gt=0)
+    """Tokens of each of those sequences (truncated): with sqnr_samples, the report's cost."""
+
+    @model_validator(mode="after")
+    def _source(self):
+        weight_method = getattr(self, "weight_method", None)
+        needs_data = self.method in ("gptq", "flatquant") or (self.method == "quarot" and weight_method == "gptq")
+        if self.calibration_source == "traces" and self.calibration is None and needs_data:
+            raise ValueError("calibration_source 'traces' needs `calibration: <traces stage>`")
+        if self.calibration_source == "generic" and self.calibration is not None:
+            raise ValueError("calibration is set but calibration_source is 'generic'; drop one")
+        if self.calibration_text is not None and self.calibration_source != "generic":
+            raise ValueError("calibration_text is the generic source; set calibration_source: generic")
+        return self
+
+    # The flat key set is the fingerprint's format, kept so that finished stages are not re-run. Before the
+    # per-method configs, one Config held every method's keys, so every ptq manifest records (and every ptq
+    # fingerprint hashes) all of them, the other methods' at their defaults. A method's config therefore dumps
+    # the flat key set: its own keys as set, every other method's key at its default (which the method never
+    # reads); and `result_fields` hands `result_config` the fields of the flat set, so that `batch_size`
+    # (ADDED_KEY) is left out at its default for every method, as it was. A dump is thus a record, not an
+    # input: `Config.model_validate(config.model_dump())` refuses the other methods' keys.
+    @model_serializer(mode="wrap")
+    def _flat(self, handler) -> dict[str, Any]:
+        own = handler(self)
+        return {name: own[name] if name in own else to_jsonable_python(info.get_default(call_default_factory=True))
+                for name, info in Config.result_fields().items()}
+
+    @classmethod
+    def result_fields(cls) -> dict[str, FieldInfo]:
+        return METHODS.fields(Config)
+
+
+class _GptqKeys(BaseModel):
+    """GPTQ's settings: method gptq, and quarot / flatquant with weight_method gptq."""
+
+    block_size: int = Field(128, gt=0)
+    """GPTQ: columns updated per block (lazy batch updates)."""
+    dampening_frac: float = Field(0.01, ge=0)
+    """GPTQ: fraction of the Hessian's mean diagonal added to its diagonal."""
+    actorder: Literal["static", "weight"] | None = "static"
+    """GPTQ: sweep columns by decreasing Hessian diagonal ("static" = "weight"); None: in order."""
+
+
+class _TransformKeys(_GptqKeys):
+    """quarot / flatquant: the transform, then the weights quantized by `weight_method`."""
+
     weight_method: Literal["rtn", "gptq"] = "rtn"
     """quarot / flatquant: how the transformed weights are quantized (GPTQ settings below apply)."""
+
+
+class Rtn(Config):
+    """method rtn: no GPTQ settings, no transform."""
+
+    method: Literal["rtn"] = "rtn"
+
+
+class Gptq(Config, _GptqKeys):
+    method: Literal["gptq"] = "gptq"
+
+
+class Quarot(Config, _TransformKeys):
+    method: Literal["quarot"] = "quarot"
+
+
+class Flatquant(Config, _TransformKeys):
+    method: Literal["flatquant"] = "flatquant"
     epochs: int = Field(15, ge=0)
     """flatquant: passes over the calibration samples per decoder layer."""
     lr: float = Field(1e-3, gt=0)
@@ -75,33 +155,13 @@ class Config(StageConfig):
     rate (4 at 1e-3 did worse than 1 at 1e-3 on our tests, 4 at 5e-3 as well or better). None: one sequence per
     step with the first version's arithmetic, as before this key; 1 is that schedule, faster, rounded differently.
     Set, the traces are packed into windows of exactly `seqlen` tokens, so that every batch fills."""
-    nsamples: int = Field(128, gt=0)
-    """Calibration sequences."""
-    seqlen: int = Field(2048, gt=0)
-    """Tokens per calibration sequence (traces are truncated, generic text is cut to exactly this)."""
-    block_size: int = Field(128, gt=0)
-    """GPTQ: columns updated per block (lazy batch updates)."""
-    dampening_frac: float = Field(0.01, ge=0)
-    """GPTQ: fraction of the Hessian's mean diagonal added to its diagonal."""
-    actorder: Literal["static", "weight"] | None = "static"
-    """GPTQ: sweep columns by decreasing Hessian diagonal ("static" = "weight"); None: in order."""
-    observer: Literal["minmax", "mse"] = "minmax"
-    """How each group's range is chosen: min-max, or llmcompressor's MSE grid search (clipping)."""
-    sqnr_samples: int = Field(4, ge=0)
-    """Calibration sequences run through the model for the SQNR report; 0: no report."""
-    sqnr_seqlen: int = Field(256, gt=0)
-    """Tokens of each of those sequences (truncated): with sqnr_samples, the report's cost."""
 
-    @model_validator(mode="after")
-    def _source(self):
-        needs_data = self.method in ("gptq", "flatquant") or (self.method == "quarot" and self.weight_method == "gptq")
-        if self.calibration_source == "traces" and self.calibration is None and needs_data:
-            raise ValueError("calibration_source 'traces' needs `calibration: <traces stage>`")
-        if self.calibration_source == "generic" and self.calibration is not None:
-            raise ValueError("calibration is set but calibration_source is 'generic'; drop one")
-        if self.calibration_text is not None and self.calibration_source != "generic":
-            raise ValueError("calibration_text is the generic source; set calibration_source: generic")
-        return self
+
+# the keys in the order the flat Config declared them: its documentation's order, and its dumps'
+METHODS = register_variants(Config, "method", "gptq", (Rtn, Gptq, Quarot, Flatquant), order=(
+    "type", "when", "model", "calibration", "calibration_source", "calibration_text", "method", "weight_method",
+    "epochs", "lr", "smooth_alpha", "batch_size", "nsamples", "seqlen", "block_size", "dampening_frac", "actorder",
+    "observer", "sqnr_samples", "sqnr_seqlen"))
 
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
