@@ -198,12 +198,9 @@ def _scheme_fit(recipe) -> list[tuple[str, str]]:
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    from pipeline.data.spec import read_texts
     from pipeline.models import load_model, load_tokenizer
     from pipeline.quant import sqnr
-    from pipeline.quant.apply import quant_linears, quantize_rtn
-    from pipeline.quant.calibration import generic_samples, packed_traces_samples, traces_samples
-    from pipeline.quant.methods.gptq import run_gptq
+    from pipeline.quant.apply import quant_linears
     from pipeline.quant.formats.io import save_quantized
     from pipeline.quant.scheme import check_fit
 
@@ -218,28 +215,13 @@ def run(ctx: StageContext) -> dict[str, float]:
     if misfits:
         raise InputError(*misfits[0])
 
-    if config.calibration is not None:
-        # batched FlatQuant needs samples of one length (see packed_traces_samples); the other methods keep
-        # one trace a sample, as their artifacts were made
-        sampler = packed_traces_samples if config.method == "flatquant" and config.batch_size else traces_samples
-        samples = sampler(tokenizer, ctx.inputs["calibration"], config.nsamples, config.seqlen, ctx.recipe.seed,
-                          where=f"stages.{ctx.name}.calibration")
-    else:
-        texts = read_texts(config.calibration_text, f"stages.{ctx.name}.calibration_text") \
-            if config.calibration_text else None
-        samples = generic_samples(tokenizer, config.nsamples, config.seqlen, ctx.recipe.seed, texts)
+    samples = _calibration_samples(config, tokenizer, ctx)
     report_samples = [s[: config.sqnr_seqlen] for s in samples[: config.sqnr_samples]]
     originals = sqnr.snapshot_weights(model, spec) if report_samples else {}
     reference = sqnr.final_outputs(model, report_samples)
 
     start = time.perf_counter()
-    extra: dict[str, float] = {}
-    if config.method == "gptq":
-        run_gptq(model, tokenizer, spec, samples, config.block_size, config.dampening_frac, config.actorder, config.observer)
-    elif config.method == "rtn":
-        quantize_rtn(model, spec, config.observer)
-    else:
-        extra, originals = _transform_and_quantize(model, spec, samples, config, ctx)
+    extra, originals = _quantize(model, tokenizer, spec, samples, config, ctx, originals)
     wall = time.perf_counter() - start
 
     lowered = _log_lowered_group_sizes(model, spec, ctx.log)
@@ -254,6 +236,37 @@ def run(ctx: StageContext) -> dict[str, float]:
     if report_samples:
         metrics |= _sqnr_report(model, originals, report_samples, reference, config, ctx)
     return metrics
+
+
+def _calibration_samples(config: Config, tokenizer, ctx: StageContext) -> list[list[int]]:
+    """The calibration sequences (token ids): from the `calibration` stage's traces, or generic text."""
+    from pipeline.data.spec import read_texts
+    from pipeline.quant.calibration import generic_samples, packed_traces_samples, traces_samples
+
+    if config.calibration is not None:
+        # batched FlatQuant needs samples of one length (see packed_traces_samples); the other methods keep
+        # one trace a sample, as their artifacts were made
+        sampler = packed_traces_samples if config.method == "flatquant" and config.batch_size else traces_samples
+        return sampler(tokenizer, ctx.inputs["calibration"], config.nsamples, config.seqlen, ctx.recipe.seed,
+                       where=f"stages.{ctx.name}.calibration")
+    texts = read_texts(config.calibration_text, f"stages.{ctx.name}.calibration_text") \
+        if config.calibration_text else None
+    return generic_samples(tokenizer, config.nsamples, config.seqlen, ctx.recipe.seed, texts)
+
+
+def _quantize(model, tokenizer, spec, samples, config: Config, ctx: StageContext, originals):
+    """Quantize `model` in place by `config.method`; returns the method's own metrics and the full-precision
+    weights the SQNR report compares with (`originals`, or the transformed ones of quarot / flatquant)."""
+    from pipeline.quant.apply import quantize_rtn
+    from pipeline.quant.methods.gptq import run_gptq
+
+    if config.method == "gptq":
+        run_gptq(model, tokenizer, spec, samples, config.block_size, config.dampening_frac, config.actorder, config.observer)
+    elif config.method == "rtn":
+        quantize_rtn(model, spec, config.observer)
+    else:
+        return _transform_and_quantize(model, spec, samples, config, ctx)
+    return {}, originals
 
 
 def _sqnr_report(model, originals, samples, reference, config: Config, ctx: StageContext) -> dict[str, float]:

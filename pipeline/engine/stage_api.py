@@ -8,7 +8,8 @@ A stage type is one module `stages/<type>.py` that defines:
     OUTPUT: str                   # what the stage writes, one of the output kinds below
     class Config(StageConfig):    # strict schema; `type: Literal["<type>"]`
         ...                       # fields typed `StageRef` name another stage (or "model");
-                                  # `stage_ref(QUANTIZED)` names one whose OUTPUT is a quantized model
+                                  # `stage_ref(QUANTIZED)` names one whose OUTPUT is a quantized model;
+                                  # or a VariantConfig: one schema per value of a key (ptq: per `method`)
     def check(config, recipe) -> list[tuple[str, str]]   # optional: semantic checks that need
                                   # more than the schema (shapes, paths); (key path, message) pairs,
                                   # key path relative to the stage, e.g. ("group_size", "must divide 1024")
@@ -199,7 +200,8 @@ def result_config(config_cls: type[BaseModel], data: dict[str, Any]) -> dict[str
     Held at the default rather than dropped, so that a config that never changed such a field hashes exactly
     as it did before the field was marked: the artifacts on disk, their checkpoints and the checkpoints'
     signatures stay valid. (Artifacts recorded with another value stay valid too: the runner judges a manifest
-    by its parts, not by its fingerprint alone.) Fields of a stage's own Config, inherited ones included;
+    by its parts, not by its fingerprint alone.) Fields of a stage's own Config, inherited ones included (its
+    `result_fields`: ptq's per-method configs name the flat key set they dump);
     nested models are not searched.
     """
     out = dict(data)
