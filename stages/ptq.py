@@ -17,6 +17,8 @@ Methods:
     clipped grid). The model is quantized and saved in float32 (the merged transforms keep their precision;
     KD-QAT trains in float32 anyway).
   Online transforms are saved with the model (pipeline.quant.formats.io) and reload with it.
+Each method has its own config (Rtn, Gptq, Quarot, Flatquant; `method` picks it): a key that does not apply to
+the chosen method (e.g. `epochs` with gptq) is an error at validation.
 The scheme is the recipe's `quant` section (e.g. `quant: w3g128`).
 
 Outputs: `<out_dir>/model/` (pipeline.quant.formats.io layout: safetensors with latent weights, scales and

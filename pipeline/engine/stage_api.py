@@ -163,7 +163,7 @@ def register_variants(base: type[VariantConfig], key: str, default: str, members
         return value.get(key, default) if isinstance(value, dict) else getattr(value, key, None)
 
     union = Union[tuple(Annotated[m, Tag(t)] for t, m in tags.items())]
-    adapter = TypeAdapter(Annotated[union, Discriminator(tag)])
+    adapter = TypeAdapter(Annotated[union, Discriminator(tag)], config=ConfigDict(title=base.__qualname__))
     _VARIANTS[base] = Variants(key, default, tags, order, adapter)
     return _VARIANTS[base]
 
