@@ -17,6 +17,8 @@ Methods:
     clipped grid). The model is quantized and saved in float32 (the merged transforms keep their precision;
     KD-QAT trains in float32 anyway).
   Online transforms are saved with the model (pipeline.quant.formats.io) and reload with it.
+Each method has its own config (Rtn, Gptq, Quarot, Flatquant; `method` picks it): a key that does not apply to
+the chosen method (e.g. `epochs` with gptq) is an error at validation.
 The scheme is the recipe's `quant` section (e.g. `quant: w3g128`).
 
 Outputs: `<out_dir>/model/` (pipeline.quant.formats.io layout: safetensors with latent weights, scales and
@@ -33,13 +35,16 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_serializer, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import to_jsonable_python
 
 from pipeline.engine.errors import InputError
-from pipeline.engine.stage_api import ADDED_KEY, MODEL, QUANTIZED, TRACES, StageConfig, StageContext, stage_ref
+from pipeline.engine.stage_api import (ADDED_KEY, MODEL, QUANTIZED, TRACES, StageContext, VariantConfig,
+                                       register_variants, stage_ref)
 
 CODE_VERSION = 5
 USES = ("seed", "quant")
@@ -47,7 +52,11 @@ HEADLINE = "output_sqnr_mean"
 OUTPUT = QUANTIZED
 
 
-class Config(StageConfig):
+class Config(VariantConfig):
+    """The keys every method shares; `method` picks one of the per-method configs below (Rtn, Gptq, Quarot,
+    Flatquant), a pydantic discriminated union (pipeline.engine.stage_api.VariantConfig): `Config(...)` returns the
+    chosen method's config, and a key of another method is refused."""
+
     type: Literal["ptq"] = "ptq"
     model: stage_ref(MODEL) = "model"
     """The unquantized (BF16) model to quantize: a stage (e.g. the sft teacher) or "model"."""
@@ -61,8 +70,81 @@ class Config(StageConfig):
     a `text` field, e.g. a WikiText or C4 slice); None: the built-in text."""
     method: Literal["rtn", "gptq", "quarot", "flatquant"] = "gptq"
     """How the model is quantized (see the module docstring)."""
+    nsamples: int = Field(128, gt=0)
+    """Calibration sequences."""
+    seqlen: int = Field(2048, gt=0)
+    """Tokens per calibration sequence (traces are truncated, generic text is cut to exactly this)."""
+    observer: Literal["minmax", "mse"] = "minmax"
+    """How each group's range is chosen: min-max, or llmcompressor's MSE grid search (clipping)."""
+    sqnr_samples: int = Field(4, ge=0)
+    """Calibration sequences run through the model for the SQNR report; 0: no report."""
+    sqnr_seqlen: int = Field(256, gt=0)
+    """Tokens of each of those sequences (truncated): with sqnr_samples, the report's cost."""
+
+    @model_validator(mode="after")
+    def _source(self):
+        weight_method = getattr(self, "weight_method", None)
+        needs_data = self.method in ("gptq", "flatquant") or (self.method == "quarot" and weight_method == "gptq")
+        if self.calibration_source == "traces" and self.calibration is None and needs_data:
+            raise ValueError("calibration_source 'traces' needs `calibration: <traces stage>`")
+        if self.calibration_source == "generic" and self.calibration is not None:
+            raise ValueError("calibration is set but calibration_source is 'generic'; drop one")
+        if self.calibration_text is not None and self.calibration_source != "generic":
+            raise ValueError("calibration_text is the generic source; set calibration_source: generic")
+        return self
+
+    # The flat key set is the fingerprint's format, kept so that finished stages are not re-run. Before the
+    # per-method configs, one Config held every method's keys, so every ptq manifest records (and every ptq
+    # fingerprint hashes) all of them, the other methods' at their defaults. A method's config therefore dumps
+    # the flat key set: its own keys as set, every other method's key at its default (which the method never
+    # reads); and `result_fields` hands `result_config` the fields of the flat set, so that `batch_size`
+    # (ADDED_KEY) is left out at its default for every method, as it was. A dump is thus a record, not an
+    # input: `Config.model_validate(config.model_dump())` refuses the other methods' keys.
+    @model_serializer(mode="wrap")
+    def _flat(self, handler) -> dict[str, Any]:
+        own = handler(self)
+        return {name: own[name] if name in own else to_jsonable_python(info.get_default(call_default_factory=True))
+                for name, info in Config.result_fields().items()}
+
+    @classmethod
+    def result_fields(cls) -> dict[str, FieldInfo]:
+        return METHODS.fields(Config)
+
+
+class _GptqKeys(BaseModel):
+    """GPTQ's settings: method gptq, and quarot / flatquant with weight_method gptq."""
+
+    block_size: int = Field(128, gt=0)
+    """GPTQ: columns updated per block (lazy batch updates)."""
+    dampening_frac: float = Field(0.01, ge=0)
+    """GPTQ: fraction of the Hessian's mean diagonal added to its diagonal."""
+    actorder: Literal["static", "weight"] | None = "static"
+    """GPTQ: sweep columns by decreasing Hessian diagonal ("static" = "weight"); None: in order."""
+
+
+class _TransformKeys(_GptqKeys):
+    """quarot / flatquant: the transform, then the weights quantized by `weight_method`."""
+
     weight_method: Literal["rtn", "gptq"] = "rtn"
     """quarot / flatquant: how the transformed weights are quantized (GPTQ settings below apply)."""
+
+
+class Rtn(Config):
+    """method rtn: no GPTQ settings, no transform."""
+
+    method: Literal["rtn"] = "rtn"
+
+
+class Gptq(Config, _GptqKeys):
+    method: Literal["gptq"] = "gptq"
+
+
+class Quarot(Config, _TransformKeys):
+    method: Literal["quarot"] = "quarot"
+
+
+class Flatquant(Config, _TransformKeys):
+    method: Literal["flatquant"] = "flatquant"
     epochs: int = Field(15, ge=0)
     """flatquant: passes over the calibration samples per decoder layer."""
     lr: float = Field(1e-3, gt=0)
@@ -75,33 +157,13 @@ class Config(StageConfig):
     rate (4 at 1e-3 did worse than 1 at 1e-3 on our tests, 4 at 5e-3 as well or better). None: one sequence per
     step with the first version's arithmetic, as before this key; 1 is that schedule, faster, rounded differently.
     Set, the traces are packed into windows of exactly `seqlen` tokens, so that every batch fills."""
-    nsamples: int = Field(128, gt=0)
-    """Calibration sequences."""
-    seqlen: int = Field(2048, gt=0)
-    """Tokens per calibration sequence (traces are truncated, generic text is cut to exactly this)."""
-    block_size: int = Field(128, gt=0)
-    """GPTQ: columns updated per block (lazy batch updates)."""
-    dampening_frac: float = Field(0.01, ge=0)
-    """GPTQ: fraction of the Hessian's mean diagonal added to its diagonal."""
-    actorder: Literal["static", "weight"] | None = "static"
-    """GPTQ: sweep columns by decreasing Hessian diagonal ("static" = "weight"); None: in order."""
-    observer: Literal["minmax", "mse"] = "minmax"
-    """How each group's range is chosen: min-max, or llmcompressor's MSE grid search (clipping)."""
-    sqnr_samples: int = Field(4, ge=0)
-    """Calibration sequences run through the model for the SQNR report; 0: no report."""
-    sqnr_seqlen: int = Field(256, gt=0)
-    """Tokens of each of those sequences (truncated): with sqnr_samples, the report's cost."""
 
-    @model_validator(mode="after")
-    def _source(self):
-        needs_data = self.method in ("gptq", "flatquant") or (self.method == "quarot" and self.weight_method == "gptq")
-        if self.calibration_source == "traces" and self.calibration is None and needs_data:
-            raise ValueError("calibration_source 'traces' needs `calibration: <traces stage>`")
-        if self.calibration_source == "generic" and self.calibration is not None:
-            raise ValueError("calibration is set but calibration_source is 'generic'; drop one")
-        if self.calibration_text is not None and self.calibration_source != "generic":
-            raise ValueError("calibration_text is the generic source; set calibration_source: generic")
-        return self
+
+# the keys in the order the flat Config declared them: its documentation's order, and its dumps'
+METHODS = register_variants(Config, "method", "gptq", (Rtn, Gptq, Quarot, Flatquant), order=(
+    "type", "when", "model", "calibration", "calibration_source", "calibration_text", "method", "weight_method",
+    "epochs", "lr", "smooth_alpha", "batch_size", "nsamples", "seqlen", "block_size", "dampening_frac", "actorder",
+    "observer", "sqnr_samples", "sqnr_seqlen"))
 
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
@@ -138,12 +200,9 @@ def _scheme_fit(recipe) -> list[tuple[str, str]]:
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    from pipeline.data.rows import read_texts
     from pipeline.models import load_model, load_tokenizer
     from pipeline.quant import sqnr
-    from pipeline.quant.apply import quant_linears, quantize_rtn
-    from pipeline.quant.calibration import generic_samples, packed_traces_samples, traces_samples
-    from pipeline.quant.methods.gptq import run_gptq
+    from pipeline.quant.apply import quant_linears
     from pipeline.quant.formats.io import save_quantized
     from pipeline.quant.fit import check_fit
 
@@ -158,28 +217,13 @@ def run(ctx: StageContext) -> dict[str, float]:
     if misfits:
         raise InputError(*misfits[0])
 
-    if config.calibration is not None:
-        # batched FlatQuant needs samples of one length (see packed_traces_samples); the other methods keep
-        # one trace a sample, as their artifacts were made
-        sampler = packed_traces_samples if config.method == "flatquant" and config.batch_size else traces_samples
-        samples = sampler(tokenizer, ctx.inputs["calibration"], config.nsamples, config.seqlen, ctx.recipe.seed,
-                          where=f"stages.{ctx.name}.calibration")
-    else:
-        texts = read_texts(config.calibration_text, f"stages.{ctx.name}.calibration_text") \
-            if config.calibration_text else None
-        samples = generic_samples(tokenizer, config.nsamples, config.seqlen, ctx.recipe.seed, texts)
+    samples = _calibration_samples(config, tokenizer, ctx)
     report_samples = [s[: config.sqnr_seqlen] for s in samples[: config.sqnr_samples]]
     originals = sqnr.snapshot_weights(model, spec) if report_samples else {}
     reference = sqnr.final_outputs(model, report_samples)
 
     start = time.perf_counter()
-    extra: dict[str, float] = {}
-    if config.method == "gptq":
-        run_gptq(model, tokenizer, spec, samples, config.block_size, config.dampening_frac, config.actorder, config.observer)
-    elif config.method == "rtn":
-        quantize_rtn(model, spec, config.observer)
-    else:
-        extra, originals = _transform_and_quantize(model, spec, samples, config, ctx)
+    extra, originals = _quantize(model, tokenizer, spec, samples, config, ctx, originals)
     wall = time.perf_counter() - start
 
     lowered = _log_lowered_group_sizes(model, spec, ctx.log)
@@ -194,6 +238,37 @@ def run(ctx: StageContext) -> dict[str, float]:
     if report_samples:
         metrics |= _sqnr_report(model, originals, report_samples, reference, config, ctx)
     return metrics
+
+
+def _calibration_samples(config: Config, tokenizer, ctx: StageContext) -> list[list[int]]:
+    """The calibration sequences (token ids): from the `calibration` stage's traces, or generic text."""
+    from pipeline.data.rows import read_texts
+    from pipeline.quant.calibration import generic_samples, packed_traces_samples, traces_samples
+
+    if config.calibration is not None:
+        # batched FlatQuant needs samples of one length (see packed_traces_samples); the other methods keep
+        # one trace a sample, as their artifacts were made
+        sampler = packed_traces_samples if config.method == "flatquant" and config.batch_size else traces_samples
+        return sampler(tokenizer, ctx.inputs["calibration"], config.nsamples, config.seqlen, ctx.recipe.seed,
+                       where=f"stages.{ctx.name}.calibration")
+    texts = read_texts(config.calibration_text, f"stages.{ctx.name}.calibration_text") \
+        if config.calibration_text else None
+    return generic_samples(tokenizer, config.nsamples, config.seqlen, ctx.recipe.seed, texts)
+
+
+def _quantize(model, tokenizer, spec, samples, config: Config, ctx: StageContext, originals):
+    """Quantize `model` in place by `config.method`; returns the method's own metrics and the full-precision
+    weights the SQNR report compares with (`originals`, or the transformed ones of quarot / flatquant)."""
+    from pipeline.quant.apply import quantize_rtn
+    from pipeline.quant.methods.gptq import run_gptq
+
+    if config.method == "gptq":
+        run_gptq(model, tokenizer, spec, samples, config.block_size, config.dampening_frac, config.actorder, config.observer)
+    elif config.method == "rtn":
+        quantize_rtn(model, spec, config.observer)
+    else:
+        return _transform_and_quantize(model, spec, samples, config, ctx)
+    return {}, originals
 
 
 def _sqnr_report(model, originals, samples, reference, config: Config, ctx: StageContext) -> dict[str, float]:

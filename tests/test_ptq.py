@@ -224,8 +224,8 @@ W4A4KV4 = QuantSpec.model_validate("w4a4kv4")
 @pytest.mark.parametrize("method,weight_method", [("quarot", "gptq"), ("flatquant", "rtn"), ("flatquant", "gptq")])
 def test_stage_w4a4kv4_transform_methods(teacher, tmp_path, method, weight_method):
     config = ptq.Config.model_validate({"type": "ptq", "model": "teacher", "calibration": "traces", "method": method,
-                                        "weight_method": weight_method, "nsamples": 4, "seqlen": 64, "epochs": 1,
-                                        "sqnr_samples": 2})
+                                        "weight_method": weight_method, "nsamples": 4, "seqlen": 64, "sqnr_samples": 2,
+                                        **({"epochs": 1} if method == "flatquant" else {})})  # quarot has no epochs
     ctx = StageContext(name="ptq", config=config, recipe=_recipe(W4A4KV4), out_dir=tmp_path,
                        inputs={"model": teacher.dir, "calibration": teacher.traces},
                        input_manifests={"model": {}, "calibration": {}}, checkpointer=None, log=logging.getLogger("test"))
@@ -289,3 +289,67 @@ def test_packed_traces_samples_are_equal_windows_of_the_traces(teacher):
     assert len(packed_traces_samples(tokenizer, teacher.traces, 10**4, 16, 0)) == len(whole) // 16
     with pytest.raises(InputError, match="fewer than one window of seqlen"):
         packed_traces_samples(tokenizer, teacher.traces, 1, len(whole) + 1, 0)
+
+
+def test_a_key_of_another_method_is_refused_in_one_line_naming_it_and_the_method():
+    from pipeline.engine.recipe import RecipeError, parse_recipe
+
+    def errors(**stage):
+        raw = {"name": "r", "model": {"arch": {"hidden_size": 64, "intermediate_size": 128, "head_dim": 32}},
+               "quant": "w3g128", "stages": {"q": {"type": "ptq", "calibration_source": "generic", **stage}}}
+        with pytest.raises(RecipeError) as e:
+            parse_recipe(raw)
+        return e.value.errors
+
+    assert errors(epochs=3) == [("stages.q.epochs", "is a key of method flatquant, not of method gptq")]
+    assert errors(method="rtn", block_size=64) == [
+        ("stages.q.block_size", "is a key of methods gptq, quarot and flatquant, not of method rtn")]
+    assert errors(method="quarot", batch_size=4) == [("stages.q.batch_size", "is a key of method flatquant, not of method quarot")]
+    assert errors(method="flatquant", epoch=3) == [("stages.q.epoch", "unknown key (did you mean 'epochs'?)")]
+    assert errors(method="flatquant", epochs=-1) == [("stages.q.epochs", "must be >= 0")]
+    assert errors(method="awq") == [("stages.q.method", "must be one of 'rtn', 'gptq', 'quarot' or 'flatquant', got 'awq'")]
+    with pytest.raises(ValidationError, match="epochs"):
+        ptq.Config(method="gptq", calibration="traces", epochs=3)
+    # the method's own config, with only its keys; `method` left out is gptq, as before
+    assert type(ptq.Config(calibration="traces")) is ptq.Gptq and not hasattr(ptq.Config(method="rtn"), "block_size")
+    assert isinstance(ptq.Config(method="flatquant", calibration="traces"), ptq.Config)
+
+
+# Dumps of the flat Config that every method shared before the per-method configs (#16): what manifests made
+# before then record, for the ptq stages of recipes/smollm2-w4a4kv4.yaml and recipes/demo.yaml.
+FLAT_DUMPS = [
+    {"type": "ptq", "when": None, "model": "model", "calibration": None, "calibration_source": "traces",
+     "calibration_text": None, "method": "rtn", "weight_method": "rtn", "epochs": 15, "lr": 0.001, "smooth_alpha": 0.5,
+     "batch_size": None, "nsamples": 4, "seqlen": 256, "block_size": 128, "dampening_frac": 0.01, "actorder": "static",
+     "observer": "minmax", "sqnr_samples": 4, "sqnr_seqlen": 256},
+    {"type": "ptq", "when": None, "model": "model", "calibration": "traces", "calibration_source": "traces",
+     "calibration_text": None, "method": "quarot", "weight_method": "gptq", "epochs": 15, "lr": 0.001,
+     "smooth_alpha": 0.5, "batch_size": None, "nsamples": 16, "seqlen": 384, "block_size": 128,
+     "dampening_frac": 0.01, "actorder": "static", "observer": "minmax", "sqnr_samples": 4, "sqnr_seqlen": 256},
+    {"type": "ptq", "when": None, "model": "model", "calibration": "traces", "calibration_source": "traces",
+     "calibration_text": None, "method": "flatquant", "weight_method": "rtn", "epochs": 2, "lr": 0.001,
+     "smooth_alpha": 0.5, "batch_size": None, "nsamples": 8, "seqlen": 256, "block_size": 128,
+     "dampening_frac": 0.01, "actorder": "static", "observer": "minmax", "sqnr_samples": 4, "sqnr_seqlen": 256},
+    {"type": "ptq", "when": None, "model": "teacher", "calibration": "traces", "calibration_source": "traces",
+     "calibration_text": None, "method": "gptq", "weight_method": "rtn", "epochs": 15, "lr": 0.001, "smooth_alpha": 0.5,
+     "batch_size": None, "nsamples": 64, "seqlen": 128, "block_size": 128, "dampening_frac": 0.01,
+     "actorder": "static", "observer": "minmax", "sqnr_samples": 4, "sqnr_seqlen": 256},
+]
+
+
+@pytest.mark.parametrize("recorded", FLAT_DUMPS, ids=[d["method"] for d in FLAT_DUMPS])
+def test_manifests_of_the_flat_config_stay_up_to_date(recorded):
+    """A manifest written before the per-method configs compares equal to the same stage now, as the runner
+    compares them (runner._changed: result_config of the recorded dump against the current config's)."""
+    from pipeline.engine.runner import _diff
+    from pipeline.engine.stage_api import result_config
+
+    stage = {k: v for k, v in recorded.items() if v is not None}  # the recipe's stage: the keys that apply
+    stage = {k: v for k, v in stage.items() if k in ptq.METHODS.members[recorded["method"]].model_fields}
+    config = ptq.Config.model_validate(stage)
+    assert config.model_dump(mode="json") == recorded  # the flat key set, the other methods' keys at their defaults
+    now = result_config(type(config), config.model_dump(mode="json"))
+    assert _diff(result_config(type(config), recorded), now) == ""  # what _changed reports: nothing
+    assert result_config(type(config), recorded) == now and "batch_size" not in now
+    before_batch_size = {k: v for k, v in recorded.items() if k != "batch_size"}  # manifests older than that key
+    assert result_config(type(config), before_batch_size) == now

@@ -16,7 +16,7 @@ from pipeline.quant.apply import quantize_rtn
 from pipeline.quant.formats.io import save_quantized
 from pipeline.quant.scheme import resolve
 from pipeline.engine.recipe import SHIPPED_DIR, RecipeError, load_recipe, shipped_recipes
-from pipeline.engine.stage_api import StageConfig
+from pipeline.engine.stage_api import StageConfig, config_classes
 from pipeline.data.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,11 +145,14 @@ def test_stage_module_contract(stage_type):
     assert isinstance(module.CODE_VERSION, int)
     assert set(module.USES) <= {"seed", "model", "quant", "data"}
     assert callable(module.run)
-    assert issubclass(module.Config, StageConfig)
-    assert module.Config.model_config.get("extra") == "forbid"
-    assert typing.get_args(module.Config.model_fields["type"].annotation) == (stage_type,)
-    if hasattr(module, "PASSTHROUGH"):
-        assert module.PASSTHROUGH in module.Config.model_fields
+    # a Config with one schema per value of a key (ptq: per method, a discriminated union; stage_api.VariantConfig)
+    # validates into its variants: each of them, as well as the Config, is held to the contract
+    for config in {module.Config, *config_classes(module.Config)}:
+        assert issubclass(config, StageConfig)
+        assert config.model_config.get("extra") == "forbid"
+        assert typing.get_args(config.model_fields["type"].annotation) == (stage_type,)
+        if hasattr(module, "PASSTHROUGH"):
+            assert module.PASSTHROUGH in config.model_fields
     headline = getattr(module, "HEADLINE", None)
     assert headline is None or isinstance(headline, str) or all(isinstance(k, str) for k in headline)
 

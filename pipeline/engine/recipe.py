@@ -32,8 +32,8 @@ from pipeline.data.spec import DataSpec
 from pipeline.engine.errors import InputError
 from pipeline.model_spec import ModelSpec
 from pipeline.quant.scheme import QuantSpec
-from pipeline.engine.stage_api import (BASE_MODEL_REF, MODEL, QUANTIZED, SEED_MAX, StageConfig, stage_ref_accepts,
-                                stage_ref_fields)
+from pipeline.engine.stage_api import (BASE_MODEL_REF, MODEL, QUANTIZED, SEED_MAX, StageConfig, config_variants,
+                                stage_ref_accepts, stage_ref_fields)
 
 SECTIONS: dict[str, type[BaseModel]] = {"model": ModelSpec, "quant": QuantSpec, "data": DataSpec}
 TOP_KEYS = ("name", "seed", "model", "quant", "data", "stages")
@@ -552,12 +552,34 @@ def lax_value_errors(raw: Any, value: Any, where: str) -> list[tuple[str, str]]:
 def pydantic_errors(exc: ValidationError, prefix: str, model: type[BaseModel]) -> list[tuple[str, str]]:
     """ValidationError -> [(key path, human message)], one per distinct key path."""
     out: dict[str, str] = {}
+    variants = config_variants(model)
     for err in exc.errors(include_url=False):
         loc = [part for part in err["loc"] if isinstance(part, int) or _is_key(part)]
+        schema, message = model, None
+        if variants is not None:  # a stage Config with one schema per value of a key (ptq's `method`)
+            schema, loc, message = _variant_error(err, variants, loc)
         where = _join(prefix, ".".join(str(p) for p in loc))
         if where not in out:
-            out[where] = _message(err, model, loc)
+            out[where] = message or _message(err, schema, loc)
     return list(out.items())
+
+
+def _variant_error(err: dict, variants, loc: list) -> tuple[Any, list, str | None]:
+    """(the variant's schema, `loc` without the union's tag, a message where the variants need their own) of an
+    error of a VariantConfig: the key naming no variant, or a key that only other variants have."""
+    key = variants.key
+    if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        value = err["input"].get(key) if isinstance(err.get("input"), dict) else None
+        tags = [f"'{t}'" for t in variants.members]
+        return None, [key], f"must be one of {', '.join(tags[:-1])} or {tags[-1]}, got {_describe(value)}"
+    tag, loc = (loc[0], loc[1:]) if loc and loc[0] in variants.members else (None, loc)
+    schema = variants.members.get(tag)
+    if err["type"] == "extra_forbidden" and tag is not None and len(loc) == 1:
+        others = variants.applies_to(str(loc[0]))
+        if others:  # a key of another method, not a typo
+            named = f"{key}s {', '.join(others[:-1])} and {others[-1]}" if len(others) > 1 else f"{key} {others[0]}"
+            return schema, loc, f"is a key of {named}, not of {key} {tag}"
+    return schema, loc, None
 
 
 def _is_key(part: str) -> bool:

@@ -24,7 +24,7 @@ from pydantic_core import PydanticUndefined, to_jsonable_python
 
 import stages as stage_registry
 from pipeline.engine.recipe import SECTIONS
-from pipeline.engine.stage_api import stage_ref_accepts
+from pipeline.engine.stage_api import config_variants, stage_ref_accepts
 
 UNDOCUMENTED = "(undocumented)"
 HEADER = """# Stage reference
@@ -63,7 +63,7 @@ def stage_section(stage_type: str) -> str:
     uses = ", ".join(f"`{s}`" for s in module.USES) or "none"
     lines = [f"## {stage_type}", "", summary(stage_type), "",
              f"Writes {output}. Recipe-wide sections it reads: {uses}.", ""]
-    return "\n".join(lines + key_lines(module.Config)) + "\n"
+    return "\n".join(lines + config_key_lines(module.Config)) + "\n"
 
 
 def section_section(key: str) -> str:
@@ -95,14 +95,34 @@ def markdown() -> str:
 
 # -- keys ------------------------------------------------------------------------------------------
 
-def key_lines(cls: type[BaseModel], prefix: str = "") -> list[str]:
-    """One markdown list item per key of `cls`, `prefix` before its name; nested models' keys follow theirs."""
-    docs, refs = attribute_docs(cls), stage_ref_accepts(cls)
+def config_key_lines(config_cls: type[BaseModel]) -> list[str]:
+    """The keys of a stage type's `Config`; of one with a schema per value of a key (ptq's `method`), every
+    variant's keys, each that not all variants have saying which it applies to (e.g. `only method flatquant`)."""
+    variants = config_variants(config_cls)
+    if variants is None:
+        return key_lines(config_cls)
+    docs: dict[str, str] = {}
+    for member in variants.members.values():
+        docs |= attribute_docs(member)
+    notes = {}
+    for name in variants.order:
+        applies = variants.applies_to(name)
+        if len(applies) < len(variants.members):
+            notes[name] = f"; only {variants.key}{'s' if len(applies) > 1 else ''} {', '.join(applies)}"
+    return key_lines(config_cls, fields=variants.fields(config_cls), docs=docs, notes=notes)
+
+
+def key_lines(cls: type[BaseModel], prefix: str = "", fields: dict[str, FieldInfo] | None = None,
+              docs: dict[str, str] | None = None, notes: dict[str, str] | None = None) -> list[str]:
+    """One markdown list item per key of `cls` (or `fields`, with their `docs`), `prefix` before its name, `notes`
+    after its default; nested models' keys follow theirs."""
+    docs, refs = attribute_docs(cls) if docs is None else docs, stage_ref_accepts(cls)
     lines = []
-    for name, info in cls.model_fields.items():
+    for name, info in (cls.model_fields if fields is None else fields).items():
         doc = info.description or docs.get(name) or UNDOCUMENTED
         kind = describe_type(info, refs.get(name))
-        lines.append(f"- `{prefix}{name}` ({kind}{_default(info)}): {' '.join(doc.split())}")
+        note = (notes or {}).get(name, "")
+        lines.append(f"- `{prefix}{name}` ({kind}{_default(info)}{note}): {' '.join(doc.split())}")
         for nested in _models_in(info.annotation):
             lines += key_lines(nested, f"{prefix}{name}.")
     return lines

@@ -8,7 +8,8 @@ A stage type is one module `stages/<type>.py` that defines:
     OUTPUT: str                   # what the stage writes, one of the output kinds below
     class Config(StageConfig):    # strict schema; `type: Literal["<type>"]`
         ...                       # fields typed `StageRef` name another stage (or "model");
-                                  # `stage_ref(QUANTIZED)` names one whose OUTPUT is a quantized model
+                                  # `stage_ref(QUANTIZED)` names one whose OUTPUT is a quantized model;
+                                  # or a VariantConfig: one schema per value of a key (ptq: per `method`)
     def check(config, recipe) -> list[tuple[str, str]]   # optional: semantic checks that need
                                   # more than the schema (shapes, paths); (key path, message) pairs,
                                   # key path relative to the stage, e.g. ("group_size", "must divide 1024")
@@ -29,11 +30,13 @@ Stages meet only through artifacts: `ctx.inputs[field]` is the *directory* of th
 from __future__ import annotations
 
 import logging
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Discriminator, Tag, TypeAdapter
+from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
 if TYPE_CHECKING:
@@ -82,6 +85,98 @@ class StageConfig(BaseModel):
     when: StageRef | None = None
     """Name of a `gate` stage; this stage is skipped (state `skipped`) when that gate fails."""
 
+    @classmethod
+    def result_fields(cls) -> dict[str, FieldInfo]:
+        """The fields `result_config` reads a dump of this config by: its own. A config whose dump holds more keys
+        than it has (ptq's per-method configs dump the flat key set) returns those keys' fields."""
+        return cls.model_fields
+
+
+# -- stage configs with one schema per value of a key ------------------------------------------------
+
+@dataclass(frozen=True)
+class Variants:
+    """The variants of a VariantConfig base: `key` picks one (`default` when absent)."""
+
+    key: str
+    default: str
+    members: dict[str, type["VariantConfig"]]
+    """Value of `key` -> its schema (a subclass of the base)."""
+    order: tuple[str, ...]
+    """Every key of every variant, in the order the documentation (and a flat dump) lists them."""
+    adapter: TypeAdapter
+
+    def fields(self, base: type["VariantConfig"]) -> dict[str, FieldInfo]:
+        """Key -> field, for every key of every variant in `order`; a key of the base (`key` itself: a Literal of
+        every value) as the base declares it, another as the first variant that has it does."""
+        found = dict(base.model_fields)
+        for member in self.members.values():
+            for name, info in member.model_fields.items():
+                found.setdefault(name, info)
+        return {name: found[name] for name in self.order}
+
+    def applies_to(self, name: str) -> list[str]:
+        """The values of `key` whose schema has the key `name`."""
+        return [tag for tag, member in self.members.items() if name in member.model_fields]
+
+
+_VARIANTS: dict[type, Variants] = {}
+
+
+class _BuildsVariant(type(BaseModel)):
+    """`Base(**keys)` of a VariantConfig base with registered variants builds the variant its key names."""
+
+    def __call__(cls, /, **data):
+        if cls in _VARIANTS:
+            return cls.model_validate(data)
+        return super().__call__(**data)
+
+
+class VariantConfig(StageConfig, metaclass=_BuildsVariant):
+    """Base of a stage `Config` with one schema per value of one key (ptq: one per `method`).
+
+    The stage module's `Config` subclasses this and holds the keys every variant shares; each variant subclasses
+    `Config`, adds its own keys and narrows the key to one `Literal` value. `register_variants` makes `Config` a
+    pydantic discriminated union on that key: `Config(...)` and `Config.model_validate(...)` return the chosen
+    variant's instance, which refuses (extra="forbid") a key that only other variants have. `Config` itself stays
+    a StageConfig subclass with the stage's `type` Literal (the module contract); `config_classes` lists the variants.
+    """
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any):
+        variants = _VARIANTS.get(cls)
+        if variants is None:
+            return super().model_validate(obj, **kwargs)
+        return variants.adapter.validate_python(obj, **kwargs)
+
+
+def register_variants(base: type[VariantConfig], key: str, default: str, members: tuple[type[VariantConfig], ...],
+                      order: tuple[str, ...]) -> Variants:
+    """Make `base` the discriminated union of `members` on `key` (see VariantConfig); `order`: every key, listed."""
+    tags = {typing.get_args(m.model_fields[key].annotation)[0]: m for m in members}
+    assert all(issubclass(m, base) for m in members) and len(tags) == len(members)
+    every = {name for m in members for name in m.model_fields}
+    assert set(order) == every and len(order) == len(every), f"order must list every key once: {sorted(every)}"
+
+    def tag(value: Any) -> Any:
+        return value.get(key, default) if isinstance(value, dict) else getattr(value, key, None)
+
+    union = Union[tuple(Annotated[m, Tag(t)] for t, m in tags.items())]
+    adapter = TypeAdapter(Annotated[union, Discriminator(tag)], config=ConfigDict(title=base.__qualname__))
+    _VARIANTS[base] = Variants(key, default, tags, order, adapter)
+    return _VARIANTS[base]
+
+
+def config_variants(config_cls: type) -> Variants | None:
+    """The variants of a stage's `Config` (VariantConfig), or None for a Config of one schema."""
+    return _VARIANTS.get(config_cls)
+
+
+def config_classes(config_cls: type[StageConfig]) -> tuple[type[StageConfig], ...]:
+    """The schemas a stage's `Config` validates into: its variants, or itself."""
+    variants = _VARIANTS.get(config_cls)
+    return tuple(variants.members.values()) if variants else (config_cls,)
+
 
 OPERATIONAL = {"operational": True}
 """`json_schema_extra` of a config field that cannot change a stage's outputs (when checkpoints are saved).
@@ -104,11 +199,13 @@ def result_config(config_cls: type[BaseModel], data: dict[str, Any]) -> dict[str
     Held at the default rather than dropped, so that a config that never changed such a field hashes exactly
     as it did before the field was marked: the artifacts on disk, their checkpoints and the checkpoints'
     signatures stay valid. (Artifacts recorded with another value stay valid too: the runner judges a manifest
-    by its parts, not by its fingerprint alone.) Fields of a stage's own Config, inherited ones included;
+    by its parts, not by its fingerprint alone.) Fields of a stage's own Config, inherited ones included (its
+    `result_fields`: ptq's per-method configs name the flat key set they dump);
     nested models are not searched.
     """
     out = dict(data)
-    for name, info in config_cls.model_fields.items():
+    fields = config_cls.result_fields() if issubclass(config_cls, StageConfig) else config_cls.model_fields
+    for name, info in fields.items():
         extra = info.json_schema_extra
         if name not in out or not isinstance(extra, dict):
             continue

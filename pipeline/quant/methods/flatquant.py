@@ -378,13 +378,7 @@ def calibrate(
     first version did (same math, other float rounding: with batch_size 1 it reproduces that version's bits).
     `compile`: torch.compile the per-layer loss (for CUDA; compiles in the first layer, again for another
     sequence length or a short last batch; the weight merges of _StepMerge stay eager)."""
-    layers = decoder_layers(model)
-    if not isinstance(layers[0].mlp.down_proj, QuantLinear):
-        raise ValueError("flatquant needs the model prepared (pipeline.quant.apply.prepare) with every Linear of the layers targeted")
-    if transforms(model):
-        raise ValueError("the model already has online transforms")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    _check_calibratable(model, batch_size)
     dtype = next(model.parameters()).dtype
     buckets = _buckets(capture_inputs(model, samples))
     generator = torch.Generator().manual_seed(seed)
@@ -392,19 +386,37 @@ def calibrate(
     report = []
     for index, layer in each_layer(model, "flatquant"):
         start = time.perf_counter()
-        layer.float()
-        for b in buckets:
-            b.hidden = b.hidden.float()
-        mse_init, mse, steps = _calibrate_layer(layer, buckets, epochs, lr, alpha, seed, generator, batch_size,
-                                                merge_once, loss_fn)
-        layer.to(dtype)
-        for b in buckets:  # the FP layer's outputs are the next layer's inputs (the FP stream)
-            b.hidden, b.targets = b.targets.to(dtype), None
+        mse_init, mse, steps = _calibrate_in_float32(layer, buckets, dtype, epochs, lr, alpha, seed, generator,
+                                                     batch_size, merge_once, loss_fn)
         seconds = time.perf_counter() - start
         report.append({"layer": index, "mse_init": mse_init, "mse": mse, "seconds": seconds, "steps": steps})
         if log is not None:
             log.info("flatquant layer %d: output MSE %.3e -> %.3e (%d steps, %.1fs)", index, mse_init, mse, steps, seconds)
     return report
+
+
+def _check_calibratable(model: nn.Module, batch_size: int) -> None:
+    """ValueError unless `model` is prepared, has no online transforms yet and `batch_size` is at least 1."""
+    layers = decoder_layers(model)
+    if not isinstance(layers[0].mlp.down_proj, QuantLinear):
+        raise ValueError("flatquant needs the model prepared (pipeline.quant.apply.prepare) with every Linear of the layers targeted")
+    if transforms(model):
+        raise ValueError("the model already has online transforms")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+
+def _calibrate_in_float32(layer: nn.Module, buckets: list, dtype: torch.dtype, *args) -> tuple[float, float, int]:
+    """_calibrate_layer(layer, buckets, *args) with the layer and its inputs in float32, then back in `dtype`; the FP
+    layer's outputs (the buckets' targets) become the next layer's inputs (the FP stream)."""
+    layer.float()
+    for b in buckets:
+        b.hidden = b.hidden.float()
+    mse_init, mse, steps = _calibrate_layer(layer, buckets, *args)
+    layer.to(dtype)
+    for b in buckets:
+        b.hidden, b.targets = b.targets.to(dtype), None
+    return mse_init, mse, steps
 
 
 @torch.no_grad()

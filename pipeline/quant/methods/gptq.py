@@ -142,52 +142,72 @@ def gptq_layerwise(
     come from the observer on the transformed weight, as llmcompressor's do, or with `keep_scales` are the
     modules' own (FlatQuant's learned clipping: GPTQ then only re-rounds the weights on that grid).
     """
-    import torch
-    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
-    from llmcompressor.modifiers.gptq.helpers import accumulate_hessian, make_empty_hessian
-
-    from pipeline.quant.apply import observe, quant_linears
-    from pipeline.quant.layerwise import capture_inputs, each_layer, next_inputs, run_layer
+    from pipeline.quant.apply import quant_linears
+    from pipeline.quant.layerwise import capture_inputs, each_layer, next_inputs
 
     inputs = capture_inputs(model, samples)
     done = []
     for index, layer in each_layer(model, "gptq"):
         modules = quant_linears(layer)
-        hessians = {name: make_empty_hessian(m) for name, m in modules}
-        counts = {name: torch.zeros((), dtype=torch.long) for name, _ in modules}
-
-        def hook(name, module, args):
-            x = args[0] if module.input_transform is None else module.input_transform(args[0])
-            accumulate_hessian(x.detach(), module, hessians[name], counts[name])
-
-        handles = [m.register_forward_pre_hook(lambda mod, a, name=name: hook(name, mod, a)) for name, m in modules]
-        for _, m in modules:
-            m.fake_quant = False  # the layer's weights are not quantized yet: full-precision inputs
-        try:
-            with torch.no_grad():
-                for inp in inputs:
-                    run_layer(layer, inp)
-        finally:
-            for h in handles:
-                h.remove()
+        hessians = _layer_hessians(layer, modules, inputs)
         for name, m in modules:
-            args = weight_quantization_args(m.weights).model_copy(update={"actorder": actorder})
-            if keep_scales:
-                scale, zero_point = m.weight_scale.detach().clone(), m.weight_zero_point
-            else:
-                scale, zero_point = observe(m, observer)
-            zp = zero_point if zero_point is not None else torch.zeros_like(scale, dtype=torch.int8)
-            with torch.no_grad():
-                quantized, _, _ = quantize_weight(
-                    m.weight.detach()[None].float(), (hessians[name] / counts[name])[None], scale[None], zp[None],
-                    None, args, block_size, dampening_frac,
-                )
-                m.weight.copy_(quantized[0].to(m.weight.dtype))
-            m.set_qparams(scale, zero_point)
-            m.fake_quant = True
+            _quantize_module(m, *hessians[name], block_size, dampening_frac, actorder, observer, keep_scales)
             done.append(f"{_layer_prefix(model)}.{index}.{name}")
         inputs = next_inputs(layer, inputs)
     return done
+
+
+def _layer_hessians(layer: nn.Module, modules: list[tuple[str, nn.Module]], inputs) -> dict[str, tuple]:
+    """Name -> (Hessian sum, sample count) of the inputs each of `modules` multiplies (after its input transform),
+    from one full-precision pass of `layer` over `inputs`; the modules are left with fake quantization off."""
+    import torch
+    from llmcompressor.modifiers.gptq.helpers import accumulate_hessian, make_empty_hessian
+
+    from pipeline.quant.layerwise import run_layer
+
+    hessians = {name: make_empty_hessian(m) for name, m in modules}
+    counts = {name: torch.zeros((), dtype=torch.long) for name, _ in modules}
+
+    def hook(name, module, args):
+        x = args[0] if module.input_transform is None else module.input_transform(args[0])
+        accumulate_hessian(x.detach(), module, hessians[name], counts[name])
+
+    handles = [m.register_forward_pre_hook(lambda mod, a, name=name: hook(name, mod, a)) for name, m in modules]
+    for _, m in modules:
+        m.fake_quant = False  # the layer's weights are not quantized yet: full-precision inputs
+    try:
+        with torch.no_grad():
+            for inp in inputs:
+                run_layer(layer, inp)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: (hessians[name], counts[name]) for name, _ in modules}
+
+
+def _quantize_module(m: nn.Module, hessian, count, block_size: int, dampening_frac: float, actorder: ActOrder,
+                     observer: str, keep_scales: bool) -> None:
+    """GPTQ of one QuantLinear's weight given its inputs' Hessian (sum over `count` samples), in place, on the
+    observer's grid or (`keep_scales`) the module's own; fake quantization back on."""
+    import torch
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+
+    from pipeline.quant.apply import observe
+
+    args = weight_quantization_args(m.weights).model_copy(update={"actorder": actorder})
+    if keep_scales:
+        scale, zero_point = m.weight_scale.detach().clone(), m.weight_zero_point
+    else:
+        scale, zero_point = observe(m, observer)
+    zp = zero_point if zero_point is not None else torch.zeros_like(scale, dtype=torch.int8)
+    with torch.no_grad():
+        quantized, _, _ = quantize_weight(
+            m.weight.detach()[None].float(), (hessian / count)[None], scale[None], zp[None],
+            None, args, block_size, dampening_frac,
+        )
+        m.weight.copy_(quantized[0].to(m.weight.dtype))
+    m.set_qparams(scale, zero_point)
+    m.fake_quant = True
 
 
 def _layer_prefix(model: nn.Module) -> str:
