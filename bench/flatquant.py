@@ -3,6 +3,7 @@ batched one, extrapolated to the full calibration; QuaRot + GPTQ on the same lay
 
     python bench/flatquant.py --out flatquant.json                     # one GPU: 0.6B widths, 2 layers, 32 × 2048, 2 epochs
     python bench/flatquant.py --compile --no-gptq --out f.json         # also the batched path with torch.compile
+    python bench/flatquant.py --compile --tf32 --no-before --no-gptq --batch-size 8   # the shipped recipes' setting
     python bench/flatquant.py --tiny --no-gptq                         # CPU, seconds
 
 The model is Qwen3Config with Qwen3-0.6B's widths (hidden 1024, intermediate 3072, 16 heads × 128 = 2048
@@ -112,6 +113,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[4, 8],
                         help="sequences per step of the batched path, one run each (default 4 8)")
     parser.add_argument("--compile", action="store_true", help="also time the batched path under torch.compile")
+    parser.add_argument("--tf32", action="store_true", help="every path's float32 matmuls on TF32 tensor cores")
     parser.add_argument("--no-before", action="store_true", help="skip the one-sequence-per-step path")
     parser.add_argument("--no-gptq", action="store_true", help="skip the QuaRot + GPTQ peer")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
@@ -133,12 +135,12 @@ def main() -> None:
 
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
               "shape": "tiny" if args.tiny else "qwen3-0.6b", "layers": args.layers, "nsamples": nsamples,
-              "seqlen": seqlen, "epochs": args.epochs, "torch": torch.__version__, "threads": torch.get_num_threads()}
+              "seqlen": seqlen, "epochs": args.epochs, "tf32": args.tf32, "torch": torch.__version__, "threads": torch.get_num_threads()}
     label = f"{result['device']}, {result['shape']}, {seqlen} tokens"
     full = not args.tiny and seqlen == 2048
     for name, kwargs in paths.items():
         try:
-            result[name] = time_path(name, shape, args.layers, device, samples, args.epochs, **kwargs)
+            result[name] = time_path(name, shape, args.layers, device, samples, args.epochs, tf32=args.tf32, **kwargs)
         except Exception as e:  # noqa: BLE001 (compile on a new stack): the other paths' numbers still count
             if not kwargs.get("compile"):
                 raise

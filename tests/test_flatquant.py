@@ -104,6 +104,30 @@ def test_gradients_reach_transforms_and_clips():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
 
 
+def test_tf32_holds_for_the_calibration_only_and_is_a_flatquant_key(monkeypatch):
+    """`tf32` sets torch's process-wide float32 matmul precision for the calibration alone (TF32 acts on CUDA),
+    also when calibration fails; `tf32` and `compile` are keys of the ptq stage's flatquant config, not RTN's."""
+    import stages.ptq as ptq
+
+    seen = []
+    monkeypatch.setattr(flatquant, "_calibrate_layers", lambda *a: seen.append(torch.get_float32_matmul_precision()) or [])
+    model = tiny_model(300)
+    prepare(model, W4A4KV4)
+    assert torch.get_float32_matmul_precision() == "highest"
+    flatquant.calibrate(model, _samples(1, length=16), epochs=1, tf32=True)
+    flatquant.calibrate(model, _samples(1, length=16), epochs=1)
+    assert seen == ["high", "highest"] and torch.get_float32_matmul_precision() == "highest"
+    monkeypatch.setattr(flatquant, "_calibrate_layers", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        flatquant.calibrate(model, _samples(1, length=16), epochs=1, tf32=True)
+    assert torch.get_float32_matmul_precision() == "highest"
+    config = ptq.Config.model_validate({"type": "ptq", "method": "flatquant", "calibration_source": "generic",
+                                        "compile": True, "tf32": True})
+    assert (config.compile, config.tf32) == (True, True)
+    with pytest.raises(ValueError, match="tf32"):  # a flatquant key, not RTN's
+        ptq.Config.model_validate({"type": "ptq", "method": "rtn", "tf32": True})
+
+
 def test_flatquant_needs_a_prepared_model():
     with pytest.raises(ValueError, match="prepared"):
         flatquant.calibrate(tiny_model(300), _samples(1))
