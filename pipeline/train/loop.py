@@ -49,7 +49,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
 import torch
 from accelerate import Accelerator, DistributedType
@@ -58,11 +58,12 @@ from transformers import get_cosine_schedule_with_warmup
 
 from pipeline.engine import signals
 from pipeline.engine.checkpoint import Checkpointer, Ranks, StageInterrupted, on_every_rank
+from pipeline.train.args import (BatchSize, CheckpointEvery, GradAccum, GradClipOrNone, LearningRate, ReportTo, Steps,
+                                 WarmupSteps, WeightDecay, missing_trackers)
 from pipeline.train.optim import OptimizerName, ParamDtype, make_optimizer
 from pipeline.engine.progress import progress
-from pipeline.engine.stage_api import ADDED_KEY, OPERATIONAL, result_config
+from pipeline.engine.stage_api import ADDED_KEY, result_config
 
-Tracker = Literal["tensorboard", "wandb"]
 Example = tuple[Sequence[int], int]
 """(token ids of prompt + completion, index where the completion starts)."""
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -74,21 +75,21 @@ class TrainArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int = Field(500, gt=0)
+    steps: Steps = 500
     """Optimizer steps."""
-    batch_size: int = Field(32, gt=0)
+    batch_size: BatchSize = 32
     """Sequences per optimizer step, over all processes and accumulation micro-steps."""
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: GradAccum = 1
     """Micro-steps per optimizer step: more saves memory at the same batch_size, costs speed."""
-    lr: float = Field(1e-3, gt=0)
+    lr: LearningRate = 1e-3
     """Peak learning rate (AdamW), reached after warmup, then cosine decay to 0."""
-    warmup_steps: int = Field(50, ge=0)
+    warmup_steps: WarmupSteps = 50
     """Linear warmup from 0 to lr."""
-    weight_decay: float = Field(0.1, ge=0)
+    weight_decay: WeightDecay = 0.1
     """AdamW weight decay, on matrices only (not norms)."""
-    grad_clip: float | None = Field(1.0, gt=0)
+    grad_clip: GradClipOrNone = 1.0
     """Clip the global gradient norm to this; None: no clipping."""
-    checkpoint_every: int = Field(100, ge=0, json_schema_extra=OPERATIONAL)
+    checkpoint_every: CheckpointEvery = 100
     """Save a resumable checkpoint every this many steps (0: only on SIGTERM/SIGINT)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about a third more compute."""
@@ -98,7 +99,7 @@ class TrainArgs(BaseModel):
     """Latent weights and gradients: float32, or bfloat16 (half the memory; updates stochastically rounded)."""
     optimizer: OptimizerName = Field("adamw", json_schema_extra=ADDED_KEY)
     """adamw (fp32 moments, 8 bytes a parameter) or adamw_8bit (block-wise 8-bit moments, 2 bytes)."""
-    report_to: tuple[Tracker, ...] = Field((), json_schema_extra={**OPERATIONAL, **ADDED_KEY})
+    report_to: ReportTo = ()
     """Also log each step's metrics row (loss, lr, grad_norm, held-out accuracy, ...) to these trackers, through
     accelerate; tensorboard writes under `<stage>/tensorboard`. Needs `pip install 'reasoning-qat[trackers]'`."""
 
@@ -111,14 +112,6 @@ def check_train_args(args: TrainArgs) -> list[tuple[str, str]]:
     if args.warmup_steps > args.steps:
         errors.append(("warmup_steps", f"must be <= steps ({args.steps})"))
     return errors + missing_trackers(args.report_to)
-
-
-def missing_trackers(trackers: Sequence[str]) -> list[tuple[str, str]]:
-    """("report_to", message) for each tracker whose package is not installed: found before anything runs."""
-    import importlib.util
-
-    return [("report_to", f"{t} is not installed (pip install {t}, or 'reasoning-qat[trackers]')")
-            for t in trackers if importlib.util.find_spec(t) is None]
 
 
 class NonFiniteLoss(RuntimeError):
