@@ -161,9 +161,10 @@ def norm_noise(model: torch.nn.Module, sigma: float, generator: torch.Generator)
 # -- settings ------------------------------------------------------------------------------------
 
 def _decoding(name: str) -> Any:
-    """GenerationSpec's declaration of its field `name` (type bounds and default), for a rollout setting that is that
-    decoding knob: one declaration of each. `temperature` and `rollout_batch_size` keep their own, narrower ones
-    (a GRPO group needs sampling: temperature > 0)."""
+    """GenerationSpec's declaration of its field `name` (bounds and default), for a rollout setting that is that
+    decoding knob: one declaration of each (a change there changes rl's schema and fingerprints too, which
+    tests/test_recipes_shipped.py catches). `temperature` keeps its own, narrower one (a GRPO group needs sampling:
+    > 0, where eval allows greedy 0), and `rollout_batch_size` its own bound as recipes have always read it (> 0)."""
     return copy.copy(GenerationSpec.model_fields[name])
 
 
