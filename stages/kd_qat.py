@@ -202,17 +202,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     examples = [t.example(tokenizer) for t in kept]
     teacher_dtype = recipe.model.dtype if accelerator.device.type == "cuda" else "float32"
     _check_fits(ctx, student, examples, accelerator, teacher_dtype)
-    if config.objective == "kd":
-        with whole_models(accelerator):  # the teacher is replicated on every rank, outside the engine
-            teacher = load_model(ctx.inputs["teacher"], dtype=teacher_dtype, device=accelerator.device,
-                                 trust_remote_code=trust)
-        teacher.requires_grad_(False)
-        if teacher.config.vocab_size != student.config.vocab_size:
-            raise InputError(f"stages.{ctx.name}.teacher", f"vocabulary {teacher.config.vocab_size} differs from "
-                             f"the student's {student.config.vocab_size}")
-        loss_fn = kd_loss_fn(teacher, config)
-    else:
-        loss_fn = causal_lm_loss
+    loss_fn = _loss_fn(ctx, student, accelerator, teacher_dtype)
 
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     ctx.log.info("%s: %s on %d traces, %s (%.2fM trainable), %s", ctx.name, config.objective, len(examples),
@@ -221,13 +211,34 @@ def run(ctx: StageContext) -> dict[str, float]:
                    seed=recipe.seed, pad_id=tokenizer.pad_token_id, log=ctx.log, accelerator=accelerator,
                    desc=f"{ctx.name}: {config.objective}",
                    on_step=held_out_eval(ctx, tokenizer, accelerator) if config.eval_every else None)
-    student = accelerator.unwrap_model(student).eval()
-    with gathered(accelerator, student):
-        if accelerator.is_main_process:
-            student = student.to(saved_dtype(student, recipe.model.dtype))
-            save_quantized(student, tokenizer, ctx.out_dir / "model", spec)
-    accelerator.wait_for_everyone()
+    _save(ctx, accelerator.unwrap_model(student).eval(), tokenizer, spec, accelerator)
     metrics = {**result, "examples": len(examples), "trainable_parameters": trainable}
     if config.eval_every:  # the last step always evaluates
         metrics["eval_accuracy"] = read_jsonl(ctx.out_dir / "metrics.jsonl", ctx.name)[-1]["eval_accuracy"]
     return metrics
+
+
+def _loss_fn(ctx: StageContext, student, accelerator, teacher_dtype: str):
+    """`objective: kd`: the distillation loss against the teacher (checked to share the student's vocabulary);
+    otherwise next-token cross-entropy."""
+    config = ctx.config
+    if config.objective != "kd":
+        return causal_lm_loss
+    with whole_models(accelerator):  # the teacher is replicated on every rank, outside the engine
+        teacher = load_model(ctx.inputs["teacher"], dtype=teacher_dtype, device=accelerator.device,
+                             trust_remote_code=ctx.recipe.model.trust_remote_code)
+    teacher.requires_grad_(False)
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise InputError(f"stages.{ctx.name}.teacher", f"vocabulary {teacher.config.vocab_size} differs from "
+                         f"the student's {student.config.vocab_size}")
+    return kd_loss_fn(teacher, config)
+
+
+def _save(ctx: StageContext, student, tokenizer, spec, accelerator) -> None:
+    """The trained (unwrapped) student in the quantized representation, in the recipe's dtype; gathered whole
+    first under ZeRO-3, a collective every process enters."""
+    with gathered(accelerator, student):
+        if accelerator.is_main_process:
+            student = student.to(saved_dtype(student, ctx.recipe.model.dtype))
+            save_quantized(student, tokenizer, ctx.out_dir / "model", spec)
+    accelerator.wait_for_everyone()

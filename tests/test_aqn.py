@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from pipeline.train.rl import AQNSpec, aqn_sigma, norm_noise, rms_norms
+from pipeline.train.aqn import AQNSpec, aqn_sigma, norm_noise, rms_norms
 from quant_tiny import tiny_model
 
 SHAPE = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32, "num_hidden_layers": 2}

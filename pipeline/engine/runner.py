@@ -125,64 +125,83 @@ class Planner:
         `forced` (why, e.g. "--from ptq") makes an otherwise up-to-date stage run; `past_gate` (--force)
         runs a forced stage whose gate did not pass, with a warning.
         """
-        recipe, store = self.recipe, self.store
-        config, module = recipe.stages[name], recipe.modules[name]
-        refs = recipe.refs(name)
+        refs = self.recipe.refs(name)
         inputs = {f: self.base if t == BASE_MODEL_REF else self.effective[t] for f, t in refs.items()}
-        # what the fingerprint hashes, and what a manifest or an attempt's record is compared with
-        now = {"type": config.type, "config": result_config(type(config), config.model_dump(mode="json")),
-               "sections": {s: recipe.section(s) for s in module.USES},
-               "inputs": {f: e.fingerprint for f, e in inputs.items()}, "code_version": module.CODE_VERSION}
+        now = self._now(name, inputs)
         fp = fingerprint(now["type"], now["config"], now["sections"], now["inputs"], now["code_version"])
 
         def decision(action, state, reason, warning=None):
-            return Decision(name, config.type, action, state, reason, fp, inputs, warning)
+            return Decision(name, now["type"], action, state, reason, fp, inputs, warning)
 
-        for f, e in inputs.items():
-            if e.unavailable:
-                return decision("gate", "skipped", f"input '{f}': {e.unavailable}")
+        unavailable = next((f"input '{f}': {e.unavailable}" for f, e in inputs.items() if e.unavailable), None)
+        if unavailable:
+            return decision("gate", "skipped", unavailable)
+        manifest = self.store.manifest(name)
         warning = None
-        manifest = store.manifest(name)
-        if "when" in inputs and self._gate_passed(inputs["when"]) is False:
-            gate_reason = self._gate_reason(refs["when"], inputs["when"])
+        gate_failed = self._gate_failed(refs, inputs)
+        if gate_failed:
             if forced and past_gate:
-                warning = f"{gate_reason}; running anyway ({forced})"
-            elif (manifest is not None and manifest.get("status") == "complete"
-                  and not any(e.pending for e in inputs.values())
-                  and self._stale_reason(name, manifest, now, inputs) is None):
+                warning = f"{gate_failed}; running anyway ({forced})"
+            elif self._ran_past_this_gate(name, manifest, now, inputs):
                 # a run forced past this very gate result (any change to the gate makes it stale):
                 # it stays what downstream reads until something changes, rather than being skipped over
-                return decision("skip", "complete", f"up to date (ran past the failed gate with --force: {gate_reason})")
+                return decision("skip", "complete", f"up to date (ran past the failed gate with --force: {gate_failed})")
             else:
-                return decision("gate", "skipped", gate_reason)
+                return decision("gate", "skipped", gate_failed)
 
-        failed = store.failed(name)
-        failure = None
-        if failed and failed.get("fingerprint") == fp:
-            failure = f"failed: {failed.get('error', 'unknown error')}"
-        if manifest is None:
-            state, reason = ("failed", failure) if failure else ("pending", "never run")
-        else:
-            reason = self._stale_reason(name, manifest, now, inputs)
-            reason = reason or next((f"input '{f}' will re-run ({e.pending})" for f, e in inputs.items()
-                                     if e.pending), None)
-            if reason is None and manifest.get("status") == "skipped":
-                reason = f"gate '{refs['when']}' passes now" if "when" in refs else "was skipped"
-            if reason is None and self.deep and not forced:
-                reason = store.check_files(name, manifest, deep=True)
-                if reason:
-                    warning = f"{reason}; re-running"
-            if reason is None:
-                state, reason = "complete", "up to date"
-            elif failure:
-                state, reason = "failed", failure
-            else:
-                state = "stale"
+        state, reason, files_warning = self._state(name, manifest, now, inputs, fp, forced)
+        warning = files_warning or warning
         if state == "complete" and not forced:
             return decision("skip", state, reason, warning)
         reason = forced or reason
         note = self._checkpoints_note(name, fp, now, inputs)
         return decision("run", state, f"{reason}; {note}" if note else reason, warning)
+
+    def _now(self, name: str, inputs: dict[str, Effective]) -> dict[str, Any]:
+        """What the fingerprint hashes, and what a manifest or an attempt's record is compared with."""
+        config, module = self.recipe.stages[name], self.recipe.modules[name]
+        return {"type": config.type, "config": result_config(type(config), config.model_dump(mode="json")),
+                "sections": {s: self.recipe.section(s) for s in module.USES},
+                "inputs": {f: e.fingerprint for f, e in inputs.items()}, "code_version": module.CODE_VERSION}
+
+    def _gate_failed(self, refs: dict[str, str], inputs: dict[str, Effective]) -> str | None:
+        """Why the stage's `when` gate did not pass; None when it has none or it passed."""
+        if "when" in inputs and self._gate_passed(inputs["when"]) is False:
+            return self._gate_reason(refs["when"], inputs["when"])
+        return None
+
+    def _ran_past_this_gate(self, name: str, manifest: dict | None, now: dict, inputs: dict[str, Effective]) -> bool:
+        """The stage's complete manifest is still up to date (and so was made running past the gate's result)."""
+        return (manifest is not None and manifest.get("status") == "complete"
+                and not any(e.pending for e in inputs.values())
+                and self._stale_reason(name, manifest, now, inputs) is None)
+
+    def _state(self, name: str, manifest: dict | None, now: dict, inputs: dict[str, Effective], fp: str,
+               forced: str | None) -> tuple[str, str, str | None]:
+        """(state, reason, warning) of a stage its gate lets run: pending, complete, stale, or failed when the last
+        attempt with this very fingerprint failed (and it is not complete)."""
+        failed = self.store.failed(name)
+        failure = f"failed: {failed.get('error', 'unknown error')}" if failed and failed.get("fingerprint") == fp else None
+        if manifest is None:
+            return ("failed", failure, None) if failure else ("pending", "never run", None)
+        reason, warning = self._why_stale(name, manifest, now, inputs, forced)
+        if reason is None:
+            return "complete", "up to date", warning
+        return ("failed", failure, warning) if failure else ("stale", reason, warning)
+
+    def _why_stale(self, name: str, manifest: dict, now: dict, inputs: dict[str, Effective], forced: str | None
+                   ) -> tuple[str | None, str | None]:
+        """(why the recorded stage is out of date, a warning to show for it); (None, None) when it is up to date."""
+        reason = self._stale_reason(name, manifest, now, inputs)
+        reason = reason or next((f"input '{f}' will re-run ({e.pending})" for f, e in inputs.items() if e.pending), None)
+        if reason is None and manifest.get("status") == "skipped":
+            refs = self.recipe.refs(name)
+            reason = f"gate '{refs['when']}' passes now" if "when" in refs else "was skipped"
+        if reason is None and self.deep and not forced:
+            reason = self.store.check_files(name, manifest, deep=True)
+            if reason:
+                return reason, f"{reason}; re-running"
+        return reason, None
 
     def _gate_reason(self, name: str, gate: Effective) -> str:
         """`gate 'g' did not pass`, with the measured numbers when the gate module can `explain` them."""

@@ -46,9 +46,10 @@ import math
 import random
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
 import torch
 from accelerate import Accelerator, DistributedType
@@ -57,11 +58,12 @@ from transformers import get_cosine_schedule_with_warmup
 
 from pipeline.engine import signals
 from pipeline.engine.checkpoint import Checkpointer, Ranks, StageInterrupted, on_every_rank
+from pipeline.train.args import (BatchSize, CheckpointEvery, GradAccum, GradClipOrNone, LearningRate, ReportTo, Steps,
+                                 WarmupSteps, WeightDecay, missing_trackers)
 from pipeline.train.optim import OptimizerName, ParamDtype, make_optimizer
 from pipeline.engine.progress import progress
-from pipeline.engine.stage_api import ADDED_KEY, OPERATIONAL, result_config
+from pipeline.engine.stage_api import ADDED_KEY, result_config
 
-Tracker = Literal["tensorboard", "wandb"]
 Example = tuple[Sequence[int], int]
 """(token ids of prompt + completion, index where the completion starts)."""
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -73,21 +75,21 @@ class TrainArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int = Field(500, gt=0)
+    steps: Steps = 500
     """Optimizer steps."""
-    batch_size: int = Field(32, gt=0)
+    batch_size: BatchSize = 32
     """Sequences per optimizer step, over all processes and accumulation micro-steps."""
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: GradAccum = 1
     """Micro-steps per optimizer step: more saves memory at the same batch_size, costs speed."""
-    lr: float = Field(1e-3, gt=0)
+    lr: LearningRate = 1e-3
     """Peak learning rate (AdamW), reached after warmup, then cosine decay to 0."""
-    warmup_steps: int = Field(50, ge=0)
+    warmup_steps: WarmupSteps = 50
     """Linear warmup from 0 to lr."""
-    weight_decay: float = Field(0.1, ge=0)
+    weight_decay: WeightDecay = 0.1
     """AdamW weight decay, on matrices only (not norms)."""
-    grad_clip: float | None = Field(1.0, gt=0)
+    grad_clip: GradClipOrNone = 1.0
     """Clip the global gradient norm to this; None: no clipping."""
-    checkpoint_every: int = Field(100, ge=0, json_schema_extra=OPERATIONAL)
+    checkpoint_every: CheckpointEvery = 100
     """Save a resumable checkpoint every this many steps (0: only on SIGTERM/SIGINT)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, about a third more compute."""
@@ -97,7 +99,7 @@ class TrainArgs(BaseModel):
     """Latent weights and gradients: float32, or bfloat16 (half the memory; updates stochastically rounded)."""
     optimizer: OptimizerName = Field("adamw", json_schema_extra=ADDED_KEY)
     """adamw (fp32 moments, 8 bytes a parameter) or adamw_8bit (block-wise 8-bit moments, 2 bytes)."""
-    report_to: tuple[Tracker, ...] = Field((), json_schema_extra={**OPERATIONAL, **ADDED_KEY})
+    report_to: ReportTo = ()
     """Also log each step's metrics row (loss, lr, grad_norm, held-out accuracy, ...) to these trackers, through
     accelerate; tensorboard writes under `<stage>/tensorboard`. Needs `pip install 'reasoning-qat[trackers]'`."""
 
@@ -110,14 +112,6 @@ def check_train_args(args: TrainArgs) -> list[tuple[str, str]]:
     if args.warmup_steps > args.steps:
         errors.append(("warmup_steps", f"must be <= steps ({args.steps})"))
     return errors + missing_trackers(args.report_to)
-
-
-def missing_trackers(trackers: Sequence[str]) -> list[tuple[str, str]]:
-    """("report_to", message) for each tracker whose package is not installed: found before anything runs."""
-    import importlib.util
-
-    return [("report_to", f"{t} is not installed (pip install {t}, or 'reasoning-qat[trackers]')")
-            for t in trackers if importlib.util.find_spec(t) is None]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -341,7 +335,60 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
     """
     log = log or logging.getLogger(__name__)
     acc = accelerator or make_accelerator()
-    ranks = AcceleratorRanks(acc)
+    run = _prepare(model, examples, loss_fn, args, acc, checkpointer=checkpointer, seed=seed, pad_id=pad_id,
+                   metrics_path=Path(out_dir) / "metrics.jsonl", on_step=on_step)
+    start = _resume(run, log)
+    checkpointer.every = args.checkpoint_every
+    started = time.perf_counter()
+    if acc.log_with:  # the wandb project; tensorboard writes <logging_dir>/reasoning-qat
+        acc.init_trackers("reasoning-qat", init_kwargs={"wandb": {"name": desc}})
+    # a first SIGINT/SIGTERM is seen after the step: checkpoint, then stop
+    with signals.stop_at_safe_points(), progress(desc, total=args.steps, unit="step", done=start) as bar:
+        for step in range(start, args.steps):
+            row, stop = _step(run, step)
+            _record(run, row, bar)
+            if stop or checkpointer.due(row["step"]):
+                _save(run, row["step"])
+            if stop:
+                raise StageInterrupted(f"{desc}: stopped at step {row['step']} on a signal; checkpoint saved")
+    return _finish(run, time.perf_counter() - started)
+
+
+@dataclass
+class _Run:
+    """One call of `train`: what `_prepare` set up, and what the steps accumulate (`rows`, `tokens_total`)."""
+
+    acc: Accelerator
+    ranks: AcceleratorRanks
+    args: TrainArgs
+    examples: Sequence[Example]
+    loss_fn: LossFn
+    checkpointer: Checkpointer
+    seed: int
+    pad_id: int
+    micro: int
+    """Sequences per micro-batch on each process."""
+    model: torch.nn.Module
+    """As accelerate prepared it (DDP- or DeepSpeed-wrapped when several processes run)."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    signature: dict
+    """What a checkpoint must have been made by to be resumed: this same run."""
+    metrics_path: Path
+    on_step: OnStep | None
+    rows: list[dict] = field(default_factory=list)
+    tokens_total: int = 0
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.acc.distributed_type == DistributedType.DEEPSPEED
+
+
+def _prepare(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, args: TrainArgs,
+             acc: Accelerator, *, checkpointer: Checkpointer, seed: int, pad_id: int, metrics_path: Path,
+             on_step: OnStep | None) -> _Run:
+    """Check that `args` fit the processes, configure DeepSpeed, ready the model (gradient checkpointing,
+    compile, device, dtype), build optimizer and schedule, and let accelerate prepare them."""
     micro = args.batch_size // (acc.num_processes * args.grad_accum)
     if micro * acc.num_processes * args.grad_accum != args.batch_size:
         raise ValueError(f"batch_size {args.batch_size} must be a multiple of processes ({acc.num_processes}) "
@@ -354,8 +401,6 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
         raise ValueError("param_dtype and optimizer must stay float32 / adamw under DeepSpeed")
     if deepspeed:
         _configure_deepspeed(acc, args, micro)
-    out_dir = Path(out_dir)
-    metrics_path = out_dir / "metrics.jsonl"
 
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -368,96 +413,111 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
     # the scheduler stays outside accelerate: prepared, it would step once per process
     scheduler = get_cosine_schedule_with_warmup(raw_optimizer, args.warmup_steps, args.steps)
     model, optimizer = acc.prepare(model, raw_optimizer)
+    signature = {"args": result_config(type(args), args.model_dump(mode="json")), "seed": seed,
+                 "examples": len(examples), "processes": acc.num_processes}
+    return _Run(acc=acc, ranks=AcceleratorRanks(acc), args=args, examples=examples, loss_fn=loss_fn,
+                checkpointer=checkpointer, seed=seed, pad_id=pad_id, micro=micro, model=model, optimizer=optimizer,
+                scheduler=scheduler, signature=signature, metrics_path=metrics_path, on_step=on_step)
 
-    # a checkpoint is resumed only if it was made by this same run
-    signature = {"args": result_config(type(args), args.model_dump(mode="json")), "seed": seed, "examples": len(examples),
-                 "processes": acc.num_processes}
-    rows: list[dict] = []
-    start = 0
-    found = checkpointer.resume(signature, log, ranks)
+
+def _resume(run: _Run, log: logging.Logger) -> int:
+    """Restore the run's checkpoint if `checkpointer` holds one of this same run, and start metrics.jsonl over with
+    its rows (those after the checkpoint belong to a lost future); returns the step to start from."""
+    acc, start = run.acc, 0
+    found = run.checkpointer.resume(run.signature, log, run.ranks)
     if found is not None:
         start, state = found
-        on_every_rank(ranks, lambda: _restore(acc, model, optimizer, scheduler, state))
-        rows = state["metrics"]
+        on_every_rank(run.ranks, lambda: _restore(acc, run.model, run.optimizer, run.scheduler, state))
+        run.rows = state["metrics"]
         log.info("resuming from the checkpoint at step %d", start)
     if acc.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with open(metrics_path, "w") as f:  # rows after the checkpoint belong to a lost future
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        run.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(run.metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in run.rows)
+    return start
 
-    checkpointer.every = args.checkpoint_every
-    started = time.perf_counter()
-    tokens_total = 0
-    if acc.log_with:  # the wandb project; tensorboard writes <logging_dir>/reasoning-qat
-        acc.init_trackers("reasoning-qat", init_kwargs={"wandb": {"name": desc}})
-    with signals.stop_at_safe_points():  # a first SIGINT/SIGTERM is seen after the step: checkpoint, then stop
-        with progress(desc, total=args.steps, unit="step", done=start) as bar:
-            for step in range(start, args.steps):
-                t0 = time.perf_counter()
-                batches = on_every_rank(ranks, lambda: _my_batches(examples, seed, step, args, micro, acc.process_index,
-                                                                   pad_id))
-                weights = [_label_tokens(b) for b in batches]
-                # the step's loss is the mean over the label tokens of the global batch, all ranks'
-                seen = sum(int(b["attention_mask"].sum()) for b in batches)
-                total, tokens = map(int, _sum_over_ranks(acc, [sum(weights), seen]))
-                loss_sum, extra = 0.0, {}
-                for j, batch in enumerate(batches):
-                    batch = {k: v.to(acc.device) for k, v in batch.items()}
-                    # gradients are all-reduced once per step, on the last micro-step (DeepSpeed: its engine
-                    # also steps there, inside acc.backward)
-                    last_micro = j == len(batches) - 1
-                    if deepspeed:
-                        acc.sync_gradients = last_micro
-                    with nullcontext() if last_micro else acc.no_sync(model), acc.autocast():
-                        # every rank learns of a NaN or an exception here before any enters the backward's
-                        # collectives, so all stop together rather than some waiting there forever
-                        loss, value, metrics = on_every_rank(
-                            ranks, lambda: _finite_loss(loss_fn, model, batch, step, checkpointer))
-                    # x num_processes: DDP (and DeepSpeed) average the gradients over ranks
-                    # (DeepSpeed would also divide by grad_accum: the weights already do)
-                    acc.backward(loss * (weights[j] * acc.num_processes / total),
-                                 **({"scale_wrt_gas": False} if deepspeed else {}))
-                    loss_sum += value * weights[j] / total
-                    for k, v in metrics.items():
-                        extra[k] = extra.get(k, 0.0) + v * weights[j] / total
-                grad_norm = acc.clip_grad_norm_(model.parameters(), args.grad_clip) if args.grad_clip else None
-                lr = float(scheduler.get_last_lr()[0])  # a tensor for torchao optimizers
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                # each rank held its share of the loss; a stop asked of any rank stops all at the same step
-                loss_sum, *parts, stop = _sum_over_ranks(acc, [loss_sum, *extra.values(), checkpointer.stop_requested])
-                extra = dict(zip(extra, parts))
 
-                done = step + 1
-                tokens_total += tokens
-                row = {"step": done, "loss": loss_sum, "lr": lr, "tokens": tokens,
-                       "tokens_per_s": tokens / (time.perf_counter() - t0), **extra}
-                if grad_norm is not None:
-                    row["grad_norm"] = float(grad_norm)
-                if on_step is not None:
-                    row.update(on_every_rank(ranks, lambda: on_step(done, acc.unwrap_model(model))))
-                    model.train()
-                rows.append(row)
-                if acc.is_main_process:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                if acc.log_with:
-                    acc.log({k: v for k, v in row.items() if k != "step"}, step=done)
-                bar.advance(1, tokens=tokens, loss=f"{loss_sum:.4f}")
-                if stop or checkpointer.due(done):
-                    shared, own = on_every_rank(ranks, lambda: _checkpoint_parts(acc, model, optimizer, {
-                        "scheduler": scheduler.state_dict(), "metrics": rows, "step": done, "signature": signature}))
-                    checkpointer.save(done, shared, own, ranks)
-                if stop:
-                    raise StageInterrupted(f"{desc}: stopped at step {done} on a signal; checkpoint saved")
-    seconds = time.perf_counter() - started
+def _step(run: _Run, step: int) -> tuple[dict, bool]:
+    """One optimizer step (0-based `step`) on every process: (its metrics row, whether any process asked to stop)."""
+    acc, args, ranks = run.acc, run.args, run.ranks
+    t0 = time.perf_counter()
+    batches = on_every_rank(ranks, lambda: _my_batches(run.examples, run.seed, step, args, run.micro,
+                                                       acc.process_index, run.pad_id))
+    weights = [_label_tokens(b) for b in batches]
+    # the step's loss is the mean over the label tokens of the global batch, all ranks'
+    seen = sum(int(b["attention_mask"].sum()) for b in batches)
+    total, tokens = map(int, _sum_over_ranks(acc, [sum(weights), seen]))
+    loss_sum, extra = 0.0, {}
+    for j, batch in enumerate(batches):
+        value, metrics = _micro_step(run, step, batch, weights[j], total, last=j == len(batches) - 1)
+        loss_sum += value * weights[j] / total
+        for k, v in metrics.items():
+            extra[k] = extra.get(k, 0.0) + v * weights[j] / total
+    grad_norm = acc.clip_grad_norm_(run.model.parameters(), args.grad_clip) if args.grad_clip else None
+    lr = float(run.scheduler.get_last_lr()[0])  # a tensor for torchao optimizers
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    # each rank held its share of the loss; a stop asked of any rank stops all at the same step
+    loss_sum, *parts, stop = _sum_over_ranks(acc, [loss_sum, *extra.values(), run.checkpointer.stop_requested])
+    row = {"step": step + 1, "loss": loss_sum, "lr": lr, "tokens": tokens,
+           "tokens_per_s": tokens / (time.perf_counter() - t0), **dict(zip(extra, parts))}
+    if grad_norm is not None:
+        row["grad_norm"] = float(grad_norm)
+    run.tokens_total += tokens
+    return row, bool(stop)
+
+
+def _micro_step(run: _Run, step: int, batch: dict[str, torch.Tensor], weight: int, total: int, last: bool
+                ) -> tuple[float, dict[str, float]]:
+    """Forward and backward of one micro-batch holding `weight` of the global batch's `total` label tokens; gradients are
+    all-reduced once per step, on the `last` micro-step (DeepSpeed: its engine also steps there, inside
+    acc.backward). Returns the loss's value and the loss function's metrics."""
+    acc = run.acc
+    batch = {k: v.to(acc.device) for k, v in batch.items()}
+    if run.deepspeed:
+        acc.sync_gradients = last
+    with nullcontext() if last else acc.no_sync(run.model), acc.autocast():
+        # every rank learns of a NaN or an exception here before any enters the backward's
+        # collectives, so all stop together rather than some waiting there forever
+        loss, value, metrics = on_every_rank(
+            run.ranks, lambda: _finite_loss(run.loss_fn, run.model, batch, step, run.checkpointer))
+    # x num_processes: DDP (and DeepSpeed) average the gradients over ranks
+    # (DeepSpeed would also divide by grad_accum: the weights already do)
+    acc.backward(loss * (weight * acc.num_processes / total), **({"scale_wrt_gas": False} if run.deepspeed else {}))
+    return value, metrics
+
+
+def _record(run: _Run, row: dict, bar) -> None:
+    """Complete the step's row with `on_step`'s metrics, then keep it: in `rows`, metrics.jsonl, the trackers,
+    the progress bar."""
+    acc = run.acc
+    if run.on_step is not None:
+        row.update(on_every_rank(run.ranks, lambda: run.on_step(row["step"], acc.unwrap_model(run.model))))
+        run.model.train()
+    run.rows.append(row)
+    if acc.is_main_process:
+        with open(run.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
     if acc.log_with:
-        acc.end_training()  # flushes the event files before the stage directory is renamed into place
-    acc.wait_for_everyone()
-    tail = [r["loss"] for r in rows[-10:]]
-    return {"final_loss": sum(tail) / len(tail), "steps": args.steps, "train_seconds": seconds,
-            "tokens_per_s": tokens_total / seconds if seconds > 0 else 0.0}
+        acc.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+    bar.advance(1, tokens=row["tokens"], loss=f"{row['loss']:.4f}")
+
+
+def _save(run: _Run, done: int) -> None:
+    """Checkpoint the run after `done` steps (every process saves its part)."""
+    shared, own = on_every_rank(run.ranks, lambda: _checkpoint_parts(run.acc, run.model, run.optimizer, {
+        "scheduler": run.scheduler.state_dict(), "metrics": run.rows, "step": done, "signature": run.signature}))
+    run.checkpointer.save(done, shared, own, run.ranks)
+
+
+def _finish(run: _Run, seconds: float) -> dict[str, float]:
+    if run.acc.log_with:
+        run.acc.end_training()  # flushes the event files before the stage directory is renamed into place
+    run.acc.wait_for_everyone()
+    tail = [r["loss"] for r in run.rows[-10:]]
+    return {"final_loss": sum(tail) / len(tail), "steps": run.args.steps, "train_seconds": seconds,
+            "tokens_per_s": run.tokens_total / seconds if seconds > 0 else 0.0}
 
 
 def _my_batches(examples: Sequence[Example], seed: int, step: int, args: TrainArgs, micro: int, rank: int,
