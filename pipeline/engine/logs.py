@@ -24,7 +24,8 @@ class _ConsoleHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             message = record.getMessage()
-            name = record.name.removeprefix("pipeline.")
+            # the engine's lines keep their short names (`progress: ...`, `runner: ...`): users grep for them
+            name = record.name.removeprefix("pipeline.").removeprefix("engine.")
             level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
             style = {logging.WARNING: "yellow", logging.ERROR: "red", logging.CRITICAL: "red"}.get(record.levelno)
             console.print(f"{name}: {level}{message}", markup=False, highlight=False, soft_wrap=True, style=style)
