@@ -29,7 +29,6 @@ any seed equals a test question of any seed. Within a split, questions are uniqu
 
     from pipeline.data.testbed import TestbedSpec, make_problems
     make_problems(TestbedSpec(), "test", n=5)
-    python -m pipeline.data.testbed --split test -n 3      # print a few problems
 """
 from __future__ import annotations
 
@@ -208,18 +207,3 @@ def make_problems(spec: TestbedSpec, split: Literal["train", "test"], n: int | N
                                 answer=str(answer), solution=solution))
     return problems
 
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Print testbed problems.")
-    parser.add_argument("--split", default="test", choices=("train", "test"))
-    parser.add_argument("-n", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    for name in ("min_steps", "max_steps", "max_number", "max_factor"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=TestbedSpec.model_fields[name].default)
-    args = parser.parse_args()
-    spec = TestbedSpec(min_steps=args.min_steps, max_steps=args.max_steps, max_number=args.max_number,
-                       max_factor=args.max_factor)
-    for p in make_problems(spec, args.split, args.n, args.seed):
-        print(f"[{p.id}] {p.question}\n{p.solution}\n(answer {p.answer})\n")
