@@ -11,7 +11,7 @@ from pipeline.quant.formats.io import save_quantized
 from pipeline.quant.layerwise import capture_inputs
 from pipeline.quant.online import transform_parameters, transforms
 from pipeline.quant.scheme import QuantSpec
-from quant_tiny import one_thread, tiny_model, tiny_tokenizer
+from quant_tiny import one_thread, planted_outliers_model, tiny_model, tiny_tokenizer
 
 W4A4KV4 = QuantSpec.model_validate("w4a4kv4")
 
@@ -57,16 +57,8 @@ def test_calibrated_transforms_keep_the_function_with_quantization_off(tmp_path)
 
 
 def _planted():
-    """Outlier channels in both norms' outputs (30x the others), the case SmoothQuant's per-channel scaling and
-    FlatQuant's learned smoothing are for. Not also in the down_proj input (up_proj rows x40, as this test once
-    planted): those make the layer MSE a few tokens' (5 of 144 carried half of it), and which tokens changes with
-    the rounding of the CPU's kernels (a 1e-6 relative change of the weights moved QuaRot's layer-0 MSE from
-    0.031 to 0.045), so no ordering of the methods held on every machine."""
-    model = tiny_model(300, intermediate_size=384)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[[3, 77]] = 30.0
-            layer.post_attention_layernorm.weight[[5, 150]] = 30.0
+    """The planted-outliers model (quant_tiny.planted_outliers_model), prepared for W4A4KV4."""
+    model = planted_outliers_model()
     prepare(model, W4A4KV4)
     return model
 
