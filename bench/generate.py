@@ -82,13 +82,6 @@ def run_once(fn, device: str) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
-def timed(fn, device: str, repeats: int) -> tuple[float, int, float]:
-    """(best seconds, tokens generated in that run, warm-up seconds): one untimed run, then `repeats`."""
-    warmup_s, _ = run_once(fn, device)
-    seconds, tokens = min(run_once(fn, device) for _ in range(repeats))
-    return seconds, tokens, warmup_s
-
-
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     """The decoding workload shared by this bench and bench/rollout.py."""
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model and a small workload (CPU smoke test)")
@@ -196,7 +189,8 @@ def kv_read_bound(model, prompts: list[list[int]], lengths: list[int], tb_per_s:
 
 
 def measure(fn, warmup, device: str, repeats: int) -> dict:
-    """Best of `repeats` runs of fn after one run of `warmup`, with fn's peak GPU memory."""
+    """Best of `repeats` runs of fn after one untimed run of `warmup` (fn itself, or a smaller call), with
+    fn's peak GPU memory: {seconds, tokens, tokens_per_s, warmup_s, peak_memory_gib}."""
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
