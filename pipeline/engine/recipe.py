@@ -169,7 +169,10 @@ def parse_recipe(raw: dict, source: str = "<recipe>", overrides: typing.Sequence
     # Semantic checks presuppose a well-formed recipe, so they run only once everything above passed.
     model_errors = _check_model_path(recipe.model)  # once: it may hash a stage folder's weights
     errors += check_input_kinds(recipe, model_ok=not model_errors)
-    errors += _run_stage_checks(recipe)
+    from pipeline.data.rows import reading_each_file_once  # the data layer's reader: loaded when a recipe is validated
+
+    with reading_each_file_once():  # stage checks that name the same benchmark or prompts file read it once
+        errors += _run_stage_checks(recipe)
     from pipeline.data.chat import check_chat_template  # the data layer's check: loaded when a recipe is validated
 
     errors += model_errors or check_chat_template(recipe.model)
