@@ -127,6 +127,30 @@ def planted_outliers_model() -> Qwen3ForCausalLM:
     return model
 
 
+def planted_w4a4kv4() -> Qwen3ForCausalLM:
+    """`planted_outliers_model`, prepared for W4A4KV4 fake quantization (not calibrated)."""
+    from pipeline.quant.apply import prepare
+    from pipeline.quant.scheme import QuantSpec
+
+    model = planted_outliers_model()
+    prepare(model, QuantSpec.model_validate("w4a4kv4"))
+    return model
+
+
+def planted_rtn_and_quarot() -> tuple[Qwen3ForCausalLM, Qwen3ForCausalLM]:
+    """The baselines the outlier tests compare methods with: W4A4KV4 of `planted_outliers_model` by RTN
+    and by QuaRot (rotated), both calibrated."""
+    from pipeline.quant.apply import calibrate
+    from pipeline.quant.methods import quarot
+
+    rtn = planted_w4a4kv4()
+    calibrate(rtn)
+    rot = planted_w4a4kv4()
+    quarot.rotate(rot)
+    calibrate(rot)
+    return rtn, rot
+
+
 def generate_and_full_forward(model, x: torch.Tensor, max_new_tokens: int):
     """(greedy `model.generate` output with its per-step logits, logits of one full forward over its
     sequences), after asserting each decoding step's logits equal the full forward's at that position."""

@@ -9,7 +9,8 @@ from pipeline.quant.apply import calibrate, prepare, set_fake_quant
 from pipeline.quant.methods.gptq import gptq_layerwise
 from pipeline.quant.formats.io import save_quantized
 from pipeline.quant.scheme import QuantSpec
-from quant_tiny import generate_and_full_forward, one_thread, planted_outliers_model, tiny_model, tiny_tokenizer
+from quant_tiny import (generate_and_full_forward, one_thread, planted_rtn_and_quarot, planted_w4a4kv4, tiny_model,
+                        tiny_tokenizer)
 
 W4A4KV4 = QuantSpec.model_validate("w4a4kv4")
 
@@ -64,17 +65,9 @@ def test_quarot_beats_rtn_and_gptq_improves_it():
     g = torch.Generator().manual_seed(0)
     samples = [torch.randint(0, 250, (48,), generator=g).tolist() for _ in range(6)]
 
-    def planted():
-        model = planted_outliers_model()  # outlier channels in the norm outputs, as real LLMs have
-        prepare(model, W4A4KV4)
-        return model
-
-    rtn = planted()
-    calibrate(rtn)
-    rot = planted()
-    quarot.rotate(rot)
-    calibrate(rot)
-    rot_gptq = planted()
+    # outlier channels in the norm outputs, as real LLMs have
+    rtn, rot = planted_rtn_and_quarot()
+    rot_gptq = planted_w4a4kv4()
     quarot.rotate(rot_gptq)
     names = gptq_layerwise(rot_gptq, samples[:4])
     assert len(names) == 14 and names[0] == "model.layers.0.self_attn.q_proj"
