@@ -103,7 +103,7 @@ def print_path(name: str, r: dict, label: str, full: bool) -> None:
               f"~{r['full_estimate_min']:.1f} min (extrapolated)", flush=True)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="CPU run on a 2-layer 256-wide model")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers to calibrate (at least 2: the first warms up)")
@@ -117,7 +117,41 @@ def main() -> None:
     parser.add_argument("--no-before", action="store_true", help="skip the one-sequence-per-step path")
     parser.add_argument("--no-gptq", action="store_true", help="skip the QuaRot + GPTQ peer")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def paths_to_time(args: argparse.Namespace) -> dict[str, dict]:
+    """Path name -> its calibrate() keywords: before (one sequence per step), after-bN, compile-bN."""
+    paths = {} if args.no_before else {"before": dict(batch_size=1, merge_once=False)}
+    for batch in args.batch_size:
+        paths[f"after-b{batch}"] = dict(batch_size=batch)
+    if args.compile:
+        for batch in args.batch_size:
+            paths[f"compile-b{batch}"] = dict(batch_size=batch, compile=True)
+    return paths
+
+
+def time_quarot_gptq(shape: dict, layers: int, device: str, samples: list[list[int]]) -> float:
+    """Seconds of the QuaRot + GPTQ peer on a fresh model of the same layers and samples."""
+    model = build(shape, layers, device)
+    sync(device)
+    start = time.perf_counter()
+    quarot.rotate(model)
+    gptq_layerwise(model, samples)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def print_summary(result: dict, paths: dict[str, dict]) -> None:
+    if "before" in result:
+        for name in [n for n in paths if n != "before" and "error" not in result[n]]:
+            print(f"{name} / before, ms per sequence: {result[name]['ms_per_sample'] / result['before']['ms_per_sample']:.2f}")
+    if "quarot_gptq_s" in result:
+        print(f"quarot+gptq on the same layers and samples: {result['quarot_gptq_s']:.1f}s")
+
+
+def main() -> None:
+    args = parse_args()
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     if device == "cpu":
         torch.set_num_threads(1)  # a CPU run measures launches, and OpenMP threads on shared cores stall each other
@@ -126,12 +160,7 @@ def main() -> None:
     seqlen = args.seqlen or (64 if args.tiny else 2048)
     g = torch.Generator().manual_seed(0)
     samples = [torch.randint(0, shape["vocab_size"], (seqlen,), generator=g).tolist() for _ in range(nsamples)]
-    paths = {} if args.no_before else {"before": dict(batch_size=1, merge_once=False)}
-    for batch in args.batch_size:
-        paths[f"after-b{batch}"] = dict(batch_size=batch)
-    if args.compile:
-        for batch in args.batch_size:
-            paths[f"compile-b{batch}"] = dict(batch_size=batch, compile=True)
+    paths = paths_to_time(args)
 
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
               "shape": "tiny" if args.tiny else "qwen3-0.6b", "layers": args.layers, "nsamples": nsamples,
@@ -149,19 +178,8 @@ def main() -> None:
             continue
         print_path(name, result[name], label, full)
     if not args.no_gptq:
-        model = build(shape, args.layers, device)
-        sync(device)
-        start = time.perf_counter()
-        quarot.rotate(model)
-        gptq_layerwise(model, samples)
-        sync(device)
-        result["quarot_gptq_s"] = time.perf_counter() - start
-
-    if "before" in result:
-        for name in [n for n in paths if n != "before" and "error" not in result[n]]:
-            print(f"{name} / before, ms per sequence: {result[name]['ms_per_sample'] / result['before']['ms_per_sample']:.2f}")
-    if "quarot_gptq_s" in result:
-        print(f"quarot+gptq on the same layers and samples: {result['quarot_gptq_s']:.1f}s")
+        result["quarot_gptq_s"] = time_quarot_gptq(shape, args.layers, device, samples)
+    print_summary(result, paths)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -102,7 +102,7 @@ def estimated_gib(student, teacher, train_args: TrainArgs, args) -> float:
     return memory.total / GIB
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="0.6b", choices=sorted(SHAPES))
     parser.add_argument("--scheme", default="w3g128", help="QuantSpec preset of the student (ours)")
@@ -121,13 +121,22 @@ def main() -> None:
     args = parser.parse_args()
     if args.tiny:
         args.shape, args.batch, args.seqlen, args.chunk, args.steps, args.warmup = "tiny", 2, 64, 64, 3, 1
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
 
+
+def random_examples(args: argparse.Namespace) -> list[tuple[list[int], int]]:
+    """4 batches of random sequences, the first eighth of each a prompt (no loss)."""
     vocab = SHAPES[args.shape]["vocab_size"]
     generator = torch.Generator().manual_seed(0)
-    examples = [(torch.randint(1, vocab, (args.seqlen,), generator=generator).tolist(), args.seqlen // 8)
-                for _ in range(args.batch * 4)]
+    return [(torch.randint(1, vocab, (args.seqlen,), generator=generator).tolist(), args.seqlen // 8)
+            for _ in range(args.batch * 4)]
+
+
+def main() -> None:
+    args = parse_args()
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    examples = random_examples(args)
     teacher = build(args.shape, 1, device, dtype).eval().requires_grad_(False)
     # the student's latent weights in the dtype the loop would give them (an fp32 8B copy would not fit beside)
     student_dtype = torch.bfloat16 if args.param_dtype == "bfloat16" else torch.float32

@@ -75,8 +75,9 @@ def main() -> int:
                "quant_per_token": lambda: rollout(per_token, prompts, new_tokens, batch_size, args.backend)}
     results = {}
     for name, fn in methods.items():
-        seconds, tokens, warmup_s = bench_generate.timed(fn, args.device, args.repeats)
-        results[name] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "warmup_s": warmup_s}
+        measured = bench_generate.measure(fn, fn, args.device, args.repeats)
+        results[name] = {k: measured[k] for k in ("seconds", "tokens", "tokens_per_s", "warmup_s")}
+        seconds, tokens, warmup_s = results[name]["seconds"], results[name]["tokens"], results[name]["warmup_s"]
         print(f"{name:<15} {tokens / seconds:>10.0f} tokens/s  ({tokens} tokens in {seconds:.2f} s; "
               f"first run {warmup_s:.2f} s)", flush=True)
     for r in results.values():

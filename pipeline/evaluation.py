@@ -134,11 +134,8 @@ def perplexity(model, examples: list[tuple[list[int], int]], pad_id: int, teache
     Logits are made `chunk_size` positions at a time in float32 from the decoder's last hidden states:
     a batch of them over Qwen3's 151,936-token vocabulary would be gigabytes."""
     import torch
-    import torch.nn.functional as F
     from accelerate import PartialState
-    from accelerate.utils import gather_object
 
-    from pipeline.train.distill import token_divergence
     from pipeline.train.loop import collate
 
     state = PartialState()
@@ -148,27 +145,48 @@ def perplexity(model, examples: list[tuple[list[int], int]], pad_id: int, teache
         for i in range(0, len(mine), batch_size):
             # padding is masked out of attention and labels: any id serves when the tokenizer has none
             batch = {k: v.to(device) for k, v in collate(mine[i:i + batch_size], pad_id or 0).items()}
-            hidden = _last_hidden(model, batch)
-            teacher_hidden = None if teacher is None else _last_hidden(teacher, batch)
-            for row in range(hidden.shape[0]):
-                labels = batch["labels"][row, 1:]  # position t predicts token t + 1
-                keep = labels != -100
-                states, targets = hidden[row, :-1][keep], labels[keep]
-                for c in range(0, len(targets), chunk_size):
-                    logits = model.get_output_embeddings()(states[c:c + chunk_size]).float()
-                    nll += F.cross_entropy(logits, targets[c:c + chunk_size], reduction="sum").item()
-                    if teacher is not None:
-                        reference = teacher.get_output_embeddings()(teacher_hidden[row, :-1][keep][c:c + chunk_size])
-                        kl += token_divergence(logits, reference).sum().item()
-                tokens += len(targets)
-    totals = gather_object([(nll, kl, tokens)]) if state.num_processes > 1 else [(nll, kl, tokens)]
-    nll, kl, tokens = (sum(t[j] for t in totals) for j in range(3))
+            for chunk_nll, chunk_kl, chunk_tokens in _chunk_sums(model, teacher, batch, chunk_size):
+                nll += chunk_nll
+                kl += chunk_kl
+                tokens += chunk_tokens
+    nll, kl, tokens = _sum_over_processes(state, (nll, kl, tokens))
     if tokens == 0:
         raise InputError("perplexity", "no token to measure")
     metrics = {"perplexity": math.exp(nll / tokens), "perplexity_tokens": tokens}
     if teacher is not None:
         metrics["kl_to_teacher"] = kl / tokens
     return metrics
+
+
+def _chunk_sums(model, teacher, batch: dict, chunk_size: int):
+    """Per row of the batch and per `chunk_size` of its labelled positions: (summed next-token NLL,
+    summed KL(teacher || model) or 0.0 without a teacher, positions), logits in float32."""
+    import torch.nn.functional as F
+
+    from pipeline.train.distill import token_divergence
+
+    hidden = _last_hidden(model, batch)
+    teacher_hidden = None if teacher is None else _last_hidden(teacher, batch)
+    for row in range(hidden.shape[0]):
+        labels = batch["labels"][row, 1:]  # position t predicts token t + 1
+        keep = labels != -100
+        states, targets = hidden[row, :-1][keep], labels[keep]
+        for c in range(0, len(targets), chunk_size):
+            logits = model.get_output_embeddings()(states[c:c + chunk_size]).float()
+            chunk_nll = F.cross_entropy(logits, targets[c:c + chunk_size], reduction="sum").item()
+            chunk_kl = 0.0
+            if teacher is not None:
+                reference = teacher.get_output_embeddings()(teacher_hidden[row, :-1][keep][c:c + chunk_size])
+                chunk_kl = token_divergence(logits, reference).sum().item()
+            yield chunk_nll, chunk_kl, len(targets[c:c + chunk_size])
+
+
+def _sum_over_processes(state, sums: tuple) -> tuple:
+    """Each entry of `sums` added up over the processes (every process gets the totals)."""
+    from accelerate.utils import gather_object
+
+    totals = gather_object([sums]) if state.num_processes > 1 else [sums]
+    return tuple(sum(t[j] for t in totals) for j in range(len(sums)))
 
 
 def _last_hidden(model, batch):

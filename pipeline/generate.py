@@ -54,6 +54,7 @@ from pipeline import refill
 from pipeline.data.chat import BOXED_INSTRUCTION, chat_prompt, end_of_turn_id
 from pipeline.engine.progress import Bar, progress
 from pipeline.engine.stage_api import SEED_MAX
+from pipeline.stops import first_stop_end
 
 
 _STATIC_WIDTH_STEP = 64
@@ -133,11 +134,6 @@ def _generation_config(spec: GenerationSpec, stops: list[int], pad_id: int, num_
     return GenerationConfig(max_new_tokens=spec.max_new_tokens, eos_token_id=stops, pad_token_id=pad_id,
                             num_return_sequences=num_return_sequences, use_cache=True,
                             cache_implementation=cache_implementation, **sampling)
-
-
-def first_stop_end(ids, stops: set[int]) -> int | None:
-    """Index just past the first stop token of `ids`, None when none is there (truncated)."""
-    return next((i + 1 for i, t in enumerate(ids) if t in stops), None)
 
 
 def _completion(ids: list[int], stops: set[int], tokenizer) -> Completion:

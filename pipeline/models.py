@@ -163,6 +163,15 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
         return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
 
 
+def load_for_decoding(path: str | Path, trust_remote_code: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model, tokenizer) of a stage or model directory, the model in its saved dtype on this process's
+    device: what a stage that decodes with it (eval, gate, traces) needs."""
+    from accelerate import PartialState
+
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    return load_model(path, device=PartialState().device, trust_remote_code=trust_remote_code), tokenizer
+
+
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:
     """Write model (safetensors), config, generation config and tokenizer to `out_dir`; returns it."""
     out = Path(out_dir)

@@ -54,6 +54,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from pipeline.engine.progress import Bar
+from pipeline.stops import first_stop_end
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +377,8 @@ class _Batch:
             start = len(self.tokens[s])
             self.tokens[s].extend(block[s])
             self.lens[s] += steps
-            stop = next((start + i + 1 for i, t in enumerate(block[s]) if t in self.settings.stops), None)
+            end_in_block = first_stop_end(block[s], self.settings.stops)
+            stop = None if end_in_block is None else start + end_in_block
             end = min(stop or self.budget[s], self.budget[s])
             if len(self.tokens[s]) >= end:
                 finished.append((self.request[s], self.tokens[s][:end]))

@@ -90,18 +90,16 @@ def check(config: Config, recipe) -> list[tuple[str, str]]:
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    from accelerate import PartialState
 
     from pipeline.data.rows import read_texts
-    from pipeline.models import load_model, load_tokenizer
+    from pipeline.models import load_for_decoding
 
     config, data = ctx.config, ctx.recipe.data
     trust = ctx.recipe.model.trust_remote_code
     measures_bench = config.generate or config.text is None
     problems = load_benchmark(config.bench, limit=config.limit, data_dir=data.benchmarks_dir, testbed=data.testbed,
                               hub=data.hub) if measures_bench else []
-    tokenizer = load_tokenizer(ctx.inputs["model"], trust_remote_code=trust)
-    model = load_model(ctx.inputs["model"], device=PartialState().device, trust_remote_code=trust)
+    model, tokenizer = load_for_decoding(ctx.inputs["model"], trust)
     metrics: dict[str, float] = {}
     if config.generate:
         ctx.log.info("%s: %s, %d problems x %d samples, up to %d new tokens, on %s", ctx.name, config.bench,

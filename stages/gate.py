@@ -102,17 +102,14 @@ def explain(config: Config, metrics: dict[str, float]) -> str:
 def run(ctx: StageContext) -> dict[str, float]:
     from accelerate import PartialState
 
-    from pipeline.models import load_model, load_tokenizer
+    from pipeline.models import load_for_decoding
 
     config, recipe = ctx.config, ctx.recipe
     problems = load_benchmark(config.bench, limit=config.limit, data_dir=recipe.data.benchmarks_dir,
                               testbed=recipe.data.testbed, hub=recipe.data.hub)
-    trust = recipe.model.trust_remote_code
-    device = PartialState().device
 
     def accuracy_of(field: str, samples: str) -> dict[str, float]:
-        tokenizer = load_tokenizer(ctx.inputs[field], trust_remote_code=trust)
-        model = load_model(ctx.inputs[field], device=device, trust_remote_code=trust)
+        model, tokenizer = load_for_decoding(ctx.inputs[field], recipe.model.trust_remote_code)
         return evaluate(model, tokenizer, problems, config.generation, samples_path=ctx.out_dir / samples,
                         instruction=recipe.data.instruction)
 

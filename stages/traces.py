@@ -60,14 +60,12 @@ def check(config: Config, recipe) -> list[tuple[str, str]]:
 def run(ctx: StageContext) -> dict[str, float]:
     from accelerate import PartialState
 
-    from pipeline.models import load_model, load_tokenizer
+    from pipeline.models import load_for_decoding
 
     config, recipe = ctx.config, ctx.recipe
     problems = training_problems(recipe.data, config.count, recipe.seed, need_answers=config.only_correct,
                                  where=f"stages.{ctx.name}.only_correct")
-    trust = recipe.model.trust_remote_code
-    tokenizer = load_tokenizer(ctx.inputs["model"], trust_remote_code=trust)
-    model = load_model(ctx.inputs["model"], device=PartialState().device, trust_remote_code=trust)
+    model, tokenizer = load_for_decoding(ctx.inputs["model"], recipe.model.trust_remote_code)
     ctx.log.info("%s: %d %s prompts x %d samples, up to %d new tokens, on %s", ctx.name, len(problems),
                  recipe.data.task, config.generation.num_samples, config.generation.max_new_tokens, model.device)
     instruction = recipe.data.instruction

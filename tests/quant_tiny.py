@@ -112,6 +112,58 @@ def write_traces(path: Path, n: int = 8) -> Path:
     return path
 
 
+def planted_outliers_model() -> Qwen3ForCausalLM:
+    """A tiny model (vocab 300, MLP 384) with outlier channels in both norms' outputs of every layer (30x the
+    others), as real LLMs have: the case SmoothQuant's per-channel scaling, QuaRot's rotation and FlatQuant's
+    learned smoothing are for. Not also in the down_proj input (up_proj rows x40, as test_flatquant once
+    planted): those make the layer MSE a few tokens' (5 of 144 carried half of it), and which tokens changes
+    with the rounding of the CPU's kernels (a 1e-6 relative change of the weights moved QuaRot's layer-0 MSE
+    from 0.031 to 0.045), so no ordering of the methods held on every machine."""
+    model = tiny_model(300, intermediate_size=384)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 77]] = 30.0
+            layer.post_attention_layernorm.weight[[5, 150]] = 30.0
+    return model
+
+
+def planted_w4a4kv4() -> Qwen3ForCausalLM:
+    """`planted_outliers_model`, prepared for W4A4KV4 fake quantization (not calibrated)."""
+    from pipeline.quant.apply import prepare
+    from pipeline.quant.scheme import QuantSpec
+
+    model = planted_outliers_model()
+    prepare(model, QuantSpec.model_validate("w4a4kv4"))
+    return model
+
+
+def planted_rtn_and_quarot() -> tuple[Qwen3ForCausalLM, Qwen3ForCausalLM]:
+    """The baselines the outlier tests compare methods with: W4A4KV4 of `planted_outliers_model` by RTN
+    and by QuaRot (rotated), both calibrated."""
+    from pipeline.quant.apply import calibrate
+    from pipeline.quant.methods import quarot
+
+    rtn = planted_w4a4kv4()
+    calibrate(rtn)
+    rot = planted_w4a4kv4()
+    quarot.rotate(rot)
+    calibrate(rot)
+    return rtn, rot
+
+
+def generate_and_full_forward(model, x: torch.Tensor, max_new_tokens: int):
+    """(greedy `model.generate` output with its per-step logits, logits of one full forward over its
+    sequences), after asserting each decoding step's logits equal the full forward's at that position."""
+    with torch.no_grad():
+        out = model.generate(x, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+        full = model(out.sequences).logits
+    last_prompt = x.shape[1] - 1
+    for step, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits[0], full[0, last_prompt + step], atol=1e-4, rtol=0)
+    return out, full
+
+
 def one_thread():
     """Context for CPU-heavy tests: one intra-op thread (the test machines share 2 cores; more threads
     than cores make llmcompressor's per-column GPTQ loop ~20x slower)."""

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 import pipeline
-from pipeline.quant.methods import flatquant, quarot
-from pipeline.quant.apply import calibrate, prepare, set_fake_quant
+from pipeline.quant.methods import flatquant
+from pipeline.quant.apply import prepare, set_fake_quant
 from pipeline.quant.formats.io import save_quantized
 from pipeline.quant.layerwise import capture_inputs
 from pipeline.quant.online import transform_parameters, transforms
 from pipeline.quant.scheme import QuantSpec
-from quant_tiny import one_thread, tiny_model, tiny_tokenizer
+from quant_tiny import one_thread, planted_rtn_and_quarot, planted_w4a4kv4, tiny_model, tiny_tokenizer
 
 W4A4KV4 = QuantSpec.model_validate("w4a4kv4")
 
@@ -56,29 +56,10 @@ def test_calibrated_transforms_keep_the_function_with_quantization_off(tmp_path)
         assert torch.equal(loaded(x).logits, quantized)
 
 
-def _planted():
-    """Outlier channels in both norms' outputs (30x the others), the case SmoothQuant's per-channel scaling and
-    FlatQuant's learned smoothing are for. Not also in the down_proj input (up_proj rows x40, as this test once
-    planted): those make the layer MSE a few tokens' (5 of 144 carried half of it), and which tokens changes with
-    the rounding of the CPU's kernels (a 1e-6 relative change of the weights moved QuaRot's layer-0 MSE from
-    0.031 to 0.045), so no ordering of the methods held on every machine."""
-    model = tiny_model(300, intermediate_size=384)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[[3, 77]] = 30.0
-            layer.post_attention_layernorm.weight[[5, 150]] = 30.0
-    prepare(model, W4A4KV4)
-    return model
-
-
 def test_flatquant_beats_quarot_and_rtn_on_planted_outliers():
     calib, held_out = _samples(6), _samples(8, seed=1)
-    rtn = _planted()
-    calibrate(rtn)
-    rot = _planted()
-    quarot.rotate(rot)
-    calibrate(rot)
-    flat = _planted()
+    rtn, rot = planted_rtn_and_quarot()
+    flat = planted_w4a4kv4()
     report = flatquant.calibrate(flat, calib, epochs=5, lr=1e-3)
     # training beats the init on layer 1 (0.0036 -> 0.0029..0.0032 over 1e-6 perturbations of the weights);
     # layer 0 keeps its init (Hadamard + smoothing), which no epoch improved on
@@ -178,7 +159,7 @@ def test_batched_calibration_is_as_good_as_one_sample_per_step_on_planted_outlie
     # beats the init is a coin toss at 4 bits). Batched at lr 1e-3 was worse (0.00705 / 0.00723 / 0.00669):
     # fewer steps want the larger rate.
     calib, held_out = _samples(6), _samples(8, seed=1)
-    single, batched = _planted(), _planted()
+    single, batched = planted_w4a4kv4(), planted_w4a4kv4()
     flatquant.calibrate(single, calib, epochs=5, lr=1e-3)
     report = flatquant.calibrate(batched, calib, epochs=5, lr=5e-3, batch_size=4)
     assert [r["steps"] for r in report] == [10, 10]  # 5 epochs x ceil(6 / 4)
@@ -188,7 +169,7 @@ def test_batched_calibration_is_as_good_as_one_sample_per_step_on_planted_outlie
 
 
 def test_merging_once_per_step_gives_the_per_reader_loss_and_gradients():
-    model = _planted()
+    model = planted_w4a4kv4()
     layer = model.model.layers[0].float()
     buckets = flatquant._buckets(capture_inputs(model, _samples(2)))
     calib = flatquant._install(layer, flatquant._fp_targets(layer, buckets, 1), 0.5, 0)

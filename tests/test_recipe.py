@@ -269,3 +269,23 @@ def test_bad_data_files_are_found_at_validation(fake_stages, tmp_path, run_cli):
             assert not (tmp_path / "art").exists()
     # ungraded traces need no answers
     assert parse_recipe(with_("stages.traces.only_correct", False, on_prompts)).data.prompts_file == str(prompts)
+
+
+def test_stages_on_the_same_benchmark_read_its_file_once(tmp_path, monkeypatch):
+    """Validation reads and parses a benchmark file once however many stages' checks load it (two evals and
+    a gate here); a later load reads it again (the file may have changed in between)."""
+    from pipeline.data import rows
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "gsm8k_test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
+    reads = []
+    real = rows._jsonl_located
+    monkeypatch.setattr(rows, "_jsonl_located", lambda path, where: reads.append(path) or real(path, where))
+    recipe = with_("stages.teacher_eval.bench", "gsm8k", with_("data", {"benchmarks_dir": str(data_dir)}, REAL))
+    recipe["stages"]["student_eval"] = {"type": "eval", "model": "kd_qat", "bench": "gsm8k", "limit": 1}
+    recipe["stages"]["student_gate"] = {"type": "gate", "model": "kd_qat", "bench": "gsm8k", "min_accuracy": 0.5}
+    parse_recipe(recipe)
+    assert reads == [data_dir / "gsm8k_test.jsonl"]
+    parse_recipe(recipe)
+    assert len(reads) == 2

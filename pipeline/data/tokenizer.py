@@ -14,8 +14,6 @@ not by spelling out names, which keeps sequences short for the CPU demo and make
 
 The merges are learned on a fixed sample of testbed text (every step kind, numbers up to 999), not
 on the recipe's data, so the tokenizer is a function of `vocab_size` and this code alone.
-
-    python -m pipeline.data.tokenizer /tmp/tok      # build, save, print a tokenized example
 """
 from __future__ import annotations
 
@@ -79,20 +77,3 @@ def build_tokenizer(vocab_size: int = 768) -> PreTrainedTokenizerBase:
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
     tokenizer.save_pretrained(str(out_dir))
 
-
-if __name__ == "__main__":
-    import sys
-
-    from transformers import AutoTokenizer
-
-    from pipeline.data.chat import chat_example
-    from pipeline.data.testbed import TestbedSpec, make_problems
-
-    out = sys.argv[1] if len(sys.argv) > 1 else "/tmp/testbed-tokenizer"
-    save_tokenizer(build_tokenizer(), out)
-    tok = AutoTokenizer.from_pretrained(out, trust_remote_code=False)
-    p = make_problems(TestbedSpec(), "test", n=1)[0]
-    ids, start = chat_example(tok, p.question, p.solution)
-    print(f"{type(tok).__name__}, vocab {len(tok)}, saved to {out}")
-    print(f"{start} prompt + {len(ids) - start} completion tokens:")
-    print(" | ".join(tok.convert_ids_to_tokens(ids)))

@@ -152,27 +152,10 @@ def parse_recipe(raw: dict, source: str = "<recipe>", overrides: typing.Sequence
     raw = _deep_copy(raw)
     errors = apply_overrides(raw, overrides)
     errors += _check_top_level(raw)
-
-    sections: dict[str, BaseModel] = {}
-    for key, cls in SECTIONS.items():
-        if key in REQUIRED_KEYS and key not in raw:
-            continue  # already reported as missing
-        value = raw.get(key)
-        if value is None and key not in REQUIRED_KEYS:
-            value = {}  # `quant:` with nothing under it means the defaults
-        try:
-            sections[key] = cls.model_validate(value)
-            errors += lax_value_errors(value, sections[key], key)
-        except ValidationError as e:
-            errors += pydantic_errors(e, key, cls)
-
-    # a missing `stages` was reported with the top-level keys
-    configs, modules, declared, stage_errors = _validate_stages(raw["stages"]) if "stages" in raw else ({}, {}, {}, [])
+    sections, section_errors = _validate_sections(raw)
+    errors += section_errors
+    configs, modules, stage_errors = _validate_stage_graph(raw)
     errors += stage_errors
-    errors += check_references(configs, declared)
-    cycle = find_cycle(configs)
-    if cycle:
-        errors.append(("stages", f"cycle {' -> '.join(cycle)}"))
 
     if errors or len(sections) < len(SECTIONS):
         if "model" in sections:
@@ -186,8 +169,52 @@ def parse_recipe(raw: dict, source: str = "<recipe>", overrides: typing.Sequence
     # Semantic checks presuppose a well-formed recipe, so they run only once everything above passed.
     model_errors = _check_model_path(recipe.model)  # once: it may hash a stage folder's weights
     errors += check_input_kinds(recipe, model_ok=not model_errors)
-    for name, config in configs.items():
-        check = getattr(modules[name], "check", None)
+    from pipeline.data.rows import reading_each_file_once  # the data layer's reader: loaded when a recipe is validated
+
+    with reading_each_file_once():  # stage checks that name the same benchmark or prompts file read it once
+        errors += _run_stage_checks(recipe)
+    from pipeline.data.chat import check_chat_template  # the data layer's check: loaded when a recipe is validated
+
+    errors += model_errors or check_chat_template(recipe.model)
+    if errors:
+        raise RecipeError(errors)
+    return recipe
+
+
+def _validate_sections(raw: dict) -> tuple[dict[str, BaseModel], list[tuple[str, str]]]:
+    """The recipe-wide sections (model, quant, data) that validate, and the errors of the others."""
+    sections: dict[str, BaseModel] = {}
+    errors: list[tuple[str, str]] = []
+    for key, cls in SECTIONS.items():
+        if key in REQUIRED_KEYS and key not in raw:
+            continue  # already reported as missing
+        value = raw.get(key)
+        if value is None and key not in REQUIRED_KEYS:
+            value = {}  # `quant:` with nothing under it means the defaults
+        try:
+            sections[key] = cls.model_validate(value)
+            errors += lax_value_errors(value, sections[key], key)
+        except ValidationError as e:
+            errors += pydantic_errors(e, key, cls)
+    return sections, errors
+
+
+def _validate_stage_graph(raw: dict):
+    """(valid stage configs, their modules, errors): each stage's type and schema, then references
+    and cycles. A missing `stages` was reported with the top-level keys."""
+    configs, modules, declared, errors = _validate_stages(raw["stages"]) if "stages" in raw else ({}, {}, {}, [])
+    errors += check_references(configs, declared)
+    cycle = find_cycle(configs)
+    if cycle:
+        errors.append(("stages", f"cycle {' -> '.join(cycle)}"))
+    return configs, modules, errors
+
+
+def _run_stage_checks(recipe: Recipe) -> list[tuple[str, str]]:
+    """Each stage type's `check` hook on its stage, its errors under the stage's key path."""
+    errors: list[tuple[str, str]] = []
+    for name, config in recipe.stages.items():
+        check = getattr(recipe.modules[name], "check", None)
         if check is None:
             continue
         try:
@@ -198,12 +225,7 @@ def parse_recipe(raw: dict, source: str = "<recipe>", overrides: typing.Sequence
         # the model): that path stays as it is; a bare `model` is the stage's own field of that name
         errors += [(where if "." in where and where.split(".")[0] in SECTIONS else _join(f"stages.{name}", where),
                     message) for where, message in found]
-    from pipeline.data.chat import check_chat_template  # the data layer's check: loaded when a recipe is validated
-
-    errors += model_errors or check_chat_template(recipe.model)
-    if errors:
-        raise RecipeError(errors)
-    return recipe
+    return errors
 
 
 # -- YAML ----------------------------------------------------------------------------------------
@@ -368,31 +390,14 @@ def _validate_stages(raw_stages: Any):
         return configs, modules, declared, [("stages", "needs at least one stage")]
     for name, body in raw_stages.items():
         where = f"stages.{name}"
-        if name in RESERVED_STAGE_NAMES:
-            errors.append((where, f"the name '{name}' is reserved ({RESERVED_STAGE_NAMES[name]})"))
-            continue
-        if not isinstance(name, str) or not STAGE_NAME.fullmatch(name) or len(name) > NAME_MAX:
-            errors.append((where, f"stage names use only a-z, 0-9, _ and - (at most {NAME_MAX} of them)"))
+        name_error = _stage_name_error(name)
+        if name_error:
+            errors.append((where, name_error))
             continue
         declared[name] = body.get("type") if isinstance(body, dict) else None
-        if not isinstance(body, dict):
-            errors.append((where, f"expected a mapping with a `type`, got {_describe(body)}"))
-            continue
-        stage_type = body.get("type")
-        if stage_type is None:
-            errors.append((f"{where}.type", f"required (one of {', '.join(stage_registry.STAGE_TYPES)})"))
-            continue
-        try:
-            module = stage_registry.stage_module(stage_type) if isinstance(stage_type, str) else None
-        except KeyError:
-            module = None
-        except stage_registry.StageTypeUnavailable as e:
-            errors.append((f"{where}.type", str(e)))
-            continue
-        if module is None:
-            errors.append((f"{where}.type", f"unknown stage type {_describe(stage_type)}"
-                           f"{did_you_mean(str(stage_type), stage_registry.STAGE_TYPES)}"
-                           f" (one of {', '.join(stage_registry.STAGE_TYPES)})"))
+        module, type_error = _stage_type_module(where, body)
+        if type_error:
+            errors.append(type_error)
             continue
         try:
             configs[name] = module.Config.model_validate(body)
@@ -401,6 +406,35 @@ def _validate_stages(raw_stages: Any):
         except ValidationError as e:
             errors += pydantic_errors(e, where, module.Config)
     return configs, modules, declared, errors
+
+
+def _stage_name_error(name: Any) -> str | None:
+    """Why `name` cannot name a stage (reserved, or not a-z 0-9 _ - within NAME_MAX), or None."""
+    if name in RESERVED_STAGE_NAMES:
+        return f"the name '{name}' is reserved ({RESERVED_STAGE_NAMES[name]})"
+    if not isinstance(name, str) or not STAGE_NAME.fullmatch(name) or len(name) > NAME_MAX:
+        return f"stage names use only a-z, 0-9, _ and - (at most {NAME_MAX} of them)"
+    return None
+
+
+def _stage_type_module(where: str, body: Any) -> tuple[types.ModuleType | None, tuple[str, str] | None]:
+    """(the module of the stage type `body` declares, None) or (None, the error at `where`)."""
+    if not isinstance(body, dict):
+        return None, (where, f"expected a mapping with a `type`, got {_describe(body)}")
+    stage_type = body.get("type")
+    if stage_type is None:
+        return None, (f"{where}.type", f"required (one of {', '.join(stage_registry.STAGE_TYPES)})")
+    try:
+        module = stage_registry.stage_module(stage_type) if isinstance(stage_type, str) else None
+    except KeyError:
+        module = None
+    except stage_registry.StageTypeUnavailable as e:
+        return None, (f"{where}.type", str(e))
+    if module is None:
+        return None, (f"{where}.type", f"unknown stage type {_describe(stage_type)}"
+                      f"{did_you_mean(str(stage_type), stage_registry.STAGE_TYPES)}"
+                      f" (one of {', '.join(stage_registry.STAGE_TYPES)})")
+    return module, None
 
 
 def check_references(configs: dict[str, StageConfig], declared: dict[str, Any] | None = None) -> list[tuple[str, str]]:
