@@ -1,6 +1,7 @@
 """Where a generated sequence ends: the one rule every decoding path cuts by (pipeline.generate's backends,
 pipeline.refill's slots, the RL rollouts). Its own module so that refill, which generate imports, can use
 it without a cycle."""
+
 from __future__ import annotations
 
 from typing import Iterable

@@ -1,6 +1,7 @@
 """FlatQuant: learned transforms keep the function with quantization off (heads × head_dim ≠ hidden), beat
 QuaRot and RTN on layer output MSE at W4A4KV4 on a model with planted outlier channels, train in KD-QAT
 (gradients reach them) and survive save/load."""
+
 import pytest
 import torch
 
@@ -38,7 +39,10 @@ def test_calibrated_transforms_keep_the_function_with_quantization_off(tmp_path)
     assert model.model.layers[0].self_attn.o_proj.input_transform.sizes == (16, 32)
     # training moved the transforms off their Hadamard init
     from pipeline.quant.hadamard import kronecker_factors
-    assert not torch.allclose(model.model.layers[0].mlp.down_proj.input_transform.left.double(), kronecker_factors(384)[0])
+
+    assert not torch.allclose(
+        model.model.layers[0].mlp.down_proj.input_transform.left.double(), kronecker_factors(384)[0]
+    )
 
     x = torch.randint(0, 250, (2, 23), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -91,7 +95,9 @@ def test_tf32_holds_for_the_calibration_only_and_is_a_flatquant_key(monkeypatch)
     import stages.ptq as ptq
 
     seen = []
-    monkeypatch.setattr(flatquant, "_calibrate_layers", lambda *a: seen.append(torch.get_float32_matmul_precision()) or [])
+    monkeypatch.setattr(
+        flatquant, "_calibrate_layers", lambda *a: seen.append(torch.get_float32_matmul_precision()) or []
+    )
     model = tiny_model(300)
     prepare(model, W4A4KV4)
     assert torch.get_float32_matmul_precision() == "highest"
@@ -102,8 +108,9 @@ def test_tf32_holds_for_the_calibration_only_and_is_a_flatquant_key(monkeypatch)
     with pytest.raises(ZeroDivisionError):
         flatquant.calibrate(model, _samples(1, length=16), epochs=1, tf32=True)
     assert torch.get_float32_matmul_precision() == "highest"
-    config = ptq.Config.model_validate({"type": "ptq", "method": "flatquant", "calibration_source": "generic",
-                                        "compile": True, "tf32": True})
+    config = ptq.Config.model_validate(
+        {"type": "ptq", "method": "flatquant", "calibration_source": "generic", "compile": True, "tf32": True}
+    )
     assert (config.compile, config.tf32) == (True, True)
     with pytest.raises(ValueError, match="tf32"):  # a flatquant key, not RTN's
         ptq.Config.model_validate({"type": "ptq", "method": "rtn", "tf32": True})
@@ -116,9 +123,13 @@ def test_flatquant_needs_a_prepared_model():
 
 def test_step_inverses_share_one_inversion_and_defer_the_singularity_check():
     from pipeline.quant.online import KroneckerTransform, StepInverses
+
     g = torch.Generator().manual_seed(0)
-    t = KroneckerTransform(torch.eye(4) + 0.1 * torch.randn(4, 4, generator=g),
-                           torch.eye(8) + 0.1 * torch.randn(8, 8, generator=g), torch.rand(32, generator=g) + 0.5)
+    t = KroneckerTransform(
+        torch.eye(4) + 0.1 * torch.randn(4, 4, generator=g),
+        torch.eye(8) + 0.1 * torch.randn(8, 8, generator=g),
+        torch.rand(32, generator=g) + 0.5,
+    )
     w = torch.randn(6, 32, generator=g)
     per_reader, exact = t.inverse_transpose(w), t.inverse_transpose(w.double())
     with StepInverses([t]) as inverses:
@@ -147,7 +158,9 @@ def test_batches_cover_every_sample_once_and_never_mix_lengths():
     assert seen == list(range(7))
     # one per step: the order the one-sample loop drew
     singles = flatquant._epoch_batches(buckets, 1, torch.Generator().manual_seed(0))
-    assert [b.samples[int(rows)] for b, rows in singles] == torch.randperm(7, generator=torch.Generator().manual_seed(0)).tolist()
+    assert [b.samples[int(rows)] for b, rows in singles] == torch.randperm(
+        7, generator=torch.Generator().manual_seed(0)
+    ).tolist()
     report = flatquant.calibrate(model, samples, epochs=2, batch_size=4)
     assert [r["steps"] for r in report] == [6, 6]
 
@@ -163,7 +176,10 @@ def test_batched_calibration_is_as_good_as_one_sample_per_step_on_planted_outlie
     flatquant.calibrate(single, calib, epochs=5, lr=1e-3)
     report = flatquant.calibrate(batched, calib, epochs=5, lr=5e-3, batch_size=4)
     assert [r["steps"] for r in report] == [10, 10]  # 5 epochs x ceil(6 / 4)
-    mse_single, mse_batched = flatquant.layer_output_mse(single, held_out), flatquant.layer_output_mse(batched, held_out)
+    mse_single, mse_batched = (
+        flatquant.layer_output_mse(single, held_out),
+        flatquant.layer_output_mse(batched, held_out),
+    )
     print(mse_single, mse_batched)
     assert sum(mse_batched) <= 1.01 * sum(mse_single)
 

@@ -1,4 +1,5 @@
 """KV-cache fake quantization after RoPE through the attention-function registry."""
+
 import pytest
 import torch
 from compressed_tensors.quantization import QuantizationArgs

@@ -1,5 +1,6 @@
 """QuaRot: rotations preserve the function (quantization off), survive save/load, and hold through cached
 generation with the 4-bit KV cache on rotated keys; QuaRot lowers W4A4KV4 layer error against RTN."""
+
 import pytest
 import torch
 
@@ -9,8 +10,14 @@ from pipeline.quant.apply import calibrate, prepare, set_fake_quant
 from pipeline.quant.methods.gptq import gptq_layerwise
 from pipeline.quant.formats.io import save_quantized
 from pipeline.quant.scheme import QuantSpec
-from quant_tiny import (generate_and_full_forward, one_thread, planted_rtn_and_quarot, planted_w4a4kv4, tiny_model,
-                        tiny_tokenizer)
+from quant_tiny import (
+    generate_and_full_forward,
+    one_thread,
+    planted_rtn_and_quarot,
+    planted_w4a4kv4,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 W4A4KV4 = QuantSpec.model_validate("w4a4kv4")
 
@@ -42,7 +49,9 @@ def test_rotation_with_quantization_off_keeps_the_logits(tied):
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     assert model.model.layers[0].mlp.down_proj.input_transform is not None
     assert model.model.layers[0].self_attn.o_proj.input_transform is not None  # mixes the heads
-    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, reference.model.layers[0].self_attn.q_proj.weight)
+    assert not torch.equal(
+        model.model.layers[0].self_attn.q_proj.weight, reference.model.layers[0].self_attn.q_proj.weight
+    )
 
 
 def test_generation_with_rotated_4bit_kv_equals_full_forward_argmax(tmp_path):
@@ -71,8 +80,10 @@ def test_quarot_beats_rtn_and_gptq_improves_it():
     quarot.rotate(rot_gptq)
     names = gptq_layerwise(rot_gptq, samples[:4])
     assert len(names) == 14 and names[0] == "model.layers.0.self_attn.q_proj"
-    mse = {k: sum(flatquant.layer_output_mse(m, samples[4:])) for k, m in
-           [("rtn", rtn), ("quarot", rot), ("quarot+gptq", rot_gptq)]}
+    mse = {
+        k: sum(flatquant.layer_output_mse(m, samples[4:]))
+        for k, m in [("rtn", rtn), ("quarot", rot), ("quarot+gptq", rot_gptq)]
+    }
     assert mse["quarot"] < 0.5 * mse["rtn"]
     assert mse["quarot+gptq"] < mse["quarot"]
 

@@ -9,6 +9,7 @@ Rows are written with `ensure_ascii=False` (readable), so a JSON string may hold
 U+0085 or \\x1c..\\x1e, which `str.splitlines()` and `io` readers with universal newlines treat as line
 breaks: JSON Lines separates records by "\\n" alone, and so does the reader here (it splits bytes).
 """
+
 from __future__ import annotations
 
 import json

@@ -30,6 +30,7 @@ any seed equals a test question of any seed. Within a split, questions are uniqu
     from pipeline.data.testbed import TestbedSpec, make_problems
     make_problems(TestbedSpec(), "test", n=5)
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,10 +47,42 @@ MAX_PROBLEMS = 1_000_000
 """The most problems one call generates (a split's size, a stage's `count` or `limit`): about ten
 minutes of generating and tokenizing on one CPU core; a typo such as 1e15 is refused, not waited for."""
 
-NAMES = ("Mia", "Leo", "Ava", "Sam", "Zoe", "Max", "Ivy", "Ben", "Lily", "Noah", "Emma", "Omar",
-         "Nina", "Ravi", "Lucy", "Hugo", "Rosa", "Theo", "Ella", "Finn")
-ITEMS = ("apples", "marbles", "stickers", "coins", "books", "pencils", "cookies", "cards", "shells",
-         "stamps", "buttons", "flowers")
+NAMES = (
+    "Mia",
+    "Leo",
+    "Ava",
+    "Sam",
+    "Zoe",
+    "Max",
+    "Ivy",
+    "Ben",
+    "Lily",
+    "Noah",
+    "Emma",
+    "Omar",
+    "Nina",
+    "Ravi",
+    "Lucy",
+    "Hugo",
+    "Rosa",
+    "Theo",
+    "Ella",
+    "Finn",
+)
+ITEMS = (
+    "apples",
+    "marbles",
+    "stickers",
+    "coins",
+    "books",
+    "pencils",
+    "cookies",
+    "cards",
+    "shells",
+    "stamps",
+    "buttons",
+    "flowers",
+)
 OPERATIONS = ("add", "sub", "mul", "div", "more_than", "fewer_than", "times_as_many", "total")
 
 
@@ -139,8 +172,9 @@ def _generate(rng: random.Random, spec: TestbedSpec) -> tuple[str, str, int]:
     return " ".join(story), _solution(chain, f"{cur} has {value} {item}", value), value
 
 
-def _total_step(rng: random.Random, spec: TestbedSpec, item: str, cur: str, value: int,
-                known: dict[str, int]) -> tuple[str, list[str], str, int] | None:
+def _total_step(
+    rng: random.Random, spec: TestbedSpec, item: str, cur: str, value: int, known: dict[str, int]
+) -> tuple[str, list[str], str, int] | None:
     """The closing `total` step, summing `cur`'s count with one stated earlier: (question, solution
     lines, summary, answer); None when not drawn (half the time it could be) or when the sum is too large."""
     if "total" not in spec.operations or len(known) <= 1 or not rng.random() < 0.5:
@@ -149,25 +183,34 @@ def _total_step(rng: random.Random, spec: TestbedSpec, item: str, cur: str, valu
     if known[other] + value > spec.max_number:
         return None
     result = value + known[other]
-    return (f"How many {item} do {cur} and {other} have together?",
-            [f"Together {cur} and {other} have {value} + {known[other]} = {result}.",
-             f"So {cur} and {other} have {result} {item} together."],
-            f"{cur} and {other} have {result} {item} together", result)
+    return (
+        f"How many {item} do {cur} and {other} have together?",
+        [
+            f"Together {cur} and {other} have {value} + {known[other]} = {result}.",
+            f"So {cur} and {other} have {result} {item} together.",
+        ],
+        f"{cur} and {other} have {result} {item} together",
+        result,
+    )
 
 
 def _draw_step(rng: random.Random, spec: TestbedSpec, value: int, names_left: list[str]) -> tuple[str, int]:
     """The next step's kind and constant, among those keeping the count in range (and, for a step
     that introduces a person, only while names are left); _DeadEnd when none applies."""
-    choices = {op: ks for op in spec.operations if op != "total" and (ks := _constants(op, value, spec))
-               and (names_left or op not in _RELATIVE)}
+    choices = {
+        op: ks
+        for op in spec.operations
+        if op != "total" and (ks := _constants(op, value, spec)) and (names_left or op not in _RELATIVE)
+    }
     if not choices:
         raise _DeadEnd
     op = rng.choice(sorted(choices))
     return op, rng.choice(choices[op])
 
 
-def _step_text(rng: random.Random, op: str, k: int, value: int, item: str, cur: str,
-               new: str | None) -> tuple[int, str, str]:
+def _step_text(
+    rng: random.Random, op: str, k: int, value: int, item: str, cur: str, new: str | None
+) -> tuple[int, str, str]:
     """Apply one step to `value`: (result, the story's sentence, the solution's equation line).
     `new` is the person a relative step (more_than, fewer_than, times_as_many) introduces."""
     if op == "add":
@@ -180,23 +223,38 @@ def _step_text(rng: random.Random, op: str, k: int, value: int, item: str, cur: 
         return result, told, f"{cur} has {k} fewer: {value} - {k} = {result}."
     if op == "mul":
         result = value * k
-        return (result, f"{cur} ends up with {k} times as many {item} as before.",
-                f"{cur} has {k} times as many: {value} * {k} = {result}.")
+        return (
+            result,
+            f"{cur} ends up with {k} times as many {item} as before.",
+            f"{cur} has {k} times as many: {value} * {k} = {result}.",
+        )
     if op == "div":
         result = value // k
-        return (result, f"{cur} splits the {item} into {k} equal piles and keeps one pile.",
-                f"{cur} keeps one of {k} piles: {value} / {k} = {result}.")
+        return (
+            result,
+            f"{cur} splits the {item} into {k} equal piles and keeps one pile.",
+            f"{cur} keeps one of {k} piles: {value} / {k} = {result}.",
+        )
     if op == "more_than":
         result = value + k
-        return (result, f"{new} has {k} more {item} than {cur}.",
-                f"{new} has {k} more than {cur}: {value} + {k} = {result}.")
+        return (
+            result,
+            f"{new} has {k} more {item} than {cur}.",
+            f"{new} has {k} more than {cur}: {value} + {k} = {result}.",
+        )
     if op == "fewer_than":
         result = value - k
-        return (result, f"{new} has {k} fewer {item} than {cur}.",
-                f"{new} has {k} fewer than {cur}: {value} - {k} = {result}.")
+        return (
+            result,
+            f"{new} has {k} fewer {item} than {cur}.",
+            f"{new} has {k} fewer than {cur}: {value} - {k} = {result}.",
+        )
     result = value * k
-    return (result, f"{new} has {k} times as many {item} as {cur}.",
-            f"{new} has {k} times as many as {cur}: {value} * {k} = {result}.")
+    return (
+        result,
+        f"{new} has {k} times as many {item} as {cur}.",
+        f"{new} has {k} times as many as {cur}: {value} * {k} = {result}.",
+    )
 
 
 def _solution(chain: list[str], summary: str, answer: int) -> str:
@@ -204,8 +262,9 @@ def _solution(chain: list[str], summary: str, answer: int) -> str:
     return "<think>\n" + "\n".join(chain) + "\n</think>\n\n" + f"{summary}. The answer is \\boxed{{{answer}}}."
 
 
-def make_problems(spec: TestbedSpec, split: Literal["train", "test"], n: int | None = None,
-                  seed: int = 0) -> list[Problem]:
+def make_problems(
+    spec: TestbedSpec, split: Literal["train", "test"], n: int | None = None, seed: int = 0
+) -> list[Problem]:
     """`n` unique problems of `split` (default: spec.train_size / spec.test_size), the same for the
     same (spec, split, n, seed); no question of one split appears in the other, for any seeds."""
     if split not in ("train", "test"):
@@ -226,11 +285,14 @@ def make_problems(spec: TestbedSpec, split: Literal["train", "test"], n: int | N
             # a small spec has few distinct questions: fail loudly instead of spinning, after a number
             # of misses bounded by the questions found so far rather than by the n asked for
             if misses > 50 * len(problems) + 10000:
-                raise ValueError(f"the testbed spec has too few distinct {split} questions for n={n}; "
-                                 "raise max_number or max_steps")
+                raise ValueError(
+                    f"the testbed spec has too few distinct {split} questions for n={n}; raise max_number or max_steps"
+                )
             continue
         seen.add(question)
-        problems.append(Problem(id=f"testbed-{split}-{seed}-{len(problems)}", question=question,
-                                answer=str(answer), solution=solution))
+        problems.append(
+            Problem(
+                id=f"testbed-{split}-{seed}-{len(problems)}", question=question, answer=str(answer), solution=solution
+            )
+        )
     return problems
-
