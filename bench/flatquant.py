@@ -3,7 +3,7 @@ batched one, extrapolated to the full calibration; QuaRot + GPTQ on the same lay
 
     python bench/flatquant.py --out flatquant.json          # one GPU: 0.6B widths, 2 layers, 32 × 2048, 2 epochs
     python bench/flatquant.py --compile --no-gptq --out f.json         # also the batched path with torch.compile
-    python bench/flatquant.py --compile --tf32 --no-before --no-gptq --batch-size 8   # the shipped recipes' setting
+    python bench/flatquant.py --compile --tf32 --no-before --no-gptq --batch-size 8  # the recipes' batch, compile, tf32
     python bench/flatquant.py --tiny --no-gptq                         # CPU, seconds
 
 The model is Qwen3Config with Qwen3-0.6B's widths (hidden 1024, intermediate 3072, 16 heads × 128 = 2048

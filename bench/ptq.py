@@ -33,7 +33,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.models import load_pretrained  # noqa: E402
+from pipeline.loading import load_pretrained  # noqa: E402
 from pipeline.quant import sqnr  # noqa: E402
 from pipeline.quant.apply import quantize_rtn  # noqa: E402
 from pipeline.quant.calibration import calibration_loader  # noqa: E402

@@ -250,7 +250,7 @@ def _model(path: str, dtype: str | None, trust_remote_code: bool):
 def _check_quantized(path: Path, where: str, trust_remote_code: bool) -> None:
     """InputError(where, ...) unless `path` holds a quantized model this process may load."""
     from pipeline.models import PASS_TRUST_FLAG, check_model_dir
-    from pipeline.quant.formats.io import is_quantized
+    from pipeline.quant.formats.layout import is_quantized
 
     if not path.exists():
         raise InputError(where, f"{path} does not exist")

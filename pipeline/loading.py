@@ -35,7 +35,7 @@ class CustomCodeRefused(InputError):
 
 
 @contextmanager
-def _refusing_custom_code(path: str | Path) -> Iterator[None]:
+def refusing_custom_code(path: str | Path) -> Iterator[None]:
     """transformers' refusal of untrusted custom code as CustomCodeRefused: a plain ValueError, told
     apart by the `trust_remote_code=True` every one of its refusal messages asks for."""
     try:
@@ -49,7 +49,7 @@ def _refusing_custom_code(path: str | Path) -> Iterator[None]:
 def load_config(path: str | Path, trust_remote_code: bool = False) -> PretrainedConfig:
     """The config of the model at `path` (stage directory, model directory or hub id); no weights read."""
     where = model_dir(path)
-    with _refusing_custom_code(where):
+    with refusing_custom_code(where):
         return AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
 
 
@@ -57,7 +57,7 @@ def load_pretrained(path: str | Path, trust_remote_code: bool = False, **kwargs)
     """`AutoModelForCausalLM.from_pretrained` as every model load here calls it: safetensors only (never
     the pickle of a pytorch_model.bin), trust_remote_code as given. `kwargs` go to from_pretrained."""
     where = model_dir(path)
-    with _refusing_custom_code(where):
+    with refusing_custom_code(where):
         return AutoModelForCausalLM.from_pretrained(
             where, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
         )

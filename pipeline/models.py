@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from pipeline.engine.errors import InputError
-from pipeline.loading import CustomCodeRefused, _refusing_custom_code, load_config, load_pretrained
+from pipeline.loading import CustomCodeRefused, refusing_custom_code, load_config, load_pretrained
 from pipeline.model_spec import Qwen3Arch
 from pipeline.quant.formats.layout import model_dir
 
@@ -151,14 +151,6 @@ def build_model(arch: Qwen3Arch, tokenizer: PreTrainedTokenizerBase, seed: int =
     return model
 
 
-def is_quantized(path: str | Path) -> bool:
-    """Whether `path` (stage or model directory) holds a quantized model: pipeline.quant.formats.io's answer (the
-    one rule, pipeline.quant.formats.layout.is_quantized), looked up when called."""
-    from pipeline.quant.formats.io import is_quantized as quantized
-
-    return quantized(model_dir(path))
-
-
 def load_model(
     path: str | Path,
     dtype: str | torch.dtype | None = None,
@@ -167,14 +159,15 @@ def load_model(
 ) -> PreTrainedModel:
     """Load a causal LM from a stage directory, a model directory or a hub id.
 
-    A quantized checkpoint (as `pipeline.quant.formats.io.is_quantized` tells) is loaded by
+    A quantized checkpoint (as `pipeline.quant.formats.layout.is_quantized` tells) is loaded by
     `pipeline.quant.formats.io.load_quantized`, which returns the model with its QuantLinear modules.
     dtype None keeps the dtype it was saved in.
     """
     where = str(model_dir(path))  # resolved here, once: io's functions find `where` is the model folder itself
-    from pipeline.quant.formats.io import is_quantized as quantized, load_quantized
+    from pipeline.quant.formats.io import load_quantized
+    from pipeline.quant.formats.layout import is_quantized
 
-    if quantized(where):
+    if is_quantized(where):
         model = load_quantized(where, trust_remote_code=trust_remote_code)
         if dtype is not None:
             model = model.to(_torch_dtype(dtype))
@@ -188,7 +181,7 @@ def load_model(
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer saved with a model (stage directory, model directory or hub id)."""
     where = str(model_dir(path))
-    with _refusing_custom_code(where):
+    with refusing_custom_code(where):
         return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
 
 

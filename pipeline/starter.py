@@ -237,7 +237,8 @@ def render(name: str, model_path: Path, scheme: str, config, out: Path) -> str:
 
 def _model_config(model: str | Path):
     """The transformers config of the model folder `model`, read without running code from it."""
-    from pipeline.models import check_model_dir, load_config
+    from pipeline.loading import load_config
+    from pipeline.models import check_model_dir
 
     if not Path(model).is_dir():
         raise InputError("--model", f"no such directory: {model}")

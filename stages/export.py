@@ -56,7 +56,7 @@ def check(config: Config, recipe) -> list[tuple[str, str]]:
 
 def run(ctx: StageContext) -> dict[str, float]:
     from pipeline.quant.formats.export import describe_size, export_checkpoint
-    from pipeline.quant.formats.io import is_quantized
+    from pipeline.quant.formats.layout import is_quantized
 
     source = ctx.inputs["model"]
     if not is_quantized(source):

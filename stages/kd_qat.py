@@ -41,7 +41,8 @@ from pipeline.train.kd_loss import kd_loss_fn as distill_loss_fn
 from pipeline.engine.errors import InputError
 from pipeline.generate import GenerationSpec
 from pipeline.train.memory import GIB, fit_error, kd_step_memory_of
-from pipeline.models import is_quantized, load_model, load_tokenizer
+from pipeline.models import load_model, load_tokenizer
+from pipeline.quant.formats.layout import is_quantized
 from pipeline.quant.apply import decoding_weights, quant_linears, weight_only
 from pipeline.quant.formats.io import read_quant_spec, save_quantized, saved_dtype
 from pipeline.data.rows import read_jsonl

@@ -223,7 +223,8 @@ def _scheme_fit(recipe) -> list[tuple[str, str]]:
     such a recipe is built from it), or from a local `model.path`'s config.json (no weights read)."""
     from pathlib import Path
 
-    from pipeline.models import check_model_dir, load_config
+    from pipeline.loading import load_config
+    from pipeline.models import check_model_dir
     from pipeline.quant.fit import check_fit
 
     model = recipe.model

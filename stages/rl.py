@@ -81,7 +81,8 @@ def check(config: Config, recipe) -> list[tuple[str, str]]:
 def run(ctx: StageContext) -> dict[str, float]:
     from accelerate import PartialState
 
-    from pipeline.models import is_quantized, load_model, load_tokenizer
+    from pipeline.models import load_model, load_tokenizer
+    from pipeline.quant.formats.layout import is_quantized
     from pipeline.quant.formats.io import read_quant_spec, save_quantized, saved_dtype
     from pipeline.train.rl import grpo_train
 

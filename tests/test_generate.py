@@ -14,7 +14,8 @@ from transformers import LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM, Top
 import tiny_lm
 from pipeline import refill
 from pipeline.data.chat import chat_prompt
-from pipeline.generate import GenerationSpec, first_stop_end, generate, generate_ids, stop_token_ids
+from pipeline.generate import GenerationSpec, generate, generate_ids, stop_token_ids
+from pipeline.stops import first_stop_end
 
 QUESTIONS = [
     "Mia has 3 apples. She buys 4 more. How many apples does Mia have?",

@@ -7,8 +7,7 @@ import pytest
 import torch
 from transformers import Qwen3ForCausalLM
 
-import pipeline.quant
-from pipeline import models
+from pipeline.quant.formats import layout
 from pipeline.models import Qwen3Arch, build_model, load_model, load_tokenizer, save_model
 from pipeline.data.tokenizer import build_tokenizer
 
@@ -64,9 +63,7 @@ def test_quantized_directories_go_to_quant_io(tokenizer, tmp_path, monkeypatch):
     save_model(build_model(ARCH, tokenizer), tokenizer, tmp_path / "model")
     sentinel = torch.nn.Linear(2, 2)
     fake = types.ModuleType("pipeline.quant.formats.io")
-    fake.is_quantized = lambda path: str(path) == str(tmp_path / "model")
     fake.load_quantized = lambda path, trust_remote_code: sentinel
     monkeypatch.setitem(sys.modules, "pipeline.quant.formats.io", fake)
-    monkeypatch.setattr(pipeline.quant, "io", fake, raising=False)
-    assert models.is_quantized(tmp_path)
+    monkeypatch.setattr(layout, "is_quantized", lambda path: str(path) == str(tmp_path / "model"))
     assert load_model(tmp_path) is sentinel and not sentinel.training

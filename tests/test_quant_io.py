@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import pipeline
 from pipeline.engine.errors import InputError
 from pipeline.quant.apply import quant_linears, quantize_rtn
-from pipeline.quant.formats.io import QUANT_CONFIG, is_quantized, read_quant_spec, save_quantized
+from pipeline.quant.formats.io import read_quant_spec, save_quantized
+from pipeline.quant.formats.layout import QUANT_CONFIG, is_quantized
 from pipeline.quant.scheme import QuantSpec
 from quant_tiny import save_tiny
 

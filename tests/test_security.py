@@ -17,9 +17,11 @@ from safetensors.torch import save_file
 from transformers import AutoConfig
 
 import tiny_lm
-from pipeline.models import CustomCodeRefused, check_model_dir, load_model, load_tokenizer, save_model
+from pipeline.loading import CustomCodeRefused
+from pipeline.models import check_model_dir, load_model, load_tokenizer, save_model
 from pipeline.quant.apply import quantize_rtn
-from pipeline.quant.formats.io import FORMAT, FORMAT_VERSION, QUANT_CONFIG, save_quantized
+from pipeline.quant.formats.io import save_quantized
+from pipeline.quant.formats.layout import FORMAT, FORMAT_VERSION, QUANT_CONFIG
 from pipeline.quant.scheme import QuantSpec
 from pipeline.engine.store import Store
 

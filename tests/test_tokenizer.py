@@ -5,14 +5,14 @@ from transformers import AutoTokenizer
 
 from pipeline.data.chat import chat_example, chat_prompt
 from pipeline.data.testbed import TestbedSpec, make_problems
-from pipeline.data.tokenizer import build_tokenizer, save_tokenizer
+from pipeline.data.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok")
     built = build_tokenizer()
-    save_tokenizer(built, path)
+    built.save_pretrained(str(path))
     return built, AutoTokenizer.from_pretrained(path), path
 
 

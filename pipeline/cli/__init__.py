@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.engine import logs
 
     logs.quiet_libraries(verbose)
-    # the recipe schema imports every stage type (torch, transformers): not needed for --help
+    # pydantic and the section schemas: not needed for --help
     from pipeline.engine.recipe import RecipeError
 
     try:

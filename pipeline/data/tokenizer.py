@@ -19,7 +19,6 @@ on the recipe's data, so the tokenizer is a function of `vocab_size` and this co
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AddedToken, PreTrainedTokenizerBase, Qwen2Tokenizer
@@ -87,7 +86,3 @@ def build_tokenizer(vocab_size: int = 768) -> PreTrainedTokenizerBase:
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.model_max_length = 32768
     return tokenizer
-
-
-def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
-    tokenizer.save_pretrained(str(out_dir))

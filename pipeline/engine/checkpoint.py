@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from pipeline.engine import signals
-from pipeline.engine.files import MANIFEST, fsync_dir, hash_tree, sha256_file
+from pipeline.engine.files import MANIFEST, fsync_dir, fsync_file, hash_tree, sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -157,11 +157,6 @@ def unflatten_state(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
     return walk(skeleton)
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _write_part(directory: Path, name: str, state: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
@@ -169,7 +164,7 @@ def _write_part(directory: Path, name: str, state: dict[str, Any]) -> None:
     save_file(tensors, directory / f"{name}.safetensors")
     (directory / f"{name}.json").write_text(json.dumps(skeleton))
     for suffix in (".safetensors", ".json"):
-        _fsync_file(directory / f"{name}{suffix}")
+        fsync_file(directory / f"{name}{suffix}")
 
 
 def _read_part(directory: Path, name: str) -> dict[str, Any]:
@@ -237,7 +232,7 @@ class Checkpointer:
     def _publish(self, step: int, tmp: Path, final: Path, processes: int) -> None:
         files = hash_tree(tmp)
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "processes": processes, "files": files}, indent=2))
-        _fsync_file(tmp / MANIFEST)
+        fsync_file(tmp / MANIFEST)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         fsync_dir(self.directory)

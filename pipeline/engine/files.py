@@ -33,6 +33,12 @@ def hash_tree(directory: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
+def fsync_file(path: Path) -> None:
+    """Make a file's written bytes durable before it is renamed into place."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside `path` durable (the directory entry, not just the file)."""
     fd = os.open(path, os.O_RDONLY)

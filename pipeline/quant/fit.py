@@ -16,7 +16,7 @@ def check_fit(
 ) -> list[tuple[str, str]]:
     """Every way `spec` does not fit the model, as (key path, message) pairs; [] if it fits.
 
-    `model_or_config` is a model, a transformers `PretrainedConfig`, or a `pipeline.models.Qwen3Arch`.
+    `model_or_config` is a model, a transformers `PretrainedConfig`, or a `pipeline.model_spec.Qwen3Arch`.
     A config is instantiated on the meta device (no memory, no weights) so that target matching sees
     the same module names and widths as the real model.
     """

@@ -20,7 +20,8 @@ from trl.models import prepare_deepspeed, unwrap_model_for_generation
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
 from pipeline.engine.checkpoint import Checkpointer
-from pipeline.generate import GenerationSpec, first_stop_end, generate_ids, resolve_backend
+from pipeline.generate import GenerationSpec, generate_ids, resolve_backend
+from pipeline.stops import first_stop_end
 from pipeline.quant.apply import decoding_weights, weight_only
 from pipeline.train.loop import rng_state, set_rng_state
 from pipeline.train.aqn import AQNSpec, aqn_sigma, norm_noise

@@ -30,22 +30,9 @@ from pipeline.quant.formats.layout import (
     QUANT_CONFIG,
     TRANSFORMS_FILE,
     compressed_tensors_config,
-    is_quantized,
     locate,
     model_dir,
 )
-
-__all__ = [
-    "FORMAT",
-    "FORMAT_VERSION",
-    "QUANT_CONFIG",
-    "is_quantized",
-    "load_quantized",
-    "model_dir",
-    "read_quant_spec",
-    "save_quantized",
-    "saved_dtype",
-]
 
 
 def read_quant_spec(path: str | Path):
