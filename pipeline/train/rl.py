@@ -254,10 +254,9 @@ def grpo_train(
     loss, lr, grad_norm, sigma, ...). Raises StageInterrupted after checkpointing on SIGTERM/SIGINT.
     """
     from accelerate import PartialState
-    from transformers import PrinterCallback
 
     from pipeline.engine.progress import progress
-    from pipeline.train.grpo_trainer import EngineCallback, QuantGRPOTrainer, tensorboard_callback
+    from pipeline.train.grpo_trainer import EngineCallback
 
     log = log or logging.getLogger(__name__)
     if settings.beta > 0 and settings.policy == "qat" and ref_model is None:
@@ -282,23 +281,8 @@ def grpo_train(
     }
     found = checkpointer.resume(signature, log)
     rows, resume_dir = _resume(found, Path(scratch.name), log)
-    trainer = QuantGRPOTrainer(
-        model=model,
-        reward_funcs=list(reward_funcs),
-        args=args,
-        train_dataset=_dataset(tokenizer, problems, instruction),
-        processing_class=tokenizer,
-        peft_config=_lora_config(settings, model),
-        seed=seed,
-        rollout_spec=rollout_spec(settings),
-        aqn=settings.aqn,
-        beta=settings.beta,
-        ref_model=ref_model,
-        resume=found[1] if found else None,
-    )
-    trainer.remove_callback(PrinterCallback)  # it prints every log dict; metrics.jsonl and the bar say it
-    if "tensorboard" in settings.report_to:  # transformers' own would write to ./runs: give it the stage's folder
-        trainer.add_callback(tensorboard_callback(out_dir / "tensorboard"))
+    dataset = _dataset(tokenizer, problems, instruction)
+    trainer = _trainer(model, tokenizer, dataset, settings, args, reward_funcs, ref_model, seed, found, out_dir)
     if trainer.accelerator.is_main_process:
         with open(metrics_path, "w") as f:  # rows after the checkpoint belong to a lost future
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -320,6 +304,35 @@ def grpo_train(
     if settings.policy == "lora":
         policy = policy.merge_and_unload()
     return policy, _summary(trainer, settings, rows, seconds, codes_changed(codes_before, quant_codes(policy)))
+
+
+def _trainer(
+    model, tokenizer, dataset, settings: GRPOSettings, args, reward_funcs, ref_model, seed: int, found, out_dir: Path
+):
+    """The QuantGRPOTrainer of this run (resuming from `found`, a checkpoint or None), printing nothing itself,
+    with transformers' tensorboard callback in the stage's folder when asked."""
+    from transformers import PrinterCallback
+
+    from pipeline.train.grpo_trainer import QuantGRPOTrainer, tensorboard_callback
+
+    trainer = QuantGRPOTrainer(
+        model=model,
+        reward_funcs=list(reward_funcs),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=_lora_config(settings, model),
+        seed=seed,
+        rollout_spec=rollout_spec(settings),
+        aqn=settings.aqn,
+        beta=settings.beta,
+        ref_model=ref_model,
+        resume=found[1] if found else None,
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints every log dict; metrics.jsonl and the bar say it
+    if "tensorboard" in settings.report_to:  # transformers' own would write to ./runs: give it the stage's folder
+        trainer.add_callback(tensorboard_callback(out_dir / "tensorboard"))
+    return trainer
 
 
 def _train_all_but_scales(model: torch.nn.Module) -> None:
