@@ -40,8 +40,8 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.quant.methods import flatquant, quarot  # noqa: E402
 from pipeline.quant.apply import prepare  # noqa: E402
+from pipeline.quant.methods import flatquant, quarot  # noqa: E402
 from pipeline.quant.methods.gptq import gptq_layerwise  # noqa: E402
 from pipeline.quant.scheme import QuantSpec  # noqa: E402
 

@@ -36,10 +36,10 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.engine.checkpoint import Checkpointer  # noqa: E402
-from pipeline.train.memory import GIB, kd_step_memory_of  # noqa: E402
 from pipeline.quant.apply import quantize_rtn  # noqa: E402
 from pipeline.quant.scheme import QuantSpec  # noqa: E402
 from pipeline.train.loop import TrainArgs, make_accelerator, train  # noqa: E402
+from pipeline.train.memory import GIB, kd_step_memory_of  # noqa: E402
 
 SHAPES = {  # Qwen3 model cards' sizes
     "0.6b": dict(

@@ -33,13 +33,13 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.data.tokenizer import build_tokenizer  # noqa: E402
 from pipeline.loading import load_pretrained  # noqa: E402
 from pipeline.quant import sqnr  # noqa: E402
 from pipeline.quant.apply import quantize_rtn  # noqa: E402
 from pipeline.quant.calibration import calibration_loader  # noqa: E402
 from pipeline.quant.methods.gptq import gptq_modifier, run_gptq  # noqa: E402
 from pipeline.quant.scheme import QuantSpec  # noqa: E402
-from pipeline.data.tokenizer import build_tokenizer  # noqa: E402
 
 QWEN3 = dict(
     vocab_size=151936,

@@ -33,9 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.generate import GenerationSpec, generate_ids  # noqa: E402
-from pipeline.quant.apply import quantize_rtn  # noqa: E402
+from pipeline.quant.apply import decoding_weights, quantize_rtn  # noqa: E402
 from pipeline.quant.scheme import QuantSpec  # noqa: E402
-from pipeline.quant.apply import decoding_weights  # noqa: E402
 
 # the model builder and timer of the generation benchmark, not a copy of them
 _spec = importlib.util.spec_from_file_location("bench_generate", Path(__file__).with_name("generate.py"))

@@ -26,9 +26,9 @@ from pipeline.engine.errors import InputError
 if TYPE_CHECKING:
     from torch import nn
 
-    from pipeline.generate import GenerationSpec
     from pipeline.engine.recipe import Recipe
     from pipeline.engine.runner import Decision, Outcome, Processes
+    from pipeline.generate import GenerationSpec
 
 DEFAULT_ARTIFACTS = "artifacts"
 
@@ -57,7 +57,8 @@ def run(
     """Run what is missing or stale under `artifacts/<recipe name>/`: `from_stage` re-runs it and everything
     downstream, `only` just it, `force` every selected stage. Returns each stage's outcome; raises RunError when
     a stage fails, RunStopped on SIGINT / SIGTERM. `procs`: the caller's view of the ranks, if it made one."""
-    from pipeline.engine.runner import Options, run as run_recipe
+    from pipeline.engine.runner import Options
+    from pipeline.engine.runner import run as run_recipe
 
     options = Options(from_stage=from_stage, only=only, force=force)
     return run_recipe(load(recipe, overrides), artifacts, options, procs)
@@ -74,7 +75,8 @@ def plan(
 ) -> "list[Decision]":
     """What `run` with the same arguments would do to each stage (`action`: run / skip / gate, and why);
     writes nothing."""
-    from pipeline.engine.runner import Options, plan as plan_recipe
+    from pipeline.engine.runner import Options
+    from pipeline.engine.runner import plan as plan_recipe
     from pipeline.engine.store import Store
 
     loaded = load(recipe, overrides)
@@ -138,7 +140,8 @@ def evaluate(
     `limit` problems, sampled as `generation` says (a GenerationSpec or its keys); every sample is written to
     `samples_path` (jsonl) when given. Problems come from `data_dir` or the hub dataset `hub`; `recipe`: take
     the testbed spec, data sources and instruction from its `data` section."""
-    from pipeline.evaluation import bench_problems, evaluate as evaluate_model
+    from pipeline.evaluation import bench_problems
+    from pipeline.evaluation import evaluate as evaluate_model
     from pipeline.generate import GenerationSpec
 
     spec = generation if isinstance(generation, GenerationSpec) else GenerationSpec(**(generation or {}))
@@ -172,7 +175,8 @@ def perplexity(
     over the `text` file (.jsonl / .parquet with a `text` field) in windows of `max_length` tokens. Problems
     come from `data_dir`, the hub dataset `hub` or `recipe`'s `data` section, as for `evaluate`."""
     from pipeline.data.rows import read_texts
-    from pipeline.evaluation import bench_problems, perplexity as measure, solution_examples, text_examples
+    from pipeline.evaluation import bench_problems, solution_examples, text_examples
+    from pipeline.evaluation import perplexity as measure
 
     if max_length < 2:
         raise InputError("--max-length", f"must be >= 2, got {max_length}")

@@ -32,11 +32,11 @@ from pathlib import Path
 
 from pipeline.data.benchmarks import HUB_IDS, load_benchmark
 from pipeline.data.chat import BOXED_INSTRUCTION, chat_example
+from pipeline.data.grading import grade_many
 from pipeline.data.problem import Problem
+from pipeline.data.rows import write_jsonl
 from pipeline.engine.errors import InputError
 from pipeline.generate import GenerationSpec, generate
-from pipeline.data.grading import grade_many
-from pipeline.data.rows import write_jsonl
 
 
 def sample_and_grade(

@@ -63,7 +63,6 @@ from pipeline.engine.progress import Bar, progress
 from pipeline.engine.stage_api import SEED_MAX
 from pipeline.stops import first_stop_end
 
-
 _STATIC_WIDTH_STEP = 64
 """Prompt widths of the static backend are rounded up to a multiple of this."""
 

@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from pipeline.engine.errors import InputError
-from pipeline.loading import CustomCodeRefused, refusing_custom_code, load_config, load_pretrained
+from pipeline.loading import CustomCodeRefused, load_config, load_pretrained, refusing_custom_code
 from pipeline.model_spec import Qwen3Arch
 from pipeline.quant.formats.layout import model_dir
 

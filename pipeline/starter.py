@@ -276,9 +276,9 @@ def _completion_budget(cap: int, context: int | None) -> int:
 def _group_note(config, scheme: str) -> str:
     """Comment lines under `group_size_policy`: which widths get which lowered group size. RecipeError when
     no group size fits some layer."""
+    from pipeline.engine.recipe import RecipeError
     from pipeline.quant.fit import check_fit, lowered_group_sizes
     from pipeline.quant.scheme import QuantSpec
-    from pipeline.engine.recipe import RecipeError
 
     spec = QuantSpec.model_validate({"preset": scheme, "weights": {"group_size_policy": "largest_divisor"}})
     errors = check_fit(config, spec)

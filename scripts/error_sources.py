@@ -99,8 +99,8 @@ def main() -> None:
     from pipeline.data.chat import chat_example
     from pipeline.data.spec import DataSpec
     from pipeline.models import load_model, load_tokenizer
-    from pipeline.quant.methods import quarot
     from pipeline.quant.apply import calibrate, prepare, quant_linears
+    from pipeline.quant.methods import quarot
     from pipeline.quant.scheme import QuantSpec
     from pipeline.train.loop import collate
 

@@ -39,8 +39,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.data.benchmarks import check_bench, load_benchmark
-from pipeline.evaluation import evaluate, perplexity, solution_examples, text_examples
-from pipeline.generate import GenerationSpec
+from pipeline.data.testbed import MAX_PROBLEMS
 from pipeline.engine.stage_api import (
     ADDED_KEY,
     ANY_MODEL,
@@ -50,7 +49,8 @@ from pipeline.engine.stage_api import (
     stage_ref,
     untrained_base_model,
 )
-from pipeline.data.testbed import MAX_PROBLEMS
+from pipeline.evaluation import evaluate, perplexity, solution_examples, text_examples
+from pipeline.generate import GenerationSpec
 
 CODE_VERSION = 1
 USES = ("seed", "data")

@@ -31,10 +31,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.data.benchmarks import check_bench, load_benchmark
+from pipeline.data.testbed import MAX_PROBLEMS
+from pipeline.engine.stage_api import ANY_MODEL, VERDICT, StageConfig, StageContext, stage_ref, untrained_base_model
 from pipeline.evaluation import evaluate
 from pipeline.generate import GenerationSpec
-from pipeline.engine.stage_api import ANY_MODEL, VERDICT, StageConfig, StageContext, stage_ref, untrained_base_model
-from pipeline.data.testbed import MAX_PROBLEMS
 
 CODE_VERSION = 1
 USES = ("seed", "data")

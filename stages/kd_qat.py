@@ -37,18 +37,17 @@ import torch
 from accelerate import DistributedType
 from pydantic import Field, model_validator
 
-from pipeline.train.kd_loss import kd_loss_fn as distill_loss_fn
-from pipeline.engine.errors import InputError
-from pipeline.generate import GenerationSpec
-from pipeline.train.memory import GIB, fit_error, kd_step_memory_of
-from pipeline.models import load_model, load_tokenizer
-from pipeline.quant.formats.layout import is_quantized
-from pipeline.quant.apply import decoding_weights, quant_linears, weight_only
-from pipeline.quant.formats.io import read_quant_spec, save_quantized, saved_dtype
 from pipeline.data.rows import read_jsonl
-from pipeline.engine.stage_api import ANY_MODEL, QUANTIZED, TRACES, StageConfig, StageContext, stage_ref
 from pipeline.data.testbed import MAX_PROBLEMS
 from pipeline.data.traces import training_traces
+from pipeline.engine.errors import InputError
+from pipeline.engine.stage_api import ANY_MODEL, QUANTIZED, TRACES, StageConfig, StageContext, stage_ref
+from pipeline.generate import GenerationSpec
+from pipeline.models import load_model, load_tokenizer
+from pipeline.quant.apply import decoding_weights, quant_linears, weight_only
+from pipeline.quant.formats.io import read_quant_spec, save_quantized, saved_dtype
+from pipeline.quant.formats.layout import is_quantized
+from pipeline.train.kd_loss import kd_loss_fn as distill_loss_fn
 from pipeline.train.loop import (
     TrainArgs,
     causal_lm_loss,
@@ -58,6 +57,7 @@ from pipeline.train.loop import (
     train,
     whole_models,
 )
+from pipeline.train.memory import GIB, fit_error, kd_step_memory_of
 
 CODE_VERSION = 2
 USES = ("seed", "model", "data")

@@ -247,8 +247,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     from pipeline.models import load_model, load_tokenizer
     from pipeline.quant import sqnr
     from pipeline.quant.apply import quant_linears
-    from pipeline.quant.formats.io import save_quantized
     from pipeline.quant.fit import check_fit
+    from pipeline.quant.formats.io import save_quantized
 
     config, spec = ctx.config, ctx.recipe.quant
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -375,9 +375,9 @@ def _log_lowered_group_sizes(model, spec, log) -> int:
 def _transform_and_quantize(model, spec, samples, config: Config, ctx: StageContext):
     """quarot / flatquant, then weight_method; returns the method's own metrics and the transformed
     full-precision weights (the reference of the SQNR report)."""
-    from pipeline.quant.methods import flatquant, quarot
     from pipeline.quant import sqnr
     from pipeline.quant.apply import calibrate, prepare
+    from pipeline.quant.methods import flatquant, quarot
     from pipeline.quant.methods.gptq import gptq_layerwise
 
     prepare(model, spec)

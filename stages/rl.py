@@ -48,11 +48,11 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.data.benchmarks import check_training_data, training_problems
-from pipeline.engine.errors import InputError
-from pipeline.train.rl import GRPOSettings
-from pipeline.engine.stage_api import QUANTIZED, SEED_MAX, StageConfig, StageContext, stage_ref
 from pipeline.data.testbed import MAX_PROBLEMS
+from pipeline.engine.errors import InputError
+from pipeline.engine.stage_api import QUANTIZED, SEED_MAX, StageConfig, StageContext, stage_ref
 from pipeline.train.loop import missing_trackers
+from pipeline.train.rl import GRPOSettings
 
 CODE_VERSION = 1
 USES = ("seed", "model", "data")
@@ -82,8 +82,8 @@ def run(ctx: StageContext) -> dict[str, float]:
     from accelerate import PartialState
 
     from pipeline.models import load_model, load_tokenizer
-    from pipeline.quant.formats.layout import is_quantized
     from pipeline.quant.formats.io import read_quant_spec, save_quantized, saved_dtype
+    from pipeline.quant.formats.layout import is_quantized
     from pipeline.train.rl import grpo_train
 
     config, recipe = ctx.config, ctx.recipe

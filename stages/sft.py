@@ -30,13 +30,13 @@ from typing import Literal
 import torch
 
 from pipeline.data.chat import chat_example
-from pipeline.engine.errors import InputError
-from pipeline.models import build_model, load_model, load_tokenizer, save_model
-from pipeline.quant.formats.layout import is_quantized
-from pipeline.engine.stage_api import ANY_MODEL, MODEL, TRACES, StageConfig, StageContext, stage_ref
 from pipeline.data.testbed import make_problems
 from pipeline.data.tokenizer import build_tokenizer
 from pipeline.data.traces import training_traces
+from pipeline.engine.errors import InputError
+from pipeline.engine.stage_api import ANY_MODEL, MODEL, TRACES, StageConfig, StageContext, stage_ref
+from pipeline.models import build_model, load_model, load_tokenizer, save_model
+from pipeline.quant.formats.layout import is_quantized
 from pipeline.train.loop import TrainArgs, causal_lm_loss, check_train_args, make_accelerator, train
 
 CODE_VERSION = 1

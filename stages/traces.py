@@ -28,11 +28,11 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.data.benchmarks import check_training_data, training_problems
-from pipeline.evaluation import sample_and_grade
-from pipeline.generate import GenerationSpec
-from pipeline.engine.stage_api import ANY_MODEL, TRACES, StageConfig, StageContext, stage_ref, untrained_base_model
 from pipeline.data.testbed import MAX_PROBLEMS
 from pipeline.data.traces import Trace, write_traces
+from pipeline.engine.stage_api import ANY_MODEL, TRACES, StageConfig, StageContext, stage_ref, untrained_base_model
+from pipeline.evaluation import sample_and_grade
+from pipeline.generate import GenerationSpec
 
 CODE_VERSION = 2
 USES = ("seed", "data")

@@ -14,11 +14,11 @@ import pipeline
 import tiny_lm
 from pipeline import api
 from pipeline.engine.errors import InputError
+from pipeline.engine.recipe import load_recipe
 from pipeline.models import save_model
 from pipeline.quant.apply import quantize_rtn
 from pipeline.quant.formats.io import save_quantized
 from pipeline.quant.scheme import QuantSpec
-from pipeline.engine.recipe import load_recipe
 from quant_tiny import save_tiny
 
 

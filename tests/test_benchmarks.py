@@ -4,11 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import benchmarks
+from pipeline.data import benchmarks, testbed
 from pipeline.data.benchmarks import load_benchmark, load_prompts_file
-from pipeline.engine.errors import InputError
 from pipeline.data.rows import read_rows
-from pipeline.data import testbed
+from pipeline.engine.errors import InputError
 
 DATA = Path(__file__).parent / "data"
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import TINY_MODEL
 
 from pipeline.engine import dag
 from pipeline.engine.recipe import RecipeError, check_references, find_cycle, parse_recipe
-
-from conftest import TINY_MODEL
 
 
 def recipe(stage_map):

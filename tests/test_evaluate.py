@@ -149,8 +149,8 @@ def test_solution_perplexity_matches_the_models_own_loss():
     import torch
 
     from pipeline.data.chat import chat_example
-    from pipeline.evaluation import solution_perplexity
     from pipeline.data.testbed import TestbedSpec, make_problems
+    from pipeline.evaluation import solution_perplexity
 
     model, tokenizer = tiny_lm.model().eval(), tiny_lm.tokenizer()
     problems = make_problems(TestbedSpec(), "test", n=5)
@@ -209,8 +209,8 @@ def test_kl_to_teacher_matches_full_logits():
     import torch
     import torch.nn.functional as F
 
-    from pipeline.evaluation import perplexity, solution_examples
     from pipeline.data.testbed import TestbedSpec, make_problems
+    from pipeline.evaluation import perplexity, solution_examples
 
     student, teacher, tokenizer = tiny_lm.model(0), tiny_lm.model(1), tiny_lm.tokenizer()
     examples = solution_examples(tokenizer, make_problems(TestbedSpec(), "test", n=3))

@@ -14,12 +14,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import pipeline
-from pipeline.cli.export import add_arguments as add_export_arguments, run as cli_export
+from pipeline.cli.export import add_arguments as add_export_arguments
+from pipeline.cli.export import run as cli_export
 from pipeline.engine.errors import InputError
+from pipeline.engine.stage_api import StageContext
 from pipeline.quant.apply import quant_linears, quantize_rtn
 from pipeline.quant.formats.io import save_quantized
 from pipeline.quant.scheme import QuantSpec
-from pipeline.engine.stage_api import StageContext
 from quant_tiny import moves_whole, one_thread, save_tiny
 from stages import export as export_stage
 

@@ -10,12 +10,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import pipeline
+from pipeline.cli.export import add_arguments as add_export_arguments
+from pipeline.cli.export import run as cli_export
 from pipeline.models import load_model
-from pipeline.quant.methods import flatquant, quarot
 from pipeline.quant.apply import calibrate, prepare
-from pipeline.cli.export import add_arguments as add_export_arguments, run as cli_export
 from pipeline.quant.formats.export import TRANSFORMS_FILE
 from pipeline.quant.formats.io import save_quantized
+from pipeline.quant.methods import flatquant, quarot
 from pipeline.quant.online import transforms
 from pipeline.quant.scheme import QuantSpec
 from quant_tiny import one_thread, tiny_model, tiny_tokenizer

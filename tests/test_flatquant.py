@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import pipeline
-from pipeline.quant.methods import flatquant
 from pipeline.quant.apply import prepare, set_fake_quant
 from pipeline.quant.formats.io import save_quantized
 from pipeline.quant.layerwise import capture_inputs
+from pipeline.quant.methods import flatquant
 from pipeline.quant.online import transform_parameters, transforms
 from pipeline.quant.scheme import QuantSpec
 from quant_tiny import one_thread, planted_rtn_and_quarot, planted_w4a4kv4, tiny_model, tiny_tokenizer

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 import stages.kd_qat as kd_qat
-from pipeline.engine.checkpoint import Checkpointer
 from pipeline.data.chat import chat_example
-from pipeline.train.distill import token_divergence
+from pipeline.engine.checkpoint import Checkpointer
+from pipeline.engine.recipe import RecipeError, parse_recipe
+from pipeline.engine.stage_api import StageContext
 from pipeline.models import load_model, load_tokenizer
 from pipeline.quant.apply import quant_linears, quantize_rtn
 from pipeline.quant.formats.io import load_quantized, save_quantized
 from pipeline.quant.scheme import QuantSpec
-from pipeline.engine.recipe import RecipeError, parse_recipe
-from pipeline.engine.stage_api import StageContext
+from pipeline.train.distill import token_divergence
 from pipeline.train.loop import collate
 from quant_tiny import one_thread, save_tiny, write_traces
 
@@ -195,9 +195,10 @@ def test_transforms_of_a_quarot_init_train_only_when_asked(artifacts, tmp_path, 
     """trainable: the online rotations move and every activation quantizer gets a learned clip that starts
     at the scheme's ratio (the student's forward is unchanged at step 0) and is saved with the model;
     frozen: both stay exactly as the PTQ stage left them."""
-    from pipeline.quant.methods import quarot
     from pipeline.quant.apply import calibrate, prepare
-    from pipeline.quant.online import add_activation_clips, transforms as online_transforms
+    from pipeline.quant.methods import quarot
+    from pipeline.quant.online import add_activation_clips
+    from pipeline.quant.online import transforms as online_transforms
 
     init = artifacts / "ptq-quarot"
     spec = QuantSpec.model_validate({"preset": "w4a4kv4", "activations": {"clip_ratio": 0.9}})
@@ -242,7 +243,8 @@ def test_transforms_of_a_quarot_init_train_only_when_asked(artifacts, tmp_path, 
 
 def test_traces_kept_are_logged_and_none_left_fails_the_stage(artifacts, tmp_path, caplog):
     """A weak teacher's traces: the stage says how many it kept, and refuses to train on none, naming only_correct."""
-    from pipeline.data.traces import read_traces, write_traces as write
+    from pipeline.data.traces import read_traces
+    from pipeline.data.traces import write_traces as write
 
     wrong = tmp_path / "wrong"
     write(

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import Qwen3ForCausalLM
 
-from pipeline.quant.formats import layout
-from pipeline.models import Qwen3Arch, build_model, load_model, load_tokenizer, save_model
 from pipeline.data.tokenizer import build_tokenizer
+from pipeline.models import Qwen3Arch, build_model, load_model, load_tokenizer, save_model
+from pipeline.quant.formats import layout
 
 ARCH = Qwen3Arch(
     hidden_size=64,

@@ -4,7 +4,6 @@ environment sets, one at the end, none on other ranks; counts print as integers.
 import logging
 import re
 
-
 from pipeline.engine.logs import format_number
 from pipeline.engine.progress import duration, progress
 

@@ -12,13 +12,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import pipeline
 from pipeline.engine.errors import InputError
+from pipeline.engine.stage_api import StageContext
 from pipeline.models import Qwen3Arch
 from pipeline.quant import sqnr
 from pipeline.quant.apply import quant_linears, quantize_rtn
 from pipeline.quant.calibration import generic_samples, packed_traces_samples, traces_samples
 from pipeline.quant.methods.gptq import gptq_modifier, run_gptq
 from pipeline.quant.scheme import QuantSpec
-from pipeline.engine.stage_api import StageContext
 from quant_tiny import one_thread, save_tiny, write_traces
 from stages import ptq
 
@@ -54,6 +54,7 @@ def test_gptq_is_llmcompressors_exactly_and_beats_rtn(teacher):
     bare = _load(teacher.dir)  # llmcompressor's own oneshot, nothing of ours after it
     from llmcompressor import oneshot
     from llmcompressor.core import active_session
+
     from pipeline.quant.calibration import calibration_loader
 
     oneshot(

@@ -12,11 +12,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import pipeline
-from pipeline.quant.methods import flatquant, quarot
 from pipeline.quant.apply import calibrate, lowered_group_sizes, prepare, quant_linears, quantize_rtn, set_fake_quant
 from pipeline.quant.formats.export import export_checkpoint
-from pipeline.quant.methods.gptq import gptq_modifier, run_gptq
 from pipeline.quant.formats.io import read_quant_spec, save_quantized
+from pipeline.quant.methods import flatquant, quarot
+from pipeline.quant.methods.gptq import gptq_modifier, run_gptq
 from pipeline.quant.online import transform_parameters
 from pipeline.quant.scheme import QuantSpec
 from quant_tiny import FAMILIES, family_model, moves_whole, one_thread, save_tiny

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import pipeline
-from pipeline.quant.methods import flatquant, quarot
 from pipeline.quant.apply import calibrate, prepare, set_fake_quant
-from pipeline.quant.methods.gptq import gptq_layerwise
 from pipeline.quant.formats.io import save_quantized
+from pipeline.quant.methods import flatquant, quarot
+from pipeline.quant.methods.gptq import gptq_layerwise
 from pipeline.quant.scheme import QuantSpec
 from quant_tiny import (
     generate_and_full_forward,

@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+from conftest import TINY_MODEL
 from safetensors.torch import save_file
 
 import stages
 from pipeline.engine.recipe import RecipeError, load_recipe, parse_recipe
-
-from conftest import TINY_MODEL
 
 GOOD = {
     "name": "t",

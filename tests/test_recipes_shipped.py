@@ -12,13 +12,13 @@ import yaml
 from safetensors.torch import save_file
 
 import stages
+from pipeline.data.tokenizer import build_tokenizer
+from pipeline.engine.recipe import SHIPPED_DIR, RecipeError, load_recipe, shipped_recipes
+from pipeline.engine.stage_api import StageConfig, config_classes
 from pipeline.models import Qwen3Arch, build_model, save_model
 from pipeline.quant.apply import quantize_rtn
 from pipeline.quant.formats.io import save_quantized
 from pipeline.quant.scheme import resolve
-from pipeline.engine.recipe import SHIPPED_DIR, RecipeError, load_recipe, shipped_recipes
-from pipeline.engine.stage_api import StageConfig, config_classes
-from pipeline.data.tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = list(shipped_recipes().values())

@@ -10,16 +10,16 @@ import pytest
 import torch
 
 import stages.rl as rl_stage
+from pipeline.data.problem import Problem
 from pipeline.engine import signals
 from pipeline.engine.checkpoint import Checkpointer, StageInterrupted
-from pipeline.data.problem import Problem
+from pipeline.engine.recipe import RecipeError, parse_recipe
+from pipeline.engine.stage_api import StageContext
 from pipeline.quant.apply import decoding_weights, quant_linears, quantize_rtn
 from pipeline.quant.formats.io import load_quantized, read_quant_spec, save_quantized
 from pipeline.quant.scheme import QuantSpec
-from pipeline.engine.recipe import RecipeError, parse_recipe
 from pipeline.train.grpo_trainer import cut_at_stop
 from pipeline.train.rl import GRPOSettings, accuracy_reward, format_reward, grpo_train, is_well_formed
-from pipeline.engine.stage_api import StageContext
 from quant_tiny import one_thread, tiny_model, tiny_tokenizer
 
 SHAPE = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32, "num_hidden_layers": 1}

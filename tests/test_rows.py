@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipeline.engine.errors import InputError
 from pipeline.data.rows import read_jsonl, read_rows, write_jsonl
+from pipeline.engine.errors import InputError
 
 # each of these is a line break to str.splitlines() (and U+2028 / U+2029 to JavaScript), none to JSON Lines
 BREAKERS = "\u2028\u2029\u0085\x1c\x1d\x1e\x0b\x0c"

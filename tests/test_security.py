@@ -17,13 +17,13 @@ from safetensors.torch import save_file
 from transformers import AutoConfig
 
 import tiny_lm
+from pipeline.engine.store import Store
 from pipeline.loading import CustomCodeRefused
 from pipeline.models import check_model_dir, load_model, load_tokenizer, save_model
 from pipeline.quant.apply import quantize_rtn
 from pipeline.quant.formats.io import save_quantized
 from pipeline.quant.formats.layout import FORMAT, FORMAT_VERSION, QUANT_CONFIG
 from pipeline.quant.scheme import QuantSpec
-from pipeline.engine.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 W4_CHANNEL = QuantSpec.model_validate({"weights": {"num_bits": 4, "group_size": None, "symmetric": True}})

@@ -8,9 +8,9 @@ import torch
 
 import stages.sft as sft
 from pipeline.engine.checkpoint import Checkpointer
-from pipeline.models import load_model, load_tokenizer
 from pipeline.engine.recipe import RecipeError, parse_recipe
 from pipeline.engine.stage_api import StageContext
+from pipeline.models import load_model, load_tokenizer
 
 TINY = {
     "arch": {

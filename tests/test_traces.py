@@ -10,12 +10,12 @@ import yaml
 
 import tiny_lm
 from pipeline import evaluation as evaluate_module
+from pipeline.data.rows import read_jsonl
+from pipeline.data.testbed import TestbedSpec, make_problems
+from pipeline.engine.recipe import RecipeError, parse_recipe
+from pipeline.engine.stage_api import StageContext
 from pipeline.generate import Completion
 from pipeline.models import save_model
-from pipeline.engine.recipe import RecipeError, parse_recipe
-from pipeline.data.rows import read_jsonl
-from pipeline.engine.stage_api import StageContext
-from pipeline.data.testbed import TestbedSpec, make_problems
 from stages import traces as traces_stage
 
 DATA = Path(__file__).parent / "data"
@@ -192,8 +192,8 @@ def odd_traces(model_dir, tmp_path, monkeypatch):
 
 
 def test_traces_with_line_separators_read_back(odd_traces, caplog):
-    from pipeline.quant.calibration import traces_samples
     from pipeline.data.traces import read_traces, training_traces
+    from pipeline.quant.calibration import traces_samples
 
     out, problems = odd_traces
     assert len((out / "traces.jsonl").read_text(encoding="utf-8").splitlines()) > 4  # what broke the old reader
@@ -243,8 +243,8 @@ def test_training_traces_with_none_correct_names_only_correct(tmp_path):
 
 def test_traces_of_an_older_version_and_bad_rows(tmp_path):
     from pipeline.data.chat import BOXED_INSTRUCTION
-    from pipeline.engine.errors import InputError
     from pipeline.data.traces import read_traces
+    from pipeline.engine.errors import InputError
 
     row = {
         "id": "a",

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.engine import signals
-from pipeline.engine.checkpoint import Checkpointer, StageInterrupted
 from pipeline.data.chat import chat_example
-from pipeline.models import Qwen3Arch, build_model
 from pipeline.data.testbed import TestbedSpec, make_problems
 from pipeline.data.tokenizer import build_tokenizer
+from pipeline.engine import signals
+from pipeline.engine.checkpoint import Checkpointer, StageInterrupted
+from pipeline.models import Qwen3Arch, build_model
 from pipeline.train.loop import NonFiniteLoss, TrainArgs, batch_indices, causal_lm_loss, collate, train
 
 ARCH = Qwen3Arch(

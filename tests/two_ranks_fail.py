@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from pipeline.train import loop as training
-from pipeline.engine.checkpoint import Checkpointer
 from pipeline.data.chat import chat_example
-from pipeline.models import Qwen3Arch, build_model
 from pipeline.data.testbed import TestbedSpec, make_problems
 from pipeline.data.tokenizer import build_tokenizer
+from pipeline.engine.checkpoint import Checkpointer
+from pipeline.models import Qwen3Arch, build_model
+from pipeline.train import loop as training
 
 ARCH = Qwen3Arch(
     hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from pipeline.data.problem import Problem
-from pipeline.engine.errors import InputError
 from pipeline.data.rows import read_located, short_json
 from pipeline.data.testbed import MAX_PROBLEMS, TestbedSpec, make_problems
+from pipeline.engine.errors import InputError
 
 BENCHMARKS = ("testbed", "gsm8k", "math500", "aime24", "amc23")
 _SPLITS = {

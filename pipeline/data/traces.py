@@ -18,8 +18,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.data.chat import BOXED_INSTRUCTION, chat_example
-from pipeline.engine.errors import InputError
 from pipeline.data.rows import read_jsonl, write_jsonl
+from pipeline.engine.errors import InputError
 
 TRACES_FILE = "traces.jsonl"
 

@@ -31,8 +31,6 @@ from pydantic import BaseModel, ValidationError
 import stages as stage_registry
 from pipeline.data.spec import DataSpec
 from pipeline.engine.errors import InputError
-from pipeline.model_spec import ModelSpec
-from pipeline.quant.scheme import QuantSpec
 from pipeline.engine.stage_api import (
     BASE_MODEL_REF,
     MODEL,
@@ -43,6 +41,8 @@ from pipeline.engine.stage_api import (
     stage_ref_accepts,
     stage_ref_fields,
 )
+from pipeline.model_spec import ModelSpec
+from pipeline.quant.scheme import QuantSpec
 
 SECTIONS: dict[str, type[BaseModel]] = {"model": ModelSpec, "quant": QuantSpec, "data": DataSpec}
 TOP_KEYS = ("name", "seed", "model", "quant", "data", "stages")

@@ -14,7 +14,6 @@ llmcompressor uses: class names (`Linear`), exact module names, or `re:<regex>` 
 from __future__ import annotations
 
 from contextlib import contextmanager
-
 from typing import Literal
 
 import torch
@@ -22,8 +21,8 @@ from compressed_tensors.utils import match_named_modules
 from torch import nn
 
 from pipeline.quant import fake
-from pipeline.quant.linear import QuantLinear
 from pipeline.quant.formats.compressed import config_groups, weight_quantization_args, weight_spec_from_args
+from pipeline.quant.linear import QuantLinear
 from pipeline.quant.scheme import ActivationSpec, QuantSpec, WeightSpec, layer_weights
 
 Observer = Literal["minmax", "mse"]

@@ -21,10 +21,10 @@ from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
 
 from pipeline.engine.checkpoint import Checkpointer
 from pipeline.generate import GenerationSpec, generate_ids, resolve_backend
-from pipeline.stops import first_stop_end
 from pipeline.quant.apply import decoding_weights, weight_only
-from pipeline.train.loop import rng_state, set_rng_state
+from pipeline.stops import first_stop_end
 from pipeline.train.aqn import AQNSpec, aqn_sigma, norm_noise
+from pipeline.train.loop import rng_state, set_rng_state
 
 RENAME = {
     "rewards/accuracy_reward/mean": "accuracy",

@@ -59,6 +59,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from pipeline.engine import signals
 from pipeline.engine.checkpoint import Checkpointer, Ranks, StageInterrupted, on_every_rank
+from pipeline.engine.progress import progress
+from pipeline.engine.stage_api import ADDED_KEY, result_config
 from pipeline.train.args import (
     BatchSize,
     CheckpointEvery,
@@ -72,8 +74,6 @@ from pipeline.train.args import (
     missing_trackers,
 )
 from pipeline.train.optim import OptimizerName, ParamDtype, make_optimizer
-from pipeline.engine.progress import progress
-from pipeline.engine.stage_api import ADDED_KEY, result_config
 
 Example = tuple[Sequence[int], int]
 """(token ids of prompt + completion, index where the completion starts)."""

@@ -65,12 +65,12 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.engine import signals
-from pipeline.engine.checkpoint import Checkpointer, StageInterrupted
 from pipeline.data.chat import BOXED_INSTRUCTION, chat_prompt
 from pipeline.data.problem import Problem
-from pipeline.generate import GenerationSpec
+from pipeline.engine import signals
+from pipeline.engine.checkpoint import Checkpointer, StageInterrupted
 from pipeline.engine.stage_api import result_config
+from pipeline.generate import GenerationSpec
 from pipeline.train.aqn import AQNSpec
 from pipeline.train.args import (
     BatchSize,

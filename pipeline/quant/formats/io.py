@@ -177,13 +177,13 @@ def _is_tied(model: nn.Module, key: str) -> bool:
 def _load_compressed_tensors(path: Path, trust_remote_code: bool) -> nn.Module:
     if EXPORT_KEY in json.loads((path / "config.json").read_text()):
         return _load_w4a4kv4_export(path, trust_remote_code)
-    from pipeline.loading import load_pretrained
-    from pipeline.quant.apply import from_compressed_tensors
-
     # stock transformers + compressed-tensors load the packed modules; decompressing now (rather
     # than in the hook it registers for the first forward) leaves Linears that carry
     # quantization_scheme / weight_scale / weight_zero_point and the dequantized weight
     from compressed_tensors.offload import remove_dispatch
+
+    from pipeline.loading import load_pretrained
+    from pipeline.quant.apply import from_compressed_tensors
 
     model = load_pretrained(path, trust_remote_code, dtype="auto")
     model.hf_quantizer.compressor.decompress_model(model)
@@ -208,8 +208,8 @@ def _load_w4a4kv4_export(path: Path, trust_remote_code: bool) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from pipeline.quant.apply import prepare, quant_linears
-    from pipeline.quant.online import install
     from pipeline.quant.formats.compressed import weight_quantization_args
+    from pipeline.quant.online import install
     from pipeline.quant.scheme import QuantSpec
 
     raw = json.loads((path / "config.json").read_text())

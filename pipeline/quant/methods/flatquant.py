@@ -54,8 +54,8 @@ from pipeline.quant.apply import quant_linears, set_fake_quant
 from pipeline.quant.hadamard import kronecker_factors
 from pipeline.quant.layerwise import LayerInput, capture_inputs, each_layer, run_layer
 from pipeline.quant.linear import QuantLinear
-from pipeline.quant.online import KroneckerTransform, StepInverses, TransformedNorm, transforms
 from pipeline.quant.methods.quarot import decoder_layers, rotate_values
+from pipeline.quant.online import KroneckerTransform, StepInverses, TransformedNorm, transforms
 
 CLIP_INIT_LOGIT = 4.0
 """σ(4) ≈ 0.982: clipping starts just inside the min/max range, as OmniQuant's LWC does."""
