@@ -31,7 +31,7 @@ from pipeline.data.benchmarks import check_training_data, training_problems
 from pipeline.data.testbed import MAX_PROBLEMS
 from pipeline.data.traces import Trace, write_traces
 from pipeline.engine.stage_api import ANY_MODEL, TRACES, StageConfig, StageContext, stage_ref, untrained_base_model
-from pipeline.evaluation import sample_and_grade
+from pipeline.evaluation import sample_and_grade, summarize
 from pipeline.generate import GenerationSpec
 
 CODE_VERSION = 2
@@ -83,7 +83,29 @@ def run(ctx: StageContext) -> dict[str, float]:
     )
     instruction = recipe.data.instruction
     rows, seconds = sample_and_grade(model, tokenizer, problems, config.generation, instruction)
-    traces = [
+    traces = _traces(rows, instruction, config.only_correct)
+    if not traces:
+        raise RuntimeError(f"{ctx.name}: no completion was graded correct, so no traces were kept (only_correct)")
+    if PartialState().is_main_process:
+        write_traces(traces, ctx.out_dir)
+    summary = summarize(rows, config.generation.num_samples, seconds)
+    metrics = {"count": len(problems), "generated": len(rows), "kept": len(traces)}
+    metrics |= {k: summary[k] for k in ("accuracy", "truncation_rate", "mean_tokens", "tokens_per_s")}
+    ctx.log.info(
+        "%s: kept %d of %d (teacher accuracy %.2f%%), %.1f tokens each, %.0f tokens/s",
+        ctx.name,
+        metrics["kept"],
+        metrics["generated"],
+        100 * metrics["accuracy"],
+        metrics["mean_tokens"],
+        metrics["tokens_per_s"],
+    )
+    return metrics
+
+
+def _traces(rows: list[dict], instruction: str, only_correct: bool) -> list[Trace]:
+    """The graded samples as traces: every one, or with `only_correct` the correct ones."""
+    return [
         Trace(
             id=r["id"],
             question=r["question"],
@@ -96,29 +118,5 @@ def run(ctx: StageContext) -> dict[str, float]:
             truncated=r["truncated"],
         )
         for r in rows
-        if r["correct"] or not config.only_correct
+        if r["correct"] or not only_correct
     ]
-    if not traces:
-        raise RuntimeError(f"{ctx.name}: no completion was graded correct, so no traces were kept (only_correct)")
-    if PartialState().is_main_process:
-        write_traces(traces, ctx.out_dir)
-    tokens = sum(r["num_tokens"] for r in rows)
-    metrics = {
-        "count": len(problems),
-        "generated": len(rows),
-        "kept": len(traces),
-        "accuracy": sum(r["correct"] for r in rows) / len(rows),
-        "truncation_rate": sum(r["truncated"] for r in rows) / len(rows),
-        "mean_tokens": tokens / len(rows),
-        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
-    }
-    ctx.log.info(
-        "%s: kept %d of %d (teacher accuracy %.2f%%), %.1f tokens each, %.0f tokens/s",
-        ctx.name,
-        metrics["kept"],
-        metrics["generated"],
-        100 * metrics["accuracy"],
-        metrics["mean_tokens"],
-        metrics["tokens_per_s"],
-    )
-    return metrics
