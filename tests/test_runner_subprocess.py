@@ -42,8 +42,18 @@ def _cli(*args: str) -> list[str]:
 
 
 def _torchrun(*args: str) -> list[str]:
-    """`reasoning-qat *args` as 2 CPU ranks under torchrun (as `accelerate launch` does; gloo)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *_cli(*args)[1:]]
+    """`reasoning-qat *args` as 2 CPU ranks under torchrun (as `accelerate launch` does; gloo); `--standalone`
+    rendezvous on a free port, so that test runs side by side do not meet on torchrun's default one."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *_cli(*args)[1:]]
+
+
+def _free_port() -> int:
+    """A TCP port free now, for `accelerate launch --main_process_port` (it has no pick-a-free-port option)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -283,6 +293,8 @@ def test_kd_qat_under_deepspeed_trains_the_student_that_one_process_trains_and_r
             "2",
             "--num_machines",
             "1",
+            "--main_process_port",
+            str(_free_port()),
             "--mixed_precision",
             "no",
             "--dynamo_backend",

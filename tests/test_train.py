@@ -166,6 +166,7 @@ def test_a_failure_on_one_of_two_ranks_stops_both_with_the_same_message(tmp_path
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",  # a free port: test runs side by side do not meet on the default one
             "--nproc_per_node",
             "2",
             str(root / "tests" / "two_ranks_fail.py"),
