@@ -45,8 +45,8 @@ from pipeline.data.rows import read_jsonl
 from pipeline.engine.stage_api import ANY_MODEL, QUANTIZED, TRACES, StageConfig, StageContext, stage_ref
 from pipeline.data.testbed import MAX_PROBLEMS
 from pipeline.data.traces import training_traces
-from pipeline.train.loop import (TrainArgs, causal_lm_loss, check_train_args, gathered, make_accelerator, train,
-                            whole_models)
+from pipeline.train.loop import (TrainArgs, causal_lm_loss, check_train_args, full_state_dict, gathered,
+                                 make_accelerator, shard_frozen, train, whole_models)
 
 CODE_VERSION = 2
 USES = ("seed", "model", "data")
@@ -163,9 +163,10 @@ def held_out_eval(ctx: StageContext, tokenizer, accelerator):
 
 
 def _check_fits(ctx: StageContext, student, examples, accelerator, teacher_dtype: str) -> None:
-    """On one GPU (or one per process, DDP), refuse before training a setting whose step cannot fit; ZeRO shards
-    the state, so it is not checked there."""
-    if accelerator.device.type != "cuda" or accelerator.distributed_type == DistributedType.DEEPSPEED:
+    """On one GPU (or one per process, DDP), refuse before training a setting whose step cannot fit; ZeRO and FSDP
+    shard the state, so it is not checked there."""
+    if accelerator.device.type != "cuda" or accelerator.distributed_type in (DistributedType.DEEPSPEED,
+                                                                              DistributedType.FSDP):
         return
     config = ctx.config
     micro = config.batch_size // (accelerator.num_processes * config.grad_accum)
@@ -189,13 +190,8 @@ def run(ctx: StageContext) -> dict[str, float]:
         raise InputError(f"stages.{ctx.name}.init", f"{config.init!r} holds no quantized model (use a ptq stage)")
     spec = read_quant_spec(ctx.inputs["init"])
     accelerator = make_accelerator(config.report_to, ctx.out_dir)
-    with whole_models(accelerator):
-        student = load_model(ctx.inputs["init"], dtype="float32", trust_remote_code=trust)
+    student = _student(ctx, accelerator)
     tokenizer = load_tokenizer(ctx.inputs["init"], trust_remote_code=trust)
-    if config.transforms == "trainable":
-        from pipeline.quant.online import add_activation_clips
-
-        add_activation_clips(student)
     _select_trainable(student, config.train, config.transforms)
 
     kept = training_traces(ctx.inputs["data"], config.only_correct, ctx.name, ctx.log)
@@ -211,11 +207,23 @@ def run(ctx: StageContext) -> dict[str, float]:
                    seed=recipe.seed, pad_id=tokenizer.pad_token_id, log=ctx.log, accelerator=accelerator,
                    desc=f"{ctx.name}: {config.objective}",
                    on_step=held_out_eval(ctx, tokenizer, accelerator) if config.eval_every else None)
-    _save(ctx, accelerator.unwrap_model(student).eval(), tokenizer, spec, accelerator)
+    _save(ctx, student, tokenizer, spec, accelerator)
     metrics = {**result, "examples": len(examples), "trainable_parameters": trainable}
     if config.eval_every:  # the last step always evaluates
         metrics["eval_accuracy"] = read_jsonl(ctx.out_dir / "metrics.jsonl", ctx.name)[-1]["eval_accuracy"]
     return metrics
+
+
+def _student(ctx: StageContext, accelerator):
+    """The quantized init, whole on every rank, in float32 (with learned activation clips if `transforms:
+    trainable`)."""
+    with whole_models(accelerator):
+        student = load_model(ctx.inputs["init"], dtype="float32", trust_remote_code=ctx.recipe.model.trust_remote_code)
+    if ctx.config.transforms == "trainable":
+        from pipeline.quant.online import add_activation_clips
+
+        add_activation_clips(student)
+    return student
 
 
 def _loss_fn(ctx: StageContext, student, accelerator, teacher_dtype: str):
@@ -224,19 +232,26 @@ def _loss_fn(ctx: StageContext, student, accelerator, teacher_dtype: str):
     config = ctx.config
     if config.objective != "kd":
         return causal_lm_loss
-    with whole_models(accelerator):  # the teacher is replicated on every rank, outside the engine
+    # the teacher stays outside the engine: replicated on every rank (DDP, DeepSpeed), sharded under FSDP2
+    with whole_models(accelerator):
         teacher = load_model(ctx.inputs["teacher"], dtype=teacher_dtype, device=accelerator.device,
                              trust_remote_code=ctx.recipe.model.trust_remote_code)
     teacher.requires_grad_(False)
     if teacher.config.vocab_size != student.config.vocab_size:
         raise InputError(f"stages.{ctx.name}.teacher", f"vocabulary {teacher.config.vocab_size} differs from "
                          f"the student's {student.config.vocab_size}")
-    return kd_loss_fn(teacher, config)
+    return kd_loss_fn(shard_frozen(accelerator, teacher), config)
 
 
 def _save(ctx: StageContext, student, tokenizer, spec, accelerator) -> None:
-    """The trained (unwrapped) student in the quantized representation, in the recipe's dtype; gathered whole
-    first under ZeRO-3, a collective every process enters."""
+    """The trained student in the quantized representation, in the recipe's dtype; gathered whole first under
+    ZeRO-3 and FSDP2, a collective every process enters (FSDP2: into a fresh copy of the init on the main
+    process, as the sharded model cannot hold whole weights outside its forward)."""
+    state = full_state_dict(accelerator, student)
+    student = accelerator.unwrap_model(student).eval()
+    if state is not None:
+        student = _student(ctx, accelerator)
+        student.load_state_dict(state)
     with gathered(accelerator, student):
         if accelerator.is_main_process:
             student = student.to(saved_dtype(student, ctx.recipe.model.dtype))

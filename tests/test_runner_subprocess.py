@@ -266,6 +266,80 @@ def test_kd_qat_under_deepspeed_trains_the_student_that_one_process_trains_and_r
         assert a.read_bytes() == b.read_bytes(), a.name
 
 
+@pytest.mark.parametrize("grad_accum", [2])
+def test_kd_qat_under_fsdp2_trains_the_student_that_one_process_trains_and_resumes_after_kill_9(
+        tmp_path, write_recipe, grad_accum):
+    """`accelerate launch --use_fsdp --fsdp_version 2` on 2 CPU ranks (gloo) runs kd_qat with the student's
+    decoder layers and the teacher sharded, and saves, from the main rank, the whole student one process
+    trains. Then the same run killed with -9 after its checkpoint of step 2 (every rank's shards of the
+    weights and of AdamW's state) and run again: it resumes there and ends with the uninterrupted run's
+    student, to the bit."""
+    pytest.importorskip("stages.kd_qat")
+    recipe = _kd_qat_recipe(write_recipe, checkpoint_every=2)
+    one, fsdp, killed = tmp_path / "one", tmp_path / "fsdp", tmp_path / "killed"
+    sets = ("--set", f"stages.student.grad_accum={grad_accum}", "--set", f"stages.student.batch_size={4 * grad_accum}")
+    done = subprocess.run(_cli("run", recipe, "--artifacts", one, *sets), env=_env(), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(one, fsdp)
+    shutil.copytree(one, killed)
+    shutil.rmtree(killed / "tiny" / "student")  # never run there, so that status speaks of the resume
+
+    def launch(artifacts: Path) -> list[str]:
+        # no wrap policy named: the loop shards each decoder layer on its own all the same
+        return [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                *_cli("run", recipe, "--artifacts", artifacts, "--only", "student", *sets)[1:]]
+
+    env = _env()
+    done = subprocess.run(launch(fsdp), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((fsdp / "tiny" / "student" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["config"]["grad_accum"] == grad_accum
+    log = (fsdp / "tiny" / "run.log").read_text()
+    assert log.count("stages.student: running (--only)") == 1  # only the main rank writes run.log
+    _assert_same_student(fsdp, one)
+
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    freeze = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "freeze_after_checkpoint"), env["PYTHONPATH"]]),
+              "FREEZE_AFTER_CHECKPOINT": "2", "FREEZE_DIR": str(frozen)}
+    proc = subprocess.Popen(launch(killed), env={**env, **freeze}, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(frozen.glob("rank-?"))) < 2:
+            assert proc.poll() is None, "the run ended before its checkpoint of step 2"
+            assert time.monotonic() < deadline, "no checkpoint of step 2 within 300 s"
+            time.sleep(0.05)
+    finally:
+        for rank in frozen.glob("rank-?"):
+            os.kill(int(rank.read_text()), signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher
+        proc.wait()
+    checkpoint = killed / "tiny" / ".partial" / "student" / "checkpoints" / "step-000000002"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "manifest.json", "rank-00000.json", "rank-00000.safetensors", "rank-00001.json", "rank-00001.safetensors",
+        "shared.json", "shared.safetensors"]
+    shards = [load_file(checkpoint / f"rank-0000{r}.safetensors") for r in (0, 1)]
+    assert all(shards) and not load_file(checkpoint / "shared.safetensors")  # the state is in the ranks' parts
+    status = subprocess.run(_cli("status", recipe, "--artifacts", killed, "--json", *sets), env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert {"name": "student", "type": "kd_qat", "state": "pending",
+            "reason": "never run; resumes from step 2"} in json.loads(status.stdout)["stages"]
+
+    done = subprocess.run(launch(killed), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (killed / "tiny" / "run.log").read_text().count("resuming from the checkpoint at step 2") == 1
+    rows = {d: [json.loads(line) for line in open(d / "tiny" / "student" / "metrics.jsonl")] for d in (fsdp, killed)}
+    for key in ("step", "loss", "grad_norm", "lr", "tokens"):
+        assert [r[key] for r in rows[killed]] == [r[key] for r in rows[fsdp]], key
+    weights = [sorted((d / "tiny" / "student" / "model").glob("*.safetensors")) for d in (killed, fsdp)]
+    assert [p.name for p in weights[0]] == [p.name for p in weights[1]] and weights[0]
+    for a, b in zip(*weights):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
 def _kd_qat_recipe(write_recipe, checkpoint_every: int) -> Path:
     """teacher (sft) -> traces -> ptq (RTN) -> student (kd_qat), all tiny."""
     return write_recipe({
