@@ -45,8 +45,8 @@ from pipeline.data.rows import read_jsonl
 from pipeline.engine.stage_api import ANY_MODEL, QUANTIZED, TRACES, StageConfig, StageContext, stage_ref
 from pipeline.data.testbed import MAX_PROBLEMS
 from pipeline.data.traces import training_traces
-from pipeline.train.loop import (TrainArgs, causal_lm_loss, check_train_args, full_state_dict, gathered,
-                                 make_accelerator, shard_frozen, train, whole_models)
+from pipeline.train.loop import (TrainArgs, causal_lm_loss, check_train_args, gathered, make_accelerator,
+                                 shard_frozen, train, whole_model, whole_models)
 
 CODE_VERSION = 2
 USES = ("seed", "model", "data")
@@ -245,13 +245,8 @@ def _loss_fn(ctx: StageContext, student, accelerator, teacher_dtype: str):
 
 def _save(ctx: StageContext, student, tokenizer, spec, accelerator) -> None:
     """The trained student in the quantized representation, in the recipe's dtype; gathered whole first under
-    ZeRO-3 and FSDP2, a collective every process enters (FSDP2: into a fresh copy of the init on the main
-    process, as the sharded model cannot hold whole weights outside its forward)."""
-    state = full_state_dict(accelerator, student)
-    student = accelerator.unwrap_model(student).eval()
-    if state is not None:
-        student = _student(ctx, accelerator)
-        student.load_state_dict(state)
+    ZeRO-3 and FSDP2 (there into a fresh copy of the init on the main process), collectives every process enters."""
+    student = whole_model(accelerator, student, lambda: _student(ctx, accelerator)).eval()
     with gathered(accelerator, student):
         if accelerator.is_main_process:
             student = student.to(saved_dtype(student, ctx.recipe.model.dtype))

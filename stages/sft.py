@@ -24,9 +24,11 @@ its checkpoints (pipeline.train.loop).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
+from accelerate import DistributedType
 
 from pipeline.data.chat import chat_example
 from pipeline.engine.errors import InputError
@@ -35,7 +37,8 @@ from pipeline.engine.stage_api import ANY_MODEL, MODEL, TRACES, StageConfig, Sta
 from pipeline.data.testbed import make_problems
 from pipeline.data.tokenizer import build_tokenizer
 from pipeline.data.traces import training_traces
-from pipeline.train.loop import TrainArgs, causal_lm_loss, check_train_args, make_accelerator, train
+from pipeline.train.loop import (TrainArgs, causal_lm_loss, check_train_args, make_accelerator, train, whole_model,
+                                 whole_models)
 
 CODE_VERSION = 1
 USES = ("seed", "model", "data")
@@ -77,6 +80,19 @@ def _examples(ctx: StageContext, tokenizer) -> list[tuple[list[int], int]]:
     return [t.example(tokenizer) for t in kept]
 
 
+def _model(ctx: StageContext, tokenizer, accelerator):
+    """The model to train, as the stage starts it: `init`'s, the recipe's `arch` built from its seed, or the
+    recipe's base model; under FSDP whole on every process (as loaded elsewhere: DeepSpeed's is unchanged)."""
+    config, recipe = ctx.config, ctx.recipe
+    trust = recipe.model.trust_remote_code
+    with whole_models(accelerator) if accelerator.distributed_type == DistributedType.FSDP else nullcontext():
+        if config.init is not None:
+            return load_model(ctx.inputs["init"], dtype="float32", trust_remote_code=trust)
+        if recipe.model.arch is not None:
+            return build_model(recipe.model.arch, tokenizer, seed=recipe.seed)
+        return load_model(recipe.model.path, dtype="float32", trust_remote_code=trust)
+
+
 def run(ctx: StageContext) -> dict[str, float]:
     config, recipe = ctx.config, ctx.recipe
     trust = recipe.model.trust_remote_code
@@ -86,14 +102,12 @@ def run(ctx: StageContext) -> dict[str, float]:
         if is_quantized(ctx.inputs["init"]):
             from pipeline.quant.formats.io import read_quant_spec
             quant_spec = read_quant_spec(ctx.inputs["init"])
-        model = load_model(ctx.inputs["init"], dtype="float32", trust_remote_code=trust)
         tokenizer = load_tokenizer(ctx.inputs["init"], trust_remote_code=trust)
     elif recipe.model.arch is not None:
         tokenizer = build_tokenizer()
-        model = build_model(recipe.model.arch, tokenizer, seed=recipe.seed)
     else:
-        model = load_model(recipe.model.path, dtype="float32", trust_remote_code=trust)
         tokenizer = load_tokenizer(recipe.model.path, trust_remote_code=trust)
+    model = _model(ctx, tokenizer, accelerator)
 
     examples = _examples(ctx, tokenizer)
     longest = max(len(ids) for ids, _ in examples)
@@ -107,8 +121,9 @@ def run(ctx: StageContext) -> dict[str, float]:
     result = train(model, examples, causal_lm_loss, config, out_dir=ctx.out_dir, checkpointer=ctx.checkpointer,
                    seed=recipe.seed, pad_id=tokenizer.pad_token_id, log=ctx.log, accelerator=accelerator,
                    desc=f"{ctx.name}: sft")
+    model = whole_model(accelerator, model, lambda: _model(ctx, tokenizer, accelerator))  # FSDP2: a collective
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(model).eval().to(getattr(torch, recipe.model.dtype))
+        model = model.eval().to(getattr(torch, recipe.model.dtype))
         if quant_spec is not None:  # SFT-QAT: the model keeps its QuantLinears and their format
             from pipeline.quant.formats.io import save_quantized
             save_quantized(model, tokenizer, ctx.out_dir / "model", quant_spec)

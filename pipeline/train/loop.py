@@ -406,17 +406,24 @@ def shard_frozen(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.M
     return model
 
 
-def full_state_dict(accelerator: Accelerator, model: torch.nn.Module) -> dict | None:
-    """Under FSDP2, the prepared model's whole state dict (parameters gathered from every process's shards, and
-    buffers) on the main process, None on the others; a collective every process enters. Elsewhere None: the
-    model itself holds it (see `gathered` for ZeRO-3)."""
+def whole_model(accelerator: Accelerator, model: torch.nn.Module, rebuild: Callable[[], torch.nn.Module]
+                ) -> torch.nn.Module:
+    """The trained model, unwrapped, for the main process to save. Under FSDP2 its parameters are shards outside a
+    forward (a state dict of it holds DTensors), so its whole state (gathered from every process's shards, with the
+    buffers; a collective every process enters) goes into `rebuild()`, a fresh copy of the model as the stage built
+    it, made on the main process alone; the others get the sharded model back. Elsewhere the model itself (under
+    ZeRO-3 still partitioned: save it inside `gathered`)."""
+    unwrapped = accelerator.unwrap_model(model)
     if not _fsdp(accelerator):
-        return None
+        return unwrapped
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(accelerator.unwrap_model(model),
-                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return state if accelerator.is_main_process else None
+    state = get_model_state_dict(unwrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not accelerator.is_main_process:
+        return unwrapped
+    fresh = rebuild()
+    fresh.load_state_dict(state)
+    return fresh
 
 
 @contextmanager
