@@ -240,7 +240,11 @@ def _loss_fn(ctx: StageContext, student, accelerator, teacher_dtype: str):
     if teacher.config.vocab_size != student.config.vocab_size:
         raise InputError(f"stages.{ctx.name}.teacher", f"vocabulary {teacher.config.vocab_size} differs from "
                          f"the student's {student.config.vocab_size}")
-    return kd_loss_fn(shard_frozen(accelerator, teacher), config)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        shard_frozen(accelerator, teacher)
+        ctx.log.info("%s: the teacher's %d decoder layers sharded over %d processes (FSDP2)", ctx.name,
+                     len(teacher.get_decoder().layers), accelerator.num_processes)
+    return kd_loss_fn(teacher, config)
 
 
 def _save(ctx: StageContext, student, tokenizer, spec, accelerator) -> None:

@@ -298,6 +298,7 @@ def test_kd_qat_under_fsdp2_trains_the_student_that_one_process_trains_and_resum
     assert manifest["status"] == "complete" and manifest["config"]["grad_accum"] == grad_accum
     log = (fsdp / "tiny" / "run.log").read_text()
     assert log.count("stages.student: running (--only)") == 1  # only the main rank writes run.log
+    assert "student: the teacher's 1 decoder layers sharded over 2 processes (FSDP2)" in log
     _assert_same_student(fsdp, one)
 
     frozen = tmp_path / "frozen"
@@ -321,8 +322,17 @@ def test_kd_qat_under_fsdp2_trains_the_student_that_one_process_trains_and_resum
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         "manifest.json", "rank-00000.json", "rank-00000.safetensors", "rank-00001.json", "rank-00001.safetensors",
         "shared.json", "shared.safetensors"]
-    shards = [load_file(checkpoint / f"rank-0000{r}.safetensors") for r in (0, 1)]
-    assert all(shards) and not load_file(checkpoint / "shared.safetensors")  # the state is in the ranks' parts
+    assert not load_file(checkpoint / "shared.safetensors")  # weights and AdamW state are in the ranks' parts
+    whole = load_file(one / "tiny" / "ptq" / "model" / "model.safetensors")
+    parts = []
+    for rank in (0, 1):
+        skeleton = json.loads((checkpoint / f"rank-0000{rank}.json").read_text())
+        tensors = load_file(checkpoint / f"rank-0000{rank}.safetensors")
+        parts.append({k: tensors[v["__tensor__"]] for k, v in skeleton["model_shards"].items()})
+    assert parts[0].keys() == parts[1].keys() and "model.layers.0.mlp.down_proj.weight" in parts[0]
+    for name, shard in parts[0].items():
+        # each rank holds its half of every parameter (dim 0), the decoder layers' QuantLinear weights among them
+        assert shard.shape[0] + parts[1][name].shape[0] == whole[name].shape[0] and shard.shape[1:] == whole[name].shape[1:]
     status = subprocess.run(_cli("status", recipe, "--artifacts", killed, "--json", *sets), env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert {"name": "student", "type": "kd_qat", "state": "pending",
