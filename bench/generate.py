@@ -30,6 +30,7 @@ error of a method that ran out (the others still run); and `kv_read_bound`: the
 tokens/s no method can beat on this workload if every step reads each live sequence's keys and values
 once at `--hbm-tb-s` TB/s (3.35 = H100 SXM; 4.8 = H200).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,11 +49,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import refill  # noqa: E402
 from pipeline.generate import GenerationSpec, generate_ids  # noqa: E402
 
-QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                  tie_word_embeddings=True)
-TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=2048)
+QWEN3_0_6B = dict(
+    vocab_size=151936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    tie_word_embeddings=True,
+)
+TINY = dict(
+    vocab_size=1024,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=2048,
+)
 EOS, PAD = 151645, 151643  # <|im_end|>, <|endoftext|> in Qwen3's vocabulary
 
 
@@ -82,21 +99,20 @@ def run_once(fn, device: str) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
-def timed(fn, device: str, repeats: int) -> tuple[float, int, float]:
-    """(best seconds, tokens generated in that run, warm-up seconds): one untimed run, then `repeats`."""
-    warmup_s, _ = run_once(fn, device)
-    seconds, tokens = min(run_once(fn, device) for _ in range(repeats))
-    return seconds, tokens, warmup_s
-
-
 def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
     """The decoding workload shared by this bench and bench/rollout.py."""
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model and a small workload (CPU smoke test)")
     parser.add_argument("--out", required=True, help="write results here as JSON")
-    parser.add_argument("--prompts", type=int, default=None,
-                        help="number of prompts (default 64, tiny 8; the reasoning workload: 256, tiny 16)")
+    parser.add_argument(
+        "--prompts",
+        type=int,
+        default=None,
+        help="number of prompts (default 64, tiny 8; the reasoning workload: 256, tiny 16)",
+    )
     parser.add_argument("--prompt-len", type=int, default=None, help="tokens per prompt (default 256; tiny 32)")
-    parser.add_argument("--new-tokens", type=int, default=None, help="tokens generated per prompt (default 512; tiny 32)")
+    parser.add_argument(
+        "--new-tokens", type=int, default=None, help="tokens generated per prompt (default 512; tiny 32)"
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="GenerationSpec.batch_size (default = prompts)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -130,14 +146,19 @@ def hf_generate(model, prompts: list[list[int]], lengths: list[int], batch: int,
     eos, pad = model.config.eos_token_id, model.config.pad_token_id
     tokens = 0
     for start in range(0, len(prompts), batch):
-        rows, limits = prompts[start:start + batch], lengths[start:start + batch]
+        rows, limits = prompts[start : start + batch], lengths[start : start + batch]
         width = max(map(len, rows))
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
-        config = GenerationConfig(max_new_tokens=max(limits), do_sample=False, eos_token_id=eos, pad_token_id=pad,
-                                  **extra)
-        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                             logits_processor=LogitsProcessorList([PlantedStop(limits, width, eos, model.device)]))
+        config = GenerationConfig(
+            max_new_tokens=max(limits), do_sample=False, eos_token_id=eos, pad_token_id=pad, **extra
+        )
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            generation_config=config,
+            logits_processor=LogitsProcessorList([PlantedStop(limits, width, eos, model.device)]),
+        )
         tokens += count_tokens(out[:, width:].tolist(), eos)
     return tokens
 
@@ -147,15 +168,21 @@ def hf_continuous(model, prompts: list[list[int]], lengths: list[int], tiny: boo
     from transformers.generation.continuous_batching.utils import WorkloadHints
 
     # no end token: every request runs to its own max_new_tokens
-    config = GenerationConfig(max_new_tokens=max(lengths), do_sample=False, eos_token_id=-1,
-                              pad_token_id=model.config.pad_token_id)
-    cb = ContinuousBatchingConfig(num_blocks=256, block_size=32, max_batch_tokens=512) if tiny \
+    config = GenerationConfig(
+        max_new_tokens=max(lengths), do_sample=False, eos_token_id=-1, pad_token_id=model.config.pad_token_id
+    )
+    cb = (
+        ContinuousBatchingConfig(num_blocks=256, block_size=32, max_batch_tokens=512)
+        if tiny
         else ContinuousBatchingConfig()
-    hints = WorkloadHints(max_prompt_length=max(map(len, prompts)), max_generated_length=max(lengths),
-                          num_requests=len(prompts))
+    )
+    hints = WorkloadHints(
+        max_prompt_length=max(map(len, prompts)), max_generated_length=max(lengths), num_requests=len(prompts)
+    )
     tokens, done = 0, 0
-    with model.continuous_batching_context_manager(generation_config=config, continuous_batching_config=cb,
-                                                   workload_hints=hints, block=True, timeout=5) as manager:
+    with model.continuous_batching_context_manager(
+        generation_config=config, continuous_batching_config=cb, workload_hints=hints, block=True, timeout=5
+    ) as manager:
         for ids, limit in zip(prompts, lengths):
             manager.add_request(ids, max_new_tokens=limit)
         while done < len(prompts):
@@ -196,7 +223,8 @@ def kv_read_bound(model, prompts: list[list[int]], lengths: list[int], tb_per_s:
 
 
 def measure(fn, warmup, device: str, repeats: int) -> dict:
-    """Best of `repeats` runs of fn after one run of `warmup`, with fn's peak GPU memory."""
+    """Best of `repeats` runs of fn after one untimed run of `warmup` (fn itself, or a smaller call), with
+    fn's peak GPU memory: {seconds, tokens, tokens_per_s, warmup_s, peak_memory_gib}."""
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -205,38 +233,131 @@ def measure(fn, warmup, device: str, repeats: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     seconds, tokens = min(run_once(fn, device) for _ in range(repeats))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    return {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "warmup_s": warmup_s,
-            "peak_memory_gib": peak}
+    return {
+        "seconds": seconds,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "warmup_s": warmup_s,
+        "peak_memory_gib": peak,
+    }
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_arguments(parser)
     parser.add_argument("--workload", choices=("reasoning", "fixed"), default="reasoning")
-    parser.add_argument("--stop-range", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
-                        help="reasoning: new tokens per prompt, uniform (default 500 8000; tiny 8 64)")
-    parser.add_argument("--baseline-prompts", type=int, default=None,
-                        help="prompts the baselines decode (default: reasoning, what fits in memory at once; "
-                             "tiny and fixed, all)")
+    parser.add_argument(
+        "--stop-range",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("MIN", "MAX"),
+        help="reasoning: new tokens per prompt, uniform (default 500 8000; tiny 8 64)",
+    )
+    parser.add_argument(
+        "--baseline-prompts",
+        type=int,
+        default=None,
+        help="prompts the baselines decode (default: reasoning, what fits in memory at once; tiny and fixed, all)",
+    )
     parser.add_argument("--methods", default="ours,plain,continuous", help="from ours, plain, static, continuous")
     parser.add_argument("--ours-backend", default="refill", help="ours: GenerationSpec.backend")
     parser.add_argument("--hbm-tb-s", type=float, default=3.35, help="memory bandwidth for kv_read_bound (TB/s)")
     args = parser.parse_args()
-    reasoning = args.workload == "reasoning"
-    if reasoning and args.prompts is None:
+    if args.workload == "reasoning" and args.prompts is None:
         args.prompts = 16 if args.tiny else 256
-    prompts_n, prompt_len, new_tokens, batch_size, dtype = workload(args)
+    return args
 
+
+def make_workload(
+    model, args: argparse.Namespace, prompts_n: int, prompt_len: int, new_tokens: int
+) -> tuple[list[list[int]], list[int]]:
+    """(prompts, stop lengths) of `--workload`: reasoning (random lengths) or fixed."""
+    if args.workload == "reasoning":
+        return reasoning_workload(
+            model, prompts_n, prompt_len, args.stop_range or ((8, 64) if args.tiny else (500, 8000))
+        )
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, model.config.pad_token_id, (prompts_n, prompt_len), generator=gen).tolist()
+    return prompts, [new_tokens] * prompts_n
+
+
+def describe(
+    model, args: argparse.Namespace, dtype: torch.dtype, prompts: list, lengths: list[int], slots: int
+) -> dict:
+    """The report's header: model, device, workload, memory and the KV-read bound; no results yet."""
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    return {
+        "model": "tiny" if args.tiny else "Qwen3-0.6B shape, random weights",
+        "device": device_name,
+        "dtype": str(dtype),
+        "workload": args.workload,
+        "prompts": len(prompts),
+        "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))],
+        "new_tokens": [min(lengths), max(lengths)],
+        "mean_new_tokens": sum(lengths) / len(lengths),
+        "kv_bytes_per_token": refill.kv_bytes_per_token(model),
+        "slots_for_memory": slots,
+        "weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
+        "kv_read_bound": {
+            "hbm_tb_s": args.hbm_tb_s,
+            "tokens_per_s": kv_read_bound(model, prompts, lengths, args.hbm_tb_s),
+        },
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "results": {},
+    }
+
+
+def print_header(report: dict, slots: int, hbm_tb_s: float) -> None:
+    print(
+        f"{report['workload']}: {report['prompts']} prompts of {report['prompt_tokens'][0]}-"
+        f"{report['prompt_tokens'][1]} tokens, {report['new_tokens'][0]}-{report['new_tokens'][1]} new tokens "
+        f"(mean {report['mean_new_tokens']:.0f}); {slots} sequences fit in memory at once; KV-read bound "
+        f"{report['kv_read_bound']['tokens_per_s']:,.0f} tokens/s at {hbm_tb_s} TB/s",
+        flush=True,
+    )
+
+
+def run_method(fn, prompts: list, lengths: list[int], device: str, repeats: int) -> dict:
+    """measure() of one method on (prompts, lengths), warmed up on 4 short prompts; an out-of-memory
+    error is a result too (what the baselines do when a batch does not fit)."""
+    try:
+        result = measure(
+            lambda: fn(prompts, lengths), lambda: fn(prompts[:4], [min(x, 32) for x in lengths[:4]]), device, repeats
+        )
+    except torch.OutOfMemoryError as error:
+        result = {"error": f"out of memory: {str(error)[:200]}"}
+    result["prompts"] = len(prompts)
+    return result
+
+
+def print_result(name: str, result: dict) -> None:
+    if "error" in result:
+        print(f"{name:<11} {result['error']}", flush=True)
+        return
+    peak = f", peak {result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] is not None else ""
+    print(
+        f"{name:<11} {result['tokens_per_s']:>10,.0f} tokens/s  ({result['tokens']} tokens of "
+        f"{result['prompts']} prompts in {result['seconds']:.1f} s{peak})",
+        flush=True,
+    )
+
+
+def set_ratios_vs_plain(results: dict) -> None:
+    plain = results.get("plain", {}).get("tokens_per_s")
+    for r in results.values():
+        r["ratio_vs_plain"] = r["tokens_per_s"] / plain if plain and "tokens_per_s" in r else None
+
+
+def main() -> int:
+    args = parse_args()
+    prompts_n, prompt_len, new_tokens, batch_size, dtype = workload(args)
     model = build(args.tiny, args.device, dtype)
-    if reasoning:
-        prompts, lengths = reasoning_workload(model, prompts_n, prompt_len,
-                                              args.stop_range or ((8, 64) if args.tiny else (500, 8000)))
-    else:
-        gen = torch.Generator().manual_seed(0)
-        prompts = torch.randint(0, model.config.pad_token_id, (prompts_n, prompt_len), generator=gen).tolist()
-        lengths = [new_tokens] * prompts_n
+    prompts, lengths = make_workload(model, args, prompts_n, prompt_len, new_tokens)
     capacity = max(map(len, prompts)) + max(lengths)
     slots = refill.slot_count(model, capacity, batch_size, refill.free_memory_bytes(model.device))
+    reasoning = args.workload == "reasoning"
     base_n = args.baseline_prompts or (slots if reasoning and not args.tiny else prompts_n)
     base = (prompts[:base_n], lengths[:base_n])
     methods = {
@@ -245,44 +366,19 @@ def main() -> int:
         "static": (lambda p, n: hf_generate(model, p, n, slots, cache_implementation="static"), base),
         "continuous": (lambda p, n: hf_continuous(model, p, n, args.tiny), base),
     }
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
-    report = {
-        "model": "tiny" if args.tiny else "Qwen3-0.6B shape, random weights", "device": device_name,
-        "dtype": str(dtype), "workload": args.workload, "prompts": prompts_n,
-        "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))],
-        "new_tokens": [min(lengths), max(lengths)], "mean_new_tokens": sum(lengths) / len(lengths),
-        "kv_bytes_per_token": refill.kv_bytes_per_token(model), "slots_for_memory": slots,
-        "weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
-        "kv_read_bound": {"hbm_tb_s": args.hbm_tb_s,
-                          "tokens_per_s": kv_read_bound(model, prompts, lengths, args.hbm_tb_s)},
-        "torch": torch.__version__, "transformers": __import__("transformers").__version__, "results": {}}
-    print(f"{args.workload}: {prompts_n} prompts of {report['prompt_tokens'][0]}-{report['prompt_tokens'][1]} "
-          f"tokens, {report['new_tokens'][0]}-{report['new_tokens'][1]} new tokens (mean "
-          f"{report['mean_new_tokens']:.0f}); {slots} sequences fit in memory at once; KV-read bound "
-          f"{report['kv_read_bound']['tokens_per_s']:,.0f} tokens/s at {args.hbm_tb_s} TB/s", flush=True)
+    report = describe(model, args, dtype, prompts, lengths, slots)
+    print_header(report, slots, args.hbm_tb_s)
     for name in args.methods.split(","):
         fn, (p, n) = methods[name]
-        try:
-            result = measure(lambda: fn(p, n), lambda: fn(p[:4], [min(x, 32) for x in n[:4]]), args.device,
-                             args.repeats)
-        except torch.OutOfMemoryError as error:  # what the baselines do when a batch does not fit: a result too
-            result = {"error": f"out of memory: {str(error)[:200]}"}
-        result["prompts"] = len(p)
-        report["results"][name] = result
-        if "error" in result:
-            print(f"{name:<11} {result['error']}", flush=True)
-        else:
-            peak = f", peak {result['peak_memory_gib']:.1f} GiB" if result["peak_memory_gib"] is not None else ""
-            print(f"{name:<11} {result['tokens_per_s']:>10,.0f} tokens/s  ({result['tokens']} tokens of {len(p)} "
-                  f"prompts in {result['seconds']:.1f} s{peak})", flush=True)
-        plain = report["results"].get("plain", {}).get("tokens_per_s")
-        for r in report["results"].values():
-            r["ratio_vs_plain"] = r["tokens_per_s"] / plain if plain and "tokens_per_s" in r else None
+        report["results"][name] = run_method(fn, p, n, args.device, args.repeats)
+        print_result(name, report["results"][name])
+        set_ratios_vs_plain(report["results"])
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     ratios = {n: r["ratio_vs_plain"] for n, r in report["results"].items() if r.get("ratio_vs_plain")}
     if ratios:
         print("ratio vs plain generate: " + ", ".join(f"{n} {ratio:.2f}x" for n, ratio in ratios.items()))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,6 +7,7 @@ must be accepted (target >= 99.5%); (2) the same solutions paired with a shuffle
 is a false accept unless the shuffled gold is itself equivalent to the true gold (small integers
 recur, so about 1% of shuffled pairs truly match). Prints both, and the items that fail (1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,11 @@ def measure(name: str, data_dir: str | None, workers: int | None, seed: int) -> 
         "bench": name,
         "n": len(problems),
         "own_gold_accuracy": sum(own) / len(own),
-        "own_gold_failures": [{"id": problems[i].id, "gold": golds[i], "solution_tail": solutions[i][-160:]}
-                              for i, ok in enumerate(own) if not ok],
+        "own_gold_failures": [
+            {"id": problems[i].id, "gold": golds[i], "solution_tail": solutions[i][-160:]}
+            for i, ok in enumerate(own)
+            if not ok
+        ],
         "shuffled_accepts": sum(accepted),
         "shuffled_truly_equal": sum(same_gold),
         "false_accepts": len(false_accepts),
@@ -51,7 +55,9 @@ def measure(name: str, data_dir: str | None, workers: int | None, seed: int) -> 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default=None, help="benchmark jsonl directory (default: see pipeline.data.benchmarks)")
+    parser.add_argument(
+        "--data-dir", default=None, help="benchmark jsonl directory (default: see pipeline.data.benchmarks)"
+    )
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -61,8 +67,10 @@ def main() -> int:
     overall = sum(r["own_gold_accuracy"] * r["n"] for r in results) / total
     print(f"{'bench':<8} {'n':>5} {'own gold':>9} {'shuffled acc':>12} {'truly equal':>11} {'false acc':>9} {'s':>6}")
     for r in results:
-        print(f"{r['bench']:<8} {r['n']:>5} {r['own_gold_accuracy']:>9.2%} {r['shuffled_accepts']:>12} "
-              f"{r['shuffled_truly_equal']:>11} {r['false_accepts']:>9} {r['seconds_own_gold']:>6.1f}")
+        print(
+            f"{r['bench']:<8} {r['n']:>5} {r['own_gold_accuracy']:>9.2%} {r['shuffled_accepts']:>12} "
+            f"{r['shuffled_truly_equal']:>11} {r['false_accepts']:>9} {r['seconds_own_gold']:>6.1f}"
+        )
     print(f"overall own-gold accuracy {overall:.2%} on {total} (target >= 99.50%)")
     for r in results:
         for f in r["own_gold_failures"]:

@@ -17,6 +17,7 @@ out, over the H100/H200's 989 TFLOP/s dense bf16), the ratio ours / peer, and `p
 estimate of the step's memory beside the measured peak. `--ours-only` skips the peer (for shapes where
 only the levers make the student fit).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,16 +42,56 @@ from pipeline.quant.scheme import QuantSpec  # noqa: E402
 from pipeline.train.loop import TrainArgs, make_accelerator, train  # noqa: E402
 
 SHAPES = {  # Qwen3 model cards' sizes
-    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
-    "1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
-    "4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=False),
+    "0.6b": dict(
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "1.7b": dict(
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "4b": dict(
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        tie_word_embeddings=False,
+    ),
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=512,
+        tie_word_embeddings=False,
+    ),
 }
 H200_BF16_FLOPS = 989e12
 
@@ -71,38 +112,67 @@ def timed_run(student, teacher, examples, args, label: str) -> dict:
     from pipeline.train.kd_loss import kd_loss_fn
 
     steps = args.warmup + args.steps
-    train_args = TrainArgs(steps=steps, batch_size=args.batch, lr=1e-5, warmup_steps=0, checkpoint_every=0,
-                           compile=args.compile, gradient_checkpointing=args.gradient_checkpointing,
-                           param_dtype=args.param_dtype, optimizer=args.optimizer)
+    train_args = TrainArgs(
+        steps=steps,
+        batch_size=args.batch,
+        lr=1e-5,
+        warmup_steps=0,
+        checkpoint_every=0,
+        compile=args.compile,
+        gradient_checkpointing=args.gradient_checkpointing,
+        param_dtype=args.param_dtype,
+        optimizer=args.optimizer,
+    )
     estimate = estimated_gib(student, teacher, train_args, args)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
-        train(student, examples, kd_loss_fn(teacher, chunk_size=args.chunk), train_args, out_dir=tmp,
-              checkpointer=Checkpointer(Path(tmp) / "ckpt"), seed=0, pad_id=0,
-              log=logging.getLogger("bench"), accelerator=make_accelerator(), desc=label)
-        rows = [json.loads(line) for line in open(Path(tmp) / "metrics.jsonl")][args.warmup:]
+        train(
+            student,
+            examples,
+            kd_loss_fn(teacher, chunk_size=args.chunk),
+            train_args,
+            out_dir=tmp,
+            checkpointer=Checkpointer(Path(tmp) / "ckpt"),
+            seed=0,
+            pad_id=0,
+            log=logging.getLogger("bench"),
+            accelerator=make_accelerator(),
+            desc=label,
+        )
+        rows = [json.loads(line) for line in open(Path(tmp) / "metrics.jsonl")][args.warmup :]
     step_s = statistics.median(r["tokens"] / r["tokens_per_s"] for r in rows)
     tokens = rows[0]["tokens"]
     n_student = sum(p.numel() for p in student.parameters())
     n_teacher = sum(p.numel() for p in teacher.parameters())
-    result = {"step_s": step_s, "tokens_per_s": tokens / step_s, "estimate_gib": estimate,
-              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-              "mfu": (6 * n_student + 2 * n_teacher) * tokens / step_s / H200_BF16_FLOPS}
-    print(f"{label:>6}: {step_s * 1e3:8.1f} ms/step  {result['tokens_per_s']:10.0f} tokens/s  "
-          f"peak {result['peak_gib'] or 0:.1f} GiB (estimate {estimate:.1f})  MFU {100 * result['mfu']:.1f}%",
-          flush=True)
+    result = {
+        "step_s": step_s,
+        "tokens_per_s": tokens / step_s,
+        "estimate_gib": estimate,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "mfu": (6 * n_student + 2 * n_teacher) * tokens / step_s / H200_BF16_FLOPS,
+    }
+    print(
+        f"{label:>6}: {step_s * 1e3:8.1f} ms/step  {result['tokens_per_s']:10.0f} tokens/s  "
+        f"peak {result['peak_gib'] or 0:.1f} GiB (estimate {estimate:.1f})  MFU {100 * result['mfu']:.1f}%",
+        flush=True,
+    )
     return result
 
 
 def estimated_gib(student, teacher, train_args: TrainArgs, args) -> float:
-    memory = kd_step_memory_of(student, train_args, teacher_total=sum(p.numel() for p in teacher.parameters()),
-                               teacher_bytes=teacher.dtype.itemsize, tokens=args.batch * args.seqlen,
-                               chunk_size=args.chunk)
+    memory = kd_step_memory_of(
+        student,
+        train_args,
+        teacher_total=sum(p.numel() for p in teacher.parameters()),
+        teacher_bytes=teacher.dtype.itemsize,
+        tokens=args.batch * args.seqlen,
+        chunk_size=args.chunk,
+    )
     return memory.total / GIB
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="0.6b", choices=sorted(SHAPES))
     parser.add_argument("--scheme", default="w3g128", help="QuantSpec preset of the student (ours)")
@@ -121,21 +191,39 @@ def main() -> None:
     args = parser.parse_args()
     if args.tiny:
         args.shape, args.batch, args.seqlen, args.chunk, args.steps, args.warmup = "tiny", 2, 64, 64, 3, 1
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
 
+
+def random_examples(args: argparse.Namespace) -> list[tuple[list[int], int]]:
+    """4 batches of random sequences, the first eighth of each a prompt (no loss)."""
     vocab = SHAPES[args.shape]["vocab_size"]
     generator = torch.Generator().manual_seed(0)
-    examples = [(torch.randint(1, vocab, (args.seqlen,), generator=generator).tolist(), args.seqlen // 8)
-                for _ in range(args.batch * 4)]
+    return [
+        (torch.randint(1, vocab, (args.seqlen,), generator=generator).tolist(), args.seqlen // 8)
+        for _ in range(args.batch * 4)
+    ]
+
+
+def main() -> None:
+    args = parse_args()
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    examples = random_examples(args)
     teacher = build(args.shape, 1, device, dtype).eval().requires_grad_(False)
     # the student's latent weights in the dtype the loop would give them (an fp32 8B copy would not fit beside)
     student_dtype = torch.bfloat16 if args.param_dtype == "bfloat16" else torch.float32
 
-    results = {"shape": args.shape, "scheme": args.scheme, "batch": args.batch, "seqlen": args.seqlen,
-               "compile": args.compile, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
-    results.update(param_dtype=args.param_dtype, optimizer=args.optimizer,
-                   gradient_checkpointing=args.gradient_checkpointing)
+    results = {
+        "shape": args.shape,
+        "scheme": args.scheme,
+        "batch": args.batch,
+        "seqlen": args.seqlen,
+        "compile": args.compile,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    }
+    results.update(
+        param_dtype=args.param_dtype, optimizer=args.optimizer, gradient_checkpointing=args.gradient_checkpointing
+    )
     if not args.ours_only:
         results["plain"] = timed_run(build(args.shape, 0, device, student_dtype), teacher, examples, args, "plain")
         if device == "cuda":

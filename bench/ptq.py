@@ -16,6 +16,7 @@ Loading the model and the ptq stage's SQNR report are outside both timings.
 `--tiny` also prints the per-layer SQNR of RTN vs GPTQ on that model (the sanity numbers the ptq
 stage logs; random weights and tokens, so only the comparison means something).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,14 +41,30 @@ from pipeline.quant.methods.gptq import gptq_modifier, run_gptq  # noqa: E402
 from pipeline.quant.scheme import QuantSpec  # noqa: E402
 from pipeline.data.tokenizer import build_tokenizer  # noqa: E402
 
-QWEN3 = dict(vocab_size=151936, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-             max_position_embeddings=40960, tie_word_embeddings=True)
+QWEN3 = dict(
+    vocab_size=151936,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    tie_word_embeddings=True,
+)
 SHAPES = {
     "0.6b": dict(QWEN3, hidden_size=1024, intermediate_size=3072),
     "1.7b": dict(QWEN3, hidden_size=2048, intermediate_size=6144),
 }
-TINY = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=64, max_position_embeddings=2048, tie_word_embeddings=False)
+TINY = dict(
+    vocab_size=1024,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
 SPEC = QuantSpec.model_validate("w3g128")
 GPTQ_ARGS = dict(block_size=128, dampening_frac=0.01, actorder="static", observer="minmax")
 
@@ -66,8 +83,12 @@ def bare(model, tokenizer, samples):
     from llmcompressor import oneshot
     from llmcompressor.core import active_session
 
-    oneshot(model=model, recipe=gptq_modifier(model, SPEC, **GPTQ_ARGS), dataset=calibration_loader(samples),
-            processor=tokenizer)
+    oneshot(
+        model=model,
+        recipe=gptq_modifier(model, SPEC, **GPTQ_ARGS),
+        dataset=calibration_loader(samples),
+        processor=tokenizer,
+    )
     active_session().reset()
 
 
@@ -102,13 +123,19 @@ def bench_shape(name, shape, tokenizer, nsamples, seqlen, repeats, dtype, device
         times["bare"].append(timed(bare, path, dtype, device, tokenizer, samples))
         times["ours"].append(timed(ours, path, dtype, device, tokenizer, samples))
     result = {
-        "shape": name, **{k: shape[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")},
-        "calibration": f"{nsamples}x{seqlen}", "bare_s": min(times["bare"]), "ours_s": min(times["ours"]),
+        "shape": name,
+        **{k: shape[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")},
+        "calibration": f"{nsamples}x{seqlen}",
+        "bare_s": min(times["bare"]),
+        "ours_s": min(times["ours"]),
         "all_s": times,
     }
     result["ratio_ours_over_bare"] = result["ours_s"] / result["bare_s"]
-    print(f"{name}: bare oneshot {result['bare_s']:.2f}s, ours {result['ours_s']:.2f}s, "
-          f"ratio ours/bare {result['ratio_ours_over_bare']:.3f}", flush=True)
+    print(
+        f"{name}: bare oneshot {result['bare_s']:.2f}s, ours {result['ours_s']:.2f}s, "
+        f"ratio ours/bare {result['ratio_ours_over_bare']:.3f}",
+        flush=True,
+    )
     return result
 
 
@@ -125,10 +152,16 @@ def sqnr_table(path, dtype, device, tokenizer, samples) -> dict:
         reports[method] = sqnr.layer_sqnr(model, originals, samples[:4])
     print(f"{'layer':<34} {'RTN weight':>10} {'GPTQ weight':>11} {'RTN output':>10} {'GPTQ output':>11}")
     for r, g in zip(reports["rtn"], reports["gptq"]):
-        print(f"{r['layer']:<34} {r['weight_sqnr']:>10.2f} {g['weight_sqnr']:>11.2f} {r['output_sqnr']:>10.2f} {g['output_sqnr']:>11.2f}")
+        print(
+            f"{r['layer']:<34} {r['weight_sqnr']:>10.2f} {g['weight_sqnr']:>11.2f} {r['output_sqnr']:>10.2f} "
+            f"{g['output_sqnr']:>11.2f}"
+        )
     summary = {m: sqnr.summarize(rep) for m, rep in reports.items()}
-    print("mean output SQNR: RTN {:.2f} dB, GPTQ {:.2f} dB".format(
-        summary["rtn"]["output_sqnr_mean"], summary["gptq"]["output_sqnr_mean"]))
+    print(
+        "mean output SQNR: RTN {:.2f} dB, GPTQ {:.2f} dB".format(
+            summary["rtn"]["output_sqnr_mean"], summary["gptq"]["output_sqnr_mean"]
+        )
+    )
     return {"per_layer": reports, "summary": summary}
 
 
@@ -152,11 +185,17 @@ def main() -> None:
         torch.set_num_threads(1)  # shared CPU: more threads than cores only adds noise
     tokenizer = build_tokenizer()  # oneshot wants a processor; the loader already holds token ids
 
-    results = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-               "torch": torch.__version__, "dtype": str(dtype), "shapes": []}
+    results = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "dtype": str(dtype),
+        "shapes": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for name, shape in shapes.items():
-            results["shapes"].append(bench_shape(name, shape, tokenizer, nsamples, seqlen, repeats, dtype, device, Path(tmp)))
+            results["shapes"].append(
+                bench_shape(name, shape, tokenizer, nsamples, seqlen, repeats, dtype, device, Path(tmp))
+            )
         if args.tiny:
             rng = random.Random(1)
             samples = [[rng.randrange(TINY["vocab_size"]) for _ in range(seqlen)] for _ in range(nsamples)]

@@ -16,6 +16,7 @@ stop token, so sequences run to the limit; tokens/s counts the tokens actually g
 policy runs once untimed, then `--repeats` times timed; the best run is reported, and the ratio
 quant / bf16.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,28 +68,50 @@ def main() -> int:
     quantize_rtn(per_token, spec)
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, bf16.config.pad_token_id, (prompts_n, prompt_len), generator=gen).tolist()
+
     def frozen():
         with decoding_weights(quant, dtype):
             return rollout(quant, prompts, new_tokens, batch_size, args.backend)
 
-    methods = {"bf16": lambda: rollout(bf16, prompts, new_tokens, batch_size, args.backend), "quant": frozen,
-               "quant_per_token": lambda: rollout(per_token, prompts, new_tokens, batch_size, args.backend)}
+    methods = {
+        "bf16": lambda: rollout(bf16, prompts, new_tokens, batch_size, args.backend),
+        "quant": frozen,
+        "quant_per_token": lambda: rollout(per_token, prompts, new_tokens, batch_size, args.backend),
+    }
     results = {}
     for name, fn in methods.items():
-        seconds, tokens, warmup_s = bench_generate.timed(fn, args.device, args.repeats)
-        results[name] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "warmup_s": warmup_s}
-        print(f"{name:<15} {tokens / seconds:>10.0f} tokens/s  ({tokens} tokens in {seconds:.2f} s; "
-              f"first run {warmup_s:.2f} s)", flush=True)
+        measured = bench_generate.measure(fn, fn, args.device, args.repeats)
+        results[name] = {k: measured[k] for k in ("seconds", "tokens", "tokens_per_s", "warmup_s")}
+        seconds, tokens, warmup_s = results[name]["seconds"], results[name]["tokens"], results[name]["warmup_s"]
+        print(
+            f"{name:<15} {tokens / seconds:>10.0f} tokens/s  ({tokens} tokens in {seconds:.2f} s; "
+            f"first run {warmup_s:.2f} s)",
+            flush=True,
+        )
     for r in results.values():
         r["ratio_vs_bf16"] = r["tokens_per_s"] / results["bf16"]["tokens_per_s"]
     ratio = results["quant"]["ratio_vs_bf16"]
     print("ratio vs bf16: " + ", ".join(f"{n} {r['ratio_vs_bf16']:.2f}x" for n, r in results.items()))
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
-    Path(args.out).write_text(json.dumps({
-        "model": "tiny" if args.tiny else "Qwen3-0.6B shape, random weights", "device": device_name,
-        "scheme": spec.model_dump(mode="json"), "prompts": prompts_n, "prompt_len": prompt_len,
-        "new_tokens": new_tokens, "batch_size": batch_size, "backend": args.backend, "dtype": str(dtype),
-        "results": results, "quant_over_bf16": ratio}, indent=2) + "\n")
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "model": "tiny" if args.tiny else "Qwen3-0.6B shape, random weights",
+                "device": device_name,
+                "scheme": spec.model_dump(mode="json"),
+                "prompts": prompts_n,
+                "prompt_len": prompt_len,
+                "new_tokens": new_tokens,
+                "batch_size": batch_size,
+                "backend": args.backend,
+                "dtype": str(dtype),
+                "results": results,
+                "quant_over_bf16": ratio,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return 0
 
 

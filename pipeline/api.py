@@ -14,6 +14,7 @@ pipeline.evaluation. A recipe argument is a `Recipe`, a YAML path or the name of
 are `--set` strings. Bad input raises RecipeError (every problem) or InputError (one), before anything is
 written, as on the command line.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,9 +44,16 @@ def load(recipe: "Recipe | str | Path", overrides: Sequence[str] = ()) -> "Recip
     return load_recipe(recipe, overrides)
 
 
-def run(recipe: "Recipe | str | Path", artifacts: str | Path = DEFAULT_ARTIFACTS, *, overrides: Sequence[str] = (),
-        from_stage: str | None = None, only: str | None = None, force: bool = False,
-        procs: "Processes | None" = None) -> "list[Outcome]":
+def run(
+    recipe: "Recipe | str | Path",
+    artifacts: str | Path = DEFAULT_ARTIFACTS,
+    *,
+    overrides: Sequence[str] = (),
+    from_stage: str | None = None,
+    only: str | None = None,
+    force: bool = False,
+    procs: "Processes | None" = None,
+) -> "list[Outcome]":
     """Run what is missing or stale under `artifacts/<recipe name>/`: `from_stage` re-runs it and everything
     downstream, `only` just it, `force` every selected stage. Returns each stage's outcome; raises RunError when
     a stage fails, RunStopped on SIGINT / SIGTERM. `procs`: the caller's view of the ranks, if it made one."""
@@ -55,8 +63,15 @@ def run(recipe: "Recipe | str | Path", artifacts: str | Path = DEFAULT_ARTIFACTS
     return run_recipe(load(recipe, overrides), artifacts, options, procs)
 
 
-def plan(recipe: "Recipe | str | Path", artifacts: str | Path = DEFAULT_ARTIFACTS, *, overrides: Sequence[str] = (),
-         from_stage: str | None = None, only: str | None = None, force: bool = False) -> "list[Decision]":
+def plan(
+    recipe: "Recipe | str | Path",
+    artifacts: str | Path = DEFAULT_ARTIFACTS,
+    *,
+    overrides: Sequence[str] = (),
+    from_stage: str | None = None,
+    only: str | None = None,
+    force: bool = False,
+) -> "list[Decision]":
     """What `run` with the same arguments would do to each stage (`action`: run / skip / gate, and why);
     writes nothing."""
     from pipeline.engine.runner import Options, plan as plan_recipe
@@ -67,8 +82,9 @@ def plan(recipe: "Recipe | str | Path", artifacts: str | Path = DEFAULT_ARTIFACT
     return plan_recipe(loaded, Store(artifacts, loaded.name), options)
 
 
-def status(recipe: "Recipe | str | Path", artifacts: str | Path = DEFAULT_ARTIFACTS, *,
-           overrides: Sequence[str] = ()) -> "list[Decision]":
+def status(
+    recipe: "Recipe | str | Path", artifacts: str | Path = DEFAULT_ARTIFACTS, *, overrides: Sequence[str] = ()
+) -> "list[Decision]":
     """Each stage's `state` (complete, stale, pending, skipped, failed, running) and `reason`; writes nothing."""
     from pipeline.engine.runner import status as recipe_status
     from pipeline.engine.store import Store
@@ -86,8 +102,13 @@ def load_quantized(path: str | Path, device: str | None = None, trust_remote_cod
     return load_checked(path, device=device, trust_remote_code=trust_remote_code)
 
 
-def export(source: str | Path, out: str | Path, scheme: str | None = None, trust_remote_code: bool = False,
-           format: str = "pack-quantized") -> dict[str, float]:
+def export(
+    source: str | Path,
+    out: str | Path,
+    scheme: str | None = None,
+    trust_remote_code: bool = False,
+    format: str = "pack-quantized",
+) -> dict[str, float]:
     """Write the quantized model at `source` to `out` (missing or empty) as a real low-bit checkpoint; `scheme`
     (a preset) must name the model's own; `format` is pack-quantized (compressed-tensors) or gptq (3/4-bit
     weight-only models, for vLLM's GPTQ kernels). Returns bytes on disk and bits per weight / parameter."""
@@ -100,10 +121,19 @@ def export(source: str | Path, out: str | Path, scheme: str | None = None, trust
     return export_checkpoint(source, scheme, out, trust_remote_code, format)
 
 
-def evaluate(model_dir: str | Path, bench: str = "testbed", limit: int | None = None,
-             generation: "GenerationSpec | dict[str, Any] | None" = None, samples_path: str | Path | None = None, *,
-             data_dir: str | None = None, hub: str | None = None, recipe: "Recipe | str | Path | None" = None,
-             dtype: str | None = None, trust_remote_code: bool = False) -> dict[str, float]:
+def evaluate(
+    model_dir: str | Path,
+    bench: str = "testbed",
+    limit: int | None = None,
+    generation: "GenerationSpec | dict[str, Any] | None" = None,
+    samples_path: str | Path | None = None,
+    *,
+    data_dir: str | None = None,
+    hub: str | None = None,
+    recipe: "Recipe | str | Path | None" = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, float]:
     """Accuracy (avg@K), pass@K, truncation rate, tokens and speed of the model at `model_dir` on `bench`'s first
     `limit` problems, sampled as `generation` says (a GenerationSpec or its keys); every sample is written to
     `samples_path` (jsonl) when given. Problems come from `data_dir` or the hub dataset `hub`; `recipe`: take
@@ -114,16 +144,29 @@ def evaluate(model_dir: str | Path, bench: str = "testbed", limit: int | None = 
     spec = generation if isinstance(generation, GenerationSpec) else GenerationSpec(**(generation or {}))
     if samples_path is not None:
         _check_out(str(samples_path))
-    problems, instruction = bench_problems(bench, limit, data_dir, hub, load(recipe).data if recipe is not None else None)
+    problems, instruction = bench_problems(
+        bench, limit, data_dir, hub, load(recipe).data if recipe is not None else None
+    )
     tokenizer = _tokenizer(str(model_dir), "MODEL_DIR", needs_chat=True, trust_remote_code=trust_remote_code)
     model = _model(str(model_dir), dtype, trust_remote_code)
     return evaluate_model(model, tokenizer, problems, spec, samples_path=samples_path, instruction=instruction)
 
 
-def perplexity(model_dir: str | Path, bench: str = "testbed", limit: int | None = None, *, text: str | Path | None = None,
-               teacher: str | Path | None = None, max_length: int = 2048, batch_size: int = 16,
-               data_dir: str | None = None, hub: str | None = None, recipe: "Recipe | str | Path | None" = None,
-               dtype: str | None = None, trust_remote_code: bool = False) -> dict[str, float]:
+def perplexity(
+    model_dir: str | Path,
+    bench: str = "testbed",
+    limit: int | None = None,
+    *,
+    text: str | Path | None = None,
+    teacher: str | Path | None = None,
+    max_length: int = 2048,
+    batch_size: int = 16,
+    data_dir: str | None = None,
+    hub: str | None = None,
+    recipe: "Recipe | str | Path | None" = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, float]:
     """Teacher-forced perplexity of the model at `model_dir` (and, with `teacher`, the mean per-token
     KL(teacher || model)) over `bench`'s reference solutions given their prompts (`num_problems` of them), or
     over the `text` file (.jsonl / .parquet with a `text` field) in windows of `max_length` tokens. Problems
@@ -140,15 +183,18 @@ def perplexity(model_dir: str | Path, bench: str = "testbed", limit: int | None 
     tokenizer = _tokenizer(str(model_dir), "MODEL_DIR", needs_chat=texts is None, trust_remote_code=trust_remote_code)
     if teacher:
         _tokenizer(str(teacher), "--teacher", needs_chat=False, trust_remote_code=trust_remote_code)
-    examples = (text_examples(tokenizer, texts, max_length) if texts
-                else solution_examples(tokenizer, problems, instruction))
+    examples = (
+        text_examples(tokenizer, texts, max_length) if texts else solution_examples(tokenizer, problems, instruction)
+    )
     model = _model(str(model_dir), dtype, trust_remote_code)
     teacher_model = None
     if teacher:
         teacher_model = _model(str(teacher), dtype, trust_remote_code)
         if teacher_model.config.vocab_size != model.config.vocab_size:
-            raise InputError("--teacher", f"vocabulary {teacher_model.config.vocab_size} differs from the model's "
-                             f"{model.config.vocab_size}")
+            raise InputError(
+                "--teacher",
+                f"vocabulary {teacher_model.config.vocab_size} differs from the model's {model.config.vocab_size}",
+            )
     metrics = measure(model, examples, tokenizer.pad_token_id, teacher=teacher_model, batch_size=batch_size)
     if texts is None:
         metrics["num_problems"] = len(problems)
@@ -156,6 +202,7 @@ def perplexity(model_dir: str | Path, bench: str = "testbed", limit: int | None 
 
 
 # -- checks of what the caller named, before anything is loaded or written --------------------------------------
+
 
 def _check_out(path: str) -> None:
     """`--out` must be a file this process can write, checked before the evaluation it would end."""

@@ -36,6 +36,7 @@ kernel without flash-attn, which the GPU image lacks); 512 prompts: plain 11,749
 On CPU continuous batching sizes its cache from free RAM (a tiny model's call was killed for memory
 here) and needs an explicit ContinuousBatchingConfig to run.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -45,8 +46,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from transformers import (AttentionInterface, GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper,
-                          TopKLogitsWarper, TopPLogitsWarper)
+from transformers import (
+    AttentionInterface,
+    GenerationConfig,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
@@ -54,6 +61,7 @@ from pipeline import refill
 from pipeline.data.chat import BOXED_INSTRUCTION, chat_prompt, end_of_turn_id
 from pipeline.engine.progress import Bar, progress
 from pipeline.engine.stage_api import SEED_MAX
+from pipeline.stops import first_stop_end
 
 
 _STATIC_WIDTH_STEP = 64
@@ -114,41 +122,60 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     `<|endoftext|>`, Llama-3 at `<|eot_id|>`)."""
     ids = []
     configured = getattr(model.generation_config, "eos_token_id", None)
-    for token in ([configured] if isinstance(configured, int) else list(configured or [])):
+    for token in [configured] if isinstance(configured, int) else list(configured or []):
         ids.append(int(token))
     for token in (end_of_turn_id(tokenizer), tokenizer.eos_token_id):
         if isinstance(token, int) and token != tokenizer.unk_token_id and token not in ids:
             ids.append(token)
     if not ids:
-        raise ValueError("the tokenizer has no end-of-turn token and the model no eos_token_id: decoding would never stop")
+        raise ValueError(
+            "the tokenizer has no end-of-turn token and the model no eos_token_id: decoding would never stop"
+        )
     return ids
 
 
-def _generation_config(spec: GenerationSpec, stops: list[int], pad_id: int, num_return_sequences: int,
-                       cache_implementation: str | None = None) -> GenerationConfig:
-    sampling = dict(do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k) \
-        if spec.do_sample else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+def _generation_config(
+    spec: GenerationSpec,
+    stops: list[int],
+    pad_id: int,
+    num_return_sequences: int,
+    cache_implementation: str | None = None,
+) -> GenerationConfig:
+    sampling = (
+        dict(do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k)
+        if spec.do_sample
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    )
     # use_cache explicitly: a model saved after training with gradient checkpointing (TRL turns the
     # cache off) carries use_cache=False, which generate would otherwise take: O(n^2) decoding
-    return GenerationConfig(max_new_tokens=spec.max_new_tokens, eos_token_id=stops, pad_token_id=pad_id,
-                            num_return_sequences=num_return_sequences, use_cache=True,
-                            cache_implementation=cache_implementation, **sampling)
-
-
-def first_stop_end(ids, stops: set[int]) -> int | None:
-    """Index just past the first stop token of `ids`, None when none is there (truncated)."""
-    return next((i + 1 for i, t in enumerate(ids) if t in stops), None)
+    return GenerationConfig(
+        max_new_tokens=spec.max_new_tokens,
+        eos_token_id=stops,
+        pad_token_id=pad_id,
+        num_return_sequences=num_return_sequences,
+        use_cache=True,
+        cache_implementation=cache_implementation,
+        **sampling,
+    )
 
 
 def _completion(ids: list[int], stops: set[int], tokenizer) -> Completion:
     end = first_stop_end(ids, stops)
     ids = ids if end is None else ids[:end]
-    return Completion(text=tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids, num_tokens=len(ids),
-                      truncated=end is None)
+    return Completion(
+        text=tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids, num_tokens=len(ids), truncated=end is None
+    )
 
 
-def _generate_padded(model, prompt_ids: list[list[int]], spec: GenerationSpec, stops: list[int],
-                     pad_id: int, cache_implementation: str | None, bar: Bar) -> list[list[list[int]]]:
+def _generate_padded(
+    model,
+    prompt_ids: list[list[int]],
+    spec: GenerationSpec,
+    stops: list[int],
+    pad_id: int,
+    cache_implementation: str | None,
+    bar: Bar,
+) -> list[list[list[int]]]:
     k = spec.num_samples
     per_batch = max(1, spec.batch_size // k)
     config = _generation_config(spec, stops, pad_id, k, cache_implementation)
@@ -156,18 +183,21 @@ def _generate_padded(model, prompt_ids: list[list[int]], spec: GenerationSpec, s
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     out: list[list[list[int]]] = [[] for _ in prompt_ids]
     for start in range(0, len(order), per_batch):
-        batch = order[start:start + per_batch]
+        batch = order[start : start + per_batch]
         width = max(len(prompt_ids[i]) for i in batch)
         if cache_implementation == "static":
             # the compiled step is specialised to the cache length: few distinct widths, few recompiles
             width = -(-width // _STATIC_WIDTH_STEP) * _STATIC_WIDTH_STEP
         input_ids = torch.tensor([[pad_id] * (width - len(prompt_ids[i])) + prompt_ids[i] for i in batch])
         attention_mask = torch.tensor([[0] * (width - len(prompt_ids[i])) + [1] * len(prompt_ids[i]) for i in batch])
-        generated = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                                   generation_config=config)
+        generated = model.generate(
+            input_ids=input_ids.to(model.device),
+            attention_mask=attention_mask.to(model.device),
+            generation_config=config,
+        )
         rows = generated[:, width:].tolist()  # (len(batch) * k, new tokens), samples of one prompt adjacent
         for j, i in enumerate(batch):
-            out[i] = rows[j * k:(j + 1) * k]
+            out[i] = rows[j * k : (j + 1) * k]
         bar.advance(len(rows), tokens=_decoded_tokens(rows, set(stops)))
     return out
 
@@ -177,31 +207,44 @@ def _decoded_tokens(rows: list[list[int]], stops: set[int]) -> int:
     return sum(first_stop_end(ids, stops) or len(ids) for ids in rows)
 
 
-def _generate_continuous(model, prompt_ids: list[list[int]], spec: GenerationSpec, stops: list[int],
-                         pad_id: int, bar: Bar) -> list[list[list[int]]]:
+def _generate_continuous(
+    model, prompt_ids: list[list[int]], spec: GenerationSpec, stops: list[int], pad_id: int, bar: Bar
+) -> list[list[list[int]]]:
     from transformers import ContinuousBatchingConfig
 
     k = spec.num_samples
     config = _generation_config(spec, stops, pad_id, 1)
     requests = [ids for ids in prompt_ids for _ in range(k)]
-    results = model.generate_batch(inputs=requests, generation_config=config,
-                                   continuous_batching_config=ContinuousBatchingConfig(seed=spec.seed))
+    results = model.generate_batch(
+        inputs=requests, generation_config=config, continuous_batching_config=ContinuousBatchingConfig(seed=spec.seed)
+    )
     # generate_batch logs failures and returns what finished: a missing or failed request is an error here
     outputs = list(results.values())
     failed = [o.request_id for o in outputs if o.error is not None]
     if len(outputs) != len(requests) or failed:
-        raise RuntimeError(f"continuous batching returned {len(outputs)} of {len(requests)} requests"
-                           + (f"; failed: {failed[:5]}" if failed else ""))
+        raise RuntimeError(
+            f"continuous batching returned {len(outputs)} of {len(requests)} requests"
+            + (f"; failed: {failed[:5]}" if failed else "")
+        )
     rows = [list(o.generated_tokens) for o in outputs]
     bar.advance(len(rows), tokens=_decoded_tokens(rows, set(stops)))  # generate_batch reports nothing on the way
-    return [rows[i * k:(i + 1) * k] for i in range(len(prompt_ids))]
+    return [rows[i * k : (i + 1) * k] for i in range(len(prompt_ids))]
 
 
 GROUPED_SDPA = "sdpa_grouped"
 
 
-def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
-                           scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+def grouped_sdpa_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+):
     """SDPA for grouped-query attention with a mask, without copying K/V once per query head.
 
     transformers' sdpa path repeats K and V `num_key_value_groups` times whenever there is a mask
@@ -212,8 +255,9 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout: f
     """
     groups = getattr(module, "num_key_value_groups", 1)
     if groups == 1 or attention_mask is None or dropout > 0:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     b, heads, q_len, d = query.shape
     query = query.reshape(b, heads // groups, groups * q_len, d)  # row g * q_len + t: head g of the group, token t
     mask = attention_mask.repeat(1, 1, groups, 1) if attention_mask.shape[2] > 1 else attention_mask
@@ -225,19 +269,36 @@ AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_attention)
 AttentionMaskInterface.register(GROUPED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
-def _generate_refill(model, prompt_ids: list[list[int]], spec: GenerationSpec, stops: list[int], pad_id: int,
-                     max_new_tokens: list[int], bar: Bar) -> list[list[list[int]]]:
+def _generate_refill(
+    model,
+    prompt_ids: list[list[int]],
+    spec: GenerationSpec,
+    stops: list[int],
+    pad_id: int,
+    max_new_tokens: list[int],
+    bar: Bar,
+) -> list[list[list[int]]]:
     k = spec.num_samples
     warpers = None
     if spec.do_sample:  # generate's warpers, in generate's order
-        warpers = LogitsProcessorList([TemperatureLogitsWarper(spec.temperature)]
-                                      + ([TopKLogitsWarper(spec.top_k)] if spec.top_k else [])
-                                      + ([TopPLogitsWarper(spec.top_p)] if spec.top_p < 1 else []))
+        warpers = LogitsProcessorList(
+            [TemperatureLogitsWarper(spec.temperature)]
+            + ([TopKLogitsWarper(spec.top_k)] if spec.top_k else [])
+            + ([TopPLogitsWarper(spec.top_p)] if spec.top_p < 1 else [])
+        )
     # request i * k + j is sample j of prompt i: its index seeds its sampling stream
-    rows = refill.decode(model, [ids for ids in prompt_ids for _ in range(k)],
-                         [limit for limit in max_new_tokens for _ in range(k)], stops=set(stops), pad_id=pad_id,
-                         warpers=warpers, seed=spec.seed, max_slots=spec.batch_size, bar=bar)
-    return [rows[i * k:(i + 1) * k] for i in range(len(prompt_ids))]
+    rows = refill.decode(
+        model,
+        [ids for ids in prompt_ids for _ in range(k)],
+        [limit for limit in max_new_tokens for _ in range(k)],
+        stops=set(stops),
+        pad_id=pad_id,
+        warpers=warpers,
+        seed=spec.seed,
+        max_slots=spec.batch_size,
+        bar=bar,
+    )
+    return [rows[i * k : (i + 1) * k] for i in range(len(prompt_ids))]
 
 
 def resolve_backend(spec: GenerationSpec, model) -> str:
@@ -247,8 +308,14 @@ def resolve_backend(spec: GenerationSpec, model) -> str:
 
 
 @torch.no_grad()  # not inference_mode: continuous batching updates its cache in place from another thread
-def generate_ids(model, prompt_ids: list[list[int]], spec: GenerationSpec, stops: list[int], pad_id: int,
-                 max_new_tokens: list[int] | None = None) -> list[list[list[int]]]:
+def generate_ids(
+    model,
+    prompt_ids: list[list[int]],
+    spec: GenerationSpec,
+    stops: list[int],
+    pad_id: int,
+    max_new_tokens: list[int] | None = None,
+) -> list[list[list[int]]]:
     """Token level: for each prompt (ids, chat template already applied) K lists of generated ids,
     each cut after its first stop token when it has one; sequences past a stop may hold pad ids.
 
@@ -275,29 +342,42 @@ def generate_ids(model, prompt_ids: list[list[int]], spec: GenerationSpec, stops
     sequences = len(prompt_ids) * spec.num_samples
     try:
         # fork_rng: seed sampling without moving the caller's RNG
-        with frozen, torch.random.fork_rng(devices=devices), \
-                progress("generate", total=sequences, unit="sequences") as bar:
+        with (
+            frozen,
+            torch.random.fork_rng(devices=devices),
+            progress("generate", total=sequences, unit="sequences") as bar,
+        ):
             torch.manual_seed(spec.seed)
             if backend == "refill":
-                return _generate_refill(model, prompt_ids, spec, stops, pad_id,
-                                        max_new_tokens or [spec.max_new_tokens] * len(prompt_ids), bar)
+                return _generate_refill(
+                    model,
+                    prompt_ids,
+                    spec,
+                    stops,
+                    pad_id,
+                    max_new_tokens or [spec.max_new_tokens] * len(prompt_ids),
+                    bar,
+                )
             if backend == "continuous":
                 return _generate_continuous(model, prompt_ids, spec, stops, pad_id, bar)
-            return _generate_padded(model, prompt_ids, spec, stops, pad_id, "static" if backend == "static" else None,
-                                    bar)
+            return _generate_padded(
+                model, prompt_ids, spec, stops, pad_id, "static" if backend == "static" else None, bar
+            )
     finally:
         if model.config._attn_implementation != attn:
             model.set_attn_implementation(attn)
         model.train(was_training)
 
 
-def generate(model, tokenizer, questions: list[str], spec: GenerationSpec,
-             instruction: str = BOXED_INSTRUCTION) -> list[list[Completion]]:
+def generate(
+    model, tokenizer, questions: list[str], spec: GenerationSpec, instruction: str = BOXED_INSTRUCTION
+) -> list[list[Completion]]:
     """K = spec.num_samples completions for each question (asked with `instruction`), in the order of `questions`."""
     stops = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    prompt_ids = [tokenizer(chat_prompt(tokenizer, q, instruction), add_special_tokens=False)["input_ids"]
-                  for q in questions]
+    prompt_ids = [
+        tokenizer(chat_prompt(tokenizer, q, instruction), add_special_tokens=False)["input_ids"] for q in questions
+    ]
     rows = generate_ids(model, prompt_ids, spec, stops, pad_id)
     stop_set = set(stops)
     return [[_completion(ids, stop_set, tokenizer) for ids in samples] for samples in rows]

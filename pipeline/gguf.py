@@ -24,6 +24,7 @@ The folder holds config.json, model.safetensors, generation_config.json (eos, pa
 the file's chat template, and gguf_import.json (source file, its sha256, architecture, tensor types).
 The weights are the dequantized GGUF values (Q4_1 for SmolLM2): that model is the teacher.
 """
+
 from __future__ import annotations
 
 import copy
@@ -87,8 +88,9 @@ def check_dequantizable(path: Path, types: Counter) -> None:
         try:  # one zero block: the library's own verdict, rather than a copy of its list of types
             gguf.quants.dequantize(np.zeros(type_size, dtype=np.uint8), qtype)
         except NotImplementedError:
-            raise InputError("FILE", f"{path}: holds {name} tensors, which the gguf package cannot "
-                             "dequantize") from None
+            raise InputError(
+                "FILE", f"{path}: holds {name} tensors, which the gguf package cannot dequantize"
+            ) from None
 
 
 def load_gguf_config(path: Path):
@@ -161,17 +163,23 @@ def import_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32") -
     if not tokenizer.chat_template:
         raise InputError("FILE", f"{path}: has no tokenizer.chat_template (every stage prompts through it)")
     fix_special_tokens(tokenizer, config)
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config,
-                                                  dtype=getattr(torch, dtype))
+    loaded = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, config=config, dtype=getattr(torch, dtype)
+    )
     model = dense_copy(loaded, config, getattr(torch, dtype))
     del loaded
 
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     save_model(model, tokenizer, partial)
-    record = {"source": str(path.resolve()), "sha256": sha256_file(path), "architecture": config.model_type,
-              "tensor_types": dict(types), "dtype": dtype,
-              "special_tokens": {role: getattr(tokenizer, f"{role}_token_id") for role in SPECIAL_ROLES}}
+    record = {
+        "source": str(path.resolve()),
+        "sha256": sha256_file(path),
+        "architecture": config.model_type,
+        "tensor_types": dict(types),
+        "dtype": dtype,
+        "special_tokens": {role: getattr(tokenizer, f"{role}_token_id") for role in SPECIAL_ROLES},
+    }
     (partial / "gguf_import.json").write_text(json.dumps(record, indent=1) + "\n")
     partial.rename(out)
     return out

@@ -6,6 +6,7 @@ its own Python (config.json `auto_map`) is refused as CustomCodeRefused (bad inp
 with `use_safetensors=True` (a pickled pytorch_model.bin is never unpickled); importing this module makes
 transformers refuse, rather than ask on stdin, wherever a call leaves trust_remote_code unset.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -57,5 +58,6 @@ def load_pretrained(path: str | Path, trust_remote_code: bool = False, **kwargs)
     the pickle of a pytorch_model.bin), trust_remote_code as given. `kwargs` go to from_pretrained."""
     where = model_dir(path)
     with _refusing_custom_code(where):
-        return AutoModelForCausalLM.from_pretrained(where, use_safetensors=True, trust_remote_code=trust_remote_code,
-                                                    **kwargs)
+        return AutoModelForCausalLM.from_pretrained(
+            where, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
+        )

@@ -1,5 +1,6 @@
 """The recipe's `model` section (`ModelSpec`) and the size of a Qwen3 built from scratch (`Qwen3Arch`): schema
 only, no torch, so the engine validates recipes without loading ML libraries (pipeline.models loads models)."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -50,7 +51,8 @@ class ModelSpec(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Dtype the base model is loaded (or built) in."""
     trust_remote_code: bool = False
-    """Allow a model whose loading runs Python from its folder (config.json `auto_map`); off, such a model is refused."""
+    """Allow a model whose loading runs Python from its folder (config.json `auto_map`); off, such a model is
+    refused."""
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -17,14 +17,21 @@ rather than ask on stdin, wherever a call leaves trust_remote_code unset. `check
 user-given directory before anything is loaded: a model is there, its weights are safetensors, and,
 inside a stage directory, its files still match the manifest's sha256s.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import torch
-from transformers import (AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, Qwen3Config,
-                          Qwen3ForCausalLM)
+from transformers import (
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from pipeline.engine.errors import InputError
 from pipeline.loading import CustomCodeRefused, _refusing_custom_code, load_config, load_pretrained
@@ -32,6 +39,7 @@ from pipeline.model_spec import Qwen3Arch
 from pipeline.quant.formats.layout import model_dir
 
 # -- building, loading, saving ------------------------------------------------------------------
+
 
 def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     if dtype is None:
@@ -43,8 +51,13 @@ PASS_TRUST_FLAG = "pass --trust-remote-code"
 """The way out of a custom-code refusal where trust_remote_code is an argument (CLI flag, API keyword)."""
 
 
-def check_model_dir(path: str | Path, where: str, trust_remote_code: bool = False, verify_manifest: bool = True,
-                    allow: str | None = None) -> str:
+def check_model_dir(
+    path: str | Path,
+    where: str,
+    trust_remote_code: bool = False,
+    verify_manifest: bool = True,
+    allow: str | None = None,
+) -> str:
     """The model directory behind a user-given `path` (recipe `model.path`, a CLI argument), checked
     before anything is loaded; each problem is InputError(where, ...), one line.
 
@@ -83,8 +96,10 @@ def _check_weights(inner: Path, where: str) -> None:
         return
     pickles = sorted(p.name for p in inner.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
     if pickles:
-        raise InputError(where, f"{inner} has pickle weights only ({pickles[0]}); they are never loaded, "
-                         "save the model as safetensors")
+        raise InputError(
+            where,
+            f"{inner} has pickle weights only ({pickles[0]}); they are never loaded, save the model as safetensors",
+        )
     raise InputError(where, f"{inner} has a config.json but no weights (*.safetensors)")
 
 
@@ -98,8 +113,9 @@ def _check_manifests(inner: Path, where: str) -> None:
             continue
         problem = check_files(directory, manifest, deep=True)
         if problem is not None:
-            raise InputError(where, f"{directory}: {problem} (checked against its {MANIFEST}); "
-                             "re-run the stage that wrote it")
+            raise InputError(
+                where, f"{directory}: {problem} (checked against its {MANIFEST}); re-run the stage that wrote it"
+            )
 
 
 def build_model(arch: Qwen3Arch, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> Qwen3ForCausalLM:
@@ -108,21 +124,30 @@ def build_model(arch: Qwen3Arch, tokenizer: PreTrainedTokenizerBase, seed: int =
     Initialisation draws from a private RNG seeded with `seed`, so the global RNG is left as it was.
     """
     config = Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_hidden_layers, num_attention_heads=arch.num_attention_heads,
-        num_key_value_heads=arch.num_key_value_heads, head_dim=arch.head_dim,
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads,
+        head_dim=arch.head_dim,
         max_position_embeddings=arch.max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": arch.rope_theta},
-        tie_word_embeddings=arch.tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=arch.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(config)
     # as Qwen3's generation_config: stop at end of turn or end of text, pad with <|endoftext|>
-    eos = [tokenizer.eos_token_id] + ([tokenizer.pad_token_id] if tokenizer.pad_token_id != tokenizer.eos_token_id else [])
-    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
-                                               pad_token_id=tokenizer.pad_token_id, do_sample=False)
+    eos = [tokenizer.eos_token_id] + (
+        [tokenizer.pad_token_id] if tokenizer.pad_token_id != tokenizer.eos_token_id else []
+    )
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, do_sample=False
+    )
     return model
 
 
@@ -134,8 +159,12 @@ def is_quantized(path: str | Path) -> bool:
     return quantized(model_dir(path))
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
-               trust_remote_code: bool = False) -> PreTrainedModel:
+def load_model(
+    path: str | Path,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
     """Load a causal LM from a stage directory, a model directory or a hub id.
 
     A quantized checkpoint (as `pipeline.quant.formats.io.is_quantized` tells) is loaded by
@@ -161,6 +190,17 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
     where = str(model_dir(path))
     with _refusing_custom_code(where):
         return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+
+
+def load_for_decoding(
+    path: str | Path, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model, tokenizer) of a stage or model directory, the model in its saved dtype on this process's
+    device: what a stage that decodes with it (eval, gate, traces) needs."""
+    from accelerate import PartialState
+
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    return load_model(path, device=PartialState().device, trust_remote_code=trust_remote_code), tokenizer
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> Path:

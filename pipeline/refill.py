@@ -39,6 +39,7 @@ refuses our KV-quantized attention (`paged|kvq_sdpa` is no implementation it kno
 cache from all free memory also on CPU, and it seeds one sampler per manager, not per request. The
 model forward, attention functions, masks and logits warpers used here are transformers' own.
 """
+
 from __future__ import annotations
 
 import gc
@@ -54,6 +55,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from pipeline.engine.progress import Bar
+from pipeline.stops import first_stop_end
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +161,7 @@ class _SlotLayer(CacheLayerMixin):
         n = key_states.shape[0]
         self.keys[c.rows, :, c.cols] = key_states[:, :, 0]
         self.values[c.rows, :, c.cols] = value_states[:, :, 0]
-        return self.keys[:n, :, :c.width], self.values[:n, :, :c.width]
+        return self.keys[:n, :, : c.width], self.values[:n, :, : c.width]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return (query_length if self.cursor.cols is None else self.cursor.width), 0
@@ -207,8 +209,9 @@ def _row_chunked(base):
         outputs = []
         for start, end, width in row_windows:  # rows start..end-1 attend over their first `width` columns
             mask = None if attention_mask is None else attention_mask[start:end, ..., :width]
-            out, _ = base(module, query[start:end], key[start:end, :, :width], value[start:end, :, :width], mask,
-                          **kwargs)
+            out, _ = base(
+                module, query[start:end], key[start:end, :, :width], value[start:end, :, :width], mask, **kwargs
+            )
             outputs.append(out)
         return torch.cat(outputs), None
 
@@ -272,8 +275,11 @@ class _Batch:
         self.lens_dev, self.gen_dev = torch.zeros(slots, **zeros), torch.zeros(slots, **zeros)
         self.next_dev, self.live_dev = torch.zeros(slots, **zeros), torch.zeros(slots, **zeros)
         self.out_dev = torch.zeros(slots, max_budget, **zeros)  # generated ids, column = step of that sequence
-        self.u_dev = (None if settings.warpers is None
-                      else torch.zeros(slots, max_budget, dtype=torch.float64, device=self.device))
+        self.u_dev = (
+            None
+            if settings.warpers is None
+            else torch.zeros(slots, max_budget, dtype=torch.float64, device=self.device)
+        )
         self.columns = torch.arange(max(capacity, slots), device=self.device)
 
     def live(self) -> list[int]:
@@ -308,8 +314,13 @@ class _Batch:
         if width > 0:
             ids = [p[:-1] + [self.settings.pad_id] * (width - len(p) + 1) for _, _, p, _ in group]
             self.cache.prefill(rows)
-            self.model(input_ids=torch.tensor(ids, device=self.device), use_cache=True, past_key_values=self.cache,
-                       position_ids=self.columns[:width].expand(len(group), -1), logits_to_keep=1)
+            self.model(
+                input_ids=torch.tensor(ids, device=self.device),
+                use_cache=True,
+                past_key_values=self.cache,
+                position_ids=self.columns[:width].expand(len(group), -1),
+                logits_to_keep=1,
+            )
         self.lens_dev[rows] = torch.tensor([len(p) - 1 for _, _, p, _ in group], device=self.device)
         self.next_dev[rows] = torch.tensor([p[-1] for _, _, p, _ in group], device=self.device)
         self.gen_dev[rows] = 0
@@ -352,9 +363,19 @@ class _Batch:
         rows, lens, gen = self.columns[:n], self.lens_dev[:n], self.gen_dev[:n]
         self.cache.decode(rows, lens, width)
         extra = {"row_windows": windows} if len(windows) > 1 else {}
-        logits = self.model(input_ids=self.next_dev[:n, None], position_ids=lens[:, None], use_cache=True,
-                            attention_mask=self.columns[:width] <= lens[:, None], past_key_values=self.cache,
-                            logits_to_keep=1, **extra).logits[:, -1].float()
+        logits = (
+            self.model(
+                input_ids=self.next_dev[:n, None],
+                position_ids=lens[:, None],
+                use_cache=True,
+                attention_mask=self.columns[:width] <= lens[:, None],
+                past_key_values=self.cache,
+                logits_to_keep=1,
+                **extra,
+            )
+            .logits[:, -1]
+            .float()
+        )
         token = next_tokens(logits, None if self.u_dev is None else self.u_dev[rows, gen], self.settings.warpers)
         self.out_dev[rows, gen] = token
         self.next_dev[:n] = token
@@ -376,7 +397,8 @@ class _Batch:
             start = len(self.tokens[s])
             self.tokens[s].extend(block[s])
             self.lens[s] += steps
-            stop = next((start + i + 1 for i, t in enumerate(block[s]) if t in self.settings.stops), None)
+            end_in_block = first_stop_end(block[s], self.settings.stops)
+            stop = None if end_in_block is None else start + end_in_block
             end = min(stop or self.budget[s], self.budget[s])
             if len(self.tokens[s]) >= end:
                 finished.append((self.request[s], self.tokens[s][:end]))
@@ -398,8 +420,14 @@ def _report(bar: Bar, finished: list[tuple[int, list[int]]], batch: _Batch, deco
     return now - sum(len(tokens) for _, tokens in finished)
 
 
-def _run(batch: _Batch, pending: deque, results: dict[int, list[int]], prompts: list[list[int]],
-         max_new_tokens: list[int], bar: Bar) -> None:
+def _run(
+    batch: _Batch,
+    pending: deque,
+    results: dict[int, list[int]],
+    prompts: list[list[int]],
+    max_new_tokens: list[int],
+    bar: Bar,
+) -> None:
     """Decode until `pending` is empty and no sequence is in flight."""
     steps, decoded = 0, 0  # decoded: tokens of the sequences in flight, as last reported
     while True:
@@ -425,8 +453,18 @@ def full_attention(model) -> bool:
     return set(getattr(model.config.get_text_config(), "layer_types", None) or ["full_attention"]) == {"full_attention"}
 
 
-def decode(model, prompts: list[list[int]], max_new_tokens: list[int], *, stops: set[int], pad_id: int,
-           warpers: LogitsProcessorList | None, seed: int, max_slots: int, bar: Bar) -> list[list[int]]:
+def decode(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: list[int],
+    *,
+    stops: set[int],
+    pad_id: int,
+    warpers: LogitsProcessorList | None,
+    seed: int,
+    max_slots: int,
+    bar: Bar,
+) -> list[list[int]]:
     """Generated ids for each prompt (in order), cut after the first stop token or at its budget.
 
     `max_new_tokens[i]` is prompt i's budget. `warpers` None = greedy; else the logits warpers of
@@ -438,13 +476,20 @@ def decode(model, prompts: list[list[int]], max_new_tokens: list[int], *, stops:
     if min(map(len, prompts)) == 0 or min(max_new_tokens) < 1:
         raise ValueError("every prompt needs a token and every budget (max_new_tokens) must be >= 1")
     if not full_attention(model):
-        raise ValueError("the refill backend decodes full-attention models only (sliding-window or linear "
-                         "attention layers need backend: generate)")
+        raise ValueError(
+            "the refill backend decodes full-attention models only (sliding-window or linear "
+            "attention layers need backend: generate)"
+        )
     capacity = max(map(len, prompts)) + max(max_new_tokens)
     chunked = model.config._attn_implementation.startswith(ROWS_PREFIX)  # see row_chunked_implementation
-    settings = _Settings(stops=frozenset(stops), pad_id=pad_id, warpers=warpers, seed=seed,
-                         sync_every=SYNC_EVERY if model.device.type == "cuda" else 1,
-                         chunk_cost=CHUNK_COST_TOKENS if chunked else None)
+    settings = _Settings(
+        stops=frozenset(stops),
+        pad_id=pad_id,
+        warpers=warpers,
+        seed=seed,
+        sync_every=SYNC_EVERY if model.device.type == "cuda" else 1,
+        chunk_cost=CHUNK_COST_TOKENS if chunked else None,
+    )
     slots = slot_count(model, capacity, min(max_slots, len(prompts)), free_memory_bytes(model.device))
     pending, results = deque(range(len(prompts))), {}
     while pending:
@@ -454,11 +499,17 @@ def decode(model, prompts: list[list[int]], max_new_tokens: list[int], *, stops:
         except torch.OutOfMemoryError:
             if slots == 1:
                 kv_mib = capacity * kv_bytes_per_token(model) / 2**20
-                raise RuntimeError(f"out of device memory decoding one sequence of up to {capacity} tokens "
-                                   f"({kv_mib:,.0f} MiB of KV cache)") from None
+                raise RuntimeError(
+                    f"out of device memory decoding one sequence of up to {capacity} tokens "
+                    f"({kv_mib:,.0f} MiB of KV cache)"
+                ) from None
             pending.extendleft(sorted((batch.request[s] for s in batch.live()), reverse=True))
-            log.warning("out of device memory with %d slots: the %d sequences in flight start again with %d",
-                        slots, len(batch.live()), slots // 2)
+            log.warning(
+                "out of device memory with %d slots: the %d sequences in flight start again with %d",
+                slots,
+                len(batch.live()),
+                slots // 2,
+            )
             slots //= 2
         del batch
         if pending:  # after an out-of-memory error: free the failed batch's cache before the next one

@@ -13,6 +13,7 @@ Retention = accuracy / the baseline's accuracy. The baseline is `--baseline`, el
 the teacher: the first eval stage whose model is an `sft` stage trained from scratch or the recipe's
 base model. A plot needs at least one stage with something to draw; otherwise it is not written.
 """
+
 from __future__ import annotations
 
 import json
@@ -71,12 +72,16 @@ def build_rows(recipe, root: str | Path, baseline: str | None) -> list[dict]:
     for d in decisions:
         manifest = manifests[d.name] or {}
         metrics = manifest.get("metrics", {})
-        row = {"stage": d.name, "type": d.type, "state": d.state,
-               "of": _evaluated(recipe, d.name) if d.type in ("eval", "gate") else None,
-               "wall_seconds": manifest.get("wall_seconds"),
-               "metrics": {_column(d.type, k): metrics[k] for k in COLUMNS.get(d.type, ()) if k in metrics},
-               "problems": metrics.get("num_problems") or getattr(recipe.stages[d.name], "limit", None),
-               "loss": _loss_kind(recipe.stages[d.name])}
+        row = {
+            "stage": d.name,
+            "type": d.type,
+            "state": d.state,
+            "of": _evaluated(recipe, d.name) if d.type in ("eval", "gate") else None,
+            "wall_seconds": manifest.get("wall_seconds"),
+            "metrics": {_column(d.type, k): metrics[k] for k in COLUMNS.get(d.type, ()) if k in metrics},
+            "problems": metrics.get("num_problems") or getattr(recipe.stages[d.name], "limit", None),
+            "loss": _loss_kind(recipe.stages[d.name]),
+        }
         if d.type == "eval" and base_accuracy and "accuracy" in metrics:
             row["metrics"]["retention"] = metrics["accuracy"] / base_accuracy
         rows.append(row)
@@ -111,8 +116,9 @@ def markdown(recipe_name: str, rows: list[dict], baseline: str | None, plots: li
     for r in rows:
         metrics = ", ".join(f"{k} {format_value(v)}" for k, v in r["metrics"].items())
         of = (r["of"] or "") + (f" ({r['problems']} problems)" if r["of"] and r.get("problems") else "")
-        lines.append(f"| {r['stage']} | {r['type']} | {r['state']} | {of} | {format_value(r['wall_seconds'])} "
-                     f"| {metrics} |")
+        lines.append(
+            f"| {r['stage']} | {r['type']} | {r['state']} | {of} | {format_value(r['wall_seconds'])} | {metrics} |"
+        )
     lines += [""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
 
@@ -187,9 +193,15 @@ def _rl_figure(rl_curves: dict[str, list[dict]]):
     training samples: their accuracy is not an eval's)."""
     import matplotlib.pyplot as plt
 
-    panels = [(k, label) for k, label in (("accuracy", "rollout accuracy"), ("entropy", "entropy"),
-                                          ("completion_length", "completion tokens"))
-              if any(k in p for pts in rl_curves.values() for p in pts)]
+    panels = [
+        (k, label)
+        for k, label in (
+            ("accuracy", "rollout accuracy"),
+            ("entropy", "entropy"),
+            ("completion_length", "completion tokens"),
+        )
+        if any(k in p for pts in rl_curves.values() for p in pts)
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         for name, points in rl_curves.items():
@@ -226,8 +238,10 @@ def write_report(recipe, root: str | Path, baseline: str | None = None) -> tuple
     baseline = baseline or default_baseline(recipe)
     rows = build_rows(recipe, root, baseline)
     if not any(r["state"] in ("complete", "skipped") for r in rows):
-        raise InputError(str(Path(root) / recipe.name), f"nothing to report: no stage of {recipe.name!r} has run "
-                         f"(reasoning-qat run {recipe.source})")
+        raise InputError(
+            str(Path(root) / recipe.name),
+            f"nothing to report: no stage of {recipe.name!r} has run (reasoning-qat run {recipe.source})",
+        )
     out_dir = Path(root) / recipe.name / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = plot(out_dir, rows, _curves(Path(root), recipe.name, rows), baseline)

@@ -9,6 +9,7 @@ a model whose loading would run its own code is refused), the scheme is checked 
 (widths 128 does not divide get the `largest_divisor` group size, named in a comment), completion lengths
 are capped by its context, and the text is validated as `reasoning-qat validate` would before it is written.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,13 +63,16 @@ stages:
 """
 """The data section and the first two stages, the same for both schemes."""
 
-W3G128 = """\
+W3G128 = (
+    """\
 quant:
   preset: w3g128              # 3-bit asymmetric integer weights, one scale + zero per 128 input columns
   weights:
     group_size_policy: largest_divisor
 $group_note
-""" + STAGES_HEAD + """    count: 7473               # every GSM8K train prompt
+"""
+    + STAGES_HEAD
+    + """    count: 7473               # every GSM8K train prompt
     generation: $traces_gen
 
   gptq:                       # GPTQ (asymmetric, act-order) calibrated on the traces: the PTQ init and baseline
@@ -134,13 +138,17 @@ $group_note
     bench: math500
     generation: $eval_gen
 """
+)
 
-W4A4KV4 = """\
+W4A4KV4 = (
+    """\
 quant:
   preset: w4a4kv4             # int4 per-channel symmetric weights, int4 per-token activations, int4 KV per head
   activations: {clip_ratio: 0.9}   # QuaRot's activation clip ratio; FlatQuant learns its own clips on top
 
-""" + STAGES_HEAD + """    count: 7473               # every GSM8K train prompt
+"""
+    + STAGES_HEAD
+    + """    count: 7473               # every GSM8K train prompt
     generation: $traces_gen
 
   flatquant:                  # learned transforms + clipping, layer by layer on output MSE: the PTQ init
@@ -181,6 +189,7 @@ quant:
     bench: math500
     generation: $eval_gen
 """
+)
 
 
 def write_starter(model: str | Path, scheme: str, out: str | Path | None = None) -> Path:
@@ -208,10 +217,14 @@ def render(name: str, model_path: Path, scheme: str, config, out: Path) -> str:
     sampling = "temperature: 0.6, top_p: 0.95, top_k: 20"
     dtype = str(getattr(config, "dtype", None) or "").removeprefix("torch.")
     values = dict(
-        scheme=scheme, model_path=model_path, out=out, name=name,
+        scheme=scheme,
+        model_path=model_path,
+        out=out,
+        name=name,
         dtype=dtype if dtype in ("bfloat16", "float16", "float32") else "bfloat16",
         dtype_note="" if dtype in ("bfloat16", "float16", "float32") else "        # config.json names no dtype",
-        eval_tokens=tokens["eval"], train_eval_tokens=tokens["train_eval"],
+        eval_tokens=tokens["eval"],
+        train_eval_tokens=tokens["train_eval"],
         context_note=f"its context is {context} tokens" if context else "config.json gives no context length",
         eval_gen=f"{{max_new_tokens: {tokens['eval']}, {sampling}, batch_size: 16}}",
         traces_gen=f"{{max_new_tokens: {tokens['traces']}, {sampling}, batch_size: 64}}",
@@ -274,5 +287,7 @@ def _group_note(config, scheme: str) -> str:
     if not lowered:
         return "    # every quantized Linear's width is a multiple of 128: groups of 128 throughout\n"
     sizes = ", ".join(f"{width} -> {size}" for width, size in lowered.items())
-    return (f"    # widths 128 does not divide get the largest multiple of 32 that divides them ({sizes});\n"
-            "    # `exact` would refuse the model instead\n")
+    return (
+        f"    # widths 128 does not divide get the largest multiple of 32 that divides them ({sizes});\n"
+        "    # `exact` would refuse the model instead\n"
+    )

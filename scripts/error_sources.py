@@ -9,6 +9,7 @@ is an error a greedy decode makes), and the mean KL(full precision ‖ quantized
 variant on a small model, no generation: a quick way to tell which quantizer a setting should target
 before spending GPU time on QAT. Accuracy itself needs generation (`reasoning-qat eval`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,12 @@ def variants(clip: float) -> list[tuple[str, dict, dict]]:
         ("W4 + KV4, clip 0.95", {"weights": W4, "kv_cache": {**kv4, "clip_ratio": 0.95}}, {}),
         ("W4 + KV4, symmetric", {"weights": W4, "kv_cache": {**kv4, "symmetric": True}}, {}),
     ]
-    for name, only in (("q/k/v input", ["q_proj", "k_proj", "v_proj"]), ("o_proj input", ["o_proj"]),
-                       ("gate/up input", ["gate_proj", "up_proj"]), ("down_proj input", ["down_proj"])):
+    for name, only in (
+        ("q/k/v input", ["q_proj", "k_proj", "v_proj"]),
+        ("o_proj input", ["o_proj"]),
+        ("gate/up input", ["gate_proj", "up_proj"]),
+        ("down_proj input", ["down_proj"]),
+    ):
         rows.append((f"W4 + A4 on the {name}", {"weights": W4, "activations": a4}, {"only": only}))
         rows.append((f"W4 + A4 on the {name}, clip {clip}", {"weights": W4, "activations": a4_clip}, {"only": only}))
     rows += [
@@ -51,8 +56,9 @@ def variants(clip: float) -> list[tuple[str, dict, dict]]:
     return rows
 
 
-def measure(model, batch, keep, ref_logp: torch.Tensor, sure: torch.Tensor,
-            kv_side: str | None) -> tuple[float, float, float]:
+def measure(
+    model, batch, keep, ref_logp: torch.Tensor, sure: torch.Tensor, kv_side: str | None
+) -> tuple[float, float, float]:
     from pipeline.quant import kv
 
     quantize = kv.fake_quantize_kv
@@ -62,8 +68,11 @@ def measure(model, batch, keep, ref_logp: torch.Tensor, sure: torch.Tensor,
         kv.fake_quantize_kv = lambda x, spec: quantize(x, spec) if (next(calls) % 2 == 0) == (kv_side == "keys") else x
     try:
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           use_cache=False).logits[:, :-1][keep].float()
+            logits = (
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                .logits[:, :-1][keep]
+                .float()
+            )
     finally:
         kv.fake_quantize_kv = quantize
     flips = logits.argmax(-1) != ref_logp.argmax(-1)
@@ -110,11 +119,17 @@ def main() -> None:
     batch = collate([chat_example(tokenizer, p.question, p.solution) for p in problems], tokenizer.pad_token_id)
     keep = batch["labels"][:, 1:] != -100
     with torch.no_grad():
-        reference = reference_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    use_cache=False).logits[:, :-1][keep].float()
+        reference = (
+            reference_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            .logits[:, :-1][keep]
+            .float()
+        )
     ref_logp = reference.log_softmax(-1)
     sure = ref_logp.max(-1).values > torch.log(torch.tensor(0.99))  # tokens the model is sure of
-    print(f"{int(keep.sum())} solution tokens of {len(problems)} problems; QuaRot rotations, RTN weights, seed {args.seed}")
+    print(
+        f"{int(keep.sum())} solution tokens of {len(problems)} problems; QuaRot rotations, RTN weights, seed "
+        f"{args.seed}"
+    )
     print(f"{'variant':44s} {'flips':>8s} {'sure flips':>11s} {'KL':>10s}")
     for name, section, options in variants(args.clip):
         model = copy.deepcopy(reference_model)

@@ -6,6 +6,7 @@
 kd_qat logs at each held-out evaluation ("<stage>: step N: held-out accuracy P%"), for runs whose
 artifacts did not come back (a remote GPU call returns logs more easily than artifact trees).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -4,6 +4,7 @@ Each type is the module `stages/<type>.py` (contract: pipeline/engine/stage_api.
 so a recipe can never import code by name; a type listed but not shipped yet is reported as not
 available in this version.
 """
+
 from __future__ import annotations
 
 import importlib

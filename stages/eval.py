@@ -30,6 +30,7 @@ pretrained model is judged, whose accuracy says little (SmolLM2-135M solves ~2% 
         text: data/heldout.jsonl     # {"text": ...} per line
         teacher: model
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,7 +41,15 @@ from pydantic import Field, model_validator
 from pipeline.data.benchmarks import check_bench, load_benchmark
 from pipeline.evaluation import evaluate, perplexity, solution_examples, text_examples
 from pipeline.generate import GenerationSpec
-from pipeline.engine.stage_api import ADDED_KEY, ANY_MODEL, SAMPLES, StageConfig, StageContext, stage_ref, untrained_base_model
+from pipeline.engine.stage_api import (
+    ADDED_KEY,
+    ANY_MODEL,
+    SAMPLES,
+    StageConfig,
+    StageContext,
+    stage_ref,
+    untrained_base_model,
+)
 from pipeline.data.testbed import MAX_PROBLEMS
 
 CODE_VERSION = 1
@@ -90,30 +99,53 @@ def check(config: Config, recipe) -> list[tuple[str, str]]:
 
 
 def run(ctx: StageContext) -> dict[str, float]:
-    from accelerate import PartialState
 
     from pipeline.data.rows import read_texts
-    from pipeline.models import load_model, load_tokenizer
+    from pipeline.models import load_for_decoding
 
     config, data = ctx.config, ctx.recipe.data
     trust = ctx.recipe.model.trust_remote_code
     measures_bench = config.generate or config.text is None
-    problems = load_benchmark(config.bench, limit=config.limit, data_dir=data.benchmarks_dir, testbed=data.testbed,
-                              hub=data.hub) if measures_bench else []
-    tokenizer = load_tokenizer(ctx.inputs["model"], trust_remote_code=trust)
-    model = load_model(ctx.inputs["model"], device=PartialState().device, trust_remote_code=trust)
+    problems = (
+        load_benchmark(
+            config.bench, limit=config.limit, data_dir=data.benchmarks_dir, testbed=data.testbed, hub=data.hub
+        )
+        if measures_bench
+        else []
+    )
+    model, tokenizer = load_for_decoding(ctx.inputs["model"], trust)
     metrics: dict[str, float] = {}
     if config.generate:
-        ctx.log.info("%s: %s, %d problems x %d samples, up to %d new tokens, on %s", ctx.name, config.bench,
-                     len(problems), config.generation.num_samples, config.generation.max_new_tokens, model.device)
-        metrics = evaluate(model, tokenizer, problems, config.generation, samples_path=ctx.out_dir / "samples.jsonl",
-                           instruction=data.instruction)
-        ctx.log.info("%s: accuracy %.2f%%, pass@%d %.2f%%, truncated %.1f%%, %.0f tokens/s", ctx.name,
-                     100 * metrics["accuracy"], config.generation.num_samples, 100 * metrics["pass_at_k"],
-                     100 * metrics["truncation_rate"], metrics["tokens_per_s"])
+        ctx.log.info(
+            "%s: %s, %d problems x %d samples, up to %d new tokens, on %s",
+            ctx.name,
+            config.bench,
+            len(problems),
+            config.generation.num_samples,
+            config.generation.max_new_tokens,
+            model.device,
+        )
+        metrics = evaluate(
+            model,
+            tokenizer,
+            problems,
+            config.generation,
+            samples_path=ctx.out_dir / "samples.jsonl",
+            instruction=data.instruction,
+        )
+        ctx.log.info(
+            "%s: accuracy %.2f%%, pass@%d %.2f%%, truncated %.1f%%, %.0f tokens/s",
+            ctx.name,
+            100 * metrics["accuracy"],
+            config.generation.num_samples,
+            100 * metrics["pass_at_k"],
+            100 * metrics["truncation_rate"],
+            metrics["tokens_per_s"],
+        )
     if config.perplexity:
-        metrics |= _perplexity(ctx, model, tokenizer, problems,
-                               read_texts(config.text, f"stages.{ctx.name}.text") if config.text else None)
+        metrics |= _perplexity(
+            ctx, model, tokenizer, problems, read_texts(config.text, f"stages.{ctx.name}.text") if config.text else None
+        )
     return metrics
 
 
@@ -124,15 +156,26 @@ def _perplexity(ctx: StageContext, model, tokenizer, problems, texts) -> dict[st
     config = ctx.config
     teacher = None
     if config.teacher is not None:
-        teacher = load_model(ctx.inputs["teacher"], device=model.device,
-                             trust_remote_code=ctx.recipe.model.trust_remote_code)
+        teacher = load_model(
+            ctx.inputs["teacher"], device=model.device, trust_remote_code=ctx.recipe.model.trust_remote_code
+        )
         if teacher.config.vocab_size != model.config.vocab_size:
-            raise InputError(f"stages.{ctx.name}.teacher", f"vocabulary {teacher.config.vocab_size} differs from "
-                             f"the model's {model.config.vocab_size}")
-    examples = (text_examples(tokenizer, texts, config.max_length) if texts is not None
-                else solution_examples(tokenizer, problems, ctx.recipe.data.instruction))
+            raise InputError(
+                f"stages.{ctx.name}.teacher",
+                f"vocabulary {teacher.config.vocab_size} differs from the model's {model.config.vocab_size}",
+            )
+    examples = (
+        text_examples(tokenizer, texts, config.max_length)
+        if texts is not None
+        else solution_examples(tokenizer, problems, ctx.recipe.data.instruction)
+    )
     metrics = perplexity(model, examples, tokenizer.pad_token_id, teacher=teacher)
-    ctx.log.info("%s: perplexity %.4f on %d %s tokens%s", ctx.name, metrics["perplexity"],
-                 metrics["perplexity_tokens"], "text" if texts is not None else "solution",
-                 f", KL to {config.teacher} {metrics['kl_to_teacher']:.4f}" if teacher is not None else "")
+    ctx.log.info(
+        "%s: perplexity %.4f on %d %s tokens%s",
+        ctx.name,
+        metrics["perplexity"],
+        metrics["perplexity_tokens"],
+        "text" if texts is not None else "solution",
+        f", KL to {config.teacher} {metrics['kl_to_teacher']:.4f}" if teacher is not None else "",
+    )
     return metrics

@@ -8,12 +8,14 @@ quantization, QuaRot / FlatQuant transforms) get the same packed weights, the ac
 in the quantization_config, the transforms in transforms.safetensors, and a model_type that only
 `pipeline.load_quantized` reads (stock transformers refuses it rather than run it without its
 transforms). Format `gptq` (weight-only models): the same integer codes in the GPTQ v1 layout, which vLLM
-serves with `--quantization gptq` (pipeline.quant.formats.gptq_format). See pipeline.quant.formats.export and docs/serving.md.
+serves with `--quantization gptq` (pipeline.quant.formats.gptq_format). See pipeline.quant.formats.export and
+docs/serving.md.
 
 Outputs: `<out_dir>/model/`. Metrics: bytes on disk, bits per quantized weight, bits per parameter.
 
     reasoning-qat run recipe.yaml --only export        # or: reasoning-qat export STAGE_DIR --out DIR
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -60,8 +62,9 @@ def run(ctx: StageContext) -> dict[str, float]:
     if not is_quantized(source):
         raise InputError(f"stages.{ctx.name}.model", f"{source} holds no quantized model (export a ptq/kd_qat stage)")
     try:
-        size = export_checkpoint(source, ctx.config.scheme, ctx.out_dir / "model", ctx.recipe.model.trust_remote_code,
-                                 ctx.config.format)
+        size = export_checkpoint(
+            source, ctx.config.scheme, ctx.out_dir / "model", ctx.recipe.model.trust_remote_code, ctx.config.format
+        )
     except InputError as e:
         raise InputError(f"stages.{ctx.name}.{e.where}", e.message) from None
     ctx.log.info("exported %s: %s", source, describe_size(size))

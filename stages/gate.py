@@ -23,6 +23,7 @@ evaluator's pass_at_k / truncation_rate / mean_tokens for the student. Samples g
         limit: 200
         min_retention: 0.5
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -68,8 +69,9 @@ class Config(StageConfig):
 
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
-    return (untrained_base_model(config, recipe, "model", "teacher")
-            + check_bench(config.bench, recipe.data, limit=config.limit))
+    return untrained_base_model(config, recipe, "model", "teacher") + check_bench(
+        config.bench, recipe.data, limit=config.limit
+    )
 
 
 def verdict(config: Config, accuracy: float, teacher_accuracy: float | None) -> dict[str, float]:
@@ -87,41 +89,58 @@ def verdict(config: Config, accuracy: float, teacher_accuracy: float | None) -> 
 
 
 def explain(config: Config, metrics: dict[str, float]) -> str:
-    """One line with the numbers: `accuracy 0.12 < min_accuracy 0.30; retention 0.25 (0.12 / 0.48) >= min_retention 0.20`."""
+    """One line with the numbers, e.g.
+    `accuracy 0.12 < min_accuracy 0.30; retention 0.25 (0.12 / 0.48) >= min_retention 0.20`."""
     parts = []
     if config.min_accuracy is not None:
         op = ">=" if metrics["accuracy"] >= config.min_accuracy else "<"
         parts.append(f"accuracy {metrics['accuracy']:.3f} {op} min_accuracy {config.min_accuracy:g}")
     if config.min_retention is not None:
         op = ">=" if metrics["teacher_accuracy"] > 0 and metrics["retention"] >= config.min_retention else "<"
-        parts.append(f"retention {metrics['retention']:.3f} ({metrics['accuracy']:.3f} / "
-                     f"{metrics['teacher_accuracy']:.3f}) {op} min_retention {config.min_retention:g}")
+        parts.append(
+            f"retention {metrics['retention']:.3f} ({metrics['accuracy']:.3f} / "
+            f"{metrics['teacher_accuracy']:.3f}) {op} min_retention {config.min_retention:g}"
+        )
     return "; ".join(parts)
 
 
 def run(ctx: StageContext) -> dict[str, float]:
     from accelerate import PartialState
 
-    from pipeline.models import load_model, load_tokenizer
+    from pipeline.models import load_for_decoding
 
     config, recipe = ctx.config, ctx.recipe
-    problems = load_benchmark(config.bench, limit=config.limit, data_dir=recipe.data.benchmarks_dir,
-                              testbed=recipe.data.testbed, hub=recipe.data.hub)
-    trust = recipe.model.trust_remote_code
-    device = PartialState().device
+    problems = load_benchmark(
+        config.bench,
+        limit=config.limit,
+        data_dir=recipe.data.benchmarks_dir,
+        testbed=recipe.data.testbed,
+        hub=recipe.data.hub,
+    )
 
     def accuracy_of(field: str, samples: str) -> dict[str, float]:
-        tokenizer = load_tokenizer(ctx.inputs[field], trust_remote_code=trust)
-        model = load_model(ctx.inputs[field], device=device, trust_remote_code=trust)
-        return evaluate(model, tokenizer, problems, config.generation, samples_path=ctx.out_dir / samples,
-                        instruction=recipe.data.instruction)
+        model, tokenizer = load_for_decoding(ctx.inputs[field], recipe.model.trust_remote_code)
+        return evaluate(
+            model,
+            tokenizer,
+            problems,
+            config.generation,
+            samples_path=ctx.out_dir / samples,
+            instruction=recipe.data.instruction,
+        )
 
     student = accuracy_of("model", "samples.jsonl")
     teacher = accuracy_of("teacher", "teacher_samples.jsonl")["accuracy"] if config.teacher else None
     metrics = verdict(config, student["accuracy"], teacher)
     text = explain(config, metrics)
-    ctx.log.info("%s: %s on %s (%d problems): %s", ctx.name, "passed" if metrics["passed"] else "FAILED",
-                 config.bench, len(problems), text)
+    ctx.log.info(
+        "%s: %s on %s (%d problems): %s",
+        ctx.name,
+        "passed" if metrics["passed"] else "FAILED",
+        config.bench,
+        len(problems),
+        text,
+    )
     if PartialState().is_main_process:
         (ctx.out_dir / "verdict.txt").write_text(("passed: " if metrics["passed"] else "failed: ") + text + "\n")
     return {**metrics, **{k: student[k] for k in ("pass_at_k", "truncation_rate", "mean_tokens")}}

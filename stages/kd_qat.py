@@ -1,6 +1,7 @@
 """Stage `kd_qat`: train the fake-quantized student against the frozen BF16 teacher.
 
-The second step of the reasoning-QAT workflow (README.md; results in docs/results/): start from a `ptq` stage's quantized
+The second step of the reasoning-QAT workflow (README.md; results in docs/results/): start from a `ptq` stage's
+quantized
 model (GPTQ init; RTN init for the ablation), and distil the teacher's token distributions on the
 teacher's own reasoning traces. The studies found KD beats plain SFT on the same traces, whether the
 teacher was trained by SFT or RL, and a PTQ init beats an RTN init; `objective: sft` gives the SFT
@@ -21,11 +22,13 @@ gradient checkpointing, bf16 autocast on GPU, exact resume, `accelerate launch` 
 processes. Memory levers for large students (`pipeline.train.optim`): `param_dtype: bfloat16` (latent weights
 and gradients in bf16, stochastically rounded updates), `optimizer: adamw_8bit`, `gradient_checkpointing`;
 on a GPU the step's memory is estimated first (`pipeline.train.memory`) and a setting that cannot fit stops
-before training with the levers that would make it fit. Output: the student in the quantized representation (`<out_dir>/model/`, loadable with
+before training with the levers that would make it fit. Output: the student in the quantized representation
+(`<out_dir>/model/`, loadable with
 `pipeline.load_quantized`) and `metrics.jsonl`.
 
     reasoning-qat run recipes/demo.yaml --only kd_qat
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -45,8 +48,17 @@ from pipeline.data.rows import read_jsonl
 from pipeline.engine.stage_api import ANY_MODEL, QUANTIZED, TRACES, StageConfig, StageContext, stage_ref
 from pipeline.data.testbed import MAX_PROBLEMS
 from pipeline.data.traces import training_traces
-from pipeline.train.loop import (TrainArgs, causal_lm_loss, check_train_args, gathered, make_accelerator,
-                                 shard_frozen, train, whole_model, whole_models)
+from pipeline.train.loop import (
+    TrainArgs,
+    causal_lm_loss,
+    check_train_args,
+    gathered,
+    make_accelerator,
+    shard_frozen,
+    train,
+    whole_model,
+    whole_models,
+)
 
 CODE_VERSION = 2
 USES = ("seed", "model", "data")
@@ -127,8 +139,15 @@ def _select_trainable(model: torch.nn.Module, what: str, transforms: str = "froz
 
 def kd_loss_fn(teacher: torch.nn.Module, config: Config):
     """loss_fn for pipeline.train.loop: KD of the student towards `teacher` with this stage's loss settings."""
-    return distill_loss_fn(teacher, loss=config.loss, temperature=config.temperature, beta=config.beta,
-                           top_k=config.top_k, ce_weight=config.ce_weight, chunk_size=config.chunk_size)
+    return distill_loss_fn(
+        teacher,
+        loss=config.loss,
+        temperature=config.temperature,
+        beta=config.beta,
+        top_k=config.top_k,
+        ce_weight=config.ce_weight,
+        chunk_size=config.chunk_size,
+    )
 
 
 def held_out_eval(ctx: StageContext, tokenizer, accelerator):
@@ -137,8 +156,9 @@ def held_out_eval(ctx: StageContext, tokenizer, accelerator):
     from pipeline.evaluation import evaluate
 
     config, data = ctx.config, ctx.recipe.data
-    problems = load_benchmark(config.eval_bench, limit=config.eval_limit, data_dir=data.benchmarks_dir,
-                              testbed=data.testbed, hub=data.hub)
+    problems = load_benchmark(
+        config.eval_bench, limit=config.eval_limit, data_dir=data.benchmarks_dir, testbed=data.testbed, hub=data.hub
+    )
 
     def on_step(step: int, model) -> dict[str, float]:
         if step % config.eval_every and step != config.steps:
@@ -151,8 +171,9 @@ def held_out_eval(ctx: StageContext, tokenizer, accelerator):
             if weight_only(model):
                 dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
                 with decoding_weights(model, dtype):
-                    accuracy = evaluate(model, tokenizer, problems, config.eval_generation,
-                                        instruction=data.instruction)["accuracy"]
+                    accuracy = evaluate(
+                        model, tokenizer, problems, config.eval_generation, instruction=data.instruction
+                    )["accuracy"]
             else:
                 spec = config.eval_generation.model_copy(update={"backend": "generate"})
                 accuracy = evaluate(model, tokenizer, problems, spec, instruction=data.instruction)["accuracy"]
@@ -165,20 +186,37 @@ def held_out_eval(ctx: StageContext, tokenizer, accelerator):
 def _check_fits(ctx: StageContext, student, examples, accelerator, teacher_dtype: str) -> None:
     """On one GPU (or one per process, DDP), refuse before training a setting whose step cannot fit; ZeRO and FSDP
     shard the state, so it is not checked there."""
-    if accelerator.device.type != "cuda" or accelerator.distributed_type in (DistributedType.DEEPSPEED,
-                                                                              DistributedType.FSDP):
+    if accelerator.device.type != "cuda" or accelerator.distributed_type in (
+        DistributedType.DEEPSPEED,
+        DistributedType.FSDP,
+    ):
         return
     config = ctx.config
     micro = config.batch_size // (accelerator.num_processes * config.grad_accum)
     teacher_total = sum(p.numel() for p in student.parameters()) if config.objective == "kd" else 0
-    memory = kd_step_memory_of(student, config, teacher_total=teacher_total,
-                               teacher_bytes=getattr(torch, teacher_dtype).itemsize,
-                               tokens=micro * max(len(ids) for ids, _ in examples), chunk_size=config.chunk_size)
+    memory = kd_step_memory_of(
+        student,
+        config,
+        teacher_total=teacher_total,
+        teacher_bytes=getattr(torch, teacher_dtype).itemsize,
+        tokens=micro * max(len(ids) for ids, _ in examples),
+        chunk_size=config.chunk_size,
+    )
     free, _ = torch.cuda.mem_get_info(accelerator.device)
-    ctx.log.info("%s: estimated step memory %.1f GiB (%s GiB), %.1f GiB free", ctx.name, memory.total / GIB,
-                 memory.describe(), free / GIB)
-    error = fit_error(memory, free, param_dtype=config.param_dtype, optimizer=config.optimizer,
-                      gradient_checkpointing=config.gradient_checkpointing)
+    ctx.log.info(
+        "%s: estimated step memory %.1f GiB (%s GiB), %.1f GiB free",
+        ctx.name,
+        memory.total / GIB,
+        memory.describe(),
+        free / GIB,
+    )
+    error = fit_error(
+        memory,
+        free,
+        param_dtype=config.param_dtype,
+        optimizer=config.optimizer,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
     if error:
         raise InputError(f"stages.{ctx.name}", error)
 
@@ -201,12 +239,29 @@ def run(ctx: StageContext) -> dict[str, float]:
     loss_fn = _loss_fn(ctx, student, accelerator, teacher_dtype)
 
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    ctx.log.info("%s: %s on %d traces, %s (%.2fM trainable), %s", ctx.name, config.objective, len(examples),
-                 config.train, trainable / 1e6, accelerator.device)
-    result = train(student, examples, loss_fn, config, out_dir=ctx.out_dir, checkpointer=ctx.checkpointer,
-                   seed=recipe.seed, pad_id=tokenizer.pad_token_id, log=ctx.log, accelerator=accelerator,
-                   desc=f"{ctx.name}: {config.objective}",
-                   on_step=held_out_eval(ctx, tokenizer, accelerator) if config.eval_every else None)
+    ctx.log.info(
+        "%s: %s on %d traces, %s (%.2fM trainable), %s",
+        ctx.name,
+        config.objective,
+        len(examples),
+        config.train,
+        trainable / 1e6,
+        accelerator.device,
+    )
+    result = train(
+        student,
+        examples,
+        loss_fn,
+        config,
+        out_dir=ctx.out_dir,
+        checkpointer=ctx.checkpointer,
+        seed=recipe.seed,
+        pad_id=tokenizer.pad_token_id,
+        log=ctx.log,
+        accelerator=accelerator,
+        desc=f"{ctx.name}: {config.objective}",
+        on_step=held_out_eval(ctx, tokenizer, accelerator) if config.eval_every else None,
+    )
     _save(ctx, student, tokenizer, spec, accelerator)
     metrics = {**result, "examples": len(examples), "trainable_parameters": trainable}
     if config.eval_every:  # the last step always evaluates
@@ -234,16 +289,26 @@ def _loss_fn(ctx: StageContext, student, accelerator, teacher_dtype: str):
         return causal_lm_loss
     # the teacher stays outside the engine: replicated on every rank (DDP, DeepSpeed), sharded under FSDP2
     with whole_models(accelerator):
-        teacher = load_model(ctx.inputs["teacher"], dtype=teacher_dtype, device=accelerator.device,
-                             trust_remote_code=ctx.recipe.model.trust_remote_code)
+        teacher = load_model(
+            ctx.inputs["teacher"],
+            dtype=teacher_dtype,
+            device=accelerator.device,
+            trust_remote_code=ctx.recipe.model.trust_remote_code,
+        )
     teacher.requires_grad_(False)
     if teacher.config.vocab_size != student.config.vocab_size:
-        raise InputError(f"stages.{ctx.name}.teacher", f"vocabulary {teacher.config.vocab_size} differs from "
-                         f"the student's {student.config.vocab_size}")
+        raise InputError(
+            f"stages.{ctx.name}.teacher",
+            f"vocabulary {teacher.config.vocab_size} differs from the student's {student.config.vocab_size}",
+        )
     if accelerator.distributed_type == DistributedType.FSDP:
         shard_frozen(accelerator, teacher)
-        ctx.log.info("%s: the teacher's %d decoder layers sharded over %d processes (FSDP2)", ctx.name,
-                     len(teacher.get_decoder().layers), accelerator.num_processes)
+        ctx.log.info(
+            "%s: the teacher's %d decoder layers sharded over %d processes (FSDP2)",
+            ctx.name,
+            len(teacher.get_decoder().layers),
+            accelerator.num_processes,
+        )
     return kd_loss_fn(teacher, config)
 
 

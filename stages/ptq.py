@@ -31,6 +31,7 @@ of a 135M model's RTN stage); `sqnr_samples: 0` skips it (no sqnr.json, no SQNR 
 
     reasoning-qat run recipes/demo.yaml --only ptq
 """
+
 from __future__ import annotations
 
 import json
@@ -43,8 +44,16 @@ from pydantic.fields import FieldInfo
 from pydantic_core import to_jsonable_python
 
 from pipeline.engine.errors import InputError
-from pipeline.engine.stage_api import (ADDED_KEY, MODEL, QUANTIZED, TRACES, StageContext, VariantConfig,
-                                       register_variants, stage_ref)
+from pipeline.engine.stage_api import (
+    ADDED_KEY,
+    MODEL,
+    QUANTIZED,
+    TRACES,
+    StageContext,
+    VariantConfig,
+    register_variants,
+    stage_ref,
+)
 
 CODE_VERSION = 5
 USES = ("seed", "quant")
@@ -103,8 +112,10 @@ class Config(VariantConfig):
     @model_serializer(mode="wrap")
     def _flat(self, handler) -> dict[str, Any]:
         own = handler(self)
-        return {name: own[name] if name in own else to_jsonable_python(info.get_default(call_default_factory=True))
-                for name, info in Config.result_fields().items()}
+        return {
+            name: own[name] if name in own else to_jsonable_python(info.get_default(call_default_factory=True))
+            for name, info in Config.result_fields().items()
+        }
 
     @classmethod
     def result_fields(cls) -> dict[str, FieldInfo]:
@@ -166,10 +177,36 @@ class Flatquant(Config, _TransformKeys):
 
 
 # the keys in the order the flat Config declared them: its documentation's order, and its dumps'
-METHODS = register_variants(Config, "method", "gptq", (Rtn, Gptq, Quarot, Flatquant), order=(
-    "type", "when", "model", "calibration", "calibration_source", "calibration_text", "method", "weight_method",
-    "epochs", "lr", "smooth_alpha", "batch_size", "compile", "tf32", "nsamples", "seqlen", "block_size",
-    "dampening_frac", "actorder", "observer", "sqnr_samples", "sqnr_seqlen"))
+METHODS = register_variants(
+    Config,
+    "method",
+    "gptq",
+    (Rtn, Gptq, Quarot, Flatquant),
+    order=(
+        "type",
+        "when",
+        "model",
+        "calibration",
+        "calibration_source",
+        "calibration_text",
+        "method",
+        "weight_method",
+        "epochs",
+        "lr",
+        "smooth_alpha",
+        "batch_size",
+        "compile",
+        "tf32",
+        "nsamples",
+        "seqlen",
+        "block_size",
+        "dampening_frac",
+        "actorder",
+        "observer",
+        "sqnr_samples",
+        "sqnr_seqlen",
+    ),
+)
 
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
@@ -216,8 +253,9 @@ def run(ctx: StageContext) -> dict[str, float]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     transformed = config.method in ("quarot", "flatquant")
     trust = ctx.recipe.model.trust_remote_code
-    model = load_model(ctx.inputs["model"], dtype="float32" if transformed else None, device=device,
-                       trust_remote_code=trust).eval()
+    model = load_model(
+        ctx.inputs["model"], dtype="float32" if transformed else None, device=device, trust_remote_code=trust
+    ).eval()
     tokenizer = load_tokenizer(ctx.inputs["model"], trust_remote_code=trust)
     misfits = check_fit(model, spec)
     if misfits:
@@ -255,10 +293,17 @@ def _calibration_samples(config: Config, tokenizer, ctx: StageContext) -> list[l
         # batched FlatQuant needs samples of one length (see packed_traces_samples); the other methods keep
         # one trace a sample, as their artifacts were made
         sampler = packed_traces_samples if config.method == "flatquant" and config.batch_size else traces_samples
-        return sampler(tokenizer, ctx.inputs["calibration"], config.nsamples, config.seqlen, ctx.recipe.seed,
-                       where=f"stages.{ctx.name}.calibration")
-    texts = read_texts(config.calibration_text, f"stages.{ctx.name}.calibration_text") \
-        if config.calibration_text else None
+        return sampler(
+            tokenizer,
+            ctx.inputs["calibration"],
+            config.nsamples,
+            config.seqlen,
+            ctx.recipe.seed,
+            where=f"stages.{ctx.name}.calibration",
+        )
+    texts = (
+        read_texts(config.calibration_text, f"stages.{ctx.name}.calibration_text") if config.calibration_text else None
+    )
     return generic_samples(tokenizer, config.nsamples, config.seqlen, ctx.recipe.seed, texts)
 
 
@@ -269,7 +314,9 @@ def _quantize(model, tokenizer, spec, samples, config: Config, ctx: StageContext
     from pipeline.quant.methods.gptq import run_gptq
 
     if config.method == "gptq":
-        run_gptq(model, tokenizer, spec, samples, config.block_size, config.dampening_frac, config.actorder, config.observer)
+        run_gptq(
+            model, tokenizer, spec, samples, config.block_size, config.dampening_frac, config.actorder, config.observer
+        )
     elif config.method == "rtn":
         quantize_rtn(model, spec, config.observer)
     else:
@@ -284,8 +331,14 @@ def _sqnr_report(model, originals, samples, reference, config: Config, ctx: Stag
     from pipeline.quant import sqnr
 
     report, hidden, logits = sqnr.layer_sqnr_and_outputs(model, originals, samples)
-    ctx.log.info("per-layer SQNR (dB), %s %s, %d x %d tokens:\n%s", config.method, config.calibration_source,
-                 len(samples), max(len(s) for s in samples), sqnr.format_table(report))
+    ctx.log.info(
+        "per-layer SQNR (dB), %s %s, %d x %d tokens:\n%s",
+        config.method,
+        config.calibration_source,
+        len(samples),
+        max(len(s) for s in samples),
+        sqnr.format_table(report),
+    )
     (ctx.out_dir / "sqnr.json").write_text(json.dumps(report, indent=1) + "\n")
     metrics = {**sqnr.summarize(report), "logits_sqnr": sqnr.hidden_sqnr(reference[1], logits)}
     if config.method != "quarot":  # QuaRot's hidden states are rotated: only its logits compare
@@ -304,9 +357,17 @@ def _log_lowered_group_sizes(model, spec, log) -> int:
         if name in lowered:
             by_size.setdefault((module.in_features, lowered[name]), []).append(name)
     for (width, size), names in by_size.items():
-        log.warning("quant.weights.group_size %d does not divide in_features %d: %d layers (%s%s) use group size %d "
-                    "(group_size_policy %s)", spec.weights.group_size, width, len(names), names[0],
-                    ", ..." if len(names) > 1 else "", size, spec.weights.group_size_policy)
+        log.warning(
+            "quant.weights.group_size %d does not divide in_features %d: %d layers (%s%s) use group size %d "
+            "(group_size_policy %s)",
+            spec.weights.group_size,
+            width,
+            len(names),
+            names[0],
+            ", ..." if len(names) > 1 else "",
+            size,
+            spec.weights.group_size_policy,
+        )
     return len(lowered)
 
 
@@ -324,20 +385,38 @@ def _transform_and_quantize(model, spec, samples, config: Config, ctx: StageCont
         if config.method == "quarot":
             quarot.rotate(model, seed=ctx.recipe.seed)
         else:
-            report = flatquant.calibrate(model, samples, config.epochs, config.lr, config.smooth_alpha,
-                                         seed=ctx.recipe.seed, log=ctx.log, batch_size=config.batch_size or 1,
-                                         merge_once=config.batch_size is not None, compile=config.compile,
-                                         tf32=config.tf32)
+            report = flatquant.calibrate(
+                model,
+                samples,
+                config.epochs,
+                config.lr,
+                config.smooth_alpha,
+                seed=ctx.recipe.seed,
+                log=ctx.log,
+                batch_size=config.batch_size or 1,
+                merge_once=config.batch_size is not None,
+                compile=config.compile,
+                tf32=config.tf32,
+            )
             (ctx.out_dir / "flatquant.json").write_text(json.dumps(report, indent=1) + "\n")
-            metrics = {"flatquant_mse_init_mean": sum(r["mse_init"] for r in report) / len(report),
-                       "flatquant_mse_mean": sum(r["mse"] for r in report) / len(report),
-                       "flatquant_seconds_per_layer": sum(r["seconds"] for r in report) / len(report)}
+            metrics = {
+                "flatquant_mse_init_mean": sum(r["mse_init"] for r in report) / len(report),
+                "flatquant_mse_mean": sum(r["mse"] for r in report) / len(report),
+                "flatquant_seconds_per_layer": sum(r["seconds"] for r in report) / len(report),
+            }
     except ValueError as e:  # the scheme's targets leave a Linear of the decoder unquantized
         raise InputError("quant.targets", f"{config.method}: {e}") from None
     originals = sqnr.snapshot_weights(model, spec) if config.sqnr_samples else {}
     if config.weight_method == "gptq":
-        gptq_layerwise(model, samples, config.block_size, config.dampening_frac, config.actorder, config.observer,
-                       keep_scales=config.method == "flatquant")
+        gptq_layerwise(
+            model,
+            samples,
+            config.block_size,
+            config.dampening_frac,
+            config.actorder,
+            config.observer,
+            keep_scales=config.method == "flatquant",
+        )
     elif config.method == "quarot":
         calibrate(model, config.observer)
     return metrics, originals

@@ -39,6 +39,7 @@ per step); resumable checkpoints through the engine.
         max_completion_length: 512
         aqn: {sigma_start: 1.0e-2, sigma_end: 5.0e-4, num_stages: 10}
 """
+
 from __future__ import annotations
 
 import copy
@@ -95,19 +96,43 @@ def run(ctx: StageContext) -> dict[str, float]:
     reference = None
     if config.beta > 0 and config.policy == "qat":
         reference = copy.deepcopy(policy)  # the initial policy, frozen
-    ctx.log.info("%s: GRPO (%s, %s loss, G=%d, %d completions/step) on %d %s prompts for %d steps%s", ctx.name,
-                 config.policy, config.loss_type, config.num_generations, config.batch_size, len(problems),
-                 recipe.data.task, config.steps, ", AQN" if config.aqn else "")
-    policy, metrics = grpo_train(policy, tokenizer, problems, config, out_dir=ctx.out_dir,
-                                 checkpointer=ctx.checkpointer, seed=recipe.seed if config.seed is None else config.seed,
-                                 ref_model=reference,
-                                 log=ctx.log, desc=f"{ctx.name}: grpo", instruction=recipe.data.instruction)
+    ctx.log.info(
+        "%s: GRPO (%s, %s loss, G=%d, %d completions/step) on %d %s prompts for %d steps%s",
+        ctx.name,
+        config.policy,
+        config.loss_type,
+        config.num_generations,
+        config.batch_size,
+        len(problems),
+        recipe.data.task,
+        config.steps,
+        ", AQN" if config.aqn else "",
+    )
+    policy, metrics = grpo_train(
+        policy,
+        tokenizer,
+        problems,
+        config,
+        out_dir=ctx.out_dir,
+        checkpointer=ctx.checkpointer,
+        seed=recipe.seed if config.seed is None else config.seed,
+        ref_model=reference,
+        log=ctx.log,
+        desc=f"{ctx.name}: grpo",
+        instruction=recipe.data.instruction,
+    )
     if PartialState().is_main_process:
         # TRL turns the KV cache off for gradient checkpointing; the saved policy decodes with it
         policy.config.use_cache = policy.generation_config.use_cache = True
         policy = policy.eval().to(saved_dtype(policy, recipe.model.dtype))
         save_quantized(policy, tokenizer, ctx.out_dir / "model", spec)
     PartialState().wait_for_everyone()
-    ctx.log.info("%s: reward %.3f, accuracy %.3f, entropy %.3f over the last steps; %.2f%% of weight codes changed",
-                 ctx.name, metrics["reward"], metrics["accuracy"], metrics["entropy"], 100 * metrics["codes_changed"])
+    ctx.log.info(
+        "%s: reward %.3f, accuracy %.3f, entropy %.3f over the last steps; %.2f%% of weight codes changed",
+        ctx.name,
+        metrics["reward"],
+        metrics["accuracy"],
+        metrics["entropy"],
+        100 * metrics["codes_changed"],
+    )
     return {**metrics, "prompts": len(problems)}

@@ -22,6 +22,7 @@ its checkpoints (pipeline.train.loop).
 
     reasoning-qat run recipes/demo.yaml --only teacher
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -37,8 +38,15 @@ from pipeline.engine.stage_api import ANY_MODEL, MODEL, TRACES, StageConfig, Sta
 from pipeline.data.testbed import make_problems
 from pipeline.data.tokenizer import build_tokenizer
 from pipeline.data.traces import training_traces
-from pipeline.train.loop import (TrainArgs, causal_lm_loss, check_train_args, make_accelerator, train, whole_model,
-                                 whole_models)
+from pipeline.train.loop import (
+    TrainArgs,
+    causal_lm_loss,
+    check_train_args,
+    make_accelerator,
+    train,
+    whole_model,
+    whole_models,
+)
 
 CODE_VERSION = 1
 USES = ("seed", "model", "data")
@@ -65,8 +73,9 @@ def output(config: Config, input_kinds: dict[str, str | None]) -> str | None:
 def check(config: Config, recipe) -> list[tuple[str, str]]:
     errors = []
     if config.data is None and recipe.data.task != "testbed":
-        errors.append(("data", f"needs a traces stage when data.task is {recipe.data.task!r} (only the testbed "
-                               "ships solutions)"))
+        errors.append(
+            ("data", f"needs a traces stage when data.task is {recipe.data.task!r} (only the testbed ships solutions)")
+        )
     return errors + check_train_args(config)
 
 
@@ -74,8 +83,10 @@ def _examples(ctx: StageContext, tokenizer) -> list[tuple[list[int], int]]:
     """(token ids, completion start) of each chat to train on."""
     config, recipe = ctx.config, ctx.recipe
     if config.data is None:
-        return [chat_example(tokenizer, p.question, p.solution, recipe.data.instruction)
-                for p in make_problems(recipe.data.testbed, "train", seed=recipe.seed)]
+        return [
+            chat_example(tokenizer, p.question, p.solution, recipe.data.instruction)
+            for p in make_problems(recipe.data.testbed, "train", seed=recipe.seed)
+        ]
     kept = training_traces(ctx.inputs["data"], config.only_correct, ctx.name, ctx.log)
     return [t.example(tokenizer) for t in kept]
 
@@ -101,6 +112,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     if config.init is not None:
         if is_quantized(ctx.inputs["init"]):
             from pipeline.quant.formats.io import read_quant_spec
+
             quant_spec = read_quant_spec(ctx.inputs["init"])
         tokenizer = load_tokenizer(ctx.inputs["init"], trust_remote_code=trust)
     elif recipe.model.arch is not None:
@@ -112,24 +124,42 @@ def run(ctx: StageContext) -> dict[str, float]:
     examples = _examples(ctx, tokenizer)
     longest = max(len(ids) for ids, _ in examples)
     if longest > model.config.max_position_embeddings:
-        raise InputError("model.arch.max_position_embeddings",
-                         f"an example has {longest} tokens, more than the model's {model.config.max_position_embeddings}")
+        raise InputError(
+            "model.arch.max_position_embeddings",
+            f"an example has {longest} tokens, more than the model's {model.config.max_position_embeddings}",
+        )
     params = sum(p.numel() for p in model.parameters())
-    ctx.log.info("%s: %d examples (longest %d tokens), %.2fM parameters, %s", ctx.name, len(examples), longest,
-                 params / 1e6, accelerator.device)
+    ctx.log.info(
+        "%s: %d examples (longest %d tokens), %.2fM parameters, %s",
+        ctx.name,
+        len(examples),
+        longest,
+        params / 1e6,
+        accelerator.device,
+    )
 
-    result = train(model, examples, causal_lm_loss, config, out_dir=ctx.out_dir, checkpointer=ctx.checkpointer,
-                   seed=recipe.seed, pad_id=tokenizer.pad_token_id, log=ctx.log, accelerator=accelerator,
-                   desc=f"{ctx.name}: sft")
+    result = train(
+        model,
+        examples,
+        causal_lm_loss,
+        config,
+        out_dir=ctx.out_dir,
+        checkpointer=ctx.checkpointer,
+        seed=recipe.seed,
+        pad_id=tokenizer.pad_token_id,
+        log=ctx.log,
+        accelerator=accelerator,
+        desc=f"{ctx.name}: sft",
+    )
     model = whole_model(accelerator, model, lambda: _model(ctx, tokenizer, accelerator))  # FSDP2: a collective
     if accelerator.is_main_process:
         model = model.eval().to(getattr(torch, recipe.model.dtype))
         if quant_spec is not None:  # SFT-QAT: the model keeps its QuantLinears and their format
             from pipeline.quant.formats.io import save_quantized
+
             save_quantized(model, tokenizer, ctx.out_dir / "model", quant_spec)
         else:
             save_model(model, tokenizer, ctx.out_dir / "model")
     accelerator.wait_for_everyone()
     completion_tokens = sum(len(ids) - start for ids, start in examples) / len(examples)
-    return {**result, "examples": len(examples), "mean_completion_tokens": completion_tokens,
-            "parameters": params}
+    return {**result, "examples": len(examples), "mean_completion_tokens": completion_tokens, "parameters": params}

@@ -20,6 +20,7 @@ model's chat template. Output `<out_dir>/traces.jsonl`, one row per kept complet
         count: 2000
         generation: {temperature: 0.6, top_p: 0.95, top_k: 20, max_new_tokens: 1024}
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -60,22 +61,43 @@ def check(config: Config, recipe) -> list[tuple[str, str]]:
 def run(ctx: StageContext) -> dict[str, float]:
     from accelerate import PartialState
 
-    from pipeline.models import load_model, load_tokenizer
+    from pipeline.models import load_for_decoding
 
     config, recipe = ctx.config, ctx.recipe
-    problems = training_problems(recipe.data, config.count, recipe.seed, need_answers=config.only_correct,
-                                 where=f"stages.{ctx.name}.only_correct")
-    trust = recipe.model.trust_remote_code
-    tokenizer = load_tokenizer(ctx.inputs["model"], trust_remote_code=trust)
-    model = load_model(ctx.inputs["model"], device=PartialState().device, trust_remote_code=trust)
-    ctx.log.info("%s: %d %s prompts x %d samples, up to %d new tokens, on %s", ctx.name, len(problems),
-                 recipe.data.task, config.generation.num_samples, config.generation.max_new_tokens, model.device)
+    problems = training_problems(
+        recipe.data,
+        config.count,
+        recipe.seed,
+        need_answers=config.only_correct,
+        where=f"stages.{ctx.name}.only_correct",
+    )
+    model, tokenizer = load_for_decoding(ctx.inputs["model"], recipe.model.trust_remote_code)
+    ctx.log.info(
+        "%s: %d %s prompts x %d samples, up to %d new tokens, on %s",
+        ctx.name,
+        len(problems),
+        recipe.data.task,
+        config.generation.num_samples,
+        config.generation.max_new_tokens,
+        model.device,
+    )
     instruction = recipe.data.instruction
     rows, seconds = sample_and_grade(model, tokenizer, problems, config.generation, instruction)
-    traces = [Trace(id=r["id"], question=r["question"], instruction=instruction, answer=r["gold"],
-                    completion=r["completion"], correct=r["correct"], num_tokens=r["num_tokens"],
-                    sample=r["sample"], truncated=r["truncated"])
-              for r in rows if r["correct"] or not config.only_correct]
+    traces = [
+        Trace(
+            id=r["id"],
+            question=r["question"],
+            instruction=instruction,
+            answer=r["gold"],
+            completion=r["completion"],
+            correct=r["correct"],
+            num_tokens=r["num_tokens"],
+            sample=r["sample"],
+            truncated=r["truncated"],
+        )
+        for r in rows
+        if r["correct"] or not config.only_correct
+    ]
     if not traces:
         raise RuntimeError(f"{ctx.name}: no completion was graded correct, so no traces were kept (only_correct)")
     if PartialState().is_main_process:
@@ -90,7 +112,13 @@ def run(ctx: StageContext) -> dict[str, float]:
         "mean_tokens": tokens / len(rows),
         "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
     }
-    ctx.log.info("%s: kept %d of %d (teacher accuracy %.2f%%), %.1f tokens each, %.0f tokens/s", ctx.name,
-                 metrics["kept"], metrics["generated"], 100 * metrics["accuracy"], metrics["mean_tokens"],
-                 metrics["tokens_per_s"])
+    ctx.log.info(
+        "%s: kept %d of %d (teacher accuracy %.2f%%), %.1f tokens each, %.0f tokens/s",
+        ctx.name,
+        metrics["kept"],
+        metrics["generated"],
+        100 * metrics["accuracy"],
+        metrics["mean_tokens"],
+        metrics["tokens_per_s"],
+    )
     return metrics

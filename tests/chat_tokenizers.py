@@ -1,6 +1,7 @@
 """Tiny tokenizers of other model families' chat formats, built locally (no hub): a byte-level BPE with
 the family's special tokens and its published chat template, verbatim. The testbed tokenizer
 (pipeline.data.tokenizer) is the Qwen / ChatML one."""
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -25,8 +26,10 @@ MISTRAL_TEMPLATE = (
     "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
 )
 # a template that writes no special token after a reply: the end of turn is the eos token
-PLAIN_TEMPLATE = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
-                  "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
 
 _CORPUS = ["What is 2 + 3? Please reason step by step. The answer is \\boxed{5}."] * 20
 
@@ -35,8 +38,12 @@ def _tokenizer(specials: list[str], bos: str, eos: str, template: str | None) ->
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator(_CORPUS, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos)
     tokenizer.chat_template = template

@@ -1,4 +1,5 @@
 """Shared fixtures: test-only stage types registered in the closed registry, recipe files, the CLI."""
+
 from __future__ import annotations
 
 import sys
@@ -12,9 +13,17 @@ import fake_make
 import stages
 from pipeline import cli
 
-TINY_MODEL = {"arch": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32},
-              "dtype": "float32"}
+TINY_MODEL = {
+    "arch": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+    },
+    "dtype": "float32",
+}
 
 
 @pytest.fixture

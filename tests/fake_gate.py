@@ -1,4 +1,5 @@
 """A test-only `gate`: passes when its input's value is at least `threshold`."""
+
 from __future__ import annotations
 
 from typing import Literal

@@ -2,6 +2,7 @@
 
 Registered by the `fake_stages` fixture (tests/conftest.py) in place of a real stage module.
 """
+
 from __future__ import annotations
 
 import os

@@ -5,14 +5,22 @@ Hidden width 256 so that groups of 128 (and 32, 64) divide every Linear; random 
 matters to quantization (biases, q/k norms, head_dim, tied embeddings, widths 128 does not divide, Hadamard
 sizes that are not powers of 2).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM)
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -35,8 +43,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def tiny_config(vocab_size: int, **overrides) -> Qwen3Config:
     kwargs = dict(
-        vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=512,
         tie_word_embeddings=False,
     )
     kwargs.update(overrides)
@@ -50,16 +64,32 @@ def tiny_model(vocab_size: int, seed: int = 0, **overrides) -> Qwen3ForCausalLM:
 
 FAMILIES = {
     # Qwen3: q/k norms, head_dim 128, attention width 4 × 128 = 512 ≠ hidden; 384 = 32 · 12 (a Paley block)
-    "qwen3": (Qwen3ForCausalLM, Qwen3Config, dict(hidden_size=256, intermediate_size=384, num_attention_heads=4,
-                                                  num_key_value_heads=2, head_dim=128)),
+    "qwen3": (
+        Qwen3ForCausalLM,
+        Qwen3Config,
+        dict(hidden_size=256, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=128),
+    ),
     # Qwen2 = DeepSeek-R1-Distill-Qwen: q/k/v biases, no q/k norms; head_dim 32; 96 = 8 · 12 and 192 = 16 · 12,
     # widths 128 does not divide (groups of 96)
-    "qwen2": (Qwen2ForCausalLM, Qwen2Config, dict(hidden_size=96, intermediate_size=192, num_attention_heads=3,
-                                                  num_key_value_heads=1)),
+    "qwen2": (
+        Qwen2ForCausalLM,
+        Qwen2Config,
+        dict(hidden_size=96, intermediate_size=192, num_attention_heads=3, num_key_value_heads=1),
+    ),
     # Llama = SmolLM2 / R1-Distill-Llama: no biases, no q/k norms, head_dim 64, tied embeddings; 192 and
     # 320 = 16 · 20 (groups of 96 and 64)
-    "llama": (LlamaForCausalLM, LlamaConfig, dict(hidden_size=192, intermediate_size=320, num_attention_heads=3,
-                                                  num_key_value_heads=1, head_dim=64, tie_word_embeddings=True)),
+    "llama": (
+        LlamaForCausalLM,
+        LlamaConfig,
+        dict(
+            hidden_size=192,
+            intermediate_size=320,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            head_dim=64,
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 
 
@@ -104,12 +134,79 @@ def write_traces(path: Path, n: int = 8) -> Path:
     with open(path / "traces.jsonl", "w") as f:
         for i in range(n):
             a, b = 3 + i, 7 * i + 2
-            completion = f"<think>{a} plus {b} is {a + b}. Then times 2 gives {2 * (a + b)}.</think> \\boxed{{{2 * (a + b)}}}"
-            row = {"id": str(i), "question": f"What is ({a} + {b}) * 2?", "answer": str(2 * (a + b)),
-                   "completion": completion, "correct": True, "num_tokens": len(completion), "sample": 0,
-                   "truncated": False}
+            completion = (
+                f"<think>{a} plus {b} is {a + b}. Then times 2 gives {2 * (a + b)}.</think> \\boxed{{{2 * (a + b)}}}"
+            )
+            row = {
+                "id": str(i),
+                "question": f"What is ({a} + {b}) * 2?",
+                "answer": str(2 * (a + b)),
+                "completion": completion,
+                "correct": True,
+                "num_tokens": len(completion),
+                "sample": 0,
+                "truncated": False,
+            }
             f.write(json.dumps(row) + "\n")
     return path
+
+
+def planted_outliers_model() -> Qwen3ForCausalLM:
+    """A tiny model (vocab 300, MLP 384) with outlier channels in both norms' outputs of every layer (30x the
+    others), as real LLMs have: the case SmoothQuant's per-channel scaling, QuaRot's rotation and FlatQuant's
+    learned smoothing are for. Not also in the down_proj input (up_proj rows x40, as test_flatquant once
+    planted): those make the layer MSE a few tokens' (5 of 144 carried half of it), and which tokens changes
+    with the rounding of the CPU's kernels (a 1e-6 relative change of the weights moved QuaRot's layer-0 MSE
+    from 0.031 to 0.045), so no ordering of the methods held on every machine."""
+    model = tiny_model(300, intermediate_size=384)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[[3, 77]] = 30.0
+            layer.post_attention_layernorm.weight[[5, 150]] = 30.0
+    return model
+
+
+def planted_w4a4kv4() -> Qwen3ForCausalLM:
+    """`planted_outliers_model`, prepared for W4A4KV4 fake quantization (not calibrated)."""
+    from pipeline.quant.apply import prepare
+    from pipeline.quant.scheme import QuantSpec
+
+    model = planted_outliers_model()
+    prepare(model, QuantSpec.model_validate("w4a4kv4"))
+    return model
+
+
+def planted_rtn_and_quarot() -> tuple[Qwen3ForCausalLM, Qwen3ForCausalLM]:
+    """The baselines the outlier tests compare methods with: W4A4KV4 of `planted_outliers_model` by RTN
+    and by QuaRot (rotated), both calibrated."""
+    from pipeline.quant.apply import calibrate
+    from pipeline.quant.methods import quarot
+
+    rtn = planted_w4a4kv4()
+    calibrate(rtn)
+    rot = planted_w4a4kv4()
+    quarot.rotate(rot)
+    calibrate(rot)
+    return rtn, rot
+
+
+def generate_and_full_forward(model, x: torch.Tensor, max_new_tokens: int):
+    """(greedy `model.generate` output with its per-step logits, logits of one full forward over its
+    sequences), after asserting each decoding step's logits equal the full forward's at that position."""
+    with torch.no_grad():
+        out = model.generate(
+            x,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+        full = model(out.sequences).logits
+    last_prompt = x.shape[1] - 1
+    for step, logits in enumerate(out.logits):
+        torch.testing.assert_close(logits[0], full[0, last_prompt + step], atol=1e-4, rtol=0)
+    return out, full
 
 
 def one_thread():

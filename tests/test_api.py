@@ -1,6 +1,7 @@
 """The Python API (pipeline/api.py) called directly: run / plan / status on a recipe of test stages, export and
 load_quantized on a tiny RTN-quantized model, evaluate on the tiny testbed model; files on disk, return values,
 bad input as InputError with nothing written."""
+
 from __future__ import annotations
 
 import json
@@ -40,7 +41,9 @@ def test_run_plan_and_status(fake_stages, write_recipe, tmp_path):
     art = tmp_path / "art"
     assert [(d.name, d.action) for d in api.plan(recipe, art)] == [("a", "run"), ("b", "run")]
     assert [(d.name, d.state, d.reason) for d in api.status(recipe, art)] == [
-        ("a", "pending", "never run"), ("b", "pending", "never run")]
+        ("a", "pending", "never run"),
+        ("b", "pending", "never run"),
+    ]
     assert not art.exists()  # plan and status write nothing
 
     outcomes = api.run(recipe, art, overrides=["stages.a.value=3"])
@@ -82,11 +85,13 @@ def test_export_and_load_quantized_refuse_bad_input(quantized, tmp_path):
     root, _ = quantized
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
-    cases = [(lambda: api.export(root / "ptq", tmp_path / "full"), "--out: ", "exists and is not empty"),
-             (lambda: api.export(root / "ptq", tmp_path / "o", scheme="w4g128"), "scheme: ", "does not match"),
-             (lambda: api.export(root / "teacher", tmp_path / "o"), "stage_dir: ", "holds no quantized model"),
-             (lambda: api.load_quantized(tmp_path / "nope"), "path: ", "does not exist"),
-             (lambda: api.load_quantized(root / "teacher"), "path: ", "holds no quantized model")]
+    cases = [
+        (lambda: api.export(root / "ptq", tmp_path / "full"), "--out: ", "exists and is not empty"),
+        (lambda: api.export(root / "ptq", tmp_path / "o", scheme="w4g128"), "scheme: ", "does not match"),
+        (lambda: api.export(root / "teacher", tmp_path / "o"), "stage_dir: ", "holds no quantized model"),
+        (lambda: api.load_quantized(tmp_path / "nope"), "path: ", "does not exist"),
+        (lambda: api.load_quantized(root / "teacher"), "path: ", "holds no quantized model"),
+    ]
     for call, where, message in cases:
         with pytest.raises(InputError) as e:
             call()
@@ -97,9 +102,13 @@ def test_export_and_load_quantized_refuse_bad_input(quantized, tmp_path):
 def test_evaluate_returns_metrics_and_writes_samples(tmp_path):
     save_model(tiny_lm.model(), tiny_lm.tokenizer(), tmp_path / "teacher" / "model")
     samples = tmp_path / "samples.jsonl"
-    metrics = api.evaluate(tmp_path / "teacher", "testbed", limit=2,
-                           generation={"max_new_tokens": 4, "num_samples": 2, "temperature": 1.0},
-                           samples_path=samples)
+    metrics = api.evaluate(
+        tmp_path / "teacher",
+        "testbed",
+        limit=2,
+        generation={"max_new_tokens": 4, "num_samples": 2, "temperature": 1.0},
+        samples_path=samples,
+    )
     assert metrics["num_problems"] == 2 and 0 <= metrics["accuracy"] <= metrics["pass_at_k"] <= 1
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     assert [r["sample"] for r in rows] == [0, 1, 0, 1] and all(r["num_tokens"] <= 4 for r in rows)
@@ -119,4 +128,3 @@ def test_perplexity_of_a_text_file(tmp_path):
     assert metrics == pytest.approx(perplexity(tiny_lm.model(), examples, tokenizer.pad_token_id))
     with pytest.raises(InputError, match="--max-length: must be >= 2"):
         api.perplexity(tmp_path / "m", text=text, max_length=1)
-

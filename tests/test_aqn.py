@@ -1,4 +1,5 @@
 """AQN (QeRL's adaptive quantization noise): the σ schedule, and noise on RMSNorm weights that leaves no trace."""
+
 import pytest
 import torch
 

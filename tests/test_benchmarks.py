@@ -1,4 +1,5 @@
 """Benchmark loading from the slices in tests/data: fields, gold normalisation, splits, bad input."""
+
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,13 @@ def test_gsm8k_test_and_train():
 
 def test_math500_fields():
     problems = load_benchmark("math500", limit=5, data_dir=DATA)
-    assert [p.answer for p in problems] == ["\\left( 3, \\frac{\\pi}{2} \\right)", "p - q", "\\frac{14}{3}",
-                                            "9", "\\text{Evelyn}"]
+    assert [p.answer for p in problems] == [
+        "\\left( 3, \\frac{\\pi}{2} \\right)",
+        "p - q",
+        "\\frac{14}{3}",
+        "9",
+        "\\text{Evelyn}",
+    ]
     assert problems[0].question.startswith("Convert the point $(0,3)$")
     assert "\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}" in problems[0].solution
 
@@ -48,11 +54,14 @@ def test_data_dir_from_environment(monkeypatch):
     assert len(load_benchmark("amc23")) == 5
 
 
-@pytest.mark.parametrize("kwargs, where, text", [
-    ({"name": "gsm9k"}, "bench", "unknown benchmark 'gsm9k'"),
-    ({"name": "math500", "split": "train"}, "split", "math500 has no 'train' split"),
-    ({"name": "gsm8k", "limit": 0}, "limit", "must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, where, text",
+    [
+        ({"name": "gsm9k"}, "bench", "unknown benchmark 'gsm9k'"),
+        ({"name": "math500", "split": "train"}, "split", "math500 has no 'train' split"),
+        ({"name": "gsm8k", "limit": 0}, "limit", "must be >= 1"),
+    ],
+)
 def test_bad_arguments(kwargs, where, text):
     with pytest.raises(InputError) as err:
         load_benchmark(data_dir=DATA, **kwargs)
@@ -82,23 +91,50 @@ def test_prompts_file(tmp_path):
 
 # (file name, content, the message after "data_dir: <tmp>/"): every bad file names itself and its line
 BAD_FILES = [
-    ("gsm8k_test.jsonl", '{"question": "q", "answer": "#### 1"}\n{"question": "q"}\n', "gsm8k_test.jsonl:2: no `answer`"),
+    (
+        "gsm8k_test.jsonl",
+        '{"question": "q", "answer": "#### 1"}\n{"question": "q"}\n',
+        "gsm8k_test.jsonl:2: no `answer`",
+    ),
     ("gsm8k_test.jsonl", '{"question": "q", "answer": 18}\n', "gsm8k_test.jsonl:1: `answer` must be a string, got 18"),
-    ("gsm8k_test.jsonl", '{"question": "q", "answer": "so 18"}\n',
-     "gsm8k_test.jsonl:1: `answer` does not end in `#### <final answer>`"),
-    ("gsm8k_test.jsonl", '{"question": ["q"], "answer": "#### 1"}\n',
-     'gsm8k_test.jsonl:1: `question` must be a string, got ["q"]'),
-    ("math500_test.jsonl", '{"problem": "p", "answer": {"x": 1}, "solution": "s"}\n',
-     'math500_test.jsonl:1: `answer` must be a string or a number, got {"x": 1}'),
-    ("math500_test.jsonl", '{"problem": "p", "answer": " ", "solution": "s"}\n', "math500_test.jsonl:1: `answer` is empty"),
-    ("amc23_test.jsonl", '{"id": 0, "problem": "p", "answer": true}\n',
-     "amc23_test.jsonl:1: `answer` must be a string or a number, got true"),
-    ("amc23_test.jsonl", '{"id": 0, "problem": "p", "answer": NaN}\n',
-     "amc23_test.jsonl:1: `answer` must be a string or a number, got NaN"),
+    (
+        "gsm8k_test.jsonl",
+        '{"question": "q", "answer": "so 18"}\n',
+        "gsm8k_test.jsonl:1: `answer` does not end in `#### <final answer>`",
+    ),
+    (
+        "gsm8k_test.jsonl",
+        '{"question": ["q"], "answer": "#### 1"}\n',
+        'gsm8k_test.jsonl:1: `question` must be a string, got ["q"]',
+    ),
+    (
+        "math500_test.jsonl",
+        '{"problem": "p", "answer": {"x": 1}, "solution": "s"}\n',
+        'math500_test.jsonl:1: `answer` must be a string or a number, got {"x": 1}',
+    ),
+    (
+        "math500_test.jsonl",
+        '{"problem": "p", "answer": " ", "solution": "s"}\n',
+        "math500_test.jsonl:1: `answer` is empty",
+    ),
+    (
+        "amc23_test.jsonl",
+        '{"id": 0, "problem": "p", "answer": true}\n',
+        "amc23_test.jsonl:1: `answer` must be a string or a number, got true",
+    ),
+    (
+        "amc23_test.jsonl",
+        '{"id": 0, "problem": "p", "answer": NaN}\n',
+        "amc23_test.jsonl:1: `answer` must be a string or a number, got NaN",
+    ),
     ("aime24_test.jsonl", '{"problem": "p", "answer": 3}\n', "aime24_test.jsonl:1: no `id`"),
-    ("aime24_test.jsonl", '[1, 2]\n', "aime24_test.jsonl:1: expected a JSON object, got [1, 2]"),
+    ("aime24_test.jsonl", "[1, 2]\n", "aime24_test.jsonl:1: expected a JSON object, got [1, 2]"),
     ("aime24_test.jsonl", "\n\n", "aime24_test.jsonl: no problems in it"),
-    ("aime24_test.jsonl", b'{"id": 1}\n\x1f\x8b\x08\x00\xff\n', "aime24_test.jsonl:2: not UTF-8 text (is it a jsonl file?)"),
+    (
+        "aime24_test.jsonl",
+        b'{"id": 1}\n\x1f\x8b\x08\x00\xff\n',
+        "aime24_test.jsonl:2: not UTF-8 text (is it a jsonl file?)",
+    ),
 ]
 
 
@@ -126,6 +162,7 @@ def test_testbed_benchmark_is_the_test_split():
 
 # -- sources: parquet files, hub datasets (through `datasets`, here a local copy), no default directory --
 
+
 def _write_parquet(rows: list[dict], path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -149,10 +186,13 @@ def hub_copies(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     gsm8k = tmp_path / "gsm8k"
     for split in ("train", "test"):
-        _write_parquet(read_rows(DATA / f"gsm8k_{split}.jsonl", "x"),
-                       gsm8k / "main" / f"{split}-00000-of-00001.parquet")
-    (gsm8k / "README.md").write_text("---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n"
-                                     "    path: main/train-*\n  - split: test\n    path: main/test-*\n---\n")
+        _write_parquet(
+            read_rows(DATA / f"gsm8k_{split}.jsonl", "x"), gsm8k / "main" / f"{split}-00000-of-00001.parquet"
+        )
+    (gsm8k / "README.md").write_text(
+        "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n"
+        "    path: main/train-*\n  - split: test\n    path: main/test-*\n---\n"
+    )
     math500 = tmp_path / "math500"
     math500.mkdir()
     (math500 / "test.jsonl").write_text((DATA / "math500_test.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
@@ -190,7 +230,8 @@ def test_no_benchmark_directory_says_how_to_give_one(monkeypatch):
     assert str(err.value) == (
         "data_dir: gsm8k needs the file gsm8k_test.jsonl (or .parquet) and no benchmark directory is set: set "
         "data.benchmarks_dir (CLI --data-dir) or $REASONING_QAT_BENCHMARKS, or name a hub dataset "
-        "(data.hub.gsm8k: openai/gsm8k)")
+        "(data.hub.gsm8k: openai/gsm8k)"
+    )
 
 
 def test_validation_finds_missing_sources(monkeypatch, tmp_path):
@@ -202,14 +243,17 @@ def test_validation_finds_missing_sources(monkeypatch, tmp_path):
     [(where, message)] = check_bench("aime24", DataSpec(benchmarks_dir=str(tmp_path)), "stages.e.bench")
     assert where == "stages.e.bench" and message == (
         f"no such file: {tmp_path}/aime24_test.jsonl (nor .parquet); point data.benchmarks_dir (CLI --data-dir) "
-        "or $REASONING_QAT_BENCHMARKS at a directory that has it")
+        "or $REASONING_QAT_BENCHMARKS at a directory that has it"
+    )
     assert check_bench("math500", DataSpec(hub={"math500": "HuggingFaceH4/MATH-500"})) == []  # loaded at run time
     assert check_bench("math500", DataSpec(hub={"math500": str(tmp_path / "nope")})) == [
-        ("data.hub.math500", f"no such directory: {tmp_path / 'nope'}")]
+        ("data.hub.math500", f"no such directory: {tmp_path / 'nope'}")
+    ]
     [(where, message)] = check_training_data(DataSpec(task="gsm8k"))
     assert where == "data.benchmarks_dir" and "gsm8k needs the file gsm8k_train.jsonl" in message
     assert check_training_data(DataSpec(task="jsonl", prompts_file=str(tmp_path / "p.jsonl"))) == [
-        ("data.prompts_file", f"no such file: {tmp_path / 'p.jsonl'}")]
+        ("data.prompts_file", f"no such file: {tmp_path / 'p.jsonl'}")
+    ]
 
 
 def test_prompts_file_parquet(tmp_path):

@@ -1,5 +1,6 @@
 """Checkpoints on disk: exact round trip, manifest written last, damaged ones skipped (status and resume agree on
 the step), the last good one kept through a failed save, checkpoints of a lost future removed."""
+
 import json
 import logging
 
@@ -11,8 +12,12 @@ from pipeline.engine.checkpoint import Checkpointer, RankFailed, Ranks, on_every
 
 def _state(step: int) -> dict:
     g = torch.Generator().manual_seed(step)
-    return {"model": {"w": torch.randn(64, 64, generator=g)}, "optimizer": {"state": {0: {"step": torch.tensor(step)}}},
-            "rng": {"python": (3, tuple(range(5)), None)}, "step": step}
+    return {
+        "model": {"w": torch.randn(64, 64, generator=g)},
+        "optimizer": {"state": {0: {"step": torch.tensor(step)}}},
+        "rng": {"python": (3, tuple(range(5)), None)},
+        "step": step,
+    }
 
 
 def _saved(tmp_path, *steps: int) -> Checkpointer:
@@ -59,9 +64,12 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog,
     with caplog.at_level(logging.WARNING):
         step, state = ckpt.latest(log=logging.getLogger("t"))
     assert step == 2 and torch.equal(state["model"]["w"], _state(2)["model"]["w"])
-    expected = {"truncated": "shared.safetensors is 100 bytes, its manifest says",
-                "missing": "shared.safetensors is missing", "no manifest": "manifest.json is missing or unreadable",
-                "same size, other bytes": "shared.safetensors does not match the sha256 in its manifest"}[damage]
+    expected = {
+        "truncated": "shared.safetensors is 100 bytes, its manifest says",
+        "missing": "shared.safetensors is missing",
+        "no manifest": "manifest.json is missing or unreadable",
+        "same size, other bytes": "shared.safetensors does not match the sha256 in its manifest",
+    }[damage]
     assert f"checkpoint step-000000004 is damaged: {expected}" in caplog.text
 
 
@@ -83,13 +91,19 @@ def test_a_save_that_fails_midway_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_a_save_keeps_older_ones_up_to_keep_and_removes_a_lost_future(tmp_path):
     ckpt = _saved(tmp_path, 2, 4, 6, 8)  # keep=3
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-000000004", "step-000000006",
-                                                                      "step-000000008"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "step-000000004",
+        "step-000000006",
+        "step-000000008",
+    ]
     _truncate(tmp_path / "ckpt" / "step-000000008" / "shared.safetensors")
     assert ckpt.latest()[0] == 6
     ckpt.save(7, _state(7))  # a run resumed from 6 stopped at 7: step 8 is from a future that will not happen
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-000000004", "step-000000006",
-                                                                      "step-000000007"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "step-000000004",
+        "step-000000006",
+        "step-000000007",
+    ]
 
 
 def test_resume_clears_a_checkpoint_of_other_settings(tmp_path, caplog):
@@ -103,6 +117,7 @@ def test_resume_clears_a_checkpoint_of_other_settings(tmp_path, caplog):
 
 class _SecondOfTwo(Ranks):
     """Rank 1 of 2, where rank 0 reported `other` (what an all-gather would bring back)."""
+
     rank, count = 1, 2
 
     def __init__(self, other: str | None):

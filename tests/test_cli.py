@@ -1,4 +1,5 @@
 """The command line: subcommands (one module each under pipeline/cli/), error lines and exit codes."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,15 +23,20 @@ def test_validate_status_and_run_on_a_recipe(fake_stages, write_recipe, tmp_path
     code, out, _ = run_cli("validate", recipe)
     assert code == 0 and out.strip() == f"{recipe}: ok: 2 stages: a (make), b (make)"
     code, out, _ = run_cli("status", recipe, "--artifacts", tmp_path / "art", "--json")
-    assert code == 0 and json.loads(out) == {"stages": [
-        {"name": "a", "type": "make", "state": "pending", "reason": "never run"},
-        {"name": "b", "type": "make", "state": "pending", "reason": "never run"}]}
+    assert code == 0 and json.loads(out) == {
+        "stages": [
+            {"name": "a", "type": "make", "state": "pending", "reason": "never run"},
+            {"name": "b", "type": "make", "state": "pending", "reason": "never run"},
+        ]
+    }
     assert not (tmp_path / "art").exists()  # status writes nothing
     code, out, _ = run_cli("run", recipe, "--artifacts", tmp_path / "art")
     assert code == 0
     rows = [line.split("│")[1:5] for line in out.splitlines() if line.startswith("│")]
     assert [[c.strip() for c in row[:2]] + [row[3].strip()] for row in rows] == [
-        ["a", "ran", "value 2"], ["b", "ran", "value 1"]]
+        ["a", "ran", "value 2"],
+        ["b", "ran", "value 1"],
+    ]
     code, out, _ = run_cli("status", recipe, "--artifacts", tmp_path / "art")
     assert code == 0 and out.count("complete") == 2 and "up to date" in out
 
@@ -95,19 +101,23 @@ def test_eval_decoding_flags_are_generation_spec_fields():
 
 def test_help_and_version_import_no_torch(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    code = "import sys\nfrom pipeline import cli\nfor argv in (['--help'], ['--version'], ['run', '--help']):\n" \
-           "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\nprint('torch' in sys.modules)"
+    code = (
+        "import sys\nfrom pipeline import cli\nfor argv in (['--help'], ['--version'], ['run', '--help']):\n"
+        "    try:\n        cli.main(argv)\n    except SystemExit:\n        pass\nprint('torch' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_python_dash_m_entry_point(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--help"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", "--help"], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert done.returncode == 0 and "--from STAGE" in done.stdout and "--dry-run" in done.stdout
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "nonsense"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "nonsense"], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
     assert done.returncode == 2 and "invalid choice: 'nonsense'" in done.stderr
     assert not list(tmp_path.iterdir())
 

@@ -1,4 +1,5 @@
 """The stage graph: order, reachability, cycles, unknown references."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,11 +17,15 @@ def recipe(stage_map):
 @pytest.fixture
 def graph(fake_stages):
     # listed out of order on purpose: c reads b, b reads a and is gated by g (which reads a)
-    return recipe({"c": {"type": "make", "src": "b"},
-                   "e": {"type": "make", "src": "model"},
-                   "b": {"type": "make", "src": "a", "when": "g"},
-                   "g": {"type": "gate", "src": "a"},
-                   "a": {"type": "make"}})
+    return recipe(
+        {
+            "c": {"type": "make", "src": "b"},
+            "e": {"type": "make", "src": "model"},
+            "b": {"type": "make", "src": "a", "when": "g"},
+            "g": {"type": "gate", "src": "a"},
+            "a": {"type": "make"},
+        }
+    )
 
 
 def test_topological_order_puts_inputs_first_and_keeps_file_order(graph):
@@ -39,10 +44,17 @@ def test_downstream_and_upstream(graph):
 
 def test_cycles_are_found_and_reported(fake_stages):
     with pytest.raises(RecipeError) as e:
-        recipe({"a": {"type": "make", "src": "c"}, "b": {"type": "make", "src": "a"},
-                "c": {"type": "make", "src": "b"}, "d": {"type": "make"}})
+        recipe(
+            {
+                "a": {"type": "make", "src": "c"},
+                "b": {"type": "make", "src": "a"},
+                "c": {"type": "make", "src": "b"},
+                "d": {"type": "make"},
+            }
+        )
     assert e.value.errors == [("stages", "cycle a -> c -> b -> a")]
     from fake_make import Config
+
     configs = {"x": Config(src="y"), "y": Config(src="x"), "z": Config()}
     assert find_cycle(configs) == ["x", "y", "x"]
     assert find_cycle({"x": Config(src="model"), "y": Config(src="x")}) is None
@@ -50,10 +62,12 @@ def test_cycles_are_found_and_reported(fake_stages):
 
 def test_unknown_references(fake_stages):
     from fake_make import Config
+
     configs = {"teacher": Config(), "student": Config(src="techer"), "other": Config(when="student")}
     assert check_references(configs) == [
         ("stages.student.src", "no stage named 'techer' (did you mean 'teacher'?)"),
         ("stages.other.when", "'student' is a make stage, not a gate"),
     ]
     assert check_references({"a": Config(when="model")}) == [
-        ("stages.a.when", "must name a gate stage, not the base model")]
+        ("stages.a.when", "must name a gate stage, not the base model")
+    ]

@@ -1,5 +1,6 @@
 """The chat format taken from each tokenizer's own template (Qwen, Llama-3, Mistral, none), the recipe's
 instruction, the chat-template check at validation, text corpora."""
+
 import json
 
 import pytest
@@ -7,7 +8,14 @@ import yaml
 
 import chat_tokenizers
 import tiny_lm
-from pipeline.data.chat import BOXED_INSTRUCTION, chat_example, chat_prompt, check_chat_template, end_of_turn, end_of_turn_id
+from pipeline.data.chat import (
+    BOXED_INSTRUCTION,
+    chat_example,
+    chat_prompt,
+    check_chat_template,
+    end_of_turn,
+    end_of_turn_id,
+)
 from pipeline.data.rows import read_texts
 from pipeline.engine.errors import InputError
 from pipeline.generate import stop_token_ids
@@ -15,9 +23,15 @@ from pipeline.model_spec import ModelSpec
 from pipeline.models import save_model
 
 
-@pytest.mark.parametrize("family, eot", [
-    ("qwen", "<|im_end|>"), ("llama3", "<|eot_id|>"), ("mistral", "</s>"), ("plain", "</s>"),
-])
+@pytest.mark.parametrize(
+    "family, eot",
+    [
+        ("qwen", "<|im_end|>"),
+        ("llama3", "<|eot_id|>"),
+        ("mistral", "</s>"),
+        ("plain", "</s>"),
+    ],
+)
 def test_end_of_turn_is_what_the_template_writes(family, eot):
     tokenizer = tiny_lm.tokenizer() if family == "qwen" else getattr(chat_tokenizers, family)()
     assert end_of_turn(tokenizer) == eot
@@ -33,8 +47,11 @@ def test_llama3_chat_has_no_chatml():
     ids, start = chat_example(tokenizer, "Q?", "A.")
     text = tokenizer.decode(ids)
     assert "<|im_end|>" not in text and "<|im_start|>" not in text
-    assert text == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nQ?\n" + BOXED_INSTRUCTION
-                    + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA.<|eot_id|>")
+    assert text == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nQ?\n"
+        + BOXED_INSTRUCTION
+        + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nA.<|eot_id|>"
+    )
 
 
 def test_generation_stops_at_the_templates_end_of_turn():
@@ -53,7 +70,8 @@ def test_generation_stops_at_the_templates_end_of_turn():
 def test_instruction_from_the_recipe():
     tokenizer = tiny_lm.tokenizer()
     assert chat_prompt(tokenizer, "Q?", "Answer in one word.") == (
-        "<|im_start|>user\nQ?\nAnswer in one word.<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nQ?\nAnswer in one word.<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert chat_prompt(tokenizer, "Q?", "") == "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"
     ids, start = chat_example(tokenizer, "Q?", "A", "Answer in one word.")
     assert tokenizer.decode(ids[:start]) == chat_prompt(tokenizer, "Q?", "Answer in one word.")
@@ -77,18 +95,31 @@ def base_model_dir(tmp_path):
 
 def test_recipe_with_a_base_model_fails_validation(base_model_dir, tmp_path, run_cli):
     assert check_chat_template(ModelSpec(path=str(base_model_dir))) == [
-        ("model.path", f"{base_model_dir} has no chat template, which every prompt and trace is rendered with; use "
-                       "the model's chat / instruct version, or give its tokenizer one (tokenizer.chat_template = "
-                       "...; tokenizer.save_pretrained(DIR))")]
+        (
+            "model.path",
+            f"{base_model_dir} has no chat template, which every prompt and trace is rendered with; use "
+            "the model's chat / instruct version, or give its tokenizer one (tokenizer.chat_template = "
+            "...; tokenizer.save_pretrained(DIR))",
+        )
+    ]
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "r", "model": {"path": str(base_model_dir)},
-                                      "stages": {"eval": {"type": "eval", "model": "model"}}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "r",
+                "model": {"path": str(base_model_dir)},
+                "stages": {"eval": {"type": "eval", "model": "model"}},
+            }
+        )
+    )
     code, out, err = run_cli("validate", recipe)
     assert code == 2 and out == ""
-    assert err.strip().splitlines() == [f"model.path: {base_model_dir} has no chat template, which every prompt and "
-                                        "trace is rendered with; use the model's chat / instruct version, or give "
-                                        "its tokenizer one (tokenizer.chat_template = ...; "
-                                        "tokenizer.save_pretrained(DIR))"]
+    assert err.strip().splitlines() == [
+        f"model.path: {base_model_dir} has no chat template, which every prompt and "
+        "trace is rendered with; use the model's chat / instruct version, or give "
+        "its tokenizer one (tokenizer.chat_template = ...; "
+        "tokenizer.save_pretrained(DIR))"
+    ]
 
 
 def test_chat_template_check_accepts_saved_templates(tmp_path):

@@ -1,6 +1,7 @@
 """The shipped demo recipe end to end through the CLI, at toy sizes: every stage type runs (or is
 skipped by its gate), status and report read the result, and the exported checkpoint loads in
 stock transformers. The recipe's own sizes are what `reasoning-qat run recipes/demo.yaml` trains."""
+
 import json
 import subprocess
 import sys
@@ -8,24 +9,44 @@ from pathlib import Path
 
 DEMO = Path(__file__).resolve().parents[1] / "pipeline" / "recipes" / "demo.yaml"
 TOY = [
-    "data.testbed.train_size=200", "data.testbed.test_size=8",
-    "stages.teacher.steps=8", "stages.teacher.warmup_steps=1", "stages.teacher.batch_size=8",
-    "stages.traces.count=16", "stages.traces.generation.max_new_tokens=32",
-    "stages.ptq.nsamples=8", "stages.ptq.seqlen=64",
-    "stages.kd_qat.steps=4", "stages.kd_qat.batch_size=4", "stages.kd_qat.warmup_steps=1",
+    "data.testbed.train_size=200",
+    "data.testbed.test_size=8",
+    "stages.teacher.steps=8",
+    "stages.teacher.warmup_steps=1",
+    "stages.teacher.batch_size=8",
+    "stages.traces.count=16",
+    "stages.traces.generation.max_new_tokens=32",
+    "stages.ptq.nsamples=8",
+    "stages.ptq.seqlen=64",
+    "stages.kd_qat.steps=4",
+    "stages.kd_qat.batch_size=4",
+    "stages.kd_qat.warmup_steps=1",
     "stages.kd_qat.only_correct=false",
-    "stages.gate.limit=4", "stages.gate.generation.max_new_tokens=32", "stages.gate.min_accuracy=1.0",
-    "stages.rl.steps=1", "stages.rl.batch_size=4", "stages.rl.num_generations=2", "stages.rl.count=4",
+    "stages.gate.limit=4",
+    "stages.gate.generation.max_new_tokens=32",
+    "stages.gate.min_accuracy=1.0",
+    "stages.rl.steps=1",
+    "stages.rl.batch_size=4",
+    "stages.rl.num_generations=2",
+    "stages.rl.count=4",
     "stages.rl.max_completion_length=16",
-    *[f"stages.{s}.{k}" for s in ("teacher_eval", "ptq_eval", "eval")
-      for k in ("limit=4", "generation.max_new_tokens=32")],
+    *[
+        f"stages.{s}.{k}"
+        for s in ("teacher_eval", "ptq_eval", "eval")
+        for k in ("limit=4", "generation.max_new_tokens=32")
+    ],
 ]
 
 
 def cli(*args):
     sets = [a for s in TOY for a in ("--set", s)]
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args, *sets], capture_output=True, text=True,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args, *sets],
+        capture_output=True,
+        text=True,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        timeout=900,
+    )
 
 
 def test_demo_recipe_runs_every_stage_type_and_reports(tmp_path):
@@ -52,10 +73,20 @@ def test_demo_recipe_runs_every_stage_type_and_reports(tmp_path):
     assert rows["export"]["metrics"]["bits_per_weight"] < 3.5
 
     # the W3G128 checkpoint is a plain compressed-tensors one: stock transformers loads it
-    load = subprocess.run([sys.executable, "-c", (
-        "import sys; from transformers import AutoModelForCausalLM; "
-        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
-        "print(m.config.quantization_config.to_dict()['format'])"), str(art / "demo" / "export" / "model")],
-        capture_output=True, text=True, timeout=300)
+    load = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys; from transformers import AutoModelForCausalLM; "
+                "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+                "print(m.config.quantization_config.to_dict()['format'])"
+            ),
+            str(art / "demo" / "export" / "model"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert load.returncode == 0, load.stderr[-2000:]
     assert load.stdout.strip().endswith("pack-quantized")

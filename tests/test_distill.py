@@ -27,8 +27,7 @@ def test_jsd_against_probabilities():
     ps, pt = s.softmax(-1), t.softmax(-1)
     m = beta * ps + (1 - beta) * pt
     ref = beta * (pt * (pt / m).log()).sum(-1) + (1 - beta) * (ps * (ps / m).log()).sum(-1)
-    torch.testing.assert_close(token_divergence(s, t, divergence="jsd", beta=beta).double(), ref,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(token_divergence(s, t, divergence="jsd", beta=beta).double(), ref, rtol=1e-5, atol=1e-6)
     # symmetric at beta = 0.5
     torch.testing.assert_close(token_divergence(s, t, divergence="jsd"), token_divergence(t, s, divergence="jsd"))
 
@@ -71,14 +70,16 @@ def test_chunked_loss_and_gradients_equal_the_unchunked_reference(divergence):
     s_head, t_head, s_h, t_h, labels = _heads_and_states()
     keep = labels != -100
     s_logits, t_logits = s_head(s_h)[keep], t_head(t_h)[keep].detach()
-    ref = 0.75 * token_divergence(s_logits, t_logits, divergence=divergence).mean() + \
-        0.25 * F.cross_entropy(s_logits, labels[keep])
+    ref = 0.75 * token_divergence(s_logits, t_logits, divergence=divergence).mean() + 0.25 * F.cross_entropy(
+        s_logits, labels[keep]
+    )
     ref.backward()
     ref_grads = (s_h.grad.clone(), s_head.weight.grad.clone())
     for chunk in (1, 3, 1000):
         s_h.grad, s_head.weight.grad = None, None
-        loss, parts = chunked_kd_loss(s_h, t_h, labels, s_head, t_head, divergence=divergence,
-                                      ce_weight=0.25, chunk_size=chunk)
+        loss, parts = chunked_kd_loss(
+            s_h, t_h, labels, s_head, t_head, divergence=divergence, ce_weight=0.25, chunk_size=chunk
+        )
         loss.backward()
         torch.testing.assert_close(loss, ref)
         torch.testing.assert_close(s_h.grad, ref_grads[0])

@@ -1,5 +1,6 @@
 """scripts/error_sources.py: one row per quantizer setting, zero error where nothing is quantized that the
 model's function depends on, and bad input answered in one line with exit code 2."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,14 @@ SCRIPT = ROOT / "scripts" / "error_sources.py"
 
 
 def run(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        timeout=600,
+    )
 
 
 def test_one_row_per_variant_with_error_measured_against_the_full_precision_model(tmp_path):

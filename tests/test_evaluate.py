@@ -1,4 +1,5 @@
 """Evaluator: avg@K / pass@K / truncation / token arithmetic on controlled completions; the eval CLI."""
+
 import json
 from pathlib import Path
 
@@ -13,8 +14,11 @@ from pipeline.models import save_model
 
 DATA = Path(__file__).parent / "data"
 
-PROBLEMS = [Problem(id="a", question="1+1?", answer="2"), Problem(id="b", question="2+2?", answer="4"),
-            Problem(id="c", question="3+3?", answer="6")]
+PROBLEMS = [
+    Problem(id="a", question="1+1?", answer="2"),
+    Problem(id="b", question="2+2?", answer="4"),
+    Problem(id="c", question="3+3?", answer="6"),
+]
 # K = 3 completions per problem, as (text, num_tokens, truncated): a has 2/3 right, b 1/3, c 0/3
 SCRIPT = {
     "1+1?": [("<think>1+1</think> \\boxed{2}", 10, False), ("\\boxed{2}", 4, False), ("\\boxed{3}", 6, False)],
@@ -26,8 +30,10 @@ SCRIPT = {
 @pytest.fixture
 def scripted(monkeypatch):
     def fake_generate(model, tokenizer, questions, spec, instruction):
-        return [[Completion(text=t, token_ids=[0] * n, num_tokens=n, truncated=tr) for t, n, tr in SCRIPT[q]]
-                for q in questions]
+        return [
+            [Completion(text=t, token_ids=[0] * n, num_tokens=n, truncated=tr) for t, n, tr in SCRIPT[q]]
+            for q in questions
+        ]
 
     monkeypatch.setattr(evaluate_module, "generate", fake_generate)
 
@@ -43,11 +49,26 @@ def test_metrics_avg_and_pass_at_k(scripted, tmp_path):
     assert metrics["tokens_per_s"] > 0
     rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert [(r["id"], r["sample"], r["correct"]) for r in rows] == [
-        ("a", 0, True), ("a", 1, True), ("a", 2, False), ("b", 0, False), ("b", 1, True), ("b", 2, False),
-        ("c", 0, False), ("c", 1, False), ("c", 2, False)]
-    assert rows[3] == {"id": "b", "question": "2+2?", "gold": "4", "sample": 0,
-                       "completion": "<think>\\boxed{4}</think> so 5", "num_tokens": 20, "truncated": True,
-                       "correct": False}
+        ("a", 0, True),
+        ("a", 1, True),
+        ("a", 2, False),
+        ("b", 0, False),
+        ("b", 1, True),
+        ("b", 2, False),
+        ("c", 0, False),
+        ("c", 1, False),
+        ("c", 2, False),
+    ]
+    assert rows[3] == {
+        "id": "b",
+        "question": "2+2?",
+        "gold": "4",
+        "sample": 0,
+        "completion": "<think>\\boxed{4}</think> so 5",
+        "num_tokens": 20,
+        "truncated": True,
+        "correct": False,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +80,9 @@ def model_dir(tmp_path_factory):
 
 def test_cli_eval_on_tiny_model(run_cli, model_dir, tmp_path):
     out = tmp_path / "samples.jsonl"
-    code, stdout, stderr = run_cli("eval", model_dir, "--bench", "gsm8k", "--data-dir", DATA, "--limit", "3",
-                                   "--max-new-tokens", "5", "--out", out)
+    code, stdout, stderr = run_cli(
+        "eval", model_dir, "--bench", "gsm8k", "--data-dir", DATA, "--limit", "3", "--max-new-tokens", "5", "--out", out
+    )
     assert code == 0, stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["gsm8k-test-0", "gsm8k-test-1", "gsm8k-test-2"]
@@ -70,25 +92,32 @@ def test_cli_eval_on_tiny_model(run_cli, model_dir, tmp_path):
 
 def test_cli_eval_testbed_k_samples(run_cli, model_dir, tmp_path):
     out = tmp_path / "samples.jsonl"
-    code, stdout, stderr = run_cli("eval", model_dir, "--limit", "2", "--samples", "2", "--temperature", "1",
-                                   "--max-new-tokens", "4", "--out", out)
+    code, stdout, stderr = run_cli(
+        "eval", model_dir, "--limit", "2", "--samples", "2", "--temperature", "1", "--max-new-tokens", "4", "--out", out
+    )
     assert code == 0, stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["sample"] for r in rows] == [0, 1, 0, 1]
     assert "avg@2" in stdout and "pass@2" in stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--bench", "gsm9k"], "bench: unknown benchmark 'gsm9k'"),
-    (["--bench", "math500", "--data-dir", "{tmp}"], "data_dir: no such file: {tmp}/math500_test.jsonl"),
-    (["--samples", "4"], "--samples: num_samples > 1 needs temperature > 0"),
-    (["--max-new-tokens", "0"], "--max-new-tokens:"),
-    (["--limit", "0"], "limit: must be >= 1"),
-    (["--limit", "1000000000000000"], "limit: must be <= 1000000"),
-    (["--out", "{tmp}"], "--out: {tmp} is a directory; give a file name"),
-    (["--out", "{tmp}/a_file/samples.jsonl"], "--out: {tmp}/a_file is a file, so {tmp}/a_file/samples.jsonl cannot"),
-    (["--out", "{tmp}/a_file/x/samples.jsonl"], "--out: {tmp}/a_file is a file"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bench", "gsm9k"], "bench: unknown benchmark 'gsm9k'"),
+        (["--bench", "math500", "--data-dir", "{tmp}"], "data_dir: no such file: {tmp}/math500_test.jsonl"),
+        (["--samples", "4"], "--samples: num_samples > 1 needs temperature > 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens:"),
+        (["--limit", "0"], "limit: must be >= 1"),
+        (["--limit", "1000000000000000"], "limit: must be <= 1000000"),
+        (["--out", "{tmp}"], "--out: {tmp} is a directory; give a file name"),
+        (
+            ["--out", "{tmp}/a_file/samples.jsonl"],
+            "--out: {tmp}/a_file is a file, so {tmp}/a_file/samples.jsonl cannot",
+        ),
+        (["--out", "{tmp}/a_file/x/samples.jsonl"], "--out: {tmp}/a_file is a file"),
+    ],
+)
 def test_cli_eval_bad_input_exit_2(run_cli, model_dir, tmp_path, args, message, monkeypatch):
     (tmp_path / "a_file").write_text("")
     # bad input is found before the model is loaded or anything is generated
@@ -147,8 +176,11 @@ def test_solution_perplexity_needs_reference_solutions():
 
 # -- perplexity and KL to a teacher on any text ---------------------------------------------------------
 
-TEXTS = ["Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
-         "Weng earns $12 an hour for babysitting.\u2028Yesterday, she just did 50 minutes of babysitting.", "x"]
+TEXTS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "Weng earns $12 an hour for babysitting.\u2028Yesterday, she just did 50 minutes of babysitting.",
+    "x",
+]
 
 
 def test_text_perplexity_matches_the_models_own_loss():
@@ -162,7 +194,7 @@ def test_text_perplexity_matches_the_models_own_loss():
     model, tokenizer = tiny_lm.model().eval(), tiny_lm.tokenizer()
     examples = text_examples(tokenizer, TEXTS, max_length=16)
     ids = [tokenizer(t)["input_ids"] for t in TEXTS]
-    windows = [i[s:s + 16] for i in ids for s in range(0, len(i), 16) if len(i) - s > 1]
+    windows = [i[s : s + 16] for i in ids for s in range(0, len(i), 16) if len(i) - s > 1]
     assert [e[0] for e in examples] == windows and len(windows) > len(TEXTS)  # cut into windows; "x" has 1 token
     nll, count = 0.0, 0
     for window in windows:
@@ -185,7 +217,7 @@ def test_kl_to_teacher_matches_full_logits():
     kl, count = 0.0, 0
     for ids, start in examples:
         with torch.no_grad():
-            s, t = (m(input_ids=torch.tensor([ids])).logits[0, start - 1:-1] for m in (student, teacher))
+            s, t = (m(input_ids=torch.tensor([ids])).logits[0, start - 1 : -1] for m in (student, teacher))
         kl += F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum").item()
         count += len(ids) - start
     result = perplexity(student, examples, tokenizer.pad_token_id, teacher=teacher, batch_size=2, chunk_size=7)
@@ -205,11 +237,23 @@ def test_cli_perplexity_of_reference_solutions(run_cli, model_dir, teacher_dir):
     from pipeline.data.benchmarks import load_benchmark
     from pipeline.evaluation import solution_perplexity
 
-    code, stdout, stderr = run_cli("eval", model_dir, "--perplexity", "--bench", "gsm8k", "--data-dir", DATA,
-                                   "--limit", "3", "--teacher", teacher_dir)
+    code, stdout, stderr = run_cli(
+        "eval",
+        model_dir,
+        "--perplexity",
+        "--bench",
+        "gsm8k",
+        "--data-dir",
+        DATA,
+        "--limit",
+        "3",
+        "--teacher",
+        teacher_dir,
+    )
     assert code == 0, stderr
-    expected = solution_perplexity(tiny_lm.model(), tiny_lm.tokenizer(), load_benchmark("gsm8k", 3, DATA),
-                                   teacher=tiny_lm.model(1))
+    expected = solution_perplexity(
+        tiny_lm.model(), tiny_lm.tokenizer(), load_benchmark("gsm8k", 3, DATA), teacher=tiny_lm.model(1)
+    )
     assert "reference solutions" in stdout
     assert f"{expected['perplexity']:.4f}" in stdout and str(expected["perplexity_tokens"]) in stdout
     assert f"{expected['kl_to_teacher']:.4f}" in stdout and "accuracy" not in stdout
@@ -223,14 +267,20 @@ def test_cli_perplexity_of_text(run_cli, model_dir, tmp_path):
     assert "perplexity" in stdout and "KL" not in stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--perplexity", "--out", "{tmp}/s.jsonl"], "--out: perplexity generates no samples to write"),
-    (["--teacher", "{tmp}/nope"], "--teacher: no such directory: {tmp}/nope"),
-    (["--text", "{tmp}/nope.jsonl"], "--text: no such file: {tmp}/nope.jsonl"),
-    (["--text", "{tmp}", "--max-length", "1"], "--max-length: must be >= 2, got 1"),
-    (["--perplexity", "--bench", "amc23", "--data-dir", str(DATA)], "perplexity: 5 problems have no reference solution"),
-    (["--hub", "x/y"], "--hub: testbed is not read from the hub here; --hub serves gsm8k, math500"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--perplexity", "--out", "{tmp}/s.jsonl"], "--out: perplexity generates no samples to write"),
+        (["--teacher", "{tmp}/nope"], "--teacher: no such directory: {tmp}/nope"),
+        (["--text", "{tmp}/nope.jsonl"], "--text: no such file: {tmp}/nope.jsonl"),
+        (["--text", "{tmp}", "--max-length", "1"], "--max-length: must be >= 2, got 1"),
+        (
+            ["--perplexity", "--bench", "amc23", "--data-dir", str(DATA)],
+            "perplexity: 5 problems have no reference solution",
+        ),
+        (["--hub", "x/y"], "--hub: testbed is not read from the hub here; --hub serves gsm8k, math500"),
+    ],
+)
 def test_cli_perplexity_bad_input_exit_2(run_cli, model_dir, tmp_path, args, message):
     code, stdout, stderr = run_cli("eval", model_dir, *[a.format(tmp=tmp_path) for a in args])
     assert code == 2 and stdout == "" and len(stderr.strip().splitlines()) == 1
@@ -267,12 +317,30 @@ def test_eval_stage_perplexity_only(model_dir, teacher_dir, tmp_path, run_cli):
 
     text = tmp_path / "heldout.jsonl"
     text.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS), encoding="utf-8")
-    recipe = {"name": "ppl", "model": {"path": str(model_dir), "dtype": "float32"},
-              "data": {"benchmarks_dir": str(DATA)},
-              "stages": {"teacher": {"type": "eval", "model": "model", "bench": "gsm8k", "limit": 3,
-                                     "generate": False, "perplexity": True},
-                         "text_kl": {"type": "eval", "model": "model", "generate": False, "perplexity": True,
-                                     "text": str(text), "max_length": 16, "teacher": "model"}}}
+    recipe = {
+        "name": "ppl",
+        "model": {"path": str(model_dir), "dtype": "float32"},
+        "data": {"benchmarks_dir": str(DATA)},
+        "stages": {
+            "teacher": {
+                "type": "eval",
+                "model": "model",
+                "bench": "gsm8k",
+                "limit": 3,
+                "generate": False,
+                "perplexity": True,
+            },
+            "text_kl": {
+                "type": "eval",
+                "model": "model",
+                "generate": False,
+                "perplexity": True,
+                "text": str(text),
+                "max_length": 16,
+                "teacher": "model",
+            },
+        },
+    }
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     code, _, stderr = run_cli("run", path, "--artifacts", tmp_path / "art")
@@ -285,15 +353,23 @@ def test_eval_stage_perplexity_only(model_dir, teacher_dir, tmp_path, run_cli):
     assert not (tmp_path / "art" / "ppl" / "teacher" / "samples.jsonl").exists()
 
 
-@pytest.mark.parametrize("stage, where, message", [
-    ({"generate": False}, "stages.e", "generate and perplexity are both false: nothing to evaluate"),
-    ({"teacher": "model"}, "stages.e", "text and teacher apply to the perplexity: set perplexity: true"),
-    ({"perplexity": True, "text": "/nonexistent.jsonl"}, "stages.e.text", "no such file: /nonexistent.jsonl"),
-])
+@pytest.mark.parametrize(
+    "stage, where, message",
+    [
+        ({"generate": False}, "stages.e", "generate and perplexity are both false: nothing to evaluate"),
+        ({"teacher": "model"}, "stages.e", "text and teacher apply to the perplexity: set perplexity: true"),
+        ({"perplexity": True, "text": "/nonexistent.jsonl"}, "stages.e.text", "no such file: /nonexistent.jsonl"),
+    ],
+)
 def test_eval_stage_recipe_errors(model_dir, stage, where, message):
     from pipeline.engine.recipe import RecipeError, parse_recipe
 
     with pytest.raises(RecipeError) as err:
-        parse_recipe({"name": "t", "model": {"path": str(model_dir)},
-                      "stages": {"e": {"type": "eval", "model": "model", **stage}}})
+        parse_recipe(
+            {
+                "name": "t",
+                "model": {"path": str(model_dir)},
+                "stages": {"e": {"type": "eval", "model": "model", **stage}},
+            }
+        )
     assert (where, message) in err.value.errors

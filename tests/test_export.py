@@ -1,6 +1,7 @@
 """Export to compressed-tensors pack-quantized: stock transformers in a fresh process reproduces our
 fake-quant logits, also for a 576-wide model whose groups the policy lowers; pipeline.load_quantized reads the
 export back; sizes are what the format implies."""
+
 import argparse
 import json
 import logging
@@ -38,15 +39,27 @@ def _one_thread():
         yield
 
 
-SMOLLM2_WIDTHS = {"family": "llama", "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
-                  "intermediate_size": 384, "num_hidden_layers": 1}
+SMOLLM2_WIDTHS = {
+    "family": "llama",
+    "hidden_size": 576,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "intermediate_size": 384,
+    "num_hidden_layers": 1,
+}
 """SmolLM2-135M's attention (hidden 576 = 9 heads × 64, 3 KV heads, tied embeddings), one layer, a narrower MLP:
 groups of 128 do not divide 576, so q/k/v/o, gate and up take groups of 96 (down_proj's 384 keeps 128)."""
 
 
-@pytest.fixture(scope="module", params=[("w3g128", {}), ({"weights": {"num_bits": 4, "group_size": None, "symmetric": True}}, {}),
-                                        ("w3g128", SMOLLM2_WIDTHS)],
-                ids=["w3g128", "w4-channel-sym", "w3g128-576-wide"])
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("w3g128", {}),
+        ({"weights": {"num_bits": 4, "group_size": None, "symmetric": True}}, {}),
+        ("w3g128", SMOLLM2_WIDTHS),
+    ],
+    ids=["w3g128", "w4-channel-sym", "w3g128-576-wide"],
+)
 def quantized(request, tmp_path_factory):
     """A ptq-like stage directory holding an RTN-quantized tiny model, its logits on a batch, and its layers'
     group sizes."""
@@ -68,9 +81,16 @@ def _run_export_stage(q, out_dir, scheme=None):
     config = export_stage.Config(model="ptq", scheme=scheme)
     out_dir.mkdir()
     recipe = SimpleNamespace(quant=q.spec, model=SimpleNamespace(trust_remote_code=False))
-    ctx = StageContext(name="export", config=config, recipe=recipe, out_dir=out_dir,
-                       inputs={"model": q.stage}, input_manifests={"model": {}}, checkpointer=None,
-                       log=logging.getLogger("test"))
+    ctx = StageContext(
+        name="export",
+        config=config,
+        recipe=recipe,
+        out_dir=out_dir,
+        inputs={"model": q.stage},
+        input_manifests={"model": {}},
+        checkpointer=None,
+        log=logging.getLogger("test"),
+    )
     return export_stage.run(ctx)
 
 
@@ -82,8 +102,11 @@ def test_stock_transformers_fresh_process_reproduces_logits(quantized, tmp_path)
     assert (ckpt / "tokenizer.json").exists() and (ckpt / "generation_config.json").exists()
 
     torch.save(quantized.x, tmp_path / "x.pt")
-    subprocess.run([sys.executable, "-c", STOCK_RELOAD, str(ckpt), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", STOCK_RELOAD, str(ckpt), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        check=True,
+        capture_output=True,
+    )
     stock = torch.load(tmp_path / "y.pt")
     assert (stock - quantized.logits).abs().max() <= 1e-3
 
@@ -97,14 +120,20 @@ def test_stock_transformers_fresh_process_reproduces_logits(quantized, tmp_path)
     # 3-bit codes + one fp32 scale (+ one packed 3-bit zero point when asymmetric) per group of each layer
     w = quantized.spec.weights
     if w.group_size:
-        bits = sum(n * (w.num_bits + 32 / g + (0 if w.symmetric else w.num_bits / g)) for n, g in quantized.layers.values())
-        assert metrics["bits_per_weight"] == pytest.approx(bits / sum(n for n, _ in quantized.layers.values()), rel=1e-3)
+        bits = sum(
+            n * (w.num_bits + 32 / g + (0 if w.symmetric else w.num_bits / g)) for n, g in quantized.layers.values()
+        )
+        assert metrics["bits_per_weight"] == pytest.approx(
+            bits / sum(n for n, _ in quantized.layers.values()), rel=1e-3
+        )
     assert metrics["bits_per_weight"] < 4.5 and metrics["bytes_on_disk"] > metrics["safetensors_bytes"]
     # one config group per group size, which stock transformers applied above: the spec's on its targets, a
     # lowered one on the names of its layers
     groups = {g["weights"]["group_size"]: g["targets"] for g in qconfig["config_groups"].values()}
-    assert groups == {size: ["Linear"] if size == w.group_size else [n for n, (_, g) in quantized.layers.items() if g == size]
-                      for size in {g for _, g in quantized.layers.values()}}
+    assert groups == {
+        size: ["Linear"] if size == w.group_size else [n for n, (_, g) in quantized.layers.items() if g == size]
+        for size in {g for _, g in quantized.layers.values()}
+    }
 
 
 def test_cli_export(quantized, tmp_path):

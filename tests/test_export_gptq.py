@@ -6,6 +6,7 @@ refused in one line, exit 2, nothing written. Exported files get the umask's mod
 No reference GPTQ loader runs here: transformers' GPTQ path needs gptqmodel, whose releases (7.7) are source
 only, need torch >= 2.14.1 and transformers >= 5.20.2 (outside this project's pins) and build CUDA kernels.
 """
+
 import json
 import os
 from types import SimpleNamespace
@@ -54,7 +55,7 @@ def unpack_gptq_words(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 def dequantize_gptq(tensors: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
     """W [out, in] float32 from qweight / qzeros / scales / g_idx: (u - (zero + 1)) * scale per g_idx."""
-    codes = unpack_gptq_words(tensors["qweight"], bits)                      # [in, out]
+    codes = unpack_gptq_words(tensors["qweight"], bits)  # [in, out]
     zeros = unpack_gptq_words(tensors["qzeros"].t().contiguous(), bits).t() + 1  # [groups, out]
     g = tensors["g_idx"].long()
     w = (codes - zeros[g]).float() * tensors["scales"].float()[g]
@@ -104,8 +105,12 @@ def test_gptq_checkpoint_dequantizes_to_the_fake_quant_weights(stage, tmp_path, 
     qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qconfig == json.loads((out / "quantize_config.json").read_text())
     assert {k: qconfig[k] for k in ("quant_method", "bits", "group_size", "sym", "desc_act")} == {
-        "quant_method": "gptq", "bits": w.num_bits, "group_size": w.group_size or -1, "sym": w.symmetric,
-        "desc_act": False}
+        "quant_method": "gptq",
+        "bits": w.num_bits,
+        "group_size": w.group_size or -1,
+        "sym": w.symmetric,
+        "desc_act": False,
+    }
     assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {p.name: "0o644" for p in out.iterdir()}
 
@@ -114,7 +119,9 @@ def test_gptq_checkpoint_dequantizes_to_the_fake_quant_weights(stage, tmp_path, 
         tensors = {k: state.pop(f"{name}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")}
         assert tensors["scales"].dtype == torch.float16 and tensors["qweight"].dtype == torch.int32
         assert tensors["qweight"].shape == (fake.shape[1] * w.num_bits // 32, fake.shape[0])
-        assert torch.equal(tensors["g_idx"], torch.arange(fake.shape[1], dtype=torch.int32) // (w.group_size or fake.shape[1]))
+        assert torch.equal(
+            tensors["g_idx"], torch.arange(fake.shape[1], dtype=torch.int32) // (w.group_size or fake.shape[1])
+        )
         ours = dequantize_gptq(tensors, w.num_bits)
         if stage.dtype == torch.bfloat16:
             # bf16 scales are exact in float16, (u - zp) * scale exact in float32: equal to the bit
@@ -145,9 +152,16 @@ def test_gptq_stage_and_pack_quantized_modes(tmp_path):
     try:
         for fmt in ("gptq", "pack-quantized"):
             config = export_stage.Config(model="ptq", format=fmt)
-            ctx = StageContext(name="export", config=config, out_dir=tmp_path / fmt, inputs={"model": path},
-                               recipe=SimpleNamespace(quant=spec, model=SimpleNamespace(trust_remote_code=False)),
-                               input_manifests={"model": {}}, checkpointer=None, log=logging.getLogger("test"))
+            ctx = StageContext(
+                name="export",
+                config=config,
+                out_dir=tmp_path / fmt,
+                inputs={"model": path},
+                recipe=SimpleNamespace(quant=spec, model=SimpleNamespace(trust_remote_code=False)),
+                input_manifests={"model": {}},
+                checkpointer=None,
+                log=logging.getLogger("test"),
+            )
             (tmp_path / fmt).mkdir()
             metrics = export_stage.run(ctx)
             files = list((tmp_path / fmt / "model").iterdir())
@@ -174,13 +188,23 @@ def _zero_point_zero(model):
     module.weight_zero_point[0, 0] = -4
 
 
-@pytest.mark.parametrize("spec, edit, message", [
-    ({"weights": {"num_bits": 5, "group_size": 128}}, None, "GPTQ takes 2/3/4/8-bit weights, the model has 5"),
-    ({"weights": {"num_bits": 3, "group_size": 16}}, None, "group sizes that are multiples of 32, the model has 16"),
-    ("w3g128", _zero_point_zero, "1 groups have the zero point 0, which GPTQ v1 stores as -1"),
-    ({"weights": {"num_bits": 3, "group_size": 128}, "ignore": ["lm_head", "re:.*down_proj"]}, None,
-     "expects every Linear but lm_head quantized; not quantized: model.layers.0.mlp.down_proj"),
-])
+@pytest.mark.parametrize(
+    "spec, edit, message",
+    [
+        ({"weights": {"num_bits": 5, "group_size": 128}}, None, "GPTQ takes 2/3/4/8-bit weights, the model has 5"),
+        (
+            {"weights": {"num_bits": 3, "group_size": 16}},
+            None,
+            "group sizes that are multiples of 32, the model has 16",
+        ),
+        ("w3g128", _zero_point_zero, "1 groups have the zero point 0, which GPTQ v1 stores as -1"),
+        (
+            {"weights": {"num_bits": 3, "group_size": 128}, "ignore": ["lm_head", "re:.*down_proj"]},
+            None,
+            "expects every Linear but lm_head quantized; not quantized: model.layers.0.mlp.down_proj",
+        ),
+    ],
+)
 def test_gptq_refuses_what_it_cannot_hold(tmp_path, run_cli, capsys, spec, edit, message):
     path = _quantized_stage(tmp_path, QuantSpec.model_validate(spec), edit)
     capsys.readouterr()

@@ -1,6 +1,7 @@
 """W4A4KV4 export: int4 packed weights + activation/KV schemes in a valid compressed-tensors config +
 transforms as tensors; pipeline.load_quantized reproduces the pre-export logits; stock transformers
 refuses the directory instead of silently running it without its transforms."""
+
 import argparse
 import json
 
@@ -53,16 +54,24 @@ def test_export_reload_and_stock_refusal(tmp_path, method, clip_ratio):
 
     config = json.loads((out / "config.json").read_text())
     from compressed_tensors.quantization import QuantizationConfig
+
     qconfig = QuantizationConfig.model_validate(config["quantization_config"])
     group = qconfig.config_groups["group_0"]
     assert (group.weights.num_bits, group.weights.strategy, group.weights.symmetric) == (4, "channel", True)
-    assert (group.input_activations.num_bits, group.input_activations.strategy, group.input_activations.dynamic) == (4, "token", True)
+    assert (group.input_activations.num_bits, group.input_activations.strategy, group.input_activations.dynamic) == (
+        4,
+        "token",
+        True,
+    )
     assert qconfig.kv_cache_scheme.num_bits == 4 and qconfig.format == "pack-quantized"
     assert config["model_type"] == "reasoning_qat" and config["reasoning_qat"]["base_model_type"] == "qwen3"
     readme = (out / "README.md").read_text()
-    assert "pipeline.load_quantized" in readme and "reasoning-qat eval" in readme and "https://github.com/ —" not in readme
+    assert (
+        "pipeline.load_quantized" in readme and "reasoning-qat eval" in readme and "https://github.com/ —" not in readme
+    )
     assert config["reasoning_qat"]["loader"].startswith("pipeline.load_quantized(DIR) or `reasoning-qat eval DIR`")
     from safetensors import safe_open
+
     with safe_open(out / "model.safetensors", "pt") as f:
         keys = set(f.keys())
         assert f.get_tensor("model.layers.0.mlp.down_proj.weight_packed").dtype == torch.int32

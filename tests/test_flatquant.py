@@ -1,17 +1,18 @@
 """FlatQuant: learned transforms keep the function with quantization off (heads × head_dim ≠ hidden), beat
 QuaRot and RTN on layer output MSE at W4A4KV4 on a model with planted outlier channels, train in KD-QAT
 (gradients reach them) and survive save/load."""
+
 import pytest
 import torch
 
 import pipeline
-from pipeline.quant.methods import flatquant, quarot
-from pipeline.quant.apply import calibrate, prepare, set_fake_quant
+from pipeline.quant.methods import flatquant
+from pipeline.quant.apply import prepare, set_fake_quant
 from pipeline.quant.formats.io import save_quantized
 from pipeline.quant.layerwise import capture_inputs
 from pipeline.quant.online import transform_parameters, transforms
 from pipeline.quant.scheme import QuantSpec
-from quant_tiny import one_thread, tiny_model, tiny_tokenizer
+from quant_tiny import one_thread, planted_rtn_and_quarot, planted_w4a4kv4, tiny_model, tiny_tokenizer
 
 W4A4KV4 = QuantSpec.model_validate("w4a4kv4")
 
@@ -38,7 +39,10 @@ def test_calibrated_transforms_keep_the_function_with_quantization_off(tmp_path)
     assert model.model.layers[0].self_attn.o_proj.input_transform.sizes == (16, 32)
     # training moved the transforms off their Hadamard init
     from pipeline.quant.hadamard import kronecker_factors
-    assert not torch.allclose(model.model.layers[0].mlp.down_proj.input_transform.left.double(), kronecker_factors(384)[0])
+
+    assert not torch.allclose(
+        model.model.layers[0].mlp.down_proj.input_transform.left.double(), kronecker_factors(384)[0]
+    )
 
     x = torch.randint(0, 250, (2, 23), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -56,29 +60,10 @@ def test_calibrated_transforms_keep_the_function_with_quantization_off(tmp_path)
         assert torch.equal(loaded(x).logits, quantized)
 
 
-def _planted():
-    """Outlier channels in both norms' outputs (30x the others), the case SmoothQuant's per-channel scaling and
-    FlatQuant's learned smoothing are for. Not also in the down_proj input (up_proj rows x40, as this test once
-    planted): those make the layer MSE a few tokens' (5 of 144 carried half of it), and which tokens changes with
-    the rounding of the CPU's kernels (a 1e-6 relative change of the weights moved QuaRot's layer-0 MSE from
-    0.031 to 0.045), so no ordering of the methods held on every machine."""
-    model = tiny_model(300, intermediate_size=384)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.input_layernorm.weight[[3, 77]] = 30.0
-            layer.post_attention_layernorm.weight[[5, 150]] = 30.0
-    prepare(model, W4A4KV4)
-    return model
-
-
 def test_flatquant_beats_quarot_and_rtn_on_planted_outliers():
     calib, held_out = _samples(6), _samples(8, seed=1)
-    rtn = _planted()
-    calibrate(rtn)
-    rot = _planted()
-    quarot.rotate(rot)
-    calibrate(rot)
-    flat = _planted()
+    rtn, rot = planted_rtn_and_quarot()
+    flat = planted_w4a4kv4()
     report = flatquant.calibrate(flat, calib, epochs=5, lr=1e-3)
     # training beats the init on layer 1 (0.0036 -> 0.0029..0.0032 over 1e-6 perturbations of the weights);
     # layer 0 keeps its init (Hadamard + smoothing), which no epoch improved on
@@ -110,7 +95,9 @@ def test_tf32_holds_for_the_calibration_only_and_is_a_flatquant_key(monkeypatch)
     import stages.ptq as ptq
 
     seen = []
-    monkeypatch.setattr(flatquant, "_calibrate_layers", lambda *a: seen.append(torch.get_float32_matmul_precision()) or [])
+    monkeypatch.setattr(
+        flatquant, "_calibrate_layers", lambda *a: seen.append(torch.get_float32_matmul_precision()) or []
+    )
     model = tiny_model(300)
     prepare(model, W4A4KV4)
     assert torch.get_float32_matmul_precision() == "highest"
@@ -121,8 +108,9 @@ def test_tf32_holds_for_the_calibration_only_and_is_a_flatquant_key(monkeypatch)
     with pytest.raises(ZeroDivisionError):
         flatquant.calibrate(model, _samples(1, length=16), epochs=1, tf32=True)
     assert torch.get_float32_matmul_precision() == "highest"
-    config = ptq.Config.model_validate({"type": "ptq", "method": "flatquant", "calibration_source": "generic",
-                                        "compile": True, "tf32": True})
+    config = ptq.Config.model_validate(
+        {"type": "ptq", "method": "flatquant", "calibration_source": "generic", "compile": True, "tf32": True}
+    )
     assert (config.compile, config.tf32) == (True, True)
     with pytest.raises(ValueError, match="tf32"):  # a flatquant key, not RTN's
         ptq.Config.model_validate({"type": "ptq", "method": "rtn", "tf32": True})
@@ -135,9 +123,13 @@ def test_flatquant_needs_a_prepared_model():
 
 def test_step_inverses_share_one_inversion_and_defer_the_singularity_check():
     from pipeline.quant.online import KroneckerTransform, StepInverses
+
     g = torch.Generator().manual_seed(0)
-    t = KroneckerTransform(torch.eye(4) + 0.1 * torch.randn(4, 4, generator=g),
-                           torch.eye(8) + 0.1 * torch.randn(8, 8, generator=g), torch.rand(32, generator=g) + 0.5)
+    t = KroneckerTransform(
+        torch.eye(4) + 0.1 * torch.randn(4, 4, generator=g),
+        torch.eye(8) + 0.1 * torch.randn(8, 8, generator=g),
+        torch.rand(32, generator=g) + 0.5,
+    )
     w = torch.randn(6, 32, generator=g)
     per_reader, exact = t.inverse_transpose(w), t.inverse_transpose(w.double())
     with StepInverses([t]) as inverses:
@@ -166,7 +158,9 @@ def test_batches_cover_every_sample_once_and_never_mix_lengths():
     assert seen == list(range(7))
     # one per step: the order the one-sample loop drew
     singles = flatquant._epoch_batches(buckets, 1, torch.Generator().manual_seed(0))
-    assert [b.samples[int(rows)] for b, rows in singles] == torch.randperm(7, generator=torch.Generator().manual_seed(0)).tolist()
+    assert [b.samples[int(rows)] for b, rows in singles] == torch.randperm(
+        7, generator=torch.Generator().manual_seed(0)
+    ).tolist()
     report = flatquant.calibrate(model, samples, epochs=2, batch_size=4)
     assert [r["steps"] for r in report] == [6, 6]
 
@@ -178,17 +172,20 @@ def test_batched_calibration_is_as_good_as_one_sample_per_step_on_planted_outlie
     # beats the init is a coin toss at 4 bits). Batched at lr 1e-3 was worse (0.00705 / 0.00723 / 0.00669):
     # fewer steps want the larger rate.
     calib, held_out = _samples(6), _samples(8, seed=1)
-    single, batched = _planted(), _planted()
+    single, batched = planted_w4a4kv4(), planted_w4a4kv4()
     flatquant.calibrate(single, calib, epochs=5, lr=1e-3)
     report = flatquant.calibrate(batched, calib, epochs=5, lr=5e-3, batch_size=4)
     assert [r["steps"] for r in report] == [10, 10]  # 5 epochs x ceil(6 / 4)
-    mse_single, mse_batched = flatquant.layer_output_mse(single, held_out), flatquant.layer_output_mse(batched, held_out)
+    mse_single, mse_batched = (
+        flatquant.layer_output_mse(single, held_out),
+        flatquant.layer_output_mse(batched, held_out),
+    )
     print(mse_single, mse_batched)
     assert sum(mse_batched) <= 1.01 * sum(mse_single)
 
 
 def test_merging_once_per_step_gives_the_per_reader_loss_and_gradients():
-    model = _planted()
+    model = planted_w4a4kv4()
     layer = model.model.layers[0].float()
     buckets = flatquant._buckets(capture_inputs(model, _samples(2)))
     calib = flatquant._install(layer, flatquant._fp_targets(layer, buckets, 1), 0.5, 0)

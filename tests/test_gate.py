@@ -1,5 +1,6 @@
 """Stage `gate` with the real engine: a failing gate skips the RL stage (exit 0, `skipped` in status,
 downstream reads the passthrough), `--force` runs it anyway with a warning; the verdict's numbers."""
+
 import json
 
 import pytest
@@ -12,12 +13,36 @@ from quant_tiny import one_thread, save_tiny
 SHAPE = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32, "num_hidden_layers": 1}
 SHORT = {"max_new_tokens": 4}
 STAGES = {
-    "ptq": {"type": "ptq", "model": "model", "method": "rtn", "calibration_source": "generic", "nsamples": 1,
-            "seqlen": 32, "sqnr_samples": 1},
-    "gate": {"type": "gate", "model": "ptq", "teacher": "model", "min_accuracy": 0.5, "min_retention": 0.8,
-             "limit": 2, "generation": SHORT},
-    "rl": {"type": "rl", "init": "ptq", "when": "gate", "steps": 1, "batch_size": 4, "num_generations": 2,
-           "count": 4, "max_completion_length": 4, "gradient_checkpointing": False, "checkpoint_every": 0},
+    "ptq": {
+        "type": "ptq",
+        "model": "model",
+        "method": "rtn",
+        "calibration_source": "generic",
+        "nsamples": 1,
+        "seqlen": 32,
+        "sqnr_samples": 1,
+    },
+    "gate": {
+        "type": "gate",
+        "model": "ptq",
+        "teacher": "model",
+        "min_accuracy": 0.5,
+        "min_retention": 0.8,
+        "limit": 2,
+        "generation": SHORT,
+    },
+    "rl": {
+        "type": "rl",
+        "init": "ptq",
+        "when": "gate",
+        "steps": 1,
+        "batch_size": 4,
+        "num_generations": 2,
+        "count": 4,
+        "max_completion_length": 4,
+        "gradient_checkpointing": False,
+        "checkpoint_every": 0,
+    },
     "eval": {"type": "eval", "model": "rl", "limit": 2, "generation": SHORT},
 }
 
@@ -25,8 +50,14 @@ STAGES = {
 @pytest.fixture
 def recipe(tmp_path):
     model = save_tiny(tmp_path / "base", **SHAPE)
-    raw = {"name": "g", "seed": 0, "model": {"path": str(model), "dtype": "float32"}, "quant": "w3g128",
-           "data": {"testbed": {"train_size": 8, "test_size": 2}}, "stages": STAGES}
+    raw = {
+        "name": "g",
+        "seed": 0,
+        "model": {"path": str(model), "dtype": "float32"},
+        "quant": "w3g128",
+        "data": {"testbed": {"train_size": 8, "test_size": 2}},
+        "stages": STAGES,
+    }
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -52,13 +83,16 @@ def test_a_failing_gate_skips_rl_and_force_runs_it(recipe, tmp_path, run_cli):
     assert metrics["passed"] == 0.0 and metrics["accuracy"] == 0.0 and metrics["teacher_accuracy"] == 0.0
     assert metrics["retention"] == 0.0
     assert (art / "g" / "gate" / "verdict.txt").read_text() == (
-        "failed: accuracy 0.000 < min_accuracy 0.5; retention 0.000 (0.000 / 0.000) < min_retention 0.8\n")
+        "failed: accuracy 0.000 < min_accuracy 0.5; retention 0.000 (0.000 / 0.000) < min_retention 0.8\n"
+    )
     assert manifest(art, "rl")["status"] == "skipped"
     assert manifest(art, "eval")["input_stages"] == {"model": "ptq"}  # the last stage that ran
     got = status(run_cli, recipe, art)
     assert got["rl"][0] == "skipped" and got["rl"][1].startswith("gate 'gate' did not pass")
     assert got["eval"] == ("complete", "up to date")
-    assert "gate: FAILED on testbed (2 problems): accuracy 0.000 < min_accuracy 0.5" in (art / "g" / "run.log").read_text()
+    assert (
+        "gate: FAILED on testbed (2 problems): accuracy 0.000 < min_accuracy 0.5" in (art / "g" / "run.log").read_text()
+    )
 
     with one_thread():
         code, _, err = run_cli("run", recipe, "--artifacts", art, "--force")
@@ -90,8 +124,9 @@ def test_verdict_and_explain_carry_the_numbers():
     c = config(min_accuracy=0.3, min_retention=0.5)
     m = gate.verdict(c, 0.36, 0.6)
     assert m == {"accuracy": 0.36, "teacher_accuracy": 0.6, "retention": pytest.approx(0.6), "passed": 1.0}
-    assert gate.explain(c, m) == ("accuracy 0.360 >= min_accuracy 0.3; "
-                                  "retention 0.600 (0.360 / 0.600) >= min_retention 0.5")
+    assert gate.explain(c, m) == (
+        "accuracy 0.360 >= min_accuracy 0.3; retention 0.600 (0.360 / 0.600) >= min_retention 0.5"
+    )
     m = gate.verdict(c, 0.36, 0.8)  # retention 0.45: one threshold failing fails the gate
     assert m["passed"] == 0.0 and "retention 0.450 (0.360 / 0.800) < min_retention 0.5" in gate.explain(c, m)
     assert gate.verdict(config(min_accuracy=0.3), 0.2, None) == {"accuracy": 0.2, "passed": 0.0}

@@ -1,6 +1,7 @@
 """Generation: greedy equals step-by-step argmax, K samples, truncation, stop tokens, batch-order independence;
 the refill backend (pipeline.refill): same greedy tokens as one-at-a-time generation, samples independent of
 batching, memory-sized slots, out-of-memory retries, progress lines."""
+
 import copy
 import logging
 from contextlib import contextmanager
@@ -15,9 +16,11 @@ from pipeline import refill
 from pipeline.data.chat import chat_prompt
 from pipeline.generate import GenerationSpec, first_stop_end, generate, generate_ids, stop_token_ids
 
-QUESTIONS = ["Mia has 3 apples. She buys 4 more. How many apples does Mia have?",
-             "Leo has 12 coins.",
-             "Ava has 5 cards and gives 2 to Sam, then buys 9 more. How many cards does Ava have now?"]
+QUESTIONS = [
+    "Mia has 3 apples. She buys 4 more. How many apples does Mia have?",
+    "Leo has 12 coins.",
+    "Ava has 5 cards and gives 2 to Sam, then buys 9 more. How many cards does Ava have now?",
+]
 
 
 def argmax_decode(model, tokenizer, question: str, max_new_tokens: int, stops: set[int]) -> list[int]:
@@ -54,8 +57,9 @@ def test_batch_order_independence(lm):
     forward = generate(model, tok, QUESTIONS, spec)
     backward = generate(model, tok, QUESTIONS[::-1], spec)
     alone = [generate(model, tok, [q], spec)[0] for q in QUESTIONS]
-    assert [s[0].token_ids for s in forward] == [s[0].token_ids for s in backward[::-1]] == \
-        [s[0].token_ids for s in alone]
+    assert (
+        [s[0].token_ids for s in forward] == [s[0].token_ids for s in backward[::-1]] == [s[0].token_ids for s in alone]
+    )
 
 
 def test_stop_token_ends_completion_untruncated(lm):
@@ -127,8 +131,9 @@ def test_decoding_uses_the_kv_cache_even_when_the_saved_model_turned_it_off(lm):
     decoding must still feed one new token per step, not the whole sequence again."""
     model, tokenizer = lm
     widths = []
-    handle = model.register_forward_pre_hook(lambda mod, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
-                                             with_kwargs=True)
+    handle = model.register_forward_pre_hook(
+        lambda mod, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
     model.generation_config.use_cache = model.config.use_cache = False
     try:
         generate(model, tokenizer, ["What is 2 + 3?"], GenerationSpec(max_new_tokens=6, backend="generate"))
@@ -149,8 +154,9 @@ def one_at_a_time(model, prompts, budgets, stops, pad_id) -> list[list[int]]:
     """The reference: `model.generate` on each prompt alone with its own budget."""
     out = []
     for ids, budget in zip(prompts, budgets):
-        row = generate_ids(model, [ids], GenerationSpec(max_new_tokens=budget, backend="generate", batch_size=1),
-                           stops, pad_id)[0][0]
+        row = generate_ids(
+            model, [ids], GenerationSpec(max_new_tokens=budget, backend="generate", batch_size=1), stops, pad_id
+        )[0][0]
         end = first_stop_end(row, set(stops))
         out.append(row if end is None else row[:end])
     return out
@@ -187,8 +193,14 @@ def test_refill_greedy_equals_one_at_a_time(lm, finest_refill):
     stops = [free[0][2]]  # the third token of the first sequence becomes a stop: some sequences end early
     reference = one_at_a_time(model, prompts, budgets, stops, pad)
     assert sorted({len(r) for r in reference}) != sorted(set(budgets))  # a stop token ended some
-    rows = generate_ids(model, prompts, GenerationSpec(max_new_tokens=12, batch_size=3, backend="refill"), stops,
-                        pad, max_new_tokens=budgets)
+    rows = generate_ids(
+        model,
+        prompts,
+        GenerationSpec(max_new_tokens=12, batch_size=3, backend="refill"),
+        stops,
+        pad,
+        max_new_tokens=budgets,
+    )
     assert [samples[0] for samples in rows] == reference
     assert finest_refill["chunked"] and finest_refill["permuted"]
 
@@ -204,8 +216,9 @@ def test_refill_equals_generate_on_a_w4a4kv4_student(lm):
     quantize_rtn(student, spec)
     assert student.config._attn_implementation.startswith("kvq_")
     prompts, pad = prompt_ids(tok), tok.pad_token_id
-    refilled = generate_ids(student, prompts, GenerationSpec(max_new_tokens=8, batch_size=2, backend="refill"),
-                            [pad], pad)
+    refilled = generate_ids(
+        student, prompts, GenerationSpec(max_new_tokens=8, batch_size=2, backend="refill"), [pad], pad
+    )
     assert [s[0] for s in refilled] == one_at_a_time(student, prompts, [8] * len(prompts), [pad], pad)
     assert student.config._attn_implementation.startswith("kvq_")  # restored after the call
 
@@ -213,6 +226,7 @@ def test_refill_equals_generate_on_a_w4a4kv4_student(lm):
 @contextmanager
 def out_of_memory_above(model, rows: int):
     """Every forward over more than `rows` sequences raises CUDA's out-of-memory error."""
+
     def hook(module, args, kwargs):
         if kwargs["input_ids"].shape[0] > rows:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -228,8 +242,9 @@ def test_refill_samples_do_not_depend_on_batching(lm, finest_refill, monkeypatch
     """Per-request streams: the same seed gives the same samples with 1 slot, 8 slots, chunked and
     re-sorted rows, or after an out-of-memory retry; another seed gives others."""
     model, tok = lm
-    spec = GenerationSpec(max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.95, num_samples=2, seed=3,
-                          backend="refill")
+    spec = GenerationSpec(
+        max_new_tokens=8, temperature=1.0, top_k=50, top_p=0.95, num_samples=2, seed=3, backend="refill"
+    )
     prompts, pad = prompt_ids(tok), tok.pad_token_id
     wide = generate_ids(model, prompts, spec.model_copy(update={"batch_size": 8}), [pad], pad)
     assert finest_refill["chunked"]
@@ -268,15 +283,24 @@ def test_out_of_memory_halves_the_slots_and_keeps_the_tokens(lm, caplog):
         assert generate_ids(model, prompts, spec, [pad], pad) == expected
     assert "out of device memory with 4 slots: the 4 sequences in flight start again with 2" in caplog.text
     longest = max(map(len, prompts)) + 6
-    with out_of_memory_above(model, 0), \
-            pytest.raises(RuntimeError, match=f"out of device memory decoding one sequence of up to {longest} tokens"):
+    with (
+        out_of_memory_above(model, 0),
+        pytest.raises(RuntimeError, match=f"out of device memory decoding one sequence of up to {longest} tokens"),
+    ):
         generate_ids(model, prompts, spec, [pad], pad)
 
 
 def test_slots_fit_the_free_memory():
     """Qwen3-0.6B: 112 KiB of KV cache per token in bf16; the slots' caches fit 90% of the free memory."""
-    config = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                         num_attention_heads=16, num_key_value_heads=8, head_dim=128)
+    config = Qwen3Config(
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+    )
     with torch.device("meta"):
         model = Qwen3ForCausalLM(config).to(torch.bfloat16)
     kv = refill.kv_bytes_per_token(model)
@@ -318,11 +342,15 @@ def test_bench_tiny_gives_every_method_the_same_workload(tmp_path, monkeypatch):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "gen.json"
-    monkeypatch.setattr("sys.argv", ["generate.py", "--tiny", "--prompts", "6", "--stop-range", "3", "12",
-                                     "--out", str(out)])
+    monkeypatch.setattr(
+        "sys.argv", ["generate.py", "--tiny", "--prompts", "6", "--stop-range", "3", "12", "--out", str(out)]
+    )
     assert bench.main() == 0
     report = json.loads(out.read_text())
     planted = round(report["mean_new_tokens"] * report["prompts"])
-    assert {name: r["tokens"] for name, r in report["results"].items()} == \
-        {"ours": planted, "plain": planted, "continuous": planted}
+    assert {name: r["tokens"] for name, r in report["results"].items()} == {
+        "ours": planted,
+        "plain": planted,
+        "continuous": planted,
+    }
     assert all(r["tokens_per_s"] > 0 and r["prompts"] == 6 for r in report["results"].values())

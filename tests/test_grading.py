@@ -1,4 +1,5 @@
 """Grading: extraction order, </think> handling, per-item results on benchmark slices, a pool that never hangs."""
+
 import os
 import signal
 import subprocess
@@ -14,30 +15,33 @@ from pipeline.data.grading import GradingPool, grade, grade_many, verify_answer
 DATA = Path(__file__).parent / "data"
 
 
-@pytest.mark.parametrize("completion, gold, expected", [
-    ("so the total is \\boxed{18}.", "18", True),
-    ("so the total is \\boxed{17}.", "18", False),
-    ("\\boxed{\\frac{1}{2}}", "0.5", True),
-    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)", True),
-    ("\\boxed{(3, \\pi)}", "\\left( 3, \\frac{\\pi}{2} \\right)", False),
-    ("\\boxed{x^2 + 1}", "1 + x^2", True),
-    ("\\boxed{\\text{Evelyn}}", "\\text{Evelyn}", True),
-    # the box wins over any later number, and over `####`
-    ("\\boxed{3} and then 4 more", "4", False),
-    ("\\boxed{3}\n#### 4", "3", True),
-    # GSM8K's `#### N` (thousands separators allowed), before the last number
-    ("2 + 2 = 4 apples\n#### 1,000", "1000", True),
-    ("#### 12\nchecked with 13 tries", "12", True),
-    # last number when nothing else is there
-    ("3 apples and 4 pears, so 7", "7", True),
-    ("3 apples and 4 pears, so 7", "4", False),
-    ("no answer at all", "1", False),
-    # only the text after the last </think> counts
-    ("<think>maybe \\boxed{5}</think> The answer is \\boxed{18}.", "18", True),
-    ("<think>it is \\boxed{18}</think> The answer is \\boxed{5}.", "18", False),
-    ("<think>a</think><think>\\boxed{18}</think> so 7", "18", False),
-    ("<think>still thinking about 18", "18", True),  # no </think>: the whole text
-])
+@pytest.mark.parametrize(
+    "completion, gold, expected",
+    [
+        ("so the total is \\boxed{18}.", "18", True),
+        ("so the total is \\boxed{17}.", "18", False),
+        ("\\boxed{\\frac{1}{2}}", "0.5", True),
+        ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)", True),
+        ("\\boxed{(3, \\pi)}", "\\left( 3, \\frac{\\pi}{2} \\right)", False),
+        ("\\boxed{x^2 + 1}", "1 + x^2", True),
+        ("\\boxed{\\text{Evelyn}}", "\\text{Evelyn}", True),
+        # the box wins over any later number, and over `####`
+        ("\\boxed{3} and then 4 more", "4", False),
+        ("\\boxed{3}\n#### 4", "3", True),
+        # GSM8K's `#### N` (thousands separators allowed), before the last number
+        ("2 + 2 = 4 apples\n#### 1,000", "1000", True),
+        ("#### 12\nchecked with 13 tries", "12", True),
+        # last number when nothing else is there
+        ("3 apples and 4 pears, so 7", "7", True),
+        ("3 apples and 4 pears, so 7", "4", False),
+        ("no answer at all", "1", False),
+        # only the text after the last </think> counts
+        ("<think>maybe \\boxed{5}</think> The answer is \\boxed{18}.", "18", True),
+        ("<think>it is \\boxed{18}</think> The answer is \\boxed{5}.", "18", False),
+        ("<think>a</think><think>\\boxed{18}</think> so 7", "18", False),
+        ("<think>still thinking about 18", "18", True),  # no </think>: the whole text
+    ],
+)
 def test_rule(completion, gold, expected):
     assert verify_answer(completion, gold) is expected
 
@@ -98,9 +102,12 @@ def test_hung_worker_is_killed_and_replaced():
 
 def test_pool_starts_when_the_calling_script_comes_from_stdin(tmp_path):
     """`python - <<EOF`: __main__.__file__ is "<stdin>", which a worker must not try to re-run."""
-    script = ("from pipeline.data.grading import grade_many\n"
-              "print(grade_many([('\\\\boxed{3}', '3'), ('\\\\boxed{4}', '3')], workers=1))\n")
+    script = (
+        "from pipeline.data.grading import grade_many\n"
+        "print(grade_many([('\\\\boxed{3}', '3'), ('\\\\boxed{4}', '3')], workers=1))\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, cwd=tmp_path, env=env,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-"], input=script, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120
+    )
     assert (done.returncode, done.stdout) == (0, "[True, False]\n"), done.stderr

@@ -1,4 +1,5 @@
 """Stage `kd_qat`: distils a teacher into the quantized student; the loss is the KD of the full logits."""
+
 import json
 import logging
 
@@ -35,17 +36,34 @@ def artifacts(tmp_path_factory):
 
 
 def recipe(**stage):
-    return parse_recipe({
-        "name": "t", "seed": 0, "model": {"path": "org/tiny", "dtype": "float32"}, "quant": "w3g128",
-        "stages": {"teacher": {"type": "sft"}, "traces": {"type": "traces", "model": "teacher"}, "ptq": {"type": "ptq", "model": "teacher", "method": "rtn", "calibration_source": "generic"},
-                   "kd": {"type": "kd_qat", "init": "ptq", "teacher": "teacher", "data": "traces", **TRAIN, **stage}}})
+    return parse_recipe(
+        {
+            "name": "t",
+            "seed": 0,
+            "model": {"path": "org/tiny", "dtype": "float32"},
+            "quant": "w3g128",
+            "stages": {
+                "teacher": {"type": "sft"},
+                "traces": {"type": "traces", "model": "teacher"},
+                "ptq": {"type": "ptq", "model": "teacher", "method": "rtn", "calibration_source": "generic"},
+                "kd": {"type": "kd_qat", "init": "ptq", "teacher": "teacher", "data": "traces", **TRAIN, **stage},
+            },
+        }
+    )
 
 
 def run(artifacts, tmp_path, **stage):
     rec = recipe(**stage)
-    ctx = StageContext(name="kd", config=rec.stages["kd"], recipe=rec, out_dir=tmp_path / "out",
-                       inputs={"init": artifacts / "ptq", "teacher": artifacts / "teacher", "data": artifacts / "traces"},
-                       input_manifests={}, checkpointer=Checkpointer(tmp_path / "ckpt"), log=logging.getLogger("t"))
+    ctx = StageContext(
+        name="kd",
+        config=rec.stages["kd"],
+        recipe=rec,
+        out_dir=tmp_path / "out",
+        inputs={"init": artifacts / "ptq", "teacher": artifacts / "teacher", "data": artifacts / "traces"},
+        input_manifests={},
+        checkpointer=Checkpointer(tmp_path / "ckpt"),
+        log=logging.getLogger("t"),
+    )
     with one_thread():
         return kd_qat.run(ctx)
 
@@ -65,9 +83,16 @@ def test_loss_fn_is_the_mean_forward_kl_of_the_full_logits_on_completion_tokens(
     tok = load_tokenizer(artifacts / "ptq")
     config = recipe(chunk_size=7).stages["kd"]
     with torch.no_grad():
-        loss, parts = kd_qat.kd_loss_fn(teacher, config)(student, collate(
-            [chat_example(tok, r["question"], r["completion"])
-             for r in map(json.loads, open(artifacts / "traces" / "traces.jsonl"))], tok.pad_token_id))
+        loss, parts = kd_qat.kd_loss_fn(teacher, config)(
+            student,
+            collate(
+                [
+                    chat_example(tok, r["question"], r["completion"])
+                    for r in map(json.loads, open(artifacts / "traces" / "traces.jsonl"))
+                ],
+                tok.pad_token_id,
+            ),
+        )
     assert loss.item() == pytest.approx(_kl_to_teacher(student, teacher, tok, artifacts / "traces"), rel=1e-5)
     assert parts["kd"] == pytest.approx(loss.item(), rel=1e-6)
 
@@ -79,8 +104,9 @@ def test_kd_brings_the_quantized_student_towards_the_teacher_and_keeps_its_forma
     assert rows[-1]["kd"] < rows[0]["kd"]
     before, after = load_quantized(artifacts / "ptq"), load_quantized(tmp_path / "out")
     teacher, tok = load_model(artifacts / "teacher"), load_tokenizer(artifacts / "ptq")
-    assert _kl_to_teacher(after, teacher, tok, artifacts / "traces") < \
-        0.8 * _kl_to_teacher(before, teacher, tok, artifacts / "traces")
+    assert _kl_to_teacher(after, teacher, tok, artifacts / "traces") < 0.8 * _kl_to_teacher(
+        before, teacher, tok, artifacts / "traces"
+    )
     b, a = dict(quant_linears(before)), dict(quant_linears(after))
     assert a.keys() == b.keys() and len(a) == 14
     name = "model.layers.0.mlp.down_proj"
@@ -114,8 +140,9 @@ def test_bad_settings_name_their_key():
 
 
 def test_held_out_evaluation_every_n_steps_and_at_the_end(artifacts, tmp_path):
-    metrics = run(artifacts, tmp_path, steps=5, eval_every=2, eval_limit=3,
-                  eval_generation={"max_new_tokens": 4, "batch_size": 3})
+    metrics = run(
+        artifacts, tmp_path, steps=5, eval_every=2, eval_limit=3, eval_generation={"max_new_tokens": 4, "batch_size": 3}
+    )
     rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
     assert [r["step"] for r in rows if "eval_accuracy" in r] == [2, 4, 5]
     assert metrics["eval_accuracy"] == rows[-1]["eval_accuracy"] == 0.0  # a random tiny model solves nothing
@@ -139,11 +166,19 @@ def test_held_out_evaluation_under_bf16_autocast_with_a_static_cache(artifacts, 
         spec = QuantSpec.model_validate(scheme)
         quantize_rtn(student, spec)
         save_quantized(student, load_tokenizer(artifacts / "other"), init / "model", spec)
-    rec = recipe(steps=2, eval_every=1, eval_limit=2,
-                 eval_generation={"max_new_tokens": 4, "batch_size": 2, "backend": "static"})
-    ctx = StageContext(name="kd", config=rec.stages["kd"], recipe=rec, out_dir=tmp_path / "out",
-                       inputs={"init": init, "teacher": artifacts / "teacher", "data": artifacts / "traces"},
-                       input_manifests={}, checkpointer=Checkpointer(tmp_path / "ckpt"), log=logging.getLogger("t"))
+    rec = recipe(
+        steps=2, eval_every=1, eval_limit=2, eval_generation={"max_new_tokens": 4, "batch_size": 2, "backend": "static"}
+    )
+    ctx = StageContext(
+        name="kd",
+        config=rec.stages["kd"],
+        recipe=rec,
+        out_dir=tmp_path / "out",
+        inputs={"init": init, "teacher": artifacts / "teacher", "data": artifacts / "traces"},
+        input_manifests={},
+        checkpointer=Checkpointer(tmp_path / "ckpt"),
+        log=logging.getLogger("t"),
+    )
     try:
         with one_thread():
             metrics = kd_qat.run(ctx)
@@ -181,13 +216,22 @@ def test_transforms_of_a_quarot_init_train_only_when_asked(artifacts, tmp_path, 
         assert torch.equal(before(x).logits, logits)
 
     rec = recipe(transforms=transforms, steps=3)
-    ctx = StageContext(name="kd", config=rec.stages["kd"], recipe=rec, out_dir=tmp_path / "out",
-                       inputs={"init": init, "teacher": artifacts / "teacher", "data": artifacts / "traces"},
-                       input_manifests={}, checkpointer=Checkpointer(tmp_path / "ckpt"), log=logging.getLogger("t"))
+    ctx = StageContext(
+        name="kd",
+        config=rec.stages["kd"],
+        recipe=rec,
+        out_dir=tmp_path / "out",
+        inputs={"init": init, "teacher": artifacts / "teacher", "data": artifacts / "traces"},
+        input_manifests={},
+        checkpointer=Checkpointer(tmp_path / "ckpt"),
+        log=logging.getLogger("t"),
+    )
     with one_thread():
         kd_qat.run(ctx)
     after = load_quantized(tmp_path / "out")
-    moved = [not torch.equal(a.left, b.left) for (_, a), (_, b) in zip(online_transforms(after), online_transforms(before))]
+    moved = [
+        not torch.equal(a.left, b.left) for (_, a), (_, b) in zip(online_transforms(after), online_transforms(before))
+    ]
     clips = [m.activation_clip for _, m in quant_linears(after)]
     if transforms == "frozen":
         assert not any(moved) and all(c is None for c in clips)
@@ -201,8 +245,9 @@ def test_traces_kept_are_logged_and_none_left_fails_the_stage(artifacts, tmp_pat
     from pipeline.data.traces import read_traces, write_traces as write
 
     wrong = tmp_path / "wrong"
-    write([t.model_copy(update={"correct": i == 0}) for i, t in enumerate(read_traces(artifacts / "traces", "x"))],
-          wrong)
+    write(
+        [t.model_copy(update={"correct": i == 0}) for i, t in enumerate(read_traces(artifacts / "traces", "x"))], wrong
+    )
     links = tmp_path / "links"
     links.mkdir()
     for name in ("ptq", "teacher"):

@@ -4,6 +4,7 @@ The import graph is read with `ast` from the source of pipeline/, stages/ and be
 statement, wherever it is: at module level, inside a function (a lazy import is still a dependency), under
 `if TYPE_CHECKING:` (a type-only dependency still couples the two modules). Nothing is imported to build it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -12,8 +13,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("pipeline", "stages")
-ML_LIBRARIES = ("torch", "transformers", "accelerate", "safetensors", "compressed_tensors", "llmcompressor",
-                "datasets", "trl", "peft", "torchao", "deepspeed", "numpy")
+ML_LIBRARIES = (
+    "torch",
+    "transformers",
+    "accelerate",
+    "safetensors",
+    "compressed_tensors",
+    "llmcompressor",
+    "datasets",
+    "trl",
+    "peft",
+    "torchao",
+    "deepspeed",
+    "numpy",
+)
 
 
 @dataclass(frozen=True)
@@ -38,7 +51,8 @@ def source_modules(*tops: str) -> dict[str, Path]:
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def imports_of(path: Path, name: str, known: set[str]) -> list[Import]:
@@ -178,8 +192,12 @@ def test_the_engine_imports_no_ml_code_at_import():
             continue
         for imp in g[m]:
             ours = imp.target.split(".")[0] in ("pipeline", "stages")
-            allowed = (imp.target in SCHEMAS or imp.target == REGISTRY or imp.target == "pipeline"
-                       or imp.target.startswith("pipeline.engine"))
+            allowed = (
+                imp.target in SCHEMAS
+                or imp.target == REGISTRY
+                or imp.target == "pipeline"
+                or imp.target.startswith("pipeline.engine")
+            )
             if imp.module_level and ours and not allowed:
                 problems.append(f"{m}:{imp.line} imports {imp.target} at module level")
         for target, (via, line) in sorted(_import_time_closure(m, g).items()):
@@ -191,30 +209,45 @@ def test_the_engine_imports_no_ml_code_at_import():
 def test_stages_never_import_each_other():
     """Stages meet through artifacts only; the registry (stages/__init__.py) loads them by name."""
     g = graph()
-    problems = [f"{m}:{i.line} imports {i.target}" for m, imps in g.items() if m.startswith("stages.")
-                for i in imps if i.target.startswith("stages.") and i.target != m]
+    problems = [
+        f"{m}:{i.line} imports {i.target}"
+        for m, imps in g.items()
+        if m.startswith("stages.")
+        for i in imps
+        if i.target.startswith("stages.") and i.target != m
+    ]
     assert not problems, "\n".join(problems)
 
 
 def test_bench_imports_no_stage():
     """The benchmarks measure library functions; what a stage and a benchmark share lives in pipeline/."""
     g = graph(("bench",))
-    problems = [f"{m}:{i.line} imports {i.target}" for m, imps in g.items()
-                for i in imps if i.target == "stages" or i.target.startswith("stages.")]
+    problems = [
+        f"{m}:{i.line} imports {i.target}"
+        for m, imps in g.items()
+        for i in imps
+        if i.target == "stages" or i.target.startswith("stages.")
+    ]
     assert not problems, "\n".join(problems)
 
 
 def test_the_graph_tool_sees_lazy_and_type_only_imports(tmp_path):
     """The reader itself: relative, lazy, type-only and `from package import module` imports are all edges."""
-    src = ("from __future__ import annotations\nfrom typing import TYPE_CHECKING\nimport torch\n"
-           "from . import b\nif TYPE_CHECKING:\n    from pipeline.x import c\n"
-           "def f():\n    from .b import thing\n    import numpy\n")
+    src = (
+        "from __future__ import annotations\nfrom typing import TYPE_CHECKING\nimport torch\n"
+        "from . import b\nif TYPE_CHECKING:\n    from pipeline.x import c\n"
+        "def f():\n    from .b import thing\n    import numpy\n"
+    )
     path = tmp_path / "a.py"
     path.write_text(src)
     found = imports_of(path, "pipeline.x.a", {"pipeline.x.a", "pipeline.x.b", "pipeline.x.c"})
     assert [(i.target, i.module_level) for i in found if i.target not in ("__future__", "typing")] == [
-        ("torch", True), ("pipeline.x.b", True), ("pipeline.x.c", False), ("pipeline.x.b", False),
-        ("numpy", False)]
+        ("torch", True),
+        ("pipeline.x.b", True),
+        ("pipeline.x.c", False),
+        ("pipeline.x.b", False),
+        ("numpy", False),
+    ]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
@@ -224,7 +257,9 @@ def test_importing_the_engine_loads_no_ml_library():
     import sys
 
     engine = sorted(m for m in source_modules("pipeline") if m.startswith("pipeline.engine."))
-    code = (f"import sys\nfor m in {engine!r}: __import__(m)\n"
-            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {ML_LIBRARIES!r}))")
+    code = (
+        f"import sys\nfor m in {engine!r}: __import__(m)\n"
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {ML_LIBRARIES!r}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,5 +1,6 @@
 """pipeline.engine.logs through the CLI: a GPTQ ptq run shows our progress lines and none of llmcompressor's or
 DeepSpeed's chatter; --verbose brings that back."""
+
 import os
 import subprocess
 import sys
@@ -18,17 +19,38 @@ def _run(recipe: Path, artifacts: Path, *extra: str) -> subprocess.CompletedProc
     # without the settings an in-process CLI call of another test left in this process's environment
     env = {k: v for k, v in os.environ.items() if k not in QUIET_ENV}
     env |= {"PYTHONPATH": str(ROOT), "REASONING_QAT_PROGRESS_EVERY": "0", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--artifacts", str(artifacts),
-                           *extra], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", str(recipe), "--artifacts", str(artifacts), *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_gptq_run_is_quiet_unless_verbose(tmp_path):
     recipe = tmp_path / "q.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "name": "q", "seed": 0, "model": {"path": str(save_tiny(tmp_path / "model")), "dtype": "float32"},
-        "quant": {"weights": {"num_bits": 3, "group_size": 128, "symmetric": False}},
-        "stages": {"ptq": {"type": "ptq", "model": "model", "method": "gptq", "calibration_source": "generic",
-                           "nsamples": 2, "seqlen": 32, "sqnr_samples": 1}}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "q",
+                "seed": 0,
+                "model": {"path": str(save_tiny(tmp_path / "model")), "dtype": "float32"},
+                "quant": {"weights": {"num_bits": 3, "group_size": 128, "symmetric": False}},
+                "stages": {
+                    "ptq": {
+                        "type": "ptq",
+                        "model": "model",
+                        "method": "gptq",
+                        "calibration_source": "generic",
+                        "nsamples": 2,
+                        "seqlen": 32,
+                        "sqnr_samples": 1,
+                    }
+                },
+            }
+        )
+    )
     quiet = _run(recipe, tmp_path / "a")
     assert quiet.returncode == 0, quiet.stderr
     both = quiet.stdout + quiet.stderr

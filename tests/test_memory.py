@@ -1,18 +1,37 @@
 """The KD-QAT step-memory estimate and the fit check that refuses a setting before training (pipeline.train.memory)."""
+
 from transformers import Qwen3Config
 
 from pipeline.train.memory import GIB, fit_error, kd_step_memory
 from pipeline.train.optim import bytes_per_trainable_parameter
 
-QWEN3_8B = Qwen3Config(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False)
+QWEN3_8B = Qwen3Config(
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+    tie_word_embeddings=False,
+)
 N_8B = 8_190_735_360  # parameters of that shape (embeddings and lm_head untied)
 
 
 def estimate(param_dtype, optimizer, checkpointing=True):
-    return kd_step_memory(QWEN3_8B, trainable=N_8B, student_total=N_8B, teacher_total=N_8B, teacher_bytes=2,
-                          param_dtype=param_dtype, optimizer=optimizer, tokens=8 * 2048, chunk_size=2048,
-                          gradient_checkpointing=checkpointing, activation_quant=False)
+    return kd_step_memory(
+        QWEN3_8B,
+        trainable=N_8B,
+        student_total=N_8B,
+        teacher_total=N_8B,
+        teacher_bytes=2,
+        param_dtype=param_dtype,
+        optimizer=optimizer,
+        tokens=8 * 2048,
+        chunk_size=2048,
+        gradient_checkpointing=checkpointing,
+        activation_quant=False,
+    )
 
 
 def test_bytes_per_trainable_parameter_of_each_lever():
@@ -27,8 +46,10 @@ def test_an_8b_student_fits_one_80gb_gpu_only_with_the_levers():
     # measured on an H100 with bench/kd_qat.py: 70.2 GiB peak; the estimate stays within 10%
     assert abs(levers.total / GIB - 70.2) / 70.2 < 0.10
     h100_free = 78.6 * GIB
-    assert fit_error(levers, h100_free, param_dtype="bfloat16", optimizer="adamw_8bit",
-                     gradient_checkpointing=True) is None
+    assert (
+        fit_error(levers, h100_free, param_dtype="bfloat16", optimizer="adamw_8bit", gradient_checkpointing=True)
+        is None
+    )
     message = fit_error(plain, h100_free, param_dtype="float32", optimizer="adamw", gradient_checkpointing=True)
     assert message.startswith(f"a KD-QAT step needs about {plain.total / GIB:.1f} GiB (student ")
     assert "the GPU has 78.6 GiB free: try param_dtype: bfloat16, optimizer: adamw_8bit" in message

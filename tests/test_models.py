@@ -1,4 +1,5 @@
 """Building, saving and loading models: a real Qwen3 over the testbed vocabulary, safetensors only."""
+
 import sys
 import types
 
@@ -11,8 +12,14 @@ from pipeline import models
 from pipeline.models import Qwen3Arch, build_model, load_model, load_tokenizer, save_model
 from pipeline.data.tokenizer import build_tokenizer
 
-ARCH = Qwen3Arch(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16)
+ARCH = Qwen3Arch(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
 
 
 @pytest.fixture(scope="module")

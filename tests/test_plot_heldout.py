@@ -1,5 +1,6 @@
 """scripts/plot_heldout.py reads the held-out lines kd_qat logs (as a GPU run printed them), whatever
 else the log holds."""
+
 import importlib.util
 from pathlib import Path
 

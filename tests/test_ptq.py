@@ -1,5 +1,6 @@
 """PTQ: GPTQ through llmcompressor becomes our QuantLinear model exactly; GPTQ beats RTN on layer
 outputs; the ptq stage writes a model pipeline.load_quantized reads back with identical logits."""
+
 import json
 import logging
 from types import SimpleNamespace
@@ -55,8 +56,12 @@ def test_gptq_is_llmcompressors_exactly_and_beats_rtn(teacher):
     from llmcompressor.core import active_session
     from pipeline.quant.calibration import calibration_loader
 
-    oneshot(model=bare, recipe=gptq_modifier(bare, W3G128, 128, 0.01, "static", "minmax"),
-            dataset=calibration_loader(samples), processor=tok)
+    oneshot(
+        model=bare,
+        recipe=gptq_modifier(bare, W3G128, 128, 0.01, "static", "minmax"),
+        dataset=calibration_loader(samples),
+        processor=tok,
+    )
     active_session().reset()
 
     model = _load(teacher.dir)
@@ -89,9 +94,16 @@ def test_generic_samples(teacher):
 @pytest.mark.parametrize("method", ["gptq", "rtn"])
 def test_stage_run_and_reload(teacher, tmp_path, method):
     config = ptq.Config(model="teacher", calibration="traces", method=method, nsamples=6, seqlen=128, sqnr_samples=2)
-    ctx = StageContext(name="ptq", config=config, recipe=_recipe(W3G128), out_dir=tmp_path,
-                       inputs={"model": teacher.dir, "calibration": teacher.traces},
-                       input_manifests={"model": {}, "calibration": {}}, checkpointer=None, log=logging.getLogger("test"))
+    ctx = StageContext(
+        name="ptq",
+        config=config,
+        recipe=_recipe(W3G128),
+        out_dir=tmp_path,
+        inputs={"model": teacher.dir, "calibration": teacher.traces},
+        input_manifests={"model": {}, "calibration": {}},
+        checkpointer=None,
+        log=logging.getLogger("test"),
+    )
     metrics = ptq.run(ctx)
     assert metrics["quantized_layers"] == 14 and metrics["wall_time_s"] > 0
     assert 0 < metrics["output_sqnr_min"] <= metrics["output_sqnr_mean"] < 40
@@ -110,10 +122,19 @@ def test_stage_run_and_reload(teacher, tmp_path, method):
 
 def test_stage_lowers_group_sizes_it_does_not_divide_and_says_so(tmp_path, caplog):
     teacher = save_tiny(tmp_path / "teacher", family="llama")  # hidden 192, intermediate 320
-    config = ptq.Config(model="teacher", method="rtn", calibration_source="generic", nsamples=2, seqlen=32, sqnr_samples=1)
-    ctx = StageContext(name="ptq", config=config, recipe=SimpleNamespace(quant=W3G128, seed=0, model=SimpleNamespace(trust_remote_code=False)), out_dir=tmp_path / "ptq",
-                       inputs={"model": teacher}, input_manifests={"model": {}}, checkpointer=None,
-                       log=logging.getLogger("test"))
+    config = ptq.Config(
+        model="teacher", method="rtn", calibration_source="generic", nsamples=2, seqlen=32, sqnr_samples=1
+    )
+    ctx = StageContext(
+        name="ptq",
+        config=config,
+        recipe=SimpleNamespace(quant=W3G128, seed=0, model=SimpleNamespace(trust_remote_code=False)),
+        out_dir=tmp_path / "ptq",
+        inputs={"model": teacher},
+        input_manifests={"model": {}},
+        checkpointer=None,
+        log=logging.getLogger("test"),
+    )
     (tmp_path / "ptq").mkdir()
     with caplog.at_level(logging.WARNING, logger="test"):
         metrics = ptq.run(ctx)
@@ -121,8 +142,10 @@ def test_stage_lowers_group_sizes_it_does_not_divide_and_says_so(tmp_path, caplo
     record = json.loads((tmp_path / "ptq" / "model" / "reasoning_qat_quant.json").read_text())
     assert record["lowered_group_sizes"]["model.layers.0.self_attn.q_proj"] == 96
     assert record["lowered_group_sizes"]["model.layers.1.mlp.down_proj"] == 64
-    assert ("quant.weights.group_size 128 does not divide in_features 320: 2 layers (model.layers.0.mlp.down_proj, ...) "
-            "use group size 64 (group_size_policy largest_divisor)") in caplog.messages
+    assert (
+        "quant.weights.group_size 128 does not divide in_features 320: 2 layers (model.layers.0.mlp.down_proj, ...) "
+        "use group size 64 (group_size_policy largest_divisor)"
+    ) in caplog.messages
     loaded = pipeline.load_quantized(tmp_path / "ptq")
     assert loaded.model.layers[1].mlp.down_proj.weights.group_size == 64
 
@@ -137,7 +160,10 @@ def _double_precision_layer_sqnr(model, originals, samples):
     def hook(name, module, args, output):
         reference = torch.nn.functional.linear(args[0].double(), originals[name].double(), None)
         signal, noise = energy.get(name, (0.0, 0.0))
-        energy[name] = (signal + float(reference.square().sum()), noise + float((reference - output.double()).square().sum()))
+        energy[name] = (
+            signal + float(reference.square().sum()),
+            noise + float((reference - output.double()).square().sum()),
+        )
 
     hooks = [m.register_forward_hook(lambda m, a, o, n=n: hook(n, m, a, o)) for n, m in quant_linears(model)]
     with torch.no_grad():
@@ -166,20 +192,29 @@ def test_sqnr_report_in_one_pass(teacher):
 
 def _ptq_context(teacher, tmp_path, **config):
     config = ptq.Config(model="teacher", calibration="traces", **config)
-    return StageContext(name="ptq", config=config, recipe=SimpleNamespace(quant=W3G128, seed=0, model=SimpleNamespace(trust_remote_code=False)),
-                        out_dir=tmp_path,
-                        inputs={"model": teacher.dir, "calibration": teacher.traces},
-                        input_manifests={"model": {}, "calibration": {}}, checkpointer=None,
-                        log=logging.getLogger("test"))
+    return StageContext(
+        name="ptq",
+        config=config,
+        recipe=SimpleNamespace(quant=W3G128, seed=0, model=SimpleNamespace(trust_remote_code=False)),
+        out_dir=tmp_path,
+        inputs={"model": teacher.dir, "calibration": teacher.traces},
+        input_manifests={"model": {}, "calibration": {}},
+        checkpointer=None,
+        log=logging.getLogger("test"),
+    )
 
 
 def test_sqnr_report_is_optional_and_truncated(teacher, tmp_path, caplog):
     off = ptq.run(_ptq_context(teacher, tmp_path / "off", method="rtn", nsamples=4, seqlen=64, sqnr_samples=0))
-    assert set(off) == {"wall_time_s", "quantized_layers", "calibration_tokens", "lowered_group_size_layers"} and off["quantized_layers"] == 14
+    assert (
+        set(off) == {"wall_time_s", "quantized_layers", "calibration_tokens", "lowered_group_size_layers"}
+        and off["quantized_layers"] == 14
+    )
     assert not (tmp_path / "off" / "sqnr.json").exists() and pipeline.load_quantized(tmp_path / "off") is not None
     with caplog.at_level(logging.INFO):
-        on = ptq.run(_ptq_context(teacher, tmp_path / "on", method="rtn", nsamples=4, seqlen=64, sqnr_samples=2,
-                                  sqnr_seqlen=16))
+        on = ptq.run(
+            _ptq_context(teacher, tmp_path / "on", method="rtn", nsamples=4, seqlen=64, sqnr_samples=2, sqnr_seqlen=16)
+        )
     assert "per-layer SQNR (dB), rtn traces, 2 x 16 tokens" in caplog.text
     assert {"output_sqnr_mean", "logits_sqnr", "hidden_sqnr"} <= set(on)
     assert len(json.loads((tmp_path / "on" / "sqnr.json").read_text())) == 14
@@ -195,8 +230,12 @@ def test_generic_calibration_from_a_user_corpus(teacher, tmp_path):
         generic_samples(tok, nsamples=1, seqlen=100_000, seed=0, texts=corpus)
     with pytest.raises(ValidationError, match="calibration_text is the generic source"):
         ptq.Config(model="teacher", calibration="traces", calibration_text="c.jsonl")
-    config = ptq.Config(model="model", method="rtn", calibration_source="generic", calibration_text=str(tmp_path / "c.jsonl"))
-    local = SimpleNamespace(model=SimpleNamespace(arch=None, path=str(teacher.dir), trust_remote_code=False), quant=W3G128)
+    config = ptq.Config(
+        model="model", method="rtn", calibration_source="generic", calibration_text=str(tmp_path / "c.jsonl")
+    )
+    local = SimpleNamespace(
+        model=SimpleNamespace(arch=None, path=str(teacher.dir), trust_remote_code=False), quant=W3G128
+    )
     assert ptq.check(config, local) == [("calibration_text", f"no such file: {tmp_path / 'c.jsonl'}")]
 
 
@@ -205,17 +244,27 @@ def test_config_and_check_errors(teacher):
         ptq.Config(model="teacher")
     with pytest.raises(ValidationError, match="drop one"):
         ptq.Config(model="teacher", calibration="traces", calibration_source="generic")
-    recipe = SimpleNamespace(model=SimpleNamespace(arch=Qwen3Arch(hidden_size=128, intermediate_size=100, head_dim=32)),
-                             quant=W3G128)
+    recipe = SimpleNamespace(
+        model=SimpleNamespace(arch=Qwen3Arch(hidden_size=128, intermediate_size=100, head_dim=32)), quant=W3G128
+    )
     errors = ptq.check(ptq.Config(model="model", method="rtn"), recipe)
-    assert errors == [("quant.weights.group_size", "model.layers.0.mlp.down_proj: 128 does not divide in_features 100, "
-                                                   "nor does any smaller multiple of 32 (and 1 more layers)")]
-    local = SimpleNamespace(model=SimpleNamespace(arch=None, path=str(teacher.dir), trust_remote_code=False), quant=W3G128)
+    assert errors == [
+        (
+            "quant.weights.group_size",
+            "model.layers.0.mlp.down_proj: 128 does not divide in_features 100, "
+            "nor does any smaller multiple of 32 (and 1 more layers)",
+        )
+    ]
+    local = SimpleNamespace(
+        model=SimpleNamespace(arch=None, path=str(teacher.dir), trust_remote_code=False), quant=W3G128
+    )
     assert ptq.check(ptq.Config(model="model", method="rtn"), local) == []
     g512 = QuantSpec.model_validate({"preset": "w3g128", "weights": {"group_size": 512, "group_size_policy": "exact"}})
     assert ptq.check(ptq.Config(model="model", method="rtn"), SimpleNamespace(model=local.model, quant=g512))[0] == (
         "quant.weights.group_size",
-        "model.layers.0.self_attn.q_proj: 512 does not divide in_features 256 (group_size_policy: exact) (and 11 more layers)")
+        "model.layers.0.self_attn.q_proj: 512 does not divide in_features 256 (group_size_policy: exact) (and 11 "
+        "more layers)",
+    )
 
 
 W4A4KV4 = QuantSpec.model_validate("w4a4kv4")
@@ -223,12 +272,29 @@ W4A4KV4 = QuantSpec.model_validate("w4a4kv4")
 
 @pytest.mark.parametrize("method,weight_method", [("quarot", "gptq"), ("flatquant", "rtn"), ("flatquant", "gptq")])
 def test_stage_w4a4kv4_transform_methods(teacher, tmp_path, method, weight_method):
-    config = ptq.Config.model_validate({"type": "ptq", "model": "teacher", "calibration": "traces", "method": method,
-                                        "weight_method": weight_method, "nsamples": 4, "seqlen": 64, "sqnr_samples": 2,
-                                        **({"epochs": 1} if method == "flatquant" else {})})  # quarot has no epochs
-    ctx = StageContext(name="ptq", config=config, recipe=_recipe(W4A4KV4), out_dir=tmp_path,
-                       inputs={"model": teacher.dir, "calibration": teacher.traces},
-                       input_manifests={"model": {}, "calibration": {}}, checkpointer=None, log=logging.getLogger("test"))
+    config = ptq.Config.model_validate(
+        {
+            "type": "ptq",
+            "model": "teacher",
+            "calibration": "traces",
+            "method": method,
+            "weight_method": weight_method,
+            "nsamples": 4,
+            "seqlen": 64,
+            "sqnr_samples": 2,
+            **({"epochs": 1} if method == "flatquant" else {}),
+        }
+    )  # quarot has no epochs
+    ctx = StageContext(
+        name="ptq",
+        config=config,
+        recipe=_recipe(W4A4KV4),
+        out_dir=tmp_path,
+        inputs={"model": teacher.dir, "calibration": teacher.traces},
+        input_manifests={"model": {}, "calibration": {}},
+        checkpointer=None,
+        log=logging.getLogger("test"),
+    )
     metrics = ptq.run(ctx)
     assert metrics["quantized_layers"] == 14 and 0 < metrics["logits_sqnr"] < 60
     assert 0 < metrics["output_sqnr_min"] <= metrics["output_sqnr_mean"] < 40
@@ -241,6 +307,7 @@ def test_stage_w4a4kv4_transform_methods(teacher, tmp_path, method, weight_metho
     with torch.no_grad():
         teacher_logits = _load(teacher.dir)(x).logits
         from pipeline.quant.apply import set_fake_quant
+
         quantized = loaded(x).logits
         set_fake_quant(loaded, False)
         unquantized = loaded(x).logits
@@ -253,11 +320,19 @@ def test_stage_w4a4kv4_transform_methods(teacher, tmp_path, method, weight_metho
 
 def test_transform_methods_need_every_decoder_linear(teacher, tmp_path):
     spec = QuantSpec.model_validate({"preset": "w4a4kv4", "targets": ["re:.*self_attn.*"]})
-    config = ptq.Config(model="teacher", method="quarot", calibration_source="generic", nsamples=1, seqlen=32,
-                        sqnr_samples=1)
-    ctx = StageContext(name="ptq", config=config, recipe=_recipe(spec), out_dir=tmp_path,
-                       inputs={"model": teacher.dir}, input_manifests={"model": {}}, checkpointer=None,
-                       log=logging.getLogger("test"))
+    config = ptq.Config(
+        model="teacher", method="quarot", calibration_source="generic", nsamples=1, seqlen=32, sqnr_samples=1
+    )
+    ctx = StageContext(
+        name="ptq",
+        config=config,
+        recipe=_recipe(spec),
+        out_dir=tmp_path,
+        inputs={"model": teacher.dir},
+        input_manifests={"model": {}},
+        checkpointer=None,
+        log=logging.getLogger("test"),
+    )
     with pytest.raises(InputError, match="quant.targets: quarot: rotate needs the model prepared"):
         ptq.run(ctx)
     with pytest.raises(ValidationError, match="needs `calibration"):
@@ -266,15 +341,31 @@ def test_transform_methods_need_every_decoder_linear(teacher, tmp_path):
 
 def test_flatquant_batch_size_is_left_out_of_old_configs_and_batches_the_steps(teacher, tmp_path):
     from pipeline.engine.stage_api import result_config
-    base = {"type": "ptq", "model": "teacher", "calibration": "traces", "method": "flatquant", "nsamples": 4,
-            "seqlen": 64, "epochs": 1, "sqnr_samples": 1}
+
+    base = {
+        "type": "ptq",
+        "model": "teacher",
+        "calibration": "traces",
+        "method": "flatquant",
+        "nsamples": 4,
+        "seqlen": 64,
+        "epochs": 1,
+        "sqnr_samples": 1,
+    }
     # unset, the key is not in what the fingerprint hashes: flatquant artifacts made before it stay current
     assert "batch_size" not in result_config(ptq.Config, ptq.Config.model_validate(base).model_dump(mode="json"))
     config = ptq.Config.model_validate({**base, "batch_size": 4})
     assert result_config(ptq.Config, config.model_dump(mode="json"))["batch_size"] == 4
-    ctx = StageContext(name="ptq", config=config, recipe=_recipe(W4A4KV4), out_dir=tmp_path,
-                       inputs={"model": teacher.dir, "calibration": teacher.traces},
-                       input_manifests={"model": {}, "calibration": {}}, checkpointer=None, log=logging.getLogger("test"))
+    ctx = StageContext(
+        name="ptq",
+        config=config,
+        recipe=_recipe(W4A4KV4),
+        out_dir=tmp_path,
+        inputs={"model": teacher.dir, "calibration": teacher.traces},
+        input_manifests={"model": {}, "calibration": {}},
+        checkpointer=None,
+        log=logging.getLogger("test"),
+    )
     ptq.run(ctx)
     report = json.loads((tmp_path / "flatquant.json").read_text())
     # the traces are packed into 4 windows of 64 tokens: one batch of 4, one step a layer
@@ -295,19 +386,28 @@ def test_a_key_of_another_method_is_refused_in_one_line_naming_it_and_the_method
     from pipeline.engine.recipe import RecipeError, parse_recipe
 
     def errors(**stage):
-        raw = {"name": "r", "model": {"arch": {"hidden_size": 64, "intermediate_size": 128, "head_dim": 32}},
-               "quant": "w3g128", "stages": {"q": {"type": "ptq", "calibration_source": "generic", **stage}}}
+        raw = {
+            "name": "r",
+            "model": {"arch": {"hidden_size": 64, "intermediate_size": 128, "head_dim": 32}},
+            "quant": "w3g128",
+            "stages": {"q": {"type": "ptq", "calibration_source": "generic", **stage}},
+        }
         with pytest.raises(RecipeError) as e:
             parse_recipe(raw)
         return e.value.errors
 
     assert errors(epochs=3) == [("stages.q.epochs", "is a key of method flatquant, not of method gptq")]
     assert errors(method="rtn", block_size=64) == [
-        ("stages.q.block_size", "is a key of methods gptq, quarot and flatquant, not of method rtn")]
-    assert errors(method="quarot", batch_size=4) == [("stages.q.batch_size", "is a key of method flatquant, not of method quarot")]
+        ("stages.q.block_size", "is a key of methods gptq, quarot and flatquant, not of method rtn")
+    ]
+    assert errors(method="quarot", batch_size=4) == [
+        ("stages.q.batch_size", "is a key of method flatquant, not of method quarot")
+    ]
     assert errors(method="flatquant", epoch=3) == [("stages.q.epoch", "unknown key (did you mean 'epochs'?)")]
     assert errors(method="flatquant", epochs=-1) == [("stages.q.epochs", "must be >= 0")]
-    assert errors(method="awq") == [("stages.q.method", "must be one of 'rtn', 'gptq', 'quarot' or 'flatquant', got 'awq'")]
+    assert errors(method="awq") == [
+        ("stages.q.method", "must be one of 'rtn', 'gptq', 'quarot' or 'flatquant', got 'awq'")
+    ]
     with pytest.raises(ValidationError, match="epochs"):
         ptq.Config(method="gptq", calibration="traces", epochs=3)
     # the method's own config, with only its keys; `method` left out is gptq, as before
@@ -318,22 +418,94 @@ def test_a_key_of_another_method_is_refused_in_one_line_naming_it_and_the_method
 # Dumps of the flat Config that every method shared before the per-method configs (#16): what manifests made
 # before then record, for the ptq stages of recipes/smollm2-w4a4kv4.yaml and recipes/demo.yaml.
 FLAT_DUMPS = [
-    {"type": "ptq", "when": None, "model": "model", "calibration": None, "calibration_source": "traces",
-     "calibration_text": None, "method": "rtn", "weight_method": "rtn", "epochs": 15, "lr": 0.001, "smooth_alpha": 0.5,
-     "batch_size": None, "nsamples": 4, "seqlen": 256, "block_size": 128, "dampening_frac": 0.01, "actorder": "static",
-     "observer": "minmax", "sqnr_samples": 4, "sqnr_seqlen": 256},
-    {"type": "ptq", "when": None, "model": "model", "calibration": "traces", "calibration_source": "traces",
-     "calibration_text": None, "method": "quarot", "weight_method": "gptq", "epochs": 15, "lr": 0.001,
-     "smooth_alpha": 0.5, "batch_size": None, "nsamples": 16, "seqlen": 384, "block_size": 128,
-     "dampening_frac": 0.01, "actorder": "static", "observer": "minmax", "sqnr_samples": 4, "sqnr_seqlen": 256},
-    {"type": "ptq", "when": None, "model": "model", "calibration": "traces", "calibration_source": "traces",
-     "calibration_text": None, "method": "flatquant", "weight_method": "rtn", "epochs": 2, "lr": 0.001,
-     "smooth_alpha": 0.5, "batch_size": None, "nsamples": 8, "seqlen": 256, "block_size": 128,
-     "dampening_frac": 0.01, "actorder": "static", "observer": "minmax", "sqnr_samples": 4, "sqnr_seqlen": 256},
-    {"type": "ptq", "when": None, "model": "teacher", "calibration": "traces", "calibration_source": "traces",
-     "calibration_text": None, "method": "gptq", "weight_method": "rtn", "epochs": 15, "lr": 0.001, "smooth_alpha": 0.5,
-     "batch_size": None, "nsamples": 64, "seqlen": 128, "block_size": 128, "dampening_frac": 0.01,
-     "actorder": "static", "observer": "minmax", "sqnr_samples": 4, "sqnr_seqlen": 256},
+    {
+        "type": "ptq",
+        "when": None,
+        "model": "model",
+        "calibration": None,
+        "calibration_source": "traces",
+        "calibration_text": None,
+        "method": "rtn",
+        "weight_method": "rtn",
+        "epochs": 15,
+        "lr": 0.001,
+        "smooth_alpha": 0.5,
+        "batch_size": None,
+        "nsamples": 4,
+        "seqlen": 256,
+        "block_size": 128,
+        "dampening_frac": 0.01,
+        "actorder": "static",
+        "observer": "minmax",
+        "sqnr_samples": 4,
+        "sqnr_seqlen": 256,
+    },
+    {
+        "type": "ptq",
+        "when": None,
+        "model": "model",
+        "calibration": "traces",
+        "calibration_source": "traces",
+        "calibration_text": None,
+        "method": "quarot",
+        "weight_method": "gptq",
+        "epochs": 15,
+        "lr": 0.001,
+        "smooth_alpha": 0.5,
+        "batch_size": None,
+        "nsamples": 16,
+        "seqlen": 384,
+        "block_size": 128,
+        "dampening_frac": 0.01,
+        "actorder": "static",
+        "observer": "minmax",
+        "sqnr_samples": 4,
+        "sqnr_seqlen": 256,
+    },
+    {
+        "type": "ptq",
+        "when": None,
+        "model": "model",
+        "calibration": "traces",
+        "calibration_source": "traces",
+        "calibration_text": None,
+        "method": "flatquant",
+        "weight_method": "rtn",
+        "epochs": 2,
+        "lr": 0.001,
+        "smooth_alpha": 0.5,
+        "batch_size": None,
+        "nsamples": 8,
+        "seqlen": 256,
+        "block_size": 128,
+        "dampening_frac": 0.01,
+        "actorder": "static",
+        "observer": "minmax",
+        "sqnr_samples": 4,
+        "sqnr_seqlen": 256,
+    },
+    {
+        "type": "ptq",
+        "when": None,
+        "model": "teacher",
+        "calibration": "traces",
+        "calibration_source": "traces",
+        "calibration_text": None,
+        "method": "gptq",
+        "weight_method": "rtn",
+        "epochs": 15,
+        "lr": 0.001,
+        "smooth_alpha": 0.5,
+        "batch_size": None,
+        "nsamples": 64,
+        "seqlen": 128,
+        "block_size": 128,
+        "dampening_frac": 0.01,
+        "actorder": "static",
+        "observer": "minmax",
+        "sqnr_samples": 4,
+        "sqnr_seqlen": 256,
+    },
 ]
 
 

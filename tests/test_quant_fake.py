@@ -1,4 +1,5 @@
 """Our quantization primitives equal compressed-tensors' to the bit (atol=0), and their gradients are LSQ's."""
+
 import pytest
 import torch
 from compressed_tensors.quantization import QuantizationArgs

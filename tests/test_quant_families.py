@@ -3,6 +3,7 @@ with q/k/v biases, head_dim 32 and widths 96/192; Llama = SmolLM2 / R1-Distill-L
 head_dim 64 and widths 192/320) through every quantization path: RTN and GPTQ W3G128 with the group sizes the
 policy lowers (96, 64), QuaRot and FlatQuant W4A4KV4 with the 4-bit KV cache after RoPE, KD-QAT, both exports and
 their loaders. Every loaded model moves whole with `.to(device)`."""
+
 import logging
 from types import SimpleNamespace
 
@@ -37,9 +38,13 @@ def family(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     teacher = save_tiny(root / "teacher", family=request.param)
     g = torch.Generator().manual_seed(0)
-    return SimpleNamespace(name=request.param, teacher=teacher, tokenizer=AutoTokenizer.from_pretrained(teacher),
-                           samples=[torch.randint(0, 250, (40,), generator=g).tolist() for _ in range(3)],
-                           x=torch.randint(0, 250, (2, 17), generator=g))
+    return SimpleNamespace(
+        name=request.param,
+        teacher=teacher,
+        tokenizer=AutoTokenizer.from_pretrained(teacher),
+        samples=[torch.randint(0, 250, (40,), generator=g).tolist() for _ in range(3)],
+        x=torch.randint(0, 250, (2, 17), generator=g),
+    )
 
 
 def _load(path):
@@ -81,8 +86,12 @@ def test_gptq_is_llmcompressors_with_lowered_groups(family):
 
     from pipeline.quant.calibration import calibration_loader
 
-    oneshot(model=bare, recipe=gptq_modifier(bare, W3G128, 128, 0.01, "static", "minmax"),
-            dataset=calibration_loader(family.samples), processor=family.tokenizer)
+    oneshot(
+        model=bare,
+        recipe=gptq_modifier(bare, W3G128, 128, 0.01, "static", "minmax"),
+        dataset=calibration_loader(family.samples),
+        processor=family.tokenizer,
+    )
     active_session().reset()
     model = _load(family.teacher)
     assert len(run_gptq(model, family.tokenizer, W3G128, family.samples)) == 14
@@ -107,8 +116,9 @@ def test_quarot_keeps_the_function_and_its_kv4_decoding_and_export(family, tmp_p
     calibrate(model)
     prompt = family.x[:1, :9]
     with torch.no_grad():  # cached decoding with the 4-bit KV cache on rotated keys = one full forward
-        out = model.generate(prompt, max_new_tokens=5, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=0)
+        out = model.generate(
+            prompt, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0
+        )
         full = model(out.sequences).logits
     for step, logits in enumerate(out.logits):
         torch.testing.assert_close(logits[0], full[0, 8 + step], atol=1e-4, rtol=0)
@@ -156,19 +166,42 @@ def test_kd_qat_trains_a_lowered_group_student_and_saves_it(family, tmp_path):
     student = _load(save_tiny(tmp_path / "other", seed=1, family=family.name))
     quantize_rtn(student, W3G128)
     save_quantized(student, family.tokenizer, tmp_path / "ptq" / "model", W3G128)
-    recipe = parse_recipe({
-        "name": "t", "seed": 0, "model": {"path": "org/tiny", "dtype": "float32"}, "quant": "w3g128",
-        "stages": {"teacher": {"type": "sft"}, "traces": {"type": "traces", "model": "teacher"},
-                   "ptq": {"type": "ptq", "model": "teacher", "method": "rtn", "calibration_source": "generic"},
-                   "kd": {"type": "kd_qat", "init": "ptq", "teacher": "teacher", "data": "traces", "steps": 2,
-                          "batch_size": 4, "warmup_steps": 0, "lr": 3e-3, "checkpoint_every": 0}}})
-    ctx = StageContext(name="kd", config=recipe.stages["kd"], recipe=recipe, out_dir=tmp_path / "out",
-                       inputs={"init": tmp_path / "ptq", "teacher": family.teacher,
-                               "data": write_traces(tmp_path / "traces", n=4)},
-                       input_manifests={}, checkpointer=Checkpointer(tmp_path / "ckpt"), log=logging.getLogger("t"))
+    recipe = parse_recipe(
+        {
+            "name": "t",
+            "seed": 0,
+            "model": {"path": "org/tiny", "dtype": "float32"},
+            "quant": "w3g128",
+            "stages": {
+                "teacher": {"type": "sft"},
+                "traces": {"type": "traces", "model": "teacher"},
+                "ptq": {"type": "ptq", "model": "teacher", "method": "rtn", "calibration_source": "generic"},
+                "kd": {
+                    "type": "kd_qat",
+                    "init": "ptq",
+                    "teacher": "teacher",
+                    "data": "traces",
+                    "steps": 2,
+                    "batch_size": 4,
+                    "warmup_steps": 0,
+                    "lr": 3e-3,
+                    "checkpoint_every": 0,
+                },
+            },
+        }
+    )
+    ctx = StageContext(
+        name="kd",
+        config=recipe.stages["kd"],
+        recipe=recipe,
+        out_dir=tmp_path / "out",
+        inputs={"init": tmp_path / "ptq", "teacher": family.teacher, "data": write_traces(tmp_path / "traces", n=4)},
+        input_manifests={},
+        checkpointer=Checkpointer(tmp_path / "ckpt"),
+        log=logging.getLogger("t"),
+    )
     assert kd_qat.run(ctx)["steps"] == 2
     trained = pipeline.load_quantized(tmp_path / "out")
     assert set(lowered_group_sizes(trained, W3G128).values()) == LOWERED[family.name]
     before = dict(quant_linears(student))
     assert all(not torch.equal(m.weight, before[n].weight) for n, m in quant_linears(trained))
-

@@ -1,4 +1,5 @@
 """Hadamard matrices and the online Kronecker transform: orthogonal, flat, exact inverse-transpose."""
+
 import math
 
 import pytest
@@ -17,12 +18,24 @@ def test_paley_is_hadamard(p):
     torch.testing.assert_close(h @ h.T, (p + 1) * EYE(p + 1), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("n,factors,flat", [
-    (64, (8, 8), True), (384, (16, 24), True), (768, (16, 48), True), (3072, (32, 96), True),
-    (2560, (32, 80), True), (36, (4, 9), False),  # 36 = 4 · 9: no Paley order 4·9-1 = 35, 8·9-1 = 71 > 2^2·9 -> random 9
-    # the families' widths: SmolLM2 576 = 8 · 72 (p = 71), 960 = 16 · 60 (p = 59); the tiny test models' 96, 192, 320
-    (576, (8, 72), True), (960, (16, 60), True), (96, (8, 12), True), (192, (8, 24), True), (320, (16, 20), True),
-])
+@pytest.mark.parametrize(
+    "n,factors,flat",
+    [
+        (64, (8, 8), True),
+        (384, (16, 24), True),
+        (768, (16, 48), True),
+        (3072, (32, 96), True),
+        (2560, (32, 80), True),
+        (36, (4, 9), False),  # 36 = 4 · 9: no Paley order 4·9-1 = 35, 8·9-1 = 71 > 2^2·9 -> random 9
+        # the families' widths: SmolLM2 576 = 8 · 72 (p = 71), 960 = 16 · 60 (p = 59); the tiny test models' 96, 192,
+        # 320
+        (576, (8, 72), True),
+        (960, (16, 60), True),
+        (96, (8, 12), True),
+        (192, (8, 24), True),
+        (320, (16, 20), True),
+    ],
+)
 def test_orthogonal_at_any_width(n, factors, flat):
     a, b = kronecker_factors(n)
     assert (a.shape[0], b.shape[0]) == factors

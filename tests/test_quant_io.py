@@ -1,4 +1,5 @@
 """Our quantized-model layout: save, then pipeline.load_quantized gives the same model, logits to the bit."""
+
 import json
 
 import pytest

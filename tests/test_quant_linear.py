@@ -1,4 +1,5 @@
 """QuantLinear: forward = F.linear with the fake-quantized weight, STE/LSQ gradients, no state change in forward."""
+
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,5 +1,6 @@
 """QuaRot: rotations preserve the function (quantization off), survive save/load, and hold through cached
 generation with the 4-bit KV cache on rotated keys; QuaRot lowers W4A4KV4 layer error against RTN."""
+
 import pytest
 import torch
 
@@ -9,7 +10,14 @@ from pipeline.quant.apply import calibrate, prepare, set_fake_quant
 from pipeline.quant.methods.gptq import gptq_layerwise
 from pipeline.quant.formats.io import save_quantized
 from pipeline.quant.scheme import QuantSpec
-from quant_tiny import one_thread, tiny_model, tiny_tokenizer
+from quant_tiny import (
+    generate_and_full_forward,
+    one_thread,
+    planted_rtn_and_quarot,
+    planted_w4a4kv4,
+    tiny_model,
+    tiny_tokenizer,
+)
 
 W4A4KV4 = QuantSpec.model_validate("w4a4kv4")
 
@@ -41,7 +49,9 @@ def test_rotation_with_quantization_off_keeps_the_logits(tied):
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     assert model.model.layers[0].mlp.down_proj.input_transform is not None
     assert model.model.layers[0].self_attn.o_proj.input_transform is not None  # mixes the heads
-    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, reference.model.layers[0].self_attn.q_proj.weight)
+    assert not torch.equal(
+        model.model.layers[0].self_attn.q_proj.weight, reference.model.layers[0].self_attn.q_proj.weight
+    )
 
 
 def test_generation_with_rotated_4bit_kv_equals_full_forward_argmax(tmp_path):
@@ -50,12 +60,8 @@ def test_generation_with_rotated_4bit_kv_equals_full_forward_argmax(tmp_path):
     quarot.rotate(model)
     calibrate(model)
     x = _batch(1, (1, 10))
-    with torch.no_grad():
-        out = model.generate(x, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True,
-                             pad_token_id=0)
-        full = model(out.sequences).logits
-    for step, logits in enumerate(out.logits):
-        torch.testing.assert_close(logits[0], full[0, 9 + step], atol=1e-4, rtol=0)
+    out, full = generate_and_full_forward(model, x, max_new_tokens=8)
+    for step in range(len(out.logits)):
         assert int(full[0, 9 + step].argmax()) == int(out.sequences[0, 10 + step])
 
     save_quantized(model, tiny_tokenizer(), tmp_path / "model", W4A4KV4)
@@ -68,26 +74,16 @@ def test_quarot_beats_rtn_and_gptq_improves_it():
     g = torch.Generator().manual_seed(0)
     samples = [torch.randint(0, 250, (48,), generator=g).tolist() for _ in range(6)]
 
-    def planted():
-        model = tiny_model(300, intermediate_size=384)
-        with torch.no_grad():  # outlier channels in the norm outputs, as real LLMs have
-            for layer in model.model.layers:
-                layer.input_layernorm.weight[[3, 77]] = 30.0
-                layer.post_attention_layernorm.weight[[5, 150]] = 30.0
-        prepare(model, W4A4KV4)
-        return model
-
-    rtn = planted()
-    calibrate(rtn)
-    rot = planted()
-    quarot.rotate(rot)
-    calibrate(rot)
-    rot_gptq = planted()
+    # outlier channels in the norm outputs, as real LLMs have
+    rtn, rot = planted_rtn_and_quarot()
+    rot_gptq = planted_w4a4kv4()
     quarot.rotate(rot_gptq)
     names = gptq_layerwise(rot_gptq, samples[:4])
     assert len(names) == 14 and names[0] == "model.layers.0.self_attn.q_proj"
-    mse = {k: sum(flatquant.layer_output_mse(m, samples[4:])) for k, m in
-           [("rtn", rtn), ("quarot", rot), ("quarot+gptq", rot_gptq)]}
+    mse = {
+        k: sum(flatquant.layer_output_mse(m, samples[4:]))
+        for k, m in [("rtn", rtn), ("quarot", rot), ("quarot+gptq", rot_gptq)]
+    }
     assert mse["quarot"] < 0.5 * mse["rtn"]
     assert mse["quarot+gptq"] < mse["quarot"]
 

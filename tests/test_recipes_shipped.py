@@ -1,5 +1,6 @@
 """Every shipped recipe validates, resolves by name and is in the wheel; every shipped stage module keeps the
 stage contract."""
+
 from __future__ import annotations
 
 import typing
@@ -32,7 +33,9 @@ def test_recipes_exist_and_the_top_level_folder_links_to_them():
 def test_a_shipped_recipe_resolves_by_name_where_no_file_has_it(tmp_path, monkeypatch, run_cli):
     monkeypatch.chdir(tmp_path)
     assert load_recipe("demo").source == str(SHIPPED_DIR / "demo.yaml") == load_recipe("demo.yaml").source
-    (tmp_path / "demo.yaml").write_text((SHIPPED_DIR / "demo.yaml").read_text().replace("\nname: demo\n", "\nname: mine\n"))
+    (tmp_path / "demo.yaml").write_text(
+        (SHIPPED_DIR / "demo.yaml").read_text().replace("\nname: demo\n", "\nname: mine\n")
+    )
     assert load_recipe("demo.yaml").name == "mine"  # an existing file wins
     with pytest.raises(RecipeError, match="sub/demo: no such file"):
         load_recipe("sub/demo")
@@ -54,33 +57,87 @@ def test_the_wheel_carries_the_shipped_recipes(tmp_path):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, cwd=tmp_path)
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert build.returncode == 0, build.stderr
-    wheel, = (tmp_path / "dist").glob("reasoning_qat-*.whl")
+    (wheel,) = (tmp_path / "dist").glob("reasoning_qat-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert sorted(n for n in names if n.startswith("pipeline/recipes/")) == [f"pipeline/recipes/{p.name}" for p in RECIPES]
+    assert sorted(n for n in names if n.startswith("pipeline/recipes/")) == [
+        f"pipeline/recipes/{p.name}" for p in RECIPES
+    ]
 
 
 # The real base models of the shipped recipes, by `model.path`: (model_type, the config.json values that
 # set layer shapes, as each model's card publishes them). Validation reads only config.json (the ptq
 # stage's scheme check instantiates it on the meta device), so a stand-in folder holds just that file.
 REAL_SHAPES = {
-    "Qwen/Qwen3-0.6B": ("qwen3", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                                      num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                                      vocab_size=151936, tie_word_embeddings=True)),
-    "Qwen/Qwen3-8B": ("qwen3", dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                                    num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                                    vocab_size=151936, tie_word_embeddings=False)),
-    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": ("qwen2", dict(hidden_size=1536, intermediate_size=8960,
-                                                               num_hidden_layers=28, num_attention_heads=12,
-                                                               num_key_value_heads=2, vocab_size=151936,
-                                                               tie_word_embeddings=False)),
+    "Qwen/Qwen3-0.6B": (
+        "qwen3",
+        dict(
+            hidden_size=1024,
+            intermediate_size=3072,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "Qwen/Qwen3-8B": (
+        "qwen3",
+        dict(
+            hidden_size=4096,
+            intermediate_size=12288,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            vocab_size=151936,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": (
+        "qwen2",
+        dict(
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            tie_word_embeddings=False,
+        ),
+    ),
     # `reasoning-qat import-gguf --smollm2` writes it (tests/test_gguf.py imports the real file)
-    "artifacts/smollm2-135m-instruct": ("llama", dict(hidden_size=576, intermediate_size=1536,
-                                                      num_hidden_layers=30, num_attention_heads=9,
-                                                      num_key_value_heads=3, head_dim=64, vocab_size=49152,
-                                                      tie_word_embeddings=True)),
+    "artifacts/smollm2-135m-instruct": (
+        "llama",
+        dict(
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            head_dim=64,
+            vocab_size=49152,
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 DEMO_GPU_TEACHER = "artifacts/demo-gpu/teacher/model"
 
@@ -134,8 +191,10 @@ def test_stand_in_is_checked(monkeypatch, tmp_path):
     path = SHIPPED_DIR / "smollm2-w3.yaml"
     model = stand_in(yaml.safe_load(path.read_text()), tmp_path / "model")
     with pytest.raises(RecipeError) as e:
-        load_recipe(path.relative_to(ROOT), [f"model.path={model}", "quant.weights.group_size=128",
-                                             "quant.weights.group_size_policy=exact"])
+        load_recipe(
+            path.relative_to(ROOT),
+            [f"model.path={model}", "quant.weights.group_size=128", "quant.weights.group_size_policy=exact"],
+        )
     assert "128 does not divide in_features 576 (group_size_policy: exact)" in e.value.lines()[0]
 
 
@@ -174,8 +233,13 @@ def stage_fingerprints(path: Path, model_dir: Path) -> dict[str, str]:
     for name, config in recipe.stages.items():
         module = recipe.modules[name]
         sections = {s: raw["model"] if s == "model" else recipe.section(s) for s in module.USES}
-        out[name] = fingerprint(config.type, result_config(type(config), config.model_dump(mode="json")), sections,
-                                recipe.refs(name), module.CODE_VERSION)
+        out[name] = fingerprint(
+            config.type,
+            result_config(type(config), config.model_dump(mode="json")),
+            sections,
+            recipe.refs(name),
+            module.CODE_VERSION,
+        )
     return out
 
 

@@ -1,4 +1,5 @@
 """The stage reference: generated from the schemas, complete, and the same as docs/stages.md."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,8 +48,9 @@ def test_stages_type_prints_its_keys_nested_ones_and_the_sections_it_reads(run_c
 def test_unknown_type_is_one_line_naming_the_known_ones(run_cli):
     code, out, err = run_cli("stages", "qat")
     assert code == 2 and out == ""
-    assert err.strip() == ("TYPE: unknown stage type 'qat'; known: sft, traces, ptq, kd_qat, gate, rl, export, eval, "
-                           "model, quant, data")
+    assert err.strip() == (
+        "TYPE: unknown stage type 'qat'; known: sft, traces, ptq, kd_qat, gate, rl, export, eval, model, quant, data"
+    )
 
 
 def test_markdown_flag_prints_the_file(run_cli):

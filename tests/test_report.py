@@ -1,4 +1,5 @@
 """The report's plots: which figures a set of stages gets."""
+
 from pipeline.report import plot
 
 
@@ -7,8 +8,10 @@ def rows(*stages):
 
 
 def test_rl_curves_get_their_own_figure_and_stay_out_of_the_loss_plot(tmp_path):
-    rl = [{"step": s, "loss": -0.01 * s, "accuracy": 0.5 + 0.1 * s, "entropy": 0.3, "completion_length": 40}
-          for s in range(1, 4)]
+    rl = [
+        {"step": s, "loss": -0.01 * s, "accuracy": 0.5 + 0.1 * s, "entropy": 0.3, "completion_length": 40}
+        for s in range(1, 4)
+    ]
     written = plot(tmp_path, rows(("rl", "rl"), ("rl_noaqn", "rl")), {"rl": rl, "rl_noaqn": rl}, None)
     assert written == ["rl.png"]  # GRPO's negative losses would break the log-scale loss plot
     assert (tmp_path / "rl.png").stat().st_size > 0
@@ -24,8 +27,10 @@ def test_default_baseline_is_an_eval_of_the_base_model_that_measures_accuracy():
     from pipeline.report import default_baseline
 
     def evals(**generate):
-        return SimpleNamespace(stages={name: SimpleNamespace(type="eval", model="model", generate=g)
-                                       for name, g in generate.items()})
+        return SimpleNamespace(
+            stages={name: SimpleNamespace(type="eval", model="model", generate=g) for name, g in generate.items()}
+        )
+
     assert default_baseline(evals(teacher_ppl=False, teacher_acc=True)) == "teacher_acc"
     assert default_baseline(evals(teacher_ppl=False)) is None  # perplexity only: no retention column, no error
 
@@ -37,8 +42,11 @@ def test_cross_entropy_and_kl_curves_get_separate_axes_and_rl_accuracy_is_named_
 
     sft = SimpleNamespace(type="kd_qat", objective="sft", loss="forward_kl")
     kd = SimpleNamespace(type="kd_qat", objective="kd", loss="reverse_kl")
-    assert (_loss_kind(sft), _loss_kind(kd), _loss_kind(SimpleNamespace(type="eval"))) == \
-        ("cross-entropy", "reverse KL", None)
+    assert (_loss_kind(sft), _loss_kind(kd), _loss_kind(SimpleNamespace(type="eval"))) == (
+        "cross-entropy",
+        "reverse KL",
+        None,
+    )
     points = [{"step": s, "loss": 1.0 / s} for s in range(1, 4)]
     fig = _training_figure({"sft_qat": points, "kd": points}, {"sft_qat": "cross-entropy", "kd": "reverse KL"})
     assert [ax.get_ylabel() for ax in fig.axes] == ["cross-entropy", "reverse KL"]

@@ -1,5 +1,6 @@
 """Stage `rl` and pipeline.train.rl: rewards on known completions, GRPO steps on a tiny quantized model (qat and
 lora), the saved policy's format, exact resume after a stop, the recipe checks."""
+
 import json
 import logging
 import os
@@ -22,8 +23,15 @@ from pipeline.engine.stage_api import StageContext
 from quant_tiny import one_thread, tiny_model, tiny_tokenizer
 
 SHAPE = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 32, "num_hidden_layers": 1}
-TINY_RL = {"steps": 2, "batch_size": 8, "num_generations": 4, "max_completion_length": 12, "lr": 1e-3,
-           "gradient_checkpointing": False, "checkpoint_every": 0}
+TINY_RL = {
+    "steps": 2,
+    "batch_size": 8,
+    "num_generations": 4,
+    "max_completion_length": 12,
+    "lr": 1e-3,
+    "gradient_checkpointing": False,
+    "checkpoint_every": 0,
+}
 PROBLEMS = [Problem(id=str(i), question=f"What is {i} + 1?", answer=str(i + 1)) for i in range(8)]
 
 
@@ -50,9 +58,17 @@ def train(init_dir, tmp_path, checkpointer=None, reward_funcs=(distinct_chars,),
 
     model, tok = load_quantized(init_dir), load_tokenizer(init_dir)
     with one_thread():
-        return grpo_train(model, tok, PROBLEMS, GRPOSettings(**{**TINY_RL, **settings}), out_dir=tmp_path / "out",
-                          checkpointer=checkpointer or Checkpointer(tmp_path / "ckpt"), seed=0,
-                          reward_funcs=list(reward_funcs), reward_weights=[1.0] * len(reward_funcs))
+        return grpo_train(
+            model,
+            tok,
+            PROBLEMS,
+            GRPOSettings(**{**TINY_RL, **settings}),
+            out_dir=tmp_path / "out",
+            checkpointer=checkpointer or Checkpointer(tmp_path / "ckpt"),
+            seed=0,
+            reward_funcs=list(reward_funcs),
+            reward_weights=[1.0] * len(reward_funcs),
+        )
 
 
 def rows(tmp_path):
@@ -61,16 +77,19 @@ def rows(tmp_path):
 
 # -- rewards -------------------------------------------------------------------------------------
 
+
 def test_rewards_on_known_completions():
-    completions = ["<think>4 plus 4 is 8.</think> The answer is \\boxed{8}.",
-                   "<think>4 plus 4 is 9.</think> \\boxed{9}",
-                   "<think>\\boxed{8} is tempting</think> so 9",  # the box in the reasoning does not count
-                   "4 plus 4 is 8",                                # no box: the last number is graded
-                   "The total is 1,008."]
+    completions = [
+        "<think>4 plus 4 is 8.</think> The answer is \\boxed{8}.",
+        "<think>4 plus 4 is 9.</think> \\boxed{9}",
+        "<think>\\boxed{8} is tempting</think> so 9",  # the box in the reasoning does not count
+        "4 plus 4 is 8",  # no box: the last number is graded
+        "The total is 1,008.",
+    ]
     gold = ["8", "8", "8", "8", "1008"]
     assert accuracy_reward(completions, gold) == [1.0, 0.0, 0.0, 1.0, 1.0]
     assert format_reward(completions) == [1.0, 1.0, 0.0, 0.0, 0.0]
-    assert is_well_formed("so 3 + 5 = 8</think>\n\\boxed{8}")       # template opened the think block
+    assert is_well_formed("so 3 + 5 = 8</think>\n\\boxed{8}")  # template opened the think block
     assert not is_well_formed("<think>a</think><think>b</think>\\boxed{1}")
     assert not is_well_formed("x <think>a</think> \\boxed{1}")
     assert not is_well_formed("<think>a</think> 8")
@@ -93,8 +112,9 @@ def test_decoding_weights_sample_the_same_tokens_and_leave_the_latent_weights_as
             once = generate_ids(model, prompts, spec, [tok.eos_token_id], tok.pad_token_id)
         with decoding_weights(model, torch.bfloat16):
             assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-            generate_ids(model, prompts, spec.model_copy(update={"backend": "static"}), [tok.eos_token_id],
-                         tok.pad_token_id)
+            generate_ids(
+                model, prompts, spec.model_copy(update={"backend": "static"}), [tok.eos_token_id], tok.pad_token_id
+            )
     assert once == per_token  # q(w) once or at every token: the same values, the same samples
     assert all(m.fake_quant for _, m in quant_linears(model))
     for n, p in model.named_parameters():
@@ -102,6 +122,7 @@ def test_decoding_weights_sample_the_same_tokens_and_leave_the_latent_weights_as
 
 
 # -- GRPO on the tiny model --------------------------------------------------------------------------
+
 
 def test_qat_steps_log_metrics_and_train_latent_weights_only(init_dir, tmp_path):
     policy, metrics = train(init_dir, tmp_path, reward_funcs=(accuracy_reward, format_reward, distinct_chars))
@@ -121,8 +142,9 @@ def test_qat_steps_log_metrics_and_train_latent_weights_only(init_dir, tmp_path)
 
 def test_lora_trains_only_the_adapters_and_returns_the_merged_quantized_model(init_dir, tmp_path):
     ckpt = Checkpointer(tmp_path / "ckpt")
-    policy, metrics = train(init_dir, tmp_path, ckpt, policy="lora", lr=1e-2, checkpoint_every=2,
-                            aqn={"sigma_start": 1e-2, "num_stages": 2})
+    policy, metrics = train(
+        init_dir, tmp_path, ckpt, policy="lora", lr=1e-2, checkpoint_every=2, aqn={"sigma_start": 1e-2, "num_stages": 2}
+    )
     step, state = ckpt.latest()
     assert step == 2 and state["model"] and all(".lora_A." in n or ".lora_B." in n for n in state["model"])
     base = load_quantized(init_dir)
@@ -144,10 +166,18 @@ def test_beta_in_qat_mode_uses_the_given_reference_and_logs_kl(init_dir, tmp_pat
     from pipeline.models import load_tokenizer
 
     with one_thread():
-        _, metrics = grpo_train(load_quantized(init_dir), load_tokenizer(init_dir), PROBLEMS,
-                                GRPOSettings(**{**TINY_RL, "beta": 0.1}), out_dir=tmp_path / "out",
-                                checkpointer=Checkpointer(tmp_path / "ckpt"), seed=0, ref_model=load_quantized(init_dir),
-                                reward_funcs=[distinct_chars], reward_weights=[1.0])
+        _, metrics = grpo_train(
+            load_quantized(init_dir),
+            load_tokenizer(init_dir),
+            PROBLEMS,
+            GRPOSettings(**{**TINY_RL, "beta": 0.1}),
+            out_dir=tmp_path / "out",
+            checkpointer=Checkpointer(tmp_path / "ckpt"),
+            seed=0,
+            ref_model=load_quantized(init_dir),
+            reward_funcs=[distinct_chars],
+            reward_weights=[1.0],
+        )
     got = rows(tmp_path)
     assert got[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
     assert got[1]["kl"] > 0 and metrics["kl"] > 0
@@ -183,19 +213,35 @@ def test_a_stop_checkpoints_and_the_rerun_resumes_to_the_uninterrupted_result(in
 
 # -- the stage --------------------------------------------------------------------------------------
 
+
 def recipe(**stage):
-    return parse_recipe({
-        "name": "t", "seed": 0, "model": {"path": "org/tiny", "dtype": "float32"}, "quant": "w3g128",
-        "data": {"testbed": {"train_size": 16, "test_size": 4}},
-        "stages": {"ptq": {"type": "ptq", "model": "model", "method": "rtn", "calibration_source": "generic"},
-                   "rl": {"type": "rl", "init": "ptq", **TINY_RL, "count": 8, **stage}}})
+    return parse_recipe(
+        {
+            "name": "t",
+            "seed": 0,
+            "model": {"path": "org/tiny", "dtype": "float32"},
+            "quant": "w3g128",
+            "data": {"testbed": {"train_size": 16, "test_size": 4}},
+            "stages": {
+                "ptq": {"type": "ptq", "model": "model", "method": "rtn", "calibration_source": "generic"},
+                "rl": {"type": "rl", "init": "ptq", **TINY_RL, "count": 8, **stage},
+            },
+        }
+    )
 
 
 def test_stage_trains_on_testbed_prompts_and_saves_a_quantized_policy(init_dir, tmp_path):
     rec = recipe(format_weight=0.5)
-    ctx = StageContext(name="rl", config=rec.stages["rl"], recipe=rec, out_dir=tmp_path / "out",
-                       inputs={"init": init_dir}, input_manifests={}, checkpointer=Checkpointer(tmp_path / "ckpt"),
-                       log=logging.getLogger("t"))
+    ctx = StageContext(
+        name="rl",
+        config=rec.stages["rl"],
+        recipe=rec,
+        out_dir=tmp_path / "out",
+        inputs={"init": init_dir},
+        input_manifests={},
+        checkpointer=Checkpointer(tmp_path / "ckpt"),
+        log=logging.getLogger("t"),
+    )
     with one_thread():
         metrics = rl_stage.run(ctx)
     assert metrics["steps"] == 2 and metrics["prompts"] == 8 and 0 <= metrics["accuracy"] <= 1
@@ -208,17 +254,27 @@ def test_stage_trains_on_testbed_prompts_and_saves_a_quantized_policy(init_dir, 
 
 def test_a_stage_seed_changes_what_rl_draws_and_not_the_prompts(init_dir, tmp_path):
     """`seed` on the stage gives another RL run of the same student (a seed row of a study)."""
+
     def run_stage(rec, where):
-        ctx = StageContext(name="rl", config=rec.stages["rl"], recipe=rec, out_dir=where / "out",
-                           inputs={"init": init_dir}, input_manifests={}, checkpointer=Checkpointer(where / "ckpt"),
-                           log=logging.getLogger("t"))
+        ctx = StageContext(
+            name="rl",
+            config=rec.stages["rl"],
+            recipe=rec,
+            out_dir=where / "out",
+            inputs={"init": init_dir},
+            input_manifests={},
+            checkpointer=Checkpointer(where / "ckpt"),
+            log=logging.getLogger("t"),
+        )
         with one_thread():
             rl_stage.run(ctx)
         return rows(where)
 
     # an untrained model earns no reward on testbed prompts, so only the rollouts can tell seeds apart
-    lengths = [[r["completion_length"] for r in run_stage(recipe(**seed), tmp_path / str(seed))]
-               for seed in ({}, {"seed": 0}, {"seed": 1})]
+    lengths = [
+        [r["completion_length"] for r in run_stage(recipe(**seed), tmp_path / str(seed))]
+        for seed in ({}, {"seed": 0}, {"seed": 1})
+    ]
     assert lengths[0] == lengths[1] != lengths[2]
 
 
@@ -228,18 +284,27 @@ def test_bad_settings_name_their_key():
     assert set(e.value.lines()) == {"stages.rl.lr: must be > 0", "stages.rl.temperature: must be > 0"}
     with pytest.raises(RecipeError, match="batch_size must be a multiple of num_generations"):
         recipe(batch_size=6)
-    with pytest.raises(RecipeError, match=r"stages.rl.init: 'model' \(the recipe's base model\) is a full-precision "
-                                          "model; needs a quantized model"):
+    with pytest.raises(
+        RecipeError,
+        match=r"stages.rl.init: 'model' \(the recipe's base model\) is a full-precision "
+        "model; needs a quantized model",
+    ):
         recipe(init="model")
 
 
 def test_init_may_be_the_base_model_when_it_is_a_quantized_model(init_dir, tmp_path):
     """A student from another recipe (model.path) trains as the stage's init; a plain base model does not."""
-    raw = {"name": "t", "seed": 0, "model": {"path": str(init_dir / "model"), "dtype": "float32"},
-           "quant": "w3g128", "data": {"testbed": {"train_size": 16, "test_size": 4}},
-           "stages": {"rl": {"type": "rl", "init": "model", **TINY_RL, "count": 8}}}
+    raw = {
+        "name": "t",
+        "seed": 0,
+        "model": {"path": str(init_dir / "model"), "dtype": "float32"},
+        "quant": "w3g128",
+        "data": {"testbed": {"train_size": 16, "test_size": 4}},
+        "stages": {"rl": {"type": "rl", "init": "model", **TINY_RL, "count": 8}},
+    }
     assert parse_recipe(raw).stages["rl"].init == "model"
     from quant_tiny import save_tiny
+
     raw["model"]["path"] = str(save_tiny(tmp_path / "plain"))
     with pytest.raises(RecipeError, match=r"'model' \(the recipe's base model\) is a full-precision model"):
         parse_recipe(raw)

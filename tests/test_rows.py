@@ -1,4 +1,5 @@
 """The one JSON Lines reader and writer: records hold the characters str.splitlines() breaks on; parquet."""
+
 import pytest
 
 from pipeline.engine.errors import InputError
@@ -25,10 +26,13 @@ def test_crlf_file_and_blank_lines(tmp_path):
     assert read_jsonl(path, "x") == [{"a": 1}, {"a": "\u2028"}]
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"a": 1}\n{"a": \n', "rows.jsonl:2: not JSON"),
-    ('[1, 2]\n', "rows.jsonl:1: expected a JSON object, got \\[1, 2\\]"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"a": 1}\n{"a": \n', "rows.jsonl:2: not JSON"),
+        ("[1, 2]\n", "rows.jsonl:1: expected a JSON object, got \\[1, 2\\]"),
+    ],
+)
 def test_bad_lines(tmp_path, content, message):
     path = tmp_path / "rows.jsonl"
     path.write_text(content)

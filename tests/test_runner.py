@@ -5,6 +5,7 @@ Stage types here are the test-only `make` and `gate` (tests/fake_make.py, tests/
 tests that need real processes and the real `sft` stage (kill -9, two ranks) are in
 test_runner_subprocess.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,11 @@ import pytest
 import yaml
 from conftest import TINY_MODEL
 
-CHAIN = {"a": {"type": "make", "value": 3},
-         "b": {"type": "make", "value": 4, "src": "a"},
-         "c": {"type": "make", "value": 5, "src": "b"}}
+CHAIN = {
+    "a": {"type": "make", "value": 3},
+    "b": {"type": "make", "value": 4, "src": "a"},
+    "c": {"type": "make", "value": 5, "src": "b"},
+}
 
 
 def states(run_cli, recipe, art, *extra):
@@ -84,7 +87,8 @@ def test_an_operational_key_changes_no_fingerprint(chain, fake_stages, run_cli):
 
     recipe, art = chain
     assert states(run_cli, recipe, art, "--set", "stages.b.checkpoint_every=7") == {
-        s: ("complete", "up to date") for s in "abc"}
+        s: ("complete", "up to date") for s in "abc"
+    }
     code, _, err = run_cli("run", recipe, "--artifacts", art, "--set", "stages.b.checkpoint_every=7")
     assert code == 0 and fake_stages.calls == [], err
 
@@ -121,8 +125,9 @@ def test_artifacts_fingerprinted_before_a_key_was_operational_stay_up_to_date(ch
         path = art / "t" / name / "manifest.json"
         manifest = json.loads(path.read_text())
         manifest["inputs"] = {f: upstream[stage] for f, stage in manifest["input_stages"].items()}
-        manifest["fingerprint"] = upstream[name] = fingerprint("make", manifest["config"], manifest["sections"],
-                                                                manifest["inputs"], manifest["code_version"])
+        manifest["fingerprint"] = upstream[name] = fingerprint(
+            "make", manifest["config"], manifest["sections"], manifest["inputs"], manifest["code_version"]
+        )
         path.write_text(json.dumps(manifest))
     a_now = json.loads((art / "t" / "a" / "manifest.json").read_text())
     assert upstream["a"] != fingerprint("make", {**a_now["config"], "checkpoint_every": 0}, {"seed": 0}, {}, 1)
@@ -141,12 +146,16 @@ def test_a_key_added_at_its_default_keeps_earlier_artifacts_up_to_date(chain, fa
     recipe, art = chain
     a = json.loads((art / "t" / "a" / "manifest.json").read_text())
     assert a["config"]["flavour"] == "plain"  # recorded, but hashed as the config was before the key existed
-    assert a["fingerprint"] == fingerprint("make", {k: v for k, v in a["config"].items() if k != "flavour"},
-                                           {"seed": 0}, {}, 1)
+    assert a["fingerprint"] == fingerprint(
+        "make", {k: v for k, v in a["config"].items() if k != "flavour"}, {"seed": 0}, {}, 1
+    )
     assert states(run_cli, recipe, art, "--set", "stages.b.flavour=plain") == {
-        s: ("complete", "up to date") for s in "abc"}
+        s: ("complete", "up to date") for s in "abc"
+    }
     assert states(run_cli, recipe, art, "--set", "stages.b.flavour=spicy")["b"] == (
-        "stale", "config changed: flavour <unset> -> spicy")
+        "stale",
+        "config changed: flavour <unset> -> spicy",
+    )
 
 
 def test_code_version_change_makes_stages_stale(chain, fake_stages, run_cli, monkeypatch):
@@ -182,8 +191,10 @@ def test_only_runs_one_stage_and_needs_its_inputs(chain, fake_stages, run_cli):
     before = sorted(p.name for p in (art / "t").iterdir())
     code, out, err = run_cli("run", recipe, "--artifacts", art, "--only", "c", "--set", "stages.b.lr=1e-5")
     assert code == 2 and fake_stages.calls == []
-    assert err.strip() == ("--only c: input 'src' (stage 'b') is not up to date (config changed: lr 0.0003 -> "
-                           "1e-05); run it first, or use --from")
+    assert err.strip() == (
+        "--only c: input 'src' (stage 'b') is not up to date (config changed: lr 0.0003 -> "
+        "1e-05); run it first, or use --from"
+    )
     assert sorted(p.name for p in (art / "t").iterdir()) == before
 
     # after an upstream re-run, downstream knows its input was re-run
@@ -231,11 +242,15 @@ def test_corrupted_file_is_detected_warned_and_rerun(chain, fake_stages, run_cli
 
 
 def test_gate_skips_and_downstream_reads_the_passthrough(fake_stages, write_recipe, tmp_path, run_cli):
-    recipe = write_recipe({"a": {"type": "make", "value": 3},
-                           "g": {"type": "gate", "src": "a", "threshold": 5},
-                           "b": {"type": "make", "value": 4, "src": "a", "when": "g"},
-                           "b2": {"type": "make", "value": 7, "src": "b", "when": "g"},
-                           "c": {"type": "make", "value": 5, "src": "b2"}})
+    recipe = write_recipe(
+        {
+            "a": {"type": "make", "value": 3},
+            "g": {"type": "gate", "src": "a", "threshold": 5},
+            "b": {"type": "make", "value": 4, "src": "a", "when": "g"},
+            "b2": {"type": "make", "value": 7, "src": "b", "when": "g"},
+            "c": {"type": "make", "value": 5, "src": "b2"},
+        }
+    )
     art = tmp_path / "art"
     code, out, err = run_cli("run", recipe, "--artifacts", art)
     assert code == 0, err
@@ -270,8 +285,9 @@ def test_gate_skips_and_downstream_reads_the_passthrough(fake_stages, write_reci
     assert (art / "t" / "c" / "out.txt").read_text() == "5<7<4<3"
     got = states(run_cli, recipe, art, "--set", "stages.g.threshold=9")
     assert got["b"] == ("complete", "up to date (ran past the failed gate with --force: gate 'g' did not pass)")
-    code, _, err = run_cli("run", recipe, "--artifacts", art, "--set", "stages.g.threshold=9",
-                           "--set", "stages.b.value=8")
+    code, _, err = run_cli(
+        "run", recipe, "--artifacts", art, "--set", "stages.g.threshold=9", "--set", "stages.b.value=8"
+    )
     assert code == 0, err
     assert fake_stages.calls == ["c"]  # b changed under a failed gate: skipped, c reads a again
     assert (art / "t" / "c" / "out.txt").read_text() == "5<3"
@@ -311,8 +327,9 @@ def test_interrupt_checkpoints_and_rerun_resumes(fake_stages, write_recipe, tmp_
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
     # a changed config is another fingerprint: its checkpoints are not this run's, and the run says so
-    discard = ("never run; discards the checkpoint of step 3, made with other settings "
-               "(config changed: interrupt_at 3 -> -1)")
+    discard = (
+        "never run; discards the checkpoint of step 3, made with other settings (config changed: interrupt_at 3 -> -1)"
+    )
     assert states(run_cli, recipe, art, "--set", "stages.a.interrupt_at=-1")["a"] == ("pending", discard)
     code, _, err = run_cli("run", recipe, "--artifacts", art, "--set", "stages.a.interrupt_at=-1")
     assert code == 0 and (art / "t" / "a" / "sub" / "start.txt").read_text() == "0"
@@ -340,20 +357,28 @@ def test_half_written_stage_never_looks_complete(chain, fake_stages, run_cli):
 def test_lock_refuses_a_second_run(chain, fake_stages, run_cli):
     recipe, art = chain
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, sys, time\n"
-         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-         "os.ftruncate(fd, 0)\n"
-         "os.write(fd, b'pid %d, started just now' % os.getpid())\n"
-         "print('locked', flush=True)\n"
-         "time.sleep(60)\n", str(art / "t" / ".lock")],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "os.ftruncate(fd, 0)\n"
+            "os.write(fd, b'pid %d, started just now' % os.getpid())\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(60)\n",
+            str(art / "t" / ".lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         code, _, err = run_cli("run", recipe, "--artifacts", art, "--force")
         assert code == 1 and fake_stages.calls == []
-        assert err.strip() == (f"{art}/t is in use by another run (pid {holder.pid}, started just now); "
-                               "wait for it to finish or stop it")
+        assert err.strip() == (
+            f"{art}/t is in use by another run (pid {holder.pid}, started just now); wait for it to finish or stop it"
+        )
     finally:
         holder.kill()
         holder.wait()
@@ -366,14 +391,23 @@ def test_status_shows_the_stage_another_process_is_running(chain, fake_stages, r
     recipe, art = chain
     root = Path(__file__).resolve().parents[1]
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\n"
-         "from pipeline.engine.store import Store\n"
-         "store = Store(sys.argv[1], 't')\n"
-         "with store.lock():\n"
-         "    store.mark_running('b')\n"
-         "    print('running b', flush=True)\n"
-         "    time.sleep(60)\n", str(art)],
-        stdout=subprocess.PIPE, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from pipeline.engine.store import Store\n"
+            "store = Store(sys.argv[1], 't')\n"
+            "with store.lock():\n"
+            "    store.mark_running('b')\n"
+            "    print('running b', flush=True)\n"
+            "    time.sleep(60)\n",
+            str(art),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
     try:
         assert holder.stdout.readline().strip() == "running b"
         got = states(run_cli, recipe, art)
@@ -434,19 +468,21 @@ def test_read_only_artifacts_status_and_a_run_with_nothing_to_do_work(fake_stage
         assert [line.split("│")[2].strip() for line in out.splitlines() if line.startswith("│")] == ["up to date"] * 3
 
         code, out, err = run_cli("run", recipe, "--artifacts", art, "--set", "stages.c.value=6")
-        assert code == 2 and err.strip() == (f"{art}/t: cannot write here (Permission denied), and stage 'c' needs "
-                                             "to run (config changed: value 5 -> 6)")
+        assert code == 2 and err.strip() == (
+            f"{art}/t: cannot write here (Permission denied), and stage 'c' needs to run (config changed: value 5 -> 6)"
+        )
         code, out, err = run_cli("run", recipe, "--artifacts", shared_dir / "new")
-        assert code == 2 and err.strip() == (f"{shared_dir}/new/t: cannot write here (Permission denied), and "
-                                             "stage 'a' needs to run (never run)")
+        assert code == 2 and err.strip() == (
+            f"{shared_dir}/new/t: cannot write here (Permission denied), and stage 'a' needs to run (never run)"
+        )
     assert fake_stages.calls == []
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in art.rglob("*")} == snapshot
     assert not (shared_dir / "new").exists()
 
 
-def test_a_signal_stops_a_stage_that_does_not_train_at_once(fake_stages, write_recipe, tmp_path, run_cli,
-                                                            monkeypatch):
+def test_a_signal_stops_a_stage_that_does_not_train_at_once(fake_stages, write_recipe, tmp_path, run_cli, monkeypatch):
     """Traces, eval, PTQ: nothing a checkpoint could keep, so the first SIGTERM stops them where they are."""
+
     def run(ctx):
         (ctx.out_dir / "half.txt").write_text("half")
         os.kill(os.getpid(), signal.SIGTERM)
@@ -486,8 +522,9 @@ def test_second_signal_stops_a_training_loop_at_once(fake_stages, write_recipe, 
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_a_signal_after_the_training_loop_waits_for_the_stage_to_be_saved(fake_stages, write_recipe, tmp_path,
-                                                                          run_cli, monkeypatch):
+def test_a_signal_after_the_training_loop_waits_for_the_stage_to_be_saved(
+    fake_stages, write_recipe, tmp_path, run_cli, monkeypatch
+):
     """What follows a loop is saving what it trained: the stage completes, then the run stops before the next."""
     real_run = fake_stages.run
 
@@ -500,7 +537,6 @@ def test_a_signal_after_the_training_loop_waits_for_the_stage_to_be_saved(fake_s
     recipe, art = write_recipe({"a": {"type": "make", "steps": 2}, "b": {"type": "make", "src": "a"}}), tmp_path / "art"
     code, _, err = run_cli("run", recipe, "--artifacts", art)
     assert code == 143
-    assert err.strip().splitlines()[-1] == ("stages.a: completed, then stopped by SIGTERM as asked; "
-                                            "re-run to continue")
+    assert err.strip().splitlines()[-1] == ("stages.a: completed, then stopped by SIGTERM as asked; re-run to continue")
     assert fake_stages.calls == ["a"]
     assert states(run_cli, recipe, art) == {"a": ("complete", "up to date"), "b": ("pending", "never run")}

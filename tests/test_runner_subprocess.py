@@ -1,6 +1,7 @@
 """The runner in real processes with the real stages: kill -9, a damaged checkpoint and resume (`sft`), two ranks
 under torchrun (`sft`; a tiny kd_qat recipe, which must train the model one process trains) and under DeepSpeed
 ZeRO-2/3 (kd_qat, the same student; kill -9 and resume give the uninterrupted run's student)."""
+
 from __future__ import annotations
 
 import json
@@ -59,10 +60,21 @@ def test_kill_9_then_a_truncated_checkpoint_then_rerun_resumes_from_the_one_befo
     killed, clean = tmp_path / "killed", tmp_path / "clean"
 
     # the reference run goes alongside, in its own process with the same settings
-    reference = subprocess.Popen(_cli("run", str(recipe), "--artifacts", str(clean)), env=env, cwd=tmp_path,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    proc = subprocess.Popen(_cli("run", str(recipe), "--artifacts", str(killed)), env=env, cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reference = subprocess.Popen(
+        _cli("run", str(recipe), "--artifacts", str(clean)),
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc = subprocess.Popen(
+        _cli("run", str(recipe), "--artifacts", str(killed)),
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoints = killed / "tiny" / ".partial" / "teacher" / "checkpoints"
     deadline = time.monotonic() + 120
     while len(list(checkpoints.glob("step-*"))) < 2:
@@ -81,11 +93,16 @@ def test_kill_9_then_a_truncated_checkpoint_then_rerun_resumes_from_the_one_befo
 
     code, out, _ = run_cli("status", recipe, "--artifacts", killed, "--json")
     assert code == 0
-    assert json.loads(out)["stages"][0] == {"name": "teacher", "type": "sft", "state": "pending",
-                                            "reason": f"never run; resumes from step {step}"}
+    assert json.loads(out)["stages"][0] == {
+        "name": "teacher",
+        "type": "sft",
+        "state": "pending",
+        "reason": f"never run; resumes from step {step}",
+    }
 
-    resumed = subprocess.run(_cli("run", str(recipe), "--artifacts", str(killed)), env=env, cwd=tmp_path,
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        _cli("run", str(recipe), "--artifacts", str(killed)), env=env, cwd=tmp_path, capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr
     log = (killed / "tiny" / "run.log").read_text()
     assert f"checkpoint {newest.name} is damaged: shared.safetensors is 1000 bytes" in log
@@ -117,8 +134,14 @@ stages:
   traces: {{type: traces, model: model, count: 1000, generation: {{max_new_tokens: 400, batch_size: 8}}}}
 """)
     art = tmp_path / "art"
-    proc = subprocess.Popen(_cli("run", recipe, "--artifacts", art), env=_env(), cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _cli("run", recipe, "--artifacts", art),
+        env=_env(),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     run_log = art / "tiny" / "run.log"
     deadline = time.monotonic() + 120
     while not (run_log.is_file() and "stages.traces: running" in run_log.read_text()):
@@ -155,8 +178,9 @@ def test_two_processes_share_one_run(tmp_path, run_cli):
     assert log.count("stages.teacher: running (never run)") == 1  # only the main rank writes run.log
     assert "in use by another run" not in done.stdout + done.stderr
 
-    code, out, _ = run_cli("status", recipe, "--artifacts", tmp_path / "art", "--json",
-                           "--set", "stages.teacher.steps=8")
+    code, out, _ = run_cli(
+        "status", recipe, "--artifacts", tmp_path / "art", "--json", "--set", "stages.teacher.steps=8"
+    )
     assert code == 0 and json.loads(out)["stages"][0]["state"] == "complete"
 
 
@@ -166,29 +190,45 @@ def test_two_processes_train_the_kd_qat_student_that_one_process_trains(tmp_path
     pytest.importorskip("stages.kd_qat")
     recipe = _kd_qat_recipe(write_recipe, checkpoint_every=2)
     two, one = tmp_path / "two", tmp_path / "one"
-    done = subprocess.run(_torchrun("run", recipe, "--artifacts", two), env=_env(), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        _torchrun("run", recipe, "--artifacts", two),
+        env=_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((two / "tiny" / "student" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["metrics"]["steps"] == 4
     assert not (two / "tiny" / ".partial").exists()  # the checkpoints of steps 2 and 4 went with the stage
     log = (two / "tiny" / "run.log").read_text()
-    for line in ("stages.student: running (never run)", "stages.student: student: kd on 16 traces",
-                 "stages.student: done in"):
+    for line in (
+        "stages.student: running (never run)",
+        "stages.student: student: kd on 16 traces",
+        "stages.student: done in",
+    ):
         assert log.count(line) == 1, line  # only the main rank writes run.log
     traces = [json.loads(line) for line in open(two / "tiny" / "traces" / "traces.jsonl")]
     assert len({t["num_tokens"] for t in traces}) > 1
 
     shutil.copytree(two, one)
-    alone = subprocess.run(_cli("run", recipe, "--artifacts", one, "--only", "student"), env=_env(), cwd=tmp_path,
-                           capture_output=True, text=True, timeout=300)
+    alone = subprocess.run(
+        _cli("run", recipe, "--artifacts", one, "--only", "student"),
+        env=_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert alone.returncode == 0, alone.stderr[-3000:]
     _assert_same_student(two, one)
 
 
 @pytest.mark.parametrize("zero_stage, grad_accum", [(2, 1), (3, 2)])
 def test_kd_qat_under_deepspeed_trains_the_student_that_one_process_trains_and_resumes_after_kill_9(
-        tmp_path, write_recipe, zero_stage, grad_accum):
+    tmp_path, write_recipe, zero_stage, grad_accum
+):
     """`accelerate launch` with DeepSpeed ZeRO-2/3 on 2 CPU ranks (gloo) runs kd_qat (the teacher outside the
     engine, replicated) and saves, from the main rank, the student one process trains. ZeRO-3 with no
     parameter left whole (persistence threshold 0), so that a save of the shards instead of the gathered
@@ -201,23 +241,54 @@ def test_kd_qat_under_deepspeed_trains_the_student_that_one_process_trains_and_r
     one, ds, killed = tmp_path / "one", tmp_path / "ds", tmp_path / "killed"
     # micro-batches of 2 rows (a 1-row one, unpadded, moves the near-zero first KD loss by 2e-5 relative)
     sets = ("--set", f"stages.student.grad_accum={grad_accum}", "--set", f"stages.student.batch_size={4 * grad_accum}")
-    done = subprocess.run(_cli("run", recipe, "--artifacts", one, *sets), env=_env(), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        _cli("run", recipe, "--artifacts", one, *sets),
+        env=_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     shutil.copytree(one, ds)
     shutil.copytree(one, killed)
     shutil.rmtree(killed / "tiny" / "student")  # never run there, so that status speaks of the resume
     config = tmp_path / "ds.json"
-    config.write_text(json.dumps({
-        "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0},
-        **dict.fromkeys(("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
-                         "gradient_clipping"), "auto")}))
+    config.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0},
+                **dict.fromkeys(
+                    (
+                        "train_micro_batch_size_per_gpu",
+                        "gradient_accumulation_steps",
+                        "train_batch_size",
+                        "gradient_clipping",
+                    ),
+                    "auto",
+                ),
+            }
+        )
+    )
 
     def launch(artifacts: Path) -> list[str]:
-        return [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--deepspeed_config_file",
-                str(config), "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no", *_cli("run", recipe, "--artifacts", artifacts, "--only", "student",
-                                                *sets)[1:]]
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--use_deepspeed",
+            "--deepspeed_config_file",
+            str(config),
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            *_cli("run", recipe, "--artifacts", artifacts, "--only", "student", *sets)[1:],
+        ]
 
     env = {**_env(), "DS_ACCELERATOR": "cpu"}
     done = subprocess.run(launch(ds), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -230,10 +301,19 @@ def test_kd_qat_under_deepspeed_trains_the_student_that_one_process_trains_and_r
 
     frozen = tmp_path / "frozen"
     frozen.mkdir()
-    freeze = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "freeze_after_checkpoint"), env["PYTHONPATH"]]),
-              "FREEZE_AFTER_CHECKPOINT": "2", "FREEZE_DIR": str(frozen)}
-    proc = subprocess.Popen(launch(killed), env={**env, **freeze}, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    freeze = {
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "freeze_after_checkpoint"), env["PYTHONPATH"]]),
+        "FREEZE_AFTER_CHECKPOINT": "2",
+        "FREEZE_DIR": str(frozen),
+    }
+    proc = subprocess.Popen(
+        launch(killed),
+        env={**env, **freeze},
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while len(list(frozen.glob("rank-?"))) < 2:
@@ -247,12 +327,28 @@ def test_kd_qat_under_deepspeed_trains_the_student_that_one_process_trains_and_r
         proc.wait()
     checkpoint = killed / "tiny" / ".partial" / "student" / "checkpoints" / "step-000000002"
     assert sorted(p.name for p in checkpoint.iterdir()) == [
-        "manifest.json", "rank-00000.json", "rank-00000.safetensors", "rank-00001.json", "rank-00001.safetensors",
-        "shared.json", "shared.safetensors"]
-    status = subprocess.run(_cli("status", recipe, "--artifacts", killed, "--json", *sets), env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
-    assert {"name": "student", "type": "kd_qat", "state": "pending",
-            "reason": "never run; resumes from step 2"} in json.loads(status.stdout)["stages"]
+        "manifest.json",
+        "rank-00000.json",
+        "rank-00000.safetensors",
+        "rank-00001.json",
+        "rank-00001.safetensors",
+        "shared.json",
+        "shared.safetensors",
+    ]
+    status = subprocess.run(
+        _cli("status", recipe, "--artifacts", killed, "--json", *sets),
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert {
+        "name": "student",
+        "type": "kd_qat",
+        "state": "pending",
+        "reason": "never run; resumes from step 2",
+    } in json.loads(status.stdout)["stages"]
 
     done = subprocess.run(launch(killed), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -268,7 +364,8 @@ def test_kd_qat_under_deepspeed_trains_the_student_that_one_process_trains_and_r
 
 @pytest.mark.parametrize("grad_accum", [2])
 def test_kd_qat_under_fsdp2_trains_the_student_that_one_process_trains_and_resumes_after_kill_9(
-        tmp_path, write_recipe, grad_accum):
+    tmp_path, write_recipe, grad_accum
+):
     """`accelerate launch --use_fsdp --fsdp_version 2` on 2 CPU ranks (gloo) runs kd_qat with the student's
     decoder layers and the teacher sharded, and saves, from the main rank, the whole student one process
     trains. Then the same run killed with -9 after its checkpoint of step 2 (every rank's shards of the
@@ -278,8 +375,14 @@ def test_kd_qat_under_fsdp2_trains_the_student_that_one_process_trains_and_resum
     recipe = _kd_qat_recipe(write_recipe, checkpoint_every=2)
     one, fsdp, killed = tmp_path / "one", tmp_path / "fsdp", tmp_path / "killed"
     sets = ("--set", f"stages.student.grad_accum={grad_accum}", "--set", f"stages.student.batch_size={4 * grad_accum}")
-    done = subprocess.run(_cli("run", recipe, "--artifacts", one, *sets), env=_env(), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        _cli("run", recipe, "--artifacts", one, *sets),
+        env=_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     shutil.copytree(one, fsdp)
     shutil.copytree(one, killed)
@@ -287,9 +390,23 @@ def test_kd_qat_under_fsdp2_trains_the_student_that_one_process_trains_and_resum
 
     def launch(artifacts: Path) -> list[str]:
         # no wrap policy named: the loop shards each decoder layer on its own all the same
-        return [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
-                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                *_cli("run", recipe, "--artifacts", artifacts, "--only", "student", *sets)[1:]]
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--use_fsdp",
+            "--fsdp_version",
+            "2",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            *_cli("run", recipe, "--artifacts", artifacts, "--only", "student", *sets)[1:],
+        ]
 
     env = _env()
     done = subprocess.run(launch(fsdp), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -303,10 +420,19 @@ def test_kd_qat_under_fsdp2_trains_the_student_that_one_process_trains_and_resum
 
     frozen = tmp_path / "frozen"
     frozen.mkdir()
-    freeze = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "freeze_after_checkpoint"), env["PYTHONPATH"]]),
-              "FREEZE_AFTER_CHECKPOINT": "2", "FREEZE_DIR": str(frozen)}
-    proc = subprocess.Popen(launch(killed), env={**env, **freeze}, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    freeze = {
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "freeze_after_checkpoint"), env["PYTHONPATH"]]),
+        "FREEZE_AFTER_CHECKPOINT": "2",
+        "FREEZE_DIR": str(frozen),
+    }
+    proc = subprocess.Popen(
+        launch(killed),
+        env={**env, **freeze},
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while len(list(frozen.glob("rank-?"))) < 2:
@@ -320,8 +446,14 @@ def test_kd_qat_under_fsdp2_trains_the_student_that_one_process_trains_and_resum
         proc.wait()
     checkpoint = killed / "tiny" / ".partial" / "student" / "checkpoints" / "step-000000002"
     assert sorted(p.name for p in checkpoint.iterdir()) == [
-        "manifest.json", "rank-00000.json", "rank-00000.safetensors", "rank-00001.json", "rank-00001.safetensors",
-        "shared.json", "shared.safetensors"]
+        "manifest.json",
+        "rank-00000.json",
+        "rank-00000.safetensors",
+        "rank-00001.json",
+        "rank-00001.safetensors",
+        "shared.json",
+        "shared.safetensors",
+    ]
     assert not load_file(checkpoint / "shared.safetensors")  # weights and AdamW state are in the ranks' parts
     whole = load_file(one / "tiny" / "ptq" / "model" / "model.safetensors")
     parts = []
@@ -332,11 +464,24 @@ def test_kd_qat_under_fsdp2_trains_the_student_that_one_process_trains_and_resum
     assert parts[0].keys() == parts[1].keys() and "model.layers.0.mlp.down_proj.weight" in parts[0]
     for name, shard in parts[0].items():
         # each rank holds its half of every parameter (dim 0), the decoder layers' QuantLinear weights among them
-        assert shard.shape[0] + parts[1][name].shape[0] == whole[name].shape[0] and shard.shape[1:] == whole[name].shape[1:]
-    status = subprocess.run(_cli("status", recipe, "--artifacts", killed, "--json", *sets), env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
-    assert {"name": "student", "type": "kd_qat", "state": "pending",
-            "reason": "never run; resumes from step 2"} in json.loads(status.stdout)["stages"]
+        assert (
+            shard.shape[0] + parts[1][name].shape[0] == whole[name].shape[0]
+            and shard.shape[1:] == whole[name].shape[1:]
+        )
+    status = subprocess.run(
+        _cli("status", recipe, "--artifacts", killed, "--json", *sets),
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert {
+        "name": "student",
+        "type": "kd_qat",
+        "state": "pending",
+        "reason": "never run; resumes from step 2",
+    } in json.loads(status.stdout)["stages"]
 
     done = subprocess.run(launch(killed), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -352,27 +497,62 @@ def test_kd_qat_under_fsdp2_trains_the_student_that_one_process_trains_and_resum
 
 def _kd_qat_recipe(write_recipe, checkpoint_every: int) -> Path:
     """teacher (sft) -> traces -> ptq (RTN) -> student (kd_qat), all tiny."""
-    return write_recipe({
-        "teacher": {"type": "sft", "steps": 4, "batch_size": 8, "lr": 3e-3, "warmup_steps": 1, "checkpoint_every": 0},
-        # sampled from an untrained teacher: completions end early or not at all, so the ranks' shares of a
-        # batch hold different numbers of label tokens, where a per-rank mean loss would differ from the global one
-        "traces": {"type": "traces", "model": "teacher", "count": 16,
-                   "generation": {"max_new_tokens": 48, "batch_size": 16, "temperature": 1.0}},
-        "ptq": {"type": "ptq", "model": "teacher", "calibration": "traces", "method": "rtn", "nsamples": 4,
-                "seqlen": 64},
-        "student": {"type": "kd_qat", "init": "ptq", "teacher": "teacher", "data": "traces", "only_correct": False,
-                    "steps": 4, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "checkpoint_every": checkpoint_every},
-    }, name="tiny", quant={"weights": {"num_bits": 3, "group_size": 32, "symmetric": False}},
-        data={"task": "testbed", "testbed": {"min_steps": 1, "max_steps": 2, "max_number": 20, "train_size": 100,
-                                             "test_size": 4}})
+    return write_recipe(
+        {
+            "teacher": {
+                "type": "sft",
+                "steps": 4,
+                "batch_size": 8,
+                "lr": 3e-3,
+                "warmup_steps": 1,
+                "checkpoint_every": 0,
+            },
+            # sampled from an untrained teacher: completions end early or not at all, so the ranks' shares of a
+            # batch hold different numbers of label tokens, where a per-rank mean loss would differ from the global one
+            "traces": {
+                "type": "traces",
+                "model": "teacher",
+                "count": 16,
+                "generation": {"max_new_tokens": 48, "batch_size": 16, "temperature": 1.0},
+            },
+            "ptq": {
+                "type": "ptq",
+                "model": "teacher",
+                "calibration": "traces",
+                "method": "rtn",
+                "nsamples": 4,
+                "seqlen": 64,
+            },
+            "student": {
+                "type": "kd_qat",
+                "init": "ptq",
+                "teacher": "teacher",
+                "data": "traces",
+                "only_correct": False,
+                "steps": 4,
+                "batch_size": 4,
+                "lr": 1e-2,
+                "warmup_steps": 1,
+                "checkpoint_every": checkpoint_every,
+            },
+        },
+        name="tiny",
+        quant={"weights": {"num_bits": 3, "group_size": 32, "symmetric": False}},
+        data={
+            "task": "testbed",
+            "testbed": {"min_steps": 1, "max_steps": 2, "max_number": 20, "train_size": 100, "test_size": 4},
+        },
+    )
 
 
 def _assert_same_student(two: Path, one: Path) -> None:
     """The kd_qat students (metrics and weights) under `two` (several ranks) and `one` (one process) agree."""
     from pipeline.quant.formats.io import load_quantized
 
-    rows = {n: [json.loads(line) for line in open(d / "tiny" / "student" / "metrics.jsonl")]
-            for n, d in (("two", two), ("one", one))}
+    rows = {
+        n: [json.loads(line) for line in open(d / "tiny" / "student" / "metrics.jsonl")]
+        for n, d in (("two", two), ("one", one))
+    }
     # the same sums in another order (per-rank partial sums, narrower padding, gloo's all-reduce, then
     # / 2) differ by float32 rounding, ~1e-7 per operation, grown over 4 Adam steps (seen: <= 1e-6
     # relative); averaging the loss per rank instead of over the global batch's label tokens is off by

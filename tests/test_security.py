@@ -1,6 +1,7 @@
 """Loading is closed: custom code runs only when the recipe trusts it and stdin is never read; pickled
 weights are never unpickled; a stage folder whose files no longer match its manifest is refused; a
 model.path that holds no usable model is one line at validate time. Each refusal: exit 2, one line."""
+
 import builtins
 import json
 import pickle
@@ -46,17 +47,25 @@ def no_prompt(monkeypatch):
 def _evil_dir(path: Path, marker: Path, layout: str = "plain") -> Path:
     """A model folder whose config and tokenizer load only through its own evil.py, which writes `marker`."""
     path.mkdir(parents=True)
-    config = {"model_type": "evil_thing",
-              "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}}
+    config = {
+        "model_type": "evil_thing",
+        "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"},
+    }
     if layout == "compressed-tensors":
         config["quantization_config"] = {"quant_method": "compressed-tensors", "config_groups": {}}
     (path / "config.json").write_text(json.dumps(config))
-    (path / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}}))
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}})
+    )
     (path / "evil.py").write_text(EVIL_CODE.format(marker=str(marker)))
     save_file({"w": torch.zeros(1)}, path / "model.safetensors")
     if layout == "ours":
-        record = {"format": FORMAT, "version": FORMAT_VERSION, "spec": W4_CHANNEL.model_dump(mode="json"),
-                  "modules": []}
+        record = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "spec": W4_CHANNEL.model_dump(mode="json"),
+            "modules": [],
+        }
         (path / QUANT_CONFIG).write_text(json.dumps(record))
     return path
 
@@ -73,6 +82,7 @@ def _one_line(code: int, stderr: str, expected: str) -> None:
 
 
 # -- 1. custom code -------------------------------------------------------------------------------
+
 
 def test_the_evil_folder_does_run_its_code_when_trusted(tmp_path, monkeypatch):
     """The fixture is a real attack: with trust_remote_code on, loading its config runs evil.py."""
@@ -107,20 +117,25 @@ def test_a_call_that_leaves_trust_unset_refuses_instead_of_prompting(tmp_path, n
 def test_cli_refuses_custom_code_in_one_line(tmp_path, run_cli, no_prompt, command):
     marker = tmp_path / "marker"
     evil = _evil_dir(tmp_path / "evil", marker, "ours")
-    argv = {"validate": ["validate", _recipe(tmp_path, {"path": str(evil)})],
-            "eval": ["eval", evil, "--limit", "1"],
-            "export": ["export", evil, "--out", tmp_path / "out"]}[command]
+    argv = {
+        "validate": ["validate", _recipe(tmp_path, {"path": str(evil)})],
+        "eval": ["eval", evil, "--limit", "1"],
+        "export": ["export", evil, "--out", tmp_path / "out"],
+    }[command]
     code, _, stderr = run_cli(*argv)
-    where, allow = {"validate": ("model.path", "set model.trust_remote_code: true"),
-                    "eval": ("MODEL_DIR", "pass --trust-remote-code"),
-                    "export": ("stage_dir", "pass --trust-remote-code")}[command]
+    where, allow = {
+        "validate": ("model.path", "set model.trust_remote_code: true"),
+        "eval": ("MODEL_DIR", "pass --trust-remote-code"),
+        "export": ("stage_dir", "pass --trust-remote-code"),
+    }[command]
     _one_line(code, stderr, f"{where}: {evil} needs custom code (auto_map); {allow} to allow it")
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
 DRIVER = """
 import json, sys
-import pipeline.evaluation, pipeline.quant.formats.export, pipeline.engine.recipe  # import-time warnings of the environment first
+# import-time warnings of the environment first
+import pipeline.evaluation, pipeline.quant.formats.export, pipeline.engine.recipe
 from pipeline import cli
 for argv in json.loads(sys.argv[1]):
     print("--- " + argv[0], file=sys.stderr, flush=True)
@@ -134,10 +149,19 @@ def test_cli_processes_with_y_on_stdin_refuse_and_leave_stdin_unread(tmp_path):
     holding "y\\n": each exits 2 with one line, the marker is never written, and "y\\n" is still unread."""
     marker = tmp_path / "marker"
     evil = _evil_dir(tmp_path / "evil", marker, "ours")
-    commands = [["validate", str(_recipe(tmp_path, {"path": str(evil)}))], ["eval", str(evil), "--limit", "1"],
-                ["export", str(evil), "--out", str(tmp_path / "out")]]
-    done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(commands)], input="y\n", capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
+    commands = [
+        ["validate", str(_recipe(tmp_path, {"path": str(evil)}))],
+        ["eval", str(evil), "--limit", "1"],
+        ["export", str(evil), "--out", str(tmp_path / "out")],
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER, json.dumps(commands)],
+        input="y\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     results = [json.loads(line) for line in done.stdout.splitlines()]
     assert results == [{"validate": 2}, {"eval": 2}, {"export": 2}, {"stdin left": "y\n"}]
@@ -149,6 +173,7 @@ def test_cli_processes_with_y_on_stdin_refuse_and_leave_stdin_unread(tmp_path):
 
 
 # -- 2. corrupted stage folders --------------------------------------------------------------------
+
 
 def _stage(tmp_path: Path, quantized: bool) -> Path:
     """A stage directory committed by the store (manifest with sha256s): a tiny model, quantized or not."""
@@ -172,8 +197,10 @@ def _flip_tail(path: Path, n: int = 4096) -> None:
 
 
 def _corrupt_message(where: str, stage: Path) -> str:
-    return (f"{where}: {stage}: model/model.safetensors changed on disk since it was written "
-            "(checked against its manifest.json); re-run the stage that wrote it")
+    return (
+        f"{where}: {stage}: model/model.safetensors changed on disk since it was written "
+        "(checked against its manifest.json); re-run the stage that wrote it"
+    )
 
 
 @pytest.mark.parametrize("inner", [False, True], ids=["stage-dir", "its-model-dir"])
@@ -202,8 +229,12 @@ def test_a_recipe_on_a_corrupted_stage_fails_validation(tmp_path, run_cli, capsy
     stage = _stage(tmp_path, quantized=True)
     capsys.readouterr()
     # a quantized base model is evaluated (a ptq stage would be refused: it needs a full-precision model)
-    recipe = _recipe(tmp_path, {"path": str(stage)}, {"type": "eval", "model": "model", "bench": "testbed", "limit": 2},
-                     quant=W4_CHANNEL.model_dump(mode="json"))
+    recipe = _recipe(
+        tmp_path,
+        {"path": str(stage)},
+        {"type": "eval", "model": "model", "bench": "testbed", "limit": 2},
+        quant=W4_CHANNEL.model_dump(mode="json"),
+    )
     assert run_cli("validate", recipe)[0] == 0  # intact: accepted
     _flip_tail(stage / "model" / "model.safetensors")
     code, _, stderr = run_cli("run", recipe, "--artifacts", tmp_path / "out")
@@ -212,6 +243,7 @@ def test_a_recipe_on_a_corrupted_stage_fails_validation(tmp_path, run_cli, capsy
 
 
 # -- 3. pickled weights ----------------------------------------------------------------------------
+
 
 class _WritesMarker:
     """Unpickling this runs code: it writes a file."""
@@ -231,8 +263,11 @@ def _pickle_dir(tmp_path: Path, marker: Path, quantized: bool) -> Path:
     (path / "pytorch_model.bin").write_bytes(pickle.dumps(_WritesMarker(marker)))
     if quantized:  # as a compressed-tensors export's config says
         config = json.loads((path / "config.json").read_text())
-        config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized",
-                                         "config_groups": {}}
+        config["quantization_config"] = {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "config_groups": {},
+        }
         (path / "config.json").write_text(json.dumps(config))
     return path
 
@@ -250,7 +285,9 @@ def test_pickle_weights_are_refused_everywhere(tmp_path, run_cli, capsys, monkey
     capsys.readouterr()
     loads = []
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a))
-    expected = f"{folder} has pickle weights only (pytorch_model.bin); they are never loaded, save the model as safetensors"
+    expected = (
+        f"{folder} has pickle weights only (pytorch_model.bin); they are never loaded, save the model as safetensors"
+    )
     argv = ["export", folder, "--out", tmp_path / "ckpt"] if quantized else ["eval", folder, "--limit", "1"]
     code, _, stderr = run_cli(*argv)
     _one_line(code, stderr, f"{'stage_dir' if quantized else 'MODEL_DIR'}: {expected}")
@@ -263,13 +300,17 @@ def test_pickle_weights_are_refused_everywhere(tmp_path, run_cli, capsys, monkey
 
 # -- 4. bad model paths ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case, problem", [
-    ("file", " is a file, not a model directory"),
-    ("empty", " holds no model (no config.json in it or in its model/ folder)"),
-    ("config-only", " has a config.json but no weights (*.safetensors)"),
-    ("bad-json", "/config.json is not valid JSON"),
-    ("unknown-type", ": The checkpoint you are trying to load has model type `no_such_type`"),
-])
+
+@pytest.mark.parametrize(
+    "case, problem",
+    [
+        ("file", " is a file, not a model directory"),
+        ("empty", " holds no model (no config.json in it or in its model/ folder)"),
+        ("config-only", " has a config.json but no weights (*.safetensors)"),
+        ("bad-json", "/config.json is not valid JSON"),
+        ("unknown-type", ": The checkpoint you are trying to load has model type `no_such_type`"),
+    ],
+)
 def test_bad_model_path_is_one_line_at_validate_and_run_writes_nothing(tmp_path, run_cli, case, problem):
     path = tmp_path / "m"
     if case == "file":

@@ -1,5 +1,6 @@
 """`reasoning-qat init`: the starting recipe for a tiny random-weight model folder validates, names the lowered
 group sizes and caps completions by the model's context; bad input is one line, exit 2, nothing written."""
+
 from __future__ import annotations
 
 import json
@@ -53,21 +54,30 @@ def test_name_default_out_and_group_note(models, tmp_path, monkeypatch, run_cli)
     assert "groups of 128 throughout" in text
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "{tmp}/nope", "--scheme", "w3g128"], "--model: no such directory: {tmp}/nope"),
-    (["--model", "{tmp}/empty", "--scheme", "w3g128"], "--model: {tmp}/empty holds no model (no config.json"),
-    (["--model", "{tmp}/custom", "--scheme", "w3g128"], "--model: {tmp}/custom needs custom code (auto_map)"),
-    (["--model", "{qwen3}", "--scheme", "w2g64"], "--scheme: unknown scheme 'w2g64'; known: w3g128, w4a4kv4"),
-    (["--model", "{qwen3}", "--scheme", "w3g128", "--out", "{tmp}/taken.yaml"], "--out: {tmp}/taken.yaml exists"),
-    (["--model", "{qwen3}", "--scheme", "w3g128", "--out", "{tmp}/no/r.yaml"], "--out: no such directory: {tmp}/no"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "{tmp}/nope", "--scheme", "w3g128"], "--model: no such directory: {tmp}/nope"),
+        (["--model", "{tmp}/empty", "--scheme", "w3g128"], "--model: {tmp}/empty holds no model (no config.json"),
+        (["--model", "{tmp}/custom", "--scheme", "w3g128"], "--model: {tmp}/custom needs custom code (auto_map)"),
+        (["--model", "{qwen3}", "--scheme", "w2g64"], "--scheme: unknown scheme 'w2g64'; known: w3g128, w4a4kv4"),
+        (["--model", "{qwen3}", "--scheme", "w3g128", "--out", "{tmp}/taken.yaml"], "--out: {tmp}/taken.yaml exists"),
+        (
+            ["--model", "{qwen3}", "--scheme", "w3g128", "--out", "{tmp}/no/r.yaml"],
+            "--out: no such directory: {tmp}/no",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(models, args, message, tmp_path, monkeypatch, run_cli, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
     (tmp_path / "taken.yaml").write_text("mine")
     custom = save_tiny(tmp_path / "custom")
-    config = {**json.loads((custom / "config.json").read_text()), "model_type": "my_model",
-              "auto_map": {"AutoConfig": "my_code.MyConfig"}}  # a type only its own code defines
+    config = {
+        **json.loads((custom / "config.json").read_text()),
+        "model_type": "my_model",
+        "auto_map": {"AutoConfig": "my_code.MyConfig"},
+    }  # a type only its own code defines
     (custom / "config.json").write_text(json.dumps(config))
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     capsys.readouterr()  # saving the model's progress bar

@@ -1,4 +1,5 @@
 """The artifact store: hashes, atomic commit, partial directories, file checks, the lock."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,12 +14,18 @@ from pipeline.engine.store import LockedError, Store, fingerprint, hash_tree, sh
 
 
 def test_fingerprint_is_canonical_and_sensitive():
-    base = dict(stage_type="ptq", config={"lr": 1e-5, "b": [1, 2]}, sections={"seed": 0},
-                inputs={"init": "ab"}, code_version=1)
+    base = dict(
+        stage_type="ptq", config={"lr": 1e-5, "b": [1, 2]}, sections={"seed": 0}, inputs={"init": "ab"}, code_version=1
+    )
     fp = fingerprint(**base)
     assert fp == fingerprint(**{**base, "config": {"b": [1, 2], "lr": 0.00001}})  # key order, float spelling
-    for change in ({"config": {"lr": 2e-5, "b": [1, 2]}}, {"sections": {"seed": 1}}, {"inputs": {"init": "ac"}},
-                   {"code_version": 2}, {"stage_type": "kd_qat"}):
+    for change in (
+        {"config": {"lr": 2e-5, "b": [1, 2]}},
+        {"sections": {"seed": 1}},
+        {"inputs": {"init": "ac"}},
+        {"code_version": 2},
+        {"stage_type": "kd_qat"},
+    ):
         assert fingerprint(**{**base, **change}) != fp
     assert sha256_json({"a": 1}) == hashlib.sha256(b'{"a":1}').hexdigest()
 
@@ -122,4 +129,3 @@ def test_lock_is_exclusive_across_processes_and_dies_with_its_holder(tmp_path):
         assert f"pid {os.getpid()}" in (tmp_path / "r" / ".lock").read_text()
         assert store.holder()["pid"] == os.getpid()
     assert not (tmp_path / "r" / ".run.json").exists()
-

@@ -1,4 +1,5 @@
 """The testbed: deterministic, disjoint splits, correct chains of thought, difficulty knobs that bite."""
+
 import re
 import time
 

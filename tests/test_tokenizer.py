@@ -1,4 +1,5 @@
 """The testbed tokenizer loads and behaves like a Qwen3 tokenizer: chat format, special tokens, digits."""
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -29,13 +30,19 @@ def test_saved_in_hugging_face_format_and_loads_as_qwen(saved):
 
 def test_chat_template_is_qwen3s(saved):
     _, tok, _ = saved
-    assert chat_prompt(tok, "Q?") == ("<|im_start|>user\nQ?\nPlease reason step by step, and put your final answer "
-                                      "within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n")
-    no_think = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                       add_generation_prompt=True, enable_thinking=False)
+    assert chat_prompt(tok, "Q?") == (
+        "<|im_start|>user\nQ?\nPlease reason step by step, and put your final answer "
+        "within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    no_think = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
     assert no_think.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-    assert tok.apply_chat_template(turns, tokenize=False) == "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
+    assert (
+        tok.apply_chat_template(turns, tokenize=False)
+        == "<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\nb<|im_end|>\n"
+    )
 
 
 def test_round_trip_and_completion_boundary(saved):
@@ -49,6 +56,8 @@ def test_round_trip_and_completion_boundary(saved):
 
 def test_digits_are_single_tokens_and_words_are_merged(saved):
     _, tok, _ = saved
-    pieces = tok.convert_ids_to_tokens(tok("Mia has 4096 stickers: 12 * 3 = 36.", add_special_tokens=False)["input_ids"])
+    pieces = tok.convert_ids_to_tokens(
+        tok("Mia has 4096 stickers: 12 * 3 = 36.", add_special_tokens=False)["input_ids"]
+    )
     assert ["4", "0", "9", "6"] == pieces[3:7] and "Ġstickers" in pieces and "Mia" in pieces
     assert build_tokenizer().backend_tokenizer.to_str() == saved[0].backend_tokenizer.to_str()

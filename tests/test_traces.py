@@ -1,5 +1,6 @@
 """Stage traces (and eval) on a tiny model: rows written, only_correct, recipe checks, a run through the runner;
 traces.jsonl's one reader (pipeline.data.traces) as sft, kd_qat and ptq use it."""
+
 import json
 import logging
 from pathlib import Path
@@ -29,15 +30,29 @@ def model_dir(tmp_path_factory):
 
 
 def recipe_for(model_dir, stage: dict, **data):
-    return parse_recipe({"name": "t", "seed": 0, "model": {"path": str(model_dir), "dtype": "float32"},
-                         "data": data, "stages": {"traces": stage}})
+    return parse_recipe(
+        {
+            "name": "t",
+            "seed": 0,
+            "model": {"path": str(model_dir), "dtype": "float32"},
+            "data": data,
+            "stages": {"traces": stage},
+        }
+    )
 
 
 def run_stage(recipe, model_dir, out_dir) -> dict:
     out_dir.mkdir()
-    ctx = StageContext(name="traces", config=recipe.stages["traces"], recipe=recipe, out_dir=out_dir,
-                       inputs={"model": Path(model_dir)}, input_manifests={"model": {}}, checkpointer=None,
-                       log=logging.getLogger("test"))
+    ctx = StageContext(
+        name="traces",
+        config=recipe.stages["traces"],
+        recipe=recipe,
+        out_dir=out_dir,
+        inputs={"model": Path(model_dir)},
+        input_manifests={"model": {}},
+        checkpointer=None,
+        log=logging.getLogger("test"),
+    )
     return traces_stage.run(ctx)
 
 
@@ -46,8 +61,12 @@ def read_rows(path):
 
 
 def test_testbed_traces_on_tiny_model(model_dir, tmp_path):
-    stage = {"type": "traces", "model": "model", "count": 3,
-             "generation": {"max_new_tokens": 4, "temperature": 1.0, "num_samples": 2}}
+    stage = {
+        "type": "traces",
+        "model": "model",
+        "count": 3,
+        "generation": {"max_new_tokens": 4, "temperature": 1.0, "num_samples": 2},
+    }
     recipe = recipe_for(model_dir, stage)
     metrics = run_stage(recipe, model_dir, tmp_path / "out")
     rows = read_rows(tmp_path / "out" / "traces.jsonl")
@@ -72,7 +91,9 @@ def test_only_correct_keeps_graded_correct(model_dir, tmp_path, monkeypatch):
     problems = make_problems(TestbedSpec(), "train", n=4, seed=0)  # the recipe's default data.testbed
     solutions = {p.question: p.solution for p in problems}
 
-    def fake_generate(model, tokenizer, questions, spec, instruction):  # right on the 1st and 3rd prompt, wrong elsewhere
+    def fake_generate(
+        model, tokenizer, questions, spec, instruction
+    ):  # right on the 1st and 3rd prompt, wrong elsewhere
         texts = [solutions[q] if i % 2 == 0 else "\\boxed{-1}" for i, q in enumerate(questions)]
         return [[Completion(text=t, token_ids=[1, 2], num_tokens=2, truncated=False)] for t in texts]
 
@@ -85,13 +106,20 @@ def test_only_correct_keeps_graded_correct(model_dir, tmp_path, monkeypatch):
     assert (metrics["generated"], metrics["kept"], metrics["accuracy"]) == (4, 2, 0.5)
 
 
-@pytest.mark.parametrize("stage, data, where, text", [
-    ({"model": "model"}, {"task": "math500"}, "data.task", "no train split"),
-    ({"model": "model"}, {"task": "jsonl"}, "data.prompts_file", "must be set when data.task is jsonl"),
-    ({"model": "model"}, {"task": "gsm8k", "benchmarks_dir": "/nonexistent"}, "data.benchmarks_dir",
-     "no such file: /nonexistent/gsm8k_train.jsonl"),
-    ({"model": "model", "generation": {"num_samples": 2}}, {}, "stages.traces.generation", "needs temperature > 0"),
-])
+@pytest.mark.parametrize(
+    "stage, data, where, text",
+    [
+        ({"model": "model"}, {"task": "math500"}, "data.task", "no train split"),
+        ({"model": "model"}, {"task": "jsonl"}, "data.prompts_file", "must be set when data.task is jsonl"),
+        (
+            {"model": "model"},
+            {"task": "gsm8k", "benchmarks_dir": "/nonexistent"},
+            "data.benchmarks_dir",
+            "no such file: /nonexistent/gsm8k_train.jsonl",
+        ),
+        ({"model": "model", "generation": {"num_samples": 2}}, {}, "stages.traces.generation", "needs temperature > 0"),
+    ],
+)
 def test_recipe_checks(model_dir, stage, data, where, text):
     with pytest.raises(RecipeError) as err:
         recipe_for(model_dir, {"type": "traces", **stage}, **data)
@@ -99,10 +127,21 @@ def test_recipe_checks(model_dir, stage, data, where, text):
 
 
 def test_traces_then_eval_through_the_runner(model_dir, tmp_path, run_cli):
-    recipe = {"name": "evalrun", "seed": 0, "model": {"path": str(model_dir), "dtype": "float32"},
-              "stages": {"traces": {"type": "traces", "model": "model", "count": 2, "generation": {"max_new_tokens": 3}},
-                         "eval": {"type": "eval", "model": "model", "bench": "testbed", "limit": 2,
-                                  "generation": {"max_new_tokens": 3}}}}
+    recipe = {
+        "name": "evalrun",
+        "seed": 0,
+        "model": {"path": str(model_dir), "dtype": "float32"},
+        "stages": {
+            "traces": {"type": "traces", "model": "model", "count": 2, "generation": {"max_new_tokens": 3}},
+            "eval": {
+                "type": "eval",
+                "model": "model",
+                "bench": "testbed",
+                "limit": 2,
+                "generation": {"max_new_tokens": 3},
+            },
+        },
+    }
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     code, _, stderr = run_cli("run", path, "--artifacts", tmp_path / "art")
@@ -115,8 +154,13 @@ def test_traces_then_eval_through_the_runner(model_dir, tmp_path, run_cli):
 
 
 def test_only_correct_with_nothing_correct_fails_the_run(model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate_module, "generate", lambda model, tokenizer, questions, spec, instruction: [
-        [Completion(text="\\boxed{-1}", token_ids=[1], num_tokens=1, truncated=False)] for _ in questions])
+    monkeypatch.setattr(
+        evaluate_module,
+        "generate",
+        lambda model, tokenizer, questions, spec, instruction: [
+            [Completion(text="\\boxed{-1}", token_ids=[1], num_tokens=1, truncated=False)] for _ in questions
+        ],
+    )
     stage = {"type": "traces", "model": "model", "count": 2, "only_correct": True}
     with pytest.raises(RuntimeError, match="no completion was graded correct"):
         run_stage(recipe_for(model_dir, stage), model_dir, tmp_path / "out")
@@ -135,13 +179,14 @@ def odd_traces(model_dir, tmp_path, monkeypatch):
     solutions = {p.question: p.solution for p in problems}
 
     def fake_generate(model, tokenizer, questions, spec, instruction):  # right on the 1st and 3rd prompt
-        texts = [f"{c}{solutions[q]}{c}" if i % 2 == 0 else f"{c}wrong \\boxed{{-1}}" for (i, q), c in
-                 zip(enumerate(questions), BREAKERS)]
+        texts = [
+            f"{c}{solutions[q]}{c}" if i % 2 == 0 else f"{c}wrong \\boxed{{-1}}"
+            for (i, q), c in zip(enumerate(questions), BREAKERS)
+        ]
         return [[Completion(text=t, token_ids=[1, 2], num_tokens=2, truncated=False)] for t in texts]
 
     monkeypatch.setattr(evaluate_module, "generate", fake_generate)
-    recipe = recipe_for(model_dir, {"type": "traces", "model": "model", "count": 4},
-                        instruction="Answer in \\boxed{}.")
+    recipe = recipe_for(model_dir, {"type": "traces", "model": "model", "count": 4}, instruction="Answer in \\boxed{}.")
     run_stage(recipe, model_dir, tmp_path / "traces")
     return tmp_path / "traces", problems
 
@@ -173,8 +218,22 @@ def test_traces_with_line_separators_read_back(odd_traces, caplog):
 def test_training_traces_with_none_correct_names_only_correct(tmp_path):
     from pipeline.data.traces import Trace, training_traces, write_traces
 
-    write_traces([Trace(id=f"p{i}", question="q", answer="1", completion="2", correct=False, num_tokens=1,
-                        sample=0, truncated=False) for i in range(3)], tmp_path)
+    write_traces(
+        [
+            Trace(
+                id=f"p{i}",
+                question="q",
+                answer="1",
+                completion="2",
+                correct=False,
+                num_tokens=1,
+                sample=0,
+                truncated=False,
+            )
+            for i in range(3)
+        ],
+        tmp_path,
+    )
     with pytest.raises(RuntimeError) as err:
         training_traces(tmp_path, only_correct=True, stage="kd_qat", log=logging.getLogger("test"))
     assert str(err.value).startswith("stages.kd_qat.only_correct: none of the 3 traces was graded correct")
@@ -187,8 +246,16 @@ def test_traces_of_an_older_version_and_bad_rows(tmp_path):
     from pipeline.engine.errors import InputError
     from pipeline.data.traces import read_traces
 
-    row = {"id": "a", "question": "q", "answer": "1", "completion": "c", "correct": True, "num_tokens": 1,
-           "sample": 0, "truncated": False}  # written before traces recorded their instruction
+    row = {
+        "id": "a",
+        "question": "q",
+        "answer": "1",
+        "completion": "c",
+        "correct": True,
+        "num_tokens": 1,
+        "sample": 0,
+        "truncated": False,
+    }  # written before traces recorded their instruction
     (tmp_path / "traces.jsonl").write_text(json.dumps(row) + "\n")
     assert read_traces(tmp_path, "x")[0].instruction == BOXED_INSTRUCTION
     (tmp_path / "traces.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "correct": "maybe"}) + "\n")

@@ -1,5 +1,6 @@
 """The shared training loop: exact resume (also past a damaged checkpoint), signals, NaN stop, failures on one of
 two ranks, batching, accumulation."""
+
 import json
 import logging
 import os
@@ -19,8 +20,9 @@ from pipeline.data.testbed import TestbedSpec, make_problems
 from pipeline.data.tokenizer import build_tokenizer
 from pipeline.train.loop import NonFiniteLoss, TrainArgs, batch_indices, causal_lm_loss, collate, train
 
-ARCH = Qwen3Arch(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=16)
+ARCH = Qwen3Arch(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16
+)
 ARGS = TrainArgs(steps=6, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=2)
 
 
@@ -35,8 +37,16 @@ def run(setup, tmp_path, args=ARGS, loss_fn=causal_lm_loss, ckpt_dir="ckpt", arc
     tok, examples = setup
     torch.manual_seed(123)  # a fresh process would start from some other global RNG state
     model = build_model(arch, tok, seed=0)
-    result = train(model, examples, loss_fn, args, out_dir=tmp_path / "out", checkpointer=Checkpointer(tmp_path / ckpt_dir),
-                   seed=0, pad_id=tok.pad_token_id)
+    result = train(
+        model,
+        examples,
+        loss_fn,
+        args,
+        out_dir=tmp_path / "out",
+        checkpointer=Checkpointer(tmp_path / ckpt_dir),
+        seed=0,
+        pad_id=tok.pad_token_id,
+    )
     rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
     return model, result, rows
 
@@ -78,8 +88,9 @@ def test_crash_and_resume_gives_the_uninterrupted_run_exactly(setup, tmp_path):
         return causal_lm_loss(model, batch)
 
     # checkpoint_every is operational: a checkpoint made with another value resumes all the same
-    resumed, result_b, rows_b = run(setup, tmp_path / "b", args=ARGS.model_copy(update={"checkpoint_every": 5}),
-                                    loss_fn=counting)
+    resumed, result_b, rows_b = run(
+        setup, tmp_path / "b", args=ARGS.model_copy(update={"checkpoint_every": 5}), loss_fn=counting
+    )
     assert calls["n"] == 2  # only steps 5 and 6 ran again
     assert [r["loss"] for r in rows_b] == [r["loss"] for r in rows]
     assert result_b["final_loss"] == result["final_loss"]
@@ -150,10 +161,21 @@ def test_a_failure_on_one_of_two_ranks_stops_both_with_the_same_message(tmp_path
     cannot write; each time both ranks raise the same RankFailed, and the process group is still in step for
     the next training (a rank left waiting in a collective would hang until the timeout below)."""
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           str(root / "tests" / "two_ranks_fail.py"), str(tmp_path)],
-                          env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=240)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            str(root / "tests" / "two_ranks_fail.py"),
+            str(tmp_path),
+        ],
+        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = (tmp_path / "rank-0.txt").read_text()
     assert (tmp_path / "rank-1.txt").read_text() == lines
@@ -163,7 +185,8 @@ def test_a_failure_on_one_of_two_ranks_stops_both_with_the_same_message(tmp_path
         "RankFailed: rank 0 of 2 failed: RuntimeError: power cut",
         "RankFailed: rank 1 of 2 failed: TypeError: checkpoint state holds a object, which cannot be saved "
         "without pickle",
-        "newest checkpoint: 1"]
+        "newest checkpoint: 1",
+    ]
 
 
 def test_accumulation_matches_one_big_batch(setup, tmp_path):

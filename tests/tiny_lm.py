@@ -1,4 +1,5 @@
 """A tiny random Qwen3 over the testbed tokenizer, shared by the generation / evaluation / traces tests."""
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -16,11 +17,21 @@ def tokenizer():
 
 def model(seed: int = 0) -> Qwen3ForCausalLM:
     tok = tokenizer()
-    config = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     lm = Qwen3ForCausalLM(config).eval()
-    lm.generation_config = GenerationConfig(eos_token_id=[tok.eos_token_id, tok.pad_token_id],
-                                            pad_token_id=tok.pad_token_id)
+    lm.generation_config = GenerationConfig(
+        eos_token_id=[tok.eos_token_id, tok.pad_token_id], pad_token_id=tok.pad_token_id
+    )
     return lm

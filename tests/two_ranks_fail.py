@@ -2,6 +2,7 @@
 failing on one rank only: a NaN loss on rank 1, an exception on rank 0, rank 1 unable to write its part of the
 second checkpoint. Each rank writes what each training raised, one line each, to <out>/rank-<r>.txt, and the
 step of the newest checkpoint after the third."""
+
 import sys
 from pathlib import Path
 
@@ -15,8 +16,9 @@ from pipeline.models import Qwen3Arch, build_model
 from pipeline.data.testbed import TestbedSpec, make_problems
 from pipeline.data.tokenizer import build_tokenizer
 
-ARCH = Qwen3Arch(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=16)
+ARCH = Qwen3Arch(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16
+)
 
 
 def main(out: Path) -> None:
@@ -48,15 +50,27 @@ def main(out: Path) -> None:
         saves["n"] += 1
         return {"bad": object()} if rank == 1 and saves["n"] == 2 else real_rng_state()
 
-    runs = [(failing_on(1, 2, None), False), (failing_on(0, 1, RuntimeError("power cut")), False),
-            (training.causal_lm_loss, True)]
+    runs = [
+        (failing_on(1, 2, None), False),
+        (failing_on(0, 1, RuntimeError("power cut")), False),
+        (training.causal_lm_loss, True),
+    ]
     lines = []
     for i, (loss_fn, bad_checkpoint) in enumerate(runs):
         training.rng_state = unsaveable_second_time if bad_checkpoint else real_rng_state
         model = build_model(ARCH, tok, seed=0)
         try:
-            training.train(model, examples, loss_fn, args, out_dir=out / f"run{i}", accelerator=acc,
-                           checkpointer=Checkpointer(out / f"ckpt{i}"), seed=0, pad_id=tok.pad_token_id)
+            training.train(
+                model,
+                examples,
+                loss_fn,
+                args,
+                out_dir=out / f"run{i}",
+                accelerator=acc,
+                checkpointer=Checkpointer(out / f"ckpt{i}"),
+                seed=0,
+                pad_id=tok.pad_token_id,
+            )
             lines.append("finished")
         except Exception as e:
             lines.append(f"{type(e).__name__}: {e}")

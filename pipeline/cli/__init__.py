@@ -23,6 +23,7 @@ This package is the only code that parses arguments: one module per subcommand (
 `HELP`, `add_arguments(parser)` and `run(args) -> exit code`, calling pipeline.api or a library module's
 plain functions. Shared arguments and output helpers are in pipeline/cli/common.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,11 +97,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reasoning-qat", description="Run, inspect and validate recipes; "
-                                     "evaluate and export models.")
+    parser = argparse.ArgumentParser(
+        prog="reasoning-qat", description="Run, inspect and validate recipes; evaluate and export models."
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    parser.add_argument("--verbose", action="store_true", help="also show other libraries' logs and progress bars "
-                        "(llmcompressor, DeepSpeed, transformers, datasets); may follow the subcommand")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show other libraries' logs and progress bars "
+        "(llmcompressor, DeepSpeed, transformers, datasets); may follow the subcommand",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, module_name in COMMANDS.items():

@@ -1,4 +1,5 @@
 """What several subcommands share: recipe arguments, --trust-remote-code, and the output consoles."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,17 +14,27 @@ def recipe_arguments(parser: argparse.ArgumentParser, artifacts: bool) -> None:
     """RECIPE, --set KEY=VALUE ... and, with `artifacts`, --artifacts DIR."""
     parser.add_argument("recipe", help="the recipe YAML file, or a shipped recipe's name (reasoning-qat recipes)")
     if artifacts:
-        parser.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, metavar="DIR",
-                            help="artifacts root (default ./artifacts)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key, e.g. stages.kd_qat.lr=1e-5 (value read as YAML)")
+        parser.add_argument(
+            "--artifacts", default=DEFAULT_ARTIFACTS, metavar="DIR", help="artifacts root (default ./artifacts)"
+        )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. stages.kd_qat.lr=1e-5 (value read as YAML)",
+    )
 
 
 def trust_remote_code_argument(parser: argparse.ArgumentParser) -> None:
     """--trust-remote-code, for commands that load a model the user names. Without it a model with custom code
     is refused where it is checked (pipeline.models.check_model_dir), naming this flag as the way out."""
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow a model whose loading runs Python from its directory (config.json auto_map)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow a model whose loading runs Python from its directory (config.json auto_map)",
+    )
 
 
 def out() -> Console:

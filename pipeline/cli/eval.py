@@ -14,6 +14,7 @@ The testbed problems come from `TestbedSpec()` unless `--recipe` names a recipe,
 `data.benchmarks_dir`, `data.hub` and `data.instruction` are then used: the same prompts that recipe's eval
 stages see.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,26 +34,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pipeline.data.benchmarks import BENCHMARKS, HUB_IDS
 
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="a stage directory or a Hugging Face model directory")
-    parser.add_argument("--bench", default="testbed", metavar="NAME",
-                        help=f"benchmark: {', '.join(BENCHMARKS)} (default testbed)")
+    parser.add_argument(
+        "--bench", default="testbed", metavar="NAME", help=f"benchmark: {', '.join(BENCHMARKS)} (default testbed)"
+    )
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N problems")
     parser.add_argument("--out", default=None, metavar="FILE", help="write every sample here (jsonl)")
     decoding_arguments(parser.add_argument_group("decoding (GenerationSpec)"))
-    parser.add_argument("--data-dir", default=None, metavar="DIR",
-                        help="directory of <bench>_<split>.jsonl / .parquet files (default $REASONING_QAT_BENCHMARKS)")
-    parser.add_argument("--hub", default=None, metavar="DATASET",
-                        help=f"read --bench through `datasets` from this hub id or local copy ({', '.join(HUB_IDS.values())})")
-    parser.add_argument("--recipe", default=None, metavar="RECIPE",
-                        help="take the testbed spec, data sources and instruction from this recipe's `data` section")
-    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                        help="load the weights in this dtype (default: as saved)")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        metavar="DIR",
+        help="directory of <bench>_<split>.jsonl / .parquet files (default $REASONING_QAT_BENCHMARKS)",
+    )
+    parser.add_argument(
+        "--hub",
+        default=None,
+        metavar="DATASET",
+        help=f"read --bench through `datasets` from this hub id or local copy ({', '.join(HUB_IDS.values())})",
+    )
+    parser.add_argument(
+        "--recipe",
+        default=None,
+        metavar="RECIPE",
+        help="take the testbed spec, data sources and instruction from this recipe's `data` section",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=("float32", "bfloat16", "float16"),
+        help="load the weights in this dtype (default: as saved)",
+    )
     trust_remote_code_argument(parser)
-    parser.add_argument("--perplexity", action="store_true",
-                        help="no generation: perplexity of --bench's reference solutions (or of --text), teacher-forced")
-    parser.add_argument("--text", default=None, metavar="FILE",
-                        help="perplexity over this text (.jsonl / .parquet with a `text` field) instead; implies --perplexity")
-    parser.add_argument("--teacher", default=None, metavar="DIR",
-                        help="also the mean per-token KL(teacher || model) on the same text; implies --perplexity")
+    parser.add_argument(
+        "--perplexity",
+        action="store_true",
+        help="no generation: perplexity of --bench's reference solutions (or of --text), teacher-forced",
+    )
+    parser.add_argument(
+        "--text",
+        default=None,
+        metavar="FILE",
+        help="perplexity over this text (.jsonl / .parquet with a `text` field) instead; implies --perplexity",
+    )
+    parser.add_argument(
+        "--teacher",
+        default=None,
+        metavar="DIR",
+        help="also the mean per-token KL(teacher || model) on the same text; implies --perplexity",
+    )
     parser.add_argument("--max-length", type=int, default=2048, metavar="N", help="tokens per window of --text")
 
 
@@ -72,7 +101,9 @@ def decoding_arguments(parser) -> None:
         kind = _argument_type(info.annotation)
         default = info.get_default(call_default_factory=True)
         text = " ".join((info.description or docs.get(name, "")).split()).replace("%", "%%")
-        parser.add_argument(flag(name), dest=name, default=default, help=f"{text} (default %(default)s)".lstrip(), **kind)
+        parser.add_argument(
+            flag(name), dest=name, default=default, help=f"{text} (default %(default)s)".lstrip(), **kind
+        )
 
 
 def _argument_type(annotation) -> dict:
@@ -129,8 +160,18 @@ def _generate(args: argparse.Namespace) -> int:
     from pipeline import api
 
     spec = spec_from_args(args)
-    metrics = api.evaluate(args.model_dir, args.bench, args.limit, spec, args.out, data_dir=args.data_dir,
-                           hub=args.hub, recipe=args.recipe, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    metrics = api.evaluate(
+        args.model_dir,
+        args.bench,
+        args.limit,
+        spec,
+        args.out,
+        data_dir=args.data_dir,
+        hub=args.hub,
+        recipe=args.recipe,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+    )
     if PartialState().is_main_process:
         k = spec.num_samples
         table = Table(title=f"{args.model_dir} on {args.bench} ({metrics['num_problems']} problems, K={k})")
@@ -158,10 +199,20 @@ def _perplexity(args: argparse.Namespace) -> int:
 
     if args.out is not None:
         raise InputError("--out", "perplexity generates no samples to write; drop --out or --perplexity")
-    metrics = api.perplexity(args.model_dir, args.bench, args.limit, text=args.text, teacher=args.teacher,
-                             max_length=args.max_length, batch_size=args.batch_size, data_dir=args.data_dir,
-                             hub=args.hub, recipe=args.recipe, dtype=args.dtype,
-                             trust_remote_code=args.trust_remote_code)
+    metrics = api.perplexity(
+        args.model_dir,
+        args.bench,
+        args.limit,
+        text=args.text,
+        teacher=args.teacher,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        data_dir=args.data_dir,
+        hub=args.hub,
+        recipe=args.recipe,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+    )
     if PartialState().is_main_process:
         table = Table(title=f"{args.model_dir}, teacher-forced")
         for name in ("metric", "value"):

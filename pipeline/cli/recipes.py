@@ -1,4 +1,5 @@
 """`reasoning-qat recipes`: the shipped recipes (pipeline/recipes/), which RECIPE arguments take by name."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,5 +1,6 @@
 """`reasoning-qat report RECIPE [--artifacts DIR] [--baseline EVAL_STAGE] [--json]`: what each stage of a run
 achieved, as a table; pipeline.report writes report.md, report.json and the plots."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,12 @@ def run(args: argparse.Namespace) -> int:
     for column in ("stage", "type", "state", "of", "metrics"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["stage"], r["type"], r["state"], r["of"] or "",
-                      ", ".join(f"{k} {format_value(v)}" for k, v in r["metrics"].items()))
+        table.add_row(
+            r["stage"],
+            r["type"],
+            r["state"],
+            r["of"] or "",
+            ", ".join(f"{k} {format_value(v)}" for k, v in r["metrics"].items()),
+        )
     Console(highlight=False, soft_wrap=True, width=200).print(table)
     return 0

@@ -1,4 +1,5 @@
 """`reasoning-qat run RECIPE [--artifacts DIR] [--from STAGE | --only STAGE] [--force] [--dry-run] [--set K=V ...]`"""
+
 from __future__ import annotations
 
 import argparse
@@ -11,12 +12,18 @@ HELP = "run what is missing or stale"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     recipe_arguments(parser, artifacts=True)
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--from", dest="from_stage", metavar="STAGE",
-                       help="re-run this stage and everything downstream of it, even if up to date")
-    which.add_argument("--only", metavar="STAGE",
-                       help="run just this stage, even if up to date; its inputs must be up to date")
-    parser.add_argument("--force", action="store_true",
-                        help="re-run every selected stage, and stages whose gate did not pass")
+    which.add_argument(
+        "--from",
+        dest="from_stage",
+        metavar="STAGE",
+        help="re-run this stage and everything downstream of it, even if up to date",
+    )
+    which.add_argument(
+        "--only", metavar="STAGE", help="run just this stage, even if up to date; its inputs must be up to date"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="re-run every selected stage, and stages whose gate did not pass"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
 
 

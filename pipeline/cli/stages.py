@@ -1,5 +1,6 @@
 """`reasoning-qat stages [TYPE | --markdown]`: the stage reference, generated from the schemas
 (pipeline.engine.reference)."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,10 +11,10 @@ HELP = "the stage types; with TYPE, every key of its schema"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("topic", nargs="?", metavar="TYPE",
-                        help="a stage type, or a recipe-wide section (model, quant, data)")
-    parser.add_argument("--markdown", action="store_true",
-                        help="the whole reference as docs/stages.md holds it")
+    parser.add_argument(
+        "topic", nargs="?", metavar="TYPE", help="a stage type, or a recipe-wide section (model, quant, data)"
+    )
+    parser.add_argument("--markdown", action="store_true", help="the whole reference as docs/stages.md holds it")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
 """`reasoning-qat status RECIPE [--artifacts DIR] [--json] [--set K=V ...]`"""
+
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,14 @@ from pipeline.cli.common import out, plain, recipe_arguments
 
 HELP = "each stage: complete / stale / pending / skipped / failed / running, and why"
 
-STYLES = {"complete": "green", "stale": "yellow", "pending": "cyan", "skipped": "dim", "failed": "red",
-          "running": "bold magenta"}
+STYLES = {
+    "complete": "green",
+    "stale": "yellow",
+    "pending": "cyan",
+    "skipped": "dim",
+    "failed": "red",
+    "running": "bold magenta",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,5 @@
 """`reasoning-qat validate RECIPE [--set K=V ...]`: check a recipe without running anything."""
+
 from __future__ import annotations
 
 import argparse

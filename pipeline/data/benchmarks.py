@@ -23,6 +23,7 @@ project's maintainers keep, MIT / public competition problems):
 Gold answers are normalised once here, so that grading compares like with like: GSM8K's `#### N`
 without thousands separators, AMC's floats as integers, AIME's zero-padded integers without padding.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,13 @@ from pipeline.data.rows import read_located, short_json
 from pipeline.data.testbed import MAX_PROBLEMS, TestbedSpec, make_problems
 
 BENCHMARKS = ("testbed", "gsm8k", "math500", "aime24", "amc23")
-_SPLITS = {"testbed": ("train", "test"), "gsm8k": ("train", "test"), "math500": ("test",),
-           "aime24": ("test",), "amc23": ("test",)}
+_SPLITS = {
+    "testbed": ("train", "test"),
+    "gsm8k": ("train", "test"),
+    "math500": ("test",),
+    "aime24": ("test",),
+    "amc23": ("test",),
+}
 HUB_IDS = {"gsm8k": "openai/gsm8k", "math500": "HuggingFaceH4/MATH-500"}
 """The hub datasets `data.hub` may name per benchmark (or a local copy of them)."""
 _HUB_CONFIGS = {"gsm8k": "main"}
@@ -74,13 +80,19 @@ def benchmark_file(name: str, split: str, data_dir: str | os.PathLike | None, wh
     directory = benchmarks_dir(data_dir)
     hub = f", or name a hub dataset (data.hub.{name}: {HUB_IDS[name]})" if name in HUB_IDS else ""
     if directory is None:
-        raise InputError(where, f"{name} needs the file {name}_{split}.jsonl (or .parquet) and no benchmark "
-                         f"directory is set: set data.benchmarks_dir (CLI --data-dir) or $REASONING_QAT_BENCHMARKS{hub}")
+        raise InputError(
+            where,
+            f"{name} needs the file {name}_{split}.jsonl (or .parquet) and no benchmark "
+            f"directory is set: set data.benchmarks_dir (CLI --data-dir) or $REASONING_QAT_BENCHMARKS{hub}",
+        )
     for suffix in _FORMATS:
         if (directory / f"{name}_{split}{suffix}").is_file():
             return directory / f"{name}_{split}{suffix}"
-    raise InputError(where, f"no such file: {directory / f'{name}_{split}.jsonl'} (nor .parquet); point "
-                     f"data.benchmarks_dir (CLI --data-dir) or $REASONING_QAT_BENCHMARKS at a directory that has it{hub}")
+    raise InputError(
+        where,
+        f"no such file: {directory / f'{name}_{split}.jsonl'} (nor .parquet); point "
+        f"data.benchmarks_dir (CLI --data-dir) or $REASONING_QAT_BENCHMARKS at a directory that has it{hub}",
+    )
 
 
 def hub_rows(name: str, split: str, source: str) -> list[tuple[str, dict]]:
@@ -94,8 +106,11 @@ def hub_rows(name: str, split: str, source: str) -> list[tuple[str, dict]]:
     # meaning that this source cannot give these rows: one line naming it, whatever the cause
     except Exception as e:  # noqa: BLE001
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"data.hub.{name}", f"{source}: cannot load its {split!r} split ({reason}); without a "
-                         "network, point data.benchmarks_dir at local files instead") from None
+        raise InputError(
+            f"data.hub.{name}",
+            f"{source}: cannot load its {split!r} split ({reason}); without a "
+            "network, point data.benchmarks_dir at local files instead",
+        ) from None
     return [(f"{source}[{split}] row {i}", row) for i, row in enumerate(dataset.to_list(), 1)]
 
 
@@ -121,33 +136,52 @@ def _gsm8k(rows: list[tuple[str, dict]], split: str, where: str) -> list[Problem
         gold = solution.rsplit("####", 1)[-1].strip().replace(",", "")
         if "####" not in solution or not gold:
             raise InputError(where, f"{at}: `answer` does not end in `#### <final answer>`")
-        problems.append(Problem(id=f"gsm8k-{split}-{i}", question=_field(row, "question", at, where), answer=gold,
-                                solution=solution))
+        problems.append(
+            Problem(
+                id=f"gsm8k-{split}-{i}", question=_field(row, "question", at, where), answer=gold, solution=solution
+            )
+        )
     return problems
 
 
 def _math500(rows: list[tuple[str, dict]], split: str, where: str) -> list[Problem]:
-    return [Problem(id=f"math500-{i}", question=_field(row, "problem", at, where),
-                    answer=str(_field(row, "answer", at, where, numbers=True)).strip(),
-                    solution=_field(row, "solution", at, where)) for i, (at, row) in enumerate(rows)]
+    return [
+        Problem(
+            id=f"math500-{i}",
+            question=_field(row, "problem", at, where),
+            answer=str(_field(row, "answer", at, where, numbers=True)).strip(),
+            solution=_field(row, "solution", at, where),
+        )
+        for i, (at, row) in enumerate(rows)
+    ]
 
 
 def _competition(name: str) -> Callable[[list[tuple[str, dict]], str, str], list[Problem]]:
     def load(rows: list[tuple[str, dict]], split: str, where: str) -> list[Problem]:
-        return [Problem(id=f"{name}-{_field(row, 'id', at, where, numbers=True)}",
-                        question=_field(row, "problem" if "problem" in row else "question", at, where),
-                        answer=_integer_text(_field(row, "answer", at, where, numbers=True)),
-                        solution=row.get("solution"))
-                for at, row in rows]
+        return [
+            Problem(
+                id=f"{name}-{_field(row, 'id', at, where, numbers=True)}",
+                question=_field(row, "problem" if "problem" in row else "question", at, where),
+                answer=_integer_text(_field(row, "answer", at, where, numbers=True)),
+                solution=row.get("solution"),
+            )
+            for at, row in rows
+        ]
+
     return load
 
 
-_FILE_LOADERS = {"gsm8k": _gsm8k, "math500": _math500, "aime24": _competition("aime24"),
-                 "amc23": _competition("amc23")}
+_FILE_LOADERS = {"gsm8k": _gsm8k, "math500": _math500, "aime24": _competition("aime24"), "amc23": _competition("amc23")}
 
 
-def load_benchmark(name: str, limit: int | None = None, data_dir: str | os.PathLike | None = None,
-                   testbed=None, split: str = "test", hub: Mapping[str, str] | None = None) -> list[Problem]:
+def load_benchmark(
+    name: str,
+    limit: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+    testbed=None,
+    split: str = "test",
+    hub: Mapping[str, str] | None = None,
+) -> list[Problem]:
     """The first `limit` problems (all when None) of benchmark `name`, split `split`.
 
     `testbed` is the recipe's TestbedSpec for the testbed benchmark (default TestbedSpec()); `hub` the
@@ -189,8 +223,13 @@ def load_prompts_file(path: str | os.PathLike, limit: int | None = None) -> list
         if key is None:
             raise InputError(where, f"{at}: no `question`, `problem` or `prompt`")
         answer = None if row.get("answer") in (None, "") else _field(row, "answer", at, where, numbers=True)
-        problems.append(Problem(id=str(row.get("id", f"prompt-{i}")), question=_field(row, key, at, where),
-                                answer="" if answer is None else _integer_text(answer)))
+        problems.append(
+            Problem(
+                id=str(row.get("id", f"prompt-{i}")),
+                question=_field(row, key, at, where),
+                answer="" if answer is None else _integer_text(answer),
+            )
+        )
     return problems
 
 
@@ -206,8 +245,9 @@ def training_problems(data, count: int | None, seed: int, need_answers: bool, wh
         problems = load_prompts_file(data.prompts_file, limit=count)
         unanswered = next((p for p in problems if not p.answer), None)
         if need_answers and unanswered is not None:
-            raise InputError(where, f"{data.prompts_file}: prompt {unanswered.id!r} has no `answer`, so it cannot "
-                                    "be graded")
+            raise InputError(
+                where, f"{data.prompts_file}: prompt {unanswered.id!r} has no `answer`, so it cannot be graded"
+            )
         return problems
     raise InputError("data.task", f"{data.task} has no training split in the benchmarks")
 
@@ -247,4 +287,3 @@ def _check_source(name: str, split: str, data, where: str, limit: int | None = N
     except InputError as e:
         return [(where if e.where == "data_dir" else e.where, e.message)]
     return []
-

@@ -5,6 +5,7 @@ and the end of turn the template writes after an assistant message (`end_of_turn
 ChatML, `<|eot_id|>` for Llama-3, `</s>` for Mistral. Nothing here knows a model family; a tokenizer without
 a chat template is refused (`check_chat_template` at validation, `InputError` at run time).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,15 +17,16 @@ from pipeline.engine.errors import InputError
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
-
 def user_message(question: str, instruction: str = BOXED_INSTRUCTION) -> str:
     """The user turn for a problem, as the Qwen3 cards prompt math."""
     return f"{question}\n{instruction}" if instruction else question
 
 
-NO_CHAT_TEMPLATE = ("has no chat template, which every prompt and trace is rendered with; use the model's "
-                    "chat / instruct version, or give its tokenizer one (tokenizer.chat_template = ...; "
-                    "tokenizer.save_pretrained(DIR))")
+NO_CHAT_TEMPLATE = (
+    "has no chat template, which every prompt and trace is rendered with; use the model's "
+    "chat / instruct version, or give its tokenizer one (tokenizer.chat_template = ...; "
+    "tokenizer.save_pretrained(DIR))"
+)
 
 
 def _require_chat_template(tokenizer) -> None:
@@ -39,8 +41,9 @@ def chat_prompt(tokenizer, question: str, instruction: str = BOXED_INSTRUCTION) 
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def chat_example(tokenizer, question: str, completion: str,
-                 instruction: str = BOXED_INSTRUCTION) -> tuple[list[int], int]:
+def chat_example(
+    tokenizer, question: str, completion: str, instruction: str = BOXED_INSTRUCTION
+) -> tuple[list[int], int]:
     """Token ids of prompt + completion + end of turn, and where the completion starts.
 
     Training stages (sft, kd_qat) put the loss on ids[start:] only; PTQ calibrates on all of them.
@@ -62,17 +65,21 @@ def end_of_turn(tokenizer) -> str:
     _require_chat_template(tokenizer)
     messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _REPLY}]
     text = tokenizer.apply_chat_template(messages, tokenize=False)
-    after = text[text.rindex(_REPLY) + len(_REPLY):]
-    specials = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
-                                                    if t.special}
+    after = text[text.rindex(_REPLY) + len(_REPLY) :]
+    specials = set(tokenizer.all_special_tokens) | {
+        t.content for t in tokenizer.added_tokens_decoder.values() if t.special
+    }
     found = [(after.index(s), -len(s), s) for s in specials if s and s in after]
     if found:
         position, _, token = min(found)
-        return after[:position + len(token)]
+        return after[: position + len(token)]
     if tokenizer.eos_token:
         return tokenizer.eos_token
-    raise InputError("model", f"{tokenizer.name_or_path}: its chat template ends an assistant turn with no "
-                     "special token and it has no eos token, so a completion could never end")
+    raise InputError(
+        "model",
+        f"{tokenizer.name_or_path}: its chat template ends an assistant turn with no "
+        "special token and it has no eos token, so a completion could never end",
+    )
 
 
 def end_of_turn_id(tokenizer) -> int:
@@ -96,7 +103,8 @@ def check_chat_template(model) -> list[tuple[str, str]]:
             return []
     except (ValueError, AttributeError):
         return []  # not a JSON object: loading the tokenizer fails with its own message
-    if any((where / name).exists() for name in ("chat_template.jinja", "chat_template.json",
-                                                  "additional_chat_templates")):
+    if any(
+        (where / name).exists() for name in ("chat_template.jinja", "chat_template.json", "additional_chat_templates")
+    ):
         return []
     return [("model.path", f"{model.path} {NO_CHAT_TEMPLATE}")]

@@ -21,6 +21,7 @@ item), sends one item at a time to each idle worker and kills a worker that over
 that item counts as wrong and a fresh worker takes its place. A plain ProcessPoolExecutor cannot
 kill one stuck task, which is why the pool is written here.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -186,7 +187,7 @@ class GradingPool:
                     self._replace(slot)
                 dispatch(slot)
             now = time.monotonic()
-            for slot, (index, deadline) in list(busy.items()):
+            for slot, (_index, deadline) in list(busy.items()):
                 if now >= deadline:
                     busy.pop(slot)
                     self._replace(slot)  # results[index] stays False
@@ -201,7 +202,7 @@ class GradingPool:
         self._workers[slot] = self._spawn()
 
     def close(self) -> None:
-        for proc, conn in self._workers:
+        for _proc, conn in self._workers:
             try:
                 conn.send(None)
             except (BrokenPipeError, OSError):
@@ -256,8 +257,9 @@ def _close_pools() -> None:
 atexit.register(_close_pools)
 
 
-def grade_many(pairs: Iterable[tuple[str, str]], timeout: float = DEFAULT_TIMEOUT,
-               workers: int | None = None) -> list[bool]:
+def grade_many(
+    pairs: Iterable[tuple[str, str]], timeout: float = DEFAULT_TIMEOUT, workers: int | None = None
+) -> list[bool]:
     """Grade (completion, gold) pairs in the shared worker pool; a hung or crashed item is False."""
     pairs = list(pairs)
     if not pairs:

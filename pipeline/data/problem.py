@@ -1,5 +1,6 @@
 """`Problem`: one verifiable problem (question, gold answer, optional reference solution), the record the
 testbed, the benchmarks, generation, grading and RL all pass around."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -9,11 +9,14 @@ Rows are written with `ensure_ascii=False` (readable), so a JSON string may hold
 U+0085 or \\x1c..\\x1e, which `str.splitlines()` and `io` readers with universal newlines treat as line
 breaks: JSON Lines separates records by "\\n" alone, and so does the reader here (it splits bytes).
 """
+
 from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from pipeline.engine.errors import InputError
 
@@ -36,10 +39,44 @@ def read_rows(path: Path, where: str) -> list[dict]:
     return [row for _, row in read_located(path, where)]
 
 
+_read_once: dict[tuple[str, int, int], list[tuple[str, dict]]] | None = None
+"""While `reading_each_file_once` is open: (path, mtime_ns, size) -> the rows read_located gave."""
+
+
+@contextmanager
+def reading_each_file_once() -> Iterator[None]:
+    """Within it, `read_located` reads and parses each file once per (path, mtime, size), then hands out
+    the same rows: for recipe validation, where each stage's check (eval, gate, kd_qat, traces, rl) loads
+    the benchmark or prompts file it names, often the same one. A file that fails to read is read again
+    (its error each time). Nested, the outermost scope's memo serves."""
+    global _read_once
+    if _read_once is not None:
+        yield
+        return
+    _read_once = {}
+    try:
+        yield
+    finally:
+        _read_once = None
+
+
 def read_located(path: Path, where: str) -> list[tuple[str, dict]]:
     """("<file>:<line>", row) for each non-blank line of a jsonl file, ("<file>: row N", row) for each
     row of a parquet file. A missing file, or a line that is not UTF-8, not JSON or not a JSON object,
     is an InputError blaming `where` (the key or flag that named the file) and naming file and line."""
+    if _read_once is None:
+        return _read_located(path, where)
+    try:
+        stat = path.stat()
+    except OSError:
+        return _read_located(path, where)  # missing: its error
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _read_once:
+        _read_once[key] = _read_located(path, where)
+    return list(_read_once[key])
+
+
+def _read_located(path: Path, where: str) -> list[tuple[str, dict]]:
     if path.suffix == ".parquet":
         return [(f"{path}: row {i}", row) for i, row in enumerate(_parquet(path, where), 1)]
     return _jsonl_located(path, where)

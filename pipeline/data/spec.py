@@ -2,6 +2,7 @@
 
 The chat format is pipeline.data.chat, the `Problem` record pipeline.data.problem.
 """
+
 from __future__ import annotations
 
 from typing import Literal

@@ -29,8 +29,8 @@ any seed equals a test question of any seed. Within a split, questions are uniqu
 
     from pipeline.data.testbed import TestbedSpec, make_problems
     make_problems(TestbedSpec(), "test", n=5)
-    python -m pipeline.data.testbed --split test -n 3      # print a few problems
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,10 +47,42 @@ MAX_PROBLEMS = 1_000_000
 """The most problems one call generates (a split's size, a stage's `count` or `limit`): about ten
 minutes of generating and tokenizing on one CPU core; a typo such as 1e15 is refused, not waited for."""
 
-NAMES = ("Mia", "Leo", "Ava", "Sam", "Zoe", "Max", "Ivy", "Ben", "Lily", "Noah", "Emma", "Omar",
-         "Nina", "Ravi", "Lucy", "Hugo", "Rosa", "Theo", "Ella", "Finn")
-ITEMS = ("apples", "marbles", "stickers", "coins", "books", "pencils", "cookies", "cards", "shells",
-         "stamps", "buttons", "flowers")
+NAMES = (
+    "Mia",
+    "Leo",
+    "Ava",
+    "Sam",
+    "Zoe",
+    "Max",
+    "Ivy",
+    "Ben",
+    "Lily",
+    "Noah",
+    "Emma",
+    "Omar",
+    "Nina",
+    "Ravi",
+    "Lucy",
+    "Hugo",
+    "Rosa",
+    "Theo",
+    "Ella",
+    "Finn",
+)
+ITEMS = (
+    "apples",
+    "marbles",
+    "stickers",
+    "coins",
+    "books",
+    "pencils",
+    "cookies",
+    "cards",
+    "shells",
+    "stamps",
+    "buttons",
+    "flowers",
+)
 OPERATIONS = ("add", "sub", "mul", "div", "more_than", "fewer_than", "times_as_many", "total")
 
 
@@ -107,6 +139,10 @@ class _DeadEnd(Exception):
     """No allowed step applies to the current value: the caller draws a fresh problem."""
 
 
+_RELATIVE = ("more_than", "fewer_than", "times_as_many")
+"""Step kinds that introduce a new person (so need a name left)."""
+
+
 def _generate(rng: random.Random, spec: TestbedSpec) -> tuple[str, str, int]:
     """One problem: (question, solution text, answer)."""
     steps = rng.randint(spec.min_steps, spec.max_steps)
@@ -117,55 +153,18 @@ def _generate(rng: random.Random, spec: TestbedSpec) -> tuple[str, str, int]:
     known = {people[0]: value}  # every count stated so far, for `total`
     story = [f"{people[0]} has {value} {item}."]
     chain = [f"{people[0]} starts with {value} {item}."]
-    ops = [op for op in spec.operations if op != "total"]
     for i in range(steps):
         cur = people[-1]
-        if i == steps - 1 and "total" in spec.operations and len(known) > 1 and rng.random() < 0.5:
-            other = rng.choice([p for p in known if p != cur])
-            if known[other] + value <= spec.max_number:
-                result = value + known[other]
-                story.append(f"How many {item} do {cur} and {other} have together?")
-                chain.append(f"Together {cur} and {other} have {value} + {known[other]} = {result}.")
-                chain.append(f"So {cur} and {other} have {result} {item} together.")
-                return " ".join(story), _solution(chain, f"{cur} and {other} have {result} {item} together", result), result
-        choices = {op: ks for op in ops if (ks := _constants(op, value, spec))
-                   and (names or op not in ("more_than", "fewer_than", "times_as_many"))}
-        if not choices:
-            raise _DeadEnd
-        op = rng.choice(sorted(choices))
-        k = rng.choice(choices[op])
-        if op == "add":
-            result = value + k
-            story.append(f"{cur} buys {k} more {item}." if rng.random() < 0.5 else f"{cur} finds {k} more {item}.")
-            chain.append(f"{cur} gets {k} more: {value} + {k} = {result}.")
-        elif op == "sub":
-            result = value - k
-            story.append(f"{cur} gives away {k} {item}." if rng.random() < 0.5 else f"{cur} loses {k} {item}.")
-            chain.append(f"{cur} has {k} fewer: {value} - {k} = {result}.")
-        elif op == "mul":
-            result = value * k
-            story.append(f"{cur} ends up with {k} times as many {item} as before.")
-            chain.append(f"{cur} has {k} times as many: {value} * {k} = {result}.")
-        elif op == "div":
-            result = value // k
-            story.append(f"{cur} splits the {item} into {k} equal piles and keeps one pile.")
-            chain.append(f"{cur} keeps one of {k} piles: {value} / {k} = {result}.")
-        else:
-            new = names.pop()
-            if op == "more_than":
-                result = value + k
-                story.append(f"{new} has {k} more {item} than {cur}.")
-                chain.append(f"{new} has {k} more than {cur}: {value} + {k} = {result}.")
-            elif op == "fewer_than":
-                result = value - k
-                story.append(f"{new} has {k} fewer {item} than {cur}.")
-                chain.append(f"{new} has {k} fewer than {cur}: {value} - {k} = {result}.")
-            else:
-                result = value * k
-                story.append(f"{new} has {k} times as many {item} as {cur}.")
-                chain.append(f"{new} has {k} times as many as {cur}: {value} * {k} = {result}.")
+        if i == steps - 1 and (total := _total_step(rng, spec, item, cur, value, known)):
+            asked, worked, summary, result = total
+            return " ".join([*story, asked]), _solution([*chain, *worked], summary, result), result
+        op, k = _draw_step(rng, spec, value, names)
+        new = names.pop() if op in _RELATIVE else None
+        value, told, worked_line = _step_text(rng, op, k, value, item, cur, new)
+        story.append(told)
+        chain.append(worked_line)
+        if new is not None:
             people.append(new)
-        value = result
         known[people[-1]] = value
     cur = people[-1]
     story.append(f"How many {item} does {cur} have now?")
@@ -173,13 +172,99 @@ def _generate(rng: random.Random, spec: TestbedSpec) -> tuple[str, str, int]:
     return " ".join(story), _solution(chain, f"{cur} has {value} {item}", value), value
 
 
+def _total_step(
+    rng: random.Random, spec: TestbedSpec, item: str, cur: str, value: int, known: dict[str, int]
+) -> tuple[str, list[str], str, int] | None:
+    """The closing `total` step, summing `cur`'s count with one stated earlier: (question, solution
+    lines, summary, answer); None when not drawn (half the time it could be) or when the sum is too large."""
+    if "total" not in spec.operations or len(known) <= 1 or not rng.random() < 0.5:
+        return None
+    other = rng.choice([p for p in known if p != cur])
+    if known[other] + value > spec.max_number:
+        return None
+    result = value + known[other]
+    return (
+        f"How many {item} do {cur} and {other} have together?",
+        [
+            f"Together {cur} and {other} have {value} + {known[other]} = {result}.",
+            f"So {cur} and {other} have {result} {item} together.",
+        ],
+        f"{cur} and {other} have {result} {item} together",
+        result,
+    )
+
+
+def _draw_step(rng: random.Random, spec: TestbedSpec, value: int, names_left: list[str]) -> tuple[str, int]:
+    """The next step's kind and constant, among those keeping the count in range (and, for a step
+    that introduces a person, only while names are left); _DeadEnd when none applies."""
+    choices = {
+        op: ks
+        for op in spec.operations
+        if op != "total" and (ks := _constants(op, value, spec)) and (names_left or op not in _RELATIVE)
+    }
+    if not choices:
+        raise _DeadEnd
+    op = rng.choice(sorted(choices))
+    return op, rng.choice(choices[op])
+
+
+def _step_text(
+    rng: random.Random, op: str, k: int, value: int, item: str, cur: str, new: str | None
+) -> tuple[int, str, str]:
+    """Apply one step to `value`: (result, the story's sentence, the solution's equation line).
+    `new` is the person a relative step (more_than, fewer_than, times_as_many) introduces."""
+    if op == "add":
+        result = value + k
+        told = f"{cur} buys {k} more {item}." if rng.random() < 0.5 else f"{cur} finds {k} more {item}."
+        return result, told, f"{cur} gets {k} more: {value} + {k} = {result}."
+    if op == "sub":
+        result = value - k
+        told = f"{cur} gives away {k} {item}." if rng.random() < 0.5 else f"{cur} loses {k} {item}."
+        return result, told, f"{cur} has {k} fewer: {value} - {k} = {result}."
+    if op == "mul":
+        result = value * k
+        return (
+            result,
+            f"{cur} ends up with {k} times as many {item} as before.",
+            f"{cur} has {k} times as many: {value} * {k} = {result}.",
+        )
+    if op == "div":
+        result = value // k
+        return (
+            result,
+            f"{cur} splits the {item} into {k} equal piles and keeps one pile.",
+            f"{cur} keeps one of {k} piles: {value} / {k} = {result}.",
+        )
+    if op == "more_than":
+        result = value + k
+        return (
+            result,
+            f"{new} has {k} more {item} than {cur}.",
+            f"{new} has {k} more than {cur}: {value} + {k} = {result}.",
+        )
+    if op == "fewer_than":
+        result = value - k
+        return (
+            result,
+            f"{new} has {k} fewer {item} than {cur}.",
+            f"{new} has {k} fewer than {cur}: {value} - {k} = {result}.",
+        )
+    result = value * k
+    return (
+        result,
+        f"{new} has {k} times as many {item} as {cur}.",
+        f"{new} has {k} times as many as {cur}: {value} * {k} = {result}.",
+    )
+
+
 def _solution(chain: list[str], summary: str, answer: int) -> str:
     # Qwen3's thinking format: the reasoning inside <think>, then the answer, boxed
     return "<think>\n" + "\n".join(chain) + "\n</think>\n\n" + f"{summary}. The answer is \\boxed{{{answer}}}."
 
 
-def make_problems(spec: TestbedSpec, split: Literal["train", "test"], n: int | None = None,
-                  seed: int = 0) -> list[Problem]:
+def make_problems(
+    spec: TestbedSpec, split: Literal["train", "test"], n: int | None = None, seed: int = 0
+) -> list[Problem]:
     """`n` unique problems of `split` (default: spec.train_size / spec.test_size), the same for the
     same (spec, split, n, seed); no question of one split appears in the other, for any seeds."""
     if split not in ("train", "test"):
@@ -200,26 +285,14 @@ def make_problems(spec: TestbedSpec, split: Literal["train", "test"], n: int | N
             # a small spec has few distinct questions: fail loudly instead of spinning, after a number
             # of misses bounded by the questions found so far rather than by the n asked for
             if misses > 50 * len(problems) + 10000:
-                raise ValueError(f"the testbed spec has too few distinct {split} questions for n={n}; "
-                                 "raise max_number or max_steps")
+                raise ValueError(
+                    f"the testbed spec has too few distinct {split} questions for n={n}; raise max_number or max_steps"
+                )
             continue
         seen.add(question)
-        problems.append(Problem(id=f"testbed-{split}-{seed}-{len(problems)}", question=question,
-                                answer=str(answer), solution=solution))
+        problems.append(
+            Problem(
+                id=f"testbed-{split}-{seed}-{len(problems)}", question=question, answer=str(answer), solution=solution
+            )
+        )
     return problems
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Print testbed problems.")
-    parser.add_argument("--split", default="test", choices=("train", "test"))
-    parser.add_argument("-n", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    for name in ("min_steps", "max_steps", "max_number", "max_factor"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=TestbedSpec.model_fields[name].default)
-    args = parser.parse_args()
-    spec = TestbedSpec(min_steps=args.min_steps, max_steps=args.max_steps, max_number=args.max_number,
-                       max_factor=args.max_factor)
-    for p in make_problems(spec, args.split, args.n, args.seed):
-        print(f"[{p.id}] {p.question}\n{p.solution}\n(answer {p.answer})\n")

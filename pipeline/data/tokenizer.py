@@ -14,9 +14,8 @@ not by spelling out names, which keeps sequences short for the CPU demo and make
 
 The merges are learned on a fixed sample of testbed text (every step kind, numbers up to 999), not
 on the recipe's data, so the tokenizer is a function of `vocab_size` and this code alone.
-
-    python -m pipeline.data.tokenizer /tmp/tok      # build, save, print a tokenized example
 """
+
 from __future__ import annotations
 
 import json
@@ -49,27 +48,41 @@ def _corpus() -> list[str]:
     from pipeline.data.testbed import TestbedSpec, make_problems
 
     spec = TestbedSpec(min_steps=1, max_steps=8, max_number=999, max_factor=9)
-    return [f"{IM_START}user\n{user_message(p.question)}{IM_END}\n{IM_START}assistant\n{p.solution}{IM_END}\n"
-            for p in make_problems(spec, "train", n=3000, seed=0)]
+    return [
+        f"{IM_START}user\n{user_message(p.question)}{IM_END}\n{IM_START}assistant\n{p.solution}{IM_END}\n"
+        for p in make_problems(spec, "train", n=3000, seed=0)
+    ]
 
 
 def build_tokenizer(vocab_size: int = 768) -> PreTrainedTokenizerBase:
     """Learn BPE merges on testbed text and return a Qwen2Tokenizer (what Qwen3 checkpoints load)."""
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[ENDOFTEXT],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[ENDOFTEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator(_corpus(), trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
-    tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]],
-                               eos_token=IM_END, pad_token=ENDOFTEXT, unk_token=None)
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in (IM_START, IM_END)],
-                         special_tokens=True)
+    tokenizer = Qwen2Tokenizer(
+        vocab=model["vocab"],
+        merges=[tuple(m) for m in model["merges"]],
+        eos_token=IM_END,
+        pad_token=ENDOFTEXT,
+        unk_token=None,
+    )
+    tokenizer.add_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in (IM_START, IM_END)], special_tokens=True
+    )
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK, END_THINK)])
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.model_max_length = 32768
@@ -78,21 +91,3 @@ def build_tokenizer(vocab_size: int = 768) -> PreTrainedTokenizerBase:
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
     tokenizer.save_pretrained(str(out_dir))
-
-
-if __name__ == "__main__":
-    import sys
-
-    from transformers import AutoTokenizer
-
-    from pipeline.data.chat import chat_example
-    from pipeline.data.testbed import TestbedSpec, make_problems
-
-    out = sys.argv[1] if len(sys.argv) > 1 else "/tmp/testbed-tokenizer"
-    save_tokenizer(build_tokenizer(), out)
-    tok = AutoTokenizer.from_pretrained(out, trust_remote_code=False)
-    p = make_problems(TestbedSpec(), "test", n=1)[0]
-    ids, start = chat_example(tok, p.question, p.solution)
-    print(f"{type(tok).__name__}, vocab {len(tok)}, saved to {out}")
-    print(f"{start} prompt + {len(ids) - start} completion tokens:")
-    print(" | ".join(tok.convert_ids_to_tokens(ids)))

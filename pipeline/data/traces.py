@@ -10,6 +10,7 @@ One record (`Trace`), one writer and one reader, so that every stage agrees on t
 A trace records the instruction its prompt carried, so training and calibration render exactly the
 prompt the teacher answered.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -84,7 +85,9 @@ def training_traces(traces_dir: str | Path, only_correct: bool, stage: str, log)
     kept = [t for t in traces if t.correct or not only_correct]
     log.info("%s: %d of %d traces kept (only_correct: %s)", stage, len(kept), len(traces), str(only_correct).lower())
     if not kept:
-        raise RuntimeError(f"stages.{stage}.only_correct: none of the {len(traces)} traces was graded correct, so "
-                           "nothing is left to train on; set only_correct: false to train on every trace, or write "
-                           "more traces (the traces stage's count or generation.num_samples) or with a stronger teacher")
+        raise RuntimeError(
+            f"stages.{stage}.only_correct: none of the {len(traces)} traces was graded correct, so "
+            "nothing is left to train on; set only_correct: false to train on every trace, or write "
+            "more traces (the traces stage's count or generation.num_samples) or with a stronger teacher"
+        )
     return kept

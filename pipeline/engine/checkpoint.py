@@ -33,6 +33,7 @@ process raise `RankFailed` with its message, never leaves the others waiting.
 Nested state (optimizer state dicts with integer keys, tuples of RNG state) round-trips exactly.
 No pickle anywhere: a checkpoint on disk is data, never code.
 """
+
 from __future__ import annotations
 
 import json
@@ -205,8 +206,9 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return self.stop_requested or (self.every > 0 and step > 0 and step % self.every == 0)
 
-    def save(self, step: int, shared: dict[str, Any] | None, own: dict[str, Any] | None = None,
-             ranks: Ranks = ONE_PROCESS) -> Path:
+    def save(
+        self, step: int, shared: dict[str, Any] | None, own: dict[str, Any] | None = None, ranks: Ranks = ONE_PROCESS
+    ) -> Path:
         """Write the checkpoint of `step`: `shared` from the main process (rank 0; ignored elsewhere), `own` from
         each process that has state of its own. With several processes every one calls this."""
         final = self.directory / f"step-{step:09d}"
@@ -285,16 +287,27 @@ class Checkpointer:
             parts = [SHARED, _rank_part(ranks.rank)]
             # the shared part (the model) is hashed by rank 0 alone: a damage it finds stops every rank
             own = parts if ranks.rank == 0 else parts[1:]
-            hashed = tuple(f"{part}{suffix}" for part in own for suffix in (".safetensors", ".json")
-                           if (path / f"{part}{suffix}").exists())
+            hashed = tuple(
+                f"{part}{suffix}"
+                for part in own
+                for suffix in (".safetensors", ".json")
+                if (path / f"{part}{suffix}").exists()
+            )
             failure = ranks.first_failure(self._damage(path, hashed))
             if failure is not None:
                 if log is not None:
                     where = f" (rank {failure[0]})" if ranks.count > 1 else ""
                     log.warning("checkpoint %s is damaged%s: %s; trying the one before", path.name, where, failure[1])
                 continue
-            state = on_every_rank(ranks, lambda: {
-                k: v for part in parts if (path / f"{part}.json").exists() for k, v in _read_part(path, part).items()})
+            state = on_every_rank(
+                ranks,
+                lambda: {
+                    k: v
+                    for part in parts
+                    if (path / f"{part}.json").exists()
+                    for k, v in _read_part(path, part).items()
+                },
+            )
             return _step_of(path), state
         return None
 

@@ -2,6 +2,7 @@
 
 Only the runner knows the graph; stages see nothing but their inputs' directories.
 """
+
 from __future__ import annotations
 
 from pipeline.engine.recipe import Recipe

@@ -3,6 +3,7 @@
 `MANIFEST` is the name both write: a stage directory's manifest.json (pipeline.engine.store) and a checkpoint's
 (pipeline.engine.checkpoint); `hash_tree` leaves it out of what it lists.
 """
+
 from __future__ import annotations
 
 import hashlib

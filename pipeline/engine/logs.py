@@ -5,6 +5,7 @@ Stage code logs through `ctx.log` (the logger `stages.<stage name>`); library co
 `logging.getLogger(__name__)`. Other libraries' chatter is off unless the CLI gets `--verbose`
 (`quiet_libraries`).
 """
+
 from __future__ import annotations
 
 import logging

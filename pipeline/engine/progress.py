@@ -13,6 +13,7 @@ goes to the log every `REASONING_QAT_PROGRESS_EVERY` seconds (default 30; 0: at 
 the end, so a piped run is never silent for long. Only the first process of a multi-process run reports;
 `bar.advance` stays cheap either way.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True)
 log = logging.getLogger(__name__)
@@ -60,8 +60,15 @@ class Bar:
     """Counts work done (`unit`s, and tokens for a rate) and shows it: on a rich display, or as log lines
     every `every` seconds, or (other ranks) not at all (`display` and `every` both None)."""
 
-    def __init__(self, description: str, total: int | None, unit: str, done: int,
-                 display: Progress | None = None, every: float | None = None):
+    def __init__(
+        self,
+        description: str,
+        total: int | None,
+        unit: str,
+        done: int,
+        display: Progress | None = None,
+        every: float | None = None,
+    ):
         self.description, self.total, self.unit, self.done = description, total, unit, done
         self._display, self._every = display, every
         self._task = display.add_task(description, total=total, completed=done, info="") if display else None
@@ -136,9 +143,14 @@ def progress(description: str, total: int | None, unit: str = "step", done: int 
         yield from _lines(Bar(description, total, unit, done, every=log_interval()))
         return
     display = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-        console=console, transient=True,
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        transient=True,
     )
     with display:
         yield Bar(description, total, unit, done, display=display)

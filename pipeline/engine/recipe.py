@@ -13,6 +13,7 @@ order the checks run: YAML -> top-level keys -> sections -> each stage's type an
 references -> cycles -> what each reference reads (`export.model` must name a stage that writes a
 quantized model) -> each stage type's `check` hook -> the base model's local path and chat template.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -32,8 +33,16 @@ from pipeline.data.spec import DataSpec
 from pipeline.engine.errors import InputError
 from pipeline.model_spec import ModelSpec
 from pipeline.quant.scheme import QuantSpec
-from pipeline.engine.stage_api import (BASE_MODEL_REF, MODEL, QUANTIZED, SEED_MAX, StageConfig, config_variants,
-                                stage_ref_accepts, stage_ref_fields)
+from pipeline.engine.stage_api import (
+    BASE_MODEL_REF,
+    MODEL,
+    QUANTIZED,
+    SEED_MAX,
+    StageConfig,
+    config_variants,
+    stage_ref_accepts,
+    stage_ref_fields,
+)
 
 SECTIONS: dict[str, type[BaseModel]] = {"model": ModelSpec, "quant": QuantSpec, "data": DataSpec}
 TOP_KEYS = ("name", "seed", "model", "quant", "data", "stages")
@@ -42,8 +51,10 @@ STAGE_NAME = re.compile(r"[a-z0-9_-]+")
 RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 NAME_MAX = 100
 """Longest recipe or stage name: each names a folder under the artifacts root."""
-RESERVED_STAGE_NAMES = {BASE_MODEL_REF: "it means the recipe's base model",
-                        "report": "`reasoning-qat report` writes artifacts/<recipe>/report/"}
+RESERVED_STAGE_NAMES = {
+    BASE_MODEL_REF: "it means the recipe's base model",
+    "report": "`reasoning-qat report` writes artifacts/<recipe>/report/",
+}
 GATE_TYPE = "gate"
 MAX_RECIPE_BYTES = 1 << 20
 """A recipe is a page of YAML; a larger file is something else named by mistake."""
@@ -100,6 +111,7 @@ def _refs_of(config: StageConfig) -> dict[str, str]:
 
 # -- entry points ------------------------------------------------------------------------------
 
+
 def shipped_recipes() -> dict[str, Path]:
     """Name -> file of each shipped recipe, by name."""
     return {p.stem: p for p in sorted(SHIPPED_DIR.glob("*.yaml"))}
@@ -152,8 +164,45 @@ def parse_recipe(raw: dict, source: str = "<recipe>", overrides: typing.Sequence
     raw = _deep_copy(raw)
     errors = apply_overrides(raw, overrides)
     errors += _check_top_level(raw)
+    sections, section_errors = _validate_sections(raw)
+    errors += section_errors
+    configs, modules, stage_errors = _validate_stage_graph(raw)
+    errors += stage_errors
 
+    if errors or len(sections) < len(SECTIONS):
+        if "model" in sections:
+            errors += _check_model_path(sections["model"])
+        raise RecipeError(errors)
+
+    recipe = Recipe(
+        name=raw["name"],
+        seed=raw.get("seed", 0),
+        model=sections["model"],
+        quant=sections["quant"],
+        data=sections["data"],
+        stages=configs,
+        source=source,
+        modules=modules,
+    )
+    # Semantic checks presuppose a well-formed recipe, so they run only once everything above passed.
+    model_errors = _check_model_path(recipe.model)  # once: it may hash a stage folder's weights
+    errors += check_input_kinds(recipe, model_ok=not model_errors)
+    from pipeline.data.rows import reading_each_file_once  # the data layer's reader: loaded when a recipe is validated
+
+    with reading_each_file_once():  # stage checks that name the same benchmark or prompts file read it once
+        errors += _run_stage_checks(recipe)
+    from pipeline.data.chat import check_chat_template  # the data layer's check: loaded when a recipe is validated
+
+    errors += model_errors or check_chat_template(recipe.model)
+    if errors:
+        raise RecipeError(errors)
+    return recipe
+
+
+def _validate_sections(raw: dict) -> tuple[dict[str, BaseModel], list[tuple[str, str]]]:
+    """The recipe-wide sections (model, quant, data) that validate, and the errors of the others."""
     sections: dict[str, BaseModel] = {}
+    errors: list[tuple[str, str]] = []
     for key, cls in SECTIONS.items():
         if key in REQUIRED_KEYS and key not in raw:
             continue  # already reported as missing
@@ -165,29 +214,25 @@ def parse_recipe(raw: dict, source: str = "<recipe>", overrides: typing.Sequence
             errors += lax_value_errors(value, sections[key], key)
         except ValidationError as e:
             errors += pydantic_errors(e, key, cls)
+    return sections, errors
 
-    # a missing `stages` was reported with the top-level keys
-    configs, modules, declared, stage_errors = _validate_stages(raw["stages"]) if "stages" in raw else ({}, {}, {}, [])
-    errors += stage_errors
+
+def _validate_stage_graph(raw: dict):
+    """(valid stage configs, their modules, errors): each stage's type and schema, then references
+    and cycles. A missing `stages` was reported with the top-level keys."""
+    configs, modules, declared, errors = _validate_stages(raw["stages"]) if "stages" in raw else ({}, {}, {}, [])
     errors += check_references(configs, declared)
     cycle = find_cycle(configs)
     if cycle:
         errors.append(("stages", f"cycle {' -> '.join(cycle)}"))
+    return configs, modules, errors
 
-    if errors or len(sections) < len(SECTIONS):
-        if "model" in sections:
-            errors += _check_model_path(sections["model"])
-        raise RecipeError(errors)
 
-    recipe = Recipe(
-        name=raw["name"], seed=raw.get("seed", 0), model=sections["model"], quant=sections["quant"],
-        data=sections["data"], stages=configs, source=source, modules=modules,
-    )
-    # Semantic checks presuppose a well-formed recipe, so they run only once everything above passed.
-    model_errors = _check_model_path(recipe.model)  # once: it may hash a stage folder's weights
-    errors += check_input_kinds(recipe, model_ok=not model_errors)
-    for name, config in configs.items():
-        check = getattr(modules[name], "check", None)
+def _run_stage_checks(recipe: Recipe) -> list[tuple[str, str]]:
+    """Each stage type's `check` hook on its stage, its errors under the stage's key path."""
+    errors: list[tuple[str, str]] = []
+    for name, config in recipe.stages.items():
+        check = getattr(recipe.modules[name], "check", None)
         if check is None:
             continue
         try:
@@ -196,17 +241,15 @@ def parse_recipe(raw: dict, source: str = "<recipe>", overrides: typing.Sequence
             found = [(e.where, e.message)]
         # a check may blame a key inside a recipe-wide section (`quant.weights.group_size` does not fit
         # the model): that path stays as it is; a bare `model` is the stage's own field of that name
-        errors += [(where if "." in where and where.split(".")[0] in SECTIONS else _join(f"stages.{name}", where),
-                    message) for where, message in found]
-    from pipeline.data.chat import check_chat_template  # the data layer's check: loaded when a recipe is validated
-
-    errors += model_errors or check_chat_template(recipe.model)
-    if errors:
-        raise RecipeError(errors)
-    return recipe
+        errors += [
+            (where if "." in where and where.split(".")[0] in SECTIONS else _join(f"stages.{name}", where), message)
+            for where, message in found
+        ]
+    return errors
 
 
 # -- YAML ----------------------------------------------------------------------------------------
+
 
 def parse_yaml(text: str, where: str) -> Any:
     """YAML text -> data; a RecipeError blaming `where` with one line when it is not a recipe's YAML."""
@@ -234,8 +277,7 @@ class _StrictLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key '{key}'", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -252,8 +294,9 @@ def _check_expanded_size(root: yaml.Node) -> None:
     def size(node: yaml.Node) -> int:
         if id(node) in sizes:
             if sizes[id(node)] < 0:
-                raise yaml.constructor.ConstructorError(None, None, "an alias refers to a collection that "
-                                                        "contains it", node.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    None, None, "an alias refers to a collection that contains it", node.start_mark
+                )
             return sizes[id(node)]
         sizes[id(node)] = -1
         if isinstance(node, yaml.MappingNode):
@@ -262,8 +305,9 @@ def _check_expanded_size(root: yaml.Node) -> None:
             children = node.value if isinstance(node, yaml.SequenceNode) else []
         total = 1 + sum(size(child) for child in children)
         if total > MAX_YAML_NODES:
-            raise yaml.constructor.ConstructorError(None, None, f"more than {MAX_YAML_NODES} values once "
-                                                    "aliases are expanded", node.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"more than {MAX_YAML_NODES} values once aliases are expanded", node.start_mark
+            )
         sizes[id(node)] = total
         return total
 
@@ -290,6 +334,7 @@ def _deep_copy(obj: Any) -> Any:
 
 
 # -- overrides -----------------------------------------------------------------------------------
+
 
 def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> list[tuple[str, str]]:
     """Apply `key.path=value` overrides in place (value read as YAML); return the errors.
@@ -323,7 +368,7 @@ def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> list[tuple[st
                 node[part] = {}
             node = node[part]
             if not isinstance(node, dict):
-                errors.append((where, f"{'.'.join(parts[:depth + 1])} is {_describe(node)}, not a mapping"))
+                errors.append((where, f"{'.'.join(parts[: depth + 1])} is {_describe(node)}, not a mapping"))
                 break
         else:
             node[parts[-1]] = value
@@ -331,6 +376,7 @@ def apply_overrides(raw: dict, overrides: typing.Sequence[str]) -> list[tuple[st
 
 
 # -- top level and stages --------------------------------------------------------------------------
+
 
 def _check_top_level(raw: dict) -> list[tuple[str, str]]:
     errors = []
@@ -362,37 +408,24 @@ def _validate_stages(raw_stages: Any):
     declared: dict[str, Any] = {}
     errors: list[tuple[str, str]] = []
     if not isinstance(raw_stages, dict):
-        return configs, modules, declared, [
-            ("stages", f"expected a mapping of stage name to stage, got {_describe(raw_stages)}")]
+        return (
+            configs,
+            modules,
+            declared,
+            [("stages", f"expected a mapping of stage name to stage, got {_describe(raw_stages)}")],
+        )
     if not raw_stages:
         return configs, modules, declared, [("stages", "needs at least one stage")]
     for name, body in raw_stages.items():
         where = f"stages.{name}"
-        if name in RESERVED_STAGE_NAMES:
-            errors.append((where, f"the name '{name}' is reserved ({RESERVED_STAGE_NAMES[name]})"))
-            continue
-        if not isinstance(name, str) or not STAGE_NAME.fullmatch(name) or len(name) > NAME_MAX:
-            errors.append((where, f"stage names use only a-z, 0-9, _ and - (at most {NAME_MAX} of them)"))
+        name_error = _stage_name_error(name)
+        if name_error:
+            errors.append((where, name_error))
             continue
         declared[name] = body.get("type") if isinstance(body, dict) else None
-        if not isinstance(body, dict):
-            errors.append((where, f"expected a mapping with a `type`, got {_describe(body)}"))
-            continue
-        stage_type = body.get("type")
-        if stage_type is None:
-            errors.append((f"{where}.type", f"required (one of {', '.join(stage_registry.STAGE_TYPES)})"))
-            continue
-        try:
-            module = stage_registry.stage_module(stage_type) if isinstance(stage_type, str) else None
-        except KeyError:
-            module = None
-        except stage_registry.StageTypeUnavailable as e:
-            errors.append((f"{where}.type", str(e)))
-            continue
-        if module is None:
-            errors.append((f"{where}.type", f"unknown stage type {_describe(stage_type)}"
-                           f"{did_you_mean(str(stage_type), stage_registry.STAGE_TYPES)}"
-                           f" (one of {', '.join(stage_registry.STAGE_TYPES)})"))
+        module, type_error = _stage_type_module(where, body)
+        if type_error:
+            errors.append(type_error)
             continue
         try:
             configs[name] = module.Config.model_validate(body)
@@ -401,6 +434,38 @@ def _validate_stages(raw_stages: Any):
         except ValidationError as e:
             errors += pydantic_errors(e, where, module.Config)
     return configs, modules, declared, errors
+
+
+def _stage_name_error(name: Any) -> str | None:
+    """Why `name` cannot name a stage (reserved, or not a-z 0-9 _ - within NAME_MAX), or None."""
+    if name in RESERVED_STAGE_NAMES:
+        return f"the name '{name}' is reserved ({RESERVED_STAGE_NAMES[name]})"
+    if not isinstance(name, str) or not STAGE_NAME.fullmatch(name) or len(name) > NAME_MAX:
+        return f"stage names use only a-z, 0-9, _ and - (at most {NAME_MAX} of them)"
+    return None
+
+
+def _stage_type_module(where: str, body: Any) -> tuple[types.ModuleType | None, tuple[str, str] | None]:
+    """(the module of the stage type `body` declares, None) or (None, the error at `where`)."""
+    if not isinstance(body, dict):
+        return None, (where, f"expected a mapping with a `type`, got {_describe(body)}")
+    stage_type = body.get("type")
+    if stage_type is None:
+        return None, (f"{where}.type", f"required (one of {', '.join(stage_registry.STAGE_TYPES)})")
+    try:
+        module = stage_registry.stage_module(stage_type) if isinstance(stage_type, str) else None
+    except KeyError:
+        module = None
+    except stage_registry.StageTypeUnavailable as e:
+        return None, (f"{where}.type", str(e))
+    if module is None:
+        return None, (
+            f"{where}.type",
+            f"unknown stage type {_describe(stage_type)}"
+            f"{did_you_mean(str(stage_type), stage_registry.STAGE_TYPES)}"
+            f" (one of {', '.join(stage_registry.STAGE_TYPES)})",
+        )
+    return module, None
 
 
 def check_references(configs: dict[str, StageConfig], declared: dict[str, Any] | None = None) -> list[tuple[str, str]]:
@@ -438,7 +503,7 @@ def find_cycle(configs: dict[str, StageConfig]) -> list[str] | None:
         path.append(node)
         for nxt in graph[node]:
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -475,10 +540,17 @@ def check_input_kinds(recipe: Recipe, model_ok: bool = True) -> list[tuple[str, 
             target = getattr(config, field_name)
             if target is None or not accepts or kind_of(target) in (None, *accepts):
                 continue
-            what = ("(the recipe's base model) is" if target == BASE_MODEL_REF
-                    else f"({recipe.stages[target].type} stage) writes")
-            errors.append((f"stages.{name}.{field_name}", f"'{target}' {what} {kind_of(target)}; "
-                           f"needs {' or '.join(accepts)}{_writers(accepts)}"))
+            what = (
+                "(the recipe's base model) is"
+                if target == BASE_MODEL_REF
+                else f"({recipe.stages[target].type} stage) writes"
+            )
+            errors.append(
+                (
+                    f"stages.{name}.{field_name}",
+                    f"'{target}' {what} {kind_of(target)}; needs {' or '.join(accepts)}{_writers(accepts)}",
+                )
+            )
     return errors
 
 
@@ -514,8 +586,11 @@ def _check_model_path(model: ModelSpec) -> list[tuple[str, str]]:
     if model.path is None:
         return []
     path = Path(model.path).expanduser()
-    looks_local = (path.is_absolute() or model.path.startswith(("./", "../", "~"))
-                   or (len(path.parts) > 1 and path.parent.is_dir()))
+    looks_local = (
+        path.is_absolute()
+        or model.path.startswith(("./", "../", "~"))
+        or (len(path.parts) > 1 and path.parent.is_dir())
+    )
     if looks_local and not path.exists():
         return [("model.path", f"no such directory: {model.path}")]
     from pipeline.models import check_model_dir  # transformers: only when a recipe names a local model
@@ -529,6 +604,7 @@ def _check_model_path(model: ModelSpec) -> list[tuple[str, str]]:
 
 # -- pydantic errors as key paths ----------------------------------------------------------------
 
+
 def lax_value_errors(raw: Any, value: Any, where: str) -> list[tuple[str, str]]:
     """What pydantic's lax mode lets through but a recipe must not say: inf or nan anywhere, a float
     where an integer is needed (`train_size: 1.0e15` validates as an int), a boolean where a number
@@ -536,15 +612,23 @@ def lax_value_errors(raw: Any, value: Any, where: str) -> list[tuple[str, str]]:
 
     Lax mode stays because PyYAML reads `1e-5` as a string, which only lax mode takes as a float."""
     if isinstance(value, BaseModel) and isinstance(raw, dict):
-        return [e for key, item in raw.items() if key in type(value).model_fields
-                for e in lax_value_errors(item, getattr(value, key), _join(where, str(key)))]
+        return [
+            e
+            for key, item in raw.items()
+            if key in type(value).model_fields
+            for e in lax_value_errors(item, getattr(value, key), _join(where, str(key)))
+        ]
     if isinstance(value, (list, tuple)) and isinstance(raw, list) and len(raw) == len(value):
-        return [e for i, (item, v) in enumerate(zip(raw, value))
-                for e in lax_value_errors(item, v, _join(where, str(i)))]
+        return [
+            e for i, (item, v) in enumerate(zip(raw, value)) for e in lax_value_errors(item, v, _join(where, str(i)))
+        ]
     if isinstance(value, float) and not math.isfinite(value):
         return [(where, f"must be a finite number, got {_describe(raw)}")]
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and (
-            isinstance(raw, bool) or (isinstance(raw, float) and isinstance(value, int))):
+    if (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and (isinstance(raw, bool) or (isinstance(raw, float) and isinstance(value, int)))
+    ):
         return [(where, f"expected {'an integer' if isinstance(value, int) else 'a number'}, got {_describe(raw)}")]
     return []
 
@@ -652,6 +736,7 @@ def _model_of(annotation: Any) -> Any:
 
 
 # -- small helpers --------------------------------------------------------------------------------
+
 
 def did_you_mean(word: str, candidates: typing.Iterable[str]) -> str:
     match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)

@@ -7,6 +7,7 @@ the file differs, so regenerate it after changing a schema:
 
     reasoning-qat stages --markdown > docs/stages.md
 """
+
 from __future__ import annotations
 
 import ast
@@ -61,8 +62,14 @@ def stage_section(stage_type: str) -> str:
     module = stage_registry.stage_module(stage_type)
     output = getattr(module, "OUTPUT", "nothing")
     uses = ", ".join(f"`{s}`" for s in module.USES) or "none"
-    lines = [f"## {stage_type}", "", summary(stage_type), "",
-             f"Writes {output}. Recipe-wide sections it reads: {uses}.", ""]
+    lines = [
+        f"## {stage_type}",
+        "",
+        summary(stage_type),
+        "",
+        f"Writes {output}. Recipe-wide sections it reads: {uses}.",
+        "",
+    ]
     return "\n".join(lines + config_key_lines(module.Config)) + "\n"
 
 
@@ -88,12 +95,18 @@ def topic_text(topic: str) -> str:
 def markdown() -> str:
     """docs/stages.md: the index, every stage type, then the recipe-wide sections."""
     index = ["| type | what it does |", "| --- | --- |", *(f"| [{t}](#{t}) | {s} |" for t, s in summaries())]
-    parts = [HEADER, "\n".join(index) + "\n", *(stage_section(t) for t in stage_registry.STAGE_TYPES),
-             "# Recipe-wide sections\n", *(section_section(k) for k in SECTIONS)]
+    parts = [
+        HEADER,
+        "\n".join(index) + "\n",
+        *(stage_section(t) for t in stage_registry.STAGE_TYPES),
+        "# Recipe-wide sections\n",
+        *(section_section(k) for k in SECTIONS),
+    ]
     return "\n".join(parts)
 
 
 # -- keys ------------------------------------------------------------------------------------------
+
 
 def config_key_lines(config_cls: type[BaseModel]) -> list[str]:
     """The keys of a stage type's `Config`; of one with a schema per value of a key (ptq's `method`), every
@@ -112,8 +125,13 @@ def config_key_lines(config_cls: type[BaseModel]) -> list[str]:
     return key_lines(config_cls, fields=variants.fields(config_cls), docs=docs, notes=notes)
 
 
-def key_lines(cls: type[BaseModel], prefix: str = "", fields: dict[str, FieldInfo] | None = None,
-              docs: dict[str, str] | None = None, notes: dict[str, str] | None = None) -> list[str]:
+def key_lines(
+    cls: type[BaseModel],
+    prefix: str = "",
+    fields: dict[str, FieldInfo] | None = None,
+    docs: dict[str, str] | None = None,
+    notes: dict[str, str] | None = None,
+) -> list[str]:
     """One markdown list item per key of `cls` (or `fields`, with their `docs`), `prefix` before its name, `notes`
     after its default; nested models' keys follow theirs."""
     docs, refs = attribute_docs(cls) if docs is None else docs, stage_ref_accepts(cls)
@@ -139,22 +157,31 @@ def attribute_docs(cls: type[BaseModel]) -> dict[str, str]:
         except (OSError, TypeError):  # no source (a class built at run time): Field descriptions only
             continue
         for node, after in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                    and isinstance(after.value.value, str)):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
                 docs[node.target.id] = after.value.value
     return docs
 
 
-_BOUNDS = ((annotated_types.Gt, "gt", ">"), (annotated_types.Ge, "ge", ">="), (annotated_types.Lt, "lt", "<"),
-           (annotated_types.Le, "le", "<="))
+_BOUNDS = (
+    (annotated_types.Gt, "gt", ">"),
+    (annotated_types.Ge, "ge", ">="),
+    (annotated_types.Lt, "lt", "<"),
+    (annotated_types.Le, "le", "<="),
+)
 
 
 def describe_type(info: FieldInfo, stage_ref: tuple[str, ...] | None = None) -> str:
     """`int, > 0`, `one of rtn, gptq`, `stage writing traces or null`, ... of a field; `stage_ref`: the output
     kinds it accepts when it names a stage (empty: any)."""
-    bounds = [f"{sign} {getattr(m, attr)}" for m in info.metadata for kind, attr, sign in _BOUNDS
-              if isinstance(m, kind)]
+    bounds = [
+        f"{sign} {getattr(m, attr)}" for m in info.metadata for kind, attr, sign in _BOUNDS if isinstance(m, kind)
+    ]
     return ", ".join([_type_name(info.annotation, stage_ref), *bounds])
 
 

@@ -24,6 +24,7 @@ Several processes (`accelerate launch -m pipeline.cli run ...`): every rank deci
 the same files and runs each stage with the same context; only the main rank takes the lock, writes
 manifests, renames directories and writes run.log; all ranks meet at a barrier around each stage.
 """
+
 from __future__ import annotations
 
 import logging
@@ -109,6 +110,7 @@ class Outcome:
 
 # -- planning -----------------------------------------------------------------------------------------
 
+
 class Planner:
     """Decides stages in DAG order; `record` feeds each decision (or a fresh manifest) back in."""
 
@@ -145,7 +147,9 @@ class Planner:
             elif self._ran_past_this_gate(name, manifest, now, inputs):
                 # a run forced past this very gate result (any change to the gate makes it stale):
                 # it stays what downstream reads until something changes, rather than being skipped over
-                return decision("skip", "complete", f"up to date (ran past the failed gate with --force: {gate_failed})")
+                return decision(
+                    "skip", "complete", f"up to date (ran past the failed gate with --force: {gate_failed})"
+                )
             else:
                 return decision("gate", "skipped", gate_failed)
 
@@ -160,9 +164,13 @@ class Planner:
     def _now(self, name: str, inputs: dict[str, Effective]) -> dict[str, Any]:
         """What the fingerprint hashes, and what a manifest or an attempt's record is compared with."""
         config, module = self.recipe.stages[name], self.recipe.modules[name]
-        return {"type": config.type, "config": result_config(type(config), config.model_dump(mode="json")),
-                "sections": {s: self.recipe.section(s) for s in module.USES},
-                "inputs": {f: e.fingerprint for f, e in inputs.items()}, "code_version": module.CODE_VERSION}
+        return {
+            "type": config.type,
+            "config": result_config(type(config), config.model_dump(mode="json")),
+            "sections": {s: self.recipe.section(s) for s in module.USES},
+            "inputs": {f: e.fingerprint for f, e in inputs.items()},
+            "code_version": module.CODE_VERSION,
+        }
 
     def _gate_failed(self, refs: dict[str, str], inputs: dict[str, Effective]) -> str | None:
         """Why the stage's `when` gate did not pass; None when it has none or it passed."""
@@ -172,16 +180,22 @@ class Planner:
 
     def _ran_past_this_gate(self, name: str, manifest: dict | None, now: dict, inputs: dict[str, Effective]) -> bool:
         """The stage's complete manifest is still up to date (and so was made running past the gate's result)."""
-        return (manifest is not None and manifest.get("status") == "complete"
-                and not any(e.pending for e in inputs.values())
-                and self._stale_reason(name, manifest, now, inputs) is None)
+        return (
+            manifest is not None
+            and manifest.get("status") == "complete"
+            and not any(e.pending for e in inputs.values())
+            and self._stale_reason(name, manifest, now, inputs) is None
+        )
 
-    def _state(self, name: str, manifest: dict | None, now: dict, inputs: dict[str, Effective], fp: str,
-               forced: str | None) -> tuple[str, str, str | None]:
+    def _state(
+        self, name: str, manifest: dict | None, now: dict, inputs: dict[str, Effective], fp: str, forced: str | None
+    ) -> tuple[str, str, str | None]:
         """(state, reason, warning) of a stage its gate lets run: pending, complete, stale, or failed when the last
         attempt with this very fingerprint failed (and it is not complete)."""
         failed = self.store.failed(name)
-        failure = f"failed: {failed.get('error', 'unknown error')}" if failed and failed.get("fingerprint") == fp else None
+        failure = (
+            f"failed: {failed.get('error', 'unknown error')}" if failed and failed.get("fingerprint") == fp else None
+        )
         if manifest is None:
             return ("failed", failure, None) if failure else ("pending", "never run", None)
         reason, warning = self._why_stale(name, manifest, now, inputs, forced)
@@ -189,11 +203,14 @@ class Planner:
             return "complete", "up to date", warning
         return ("failed", failure, warning) if failure else ("stale", reason, warning)
 
-    def _why_stale(self, name: str, manifest: dict, now: dict, inputs: dict[str, Effective], forced: str | None
-                   ) -> tuple[str | None, str | None]:
+    def _why_stale(
+        self, name: str, manifest: dict, now: dict, inputs: dict[str, Effective], forced: str | None
+    ) -> tuple[str | None, str | None]:
         """(why the recorded stage is out of date, a warning to show for it); (None, None) when it is up to date."""
         reason = self._stale_reason(name, manifest, now, inputs)
-        reason = reason or next((f"input '{f}' will re-run ({e.pending})" for f, e in inputs.items() if e.pending), None)
+        reason = reason or next(
+            (f"input '{f}' will re-run ({e.pending})" for f, e in inputs.items() if e.pending), None
+        )
         if reason is None and manifest.get("status") == "skipped":
             refs = self.recipe.refs(name)
             reason = f"gate '{refs['when']}' passes now" if "when" in refs else "was skipped"
@@ -278,8 +295,9 @@ class Planner:
             if passthrough in decision.inputs:
                 self.effective[name] = decision.inputs[passthrough]
             else:
-                self.effective[name] = Effective(name, decision.fingerprint, None,
-                                                 unavailable=f"'{name}' was skipped and passes nothing through")
+                self.effective[name] = Effective(
+                    name, decision.fingerprint, None, unavailable=f"'{name}' was skipped and passes nothing through"
+                )
             return
         if manifest is None and decision.action == "skip":
             manifest = self.store.manifest(name)
@@ -288,8 +306,9 @@ class Planner:
         else:
             # downstream manifests recorded the fingerprint this one holds, which differs from the one computed
             # now if it was written before one of its config fields was marked operational
-            self.effective[name] = Effective(name, manifest.get("fingerprint", decision.fingerprint),
-                                             manifest.get("run_id"), manifest)
+            self.effective[name] = Effective(
+                name, manifest.get("fingerprint", decision.fingerprint), manifest.get("run_id"), manifest
+            )
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> str:
@@ -315,6 +334,7 @@ def _short(value: Any) -> str:
 
 
 # -- selection ------------------------------------------------------------------------------------
+
 
 def selection(recipe: Recipe, options: Options) -> tuple[list[str], dict[str, str]]:
     """(stages considered, in order; stage -> why it is forced to run)."""
@@ -366,11 +386,14 @@ def status(recipe: Recipe, store: Store) -> list[Decision]:
 def _check_only_inputs(decision: Decision) -> None:
     for f, e in decision.inputs.items():
         if e.pending:
-            raise InputError(f"--only {decision.name}", f"input '{f}' (stage '{e.stage}') is not up to date "
-                             f"({e.pending}); run it first, or use --from")
+            raise InputError(
+                f"--only {decision.name}",
+                f"input '{f}' (stage '{e.stage}') is not up to date ({e.pending}); run it first, or use --from",
+            )
 
 
 # -- running ----------------------------------------------------------------------------------------
+
 
 class Processes:
     """This process's place among the ranks of an `accelerate launch` / `torchrun` job."""
@@ -393,8 +416,9 @@ class Processes:
             self._dist.barrier()
 
 
-def run(recipe: Recipe, root: str | Path, options: Options | None = None,
-        procs: "Processes | None" = None) -> list[Outcome]:
+def run(
+    recipe: Recipe, root: str | Path, options: Options | None = None, procs: "Processes | None" = None
+) -> list[Outcome]:
     """Run what is missing or stale (and what `options` force); raise RunError / InputError on failure,
     RunStopped on SIGINT/SIGTERM. `procs`: the caller's view of the ranks, if it already made one.
 
@@ -452,16 +476,20 @@ def _run_stages(recipe, store, selected, forced, options, procs, read_only: str 
             outcomes.append(Outcome(name, "up to date", None, _headline(recipe, name, store.manifest(name))))
             continue
         existing = store.manifest(name) if decision.action == "gate" else None
-        recorded_skip = (existing is not None and existing.get("status") == "skipped"
-                         and existing.get("fingerprint") == decision.fingerprint)
+        recorded_skip = (
+            existing is not None
+            and existing.get("status") == "skipped"
+            and existing.get("fingerprint") == decision.fingerprint
+        )
         if read_only and not recorded_skip:
             raise InputError(str(store.base), f"{read_only}, and stage '{name}' needs to run ({decision.reason})")
         if decision.action == "gate":
             stage_log.info("skipped: %s", decision.reason)
             if procs.is_main and not recorded_skip:
                 store.prepare(name, decision.fingerprint, _attempt(recipe, decision))
-                store.commit(name, _manifest(recipe, decision, "skipped", now_iso(), now_iso(), 0.0, {},
-                                             reason=decision.reason))
+                store.commit(
+                    name, _manifest(recipe, decision, "skipped", now_iso(), now_iso(), 0.0, {}, reason=decision.reason)
+                )
             planner.record(decision)
             outcomes.append(Outcome(name, "skipped", None, decision.reason))
             continue
@@ -485,11 +513,18 @@ def _execute(recipe: Recipe, store: Store, decision: Decision, procs: Processes)
     procs.barrier()
     checkpointer = Checkpointer(store.checkpoints_dir(name), every=getattr(config, "checkpoint_every", 0))
     ctx = StageContext(
-        name=name, config=config, recipe=recipe, out_dir=store.out_dir(name),
-        inputs={f: path for f, e in decision.inputs.items()
-                if f != "when" and (path := _input_dir(recipe, store, e)) is not None},
+        name=name,
+        config=config,
+        recipe=recipe,
+        out_dir=store.out_dir(name),
+        inputs={
+            f: path
+            for f, e in decision.inputs.items()
+            if f != "when" and (path := _input_dir(recipe, store, e)) is not None
+        },
         input_manifests={f: e.manifest for f, e in decision.inputs.items() if f != "when"},
-        checkpointer=checkpointer, log=logging.getLogger(f"stages.{name}"),
+        checkpointer=checkpointer,
+        log=logging.getLogger(f"stages.{name}"),
     )
     seed_everything(recipe.seed)
     started, t0 = now_iso(), time.monotonic()
@@ -500,9 +535,11 @@ def _execute(recipe: Recipe, store: Store, decision: Decision, procs: Processes)
             signum = e.signum if isinstance(e, signals.Stopped) else signals.requested()
             step = store.resume_step(name, decision.fingerprint)
             ctx.log.debug("stopped after %.1fs", time.monotonic() - t0, exc_info=True)
-            raise RunStopped(f"stages.{name}: stopped by {signals.signal_name(signum)}; re-run to "
-                             + (f"resume from step {step}" if step is not None else "start it again"),
-                             signum) from None
+            raise RunStopped(
+                f"stages.{name}: stopped by {signals.signal_name(signum)}; re-run to "
+                + (f"resume from step {step}" if step is not None else "start it again"),
+                signum,
+            ) from None
         except Exception as e:
             raise _failure(recipe, store, decision, procs, ctx, e, started, time.monotonic() - t0) from e
         wall = time.monotonic() - t0
@@ -514,8 +551,11 @@ def _execute(recipe: Recipe, store: Store, decision: Decision, procs: Processes)
                 store.mark_running(None)
             ctx.log.info("done in %.1fs %s", wall, _format_metrics(metrics))
         if signals.requested() is not None:
-            raise RunStopped(f"stages.{name}: completed, then stopped by {signals.signal_name(signals.requested())} "
-                             "as asked; re-run to continue", signals.requested())
+            raise RunStopped(
+                f"stages.{name}: completed, then stopped by {signals.signal_name(signals.requested())} "
+                "as asked; re-run to continue",
+                signals.requested(),
+            )
     return manifest
 
 
@@ -524,8 +564,9 @@ def _failure(recipe, store, decision, procs, ctx, error: Exception, started: str
     ctx.log.debug("failed after %.1fs", wall, exc_info=True)
     message = str(error) if isinstance(error, InputError) else f"{type(error).__name__}: {error}"
     if procs.is_main:
-        store.record_failure(decision.name, _manifest(recipe, decision, "failed", started, now_iso(), wall, {},
-                                                      error=message))
+        store.record_failure(
+            decision.name, _manifest(recipe, decision, "failed", started, now_iso(), wall, {}, error=message)
+        )
     if isinstance(error, InputError):
         return InputError(f"stages.{decision.name}", str(error))
     where = f" (traceback in {store.run_log})" if procs.is_main else ""
@@ -544,8 +585,11 @@ def _attempt(recipe, decision: Decision) -> dict:
     config = recipe.stages[decision.name]
     module = recipe.modules[decision.name]
     return {
-        "name": decision.name, "type": config.type, "fingerprint": decision.fingerprint,
-        "config": config.model_dump(mode="json"), "sections": {s: recipe.section(s) for s in module.USES},
+        "name": decision.name,
+        "type": config.type,
+        "fingerprint": decision.fingerprint,
+        "config": config.model_dump(mode="json"),
+        "sections": {s: recipe.section(s) for s in module.USES},
         "inputs": {f: e.fingerprint for f, e in decision.inputs.items()},
         "input_stages": {f: e.stage for f, e in decision.inputs.items()},
         "input_runs": {f: e.run_id for f, e in decision.inputs.items()},
@@ -555,8 +599,14 @@ def _attempt(recipe, decision: Decision) -> dict:
 
 def _manifest(recipe, decision: Decision, status_, started, ended, wall, metrics, **extra) -> dict:
     return {
-        **_attempt(recipe, decision), "status": status_, "run_id": uuid.uuid4().hex, "started": started,
-        "ended": ended, "wall_seconds": round(wall, 3), "metrics": metrics, **extra,
+        **_attempt(recipe, decision),
+        "status": status_,
+        "run_id": uuid.uuid4().hex,
+        "started": started,
+        "ended": ended,
+        "wall_seconds": round(wall, 3),
+        "metrics": metrics,
+        **extra,
     }
 
 

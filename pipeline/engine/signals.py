@@ -19,6 +19,7 @@ number (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a process a signal 
 Only the main thread can receive signals in Python: elsewhere (a run started from another thread)
 `owned()` leaves the handlers as they are.
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,8 +64,11 @@ def _handle(signum: int, frame) -> None:  # noqa: ARG001
         _requested = signum
     # said at once, in the run's log: a step may take minutes, and a second signal would lose the checkpoint
     if first and _deferred:
-        log.warning("%s: stopping at the next safe point (after this training step, with a checkpoint, or at "
-                    "the end of this stage); send it again to stop at once", signal_name(signum))
+        log.warning(
+            "%s: stopping at the next safe point (after this training step, with a checkpoint, or at "
+            "the end of this stage); send it again to stop at once",
+            signal_name(signum),
+        )
         return
     log.warning("%s: stopping now", signal_name(signum))
     raise Stopped(signum)

@@ -27,6 +27,7 @@ its checkpoints (see `result_config`).
 Stages meet only through artifacts: `ctx.inputs[field]` is the *directory* of the referenced stage
 (or of the recipe's base model for the reference "model"); a stage never imports another stage.
 """
+
 from __future__ import annotations
 
 import logging
@@ -94,6 +95,7 @@ class StageConfig(BaseModel):
 
 # -- stage configs with one schema per value of a key ------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Variants:
     """The variants of a VariantConfig base: `key` picks one (`default` when absent)."""
@@ -150,8 +152,9 @@ class VariantConfig(StageConfig, metaclass=_BuildsVariant):
         return variants.adapter.validate_python(obj, **kwargs)
 
 
-def register_variants(base: type[VariantConfig], key: str, default: str, members: tuple[type[VariantConfig], ...],
-                      order: tuple[str, ...]) -> Variants:
+def register_variants(
+    base: type[VariantConfig], key: str, default: str, members: tuple[type[VariantConfig], ...], order: tuple[str, ...]
+) -> Variants:
     """Make `base` the discriminated union of `members` on `key` (see VariantConfig); `order`: every key, listed."""
     tags = {typing.get_args(m.model_fields[key].annotation)[0]: m for m in members}
     assert all(issubclass(m, base) for m in members) and len(tags) == len(members)
@@ -193,7 +196,8 @@ up to date (a new key changes no result until someone sets it)."""
 
 def result_config(config_cls: type[BaseModel], data: dict[str, Any]) -> dict[str, Any]:
     """`data` (a JSON dump of a `config_cls`, fresh or recorded in a manifest) as far as the stage's results
-    depend on it: each field marked OPERATIONAL at its default, each ADDED_KEY at its default left out. The fingerprint hashes this, the runner
+    depend on it: each field marked OPERATIONAL at its default, each ADDED_KEY at its default left out. The
+    fingerprint hashes this, the runner
     compares recorded configs through it, and training loops sign their checkpoints with it.
 
     Held at the default rather than dropped, so that a config that never changed such a field hashes exactly
@@ -227,8 +231,10 @@ def stage_ref_accepts(config_cls: type[StageConfig]) -> dict[str, tuple[str, ...
     fields = {}
     for name, info in config_cls.model_fields.items():
         # `StageRef | None` keeps the marker on the inner Annotated type
-        metadata = [*info.metadata, *(m for arg in getattr(info.annotation, "__args__", ()) or ()
-                                      for m in getattr(arg, "__metadata__", ()))]
+        metadata = [
+            *info.metadata,
+            *(m for arg in getattr(info.annotation, "__args__", ()) or () for m in getattr(arg, "__metadata__", ())),
+        ]
         marker = next((m for m in metadata if isinstance(m, _StageRefMarker)), None)
         if marker is not None:
             fields[name] = marker.accepts
@@ -265,6 +271,8 @@ def untrained_base_model(config: StageConfig, recipe, *fields: str) -> list[tupl
     from `model.arch` (only an `sft` stage makes it worth running)."""
     if recipe.model.path is not None:
         return []
-    return [(f, "the recipe's model is built untrained from model.arch; name the stage that trains it")
-            for f in fields if getattr(config, f) == BASE_MODEL_REF]
-
+    return [
+        (f, "the recipe's model is built untrained from model.arch; name the stage that trains it")
+        for f in fields
+        if getattr(config, f) == BASE_MODEL_REF
+    ]

@@ -15,6 +15,7 @@ A stage is run into `.partial/<stage>/out/`; when it succeeds its files are hash
 written into `out/` last, and `out/` is renamed into place. A run killed at any point therefore never
 leaves a `<stage>/` that looks complete but is not.
 """
+
 from __future__ import annotations
 
 import errno
@@ -49,6 +50,7 @@ _LOCK_TRIES = 5
 
 # -- hashing ----------------------------------------------------------------------------------------
 
+
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
@@ -81,12 +83,14 @@ def check_files(directory: Path, manifest: dict, deep: bool) -> str | None:
     return None
 
 
-def fingerprint(stage_type: str, config: dict, sections: dict[str, Any], inputs: dict[str, str],
-                code_version: int) -> str:
+def fingerprint(
+    stage_type: str, config: dict, sections: dict[str, Any], inputs: dict[str, str], code_version: int
+) -> str:
     """What a stage's output depends on: its type, resolved config, the recipe sections it declares
     in USES, its inputs' fingerprints, and its CODE_VERSION (bumped by hand; source is not hashed)."""
-    return sha256_json({"type": stage_type, "config": config, "sections": sections, "inputs": inputs,
-                        "code_version": code_version})
+    return sha256_json(
+        {"type": stage_type, "config": config, "sections": sections, "inputs": inputs, "code_version": code_version}
+    )
 
 
 def now_iso() -> str:
@@ -94,6 +98,7 @@ def now_iso() -> str:
 
 
 # -- the store --------------------------------------------------------------------------------------
+
 
 class Store:
     """The artifacts of one recipe: `<root>/<recipe name>/`."""
@@ -212,8 +217,7 @@ class Store:
             stage = (_read_json(self.base / RUN_RECORD) or {}).get("stage")
             if stage:
                 holder += f", running stage '{stage}'"
-            raise LockedError(f"{self.base} is in use by another run ({holder}); "
-                              "wait for it to finish or stop it")
+            raise LockedError(f"{self.base} is in use by another run ({holder}); wait for it to finish or stop it")
         try:
             self._locked_at = now_iso()
             try:  # the first write into the directory itself (a lock file of an earlier run may be writable)

@@ -10,6 +10,7 @@ compressed-tensors' compressors pack).
 Targets and ignore patterns are matched by compressed-tensors' `match_named_modules`, the matcher
 llmcompressor uses: class names (`Linear`), exact module names, or `re:<regex>` on names.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -73,8 +74,11 @@ def quant_linears(model: nn.Module) -> list[tuple[str, QuantLinear]]:
 
 def lowered_group_sizes(model: nn.Module, spec: QuantSpec) -> dict[str, int]:
     """{name: group size} of the QuantLinears whose group size is not the spec's (WeightSpec.group_size_policy)."""
-    return {name: m.weights.group_size for name, m in quant_linears(model)
-            if m.weights.group_size != spec.weights.group_size}
+    return {
+        name: m.weights.group_size
+        for name, m in quant_linears(model)
+        if m.weights.group_size != spec.weights.group_size
+    }
 
 
 @torch.no_grad()
@@ -144,7 +148,8 @@ def from_compressed_tensors(model: nn.Module, activations: ActivationSpec | None
 @contextmanager
 def quiet_overridden_targets(groups: dict):
     """Within the block, compressed-tensors' "Could not match `<name>`" warnings about the exact-name targets of
-    config groups after group_0 (pipeline.quant.formats.compressed.config_groups) are dropped: its matcher stops at the first
+    config groups after group_0 (pipeline.quant.formats.compressed.config_groups) are dropped: its matcher stops at
+    the first
     target a module matches (group_0's `Linear`) and so reports those names unmatched, though they are matched
     and win (an exact name beats a class). One false line per lowered layer otherwise; other warnings stay."""
     import logging
@@ -181,8 +186,9 @@ def to_compressed_tensors(model: nn.Module, spec: QuantSpec) -> None:
         plain = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
         plain.weight, plain.bias = module.weight, module.bias
         model.set_submodule(name, plain)
-    config = QuantizationConfig(config_groups=groups, ignore=list(spec.ignore),
-                                quantization_status=QuantizationStatus.FROZEN)
+    config = QuantizationConfig(
+        config_groups=groups, ignore=list(spec.ignore), quantization_status=QuantizationStatus.FROZEN
+    )
     with quiet_overridden_targets(groups):
         apply_quantization_config(model, config, show_progress=False)
     attached = {name for name, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}
@@ -206,7 +212,8 @@ def weight_only(model: torch.nn.Module) -> bool:
 @contextmanager
 def decoding_weights(model: torch.nn.Module, dtype: torch.dtype | None = None):
     """Within the block a weight-only quantized model decodes on fixed weights (`pipeline.generate`
-    does this for every decode; training stages add `dtype`): each QuantLinear holds q(w), computed once, with its quantizer off (plain matmuls on the same values
+    does this for every decode; training stages add `dtype`): each QuantLinear holds q(w), computed once, with its
+    quantizer off (plain matmuls on the same values
     instead of re-quantizing every weight at every token), and with `dtype` every parameter is cast
     to it (bf16 on GPU: the fp32 latent weights under autocast would give the static KV cache fp32
     keys, after the fp32 q/k norms, and bf16 values). Afterwards each parameter points at its own

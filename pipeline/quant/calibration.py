@@ -10,6 +10,7 @@ Two sources, to reproduce the paper's comparison (domain-matched traces vs gener
   modules, which ship with every Python. Either is concatenated and cut into `seqlen`-token windows
   as GPTQ papers cut WikiText. The built-in text depends only on the Python version.
 """
+
 from __future__ import annotations
 
 import random
@@ -22,19 +23,75 @@ from torch.utils.data import DataLoader
 from pipeline.engine.errors import InputError
 
 GENERIC_MODULES = (
-    "argparse", "asyncio", "calendar", "collections", "concurrent.futures", "contextlib", "csv",
-    "dataclasses", "datetime", "decimal", "difflib", "email", "enum", "fractions", "functools",
-    "gettext", "heapq", "html.parser", "http.client", "http.server", "imaplib", "inspect", "ipaddress",
-    "itertools", "json", "locale", "logging", "mailbox", "multiprocessing", "optparse", "os", "pathlib",
-    "pickle", "pydoc", "queue", "random", "re", "sched", "selectors", "shlex", "shutil", "smtplib",
-    "socket", "sqlite3", "ssl", "statistics", "string", "subprocess", "tarfile", "tempfile",
-    "textwrap", "threading", "tkinter", "turtle", "typing", "unittest", "urllib.request", "uuid",
-    "warnings", "wave", "weakref", "xml.dom.minidom", "zipfile",
+    "argparse",
+    "asyncio",
+    "calendar",
+    "collections",
+    "concurrent.futures",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email",
+    "enum",
+    "fractions",
+    "functools",
+    "gettext",
+    "heapq",
+    "html.parser",
+    "http.client",
+    "http.server",
+    "imaplib",
+    "inspect",
+    "ipaddress",
+    "itertools",
+    "json",
+    "locale",
+    "logging",
+    "mailbox",
+    "multiprocessing",
+    "optparse",
+    "os",
+    "pathlib",
+    "pickle",
+    "pydoc",
+    "queue",
+    "random",
+    "re",
+    "sched",
+    "selectors",
+    "shlex",
+    "shutil",
+    "smtplib",
+    "socket",
+    "sqlite3",
+    "ssl",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "tkinter",
+    "turtle",
+    "typing",
+    "unittest",
+    "urllib.request",
+    "uuid",
+    "warnings",
+    "wave",
+    "weakref",
+    "xml.dom.minidom",
+    "zipfile",
 )
 
 
-def traces_samples(tokenizer, traces_dir: str | Path, nsamples: int, seqlen: int, seed: int,
-                   where: str = "calibration") -> list[list[int]]:
+def traces_samples(
+    tokenizer, traces_dir: str | Path, nsamples: int, seqlen: int, seed: int, where: str = "calibration"
+) -> list[list[int]]:
     """Up to `nsamples` token-id sequences from `<traces_dir>/traces.jsonl`, a seeded random subset;
     `where` is the key blamed for a missing or malformed file."""
     return [t.example(tokenizer)[0][:seqlen] for t in _shuffled_traces(traces_dir, seed, where)[:nsamples]]
@@ -48,8 +105,9 @@ def _shuffled_traces(traces_dir: str | Path, seed: int, where: str) -> list:
     return traces
 
 
-def packed_traces_samples(tokenizer, traces_dir: str | Path, nsamples: int, seqlen: int, seed: int,
-                          where: str = "calibration") -> list[list[int]]:
+def packed_traces_samples(
+    tokenizer, traces_dir: str | Path, nsamples: int, seqlen: int, seed: int, where: str = "calibration"
+) -> list[list[int]]:
     """Up to `nsamples` windows of exactly `seqlen` tokens: the traces (chat-formatted, in a seeded random
     order) joined end to end and cut, as FlatQuant calibrates on equal 2048-token windows of WikiText.
     Equal lengths let a batched calibration fill every batch: traces cut one per sample are all of
@@ -89,7 +147,9 @@ def _add_docstrings(name: str, parts: list[str]) -> None:
             parts.append(doc)
 
 
-def generic_samples(tokenizer, nsamples: int, seqlen: int, seed: int, texts: list[str] | None = None) -> list[list[int]]:
+def generic_samples(
+    tokenizer, nsamples: int, seqlen: int, seed: int, texts: list[str] | None = None
+) -> list[list[int]]:
     """`nsamples` windows of `seqlen` tokens at seeded random offsets into `texts` (a user's corpus,
     documents joined by blank lines) or, when None, the built-in generic text."""
     text = generic_text() if texts is None else "\n\n".join(texts)

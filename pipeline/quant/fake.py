@@ -16,6 +16,7 @@ Why our own copy and not compressed-tensors' functions: theirs run under `torch.
 gradients) and take a pydantic `QuantizationArgs` per call; ours are differentiable where it matters
 (`fake_quantize_ste`) and are tested against theirs with atol=0.
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Does a quantization scheme fit a model: its targets match, every targeted width takes a group size, the KV
 group divides head_dim. A config is instantiated on the meta device (no memory, no weights)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -10,8 +11,9 @@ from pipeline.quant.apply import match_targets
 from pipeline.quant.scheme import QuantSpec, layer_weights
 
 
-def check_fit(model_or_config: Any, spec: QuantSpec, where: str = "quant",
-              trust_remote_code: bool = False) -> list[tuple[str, str]]:
+def check_fit(
+    model_or_config: Any, spec: QuantSpec, where: str = "quant", trust_remote_code: bool = False
+) -> list[tuple[str, str]]:
     """Every way `spec` does not fit the model, as (key path, message) pairs; [] if it fits.
 
     `model_or_config` is a model, a transformers `PretrainedConfig`, or a `pipeline.models.Qwen3Arch`.
@@ -39,10 +41,12 @@ def check_fit(model_or_config: Any, spec: QuantSpec, where: str = "quant",
     if spec.kv_cache is not None and spec.kv_cache.group_size is not None:
         head_dim = _head_dim(model.config)
         if head_dim % spec.kv_cache.group_size:
-            errors.append((
-                f"{where}.kv_cache.group_size",
-                f"{spec.kv_cache.group_size} does not divide head_dim {head_dim}",
-            ))
+            errors.append(
+                (
+                    f"{where}.kv_cache.group_size",
+                    f"{spec.kv_cache.group_size} does not divide head_dim {head_dim}",
+                )
+            )
     return errors
 
 
@@ -51,8 +55,11 @@ def lowered_group_sizes(config: Any, spec: QuantSpec, trust_remote_code: bool = 
     the spec's group size does not divide; the model is built on the meta device. Call it on a spec that
     `check_fit` passed (ValueError otherwise)."""
     widths = sorted({m.in_features for _, m in match_targets(_meta_model(config, trust_remote_code), spec)})
-    return {w: layer_weights(spec.weights, w).group_size for w in widths
-            if layer_weights(spec.weights, w).group_size != spec.weights.group_size}
+    return {
+        w: layer_weights(spec.weights, w).group_size
+        for w in widths
+        if layer_weights(spec.weights, w).group_size != spec.weights.group_size
+    }
 
 
 def _head_dim(config) -> int:

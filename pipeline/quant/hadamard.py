@@ -14,6 +14,7 @@ Matrices are normalised to be orthogonal (entries ±1/sqrt(n)) and returned in f
 Every matrix comes as two Kronecker factors (`kronecker_factors`), as balanced as the width allows, so an
 online transform costs n·(n1 + n2) multiply-adds per token instead of n² (x (A ⊗ B) = vec(Aᵀ X B)).
 """
+
 from __future__ import annotations
 
 import math

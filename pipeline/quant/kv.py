@@ -18,6 +18,7 @@ Qwen3's q_norm / k_norm act per head before RoPE, so the rotation sits after bot
 The spec lives on each attention module as `kv_cache_spec`, set here before any forward; nothing
 changes inside the forward.
 """
+
 from __future__ import annotations
 
 import sys

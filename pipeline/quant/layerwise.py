@@ -6,6 +6,7 @@ A layer input is (hidden_states [1, len, hidden], the keyword arguments the mode
 position embeddings, attention mask, position ids, ...), captured by a forward pre-hook on layer 0
 that stops the model there.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -15,6 +15,7 @@ Lifecycle (pipeline.quant.apply): `prepare` swaps modules in (scales not yet set
 the scales from the weights (or GPTQ / a checkpoint sets them), then train; `export` writes the
 packed integers. A forward before calibration is an error, never a silent lazy init.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,7 +44,9 @@ class QuantLinear(nn.Linear):
         self.weights = weights
         self.activations = activations
         shape = (out_features, in_features // group_size)
-        self.weight_scale = nn.Parameter(torch.empty(shape, device=device, dtype=self.weight.dtype), requires_grad=False)
+        self.weight_scale = nn.Parameter(
+            torch.empty(shape, device=device, dtype=self.weight.dtype), requires_grad=False
+        )
         zero_point = None if weights.symmetric else torch.zeros(shape, device=device, dtype=fake.ZERO_POINT_DTYPE)
         self.register_buffer("weight_zero_point", zero_point)
         self.fake_quant = True
@@ -55,13 +58,19 @@ class QuantLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, weights: WeightSpec, activations: ActivationSpec | None = None):
         """A QuantLinear that shares `linear`'s weight and bias Parameters (no copy); not calibrated."""
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, weights, activations, device="meta")
+        module = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, weights, activations, device="meta"
+        )
         module.weight = linear.weight
         module.bias = linear.bias
         device, dtype = linear.weight.device, linear.weight.dtype
-        module.weight_scale = nn.Parameter(torch.empty(module.weight_scale.shape, device=device, dtype=dtype), requires_grad=False)
+        module.weight_scale = nn.Parameter(
+            torch.empty(module.weight_scale.shape, device=device, dtype=dtype), requires_grad=False
+        )
         if module.weight_zero_point is not None:
-            module.weight_zero_point = torch.zeros(module.weight_zero_point.shape, device=device, dtype=fake.ZERO_POINT_DTYPE)
+            module.weight_zero_point = torch.zeros(
+                module.weight_zero_point.shape, device=device, dtype=fake.ZERO_POINT_DTYPE
+            )
         return module.train(linear.training)
 
     @torch.no_grad()

@@ -20,6 +20,7 @@ Where transforms sit in a decoder layer (module names relative to the layer):
 `describe(model)` records them (JSON), `install(model, record)` rebuilds empty ones on a fresh model
 before its state dict is loaded: the tensors travel in the safetensors, the layout in the record.
 """
+
 from __future__ import annotations
 
 import torch
@@ -141,8 +142,9 @@ def add_activation_clips(model: nn.Module) -> int:
     added = 0
     for _, m in quant_linears(model):
         if m.activations is not None and m.activation_clip is None:
-            m.activation_clip = nn.Parameter(torch.tensor(m.activations.clip_ratio, device=m.weight.device,
-                                                          dtype=m.weight.dtype))
+            m.activation_clip = nn.Parameter(
+                torch.tensor(m.activations.clip_ratio, device=m.weight.device, dtype=m.weight.dtype)
+            )
             added += 1
     return added
 

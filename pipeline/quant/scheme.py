@@ -24,6 +24,7 @@ Widths a group size does not divide (SmolLM2-135M's 576, SmolLM2-360M's 960): `w
 `largest_divisor`) gives such a layer the largest smaller group that divides it (`layer_weights`: 576 -> 96);
 `exact` refuses the model at recipe check.
 """
+
 from __future__ import annotations
 
 import math

@@ -10,6 +10,7 @@ the logits (the one comparison that holds after QuaRot, whose hidden states live
 After QuaRot / FlatQuant the "original" weights are the transformed full-precision ones, and a layer's
 input is taken after its online input transform.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,9 @@ def final_outputs(model: nn.Module, samples: list[list[int]]) -> tuple[list[torc
 
 
 @torch.no_grad()
-def layer_sqnr_and_outputs(model: nn.Module, originals: dict[str, torch.Tensor], samples: list[list[int]]
-                           ) -> tuple[list[dict], list[torch.Tensor], list[torch.Tensor]]:
+def layer_sqnr_and_outputs(
+    model: nn.Module, originals: dict[str, torch.Tensor], samples: list[list[int]]
+) -> tuple[list[dict], list[torch.Tensor], list[torch.Tensor]]:
     """`layer_sqnr`'s report and `final_outputs`' hidden states and logits of the quantized model,
     from the same forward pass per sample."""
     energy: dict[str, list[float]] = {}
@@ -68,19 +70,23 @@ def layer_sqnr_and_outputs(model: nn.Module, originals: dict[str, torch.Tensor],
     try:
         with decoding_weights(model) if weight_only(model) else nullcontext():
             hidden, logits = final_outputs(model, samples)
-            quantized = {name: (module.quantized_weight() if module.fake_quant else module.weight).detach().cpu()
-                         for name, module in layers}
+            quantized = {
+                name: (module.quantized_weight() if module.fake_quant else module.weight).detach().cpu()
+                for name, module in layers
+            }
     finally:
         for h in hooks:
             h.remove()
     report = []
     for name, _ in layers:
         signal, noise = energy[name]
-        report.append({
-            "layer": name,
-            "weight_sqnr": fake.sqnr(originals[name], quantized[name]),
-            "output_sqnr": float("inf") if noise == 0 else 10 * math.log10(signal / noise),
-        })
+        report.append(
+            {
+                "layer": name,
+                "weight_sqnr": fake.sqnr(originals[name], quantized[name]),
+                "output_sqnr": float("inf") if noise == 0 else 10 * math.log10(signal / noise),
+            }
+        )
     return report, hidden, logits
 
 

@@ -1,6 +1,7 @@
 """QeRL's adaptive quantization noise (AQN) for GRPO on a quantized policy: Gaussian noise on the RMSNorm weights
 during rollouts, its σ decaying geometrically over K noisy stages. `GRPOSettings.aqn` configures it
 (pipeline.train.rl); the trainer (pipeline.train.grpo_trainer) applies it around each rollout."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -39,7 +40,9 @@ def aqn_sigma(step: int, total_steps: int, spec: AQNSpec) -> float:
 
 def rms_norms(model: torch.nn.Module) -> list[torch.nn.Module]:
     """Every RMSNorm with a weight (input/post-attention norms, Qwen3's q/k norms, the final norm)."""
-    return [m for m in model.modules() if type(m).__name__.endswith("RMSNorm") and getattr(m, "weight", None) is not None]
+    return [
+        m for m in model.modules() if type(m).__name__.endswith("RMSNorm") and getattr(m, "weight", None) is not None
+    ]
 
 
 @contextmanager

@@ -9,6 +9,7 @@ Why annotated types rather than one base model both inherit: a pydantic subclass
 its base declared it, so a base would reorder the `rl` stage's keys in `reasoning-qat stages` and docs/stages.md
 (`num_generations` sits between `batch_size` and `grad_accum`). Cheap to import: no torch.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -42,5 +43,8 @@ ReportTo = Annotated[tuple[Tracker, ...], Field(json_schema_extra={**OPERATIONAL
 
 def missing_trackers(trackers: Sequence[str]) -> list[tuple[str, str]]:
     """("report_to", message) for each tracker whose package is not installed: found before anything runs."""
-    return [("report_to", f"{t} is not installed (pip install {t}, or 'reasoning-qat[trackers]')")
-            for t in trackers if importlib.util.find_spec(t) is None]
+    return [
+        ("report_to", f"{t} is not installed (pip install {t}, or 'reasoning-qat[trackers]')")
+        for t in trackers
+        if importlib.util.find_spec(t) is None
+    ]

@@ -3,6 +3,7 @@ writes the engine's metrics rows and checkpoints. pipeline.train.rl says what ea
 for; this module holds the code that needs TRL, so that importing pipeline.train.rl does not (importing TRL costs
 seconds, and the engine and `--help` need none of it): `grpo_train` imports this module when it runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,22 +25,35 @@ from pipeline.quant.apply import decoding_weights, weight_only
 from pipeline.train.loop import rng_state, set_rng_state
 from pipeline.train.aqn import AQNSpec, aqn_sigma, norm_noise
 
-RENAME = {"rewards/accuracy_reward/mean": "accuracy", "rewards/format_reward/mean": "format",
-          "completions/mean_length": "completion_length", "completions/clipped_ratio": "truncation_rate",
-          "learning_rate": "lr"}
+RENAME = {
+    "rewards/accuracy_reward/mean": "accuracy",
+    "rewards/format_reward/mean": "format",
+    "completions/mean_length": "completion_length",
+    "completions/clipped_ratio": "truncation_rate",
+    "learning_rate": "lr",
+}
 """TRL log keys -> metrics.jsonl names (the rest keep TRL's names)."""
 
 
 def cut_at_stop(ids: Sequence[int], stops: Sequence[int]) -> list[int]:
     """ids up to and including the first stop token (what GRPO scores and trains on)."""
-    return list(ids[:first_stop_end(ids, set(stops))])
+    return list(ids[: first_stop_end(ids, set(stops))])
 
 
 class QuantGRPOTrainer(GRPOTrainer):
     """GRPOTrainer with our rollouts, reference, AQN and checkpoints (see the module docstring)."""
 
-    def __init__(self, *args, seed: int, rollout_spec: GenerationSpec, aqn: AQNSpec | None, beta: float,
-                 ref_model=None, resume: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        seed: int,
+        rollout_spec: GenerationSpec,
+        aqn: AQNSpec | None,
+        beta: float,
+        ref_model=None,
+        resume: dict | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.seed = seed
         self.rollout_spec = rollout_spec
@@ -53,29 +67,37 @@ class QuantGRPOTrainer(GRPOTrainer):
             ref_model.requires_grad_(False)
             if self.args.disable_dropout:
                 disable_dropout_in_model(ref_model)
-            add_fused_lm_head(ref_model, temperature=self.temperature,
-                              cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
-            self.ref_model = (prepare_deepspeed(ref_model, self.accelerator) if self.is_deepspeed_enabled
-                              else self.accelerator.prepare_model(ref_model, evaluation_mode=True))
+            add_fused_lm_head(
+                ref_model, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32
+            )
+            self.ref_model = (
+                prepare_deepspeed(ref_model, self.accelerator)
+                if self.is_deepspeed_enabled
+                else self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+            )
         self.beta = beta
 
     def _tokenize_prompts(self, prompts):
         return self.processing_class(text=prompts, add_special_tokens=False)["input_ids"], None, {}
 
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
-                              has_tool_images=False):
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         step, acc = self.state.global_step, self.accelerator
         spec = self.rollout_spec.model_copy(
-            update={"seed": (self.seed * 1_000_003 + step) * acc.num_processes + acc.process_index})
+            update={"seed": (self.seed * 1_000_003 + step) * acc.num_processes + acc.process_index}
+        )
         self.sigma = aqn_sigma(step, self.args.max_steps, self.aqn) if self.aqn else 0.0
         noise = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         start = time.perf_counter()
-        with unwrap_model_for_generation(self.model_wrapped, acc,
-                                         gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                                         gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs
-                                         ) as policy, \
-                self._dist.summon_full_params(self.model_wrapped, recurse=False), \
-                norm_noise(policy, self.sigma, noise):
+        with (
+            unwrap_model_for_generation(
+                self.model_wrapped,
+                acc,
+                gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+            ) as policy,
+            self._dist.summon_full_params(self.model_wrapped, recurse=False),
+            norm_noise(policy, self.sigma, noise),
+        ):
             rows = self._decode(policy, prompt_ids, spec)
         completions = [cut_at_stop(samples[0], self.eos_token_ids) for samples in rows]
         self.rollout_seconds += time.perf_counter() - start
@@ -122,10 +144,16 @@ class QuantGRPOTrainer(GRPOTrainer):
 
     def checkpoint_state(self, rows: list[dict], signature: dict) -> dict:
         model = self.accelerator.unwrap_model(self.model)
-        return {"model": {n: p for n, p in model.named_parameters() if p.requires_grad},
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.lr_scheduler.state_dict(),
-                "rng": rng_state(), "trainer_state": self.state_json(), "metrics": rows,
-                "step": self.state.global_step, "signature": signature}
+        return {
+            "model": {n: p for n, p in model.named_parameters() if p.requires_grad},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.lr_scheduler.state_dict(),
+            "rng": rng_state(),
+            "trainer_state": self.state_json(),
+            "metrics": rows,
+            "step": self.state.global_step,
+            "signature": signature,
+        }
 
     def state_json(self) -> str:
         with tempfile.TemporaryDirectory() as tmp:
@@ -138,8 +166,15 @@ class EngineCallback(TrainerCallback):
     runs after the step's update and with its metrics, so the checkpoint holds that row); a stop when a signal asked
     for one (pipeline.engine.signals, through `checkpointer.stop_requested`)."""
 
-    def __init__(self, trainer: QuantGRPOTrainer, checkpointer: Checkpointer, metrics_path: Path, rows: list[dict],
-                 signature: dict, bar):
+    def __init__(
+        self,
+        trainer: QuantGRPOTrainer,
+        checkpointer: Checkpointer,
+        metrics_path: Path,
+        rows: list[dict],
+        signature: dict,
+        bar,
+    ):
         self.trainer, self.checkpointer, self.metrics_path = trainer, checkpointer, metrics_path
         self.rows, self.signature, self.bar = rows, signature, bar
         self.summary: dict = {}
@@ -152,14 +187,17 @@ class EngineCallback(TrainerCallback):
             self.summary = logs
             return
         row = {"step": state.global_step, "sigma": trainer.sigma}
-        row.update({RENAME.get(k, k): float(v) for k, v in logs.items() if isinstance(v, (int, float)) and k != "epoch"})
+        row.update(
+            {RENAME.get(k, k): float(v) for k, v in logs.items() if isinstance(v, (int, float)) and k != "epoch"}
+        )
         self.rows.append(row)
         if trainer.accelerator.is_main_process:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         tokens, self.tokens_seen = trainer.rollout_tokens - self.tokens_seen, trainer.rollout_tokens
-        self.bar.advance(1, tokens=tokens, reward=f"{row.get('reward', 0.0):.3f}",
-                         entropy=f"{row.get('entropy', float('nan')):.3f}")
+        self.bar.advance(
+            1, tokens=tokens, reward=f"{row.get('reward', 0.0):.3f}", entropy=f"{row.get('entropy', float('nan')):.3f}"
+        )
         if checkpointer.due(state.global_step):
             if trainer.accelerator.is_main_process:
                 checkpointer.save(state.global_step, trainer.checkpoint_state(self.rows, self.signature))

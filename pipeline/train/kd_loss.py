@@ -4,6 +4,7 @@
 config, and bench/kd_qat.py times the same function (so a benchmark never imports a stage). The defaults are
 the stage's (stages/kd_qat.py Config).
 """
+
 from __future__ import annotations
 
 import torch
@@ -11,8 +12,16 @@ import torch
 from pipeline.train.distill import Divergence, chunked_kd_loss
 
 
-def kd_loss_fn(teacher: torch.nn.Module, *, loss: Divergence = "forward_kl", temperature: float = 1.0,
-               beta: float = 0.5, top_k: int | None = None, ce_weight: float = 0.0, chunk_size: int = 2048):
+def kd_loss_fn(
+    teacher: torch.nn.Module,
+    *,
+    loss: Divergence = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    top_k: int | None = None,
+    ce_weight: float = 0.0,
+    chunk_size: int = 2048,
+):
     """loss_fn for pipeline.train.loop: KD of the student (the model being trained) towards `teacher`."""
 
     def loss_fn(model, batch):
@@ -25,10 +34,19 @@ def kd_loss_fn(teacher: torch.nn.Module, *, loss: Divergence = "forward_kl", tem
         # position t predicts token t + 1
         labels = batch["labels"][:, 1:]
         head = getattr(model, "module", model).get_output_embeddings()
-        value, metrics = chunked_kd_loss(student.hidden_states[-1][:, :-1], teacher_hidden[:, :-1], labels,
-                                         head, teacher.get_output_embeddings(), divergence=loss,
-                                         temperature=temperature, beta=beta, top_k=top_k,
-                                         ce_weight=ce_weight, chunk_size=chunk_size)
+        value, metrics = chunked_kd_loss(
+            student.hidden_states[-1][:, :-1],
+            teacher_hidden[:, :-1],
+            labels,
+            head,
+            teacher.get_output_embeddings(),
+            divergence=loss,
+            temperature=temperature,
+            beta=beta,
+            top_k=top_k,
+            ce_weight=ce_weight,
+            chunk_size=chunk_size,
+        )
         if _fully_sharded(model):
             # FSDP2 hooks the backward of every output of the model's forward; one the backward never reaches
             # (the last position's logits, unused here) crashed it (a segfault, torch 2.13 on CPU): joined with

@@ -42,6 +42,7 @@ share of the global batch's label tokens (not averaged per micro-batch or per ra
 does not depend on how a step is split across processes, accumulation steps or padding: N processes
 train the model one process trains.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,18 @@ from transformers import get_cosine_schedule_with_warmup
 
 from pipeline.engine import signals
 from pipeline.engine.checkpoint import Checkpointer, Ranks, StageInterrupted, on_every_rank
-from pipeline.train.args import (BatchSize, CheckpointEvery, GradAccum, GradClipOrNone, LearningRate, ReportTo, Steps,
-                                 WarmupSteps, WeightDecay, missing_trackers)
+from pipeline.train.args import (
+    BatchSize,
+    CheckpointEvery,
+    GradAccum,
+    GradClipOrNone,
+    LearningRate,
+    ReportTo,
+    Steps,
+    WarmupSteps,
+    WeightDecay,
+    missing_trackers,
+)
 from pipeline.train.optim import OptimizerName, ParamDtype, make_optimizer
 from pipeline.engine.progress import progress
 from pipeline.engine.stage_api import ADDED_KEY, result_config
@@ -134,7 +145,10 @@ def make_accelerator(report_to: Sequence[str] = (), out_dir: str | Path | None =
         where = ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(Path(out_dir) / "tensorboard"))
         trackers = {"log_with": list(report_to), "project_config": where}
     acc = Accelerator(mixed_precision="bf16" if bf16 else "no", **trackers)
-    if acc.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+    if (
+        acc.distributed_type == DistributedType.MULTI_CPU
+        and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    ):
         _fsdp_on_cpu(acc)
     return acc
 
@@ -156,8 +170,9 @@ def _fsdp_on_cpu(acc: Accelerator) -> None:
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     """Next-token cross-entropy on the completion tokens (SFT)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                use_cache=False)
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False
+    )
     return out.loss, {}
 
 
@@ -232,7 +247,7 @@ class AcceleratorRanks(Ranks):
         if error is not None:
             raw = error.encode()[:_MESSAGE_BYTES]
             mine[0] = 1
-            mine[1:1 + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+            mine[1 : 1 + len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         every = self.acc.gather(mine.to(self.acc.device)).view(self.count, -1).cpu()
         rank = int(every[:, 0].nonzero()[0])
         return rank, bytes(every[rank, 1:].tolist()).rstrip(b"\0").decode(errors="replace")
@@ -252,7 +267,9 @@ def _zero_optimizer_state(zero_optimizer) -> dict:
     state = dict(zero_optimizer.state_dict())
     state.pop("param_slice_mappings", None)
     scaler = state.pop("loss_scaler")
-    state["loss_scaler"] = {k: v for k, v in vars(scaler).items() if v is None or isinstance(v, (bool, int, float, str))}
+    state["loss_scaler"] = {
+        k: v for k, v in vars(scaler).items() if v is None or isinstance(v, (bool, int, float, str))
+    }
     return state
 
 
@@ -298,8 +315,9 @@ def _load_fsdp_model_shards(model, shards: dict) -> None:
         for name, p in params.items():
             local = _local_shards(p)
             if local.shape != shards[name].shape:
-                raise ValueError(f"{name}: shard of shape {tuple(shards[name].shape)} in the checkpoint, "
-                                 f"{tuple(local.shape)} here")
+                raise ValueError(
+                    f"{name}: shard of shape {tuple(shards[name].shape)} in the checkpoint, {tuple(local.shape)} here"
+                )
             local.copy_(shards[name])
 
 
@@ -313,10 +331,14 @@ def _load_fsdp_optimizer_state(optimizer, state: dict) -> None:
     for index, values in state["state"].items():
         p = params[index]
         if isinstance(p, DTensor):
-            values = {k: DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, run_check=False,
-                                            shape=p.shape, stride=p.stride())
-                      if isinstance(v, torch.Tensor) and v.shape == p.to_local().shape and v.dim() else v
-                      for k, v in values.items()}
+            values = {
+                k: DTensor.from_local(
+                    v.to(p.device), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                )
+                if isinstance(v, torch.Tensor) and v.shape == p.to_local().shape and v.dim()
+                else v
+                for k, v in values.items()
+            }
         per_param[index] = values
     optimizer.load_state_dict({**state, "state": per_param})
 
@@ -364,15 +386,21 @@ def _configure_deepspeed(acc: Accelerator, args: TrainArgs, micro: int) -> None:
     would otherwise ask for a dataloader, and clip at 1.0): set them from `args`. A value a config file
     states explicitly must agree."""
     config = acc.state.deepspeed_plugin.deepspeed_config
-    wanted = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": args.grad_accum,
-              "train_batch_size": args.batch_size, "gradient_clipping": args.grad_clip or 0.0}
+    wanted = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": args.grad_accum,
+        "train_batch_size": args.batch_size,
+        "gradient_clipping": args.grad_clip or 0.0,
+    }
     for key, value in wanted.items():
         if config.get(key, "auto") not in ("auto", value):
             raise ValueError(f"the DeepSpeed config sets {key} to {config[key]}; this stage needs {value}")
         config[key] = value
     if config.get("zero_optimization", {}).get("elastic_checkpoint"):
         # an elastic ZeRO state needs every process's file to load one: ours are per process
-        raise ValueError("the DeepSpeed config sets zero_optimization.elastic_checkpoint; checkpoints here need it false")
+        raise ValueError(
+            "the DeepSpeed config sets zero_optimization.elastic_checkpoint; checkpoints here need it false"
+        )
     acc.gradient_accumulation_steps = args.grad_accum
 
 
@@ -406,8 +434,9 @@ def shard_frozen(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.M
     return model
 
 
-def whole_model(accelerator: Accelerator, model: torch.nn.Module, rebuild: Callable[[], torch.nn.Module]
-                ) -> torch.nn.Module:
+def whole_model(
+    accelerator: Accelerator, model: torch.nn.Module, rebuild: Callable[[], torch.nn.Module]
+) -> torch.nn.Module:
     """The trained model, unwrapped, for the main process to save. Under FSDP2 its parameters are shards outside a
     forward (a state dict of it holds DTensors), so its whole state (gathered from every process's shards, with the
     buffers; a collective every process enters) goes into `rebuild()`, a fresh copy of the model as the stage built
@@ -431,8 +460,9 @@ def whole_models(accelerator: Accelerator):
     """Models built in here have all their weights on every rank, also under ZeRO-3, where transformers would
     otherwise build them inside deepspeed.zero.Init (empty, partitioned parameters): the quantized student's
     meta-device load cannot be partitioned that way, and the teacher, which never enters the DeepSpeed
-    engine, would be left with no weights. The engine partitions the student itself when it is prepared. Under FSDP the same: transformers' rank-0-only
-    load (FSDP_CPU_RAM_EFFICIENT_LOADING) is turned off, the models here being loaded on every rank."""
+    engine, would be left with no weights. The engine partitions the student itself when it is prepared. Under
+    FSDP the same: transformers' rank-0-only load (FSDP_CPU_RAM_EFFICIENT_LOADING) is turned off, the models here
+    being loaded on every rank."""
     if _fsdp(accelerator):
         saved = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING")
         os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
@@ -466,10 +496,21 @@ def gathered(acc: Accelerator, model: torch.nn.Module):
     return nullcontext()
 
 
-def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, args: TrainArgs, *,
-          out_dir: str | Path, checkpointer: Checkpointer, seed: int, pad_id: int,
-          log: logging.Logger | None = None, accelerator: Accelerator | None = None,
-          desc: str = "train", on_step: OnStep | None = None) -> dict[str, float]:
+def train(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    loss_fn: LossFn,
+    args: TrainArgs,
+    *,
+    out_dir: str | Path,
+    checkpointer: Checkpointer,
+    seed: int,
+    pad_id: int,
+    log: logging.Logger | None = None,
+    accelerator: Accelerator | None = None,
+    desc: str = "train",
+    on_step: OnStep | None = None,
+) -> dict[str, float]:
     """Train `model` in place for `args.steps` steps (resuming from `checkpointer` if it holds a
     checkpoint of the same run); returns {"final_loss", "steps", "train_seconds", "tokens_per_s"}.
 
@@ -482,8 +523,18 @@ def train(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, 
     """
     log = log or logging.getLogger(__name__)
     acc = accelerator or make_accelerator()
-    run = _prepare(model, examples, loss_fn, args, acc, checkpointer=checkpointer, seed=seed, pad_id=pad_id,
-                   metrics_path=Path(out_dir) / "metrics.jsonl", on_step=on_step)
+    run = _prepare(
+        model,
+        examples,
+        loss_fn,
+        args,
+        acc,
+        checkpointer=checkpointer,
+        seed=seed,
+        pad_id=pad_id,
+        metrics_path=Path(out_dir) / "metrics.jsonl",
+        on_step=on_step,
+    )
     start = _resume(run, log)
     checkpointer.every = args.checkpoint_every
     started = time.perf_counter()
@@ -531,15 +582,27 @@ class _Run:
         return self.acc.distributed_type == DistributedType.DEEPSPEED
 
 
-def _prepare(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossFn, args: TrainArgs,
-             acc: Accelerator, *, checkpointer: Checkpointer, seed: int, pad_id: int, metrics_path: Path,
-             on_step: OnStep | None) -> _Run:
+def _prepare(
+    model: torch.nn.Module,
+    examples: Sequence[Example],
+    loss_fn: LossFn,
+    args: TrainArgs,
+    acc: Accelerator,
+    *,
+    checkpointer: Checkpointer,
+    seed: int,
+    pad_id: int,
+    metrics_path: Path,
+    on_step: OnStep | None,
+) -> _Run:
     """Check that `args` fit the processes, configure DeepSpeed, ready the model (gradient checkpointing,
     compile, device, dtype), build optimizer and schedule, and let accelerate prepare them."""
     micro = args.batch_size // (acc.num_processes * args.grad_accum)
     if micro * acc.num_processes * args.grad_accum != args.batch_size:
-        raise ValueError(f"batch_size {args.batch_size} must be a multiple of processes ({acc.num_processes}) "
-                         f"x grad_accum ({args.grad_accum})")
+        raise ValueError(
+            f"batch_size {args.batch_size} must be a multiple of processes ({acc.num_processes}) "
+            f"x grad_accum ({args.grad_accum})"
+        )
     if not examples:
         raise ValueError("no training examples")
     deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
@@ -565,11 +628,29 @@ def _prepare(model: torch.nn.Module, examples: Sequence[Example], loss_fn: LossF
     # the scheduler stays outside accelerate: prepared, it would step once per process
     scheduler = get_cosine_schedule_with_warmup(raw_optimizer, args.warmup_steps, args.steps)
     model, optimizer = acc.prepare(model, raw_optimizer)
-    signature = {"args": result_config(type(args), args.model_dump(mode="json")), "seed": seed,
-                 "examples": len(examples), "processes": acc.num_processes}
-    return _Run(acc=acc, ranks=AcceleratorRanks(acc), args=args, examples=examples, loss_fn=loss_fn,
-                checkpointer=checkpointer, seed=seed, pad_id=pad_id, micro=micro, model=model, optimizer=optimizer,
-                scheduler=scheduler, signature=signature, metrics_path=metrics_path, on_step=on_step)
+    signature = {
+        "args": result_config(type(args), args.model_dump(mode="json")),
+        "seed": seed,
+        "examples": len(examples),
+        "processes": acc.num_processes,
+    }
+    return _Run(
+        acc=acc,
+        ranks=AcceleratorRanks(acc),
+        args=args,
+        examples=examples,
+        loss_fn=loss_fn,
+        checkpointer=checkpointer,
+        seed=seed,
+        pad_id=pad_id,
+        micro=micro,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        signature=signature,
+        metrics_path=metrics_path,
+        on_step=on_step,
+    )
 
 
 def _resume(run: _Run, log: logging.Logger) -> int:
@@ -593,8 +674,9 @@ def _step(run: _Run, step: int) -> tuple[dict, bool]:
     """One optimizer step (0-based `step`) on every process: (its metrics row, whether any process asked to stop)."""
     acc, args, ranks = run.acc, run.args, run.ranks
     t0 = time.perf_counter()
-    batches = on_every_rank(ranks, lambda: _my_batches(run.examples, run.seed, step, args, run.micro,
-                                                       acc.process_index, run.pad_id))
+    batches = on_every_rank(
+        ranks, lambda: _my_batches(run.examples, run.seed, step, args, run.micro, acc.process_index, run.pad_id)
+    )
     weights = [_label_tokens(b) for b in batches]
     # the step's loss is the mean over the label tokens of the global batch, all ranks'
     seen = sum(int(b["attention_mask"].sum()) for b in batches)
@@ -612,17 +694,25 @@ def _step(run: _Run, step: int) -> tuple[dict, bool]:
     run.optimizer.zero_grad(set_to_none=True)
     # each rank held its share of the loss; a stop asked of any rank stops all at the same step
     loss_sum, *parts, stop = _sum_over_ranks(acc, [loss_sum, *extra.values(), run.checkpointer.stop_requested])
-    row = {"step": step + 1, "loss": loss_sum, "lr": lr, "tokens": tokens,
-           "tokens_per_s": tokens / (time.perf_counter() - t0), **dict(zip(extra, parts))}
+    row = {
+        "step": step + 1,
+        "loss": loss_sum,
+        "lr": lr,
+        "tokens": tokens,
+        "tokens_per_s": tokens / (time.perf_counter() - t0),
+        **dict(zip(extra, parts)),
+    }
     if grad_norm is not None:
         row["grad_norm"] = float(grad_norm)
     run.tokens_total += tokens
     return row, bool(stop)
 
 
-def _micro_step(run: _Run, step: int, batch: dict[str, torch.Tensor], weight: int, total: int, last: bool
-                ) -> tuple[float, dict[str, float]]:
-    """Forward and backward of one micro-batch holding `weight` of the global batch's `total` label tokens; gradients are
+def _micro_step(
+    run: _Run, step: int, batch: dict[str, torch.Tensor], weight: int, total: int, last: bool
+) -> tuple[float, dict[str, float]]:
+    """Forward and backward of one micro-batch holding `weight` of the global batch's `total` label tokens; gradients
+    are
     all-reduced once per step, on the `last` micro-step (DeepSpeed: its engine also steps there, inside
     acc.backward). Returns the loss's value and the loss function's metrics."""
     acc = run.acc
@@ -635,11 +725,11 @@ def _micro_step(run: _Run, step: int, batch: dict[str, torch.Tensor], weight: in
             # every rank learns of a NaN or an exception here before any enters the backward's
             # collectives, so all stop together rather than some waiting there forever
             loss, value, metrics = on_every_rank(
-                run.ranks, lambda: _finite_loss(run.loss_fn, run.model, batch, step, run.checkpointer))
+                run.ranks, lambda: _finite_loss(run.loss_fn, run.model, batch, step, run.checkpointer)
+            )
         # x num_processes: DDP (and DeepSpeed, FSDP) average the gradients over ranks
         # (DeepSpeed would also divide by grad_accum: the weights already do)
-        acc.backward(loss * (weight * acc.num_processes / total),
-                     **({"scale_wrt_gas": False} if run.deepspeed else {}))
+        acc.backward(loss * (weight * acc.num_processes / total), **({"scale_wrt_gas": False} if run.deepspeed else {}))
     return value, metrics
 
 
@@ -661,8 +751,15 @@ def _record(run: _Run, row: dict, bar) -> None:
 
 def _save(run: _Run, done: int) -> None:
     """Checkpoint the run after `done` steps (every process saves its part)."""
-    shared, own = on_every_rank(run.ranks, lambda: _checkpoint_parts(run.acc, run.model, run.optimizer, {
-        "scheduler": run.scheduler.state_dict(), "metrics": run.rows, "step": done, "signature": run.signature}))
+    shared, own = on_every_rank(
+        run.ranks,
+        lambda: _checkpoint_parts(
+            run.acc,
+            run.model,
+            run.optimizer,
+            {"scheduler": run.scheduler.state_dict(), "metrics": run.rows, "step": done, "signature": run.signature},
+        ),
+    )
     run.checkpointer.save(done, shared, own, run.ranks)
 
 
@@ -671,20 +768,26 @@ def _finish(run: _Run, seconds: float) -> dict[str, float]:
         run.acc.end_training()  # flushes the event files before the stage directory is renamed into place
     run.acc.wait_for_everyone()
     tail = [r["loss"] for r in run.rows[-10:]]
-    return {"final_loss": sum(tail) / len(tail), "steps": run.args.steps, "train_seconds": seconds,
-            "tokens_per_s": run.tokens_total / seconds if seconds > 0 else 0.0}
+    return {
+        "final_loss": sum(tail) / len(tail),
+        "steps": run.args.steps,
+        "train_seconds": seconds,
+        "tokens_per_s": run.tokens_total / seconds if seconds > 0 else 0.0,
+    }
 
 
-def _my_batches(examples: Sequence[Example], seed: int, step: int, args: TrainArgs, micro: int, rank: int,
-                pad_id: int) -> list[dict[str, torch.Tensor]]:
+def _my_batches(
+    examples: Sequence[Example], seed: int, step: int, args: TrainArgs, micro: int, rank: int, pad_id: int
+) -> list[dict[str, torch.Tensor]]:
     """This rank's micro-batches of `step`: its slice of the global batch, split into grad_accum pieces."""
     indices = batch_indices(seed, step, len(examples), args.batch_size)
-    mine = indices[rank * micro * args.grad_accum:][: micro * args.grad_accum]
-    return [collate([examples[i] for i in mine[j * micro:(j + 1) * micro]], pad_id) for j in range(args.grad_accum)]
+    mine = indices[rank * micro * args.grad_accum :][: micro * args.grad_accum]
+    return [collate([examples[i] for i in mine[j * micro : (j + 1) * micro]], pad_id) for j in range(args.grad_accum)]
 
 
-def _finite_loss(loss_fn: LossFn, model, batch: dict[str, torch.Tensor], step: int,
-                 checkpointer: Checkpointer) -> tuple[torch.Tensor, float, dict[str, float]]:
+def _finite_loss(
+    loss_fn: LossFn, model, batch: dict[str, torch.Tensor], step: int, checkpointer: Checkpointer
+) -> tuple[torch.Tensor, float, dict[str, float]]:
     """(loss, its value, metrics) of one micro-batch; NonFiniteLoss if the loss is NaN or infinite."""
     loss, metrics = loss_fn(model, batch)
     value = loss.item()

@@ -10,6 +10,7 @@ only each layer's input is kept, plus one layer's full set while it is recompute
 within 10% of the peaks measured on an H100: `bench/kd_qat.py` prints it beside the measured peak
 (`estimate_gib` and `peak_gib`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,19 +35,36 @@ class StepMemory:
         return self.student + self.teacher + self.activations + self.quantized_weights + self.logits
 
     def describe(self) -> str:
-        parts = {"student": self.student, "teacher": self.teacher, "activations": self.activations,
-                 "quantized weights": self.quantized_weights, "logits": self.logits}
+        parts = {
+            "student": self.student,
+            "teacher": self.teacher,
+            "activations": self.activations,
+            "quantized weights": self.quantized_weights,
+            "logits": self.logits,
+        }
         return ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts.items())
 
 
-def kd_step_memory(config, *, trainable: int, student_total: int, teacher_total: int, teacher_bytes: int,
-                   param_dtype: str, optimizer: str, tokens: int, chunk_size: int, gradient_checkpointing: bool,
-                   activation_quant: bool) -> StepMemory:
+def kd_step_memory(
+    config,
+    *,
+    trainable: int,
+    student_total: int,
+    teacher_total: int,
+    teacher_bytes: int,
+    param_dtype: str,
+    optimizer: str,
+    tokens: int,
+    chunk_size: int,
+    gradient_checkpointing: bool,
+    activation_quant: bool,
+) -> StepMemory:
     """Estimate for a student of transformers `config` with `trainable` of `student_total` parameters trained,
     `teacher_total` parameters of `teacher_bytes` each, `tokens` per micro-batch, bf16 autocast."""
     weight_bytes = 4 if param_dtype == "float32" else 2
-    student = (trainable * bytes_per_trainable_parameter(param_dtype, optimizer)
-               + (student_total - trainable) * weight_bytes)
+    student = (
+        trainable * bytes_per_trainable_parameter(param_dtype, optimizer) + (student_total - trainable) * weight_bytes
+    )
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     kv = config.num_key_value_heads * getattr(config, "head_dim", h // config.num_attention_heads)
     # one layer, per token, in bf16 (2 bytes): inputs of q/k/v, o, gate/up, down projections and of the two
@@ -69,22 +87,36 @@ def kd_step_memory(config, *, trainable: int, student_total: int, teacher_total:
         quantized_weights = layer_weights * layers
     # one chunk of fp32 logits at a time: student and teacher, their log-softmaxes, the gradient (4 copies)
     logits = 4 * min(chunk_size, tokens) * config.vocab_size * 4
-    return StepMemory(student=student, teacher=teacher_total * teacher_bytes, activations=activations,
-                      quantized_weights=max(quantized_weights, 0), logits=logits)
+    return StepMemory(
+        student=student,
+        teacher=teacher_total * teacher_bytes,
+        activations=activations,
+        quantized_weights=max(quantized_weights, 0),
+        logits=logits,
+    )
 
 
-def kd_step_memory_of(student, args, *, teacher_total: int, teacher_bytes: int, tokens: int,
-                      chunk_size: int) -> StepMemory:
+def kd_step_memory_of(
+    student, args, *, teacher_total: int, teacher_bytes: int, tokens: int, chunk_size: int
+) -> StepMemory:
     """`kd_step_memory` of a student model as it will train under `args` (pipeline.train.loop.TrainArgs): its
     parameters, which of them train, and whether it quantizes activations, read off the model."""
     from pipeline.quant.apply import weight_only
 
     params = list(student.parameters())
     return kd_step_memory(
-        student.config, trainable=sum(p.numel() for p in params if p.requires_grad),
-        student_total=sum(p.numel() for p in params), teacher_total=teacher_total, teacher_bytes=teacher_bytes,
-        param_dtype=args.param_dtype, optimizer=args.optimizer, tokens=tokens, chunk_size=chunk_size,
-        gradient_checkpointing=args.gradient_checkpointing, activation_quant=not weight_only(student))
+        student.config,
+        trainable=sum(p.numel() for p in params if p.requires_grad),
+        student_total=sum(p.numel() for p in params),
+        teacher_total=teacher_total,
+        teacher_bytes=teacher_bytes,
+        param_dtype=args.param_dtype,
+        optimizer=args.optimizer,
+        tokens=tokens,
+        chunk_size=chunk_size,
+        gradient_checkpointing=args.gradient_checkpointing,
+        activation_quant=not weight_only(student),
+    )
 
 
 # The estimate was within 10% of the measured peak of every step bench/kd_qat.py ran on an H100 (Qwen3 shapes
@@ -93,8 +125,9 @@ def kd_step_memory_of(student, args, *, teacher_total: int, teacher_bytes: int, 
 REFUSE_ABOVE = 1.10
 
 
-def fit_error(memory: StepMemory, available: int, *, param_dtype: str, optimizer: str,
-              gradient_checkpointing: bool) -> str | None:
+def fit_error(
+    memory: StepMemory, available: int, *, param_dtype: str, optimizer: str, gradient_checkpointing: bool
+) -> str | None:
     """None unless `memory` is clearly more than `available` bytes (REFUSE_ABOVE), else the message: what it
     needs, what the GPU has, and the levers not yet pulled."""
     if memory.total <= REFUSE_ABOVE * available:
@@ -106,7 +139,12 @@ def fit_error(memory: StepMemory, available: int, *, param_dtype: str, optimizer
         levers.append("param_dtype: bfloat16")
     if optimizer == "adamw":
         levers.append("optimizer: adamw_8bit")
-    advice = ("try " + ", ".join(levers) + ", or a smaller batch_size / more grad_accum / chunk_size" if levers
-              else "use a smaller batch_size / more grad_accum / a smaller chunk_size, or several GPUs (ZeRO-3)")
-    return (f"a KD-QAT step needs about {memory.total / GIB:.1f} GiB ({memory.describe()} GiB), the GPU has "
-            f"{available / GIB:.1f} GiB free: {advice}")
+    advice = (
+        "try " + ", ".join(levers) + ", or a smaller batch_size / more grad_accum / chunk_size"
+        if levers
+        else "use a smaller batch_size / more grad_accum / a smaller chunk_size, or several GPUs (ZeRO-3)"
+    )
+    return (
+        f"a KD-QAT step needs about {memory.total / GIB:.1f} GiB ({memory.describe()} GiB), the GPU has "
+        f"{available / GIB:.1f} GiB free: {advice}"
+    )

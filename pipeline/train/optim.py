@@ -15,6 +15,7 @@ Qwen3-8B (8.2B parameters) as a KD-QAT student: fp32 + adamw is 131 GB before th
 activations; bf16 + adamw_8bit is 49 GB. torchao supplies both optimizers; we only choose between them and
 save their state without pickle (`OPTIMIZER_STATE_TYPES`, used by `pipeline.engine.checkpoint`).
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -29,12 +30,15 @@ BETAS = (0.9, 0.95)  # as in GPT-style LM training: a shorter second-moment memo
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
 
 
-def make_optimizer(model: torch.nn.Module, name: OptimizerName, lr: float, weight_decay: float,
-                   device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, name: OptimizerName, lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters (weight decay on matrices only) as `name` says. Parameters in bf16
     are updated with stochastic rounding; the plain fp32 case keeps torch's own (fused on GPU) AdamW."""
     groups = _param_groups(model, weight_decay)
@@ -78,8 +82,9 @@ def subclass_name(tensor: torch.Tensor) -> str | None:
 def flatten_subclass(tensor: torch.Tensor) -> tuple[dict[str, torch.Tensor], list]:
     """(inner plain tensors, JSON-able attributes) of a registered subclass, via its `__tensor_flatten__`."""
     names, attributes = tensor.__tensor_flatten__()
-    return {n: getattr(tensor, n) for n in names}, [str(a).removeprefix("torch.") if isinstance(a, torch.dtype)
-                                                    else a for a in attributes]
+    return {n: getattr(tensor, n) for n in names}, [
+        str(a).removeprefix("torch.") if isinstance(a, torch.dtype) else a for a in attributes
+    ]
 
 
 def unflatten_subclass(name: str, inner: dict[str, torch.Tensor], attributes: list) -> torch.Tensor:
@@ -87,6 +92,8 @@ def unflatten_subclass(name: str, inner: dict[str, torch.Tensor], attributes: li
     if name not in OPTIMIZER_STATE_TYPES:
         raise ValueError(f"the checkpoint names an unknown tensor type {name!r}")
     cls = OPTIMIZER_STATE_TYPES[name]()
-    attributes = [getattr(torch, a) if isinstance(a, str) and isinstance(getattr(torch, a, None), torch.dtype)
-                  else a for a in attributes]
+    attributes = [
+        getattr(torch, a) if isinstance(a, str) and isinstance(getattr(torch, a, None), torch.dtype) else a
+        for a in attributes
+    ]
     return cls.__tensor_unflatten__(inner, attributes, None, None)

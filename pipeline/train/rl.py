@@ -51,6 +51,7 @@ Rewards: `accuracy_reward` is pipeline.data.grading (math-verify in the worker p
 `format_reward` is 1 for a well-formed `<think>…</think>` followed by a `\\boxed{}` answer; the
 stage weights them 1 and `format_weight`.
 """
+
 from __future__ import annotations
 
 import copy
@@ -71,8 +72,17 @@ from pipeline.data.problem import Problem
 from pipeline.generate import GenerationSpec
 from pipeline.engine.stage_api import result_config
 from pipeline.train.aqn import AQNSpec
-from pipeline.train.args import (BatchSize, CheckpointEvery, GradAccum, GradClip, LearningRate, ReportTo, Steps,
-                                 WarmupSteps, WeightDecay)
+from pipeline.train.args import (
+    BatchSize,
+    CheckpointEvery,
+    GradAccum,
+    GradClip,
+    LearningRate,
+    ReportTo,
+    Steps,
+    WarmupSteps,
+    WeightDecay,
+)
 
 # -- rewards --------------------------------------------------------------------------------------
 
@@ -102,6 +112,7 @@ def format_reward(completions: list[str], **_) -> list[float]:
 
 
 # -- settings ------------------------------------------------------------------------------------
+
 
 def _decoding(name: str) -> Any:
     """GenerationSpec's declaration of its field `name` (bounds and default), for a rollout setting that is that
@@ -193,7 +204,6 @@ class GRPOSettings(BaseModel):
 # -- the trainer ---------------------------------------------------------------------------------
 
 
-
 def quant_codes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The integer weight codes of every QuantLinear (what export packs), on the CPU: the policy moves to
     the GPU between the codes before training and those after, and the first set waits in CPU memory."""
@@ -201,9 +211,12 @@ def quant_codes(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from pipeline.quant.apply import quant_linears
 
     with torch.no_grad():
-        return {name: fake.quantize(m.weight.float(), m.weight_scale.float(), m.weight_zero_point,
-                                    m.weights.num_bits, m.weights.group_size).to("cpu", torch.int8)
-                for name, m in quant_linears(model)}
+        return {
+            name: fake.quantize(
+                m.weight.float(), m.weight_scale.float(), m.weight_zero_point, m.weights.num_bits, m.weights.group_size
+            ).to("cpu", torch.int8)
+            for name, m in quant_linears(model)
+        }
 
 
 def codes_changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> float:
@@ -215,10 +228,22 @@ def codes_changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor
 RewardFunc = Callable[..., list[float]]
 
 
-def grpo_train(model, tokenizer, problems: Sequence[Problem], settings: GRPOSettings, *, out_dir: str | Path,
-               checkpointer: Checkpointer, seed: int, ref_model=None,
-               reward_funcs: Sequence[RewardFunc] | None = None, reward_weights: Sequence[float] | None = None,
-               log: logging.Logger | None = None, desc: str = "rl", instruction: str = BOXED_INSTRUCTION):
+def grpo_train(
+    model,
+    tokenizer,
+    problems: Sequence[Problem],
+    settings: GRPOSettings,
+    *,
+    out_dir: str | Path,
+    checkpointer: Checkpointer,
+    seed: int,
+    ref_model=None,
+    reward_funcs: Sequence[RewardFunc] | None = None,
+    reward_weights: Sequence[float] | None = None,
+    log: logging.Logger | None = None,
+    desc: str = "rl",
+    instruction: str = BOXED_INSTRUCTION,
+):
     """Train `model` (with QuantLinears) by GRPO on `problems`; returns (final policy, metrics).
 
     The final policy is the model itself in `qat` mode, the base with the adapters merged in `lora`
@@ -249,15 +274,28 @@ def grpo_train(model, tokenizer, problems: Sequence[Problem], settings: GRPOSett
     scratch = tempfile.TemporaryDirectory(prefix="grpo-")  # TRL wants an output_dir; nothing is saved there
     processes = PartialState().num_processes
     args = _grpo_config(settings, processes, seed, reward_weights, scratch.name)
-    signature = {"settings": result_config(type(settings), settings.model_dump(mode="json")), "seed": seed,
-                 "prompts": len(problems), "processes": processes}
+    signature = {
+        "settings": result_config(type(settings), settings.model_dump(mode="json")),
+        "seed": seed,
+        "prompts": len(problems),
+        "processes": processes,
+    }
     found = checkpointer.resume(signature, log)
     rows, resume_dir = _resume(found, Path(scratch.name), log)
     trainer = QuantGRPOTrainer(
-        model=model, reward_funcs=list(reward_funcs), args=args, train_dataset=_dataset(tokenizer, problems, instruction),
-        processing_class=tokenizer, peft_config=_lora_config(settings, model), seed=seed,
-        rollout_spec=rollout_spec(settings), aqn=settings.aqn, beta=settings.beta, ref_model=ref_model,
-        resume=found[1] if found else None)
+        model=model,
+        reward_funcs=list(reward_funcs),
+        args=args,
+        train_dataset=_dataset(tokenizer, problems, instruction),
+        processing_class=tokenizer,
+        peft_config=_lora_config(settings, model),
+        seed=seed,
+        rollout_spec=rollout_spec(settings),
+        aqn=settings.aqn,
+        beta=settings.beta,
+        ref_model=ref_model,
+        resume=found[1] if found else None,
+    )
     trainer.remove_callback(PrinterCallback)  # it prints every log dict; metrics.jsonl and the bar say it
     if "tensorboard" in settings.report_to:  # transformers' own would write to ./runs: give it the stage's folder
         trainer.add_callback(tensorboard_callback(out_dir / "tensorboard"))
@@ -297,9 +335,14 @@ def rollout_spec(settings: GRPOSettings):
     """The GenerationSpec of the rollouts (its seed is set per step and process by the trainer)."""
     from pipeline.generate import GenerationSpec
 
-    return GenerationSpec(max_new_tokens=settings.max_completion_length, temperature=settings.temperature,
-                          top_p=settings.top_p, top_k=settings.top_k, batch_size=settings.rollout_batch_size,
-                          backend=settings.backend)
+    return GenerationSpec(
+        max_new_tokens=settings.max_completion_length,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        batch_size=settings.rollout_batch_size,
+        backend=settings.backend,
+    )
 
 
 def _grpo_config(settings: GRPOSettings, processes: int, seed: int, reward_weights: Sequence[float], output_dir: str):
@@ -308,24 +351,46 @@ def _grpo_config(settings: GRPOSettings, processes: int, seed: int, reward_weigh
 
     per_device = settings.batch_size // (processes * settings.grad_accum)
     if per_device * processes * settings.grad_accum != settings.batch_size:
-        raise ValueError(f"batch_size {settings.batch_size} must be a multiple of processes ({processes}) "
-                         f"x grad_accum ({settings.grad_accum})")
+        raise ValueError(
+            f"batch_size {settings.batch_size} must be a multiple of processes ({processes}) "
+            f"x grad_accum ({settings.grad_accum})"
+        )
     return GRPOConfig(
-        output_dir=output_dir, max_steps=settings.steps, per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=settings.grad_accum, num_generations=settings.num_generations,
-        learning_rate=settings.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=settings.warmup_steps,
-        weight_decay=settings.weight_decay, max_grad_norm=settings.grad_clip, loss_type=settings.loss_type,
+        output_dir=output_dir,
+        max_steps=settings.steps,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=settings.grad_accum,
+        num_generations=settings.num_generations,
+        learning_rate=settings.lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay,
+        max_grad_norm=settings.grad_clip,
+        loss_type=settings.loss_type,
         # qat: TRL must not build the reference itself from the model's path (the trainer takes ours)
-        beta=settings.beta if settings.policy == "lora" else 0.0, epsilon=settings.epsilon,
+        beta=settings.beta if settings.policy == "lora" else 0.0,
+        epsilon=settings.epsilon,
         epsilon_high=settings.epsilon_high,
-        scale_rewards=settings.scale_rewards, mask_truncated_completions=settings.mask_truncated_completions,
-        temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-        max_completion_length=settings.max_completion_length, reward_weights=list(reward_weights),
-        gradient_checkpointing=settings.gradient_checkpointing, disable_dropout=True,
+        scale_rewards=settings.scale_rewards,
+        mask_truncated_completions=settings.mask_truncated_completions,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        max_completion_length=settings.max_completion_length,
+        reward_weights=list(reward_weights),
+        gradient_checkpointing=settings.gradient_checkpointing,
+        disable_dropout=True,
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-        seed=seed, data_seed=seed, logging_steps=1, save_strategy="no", eval_strategy="no",
+        seed=seed,
+        data_seed=seed,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
         report_to=[t for t in settings.report_to if t != "tensorboard"] or "none",  # tensorboard: a callback
-        disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0, log_completions=False,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        log_completions=False,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
 
@@ -338,15 +403,25 @@ def _lora_config(settings: GRPOSettings, model: torch.nn.Module):
 
     from pipeline.quant.apply import quant_linears
 
-    return LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
-                      target_modules=[name for name, _ in quant_linears(model)], bias="none", task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=settings.lora_rank,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=[name for name, _ in quant_linears(model)],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
 
 
 def _dataset(tokenizer, problems: Sequence[Problem], instruction: str):
     from datasets import Dataset
 
-    return Dataset.from_dict({"prompt": [chat_prompt(tokenizer, p.question, instruction) for p in problems],
-                              "answer": [p.answer for p in problems]})
+    return Dataset.from_dict(
+        {
+            "prompt": [chat_prompt(tokenizer, p.question, instruction) for p in problems],
+            "answer": [p.answer for p in problems],
+        }
+    )
 
 
 def _resume(found: tuple[int, dict] | None, scratch: Path, log: logging.Logger) -> tuple[list[dict], Path | None]:
@@ -370,11 +445,18 @@ def _summary(trainer, settings: GRPOSettings, rows: list[dict], seconds: float, 
         values = [r[key] for r in tail if key in r]
         return sum(values) / len(values) if values else float("nan")
 
-    metrics = {"steps": trainer.state.global_step, "reward": mean("reward"), "accuracy": mean("accuracy"),
-               "entropy": mean("entropy"), "completion_length": mean("completion_length"),
-               "train_seconds": seconds, "codes_changed": changed,
-               "rollout_tokens_per_s": (trainer.rollout_tokens / trainer.rollout_seconds
-                                        if trainer.rollout_seconds > 0 else 0.0)}
+    metrics = {
+        "steps": trainer.state.global_step,
+        "reward": mean("reward"),
+        "accuracy": mean("accuracy"),
+        "entropy": mean("entropy"),
+        "completion_length": mean("completion_length"),
+        "train_seconds": seconds,
+        "codes_changed": changed,
+        "rollout_tokens_per_s": (
+            trainer.rollout_tokens / trainer.rollout_seconds if trainer.rollout_seconds > 0 else 0.0
+        ),
+    }
     if settings.beta > 0:
         metrics["kl"] = mean("kl")
     return metrics

@@ -3,6 +3,7 @@ process, right after the checkpoint of that step is saved, writes its pid to <di
 (SIGSTOP), so that the test can kill -9 the run at a known point, after that checkpoint and before the next step,
 rather than race a run that might finish first. (The pid, because torchrun starts each rank in a session of its
 own: killing the launcher's process group leaves them running.)"""
+
 import os
 
 if os.environ.get("FREEZE_AFTER_CHECKPOINT"):

@@ -1,6 +1,7 @@
 """The scheme in compressed-tensors' terms: `QuantizationArgs` of a WeightSpec and back, and the config groups
 of a model whose layers got lowered group sizes (what llmcompressor's oneshot and an export's
 `quantization_config` take)."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

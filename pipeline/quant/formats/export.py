@@ -25,9 +25,10 @@ Every exported file gets the mode the umask gives (safetensors alone writes 0600
 `export_checkpoint` is what `pipeline.api.export` and `reasoning-qat export` (pipeline/cli/export.py) run:
 
     reasoning-qat export artifacts/demo/ptq --scheme w3g128 --out ckpt/
-    reasoning-qat export artifacts/demo/ptq --format gptq --out ckpt-gptq/      # vllm serve ckpt-gptq/ --quantization gptq
+    reasoning-qat export artifacts/demo/ptq --format gptq --out ckpt-gptq/  # vllm serve ... --quantization gptq
     reasoning-qat export artifacts/gpu/ptq_flatquant --scheme w4a4kv4 --out ckpt/
 """
+
 from __future__ import annotations
 
 import math
@@ -133,16 +134,20 @@ def _write_w4a4kv4(out_dir: Path, spec, online: dict, transform_state: dict, low
         "lowered_group_sizes": lowered,
         "loader": LOADER,
         "note": "KV cache: one scale per token and head (group_size None = head_dim), after RoPE and after "
-                "self_attn.qk_transform; activation clips and online transforms in transforms.safetensors",
+        "self_attn.qk_transform; activation clips and online transforms in transforms.safetensors",
     }
     config["model_type"] = MODEL_TYPE
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(transform_state, out_dir / TRANSFORMS_FILE, metadata={"format": "pt"})
-    (out_dir / "README.md").write_text(README.format(
-        scheme=_describe(spec), activations=f"{spec.activations.num_bits}-bit per token, dynamic" if spec.activations else "BF16",
-        kv_cache=f"{spec.kv_cache.num_bits}-bit per token and head, dynamic" if spec.kv_cache else "BF16",
-        n_transforms=len(transform_state), model_type=MODEL_TYPE,
-    ))
+    (out_dir / "README.md").write_text(
+        README.format(
+            scheme=_describe(spec),
+            activations=f"{spec.activations.num_bits}-bit per token, dynamic" if spec.activations else "BF16",
+            kv_cache=f"{spec.kv_cache.num_bits}-bit per token and head, dynamic" if spec.kv_cache else "BF16",
+            n_transforms=len(transform_state),
+            model_type=MODEL_TYPE,
+        )
+    )
 
 
 def checkpoint_size(path: str | Path) -> dict[str, float]:
@@ -186,7 +191,18 @@ def checkpoint_size(path: str | Path) -> dict[str, float]:
     }
 
 
-_DTYPE_BITS = {"F64": 64, "F32": 32, "BF16": 16, "F16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8, "BOOL": 8}
+_DTYPE_BITS = {
+    "F64": 64,
+    "F32": 32,
+    "BF16": 16,
+    "F16": 16,
+    "I64": 64,
+    "I32": 32,
+    "I16": 16,
+    "I8": 8,
+    "U8": 8,
+    "BOOL": 8,
+}
 
 
 def resolve_scheme(scheme: str | None, model_spec):
@@ -208,8 +224,10 @@ def resolve_scheme(scheme: str | None, model_spec):
 def _format(spec) -> tuple:
     """What a preset fixes: bits, groups and symmetry; clip ratios and the group-size policy are the model's own
     (they travel in the checkpoint's reasoning_qat block / per-layer config groups)."""
+
     def fields(section):
         return None if section is None else section.model_dump(exclude={"clip_ratio"})
+
     return spec.weights.model_dump(exclude={"group_size_policy"}), fields(spec.activations), fields(spec.kv_cache)
 
 
@@ -224,8 +242,9 @@ def _describe(spec) -> str:
     return text
 
 
-def export_checkpoint(source: Path, scheme: str | None, out: Path, trust_remote_code: bool = False,
-                      format: str = "pack-quantized") -> dict[str, float]:
+def export_checkpoint(
+    source: Path, scheme: str | None, out: Path, trust_remote_code: bool = False, format: str = "pack-quantized"
+) -> dict[str, float]:
     """Export the quantized model at `source` (a stage or model directory) to `out` in `scheme` (None:
     its own) and `format` (FORMATS); returns the sizes. A scheme that does not match the model raises
     InputError("scheme", ...), a model the format cannot hold InputError("format", ...), before writing."""
@@ -261,5 +280,7 @@ def give_umask_modes(out_dir: Path) -> None:
 
 
 def describe_size(size: dict[str, float]) -> str:
-    return (f"{size['bytes_on_disk'] / 2**20:.2f} MiB, {size['bits_per_weight']:.3f} bits per quantized weight, "
-            f"{size['bits_per_param']:.3f} bits per parameter")
+    return (
+        f"{size['bytes_on_disk'] / 2**20:.2f} MiB, {size['bits_per_weight']:.3f} bits per quantized weight, "
+        f"{size['bits_per_param']:.3f} bits per parameter"
+    )

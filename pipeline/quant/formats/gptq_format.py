@@ -24,6 +24,7 @@ u = q + 2^(b-1) and the GPTQ zero point is z + 2^(b-1) (symmetric: z = 0, i.e. 2
 exact for a bf16 model whose scales lie in float16's normal range [2^-14, 65504] (bf16's 8 significant
 bits fit in float16's 11), else within half a float16 ulp (relative 2^-11; absolute 2^-25 below 2^-14).
 """
+
 from __future__ import annotations
 
 import json
@@ -49,23 +50,30 @@ def gptq_refusal(model: nn.Module, spec, lowered: dict[str, int]) -> str | None:
 
     w = spec.weights
     if spec.activations is not None or spec.kv_cache is not None or any(describe(model).values()):
-        return ("GPTQ checkpoints hold weight-only models; this one quantizes activations / the KV cache or has online "
-                "transforms (W4A4KV4): export it with --format pack-quantized")
+        return (
+            "GPTQ checkpoints hold weight-only models; this one quantizes activations / the KV cache or has online "
+            "transforms (W4A4KV4): export it with --format pack-quantized"
+        )
     if w.num_bits not in GPTQ_BITS:
         return f"GPTQ takes {'/'.join(map(str, GPTQ_BITS))}-bit weights, the model has {w.num_bits}"
     if w.group_size is not None and w.group_size % KERNEL_K_STEP:
         return f"vLLM's gptq_gemm takes group sizes that are multiples of {KERNEL_K_STEP}, the model has {w.group_size}"
     if lowered:
-        return (f"GPTQ has one group size per checkpoint; {len(lowered)} layers use lowered ones "
-                f"(e.g. {next(iter(lowered))}: {next(iter(lowered.values()))})")
+        return (
+            f"GPTQ has one group size per checkpoint; {len(lowered)} layers use lowered ones "
+            f"(e.g. {next(iter(lowered))}: {next(iter(lowered.values()))})"
+        )
     block = _block_values(w.num_bits)
     for name, module in quant_linears(model):
         if module.in_features % block or module.out_features % block:
-            return f"{name}: widths {module.in_features} x {module.out_features} are not multiples of {block} (GPTQ's packing)"
-    unquantized = [name for name, m in model.named_modules()
-                   if type(m) is nn.Linear and m is not model.get_output_embeddings()]
+            widths = f"{module.in_features} x {module.out_features}"
+            return f"{name}: widths {widths} are not multiples of {block} (GPTQ's packing)"
+    unquantized = [
+        name for name, m in model.named_modules() if type(m) is nn.Linear and m is not model.get_output_embeddings()
+    ]
     if unquantized:
-        return f"vLLM's GPTQ loader expects every Linear but lm_head quantized; not quantized: {', '.join(unquantized[:3])}"
+        listed = ", ".join(unquantized[:3])
+        return f"vLLM's GPTQ loader expects every Linear but lm_head quantized; not quantized: {listed}"
     return None
 
 
@@ -76,13 +84,30 @@ def gptq_tensors(module, bits: int) -> dict[str, torch.Tensor]:
 
     w = module.weights
     offset = 2 ** (bits - 1)
-    codes = fake.quantize(module.weight.detach(), module.weight_scale.detach(), module.weight_zero_point, bits,
-                          w.group_size, dtype=torch.int64) + offset
-    zeros = (torch.zeros_like(module.weight_scale, dtype=torch.int64) if module.weight_zero_point is None
-             else module.weight_zero_point.to(torch.int64)) + offset - 1
+    codes = (
+        fake.quantize(
+            module.weight.detach(),
+            module.weight_scale.detach(),
+            module.weight_zero_point,
+            bits,
+            w.group_size,
+            dtype=torch.int64,
+        )
+        + offset
+    )
+    zeros = (
+        (
+            torch.zeros_like(module.weight_scale, dtype=torch.int64)
+            if module.weight_zero_point is None
+            else module.weight_zero_point.to(torch.int64)
+        )
+        + offset
+        - 1
+    )
     if (zeros < 0).any():
-        raise ValueError(f"{int((zeros < 0).sum())} groups have the zero point 0, which GPTQ v1 stores as -1 and "
-                         "cannot represent")
+        raise ValueError(
+            f"{int((zeros < 0).sum())} groups have the zero point 0, which GPTQ v1 stores as -1 and cannot represent"
+        )
     group_size = w.group_size or module.in_features
     return {
         "qweight": pack_bits(codes, bits).t().contiguous(),
@@ -125,8 +150,11 @@ def export_gptq(model: nn.Module, tokenizer, spec, out_dir: str | Path) -> None:
     refusal = gptq_refusal(model, spec, lowered_group_sizes(model, spec))
     if refusal is None:
         try:
-            state = {f"{name}.{key}": tensor for name, module in quant_linears(model)
-                     for key, tensor in gptq_tensors(module, bits).items()}
+            state = {
+                f"{name}.{key}": tensor
+                for name, module in quant_linears(model)
+                for key, tensor in gptq_tensors(module, bits).items()
+            }
         except ValueError as e:
             refusal = str(e)
     if refusal is not None:
@@ -140,8 +168,15 @@ def export_gptq(model: nn.Module, tokenizer, spec, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(state, out_dir / "model.safetensors", metadata={"format": "pt"})
-    qconfig = {"quant_method": "gptq", "bits": bits, "group_size": spec.weights.group_size or -1,
-               "sym": spec.weights.symmetric, "desc_act": False, "checkpoint_format": "gptq", "lm_head": False}
+    qconfig = {
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": spec.weights.group_size or -1,
+        "sym": spec.weights.symmetric,
+        "desc_act": False,
+        "checkpoint_format": "gptq",
+        "lm_head": False,
+    }
     config = model.config.to_dict()
     config["quantization_config"] = qconfig
     config["dtype"] = "float16"  # gptq_gemm computes in float16; vLLM refuses bfloat16 for this method
@@ -152,8 +187,13 @@ def export_gptq(model: nn.Module, tokenizer, spec, out_dir: str | Path) -> None:
         model.generation_config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    (out_dir / "README.md").write_text(GPTQ_README.format(bits=bits, group_size=spec.weights.group_size or "channel",
-                                                          sym="symmetric" if spec.weights.symmetric else "asymmetric"))
+    (out_dir / "README.md").write_text(
+        GPTQ_README.format(
+            bits=bits,
+            group_size=spec.weights.group_size or "channel",
+            sym="symmetric" if spec.weights.symmetric else "asymmetric",
+        )
+    )
 
 
 def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:

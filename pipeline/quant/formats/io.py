@@ -14,6 +14,7 @@ modules become QuantLinears whose latent weights are the dequantized weights.
 owns the file names, resolves it and tells the kinds apart). Loading follows
 pipeline.models: trust_remote_code as given (off by default), weights from safetensors only.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,11 +23,29 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.quant.formats.layout import (EXPORT_KEY, FORMAT, FORMAT_VERSION, QUANT_CONFIG, TRANSFORMS_FILE,
-                                           compressed_tensors_config, is_quantized, locate, model_dir)
+from pipeline.quant.formats.layout import (
+    EXPORT_KEY,
+    FORMAT,
+    FORMAT_VERSION,
+    QUANT_CONFIG,
+    TRANSFORMS_FILE,
+    compressed_tensors_config,
+    is_quantized,
+    locate,
+    model_dir,
+)
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "QUANT_CONFIG", "is_quantized", "load_quantized", "model_dir", "read_quant_spec",
-           "save_quantized", "saved_dtype"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "QUANT_CONFIG",
+    "is_quantized",
+    "load_quantized",
+    "model_dir",
+    "read_quant_spec",
+    "save_quantized",
+    "saved_dtype",
+]
 
 
 def read_quant_spec(path: str | Path):
@@ -56,9 +75,11 @@ def read_quant_spec(path: str | Path):
     per_group = [weight_spec_from_args(s.weights) for s in schemes]
     weights = max(per_group, key=lambda w: w.group_size or 0)
     if any(w.model_copy(update={"group_size": weights.group_size}) != weights for w in per_group) or (
-            len({w.group_size is None for w in per_group}) > 1):
-        raise ValueError(f"{path}: quantization config groups differ in more than their group size; "
-                         "one weight scheme is supported")
+        len({w.group_size is None for w in per_group}) > 1
+    ):
+        raise ValueError(
+            f"{path}: quantization config groups differ in more than their group size; one weight scheme is supported"
+        )
     targets = tuple(dict.fromkeys(t for s in schemes for t in s.targets))
     return QuantSpec(weights=weights, targets=targets, ignore=tuple(qconfig.get("ignore") or ()))
 
@@ -76,8 +97,14 @@ def save_quantized(model: nn.Module, tokenizer, path: str | Path, spec) -> Path:
         tokenizer.save_pretrained(path)
     from pipeline.quant.online import describe
 
-    record = {"format": FORMAT, "version": FORMAT_VERSION, "spec": spec.model_dump(mode="json"), "modules": names,
-              "lowered_group_sizes": lowered_group_sizes(model, spec), "online": describe(model)}
+    record = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "spec": spec.model_dump(mode="json"),
+        "modules": names,
+        "lowered_group_sizes": lowered_group_sizes(model, spec),
+        "online": describe(model),
+    }
     (path / QUANT_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
     return path
 
@@ -91,8 +118,9 @@ def saved_dtype(model: nn.Module, dtype: str) -> torch.dtype:
     return torch.float32 if transforms(model) else getattr(torch, dtype)
 
 
-def load_quantized(path: str | Path, device: str | torch.device | None = None,
-                   trust_remote_code: bool = False) -> nn.Module:
+def load_quantized(
+    path: str | Path, device: str | torch.device | None = None, trust_remote_code: bool = False
+) -> nn.Module:
     """The quantized model at `path` with its QuantLinears calibrated, in eval mode, on `device`."""
     folder = locate(path)
     if folder.kind == "quantized":
@@ -147,8 +175,10 @@ def _assign_checked(model: nn.Module, state: dict[str, torch.Tensor], path: Path
     result = model.load_state_dict(state, strict=False, assign=True)
     missing = [key for key in result.missing_keys if not _is_tied(model, key)]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{path}: checkpoint does not match the model: missing {missing[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}")
+        raise ValueError(
+            f"{path}: checkpoint does not match the model: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
     if len(missing) != len(result.missing_keys):
         model.tie_weights()
 
@@ -206,7 +236,7 @@ def _load_w4a4kv4_export(path: Path, trust_remote_code: bool) -> nn.Module:
     prepare(model, spec, block.get("lowered_group_sizes"))
     state = _read_safetensors(path, skip=(TRANSFORMS_FILE,))
     for name, module in quant_linears(model):
-        local = {k[len(name) + 1:]: state.pop(k) for k in list(state) if k.startswith(name + ".")}
+        local = {k[len(name) + 1 :]: state.pop(k) for k in list(state) if k.startswith(name + ".")}
         scheme = QuantizationScheme(targets=[name], weights=weight_quantization_args(module.weights))
         local = PackedQuantizationCompressor.decompress(local, scheme)
         local.pop("weight_shape", None)

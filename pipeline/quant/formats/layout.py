@@ -12,6 +12,7 @@ Kinds (`ModelFolder.kind`):
 This module owns the names both sides use: io writes and reads `QUANT_CONFIG`; export writes `EXPORT_KEY`,
 `MODEL_TYPE` and `TRANSFORMS_FILE`, which io reads back, so neither imports the other for a constant.
 """
+
 from __future__ import annotations
 
 import json

@@ -15,7 +15,8 @@ applied online to activations (x -> xP) and merged into the weights that read th
   1024) and the down_proj input: the QuantLinear's `input_transform`;
 plus a learnable key transform after RoPE (`self_attn.qk_transform`: k -> kP, q -> q P⁻ᵀ) so that the 4-bit
 KV cache sees flattened keys, and for values QuaRot's fixed head-wise Hadamard fused into v_proj / o_proj
-(pipeline.quant.methods.quarot.rotate_values; the paper learns this one too). Each Linear learns a weight clip per output channel (σ(logit) · its min/max)
+(pipeline.quant.methods.quarot.rotate_values; the paper learns this one too). Each Linear learns a weight clip per
+output channel (σ(logit) · its min/max)
 and an activation clip (one scalar, σ(logit) · each token's min/max).
 
 Init: A, B Hadamard factors (pipeline.quant.hadamard, so a transform starts as a rotation) and s the
@@ -25,7 +26,8 @@ samples (`batch_size` samples of one length per step, 1 by default; FlatQuant's 
 MSE(quantized layer(x), full-precision layer(x)), cosine schedule, in float32; each transform inverted once
 per step for all its readers (_StepMerge); each layer keeps the parameters of the epoch (or the init) with
 the lowest calibration MSE, measured after every epoch: with one sample per step the epoch-to-epoch MSE swings
-by up to 2x, and ending on a bad epoch used to throw the good ones away (keeping the init). Each layer is calibrated on the full-precision model's inputs to it (the FP stream, as the
+by up to 2x, and ending on a bad epoch used to throw the good ones away (keeping the init). Each layer is calibrated
+on the full-precision model's inputs to it (the FP stream, as the
 paper's code does), with the layer's KV-cache quantization on.
 
 Departures from the paper: A and B are plain matrices (the paper optionally keeps them in SVD form to
@@ -35,6 +37,7 @@ tiny models (with `batch_size=4`, 5e-3 does at least as well as one sample at 1e
 q, k and v each hold their own activation clip (they quantize the same input; a fused kernel would
 share one).
 """
+
 from __future__ import annotations
 
 import math
@@ -66,7 +69,9 @@ class _CalibLinear(nn.Module):
         super().__init__()
         self.linear = linear
         self._merge = (merge,)  # owned by the norm or by linear.input_transform: not registered twice
-        self.weight_clip = nn.Parameter(torch.full((linear.out_features, 1), CLIP_INIT_LOGIT, device=linear.weight.device))
+        self.weight_clip = nn.Parameter(
+            torch.full((linear.out_features, 1), CLIP_INIT_LOGIT, device=linear.weight.device)
+        )
         self.act_clip = nn.Parameter(torch.tensor(CLIP_INIT_LOGIT, device=linear.weight.device))
         self.step_weight: torch.Tensor | None = None  # set by _StepMerge for the current step
 
@@ -122,8 +127,9 @@ class _StepMerge:
         groups: dict[tuple, list[_CalibLinear]] = {}
         for c in calib.values():
             groups.setdefault((id(c._merge[0]), c.linear.weights), []).append(c)
-        self.groups = [(g, torch.cat([c.linear.weight for c in g]), [c.linear.out_features for c in g])
-                       for g in groups.values()]
+        self.groups = [
+            (g, torch.cat([c.linear.weight for c in g]), [c.linear.out_features for c in g]) for g in groups.values()
+        ]
 
     def refresh(self) -> None:
         self.inverses.refresh()
@@ -150,6 +156,7 @@ class _StepMerge:
 
 def _abs_max_hooks(modules: dict[str, nn.Module], stats: dict[str, torch.Tensor]) -> list:
     """Per-channel max |input| of each module, accumulated over calls."""
+
     def hook(name, module, args):
         x = args[0].detach().abs().flatten(0, -2).amax(0).float()
         stats[name] = x if name not in stats else torch.maximum(stats[name], x)
@@ -157,8 +164,9 @@ def _abs_max_hooks(modules: dict[str, nn.Module], stats: dict[str, torch.Tensor]
     return [m.register_forward_pre_hook(lambda mod, a, name=name: hook(name, mod, a)) for name, m in modules.items()]
 
 
-def _init_transform(n: int, act_max: torch.Tensor | None, readers: list[nn.Linear], alpha: float,
-                    device, seed: int) -> KroneckerTransform:
+def _init_transform(
+    n: int, act_max: torch.Tensor | None, readers: list[nn.Linear], alpha: float, device, seed: int
+) -> KroneckerTransform:
     left, right = kronecker_factors(n, seed)
     smooth = None
     if act_max is not None:
@@ -174,6 +182,7 @@ class _Bucket:
     """The calibration samples of one length, stacked [n, len, hidden]: a batch is one index into it (no
     per-step concatenation), and its samples share the keyword arguments of their length (positions; the
     mask is causal). `samples` are their indices in the calibration list; `targets` the FP layer's outputs."""
+
     hidden: torch.Tensor
     kwargs: dict
     samples: list[int]
@@ -220,7 +229,9 @@ def _fp_targets(layer: nn.Module, buckets: list[_Bucket], batch_size: int) -> di
     handles = _abs_max_hooks({"qkv": attn.q_proj, "o": attn.o_proj, "up": mlp.up_proj, "down": mlp.down_proj}, stats)
     try:
         for b in buckets:
-            b.targets = torch.cat([run_layer(layer, LayerInput(b.hidden[i:j], b.kwargs)) for i, j in _chunks(b, batch_size)])
+            b.targets = torch.cat(
+                [run_layer(layer, LayerInput(b.hidden[i:j], b.kwargs)) for i, j in _chunks(b, batch_size)]
+            )
     finally:
         for h in handles:
             h.remove()
@@ -234,17 +245,29 @@ def _install(layer: nn.Module, stats: dict[str, torch.Tensor], alpha: float, see
     device = attn.q_proj.weight.device
     head_dim = attn.head_dim
     rotate_values(attn, torch.kron(*kronecker_factors(head_dim)))
-    t_qkv = _init_transform(attn.q_proj.in_features, stats["qkv"], [attn.q_proj, attn.k_proj, attn.v_proj], alpha, device, seed)
+    t_qkv = _init_transform(
+        attn.q_proj.in_features, stats["qkv"], [attn.q_proj, attn.k_proj, attn.v_proj], alpha, device, seed
+    )
     t_up = _init_transform(mlp.up_proj.in_features, stats["up"], [mlp.gate_proj, mlp.up_proj], alpha, device, seed)
-    attn.o_proj.input_transform = _init_transform(attn.o_proj.in_features, stats["o"], [attn.o_proj], alpha, device, seed)
-    mlp.down_proj.input_transform = _init_transform(mlp.down_proj.in_features, stats["down"], [mlp.down_proj], alpha, device, seed)
+    attn.o_proj.input_transform = _init_transform(
+        attn.o_proj.in_features, stats["o"], [attn.o_proj], alpha, device, seed
+    )
+    mlp.down_proj.input_transform = _init_transform(
+        mlp.down_proj.in_features, stats["down"], [mlp.down_proj], alpha, device, seed
+    )
     attn.qk_transform = _init_transform(head_dim, None, [], alpha, device, seed)
     layer.input_layernorm = TransformedNorm(layer.input_layernorm, t_qkv)
     layer.post_attention_layernorm = TransformedNorm(layer.post_attention_layernorm, t_up)
 
-    merges = {"self_attn.q_proj": t_qkv, "self_attn.k_proj": t_qkv, "self_attn.v_proj": t_qkv,
-              "mlp.gate_proj": t_up, "mlp.up_proj": t_up,
-              "self_attn.o_proj": attn.o_proj.input_transform, "mlp.down_proj": mlp.down_proj.input_transform}
+    merges = {
+        "self_attn.q_proj": t_qkv,
+        "self_attn.k_proj": t_qkv,
+        "self_attn.v_proj": t_qkv,
+        "mlp.gate_proj": t_up,
+        "mlp.up_proj": t_up,
+        "self_attn.o_proj": attn.o_proj.input_transform,
+        "mlp.down_proj": mlp.down_proj.input_transform,
+    }
     calib = {}
     for name, q in quant_linears(layer):
         q.weight.requires_grad_(False)
@@ -275,7 +298,9 @@ def _layer_mse(layer: nn.Module, buckets: list[_Bucket], batch_size: int, step: 
     return sum(values) / len(values)
 
 
-def _epoch_batches(buckets: list[_Bucket], batch_size: int, generator: torch.Generator) -> list[tuple[_Bucket, torch.Tensor]]:
+def _epoch_batches(
+    buckets: list[_Bucket], batch_size: int, generator: torch.Generator
+) -> list[tuple[_Bucket, torch.Tensor]]:
     """One epoch's batches: the samples in a seeded random order (the draw the one-sample loop made), each
     joining the open batch of its length, which closes at `batch_size`; the rest close at the end. The row
     indices go to the device in one copy per epoch, not one per step."""
@@ -292,7 +317,7 @@ def _epoch_batches(buckets: list[_Bucket], batch_size: int, generator: torch.Gen
     rows = torch.tensor([r for _, rs in closed for r in rs], device=device)
     out, start = [], 0
     for bi, rs in closed:
-        out.append((buckets[bi], rows[start:start + len(rs)]))
+        out.append((buckets[bi], rows[start : start + len(rs)]))
         start += len(rs)
     return out
 
@@ -301,8 +326,17 @@ def _steps_per_epoch(buckets: list[_Bucket], batch_size: int) -> int:
     return sum(len(_chunks(b, batch_size)) for b in buckets)
 
 
-def _train(layer: nn.Module, buckets: list[_Bucket], trained: list[nn.Parameter], optimizer, epochs: int,
-           batch_size: int, generator: torch.Generator, step: _StepMerge | None, loss_fn) -> float:
+def _train(
+    layer: nn.Module,
+    buckets: list[_Bucket],
+    trained: list[nn.Parameter],
+    optimizer,
+    epochs: int,
+    batch_size: int,
+    generator: torch.Generator,
+    step: _StepMerge | None,
+    loss_fn,
+) -> float:
     """`epochs` passes of AdamW (cosine to 0) over the buckets; leaves `trained` at the epoch (or the init) of
     lowest calibration MSE, measured after each epoch: with few samples per step the epoch-to-epoch MSE swings
     by up to 2x, and ending on a bad epoch used to throw the good ones away. Returns the MSE at init."""
@@ -331,8 +365,18 @@ def _train(layer: nn.Module, buckets: list[_Bucket], trained: list[nn.Parameter]
     return mse_init
 
 
-def _calibrate_layer(layer: nn.Module, buckets: list[_Bucket], epochs: int, lr: float, alpha: float, seed: int,
-                     generator: torch.Generator, batch_size: int, merge_once: bool, loss_fn) -> tuple[float, float, int]:
+def _calibrate_layer(
+    layer: nn.Module,
+    buckets: list[_Bucket],
+    epochs: int,
+    lr: float,
+    alpha: float,
+    seed: int,
+    generator: torch.Generator,
+    batch_size: int,
+    merge_once: bool,
+    loss_fn,
+) -> tuple[float, float, int]:
     """One decoder layer (float32, FP inputs in `buckets`): transforms and clips trained, merged, the
     QuantLinears put back; the buckets' targets set. Returns (MSE at init, MSE after, optimizer steps)."""
     stats = _fp_targets(layer, buckets, batch_size)
@@ -407,12 +451,15 @@ def _calibrate_layers(model, samples, epochs, lr, alpha, seed, log, batch_size, 
     report = []
     for index, layer in each_layer(model, "flatquant"):
         start = time.perf_counter()
-        mse_init, mse, steps = _calibrate_in_float32(layer, buckets, dtype, epochs, lr, alpha, seed, generator,
-                                                     batch_size, merge_once, loss_fn)
+        mse_init, mse, steps = _calibrate_in_float32(
+            layer, buckets, dtype, epochs, lr, alpha, seed, generator, batch_size, merge_once, loss_fn
+        )
         seconds = time.perf_counter() - start
         report.append({"layer": index, "mse_init": mse_init, "mse": mse, "seconds": seconds, "steps": steps})
         if log is not None:
-            log.info("flatquant layer %d: output MSE %.3e -> %.3e (%d steps, %.1fs)", index, mse_init, mse, steps, seconds)
+            log.info(
+                "flatquant layer %d: output MSE %.3e -> %.3e (%d steps, %.1fs)", index, mse_init, mse, steps, seconds
+            )
     return report
 
 
@@ -420,7 +467,9 @@ def _check_calibratable(model: nn.Module, batch_size: int) -> None:
     """ValueError unless `model` is prepared, has no online transforms yet and `batch_size` is at least 1."""
     layers = decoder_layers(model)
     if not isinstance(layers[0].mlp.down_proj, QuantLinear):
-        raise ValueError("flatquant needs the model prepared (pipeline.quant.apply.prepare) with every Linear of the layers targeted")
+        raise ValueError(
+            "flatquant needs the model prepared (pipeline.quant.apply.prepare) with every Linear of the layers targeted"
+        )
     if transforms(model):
         raise ValueError("the model already has online transforms")
     if batch_size < 1:
@@ -450,7 +499,9 @@ def layer_output_mse(model: nn.Module, samples: list[list[int]]) -> list[float]:
     out = []
     for layer in decoder_layers(model):
         for b in buckets:
-            b.targets = torch.cat([run_layer(layer, LayerInput(b.hidden[k:k + 1], b.kwargs)) for k in range(len(b.samples))])
+            b.targets = torch.cat(
+                [run_layer(layer, LayerInput(b.hidden[k : k + 1], b.kwargs)) for k in range(len(b.samples))]
+            )
         set_fake_quant(layer, True)
         out.append(_layer_mse(layer, buckets, 1))
         set_fake_quant(layer, False)

@@ -18,6 +18,7 @@ each column using its own group's scale (llmcompressor gathers g_idx by the perm
 the permutation at the end). So no g_idx is stored or needed: our contiguous groups are the mapping.
 The "group" (dynamic) ordering, which did need a g_idx, was removed from compressed-tensors 0.19.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -35,17 +36,18 @@ from pipeline.quant.scheme import QuantSpec, layer_weights
 ActOrder = Literal["static", "weight"] | None
 
 
-def gptq_modifier(model: nn.Module, spec: QuantSpec, block_size: int, dampening_frac: float, actorder: ActOrder,
-                  observer: str):
+def gptq_modifier(
+    model: nn.Module, spec: QuantSpec, block_size: int, dampening_frac: float, actorder: ActOrder, observer: str
+):
     """The GPTQModifier for `spec`'s weights on `model` (what both our stage and the bare-oneshot bench run):
     one config group per group size the model's layers get (pipeline.quant.formats.compressed.config_groups)."""
     from llmcompressor.modifiers.gptq import GPTQModifier
 
-
     per_layer = {name: layer_weights(spec.weights, m.in_features) for name, m in match_targets(model, spec)}
     return GPTQModifier(
-        config_groups=config_groups(spec, per_layer,
-                                    observer={"minmax": "memoryless_minmax", "mse": "memoryless_mse"}[observer]),
+        config_groups=config_groups(
+            spec, per_layer, observer={"minmax": "memoryless_minmax", "mse": "memoryless_mse"}[observer]
+        ),
         ignore=list(spec.ignore),
         block_size=block_size,
         dampening_frac=dampening_frac,
@@ -71,7 +73,6 @@ def run_gptq(
     from compressed_tensors.offload import remove_dispatch
     from llmcompressor import oneshot
     from llmcompressor.core import active_session
-
 
     expected = [name for name, _ in match_targets(model, spec)]
     modifier = gptq_modifier(model, spec, block_size, dampening_frac, actorder, observer)
@@ -105,11 +106,13 @@ def _layer_progress(model: nn.Module, description: str):
 
     layers = decoder_layers(model)
     with progress(description, total=len(layers), unit="layers") as bar:
+
         def starts(index):
             def hook(module, args, kwargs):
                 hidden = args[0] if args else kwargs.get("hidden_states")
                 if isinstance(hidden, torch.Tensor) and bar.done < index:
                     bar.advance(index - bar.done)
+
             return hook
 
         handles = [layer.register_forward_pre_hook(starts(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -185,8 +188,16 @@ def _layer_hessians(layer: nn.Module, modules: list[tuple[str, nn.Module]], inpu
     return {name: (hessians[name], counts[name]) for name, _ in modules}
 
 
-def _quantize_module(m: nn.Module, hessian, count, block_size: int, dampening_frac: float, actorder: ActOrder,
-                     observer: str, keep_scales: bool) -> None:
+def _quantize_module(
+    m: nn.Module,
+    hessian,
+    count,
+    block_size: int,
+    dampening_frac: float,
+    actorder: ActOrder,
+    observer: str,
+    keep_scales: bool,
+) -> None:
     """GPTQ of one QuantLinear's weight given its inputs' Hessian (sum over `count` samples), in place, on the
     observer's grid or (`keep_scales`) the module's own; fake quantization back on."""
     import torch
@@ -202,8 +213,14 @@ def _quantize_module(m: nn.Module, hessian, count, block_size: int, dampening_fr
     zp = zero_point if zero_point is not None else torch.zeros_like(scale, dtype=torch.int8)
     with torch.no_grad():
         quantized, _, _ = quantize_weight(
-            m.weight.detach()[None].float(), (hessian / count)[None], scale[None], zp[None],
-            None, args, block_size, dampening_frac,
+            m.weight.detach()[None].float(),
+            (hessian / count)[None],
+            scale[None],
+            zp[None],
+            None,
+            args,
+            block_size,
+            dampening_frac,
         )
         m.weight.copy_(quantized[0].to(m.weight.dtype))
     m.set_qparams(scale, zero_point)

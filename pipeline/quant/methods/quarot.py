@@ -26,6 +26,7 @@ The o_proj input's online rotation is QuaRot's H_{n_heads} ⊗ I across heads, h
 width (the paper's is cheaper; both mix the heads, and H_d is already fused within them). Without it, the
 GPU testbed's teacher under W4A4KV4 flipped 1.51% of its teacher-forced argmaxes instead of 1.28%.
 """
+
 from __future__ import annotations
 
 import torch
@@ -58,6 +59,7 @@ def untie(model: nn.Module) -> None:
 
 def fold_norms(model: nn.Module) -> None:
     """W ← W diag(γ) for every Linear reading an RMSNorm, then γ ← 1."""
+
     def fold(norm: nn.Module, readers: list[nn.Linear]) -> None:
         gamma = norm.weight.double()
         for linear in readers:
@@ -129,5 +131,8 @@ def _rotate_layer(layer: nn.Module, q: torch.Tensor, h_d: torch.Tensor, seed: in
         online = KroneckerTransform(*kronecker_factors(reader.in_features, seed)).to(device)
         _set(reader.weight, online.inverse_transpose(reader.weight.double()))
         reader.input_transform = online.to(dtype=reader.weight.dtype).requires_grad_(False)
-    attn.qk_transform = KroneckerTransform(*kronecker_factors(head_dim)).to(
-        device=device, dtype=attn.o_proj.weight.dtype).requires_grad_(False)
+    attn.qk_transform = (
+        KroneckerTransform(*kronecker_factors(head_dim))
+        .to(device=device, dtype=attn.o_proj.weight.dtype)
+        .requires_grad_(False)
+    )
