@@ -1,6 +1,7 @@
 """The runner in real processes with the real stages: kill -9, a damaged checkpoint and resume (`sft`), two ranks
 under torchrun (`sft`; a tiny kd_qat recipe, which must train the model one process trains) and under DeepSpeed
-ZeRO-2/3 (kd_qat, the same student; kill -9 and resume give the uninterrupted run's student)."""
+ZeRO-2/3 and FSDP2 (kd_qat, the same student; kill -9 and resume give the uninterrupted run's student; FSDP2 sft
+too)."""
 
 from __future__ import annotations
 
@@ -182,6 +183,51 @@ def test_two_processes_share_one_run(tmp_path, run_cli):
         "status", recipe, "--artifacts", tmp_path / "art", "--json", "--set", "stages.teacher.steps=8"
     )
     assert code == 0 and json.loads(out)["stages"][0]["state"] == "complete"
+
+
+def test_sft_under_fsdp2_trains_the_model_one_process_trains(tmp_path):
+    """`sft` (the loop's other user) under FSDP2 on 2 CPU ranks, with accumulation: the losses and the saved model
+    (gathered into a fresh copy on the main rank) are the one-process run's, to float32 rounding."""
+    pytest.importorskip("stages.sft")
+    recipe = _sft_recipe(tmp_path / "tiny.yaml")
+    sets = ("--set", "stages.teacher.steps=6", "--set", "stages.teacher.grad_accum=2")
+    done = subprocess.run(
+        _cli("run", recipe, "--artifacts", tmp_path / "one", *sets),
+        env=_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--use_fsdp",
+        "--fsdp_version",
+        "2",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *_cli("run", recipe, "--artifacts", tmp_path / "two", *sets)[1:],
+    ]
+    done = subprocess.run(launch, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [
+        [json.loads(line) for line in open(tmp_path / d / "tiny" / "teacher" / "metrics.jsonl")] for d in ("two", "one")
+    ]
+    assert [r["tokens"] for r in rows[0]] == [r["tokens"] for r in rows[1]] and len(rows[0]) == 6
+    assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]], rel=1e-5)
+    two, one = (load_file(tmp_path / d / "tiny" / "teacher" / "model" / "model.safetensors") for d in ("two", "one"))
+    assert two.keys() == one.keys()
+    for k in one:
+        assert torch.allclose(two[k], one[k], rtol=0, atol=1e-5), k
 
 
 def test_two_processes_train_the_kd_qat_student_that_one_process_trains(tmp_path, write_recipe):
