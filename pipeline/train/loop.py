@@ -414,6 +414,12 @@ def _configure_fsdp(acc: Accelerator) -> None:
     # every rank holds the whole model already (`whole_models`); accelerate's rank-0 load would broadcast it again,
     # and fails on a model with persistent buffers (the QuantLinears' zero points), which are not sharded
     plugin.cpu_ram_efficient_loading = False
+    # bf16 as on one GPU: fp32 latent weights and gradients (gathered and reduced in fp32), bf16 compute under the
+    # accelerator's autocast. accelerate's bf16 policy would gather the weights in bf16, so that the fake quantizer
+    # saw rounded latent weights and scales, and reduce the gradients in bf16
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin.mixed_precision_policy = MixedPrecisionPolicy()
     if plugin.auto_wrap_policy is None:
         from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
