@@ -229,6 +229,12 @@ def run(ctx: StageContext) -> dict[str, float]:
         raise InputError(f"stages.{ctx.name}.init", f"{config.init!r} holds no quantized model (use a ptq stage)")
     spec = read_quant_spec(ctx.inputs["init"])
     accelerator = make_accelerator(config.report_to, ctx.out_dir)
+    if config.eval_every and accelerator.distributed_type == DistributedType.FSDP:
+        # decoding_weights quantizes each weight outside a forward, where FSDP2 leaves only this rank's shard
+        raise InputError(
+            f"stages.{ctx.name}.eval_every",
+            "held-out evaluation while training is not supported under FSDP2: set 0 and evaluate with an eval stage",
+        )
     student = _student(ctx, accelerator)
     tokenizer = load_tokenizer(ctx.inputs["init"], trust_remote_code=trust)
     _select_trainable(student, config.train, config.transforms)
