@@ -11,7 +11,8 @@ Loss (pipeline.train.distill): forward KL by default, reverse KL, generalised JS
 at a temperature, optionally mixed with the label cross-entropy (`ce_weight`); on completion tokens
 only; the logits are made a chunk of tokens at a time so that Qwen3's 151,936-entry vocabulary never
 materialises for the whole batch. The teacher stays in eval mode with no gradients, on the same
-device, in the recipe's dtype.
+device, in the recipe's dtype; whole on every rank, except under FSDP2 (`accelerate launch --use_fsdp
+--fsdp_version 2`), where its decoder layers are sharded over the ranks as the student's are.
 
 What trains (`train`): `weights` — every parameter except the quantizer scales (latent weights
 through the straight-through estimator, norms, embeddings, the unquantized lm_head); `scales` — the
@@ -54,7 +55,9 @@ from pipeline.train.loop import (
     check_train_args,
     gathered,
     make_accelerator,
+    shard_frozen,
     train,
+    whole_model,
     whole_models,
 )
 from pipeline.train.memory import GIB, fit_error, kd_step_memory_of
@@ -183,9 +186,12 @@ def held_out_eval(ctx: StageContext, tokenizer, accelerator):
 
 
 def _check_fits(ctx: StageContext, student, examples, accelerator, teacher_dtype: str) -> None:
-    """On one GPU (or one per process, DDP), refuse before training a setting whose step cannot fit; ZeRO shards
-    the state, so it is not checked there."""
-    if accelerator.device.type != "cuda" or accelerator.distributed_type == DistributedType.DEEPSPEED:
+    """On one GPU (or one per process, DDP), refuse before training a setting whose step cannot fit; ZeRO and FSDP
+    shard the state, so it is not checked there."""
+    if accelerator.device.type != "cuda" or accelerator.distributed_type in (
+        DistributedType.DEEPSPEED,
+        DistributedType.FSDP,
+    ):
         return
     config = ctx.config
     micro = config.batch_size // (accelerator.num_processes * config.grad_accum)
@@ -224,13 +230,14 @@ def run(ctx: StageContext) -> dict[str, float]:
         raise InputError(f"stages.{ctx.name}.init", f"{config.init!r} holds no quantized model (use a ptq stage)")
     spec = read_quant_spec(ctx.inputs["init"])
     accelerator = make_accelerator(config.report_to, ctx.out_dir)
-    with whole_models(accelerator):
-        student = load_model(ctx.inputs["init"], dtype="float32", trust_remote_code=trust)
+    if config.eval_every and accelerator.distributed_type == DistributedType.FSDP:
+        # decoding_weights quantizes each weight outside a forward, where FSDP2 leaves only this rank's shard
+        raise InputError(
+            f"stages.{ctx.name}.eval_every",
+            "held-out evaluation while training is not supported under FSDP2: set 0 and evaluate with an eval stage",
+        )
+    student = _student(ctx, accelerator)
     tokenizer = load_tokenizer(ctx.inputs["init"], trust_remote_code=trust)
-    if config.transforms == "trainable":
-        from pipeline.quant.online import add_activation_clips
-
-        add_activation_clips(student)
     _select_trainable(student, config.train, config.transforms)
 
     kept = training_traces(ctx.inputs["data"], config.only_correct, ctx.name, ctx.log)
@@ -263,11 +270,23 @@ def run(ctx: StageContext) -> dict[str, float]:
         desc=f"{ctx.name}: {config.objective}",
         on_step=held_out_eval(ctx, tokenizer, accelerator) if config.eval_every else None,
     )
-    _save(ctx, accelerator.unwrap_model(student).eval(), tokenizer, spec, accelerator)
+    _save(ctx, student, tokenizer, spec, accelerator)
     metrics = {**result, "examples": len(examples), "trainable_parameters": trainable}
     if config.eval_every:  # the last step always evaluates
         metrics["eval_accuracy"] = read_jsonl(ctx.out_dir / "metrics.jsonl", ctx.name)[-1]["eval_accuracy"]
     return metrics
+
+
+def _student(ctx: StageContext, accelerator):
+    """The quantized init, whole on every rank, in float32 (with learned activation clips if `transforms:
+    trainable`)."""
+    with whole_models(accelerator):
+        student = load_model(ctx.inputs["init"], dtype="float32", trust_remote_code=ctx.recipe.model.trust_remote_code)
+    if ctx.config.transforms == "trainable":
+        from pipeline.quant.online import add_activation_clips
+
+        add_activation_clips(student)
+    return student
 
 
 def _loss_fn(ctx: StageContext, student, accelerator, teacher_dtype: str):
@@ -276,7 +295,8 @@ def _loss_fn(ctx: StageContext, student, accelerator, teacher_dtype: str):
     config = ctx.config
     if config.objective != "kd":
         return causal_lm_loss
-    with whole_models(accelerator):  # the teacher is replicated on every rank, outside the engine
+    # the teacher stays outside the engine: replicated on every rank (DDP, DeepSpeed), sharded under FSDP2
+    with whole_models(accelerator):
         teacher = load_model(
             ctx.inputs["teacher"],
             dtype=teacher_dtype,
@@ -289,12 +309,21 @@ def _loss_fn(ctx: StageContext, student, accelerator, teacher_dtype: str):
             f"stages.{ctx.name}.teacher",
             f"vocabulary {teacher.config.vocab_size} differs from the student's {student.config.vocab_size}",
         )
+    if accelerator.distributed_type == DistributedType.FSDP:
+        shard_frozen(accelerator, teacher)
+        ctx.log.info(
+            "%s: the teacher's %d decoder layers sharded over %d processes (FSDP2)",
+            ctx.name,
+            len(teacher.get_decoder().layers),
+            accelerator.num_processes,
+        )
     return kd_loss_fn(teacher, config)
 
 
 def _save(ctx: StageContext, student, tokenizer, spec, accelerator) -> None:
-    """The trained (unwrapped) student in the quantized representation, in the recipe's dtype; gathered whole
-    first under ZeRO-3, a collective every process enters."""
+    """The trained student in the quantized representation, in the recipe's dtype; gathered whole first under
+    ZeRO-3 and FSDP2 (there into a fresh copy of the init on the main process), collectives every process enters."""
+    student = whole_model(accelerator, student, lambda: _student(ctx, accelerator)).eval()
     with gathered(accelerator, student):
         if accelerator.is_main_process:
             student = student.to(saved_dtype(student, ctx.recipe.model.dtype))

@@ -25,9 +25,11 @@ its checkpoints (pipeline.train.loop).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
+from accelerate import DistributedType
 
 from pipeline.data.chat import chat_example
 from pipeline.data.testbed import make_problems
@@ -37,7 +39,15 @@ from pipeline.engine.errors import InputError
 from pipeline.engine.stage_api import ANY_MODEL, MODEL, TRACES, StageConfig, StageContext, stage_ref
 from pipeline.models import build_model, load_model, load_tokenizer, save_model
 from pipeline.quant.formats.layout import is_quantized
-from pipeline.train.loop import TrainArgs, causal_lm_loss, check_train_args, make_accelerator, train
+from pipeline.train.loop import (
+    TrainArgs,
+    causal_lm_loss,
+    check_train_args,
+    make_accelerator,
+    train,
+    whole_model,
+    whole_models,
+)
 
 CODE_VERSION = 1
 USES = ("seed", "model", "data")
@@ -82,6 +92,19 @@ def _examples(ctx: StageContext, tokenizer) -> list[tuple[list[int], int]]:
     return [t.example(tokenizer) for t in kept]
 
 
+def _model(ctx: StageContext, tokenizer, accelerator):
+    """The model to train, as the stage starts it: `init`'s, the recipe's `arch` built from its seed, or the
+    recipe's base model; under FSDP whole on every process (as loaded elsewhere: DeepSpeed's is unchanged)."""
+    config, recipe = ctx.config, ctx.recipe
+    trust = recipe.model.trust_remote_code
+    with whole_models(accelerator) if accelerator.distributed_type == DistributedType.FSDP else nullcontext():
+        if config.init is not None:
+            return load_model(ctx.inputs["init"], dtype="float32", trust_remote_code=trust)
+        if recipe.model.arch is not None:
+            return build_model(recipe.model.arch, tokenizer, seed=recipe.seed)
+        return load_model(recipe.model.path, dtype="float32", trust_remote_code=trust)
+
+
 def run(ctx: StageContext) -> dict[str, float]:
     config, recipe = ctx.config, ctx.recipe
     trust = recipe.model.trust_remote_code
@@ -92,14 +115,12 @@ def run(ctx: StageContext) -> dict[str, float]:
             from pipeline.quant.formats.io import read_quant_spec
 
             quant_spec = read_quant_spec(ctx.inputs["init"])
-        model = load_model(ctx.inputs["init"], dtype="float32", trust_remote_code=trust)
         tokenizer = load_tokenizer(ctx.inputs["init"], trust_remote_code=trust)
     elif recipe.model.arch is not None:
         tokenizer = build_tokenizer()
-        model = build_model(recipe.model.arch, tokenizer, seed=recipe.seed)
     else:
-        model = load_model(recipe.model.path, dtype="float32", trust_remote_code=trust)
         tokenizer = load_tokenizer(recipe.model.path, trust_remote_code=trust)
+    model = _model(ctx, tokenizer, accelerator)
 
     examples = _examples(ctx, tokenizer)
     longest = max(len(ids) for ids, _ in examples)
@@ -131,8 +152,9 @@ def run(ctx: StageContext) -> dict[str, float]:
         accelerator=accelerator,
         desc=f"{ctx.name}: sft",
     )
+    model = whole_model(accelerator, model, lambda: _model(ctx, tokenizer, accelerator))  # FSDP2: a collective
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(model).eval().to(getattr(torch, recipe.model.dtype))
+        model = model.eval().to(getattr(torch, recipe.model.dtype))
         if quant_spec is not None:  # SFT-QAT: the model keeps its QuantLinears and their format
             from pipeline.quant.formats.io import save_quantized
 

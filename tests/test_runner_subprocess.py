@@ -1,6 +1,7 @@
 """The runner in real processes with the real stages: kill -9, a damaged checkpoint and resume (`sft`), two ranks
 under torchrun (`sft`; a tiny kd_qat recipe, which must train the model one process trains) and under DeepSpeed
-ZeRO-2/3 (kd_qat, the same student; kill -9 and resume give the uninterrupted run's student)."""
+ZeRO-2/3 and FSDP2 (kd_qat, the same student; kill -9 and resume give the uninterrupted run's student; FSDP2 sft
+too)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,14 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _accelerate_launch(backend: list[str], *args: str) -> list[str]:
+    """`reasoning-qat *args` as 2 CPU ranks under `accelerate launch` with `backend`'s flags (DeepSpeed, FSDP), on a
+    free port, full precision, no dynamo."""
+    common = ["--num_processes", "2", "--num_machines", "1", "--main_process_port", str(_free_port())]
+    common += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [sys.executable, "-m", "accelerate.commands.launch", *backend, *common, *_cli(*args)[1:]]
 
 
 def _env() -> dict[str, str]:
@@ -194,6 +203,37 @@ def test_two_processes_share_one_run(tmp_path, run_cli):
     assert code == 0 and json.loads(out)["stages"][0]["state"] == "complete"
 
 
+def test_sft_under_fsdp2_trains_the_model_one_process_trains(tmp_path):
+    """`sft` (the loop's other user) under FSDP2 on 2 CPU ranks, with accumulation: the losses and the saved model
+    (gathered into a fresh copy on the main rank) are the one-process run's, to float32 rounding."""
+    pytest.importorskip("stages.sft")
+    recipe = _sft_recipe(tmp_path / "tiny.yaml")
+    sets = ("--set", "stages.teacher.steps=6", "--set", "stages.teacher.grad_accum=2")
+    done = subprocess.run(
+        _cli("run", recipe, "--artifacts", tmp_path / "one", *sets),
+        env=_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    launch = _accelerate_launch(
+        ["--use_fsdp", "--fsdp_version", "2"], "run", recipe, "--artifacts", tmp_path / "two", *sets
+    )
+    done = subprocess.run(launch, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [
+        [json.loads(line) for line in open(tmp_path / d / "tiny" / "teacher" / "metrics.jsonl")] for d in ("two", "one")
+    ]
+    assert [r["tokens"] for r in rows[0]] == [r["tokens"] for r in rows[1]] and len(rows[0]) == 6
+    assert [r["loss"] for r in rows[0]] == pytest.approx([r["loss"] for r in rows[1]], rel=1e-5)
+    two, one = (load_file(tmp_path / d / "tiny" / "teacher" / "model" / "model.safetensors") for d in ("two", "one"))
+    assert two.keys() == one.keys()
+    for k in one:
+        assert torch.allclose(two[k], one[k], rtol=0, atol=1e-5), k
+
+
 def test_two_processes_train_the_kd_qat_student_that_one_process_trains(tmp_path, write_recipe):
     """teacher (sft) -> traces -> ptq (RTN) -> kd_qat under torchrun with 2 CPU ranks, then kd_qat again in
     one process on a copy of the same inputs: same seed, same global batches, so the same student."""
@@ -282,25 +322,8 @@ def test_kd_qat_under_deepspeed_trains_the_student_that_one_process_trains_and_r
     )
 
     def launch(artifacts: Path) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--use_deepspeed",
-            "--deepspeed_config_file",
-            str(config),
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--main_process_port",
-            str(_free_port()),
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            *_cli("run", recipe, "--artifacts", artifacts, "--only", "student", *sets)[1:],
-        ]
+        deepspeed = ["--use_deepspeed", "--deepspeed_config_file", str(config)]
+        return _accelerate_launch(deepspeed, "run", recipe, "--artifacts", artifacts, "--only", "student", *sets)
 
     env = {**_env(), "DS_ACCELERATOR": "cpu"}
     done = subprocess.run(launch(ds), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -369,6 +392,124 @@ def test_kd_qat_under_deepspeed_trains_the_student_that_one_process_trains_and_r
     for key in ("step", "loss", "grad_norm", "lr", "tokens"):
         assert [r[key] for r in rows[killed]] == [r[key] for r in rows[ds]], key
     weights = [sorted((d / "tiny" / "student" / "model").glob("*.safetensors")) for d in (killed, ds)]
+    assert [p.name for p in weights[0]] == [p.name for p in weights[1]] and weights[0]
+    for a, b in zip(*weights):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
+@pytest.mark.parametrize("grad_accum", [2])
+def test_kd_qat_under_fsdp2_trains_the_student_that_one_process_trains_and_resumes_after_kill_9(
+    tmp_path, write_recipe, grad_accum
+):
+    """`accelerate launch --use_fsdp --fsdp_version 2` on 2 CPU ranks (gloo) runs kd_qat with the student's
+    decoder layers and the teacher sharded, and saves, from the main rank, the whole student one process
+    trains. Then the same run killed with -9 after its checkpoint of step 2 (every rank's shards of the
+    weights and of AdamW's state) and run again: it resumes there and ends with the uninterrupted run's
+    student, to the bit."""
+    pytest.importorskip("stages.kd_qat")
+    recipe = _kd_qat_recipe(write_recipe, checkpoint_every=2)
+    one, fsdp, killed = tmp_path / "one", tmp_path / "fsdp", tmp_path / "killed"
+    sets = ("--set", f"stages.student.grad_accum={grad_accum}", "--set", f"stages.student.batch_size={4 * grad_accum}")
+    done = subprocess.run(
+        _cli("run", recipe, "--artifacts", one, *sets),
+        env=_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(one, fsdp)
+    shutil.copytree(one, killed)
+    shutil.rmtree(killed / "tiny" / "student")  # never run there, so that status speaks of the resume
+
+    def launch(artifacts: Path) -> list[str]:
+        # no wrap policy named: the loop shards each decoder layer on its own all the same
+        fsdp = ["--use_fsdp", "--fsdp_version", "2"]
+        return _accelerate_launch(fsdp, "run", recipe, "--artifacts", artifacts, "--only", "student", *sets)
+
+    env = _env()
+    done = subprocess.run(launch(fsdp), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((fsdp / "tiny" / "student" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["config"]["grad_accum"] == grad_accum
+    log = (fsdp / "tiny" / "run.log").read_text()
+    assert log.count("stages.student: running (--only)") == 1  # only the main rank writes run.log
+    assert "student: the teacher's 1 decoder layers sharded over 2 processes (FSDP2)" in log
+    _assert_same_student(fsdp, one)
+
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+    freeze = {
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "freeze_after_checkpoint"), env["PYTHONPATH"]]),
+        "FREEZE_AFTER_CHECKPOINT": "2",
+        "FREEZE_DIR": str(frozen),
+    }
+    proc = subprocess.Popen(
+        launch(killed),
+        env={**env, **freeze},
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(frozen.glob("rank-?"))) < 2:
+            assert proc.poll() is None, "the run ended before its checkpoint of step 2"
+            assert time.monotonic() < deadline, "no checkpoint of step 2 within 300 s"
+            time.sleep(0.05)
+    finally:
+        for rank in frozen.glob("rank-?"):
+            os.kill(int(rank.read_text()), signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher
+        proc.wait()
+    checkpoint = killed / "tiny" / ".partial" / "student" / "checkpoints" / "step-000000002"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "manifest.json",
+        "rank-00000.json",
+        "rank-00000.safetensors",
+        "rank-00001.json",
+        "rank-00001.safetensors",
+        "shared.json",
+        "shared.safetensors",
+    ]
+    assert not load_file(checkpoint / "shared.safetensors")  # weights and AdamW state are in the ranks' parts
+    whole = load_file(one / "tiny" / "ptq" / "model" / "model.safetensors")
+    parts = []
+    for rank in (0, 1):
+        skeleton = json.loads((checkpoint / f"rank-0000{rank}.json").read_text())
+        tensors = load_file(checkpoint / f"rank-0000{rank}.safetensors")
+        parts.append({k: tensors[v["__tensor__"]] for k, v in skeleton["model_shards"].items()})
+    assert parts[0].keys() == parts[1].keys() and "model.layers.0.mlp.down_proj.weight" in parts[0]
+    for name, shard in parts[0].items():
+        # each rank holds its half of every parameter (dim 0), the decoder layers' QuantLinear weights among them
+        assert (
+            shard.shape[0] + parts[1][name].shape[0] == whole[name].shape[0]
+            and shard.shape[1:] == whole[name].shape[1:]
+        )
+    status = subprocess.run(
+        _cli("status", recipe, "--artifacts", killed, "--json", *sets),
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert {
+        "name": "student",
+        "type": "kd_qat",
+        "state": "pending",
+        "reason": "never run; resumes from step 2",
+    } in json.loads(status.stdout)["stages"]
+
+    done = subprocess.run(launch(killed), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (killed / "tiny" / "run.log").read_text().count("resuming from the checkpoint at step 2") == 1
+    rows = {d: [json.loads(line) for line in open(d / "tiny" / "student" / "metrics.jsonl")] for d in (fsdp, killed)}
+    for key in ("step", "loss", "grad_norm", "lr", "tokens"):
+        assert [r[key] for r in rows[killed]] == [r[key] for r in rows[fsdp]], key
+    weights = [sorted((d / "tiny" / "student" / "model").glob("*.safetensors")) for d in (killed, fsdp)]
     assert [p.name for p in weights[0]] == [p.name for p in weights[1]] and weights[0]
     for a, b in zip(*weights):
         assert a.read_bytes() == b.read_bytes(), a.name

@@ -16,14 +16,18 @@ What the loop does: AdamW (fused on GPU) with linear warmup and cosine decay (tr
 schedule), gradient clipping, gradient accumulation, optional gradient checkpointing and
 `torch.compile` of the decoder layers, bf16 autocast on GPU, one metrics row per step in
 `<out_dir>/metrics.jsonl`, a progress bar. It runs on accelerate's `Accelerator`: one process on CPU,
-or `accelerate launch` with several processes (DDP or DeepSpeed), `batch_size` being global.
+or `accelerate launch` with several processes (DDP, DeepSpeed, or FSDP2: `--use_fsdp --fsdp_version 2`),
+`batch_size` being global. Under FSDP2 every decoder layer is its own `fully_shard` unit (accelerate's
+transformer-based wrap on the model's `_no_split_modules`, also when the launch names no wrap policy), so a
+QuantLinear's forward sees its whole weight (all-gathered with its layer), never a shard.
 
 Exact resume: the batch at step s is a pure function of (seed, s) (a fresh permutation of the
 examples per epoch), so the data position is the step. A checkpoint (every `checkpoint_every` steps,
 and on SIGTERM/SIGINT, after which StageInterrupted is raised) holds model, optimizer, scheduler,
 every process's RNG state, the metrics rows so far and the step (pipeline.engine.checkpoint: atomic, verified
 on resume, the last good one kept); under DeepSpeed ZeRO-2/3 each process saves its own partition of
-the optimizer (fp32 master weights and AdamW state). A resumed run gives bit-identical losses and
+the optimizer (fp32 master weights and AdamW state); under FSDP2 each process saves its shards
+(`DTensor.to_local()`) of every parameter and of the AdamW state. A resumed run gives bit-identical losses and
 weights on CPU, with one process or several. A non-finite loss stops the run before the optimizer
 step, leaving the last good checkpoint as it was.
 
@@ -44,6 +48,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from contextlib import contextmanager, nullcontext
@@ -139,7 +144,28 @@ def make_accelerator(report_to: Sequence[str] = (), out_dir: str | Path | None =
     if report_to:
         where = ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(Path(out_dir) / "tensorboard"))
         trackers = {"log_with": list(report_to), "project_config": where}
-    return Accelerator(mixed_precision="bf16" if bf16 else "no", **trackers)
+    acc = Accelerator(mixed_precision="bf16" if bf16 else "no", **trackers)
+    if (
+        acc.distributed_type == DistributedType.MULTI_CPU
+        and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    ):
+        _fsdp_on_cpu(acc)
+    return acc
+
+
+def _fsdp_on_cpu(acc: Accelerator) -> None:
+    """`accelerate launch --use_fsdp` on CPU ranks (gloo), as the tests run it: accelerate 1.15 turns FSDP on only
+    for accelerator devices (AcceleratorState takes the FSDP plugin under MULTI_GPU and its kin, not MULTI_CPU),
+    leaving CPU ranks plain DDP; torch's `fully_shard` itself runs on CPU over gloo. So set what the state would
+    have set: the plugin from the launch's environment, and the FSDP distributed type."""
+    from accelerate import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    # AcceleratorState copies PartialState's distributed type over its own each time one is made (accelerate's
+    # utilities make them): set it in both
+    PartialState().distributed_type = DistributedType.FSDP
+    acc.state.distributed_type = DistributedType.FSDP
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -258,20 +284,83 @@ def _load_zero_optimizer_state(zero_optimizer, state: dict, processes: int) -> N
     zero_optimizer.load_state_dict([state] * processes, load_optimizer_states=True, load_from_fp32_weights=True)
 
 
+def _fsdp(acc: Accelerator) -> bool:
+    """FSDP through accelerate (version 2, `fully_shard`: version 1 is refused by `_configure_fsdp`)."""
+    return acc.distributed_type == DistributedType.FSDP
+
+
+def _local_shards(state):
+    """`state` with every DTensor replaced by this process's shard of it (a plain tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, DTensor):
+        return state.to_local()
+    if isinstance(state, dict):
+        return {k: _local_shards(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_local_shards(v) for v in state)
+    return state
+
+
+def _fsdp_model_shards(model) -> dict:
+    """This process's shard of every parameter of an FSDP2 model (frozen ones too), by name."""
+    return {name: _local_shards(p.detach()).clone() for name, p in model.named_parameters()}
+
+
+def _load_fsdp_model_shards(model, shards: dict) -> None:
+    params = dict(model.named_parameters())
+    if params.keys() != shards.keys():
+        raise ValueError("the checkpoint's parameters are not the model's")
+    with torch.no_grad():
+        for name, p in params.items():
+            local = _local_shards(p)
+            if local.shape != shards[name].shape:
+                raise ValueError(
+                    f"{name}: shard of shape {tuple(shards[name].shape)} in the checkpoint, {tuple(local.shape)} here"
+                )
+            local.copy_(shards[name])
+
+
+def _load_fsdp_optimizer_state(optimizer, state: dict) -> None:
+    """Put an optimizer state of local shards back: each per-parameter tensor of the shape of its parameter's
+    shard becomes a DTensor sharded as the parameter is (AdamW's moments; its step counter stays a plain tensor)."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    per_param = {}
+    for index, values in state["state"].items():
+        p = params[index]
+        if isinstance(p, DTensor):
+            values = {
+                k: DTensor.from_local(
+                    v.to(p.device), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                )
+                if isinstance(v, torch.Tensor) and v.shape == p.to_local().shape and v.dim()
+                else v
+                for k, v in values.items()
+            }
+        per_param[index] = values
+    optimizer.load_state_dict({**state, "state": per_param})
+
+
 def _checkpoint_parts(acc: Accelerator, model, optimizer, shared: dict) -> tuple[dict | None, dict]:
     """(what the main process saves for all, what this process saves of its own): the model in the shared part
-    (under ZeRO-3 it is not: its partitions come back with the optimizer's fp32 master weights), the optimizer
-    there too unless ZeRO partitions it over processes, and every process's RNG state in its own part."""
-    zero = _zero_stage(acc)
+    (under ZeRO-3 it is not: its partitions come back with the optimizer's fp32 master weights; under FSDP2 each
+    process saves its shards of it), the optimizer there too unless ZeRO or FSDP2 partitions it over processes,
+    and every process's RNG state in its own part."""
+    zero, fsdp = _zero_stage(acc), _fsdp(acc)
     own = {"rng": rng_state()}
     if zero:
         own["optimizer"] = _zero_optimizer_state(model.optimizer)
+    if fsdp:
+        own["model_shards"] = _fsdp_model_shards(acc.unwrap_model(model))
+        own["optimizer"] = _local_shards(optimizer.state_dict())
     if not acc.is_main_process:
         return None, own
     shared = dict(shared)
-    if not zero:
+    if not zero and not fsdp:
         shared["optimizer"] = optimizer.state_dict()
-    if zero != 3:
+    if zero != 3 and not fsdp:
         shared["model"] = acc.unwrap_model(model).state_dict()
     return shared, own
 
@@ -280,8 +369,12 @@ def _restore(acc: Accelerator, model, optimizer, scheduler, state: dict) -> None
     """Inverse of `_checkpoint_parts` (the model before the optimizer: ZeRO-2 restores its fp32 masters after)."""
     if "model" in state:
         acc.unwrap_model(model).load_state_dict(state["model"])
+    if "model_shards" in state:
+        _load_fsdp_model_shards(acc.unwrap_model(model), state["model_shards"])
     if _zero_stage(acc):
         _load_zero_optimizer_state(model.optimizer, state["optimizer"], acc.num_processes)
+    elif _fsdp(acc):
+        _load_fsdp_optimizer_state(optimizer, state["optimizer"])
     else:
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -311,12 +404,82 @@ def _configure_deepspeed(acc: Accelerator, args: TrainArgs, micro: int) -> None:
     acc.gradient_accumulation_steps = args.grad_accum
 
 
+def _configure_fsdp(acc: Accelerator) -> None:
+    """FSDP2 only; with no wrap policy from the launch, the transformer-based one (each of the model's
+    `_no_split_modules`, its decoder layers, a unit of its own: the whole model as one unit would be gathered
+    whole for every forward)."""
+    plugin = acc.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        raise ValueError("FSDP version 1 is not supported here: launch with --fsdp_version 2")
+    # every rank holds the whole model already (`whole_models`); accelerate's rank-0 load would broadcast it again,
+    # and fails on a model with persistent buffers (the QuantLinears' zero points), which are not sharded
+    plugin.cpu_ram_efficient_loading = False
+    # bf16 as on one GPU: fp32 latent weights and gradients (gathered and reduced in fp32), bf16 compute under the
+    # accelerator's autocast. accelerate's bf16 policy would gather the weights in bf16, so that the fake quantizer
+    # saw rounded latent weights and scales, and reduce the gradients in bf16
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin.mixed_precision_policy = MixedPrecisionPolicy()
+    if plugin.auto_wrap_policy is None:
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+        plugin.auto_wrap_policy = transformer_auto_wrap_policy
+
+
+def shard_frozen(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """Under FSDP2, shard a frozen model that only runs forward (the KD teacher) over the processes: each decoder
+    layer a `fully_shard` unit of its own, gathered for its forward and freed after. Its embeddings, final norm
+    and output head stay whole on every process: the KD loss calls the head apart from the decoder, chunk by
+    chunk, and a tied head shares its weight with the embeddings. Elsewhere a no-op: the model stays whole."""
+    if not _fsdp(accelerator):
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.get_decoder().layers:
+        fully_shard(layer, reshard_after_forward=True)
+    return model
+
+
+def whole_model(
+    accelerator: Accelerator, model: torch.nn.Module, rebuild: Callable[[], torch.nn.Module]
+) -> torch.nn.Module:
+    """The trained model, unwrapped, for the main process to save. Under FSDP2 its parameters are shards outside a
+    forward (a state dict of it holds DTensors), so its whole state (gathered from every process's shards, with the
+    buffers; a collective every process enters) goes into `rebuild()`, a fresh copy of the model as the stage built
+    it, made on the main process alone; the others get the sharded model back. Elsewhere the model itself (under
+    ZeRO-3 still partitioned: save it inside `gathered`)."""
+    unwrapped = accelerator.unwrap_model(model)
+    if not _fsdp(accelerator):
+        return unwrapped
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(unwrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not accelerator.is_main_process:
+        return unwrapped
+    fresh = rebuild()
+    fresh.load_state_dict(state)
+    return fresh
+
+
 @contextmanager
 def whole_models(accelerator: Accelerator):
     """Models built in here have all their weights on every rank, also under ZeRO-3, where transformers would
     otherwise build them inside deepspeed.zero.Init (empty, partitioned parameters): the quantized student's
     meta-device load cannot be partitioned that way, and the teacher, which never enters the DeepSpeed
-    engine, would be left with no weights. The engine partitions the student itself when it is prepared."""
+    engine, would be left with no weights. The engine partitions the student itself when it is prepared. Under
+    FSDP the same: transformers' rank-0-only load (FSDP_CPU_RAM_EFFICIENT_LOADING) is turned off, the models here
+    being loaded on every rank."""
+    if _fsdp(accelerator):
+        saved = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING")
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+        try:
+            yield
+        finally:
+            if saved is None:
+                del os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"]
+            else:
+                os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = saved
+        return
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         yield
         return
@@ -452,8 +615,13 @@ def _prepare(
     if deepspeed and (args.param_dtype, args.optimizer) != ("float32", "adamw"):
         # DeepSpeed keeps its own fp32 master weights and optimizer state: these levers are the one-GPU path's
         raise ValueError("param_dtype and optimizer must stay float32 / adamw under DeepSpeed")
+    if _fsdp(acc) and (args.param_dtype, args.optimizer) != ("float32", "adamw"):
+        # FSDP2 shards the fp32 weights and AdamW's moments: bf16 latents and 8-bit moments are one GPU's levers
+        raise ValueError("param_dtype and optimizer must stay float32 / adamw under FSDP")
     if deepspeed:
         _configure_deepspeed(acc, args, micro)
+    if _fsdp(acc):
+        _configure_fsdp(acc)
 
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -557,15 +725,17 @@ def _micro_step(
     batch = {k: v.to(acc.device) for k, v in batch.items()}
     if run.deepspeed:
         acc.sync_gradients = last
-    with nullcontext() if last else acc.no_sync(run.model), acc.autocast():
-        # every rank learns of a NaN or an exception here before any enters the backward's
-        # collectives, so all stop together rather than some waiting there forever
-        loss, value, metrics = on_every_rank(
-            run.ranks, lambda: _finite_loss(run.loss_fn, run.model, batch, step, run.checkpointer)
-        )
-    # x num_processes: DDP (and DeepSpeed) average the gradients over ranks
-    # (DeepSpeed would also divide by grad_accum: the weights already do)
-    acc.backward(loss * (weight * acc.num_processes / total), **({"scale_wrt_gas": False} if run.deepspeed else {}))
+    # the backward inside too: FSDP2 reads whether to reduce-scatter there (DDP already at the forward)
+    with nullcontext() if last else acc.no_sync(run.model):
+        with acc.autocast():
+            # every rank learns of a NaN or an exception here before any enters the backward's
+            # collectives, so all stop together rather than some waiting there forever
+            loss, value, metrics = on_every_rank(
+                run.ranks, lambda: _finite_loss(run.loss_fn, run.model, batch, step, run.checkpointer)
+            )
+        # x num_processes: DDP (and DeepSpeed, FSDP) average the gradients over ranks
+        # (DeepSpeed would also divide by grad_accum: the weights already do)
+        acc.backward(loss * (weight * acc.num_processes / total), **({"scale_wrt_gas": False} if run.deepspeed else {}))
     return value, metrics
 
 
