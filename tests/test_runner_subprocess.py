@@ -334,67 +334,8 @@ def test_kd_qat_under_deepspeed_trains_the_student_that_one_process_trains_and_r
     assert log.count("stages.student: running (--only)") == 1  # only the main rank writes run.log
     _assert_same_student(ds, one)
 
-    frozen = tmp_path / "frozen"
-    frozen.mkdir()
-    freeze = {
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "freeze_after_checkpoint"), env["PYTHONPATH"]]),
-        "FREEZE_AFTER_CHECKPOINT": "2",
-        "FREEZE_DIR": str(frozen),
-    }
-    proc = subprocess.Popen(
-        launch(killed),
-        env={**env, **freeze},
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while len(list(frozen.glob("rank-?"))) < 2:
-            assert proc.poll() is None, "the run ended before its checkpoint of step 2"
-            assert time.monotonic() < deadline, "no checkpoint of step 2 within 300 s"
-            time.sleep(0.05)
-    finally:
-        for rank in frozen.glob("rank-?"):
-            os.kill(int(rank.read_text()), signal.SIGKILL)
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher
-        proc.wait()
-    checkpoint = killed / "tiny" / ".partial" / "student" / "checkpoints" / "step-000000002"
-    assert sorted(p.name for p in checkpoint.iterdir()) == [
-        "manifest.json",
-        "rank-00000.json",
-        "rank-00000.safetensors",
-        "rank-00001.json",
-        "rank-00001.safetensors",
-        "shared.json",
-        "shared.safetensors",
-    ]
-    status = subprocess.run(
-        _cli("status", recipe, "--artifacts", killed, "--json", *sets),
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert {
-        "name": "student",
-        "type": "kd_qat",
-        "state": "pending",
-        "reason": "never run; resumes from step 2",
-    } in json.loads(status.stdout)["stages"]
-
-    done = subprocess.run(launch(killed), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (killed / "tiny" / "run.log").read_text().count("resuming from the checkpoint at step 2") == 1
-    rows = {d: [json.loads(line) for line in open(d / "tiny" / "student" / "metrics.jsonl")] for d in (ds, killed)}
-    for key in ("step", "loss", "grad_norm", "lr", "tokens"):
-        assert [r[key] for r in rows[killed]] == [r[key] for r in rows[ds]], key
-    weights = [sorted((d / "tiny" / "student" / "model").glob("*.safetensors")) for d in (killed, ds)]
-    assert [p.name for p in weights[0]] == [p.name for p in weights[1]] and weights[0]
-    for a, b in zip(*weights):
-        assert a.read_bytes() == b.read_bytes(), a.name
+    _killed_after_checkpoint_2(launch(killed), env, tmp_path)
+    _resumes_as_uninterrupted(launch(killed), recipe, sets, env, tmp_path, killed, ds)
 
 
 @pytest.mark.parametrize("grad_accum", [2])
@@ -438,7 +379,28 @@ def test_kd_qat_under_fsdp2_trains_the_student_that_one_process_trains_and_resum
     assert "student: the teacher's 1 decoder layers sharded over 2 processes (FSDP2)" in log
     _assert_same_student(fsdp, one)
 
-    frozen = tmp_path / "frozen"
+    checkpoint = _killed_after_checkpoint_2(launch(killed), env, tmp_path)
+    assert not load_file(checkpoint / "shared.safetensors")  # weights and AdamW state are in the ranks' parts
+    whole = load_file(one / "tiny" / "ptq" / "model" / "model.safetensors")
+    parts = []
+    for rank in (0, 1):
+        skeleton = json.loads((checkpoint / f"rank-0000{rank}.json").read_text())
+        tensors = load_file(checkpoint / f"rank-0000{rank}.safetensors")
+        parts.append({k: tensors[v["__tensor__"]] for k, v in skeleton["model_shards"].items()})
+    assert parts[0].keys() == parts[1].keys() and "model.layers.0.mlp.down_proj.weight" in parts[0]
+    for name, shard in parts[0].items():
+        # each rank holds its half of every parameter (dim 0), the decoder layers' QuantLinear weights among them
+        assert (
+            shard.shape[0] + parts[1][name].shape[0] == whole[name].shape[0]
+            and shard.shape[1:] == whole[name].shape[1:]
+        )
+    _resumes_as_uninterrupted(launch(killed), recipe, sets, env, tmp_path, killed, fsdp)
+
+
+def _killed_after_checkpoint_2(command: list[str], env: dict[str, str], cwd: Path) -> Path:
+    """Run the 2-rank `command` until both ranks have saved the checkpoint of step 2 (tests/freeze_after_checkpoint
+    stops them there), kill -9 the ranks and the launcher; the checkpoint's folder, which holds every rank's part."""
+    frozen = cwd / "frozen"
     frozen.mkdir()
     freeze = {
         "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "freeze_after_checkpoint"), env["PYTHONPATH"]]),
@@ -446,9 +408,9 @@ def test_kd_qat_under_fsdp2_trains_the_student_that_one_process_trains_and_resum
         "FREEZE_DIR": str(frozen),
     }
     proc = subprocess.Popen(
-        launch(killed),
+        command,
         env={**env, **freeze},
-        cwd=tmp_path,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -464,7 +426,8 @@ def test_kd_qat_under_fsdp2_trains_the_student_that_one_process_trains_and_resum
             os.kill(int(rank.read_text()), signal.SIGKILL)
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher
         proc.wait()
-    checkpoint = killed / "tiny" / ".partial" / "student" / "checkpoints" / "step-000000002"
+    artifacts = Path(command[command.index("--artifacts") + 1])
+    checkpoint = artifacts / "tiny" / ".partial" / "student" / "checkpoints" / "step-000000002"
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         "manifest.json",
         "rank-00000.json",
@@ -474,24 +437,16 @@ def test_kd_qat_under_fsdp2_trains_the_student_that_one_process_trains_and_resum
         "shared.json",
         "shared.safetensors",
     ]
-    assert not load_file(checkpoint / "shared.safetensors")  # weights and AdamW state are in the ranks' parts
-    whole = load_file(one / "tiny" / "ptq" / "model" / "model.safetensors")
-    parts = []
-    for rank in (0, 1):
-        skeleton = json.loads((checkpoint / f"rank-0000{rank}.json").read_text())
-        tensors = load_file(checkpoint / f"rank-0000{rank}.safetensors")
-        parts.append({k: tensors[v["__tensor__"]] for k, v in skeleton["model_shards"].items()})
-    assert parts[0].keys() == parts[1].keys() and "model.layers.0.mlp.down_proj.weight" in parts[0]
-    for name, shard in parts[0].items():
-        # each rank holds its half of every parameter (dim 0), the decoder layers' QuantLinear weights among them
-        assert (
-            shard.shape[0] + parts[1][name].shape[0] == whole[name].shape[0]
-            and shard.shape[1:] == whole[name].shape[1:]
-        )
+    return checkpoint
+
+
+def _resumes_as_uninterrupted(command, recipe, sets, env, cwd: Path, killed: Path, uninterrupted: Path) -> None:
+    """`status` says the killed run's student resumes from step 2; re-running `command` does, and ends with the
+    uninterrupted run's losses, gradient norms and weight files, to the bit."""
     status = subprocess.run(
         _cli("status", recipe, "--artifacts", killed, "--json", *sets),
         env=env,
-        cwd=tmp_path,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=120,
@@ -503,13 +458,16 @@ def test_kd_qat_under_fsdp2_trains_the_student_that_one_process_trains_and_resum
         "reason": "never run; resumes from step 2",
     } in json.loads(status.stdout)["stages"]
 
-    done = subprocess.run(launch(killed), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (killed / "tiny" / "run.log").read_text().count("resuming from the checkpoint at step 2") == 1
-    rows = {d: [json.loads(line) for line in open(d / "tiny" / "student" / "metrics.jsonl")] for d in (fsdp, killed)}
+    rows = {
+        d: [json.loads(line) for line in open(d / "tiny" / "student" / "metrics.jsonl")]
+        for d in (uninterrupted, killed)
+    }
     for key in ("step", "loss", "grad_norm", "lr", "tokens"):
-        assert [r[key] for r in rows[killed]] == [r[key] for r in rows[fsdp]], key
-    weights = [sorted((d / "tiny" / "student" / "model").glob("*.safetensors")) for d in (killed, fsdp)]
+        assert [r[key] for r in rows[killed]] == [r[key] for r in rows[uninterrupted]], key
+    weights = [sorted((d / "tiny" / "student" / "model").glob("*.safetensors")) for d in (killed, uninterrupted)]
     assert [p.name for p in weights[0]] == [p.name for p in weights[1]] and weights[0]
     for a, b in zip(*weights):
         assert a.read_bytes() == b.read_bytes(), a.name
