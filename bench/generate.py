@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import platform
 import sys
 import time
@@ -352,6 +353,7 @@ def set_ratios_vs_plain(results: dict) -> None:
 
 def main() -> int:
     args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # generation's progress lines
     prompts_n, prompt_len, new_tokens, batch_size, dtype = workload(args)
     model = build(args.tiny, args.device, dtype)
     prompts, lengths = make_workload(model, args, prompts_n, prompt_len, new_tokens)

@@ -42,6 +42,7 @@ model forward, attention functions, masks and logits warpers used here are trans
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 from collections import deque
@@ -49,6 +50,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import AttentionInterface, LogitsProcessorList
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -73,6 +76,16 @@ RESORT_HORIZON = 64
 MEMORY_FRACTION = 0.9
 """Share of the free device memory the slots and the working set may take."""
 ROWS_PREFIX = "rows_"
+LIVE_BLOCK = 128
+"""Columns per block of the live-block attention: a row reads ceil((length + 1) / LIVE_BLOCK) blocks a step."""
+PLAIN_ATTENTION = frozenset({"sdpa", "sdpa_grouped"})
+"""Attention implementations that are softmax(q k^T) v and nothing else (pipeline.generate's grouped SDPA among
+them), so the live-block path computes what they compute. A KV-quantized attention keeps its own function."""
+DECODE_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+"""Every SDPA backend but cuDNN's. A decode step attends over a width that grows by one token a step, and cuDNN
+builds (and caches) an execution plan per shape: on an H100 (torch 2.11) every step paid ~2.4 ms of host time per
+attention call planning, 67 ms a step for Qwen3-0.6B's 28 layers, against 8 ms of GPU work. The memory-efficient
+kernel takes the padding mask with no per-shape planning."""
 
 
 # -- memory ---------------------------------------------------------------------------------------
@@ -203,7 +216,9 @@ class SlotCache(Cache):
 
 # -- attention over row chunks --------------------------------------------------------------------
 def _row_chunked(base):
-    def attention(module, query, key, value, attention_mask, row_windows=None, **kwargs):
+    def attention(module, query, key, value, attention_mask, row_windows=None, live_blocks=None, **kwargs):
+        if live_blocks is not None:
+            return live_attention(query, key, value, live_blocks, kwargs.get("scaling")), None
         if row_windows is None:
             return base(module, query, key, value, attention_mask, **kwargs)
         outputs = []
@@ -250,6 +265,43 @@ def reads(chunks: list[tuple[int, int, int]]) -> int:
     return sum((b - a) * width for a, b, width in chunks)
 
 
+# -- attention over each row's live blocks (CUDA graphs) ------------------------------------------
+def live_block_mask(lens: torch.Tensor, capacity: int) -> BlockMask:
+    """A FlexAttention block mask for one decode step: row b attends to columns 0..lens[b] (its cached tokens
+    and the one written this step) and the kernel reads only the LIVE_BLOCK-wide blocks that hold them. Its
+    tensors are views of `lens`: updating `lens` in place (and `refresh_live_blocks`) moves the mask with it,
+    which a captured CUDA graph needs (same addresses every replay)."""
+    rows, blocks = lens.shape[0], -(-capacity // LIVE_BLOCK)
+    count = torch.zeros(rows, 1, 1, dtype=torch.int32, device=lens.device)
+    order = torch.arange(blocks, dtype=torch.int32, device=lens.device).expand(rows, 1, 1, blocks).contiguous()
+
+    def before_end(b, h, q, kv):
+        return kv <= lens[b]
+
+    mask = BlockMask.from_kv_blocks(count, order, BLOCK_SIZE=LIVE_BLOCK, mask_mod=before_end, seq_lengths=(1, capacity))
+    refresh_live_blocks(mask, lens)
+    return mask
+
+
+def refresh_live_blocks(mask: BlockMask, lens: torch.Tensor) -> None:
+    """The block count of each row after `lens` changed: the blocks holding columns 0..lens[b]."""
+    mask.kv_num_blocks.copy_((lens // LIVE_BLOCK + 1).view(-1, 1, 1))
+
+
+def live_attention(query, key, value, mask: BlockMask, scale: float | None) -> torch.Tensor:
+    """(rows, heads, 1, d) queries over (rows, kv_heads, capacity, d) caches, reading only live blocks; the
+    (rows, 1, heads, d) layout transformers' attention functions return. Compiled on CUDA (FlexAttention's
+    fused kernel; eager it materialises every score, fine for the CPU tests)."""
+    attend = _compiled_flex() if query.is_cuda else flex_attention
+    out = attend(query, key, value, block_mask=mask, scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous()
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
 # -- the decode loop ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Settings:
@@ -259,6 +311,7 @@ class _Settings:
     seed: int
     sync_every: int
     chunk_cost: int | None
+    live_blocks: bool
 
 
 class _Batch:
@@ -281,6 +334,10 @@ class _Batch:
             else torch.zeros(slots, max_budget, dtype=torch.float64, device=self.device)
         )
         self.columns = torch.arange(max(capacity, slots), device=self.device)
+        self.capacity = capacity
+        # live-block decoding: every slot decodes every step, reading its own live blocks (no chunks, no sorting)
+        self.live_mask = live_block_mask(self.lens_dev, capacity) if settings.live_blocks else None
+        self.graph, self.graph_logits = None, None
 
     def live(self) -> list[int]:
         return [s for s, r in enumerate(self.request) if r is not None]
@@ -333,6 +390,8 @@ class _Batch:
     # -- decoding --
     def plan(self) -> tuple[int, list[tuple[int, int, int]]]:
         """(rows to decode, their chunks); first re-sorts the rows by length when that saves enough reads."""
+        if self.live_mask is not None:
+            return len(self.request), []
         live = self.live()
         n = live[-1] + 1
         chunks = plan_chunks(self.lens[:n], self.settings.chunk_cost)
@@ -358,30 +417,63 @@ class _Batch:
 
     def step(self, n: int, chunks: list[tuple[int, int, int]], offset: int) -> None:
         """One token for rows 0..n-1, `offset` steps after `chunks` were planned (every live row grew by that)."""
-        windows = [(a, b, width + offset) for a, b, width in chunks]
-        width = max(w for _, _, w in windows)
         rows, lens, gen = self.columns[:n], self.lens_dev[:n], self.gen_dev[:n]
-        self.cache.decode(rows, lens, width)
-        extra = {"row_windows": windows} if len(windows) > 1 else {}
-        logits = (
-            self.model(
-                input_ids=self.next_dev[:n, None],
-                position_ids=lens[:, None],
-                use_cache=True,
-                attention_mask=self.columns[:width] <= lens[:, None],
-                past_key_values=self.cache,
-                logits_to_keep=1,
-                **extra,
-            )
-            .logits[:, -1]
-            .float()
-        )
+        logits = self._live_logits() if self.live_mask is not None else self._chunked_logits(n, chunks, offset)
         token = next_tokens(logits, None if self.u_dev is None else self.u_dev[rows, gen], self.settings.warpers)
         self.out_dev[rows, gen] = token
         self.next_dev[:n] = token
         live = self.live_dev[:n]
         lens += live  # in place: these are views of lens_dev / gen_dev
         gen += live
+
+    def _chunked_logits(self, n: int, chunks: list[tuple[int, int, int]], offset: int) -> torch.Tensor:
+        windows = [(a, b, width + offset) for a, b, width in chunks]
+        width = max(w for _, _, w in windows)
+        lens = self.lens_dev[:n]
+        self.cache.decode(self.columns[:n], lens, width)
+        extra = {"row_windows": windows} if len(windows) > 1 else {}
+        return self._forward(self.next_dev[:n], lens, self.columns[:width] <= lens[:, None], extra)
+
+    def _forward(self, tokens, lens, attention_mask, extra: dict) -> torch.Tensor:
+        out = self.model(
+            input_ids=tokens[:, None],
+            position_ids=lens[:, None],
+            use_cache=True,
+            attention_mask=attention_mask,
+            past_key_values=self.cache,
+            logits_to_keep=1,
+            **extra,
+        )
+        return out.logits[:, -1].float()
+
+    def _live_forward(self) -> torch.Tensor:
+        """Every slot's next-token logits, each reading its own live blocks; shapes and addresses fixed for the
+        batch's life, so on CUDA the whole forward is captured once as a graph and replayed."""
+        refresh_live_blocks(self.live_mask, self.lens_dev)
+        self.cache.decode(self.columns[: len(self.request)], self.lens_dev, self.capacity)
+        return self._forward(self.next_dev, self.lens_dev, None, {"live_blocks": self.live_mask})
+
+    def _live_logits(self) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return self._live_forward()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.graph_logits
+
+    def _capture(self) -> None:
+        """Capture `_live_forward` as a CUDA graph: an eager step of a small model is tens of ms of host time
+        (some 2,500 kernel launches for Qwen3-0.6B), a replay one launch. The warm-up runs (they compile the
+        attention kernel) write each slot's next key and value where the step itself will write the same ones."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._live_forward()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.graph_logits = self._live_forward()
 
     def sync(self, steps: int) -> list[tuple[int, list[int]]]:
         """Read the last `steps` tokens of every live row; retire the rows that stopped or reached their budget."""
@@ -403,8 +495,10 @@ class _Batch:
             if len(self.tokens[s]) >= end:
                 finished.append((self.request[s], self.tokens[s][:end]))
                 self.request[s], self.tokens[s], self.lens[s] = None, [], 0
+                # a free slot still decodes (live-block steps run every slot): from column 0, into column 0
                 self.live_dev[s] = 0
                 self.lens_dev[s] = 0
+                self.gen_dev[s] = 0
         return finished
 
     def steps_to_sync(self) -> int:
@@ -464,12 +558,15 @@ def decode(
     seed: int,
     max_slots: int,
     bar: Bar,
+    live_blocks: bool | None = None,
 ) -> list[list[int]]:
     """Generated ids for each prompt (in order), cut after the first stop token or at its budget.
 
     `max_new_tokens[i]` is prompt i's budget. `warpers` None = greedy; else the logits warpers of
     sampling, with per-request streams seeded by `seed`. At most `max_slots` sequences decode
     together, fewer when memory is short. `bar` (pipeline.engine.progress) counts sequences done and tokens.
+    `live_blocks`: decode through live-block attention and (on CUDA) one captured graph per batch; None =
+    wherever that computes what the model's attention computes (CUDA, plain softmax attention).
     """
     if not prompts:
         return []
@@ -481,7 +578,12 @@ def decode(
             "attention layers need backend: generate)"
         )
     capacity = max(map(len, prompts)) + max(max_new_tokens)
-    chunked = model.config._attn_implementation.startswith(ROWS_PREFIX)  # see row_chunked_implementation
+    attention = model.config._attn_implementation
+    chunked = attention.startswith(ROWS_PREFIX)  # see row_chunked_implementation
+    if live_blocks is None:
+        live_blocks = chunked and model.device.type == "cuda" and attention[len(ROWS_PREFIX) :] in PLAIN_ATTENTION
+    if live_blocks and not chunked:
+        raise ValueError(f"live-block decoding needs a row_chunked_implementation attention, not {attention!r}")
     settings = _Settings(
         stops=frozenset(stops),
         pad_id=pad_id,
@@ -489,13 +591,15 @@ def decode(
         seed=seed,
         sync_every=SYNC_EVERY if model.device.type == "cuda" else 1,
         chunk_cost=CHUNK_COST_TOKENS if chunked else None,
+        live_blocks=live_blocks,
     )
     slots = slot_count(model, capacity, min(max_slots, len(prompts)), free_memory_bytes(model.device))
     pending, results = deque(range(len(prompts))), {}
     while pending:
         batch = _Batch(model, slots, capacity, max(max_new_tokens), settings)
         try:
-            _run(batch, pending, results, prompts, max_new_tokens, bar)
+            with sdpa_kernel(DECODE_SDPA_BACKENDS):
+                _run(batch, pending, results, prompts, max_new_tokens, bar)
         except torch.OutOfMemoryError:
             if slots == 1:
                 kv_mib = capacity * kv_bytes_per_token(model) / 2**20

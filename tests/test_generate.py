@@ -3,6 +3,7 @@ the refill backend (pipeline.refill): same greedy tokens as one-at-a-time genera
 batching, memory-sized slots, out-of-memory retries, progress lines."""
 
 import copy
+import functools
 import logging
 from contextlib import contextmanager
 
@@ -15,6 +16,7 @@ import tiny_lm
 from pipeline import refill
 from pipeline.data.chat import chat_prompt
 from pipeline.generate import GenerationSpec, generate, generate_ids, stop_token_ids
+from pipeline.refill import live_attention
 from pipeline.stops import first_stop_end
 
 QUESTIONS = [
@@ -204,6 +206,43 @@ def test_refill_greedy_equals_one_at_a_time(lm, finest_refill):
     )
     assert [samples[0] for samples in rows] == reference
     assert finest_refill["chunked"] and finest_refill["permuted"]
+
+
+def test_live_block_attention_reads_each_rows_columns_and_follows_lens_in_place():
+    """Row b attends to columns 0..lens[b] of its cache (grouped-query heads included), and the same mask
+    object follows `lens` updated in place, as a replayed CUDA graph needs."""
+    torch.manual_seed(0)
+    rows, heads, kv_heads, capacity, d = 3, 4, 2, 300, 8
+    query = torch.randn(rows, heads, 1, d)
+    key, value = torch.randn(2, rows, kv_heads, capacity, d)
+    lens = torch.tensor([0, 127, 200])
+    mask = refill.live_block_mask(lens, capacity)
+    for state in ([0, 127, 200], [1, 128, 201], [255, 128, 299]):  # 127 -> 128 crosses into a second block
+        lens.copy_(torch.tensor(state))
+        refill.refresh_live_blocks(mask, lens)
+        out = refill.live_attention(query, key, value, mask, scale=None)
+        for b in range(rows):
+            n = int(lens[b]) + 1
+            expected = torch.nn.functional.scaled_dot_product_attention(
+                query[b : b + 1], key[b : b + 1, :, :n], value[b : b + 1, :, :n], enable_gqa=True
+            )
+            torch.testing.assert_close(out[b : b + 1], expected.transpose(1, 2))
+
+
+def test_refill_through_live_blocks_equals_one_at_a_time(lm, monkeypatch):
+    """The CUDA path's decoding (every slot each step over its own live blocks; the graph capture aside) gives
+    every sequence the tokens it gets decoded alone."""
+    model, tok = lm
+    prompts, budgets, pad = prompt_ids(tok), [9, 4, 12, 7, 10], tok.pad_token_id
+    stops = [one_at_a_time(model, prompts[:1], [3], [pad], pad)[0][2]]
+    calls = []
+    monkeypatch.setattr(refill, "decode", functools.partial(refill.decode, live_blocks=True))
+    monkeypatch.setattr(refill, "live_attention", lambda *a: calls.append(1) or live_attention(*a))
+    rows = generate_ids(
+        model, prompts, GenerationSpec(max_new_tokens=12, batch_size=3, backend="refill"), stops, pad, budgets
+    )
+    assert [samples[0] for samples in rows] == one_at_a_time(model, prompts, budgets, stops, pad)
+    assert calls  # the live-block attention decoded
 
 
 def test_refill_equals_generate_on_a_w4a4kv4_student(lm):
