@@ -19,7 +19,9 @@ schedule), gradient clipping, gradient accumulation, optional gradient checkpoin
 or `accelerate launch` with several processes (DDP, DeepSpeed, or FSDP2: `--use_fsdp --fsdp_version 2`),
 `batch_size` being global. Under FSDP2 every decoder layer is its own `fully_shard` unit (accelerate's
 transformer-based wrap on the model's `_no_split_modules`, also when the launch names no wrap policy), so a
-QuantLinear's forward sees its whole weight (all-gathered with its layer), never a shard.
+QuantLinear's forward sees its whole weight (all-gathered with its layer), never a shard. The memory levers
+(`param_dtype: bfloat16`, `optimizer: adamw_8bit`: pipeline.train.optim) work on one process and under FSDP2,
+not under DeepSpeed, which keeps its own fp32 master weights and optimizer state.
 
 Exact resume: the batch at step s is a pure function of (seed, s) (a fresh permutation of the
 examples per epoch), so the data position is the step. A checkpoint (every `checkpoint_every` steps,
@@ -27,8 +29,9 @@ and on SIGTERM/SIGINT, after which StageInterrupted is raised) holds model, opti
 every process's RNG state, the metrics rows so far and the step (pipeline.engine.checkpoint: atomic, verified
 on resume, the last good one kept); under DeepSpeed ZeRO-2/3 each process saves its own partition of
 the optimizer (fp32 master weights and AdamW state); under FSDP2 each process saves its shards
-(`DTensor.to_local()`) of every parameter and of the AdamW state. A resumed run gives bit-identical losses and
-weights on CPU, with one process or several. A non-finite loss stops the run before the optimizer
+(`DTensor.to_local()`) of every parameter and of the AdamW state (8-bit moments as their codes and scales). A
+resumed run gives bit-identical losses and weights on CPU, with one process or several (stochastic rounding too:
+each process's random state is restored). A non-finite loss stops the run before the optimizer
 step, leaving the last good checkpoint as it was.
 
 Several processes stay in step: a NaN loss or an exception on one (in the data, the forward, the loss,

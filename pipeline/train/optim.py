@@ -13,7 +13,8 @@ Two recipe keys (fields of `pipeline.train.loop.TrainArgs`) are the memory lever
 
 Qwen3-8B (8.2B parameters) as a KD-QAT student: fp32 + adamw is 131 GB before the teacher and the
 activations; bf16 + adamw_8bit is 49 GB. torchao supplies both optimizers; we only choose between them and
-save their state without pickle (`OPTIMIZER_STATE_TYPES`, used by `pipeline.engine.checkpoint`).
+save their state without pickle (`OPTIMIZER_STATE_TYPES`, used by `pipeline.engine.checkpoint`). Both levers work on
+one process and under FSDP2, where torchao keeps each moment a DTensor over the 8-bit state of the rank's shard.
 """
 
 from __future__ import annotations
