@@ -326,7 +326,8 @@ def _load_fsdp_model_shards(model, shards: dict) -> None:
 
 def _load_fsdp_optimizer_state(optimizer, state: dict) -> None:
     """Put an optimizer state of local shards back: each per-parameter tensor of the shape of its parameter's
-    shard becomes a DTensor sharded as the parameter is (AdamW's moments; its step counter stays a plain tensor)."""
+    shard becomes a DTensor sharded as the parameter is (AdamW's moments, 8-bit ones too, as torchao makes them;
+    its step counter stays a plain tensor)."""
     from torch.distributed.tensor import DTensor
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
