@@ -21,9 +21,10 @@ weight scales only (LSQ); `both`.
 The loop is `pipeline.train.loop` (shared with `sft`): AdamW, warmup + cosine, clipping, accumulation,
 gradient checkpointing, bf16 autocast on GPU, exact resume, `accelerate launch` for several
 processes. Memory levers for large students (`pipeline.train.optim`): `param_dtype: bfloat16` (latent weights
-and gradients in bf16, stochastically rounded updates), `optimizer: adamw_8bit`, `gradient_checkpointing`;
-on a GPU the step's memory is estimated first (`pipeline.train.memory`) and a setting that cannot fit stops
-before training with the levers that would make it fit. Output: the student in the quantized representation
+and gradients in bf16, stochastically rounded updates), `optimizer: adamw_8bit`, `gradient_checkpointing`, on one
+GPU or under FSDP2 (not DeepSpeed); on a GPU (each GPU's share under FSDP2) the step's memory is estimated first
+(`pipeline.train.memory`) and a setting that cannot fit stops before training with the levers that would make it
+fit. Output: the student in the quantized representation
 (`<out_dir>/model/`, loadable with
 `pipeline.load_quantized`) and `metrics.jsonl`.
 
@@ -186,12 +187,9 @@ def held_out_eval(ctx: StageContext, tokenizer, accelerator):
 
 
 def _check_fits(ctx: StageContext, student, examples, accelerator, teacher_dtype: str) -> None:
-    """On one GPU (or one per process, DDP), refuse before training a setting whose step cannot fit; ZeRO and FSDP
-    shard the state, so it is not checked there."""
-    if accelerator.device.type != "cuda" or accelerator.distributed_type in (
-        DistributedType.DEEPSPEED,
-        DistributedType.FSDP,
-    ):
+    """On one GPU (or one per process: DDP; FSDP2, each GPU holding its shares of the models), refuse before training
+    a setting whose step cannot fit; DeepSpeed partitions the state its own way, so it is not checked there."""
+    if accelerator.device.type != "cuda" or accelerator.distributed_type == DistributedType.DEEPSPEED:
         return
     config = ctx.config
     micro = config.batch_size // (accelerator.num_processes * config.grad_accum)
@@ -203,6 +201,7 @@ def _check_fits(ctx: StageContext, student, examples, accelerator, teacher_dtype
         teacher_bytes=getattr(torch, teacher_dtype).itemsize,
         tokens=micro * max(len(ids) for ids, _ in examples),
         chunk_size=config.chunk_size,
+        processes=accelerator.num_processes if accelerator.distributed_type == DistributedType.FSDP else 1,
     )
     free, _ = torch.cuda.mem_get_info(accelerator.device)
     ctx.log.info(

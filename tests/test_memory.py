@@ -18,7 +18,7 @@ QWEN3_8B = Qwen3Config(
 N_8B = 8_190_735_360  # parameters of that shape (embeddings and lm_head untied)
 
 
-def estimate(param_dtype, optimizer, checkpointing=True):
+def estimate(param_dtype, optimizer, checkpointing=True, processes=1):
     return kd_step_memory(
         QWEN3_8B,
         trainable=N_8B,
@@ -31,6 +31,7 @@ def estimate(param_dtype, optimizer, checkpointing=True):
         chunk_size=2048,
         gradient_checkpointing=checkpointing,
         activation_quant=False,
+        processes=processes,
     )
 
 
@@ -61,3 +62,21 @@ def test_without_checkpointing_every_layer_keeps_its_activations():
     assert off.activations > 10 * on.activations and off.quantized_weights == 36 * on.quantized_weights
     message = fit_error(off, 78.6 * GIB, param_dtype="bfloat16", optimizer="adamw_8bit", gradient_checkpointing=False)
     assert "try gradient_checkpointing: true" in message
+
+
+def test_under_fsdp2_each_gpu_holds_its_share_of_the_sharded_parts():
+    one, two = estimate("bfloat16", "adamw_8bit"), estimate("bfloat16", "adamw_8bit", processes=2)
+    embeddings = 2 * QWEN3_8B.vocab_size * QWEN3_8B.hidden_size  # and the head: whole on every GPU
+    layer = (N_8B - embeddings) // 36
+    # the student's weights, gradients and 8-bit moments halved, plus two decoder layers gathered whole (the one
+    # computing and the one prefetched) with their bf16 gradients
+    assert two.student == 6 * N_8B // 2 + 2 * layer * 2 * 2
+    # the teacher's decoder layers halved, its embeddings and head whole, two layers gathered
+    assert two.teacher == 2 * embeddings + 2 * (N_8B - embeddings) // 2 + 2 * layer * 2
+    # each GPU runs its own micro-batch: activations, quantized weights and logits as on one GPU
+    assert (two.activations, two.quantized_weights, two.logits) == (one.activations, one.quantized_weights, one.logits)
+    # the 8B student without the levers does not fit one H100 (see above); over two it still does not, with them it
+    # leaves room
+    plain = estimate("float32", "adamw", processes=2)
+    assert fit_error(plain, 78.6 * GIB, param_dtype="float32", optimizer="adamw", gradient_checkpointing=True)
+    assert two.total < 0.75 * 78.6 * GIB

@@ -1,5 +1,5 @@
 """The shared training loop: exact resume (also past a damaged checkpoint), signals, NaN stop, failures on one of
-two ranks, batching, accumulation."""
+two ranks, bf16 latent weights under FSDP2 in bf16 mixed precision, batching, accumulation."""
 
 import json
 import logging
@@ -188,6 +188,34 @@ def test_a_failure_on_one_of_two_ranks_stops_both_with_the_same_message(tmp_path
         "without pickle",
         "newest checkpoint: 1",
     ]
+
+
+def test_fsdp2_in_bf16_mixed_precision_keeps_bf16_latent_weights_bf16(tmp_path):
+    """torchrun, 2 CPU ranks under FSDP2, the accelerator in bf16 mixed precision as on a GPU: `param_dtype:
+    bfloat16` latent weights stay bf16 through accelerate's preparation (which upcasts trainable parameters to fp32
+    when mixed precision is on) and train."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(root / "tests" / "fsdp2_bf16_latents.py"),
+            str(tmp_path),
+        ],
+        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "rank-0.json").read_text())
+    assert (tmp_path / "rank-1.json").read_text() == json.dumps(report)
+    assert report["dtypes"] == ["torch.bfloat16"]
+    assert report["losses"][1] < report["losses"][0]
 
 
 def test_accumulation_matches_one_big_batch(setup, tmp_path):

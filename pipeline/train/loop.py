@@ -19,7 +19,9 @@ schedule), gradient clipping, gradient accumulation, optional gradient checkpoin
 or `accelerate launch` with several processes (DDP, DeepSpeed, or FSDP2: `--use_fsdp --fsdp_version 2`),
 `batch_size` being global. Under FSDP2 every decoder layer is its own `fully_shard` unit (accelerate's
 transformer-based wrap on the model's `_no_split_modules`, also when the launch names no wrap policy), so a
-QuantLinear's forward sees its whole weight (all-gathered with its layer), never a shard.
+QuantLinear's forward sees its whole weight (all-gathered with its layer), never a shard. The memory levers
+(`param_dtype: bfloat16`, `optimizer: adamw_8bit`: pipeline.train.optim) work on one process and under FSDP2,
+not under DeepSpeed, which keeps its own fp32 master weights and optimizer state.
 
 Exact resume: the batch at step s is a pure function of (seed, s) (a fresh permutation of the
 examples per epoch), so the data position is the step. A checkpoint (every `checkpoint_every` steps,
@@ -27,8 +29,9 @@ and on SIGTERM/SIGINT, after which StageInterrupted is raised) holds model, opti
 every process's RNG state, the metrics rows so far and the step (pipeline.engine.checkpoint: atomic, verified
 on resume, the last good one kept); under DeepSpeed ZeRO-2/3 each process saves its own partition of
 the optimizer (fp32 master weights and AdamW state); under FSDP2 each process saves its shards
-(`DTensor.to_local()`) of every parameter and of the AdamW state. A resumed run gives bit-identical losses and
-weights on CPU, with one process or several. A non-finite loss stops the run before the optimizer
+(`DTensor.to_local()`) of every parameter and of the AdamW state (8-bit moments as their codes and scales). A
+resumed run gives bit-identical losses and weights on CPU, with one process or several (stochastic rounding too:
+each process's random state is restored). A non-finite loss stops the run before the optimizer
 step, leaving the last good checkpoint as it was.
 
 Several processes stay in step: a NaN loss or an exception on one (in the data, the forward, the loss,
@@ -323,7 +326,8 @@ def _load_fsdp_model_shards(model, shards: dict) -> None:
 
 def _load_fsdp_optimizer_state(optimizer, state: dict) -> None:
     """Put an optimizer state of local shards back: each per-parameter tensor of the shape of its parameter's
-    shard becomes a DTensor sharded as the parameter is (AdamW's moments; its step counter stays a plain tensor)."""
+    shard becomes a DTensor sharded as the parameter is (AdamW's moments, 8-bit ones too, as torchao makes them;
+    its step counter stays a plain tensor)."""
     from torch.distributed.tensor import DTensor
 
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -414,9 +418,10 @@ def _configure_fsdp(acc: Accelerator) -> None:
     # every rank holds the whole model already (`whole_models`); accelerate's rank-0 load would broadcast it again,
     # and fails on a model with persistent buffers (the QuantLinears' zero points), which are not sharded
     plugin.cpu_ram_efficient_loading = False
-    # bf16 as on one GPU: fp32 latent weights and gradients (gathered and reduced in fp32), bf16 compute under the
-    # accelerator's autocast. accelerate's bf16 policy would gather the weights in bf16, so that the fake quantizer
-    # saw rounded latent weights and scales, and reduce the gradients in bf16
+    # bf16 as on one GPU: latent weights and gradients gathered and reduced in their own dtype (fp32, or bf16 with
+    # param_dtype bfloat16), bf16 compute under the accelerator's autocast. accelerate's bf16 policy would gather fp32
+    # latent weights in bf16, so that the fake quantizer saw rounded latent weights and scales, and reduce the
+    # gradients in bf16
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     plugin.mixed_precision_policy = MixedPrecisionPolicy()
@@ -424,6 +429,22 @@ def _configure_fsdp(acc: Accelerator) -> None:
         from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
         plugin.auto_wrap_policy = transformer_auto_wrap_policy
+
+
+@contextmanager
+def _latent_dtype_kept(acc: Accelerator):
+    """Context in which accelerate prepares an FSDP2 model without casting it: with mixed precision on (bf16 on a GPU)
+    its FSDP2 preparation upcasts every trainable parameter to fp32, so that bf16 latent weights (param_dtype
+    bfloat16) would silently train as fp32 ones, at twice the memory and without stochastic rounding (the optimizer
+    was made for bf16). Its other uses of mixed precision (autocast, the loop's `acc.autocast()`) are outside."""
+    state = acc.state
+    saved = state._mixed_precision
+    if _fsdp(acc):
+        state._mixed_precision = "no"
+    try:
+        yield
+    finally:
+        state._mixed_precision = saved
 
 
 def shard_frozen(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
@@ -615,9 +636,6 @@ def _prepare(
     if deepspeed and (args.param_dtype, args.optimizer) != ("float32", "adamw"):
         # DeepSpeed keeps its own fp32 master weights and optimizer state: these levers are the one-GPU path's
         raise ValueError("param_dtype and optimizer must stay float32 / adamw under DeepSpeed")
-    if _fsdp(acc) and (args.param_dtype, args.optimizer) != ("float32", "adamw"):
-        # FSDP2 shards the fp32 weights and AdamW's moments: bf16 latents and 8-bit moments are one GPU's levers
-        raise ValueError("param_dtype and optimizer must stay float32 / adamw under FSDP")
     if deepspeed:
         _configure_deepspeed(acc, args, micro)
     if _fsdp(acc):
@@ -633,7 +651,8 @@ def _prepare(
     raw_optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, acc.device)
     # the scheduler stays outside accelerate: prepared, it would step once per process
     scheduler = get_cosine_schedule_with_warmup(raw_optimizer, args.warmup_steps, args.steps)
-    model, optimizer = acc.prepare(model, raw_optimizer)
+    with _latent_dtype_kept(acc):
+        model, optimizer = acc.prepare(model, raw_optimizer)
     signature = {
         "args": result_config(type(args), args.model_dump(mode="json")),
         "seed": seed,

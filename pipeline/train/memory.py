@@ -9,6 +9,12 @@ MLP and to fake quantization, which saves each quantized input a second time; wi
 only each layer's input is kept, plus one layer's full set while it is recomputed. It is an estimate,
 within 10% of the peaks measured on an H100: `bench/kd_qat.py` prints it beside the measured peak
 (`estimate_gib` and `peak_gib`).
+
+Under FSDP2 (`processes` > 1) each GPU holds its share of what is sharded: every student parameter with its gradient
+and moments, and the teacher's decoder layers (its embeddings and head stay whole, `pipeline.train.loop.shard_frozen`);
+plus the layers it has gathered whole, two of each model at a time (the one computing and the next, prefetched), with
+their gradients in the student's. Activations, quantized weights and logits are each process's own micro-batch's, as
+on one GPU. No FSDP2 peak has been measured yet.
 """
 
 from __future__ import annotations
@@ -58,14 +64,22 @@ def kd_step_memory(
     chunk_size: int,
     gradient_checkpointing: bool,
     activation_quant: bool,
+    processes: int = 1,
 ) -> StepMemory:
     """Estimate for a student of transformers `config` with `trainable` of `student_total` parameters trained,
-    `teacher_total` parameters of `teacher_bytes` each, `tokens` per micro-batch, bf16 autocast."""
+    `teacher_total` parameters of `teacher_bytes` each, `tokens` per micro-batch, bf16 autocast, on each of
+    `processes` GPUs sharing the models under FSDP2 (1: one GPU, or DDP)."""
     weight_bytes = 4 if param_dtype == "float32" else 2
     student = (
         trainable * bytes_per_trainable_parameter(param_dtype, optimizer) + (student_total - trainable) * weight_bytes
     )
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)  # and the head
+    teacher_whole = min(teacher_total, embeddings)
+    teacher = teacher_whole * teacher_bytes + (teacher_total - teacher_whole) * teacher_bytes // processes
+    if processes > 1:  # two layers gathered whole: the student's weights and gradients, the teacher's weights
+        student = student // processes + 2 * ((student_total - embeddings) // layers) * 2 * weight_bytes
+        teacher += 2 * ((teacher_total - teacher_whole) // layers) * teacher_bytes
     kv = config.num_key_value_heads * getattr(config, "head_dim", h // config.num_attention_heads)
     # one layer, per token, in bf16 (2 bytes): inputs of q/k/v, o, gate/up, down projections and of the two
     # norms, q/k/v outputs, attention output, gate/up outputs and the SwiGLU product
@@ -89,7 +103,7 @@ def kd_step_memory(
     logits = 4 * min(chunk_size, tokens) * config.vocab_size * 4
     return StepMemory(
         student=student,
-        teacher=teacher_total * teacher_bytes,
+        teacher=teacher,
         activations=activations,
         quantized_weights=max(quantized_weights, 0),
         logits=logits,
@@ -97,10 +111,10 @@ def kd_step_memory(
 
 
 def kd_step_memory_of(
-    student, args, *, teacher_total: int, teacher_bytes: int, tokens: int, chunk_size: int
+    student, args, *, teacher_total: int, teacher_bytes: int, tokens: int, chunk_size: int, processes: int = 1
 ) -> StepMemory:
-    """`kd_step_memory` of a student model as it will train under `args` (pipeline.train.loop.TrainArgs): its
-    parameters, which of them train, and whether it quantizes activations, read off the model."""
+    """`kd_step_memory` of a student model (whole) as it will train under `args` (pipeline.train.loop.TrainArgs):
+    its parameters, which of them train, and whether it quantizes activations, read off the model."""
     from pipeline.quant.apply import weight_only
 
     params = list(student.parameters())
@@ -116,6 +130,7 @@ def kd_step_memory_of(
         chunk_size=chunk_size,
         gradient_checkpointing=args.gradient_checkpointing,
         activation_quant=not weight_only(student),
+        processes=processes,
     )
 
 
@@ -142,7 +157,7 @@ def fit_error(
     advice = (
         "try " + ", ".join(levers) + ", or a smaller batch_size / more grad_accum / chunk_size"
         if levers
-        else "use a smaller batch_size / more grad_accum / a smaller chunk_size, or several GPUs (ZeRO-3)"
+        else "use a smaller batch_size / more grad_accum / a smaller chunk_size, or several GPUs (FSDP2, ZeRO-3)"
     )
     return (
         f"a KD-QAT step needs about {memory.total / GIB:.1f} GiB ({memory.describe()} GiB), the GPU has "

@@ -13,7 +13,8 @@ Two recipe keys (fields of `pipeline.train.loop.TrainArgs`) are the memory lever
 
 Qwen3-8B (8.2B parameters) as a KD-QAT student: fp32 + adamw is 131 GB before the teacher and the
 activations; bf16 + adamw_8bit is 49 GB. torchao supplies both optimizers; we only choose between them and
-save their state without pickle (`OPTIMIZER_STATE_TYPES`, used by `pipeline.engine.checkpoint`).
+save their state without pickle (`OPTIMIZER_STATE_TYPES`, used by `pipeline.engine.checkpoint`). Both levers work on
+one process and under FSDP2, where torchao keeps each moment a DTensor over the 8-bit state of the rank's shard.
 """
 
 from __future__ import annotations
@@ -45,10 +46,27 @@ def make_optimizer(
     bf16 = any(p.dtype == torch.bfloat16 for g in groups for p in g["params"])
     if name == "adamw" and not bf16:
         return torch.optim.AdamW(groups, lr=lr, betas=BETAS, fused=device.type == "cuda")
-    from torchao.optim import AdamW8bit, _AdamW
+    from torchao.optim import _AdamW
 
-    cls = AdamW8bit if name == "adamw_8bit" else _AdamW
+    cls = _adamw_8bit() if name == "adamw_8bit" else _AdamW
     return cls(groups, lr=lr, betas=BETAS, bf16_stochastic_round=bf16)
+
+
+def _adamw_8bit() -> type[torch.optim.Optimizer]:
+    """torchao's AdamW8bit, its 8-bit moments of float32 appearance whatever the parameter's dtype. The appearance
+    dtype is only what `.dtype` reports (the update dequantizes to float32 either way), but torchao's `aten.view` of
+    an OptimState8bit drops it (to float32), and under FSDP2 AdamW8bit wraps each shard's moments with
+    `DTensor.from_local`, which views them: a bf16 parameter's moments became a float32 view of a bf16 tensor, which
+    torch.compile (the update) cannot trace. A float32 one views as itself."""
+    from torchao.optim import AdamW8bit
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    class AdamW8bitFloat32Moments(AdamW8bit):
+        @staticmethod
+        def _subclass_zeros(p: torch.Tensor, signed: bool, block_size: int) -> torch.Tensor:
+            return OptimState8bit.zeros(p.shape, signed, block_size, p.device)
+
+    return AdamW8bitFloat32Moments
 
 
 def bytes_per_trainable_parameter(param_dtype: ParamDtype, optimizer: OptimizerName) -> int:
