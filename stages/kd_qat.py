@@ -54,7 +54,10 @@ from pipeline.train.loop import (
     causal_lm_loss,
     check_train_args,
     gathered,
+    held_parameters,
+    is_zero3,
     make_accelerator,
+    partition_frozen,
     shard_frozen,
     train,
     whole_model,
@@ -186,13 +189,14 @@ def held_out_eval(ctx: StageContext, tokenizer, accelerator):
 
 
 def _check_fits(ctx: StageContext, student, examples, accelerator, teacher_dtype: str) -> None:
-    """On one GPU (or one per process, DDP), refuse before training a setting whose step cannot fit; ZeRO and FSDP
-    shard the state, so it is not checked there."""
-    if accelerator.device.type != "cuda" or accelerator.distributed_type in (
-        DistributedType.DEEPSPEED,
-        DistributedType.FSDP,
+    """On one GPU (or one per process, DDP; ZeRO-3 with student and teacher partitioned over the processes), refuse
+    before training a setting whose step cannot fit; ZeRO-2 and FSDP2 are not checked."""
+    zero3 = is_zero3(accelerator)
+    if accelerator.device.type != "cuda" or (
+        accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP) and not zero3
     ):
         return
+    processes = accelerator.num_processes if zero3 else 1
     config = ctx.config
     micro = config.batch_size // (accelerator.num_processes * config.grad_accum)
     teacher_total = sum(p.numel() for p in student.parameters()) if config.objective == "kd" else 0
@@ -203,6 +207,7 @@ def _check_fits(ctx: StageContext, student, examples, accelerator, teacher_dtype
         teacher_bytes=getattr(torch, teacher_dtype).itemsize,
         tokens=micro * max(len(ids) for ids, _ in examples),
         chunk_size=config.chunk_size,
+        processes=processes,
     )
     free, _ = torch.cuda.mem_get_info(accelerator.device)
     ctx.log.info(
@@ -218,6 +223,7 @@ def _check_fits(ctx: StageContext, student, examples, accelerator, teacher_dtype
         param_dtype=config.param_dtype,
         optimizer=config.optimizer,
         gradient_checkpointing=config.gradient_checkpointing,
+        processes=processes,
     )
     if error:
         raise InputError(f"stages.{ctx.name}", error)
@@ -295,12 +301,13 @@ def _loss_fn(ctx: StageContext, student, accelerator, teacher_dtype: str):
     config = ctx.config
     if config.objective != "kd":
         return causal_lm_loss
-    # the teacher stays outside the engine: replicated on every rank (DDP, DeepSpeed), sharded under FSDP2
+    # the teacher stays outside the student's engine: replicated on every rank (DDP, ZeRO-2), sharded under FSDP2,
+    # partitioned by an engine of its own under ZeRO-3, which takes it from the CPU a parameter at a time
     with whole_models(accelerator):
         teacher = load_model(
             ctx.inputs["teacher"],
             dtype=teacher_dtype,
-            device=accelerator.device,
+            device="cpu" if is_zero3(accelerator) else accelerator.device,
             trust_remote_code=ctx.recipe.model.trust_remote_code,
         )
     teacher.requires_grad_(False)
@@ -316,6 +323,16 @@ def _loss_fn(ctx: StageContext, student, accelerator, teacher_dtype: str):
             ctx.name,
             len(teacher.get_decoder().layers),
             accelerator.num_processes,
+        )
+    if is_zero3(accelerator):
+        teacher = partition_frozen(accelerator, teacher)
+        held, total = held_parameters(teacher)
+        ctx.log.info(
+            "%s: the teacher's %d parameters partitioned over %d processes (ZeRO-3): %d in this process's partition",
+            ctx.name,
+            total,
+            accelerator.num_processes,
+            held,
         )
     return kd_loss_fn(teacher, config)
 

@@ -332,6 +332,11 @@ def test_kd_qat_under_deepspeed_trains_the_student_that_one_process_trains_and_r
     assert manifest["status"] == "complete" and manifest["config"]["grad_accum"] == grad_accum
     log = (ds / "tiny" / "run.log").read_text()
     assert log.count("stages.student: running (--only)") == 1  # only the main rank writes run.log
+    if zero_stage == 3:
+        # the teacher too, whole nowhere: the main rank holds half of it (every parameter of the tiny shape is even)
+        teacher = int(json.loads((one / "tiny" / "teacher" / "manifest.json").read_text())["metrics"]["parameters"])
+        assert f"student: the teacher's {teacher} parameters partitioned over 2 processes (ZeRO-3): " in log
+        assert f"(ZeRO-3): {teacher // 2} in this process's partition" in log
     _assert_same_student(ds, one)
 
     _killed_after_checkpoint_2(launch(killed), env, tmp_path)
