@@ -18,7 +18,7 @@ QWEN3_8B = Qwen3Config(
 N_8B = 8_190_735_360  # parameters of that shape (embeddings and lm_head untied)
 
 
-def estimate(param_dtype, optimizer, checkpointing=True):
+def estimate(param_dtype, optimizer, checkpointing=True, processes=1):
     return kd_step_memory(
         QWEN3_8B,
         trainable=N_8B,
@@ -31,6 +31,7 @@ def estimate(param_dtype, optimizer, checkpointing=True):
         chunk_size=2048,
         gradient_checkpointing=checkpointing,
         activation_quant=False,
+        processes=processes,
     )
 
 
@@ -61,3 +62,20 @@ def test_without_checkpointing_every_layer_keeps_its_activations():
     assert off.activations > 10 * on.activations and off.quantized_weights == 36 * on.quantized_weights
     message = fit_error(off, 78.6 * GIB, param_dtype="bfloat16", optimizer="adamw_8bit", gradient_checkpointing=False)
     assert "try gradient_checkpointing: true" in message
+
+
+def test_under_zero3_each_gpu_holds_its_share_of_student_and_teacher_and_is_offered_only_zero3_levers():
+    one, two, four = (estimate("float32", "adamw", processes=n) for n in (1, 2, 4))
+    assert two.student == 16 * N_8B // 2 and two.teacher == 2 * N_8B // 2
+    # each process runs its own micro-batch through a whole layer at a time: activations as on one GPU
+    assert (two.activations, two.quantized_weights, two.logits) == (one.activations, one.quantized_weights, one.logits)
+    h100_free = 78.6 * GIB
+    # fp32 latent weights and AdamW for 8B at 8 x 2048 tokens a GPU: 4 GPUs under ZeRO-3, not 2
+    fits = {"param_dtype": "float32", "optimizer": "adamw", "gradient_checkpointing": True}
+    assert fit_error(four, h100_free, **fits, processes=4) is None
+    message = fit_error(two, h100_free, **fits, processes=2)
+    # DeepSpeed refuses param_dtype bfloat16 and adamw_8bit: not offered
+    assert message.endswith("free: use a smaller batch_size / more grad_accum / a smaller chunk_size, or more GPUs")
+    eager = estimate("float32", "adamw", checkpointing=False, processes=4)
+    message = fit_error(eager, h100_free, **{**fits, "gradient_checkpointing": False}, processes=4)
+    assert "free: try gradient_checkpointing: true, or a smaller batch_size" in message and "bfloat16" not in message

@@ -3,12 +3,14 @@ cannot fit fails in seconds with the levers that would make it fit, not after mi
 
 The estimate adds what stays resident (the student's latent weights, gradients and optimizer moments, per
 `pipeline.train.optim.bytes_per_trainable_parameter`; frozen student weights; the teacher) and the activations of
-one micro-batch. Activations per layer and token follow Korthikanti et al. 2022 ("Reducing Activation
-Recomputation in Large Transformer Models", §4.1) with flash attention (no s×s scores), adapted to a SwiGLU
-MLP and to fake quantization, which saves each quantized input a second time; with gradient checkpointing
-only each layer's input is kept, plus one layer's full set while it is recomputed. It is an estimate,
-within 10% of the peaks measured on an H100: `bench/kd_qat.py` prints it beside the measured peak
-(`estimate_gib` and `peak_gib`).
+one micro-batch; under ZeRO-3 (`processes` > 1) what stays resident is partitioned, each process holding its
+share of the student's weights, gradients and optimizer state and of the teacher (the layer gathered whole for
+its forward is left to the estimate's slack). Activations per layer and token follow Korthikanti et al. 2022
+("Reducing Activation Recomputation in Large Transformer Models", §4.1) with flash attention (no s×s scores),
+adapted to a SwiGLU MLP and to fake quantization, which saves each quantized input a second time; with gradient
+checkpointing only each layer's input is kept, plus one layer's full set while it is recomputed. It is an
+estimate, within 10% of the peaks measured on one H100 (ZeRO-3's share not measured yet): `bench/kd_qat.py`
+prints it beside the measured peak (`estimate_gib` and `peak_gib`).
 """
 
 from __future__ import annotations
@@ -58,9 +60,11 @@ def kd_step_memory(
     chunk_size: int,
     gradient_checkpointing: bool,
     activation_quant: bool,
+    processes: int = 1,
 ) -> StepMemory:
     """Estimate for a student of transformers `config` with `trainable` of `student_total` parameters trained,
-    `teacher_total` parameters of `teacher_bytes` each, `tokens` per micro-batch, bf16 autocast."""
+    `teacher_total` parameters of `teacher_bytes` each, `tokens` per micro-batch on each process, bf16 autocast;
+    `processes` > 1: ZeRO-3 over that many, partitioning student and teacher."""
     weight_bytes = 4 if param_dtype == "float32" else 2
     student = (
         trainable * bytes_per_trainable_parameter(param_dtype, optimizer) + (student_total - trainable) * weight_bytes
@@ -88,8 +92,8 @@ def kd_step_memory(
     # one chunk of fp32 logits at a time: student and teacher, their log-softmaxes, the gradient (4 copies)
     logits = 4 * min(chunk_size, tokens) * config.vocab_size * 4
     return StepMemory(
-        student=student,
-        teacher=teacher_total * teacher_bytes,
+        student=student // processes,
+        teacher=teacher_total * teacher_bytes // processes,
         activations=activations,
         quantized_weights=max(quantized_weights, 0),
         logits=logits,
@@ -97,7 +101,7 @@ def kd_step_memory(
 
 
 def kd_step_memory_of(
-    student, args, *, teacher_total: int, teacher_bytes: int, tokens: int, chunk_size: int
+    student, args, *, teacher_total: int, teacher_bytes: int, tokens: int, chunk_size: int, processes: int = 1
 ) -> StepMemory:
     """`kd_step_memory` of a student model as it will train under `args` (pipeline.train.loop.TrainArgs): its
     parameters, which of them train, and whether it quantizes activations, read off the model."""
@@ -116,6 +120,7 @@ def kd_step_memory_of(
         chunk_size=chunk_size,
         gradient_checkpointing=args.gradient_checkpointing,
         activation_quant=not weight_only(student),
+        processes=processes,
     )
 
 
@@ -126,23 +131,31 @@ REFUSE_ABOVE = 1.10
 
 
 def fit_error(
-    memory: StepMemory, available: int, *, param_dtype: str, optimizer: str, gradient_checkpointing: bool
+    memory: StepMemory,
+    available: int,
+    *,
+    param_dtype: str,
+    optimizer: str,
+    gradient_checkpointing: bool,
+    processes: int = 1,
 ) -> str | None:
     """None unless `memory` is clearly more than `available` bytes (REFUSE_ABOVE), else the message: what it
-    needs, what the GPU has, and the levers not yet pulled."""
+    needs, what the GPU has, and the levers not yet pulled (`processes` > 1: those ZeRO-3 allows)."""
     if memory.total <= REFUSE_ABOVE * available:
         return None
     levers = []
     if not gradient_checkpointing:
         levers.append("gradient_checkpointing: true")
-    if param_dtype == "float32":
+    # DeepSpeed keeps its own fp32 master weights and AdamW state: the bf16 and 8-bit levers are one GPU's
+    if param_dtype == "float32" and processes == 1:
         levers.append("param_dtype: bfloat16")
-    if optimizer == "adamw":
+    if optimizer == "adamw" and processes == 1:
         levers.append("optimizer: adamw_8bit")
+    more = "more GPUs" if processes > 1 else "several GPUs (ZeRO-3)"
     advice = (
         "try " + ", ".join(levers) + ", or a smaller batch_size / more grad_accum / chunk_size"
         if levers
-        else "use a smaller batch_size / more grad_accum / a smaller chunk_size, or several GPUs (ZeRO-3)"
+        else f"use a smaller batch_size / more grad_accum / a smaller chunk_size, or {more}"
     )
     return (
         f"a KD-QAT step needs about {memory.total / GIB:.1f} GiB ({memory.describe()} GiB), the GPU has "
