@@ -11,8 +11,9 @@ Loss (pipeline.train.distill): forward KL by default, reverse KL, generalised JS
 at a temperature, optionally mixed with the label cross-entropy (`ce_weight`); on completion tokens
 only; the logits are made a chunk of tokens at a time so that Qwen3's 151,936-entry vocabulary never
 materialises for the whole batch. The teacher stays in eval mode with no gradients, on the same
-device, in the recipe's dtype; whole on every rank, except under FSDP2 (`accelerate launch --use_fsdp
---fsdp_version 2`), where its decoder layers are sharded over the ranks as the student's are.
+device, in the recipe's dtype; whole on every rank (DDP, ZeRO-2), except under FSDP2 (`accelerate launch
+--use_fsdp --fsdp_version 2`), where its decoder layers are sharded over the ranks as the student's are, and
+under ZeRO-3, where a forward-only DeepSpeed engine of its own partitions all its parameters over the ranks.
 
 What trains (`train`): `weights` — every parameter except the quantizer scales (latent weights
 through the straight-through estimator, norms, embeddings, the unquantized lm_head); `scales` — the

@@ -19,7 +19,10 @@ schedule), gradient clipping, gradient accumulation, optional gradient checkpoin
 or `accelerate launch` with several processes (DDP, DeepSpeed, or FSDP2: `--use_fsdp --fsdp_version 2`),
 `batch_size` being global. Under FSDP2 every decoder layer is its own `fully_shard` unit (accelerate's
 transformer-based wrap on the model's `_no_split_modules`, also when the launch names no wrap policy), so a
-QuantLinear's forward sees its whole weight (all-gathered with its layer), never a shard.
+QuantLinear's forward sees its whole weight (all-gathered with its layer), never a shard. Under ZeRO-3 the model,
+built whole on the CPU, is partitioned over the processes before DeepSpeed's engine gets it, one parameter on the
+device at a time, so that no GPU ever holds it whole (the engine would move it there whole first); DeepSpeed's
+hooks gather each submodule's parameters for its forward.
 
 Exact resume: the batch at step s is a pure function of (seed, s) (a fresh permutation of the
 examples per epoch), so the data position is the step. A checkpoint (every `checkpoint_every` steps,
@@ -519,8 +522,8 @@ def whole_model(
 def whole_models(accelerator: Accelerator):
     """Models built in here have all their weights on every rank, also under ZeRO-3, where transformers would
     otherwise build them inside deepspeed.zero.Init (empty, partitioned parameters): the quantized student's
-    meta-device load cannot be partitioned that way, and the teacher, which never enters the DeepSpeed
-    engine, would be left with no weights. The engine partitions the student itself when it is prepared. Under
+    meta-device load cannot be partitioned that way. Build them on the CPU there: `train` partitions the student
+    and `partition_frozen` the teacher from there, a parameter at a time, before their engines get them. Under
     FSDP the same: transformers' rank-0-only load (FSDP_CPU_RAM_EFFICIENT_LOADING) is turned off, the models here
     being loaded on every rank."""
     if _fsdp(accelerator):
