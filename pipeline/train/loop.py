@@ -272,7 +272,9 @@ def _partition(acc: Accelerator, model: torch.nn.Module, config: dict) -> None:
     process's partition, the rest freed). DeepSpeed's engine would partition it too, but only after moving the whole
     model to the device (`module.to(device)` in `DeepSpeedEngine._configure_distributed_model`, skipped for a model
     already partitioned). First the parameters take the dtype that engine casts them to under bf16/fp16 (it casts
-    only the models it partitions itself); the buffers go to the device after, as the engine would have moved them."""
+    only the models it partitions itself; parameters partitioned already, as transformers loads a model under ZeRO-3
+    outside `whole_models`, are left as they are); the buffers go to the device after, as the engine would have
+    moved them."""
     import deepspeed
     from deepspeed.runtime.config import DeepSpeedConfig
 
@@ -280,7 +282,7 @@ def _partition(acc: Accelerator, model: torch.nn.Module, config: dict) -> None:
     if parsed.bfloat16_config.enabled or parsed.float16_config.enabled:
         half = torch.bfloat16 if parsed.bfloat16_config.enabled else torch.float16
         for p in model.parameters():
-            if p.is_floating_point():
+            if p.is_floating_point() and not hasattr(p, "ds_id"):
                 p.data = p.data.to(half)
     deepspeed.zero.Init(module=model, config_dict_or_path=config)
     model.to(acc.device)  # the parameters are empty tensors on it already: this moves the buffers
