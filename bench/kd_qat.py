@@ -10,6 +10,13 @@ Random weights and tokens: speed does not depend on them.
     python bench/kd_qat.py --shape 8b --ours-only --gradient-checkpointing --param-dtype bfloat16 \
         --optimizer adamw_8bit --out kd8b.json              # does an 8B student fit one GPU?
     python bench/kd_qat.py --tiny                           # CPU smoke test, seconds
+    accelerate launch --num_processes 4 bench/kd_qat.py --shape 1.7b --ours-only --out kd4.json      # DDP
+    accelerate launch --num_processes 2 --use_fsdp --fsdp_version 2 bench/kd_qat.py --shape 8b --ours-only \
+        --gradient-checkpointing --param-dtype bfloat16 --optimizer adamw_8bit --out kd8b-fsdp2.json
+
+Under `accelerate launch` each process runs `--batch` sequences a step (the global batch grows with the
+processes), the teacher is sharded as the kd_qat stage shards it (FSDP2), tokens/s is the global rate, MFU is per
+GPU and the peak memory is the largest of the processes'.
 
 Prints, per run: median step time over the timed steps (after `--warmup` steps), tokens/s, peak
 GPU memory, MFU (student forward+backward 6·N·T plus teacher forward 2·N·T FLOPs, attention left
@@ -32,13 +39,14 @@ from pathlib import Path
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as the CLI does
 import torch  # noqa: E402
+from accelerate.utils import DistributedType  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.engine.checkpoint import Checkpointer  # noqa: E402
 from pipeline.quant.apply import quantize_rtn  # noqa: E402
 from pipeline.quant.scheme import QuantSpec  # noqa: E402
-from pipeline.train.loop import TrainArgs, make_accelerator, train  # noqa: E402
+from pipeline.train.loop import TrainArgs, make_accelerator, shard_frozen, train  # noqa: E402
 from pipeline.train.memory import GIB, kd_step_memory_of  # noqa: E402
 
 SHAPES = {  # Qwen3 model cards' sizes
@@ -82,6 +90,16 @@ SHAPES = {  # Qwen3 model cards' sizes
         vocab_size=151936,
         tie_word_embeddings=False,
     ),
+    "14b": dict(
+        hidden_size=5120,
+        intermediate_size=17408,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        tie_word_embeddings=False,
+    ),
     "tiny": dict(
         hidden_size=128,
         intermediate_size=256,
@@ -107,14 +125,14 @@ def build(shape: str, seed: int, device: str, dtype: torch.dtype = torch.float32
         return Qwen3ForCausalLM(config).to(dtype)
 
 
-def timed_run(student, teacher, examples, args, label: str) -> dict:
+def timed_run(student, teacher, examples, args, label: str, acc) -> dict:
     # the stage's loss (its default settings), closed over the teacher, exactly as kd_qat runs it
     from pipeline.train.kd_loss import kd_loss_fn
 
     steps = args.warmup + args.steps
     train_args = TrainArgs(
         steps=steps,
-        batch_size=args.batch,
+        batch_size=args.batch * acc.num_processes,
         lr=1e-5,
         warmup_steps=0,
         checkpoint_every=0,
@@ -123,7 +141,7 @@ def timed_run(student, teacher, examples, args, label: str) -> dict:
         param_dtype=args.param_dtype,
         optimizer=args.optimizer,
     )
-    estimate = estimated_gib(student, teacher, train_args, args)
+    estimate = estimated_gib(student, teacher, train_args, args, acc)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,10 +155,19 @@ def timed_run(student, teacher, examples, args, label: str) -> dict:
             seed=0,
             pad_id=0,
             log=logging.getLogger("bench"),
-            accelerator=make_accelerator(),
+            accelerator=acc,
             desc=label,
         )
-        rows = [json.loads(line) for line in open(Path(tmp) / "metrics.jsonl")][args.warmup :]
+        # the main process writes the metrics (global tokens a step), the others nothing
+        rows = (
+            [json.loads(line) for line in open(Path(tmp) / "metrics.jsonl")][args.warmup :]
+            if acc.is_main_process
+            else []
+        )
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    peak = float(acc.gather(torch.tensor([peak], device=acc.device)).max())
+    if not acc.is_main_process:
+        return {}
     step_s = statistics.median(r["tokens"] / r["tokens_per_s"] for r in rows)
     tokens = rows[0]["tokens"]
     n_student = sum(p.numel() for p in student.parameters())
@@ -149,8 +176,8 @@ def timed_run(student, teacher, examples, args, label: str) -> dict:
         "step_s": step_s,
         "tokens_per_s": tokens / step_s,
         "estimate_gib": estimate,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-        "mfu": (6 * n_student + 2 * n_teacher) * tokens / step_s / H200_BF16_FLOPS,
+        "peak_gib": peak if torch.cuda.is_available() else None,
+        "mfu": (6 * n_student + 2 * n_teacher) * tokens / step_s / H200_BF16_FLOPS / acc.num_processes,
     }
     print(
         f"{label:>6}: {step_s * 1e3:8.1f} ms/step  {result['tokens_per_s']:10.0f} tokens/s  "
@@ -160,7 +187,8 @@ def timed_run(student, teacher, examples, args, label: str) -> dict:
     return result
 
 
-def estimated_gib(student, teacher, train_args: TrainArgs, args) -> float:
+def estimated_gib(student, teacher, train_args: TrainArgs, args, acc) -> float:
+    fsdp = acc.distributed_type == DistributedType.FSDP
     memory = kd_step_memory_of(
         student,
         train_args,
@@ -168,6 +196,7 @@ def estimated_gib(student, teacher, train_args: TrainArgs, args) -> float:
         teacher_bytes=teacher.dtype.itemsize,
         tokens=args.batch * args.seqlen,
         chunk_size=args.chunk,
+        processes=acc.num_processes if fsdp else 1,
     )
     return memory.total / GIB
 
@@ -207,9 +236,16 @@ def random_examples(args: argparse.Namespace) -> list[tuple[list[int], int]]:
 def main() -> None:
     args = parse_args()
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        from accelerate import PartialState
+
+        PartialState(cpu=True)  # accelerate connects CPU ranks (gloo) only when asked: the CPU smoke test
+    acc = make_accelerator()
+    device = acc.device
+    if acc.num_processes > 1 and not args.ours_only:
+        raise SystemExit("several processes: time --ours-only (one prepared model per run)")
     examples = random_examples(args)
-    teacher = build(args.shape, 1, device, dtype).eval().requires_grad_(False)
+    teacher = shard_frozen(acc, build(args.shape, 1, device, dtype).eval().requires_grad_(False))
     # the student's latent weights in the dtype the loop would give them (an fp32 8B copy would not fit beside)
     student_dtype = torch.bfloat16 if args.param_dtype == "bfloat16" else torch.float32
 
@@ -219,22 +255,24 @@ def main() -> None:
         "batch": args.batch,
         "seqlen": args.seqlen,
         "compile": args.compile,
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "processes": acc.num_processes,
+        "distributed": str(acc.distributed_type),
     }
     results.update(
         param_dtype=args.param_dtype, optimizer=args.optimizer, gradient_checkpointing=args.gradient_checkpointing
     )
     if not args.ours_only:
-        results["plain"] = timed_run(build(args.shape, 0, device, student_dtype), teacher, examples, args, "plain")
-        if device == "cuda":
+        results["plain"] = timed_run(build(args.shape, 0, device, student_dtype), teacher, examples, args, "plain", acc)
+        if device.type == "cuda":
             torch.cuda.empty_cache()
     student = build(args.shape, 0, device, student_dtype)
     quantize_rtn(student, QuantSpec.model_validate(args.scheme))
-    results["ours"] = timed_run(student, teacher, examples, args, "ours")
+    results["ours"] = timed_run(student, teacher, examples, args, "ours", acc)
     if not args.ours_only:
         results["ratio"] = results["ours"]["step_s"] / results["plain"]["step_s"]
         print(f"KD-QAT ({args.scheme}) step time / plain BF16 KD step: {results['ratio']:.3f}")
-    if args.out:
+    if args.out and acc.is_main_process:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 

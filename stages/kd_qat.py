@@ -11,8 +11,9 @@ Loss (pipeline.train.distill): forward KL by default, reverse KL, generalised JS
 at a temperature, optionally mixed with the label cross-entropy (`ce_weight`); on completion tokens
 only; the logits are made a chunk of tokens at a time so that Qwen3's 151,936-entry vocabulary never
 materialises for the whole batch. The teacher stays in eval mode with no gradients, on the same
-device, in the recipe's dtype; whole on every rank, except under FSDP2 (`accelerate launch --use_fsdp
---fsdp_version 2`), where its decoder layers are sharded over the ranks as the student's are.
+device, in the recipe's dtype; whole on every rank (DDP, ZeRO-2), except under FSDP2 (`accelerate launch
+--use_fsdp --fsdp_version 2`), where its decoder layers are sharded over the ranks as the student's are, and
+under ZeRO-3, where a forward-only DeepSpeed engine of its own partitions all its parameters over the ranks.
 
 What trains (`train`): `weights` — every parameter except the quantizer scales (latent weights
 through the straight-through estimator, norms, embeddings, the unquantized lm_head); `scales` — the
@@ -55,7 +56,10 @@ from pipeline.train.loop import (
     causal_lm_loss,
     check_train_args,
     gathered,
+    held_parameters,
+    is_zero3,
     make_accelerator,
+    partition_frozen,
     shard_frozen,
     train,
     whole_model,
@@ -187,10 +191,13 @@ def held_out_eval(ctx: StageContext, tokenizer, accelerator):
 
 
 def _check_fits(ctx: StageContext, student, examples, accelerator, teacher_dtype: str) -> None:
-    """On one GPU (or one per process: DDP; FSDP2, each GPU holding its shares of the models), refuse before training
-    a setting whose step cannot fit; DeepSpeed partitions the state its own way, so it is not checked there."""
-    if accelerator.device.type != "cuda" or accelerator.distributed_type == DistributedType.DEEPSPEED:
+    """On one GPU (or one per process: DDP; FSDP2 and ZeRO-3, each GPU holding its shares of the models), refuse
+    before training a setting whose step cannot fit; ZeRO-2 is not checked."""
+    zero3, fsdp = is_zero3(accelerator), accelerator.distributed_type == DistributedType.FSDP
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if accelerator.device.type != "cuda" or (deepspeed and not zero3):
         return
+    processes = accelerator.num_processes if zero3 or fsdp else 1
     config = ctx.config
     micro = config.batch_size // (accelerator.num_processes * config.grad_accum)
     teacher_total = sum(p.numel() for p in student.parameters()) if config.objective == "kd" else 0
@@ -201,7 +208,8 @@ def _check_fits(ctx: StageContext, student, examples, accelerator, teacher_dtype
         teacher_bytes=getattr(torch, teacher_dtype).itemsize,
         tokens=micro * max(len(ids) for ids, _ in examples),
         chunk_size=config.chunk_size,
-        processes=accelerator.num_processes if accelerator.distributed_type == DistributedType.FSDP else 1,
+        processes=processes,
+        zero3=zero3,
     )
     free, _ = torch.cuda.mem_get_info(accelerator.device)
     ctx.log.info(
@@ -217,6 +225,8 @@ def _check_fits(ctx: StageContext, student, examples, accelerator, teacher_dtype
         param_dtype=config.param_dtype,
         optimizer=config.optimizer,
         gradient_checkpointing=config.gradient_checkpointing,
+        processes=processes,
+        deepspeed=deepspeed,
     )
     if error:
         raise InputError(f"stages.{ctx.name}", error)
@@ -294,12 +304,13 @@ def _loss_fn(ctx: StageContext, student, accelerator, teacher_dtype: str):
     config = ctx.config
     if config.objective != "kd":
         return causal_lm_loss
-    # the teacher stays outside the engine: replicated on every rank (DDP, DeepSpeed), sharded under FSDP2
+    # the teacher stays outside the student's engine: replicated on every rank (DDP, ZeRO-2), sharded under FSDP2,
+    # partitioned by an engine of its own under ZeRO-3, which takes it from the CPU a parameter at a time
     with whole_models(accelerator):
         teacher = load_model(
             ctx.inputs["teacher"],
             dtype=teacher_dtype,
-            device=accelerator.device,
+            device="cpu" if is_zero3(accelerator) else accelerator.device,
             trust_remote_code=ctx.recipe.model.trust_remote_code,
         )
     teacher.requires_grad_(False)
@@ -315,6 +326,16 @@ def _loss_fn(ctx: StageContext, student, accelerator, teacher_dtype: str):
             ctx.name,
             len(teacher.get_decoder().layers),
             accelerator.num_processes,
+        )
+    if is_zero3(accelerator):
+        teacher = partition_frozen(accelerator, teacher)
+        held, total = held_parameters(teacher)
+        ctx.log.info(
+            "%s: the teacher's %d parameters partitioned over %d processes (ZeRO-3): %d in this process's partition",
+            ctx.name,
+            total,
+            accelerator.num_processes,
+            held,
         )
     return kd_loss_fn(teacher, config)
 

@@ -18,7 +18,7 @@ QWEN3_8B = Qwen3Config(
 N_8B = 8_190_735_360  # parameters of that shape (embeddings and lm_head untied)
 
 
-def estimate(param_dtype, optimizer, checkpointing=True, processes=1):
+def estimate(param_dtype, optimizer, checkpointing=True, processes=1, zero3=False):
     return kd_step_memory(
         QWEN3_8B,
         trainable=N_8B,
@@ -32,6 +32,7 @@ def estimate(param_dtype, optimizer, checkpointing=True, processes=1):
         gradient_checkpointing=checkpointing,
         activation_quant=False,
         processes=processes,
+        zero3=zero3,
     )
 
 
@@ -80,3 +81,20 @@ def test_under_fsdp2_each_gpu_holds_its_share_of_the_sharded_parts():
     plain = estimate("float32", "adamw", processes=2)
     assert fit_error(plain, 78.6 * GIB, param_dtype="float32", optimizer="adamw", gradient_checkpointing=True)
     assert two.total < 0.75 * 78.6 * GIB
+
+
+def test_under_zero3_each_gpu_holds_its_share_of_student_and_teacher_and_is_offered_only_zero3_levers():
+    one, two, four = (estimate("float32", "adamw", processes=n, zero3=True) for n in (1, 2, 4))
+    assert two.student == 16 * N_8B // 2 and two.teacher == 2 * N_8B // 2
+    # each process runs its own micro-batch through a whole layer at a time: activations as on one GPU
+    assert (two.activations, two.quantized_weights, two.logits) == (one.activations, one.quantized_weights, one.logits)
+    h100_free = 78.6 * GIB
+    # fp32 latent weights and AdamW for 8B at 8 x 2048 tokens a GPU: 4 GPUs under ZeRO-3, not 2
+    fits = {"param_dtype": "float32", "optimizer": "adamw", "gradient_checkpointing": True}
+    assert fit_error(four, h100_free, **fits, processes=4, deepspeed=True) is None
+    message = fit_error(two, h100_free, **fits, processes=2, deepspeed=True)
+    # DeepSpeed refuses param_dtype bfloat16 and adamw_8bit: not offered
+    assert message.endswith("free: use a smaller batch_size / more grad_accum / a smaller chunk_size, or more GPUs")
+    eager = estimate("float32", "adamw", checkpointing=False, processes=4, zero3=True)
+    message = fit_error(eager, h100_free, **{**fits, "gradient_checkpointing": False}, processes=4, deepspeed=True)
+    assert "free: try gradient_checkpointing: true, or a smaller batch_size" in message and "bfloat16" not in message

@@ -1,7 +1,7 @@
 """The runner in real processes with the real stages: kill -9, a damaged checkpoint and resume (`sft`), two ranks
 under torchrun (`sft`; a tiny kd_qat recipe, which must train the model one process trains) and under DeepSpeed
-ZeRO-2/3 and FSDP2 (kd_qat, the same student; kill -9 and resume give the uninterrupted run's student; FSDP2 sft
-too)."""
+ZeRO-2/3 and FSDP2 (kd_qat, the same student; kill -9 and resume give the uninterrupted run's student; ZeRO-3 and
+FSDP2 partition the teacher too; FSDP2 sft too)."""
 
 from __future__ import annotations
 
@@ -282,8 +282,9 @@ def test_kd_qat_under_deepspeed_trains_the_student_that_one_process_trains_and_r
     tmp_path, write_recipe, zero_stage, grad_accum
 ):
     """`accelerate launch` with DeepSpeed ZeRO-2/3 on 2 CPU ranks (gloo) runs kd_qat (the teacher outside the
-    engine, replicated) and saves, from the main rank, the student one process trains. ZeRO-3 with no
-    parameter left whole (persistence threshold 0), so that a save of the shards instead of the gathered
+    student's engine: replicated under ZeRO-2, partitioned by an engine of its own under ZeRO-3, where both models
+    reach their engines partitioned already) and saves, from the main rank, the student one process trains. ZeRO-3
+    with no parameter left whole (persistence threshold 0), so that a save of the shards instead of the gathered
     weights would show. Then the same run killed with -9 after its checkpoint of step 2 (every rank's
     optimizer partition) and run again: it resumes there and ends with the uninterrupted run's student, to
     the bit. Needs deepspeed (not a dependency of the project), e.g. DS_BUILD_OPS=0 pip install deepspeed==0.19.8"""
@@ -328,12 +329,27 @@ def test_kd_qat_under_deepspeed_trains_the_student_that_one_process_trains_and_r
         return _accelerate_launch(deepspeed, "run", recipe, "--artifacts", artifacts, "--only", "student", *sets)
 
     env = {**_env(), "DS_ACCELERATOR": "cpu"}
-    done = subprocess.run(launch(ds), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    engines = tmp_path / "engines.txt"
+    record = {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "engine_inputs"), env["PYTHONPATH"]])}
+    record["ENGINE_INPUTS"] = str(engines)
+    done = subprocess.run(launch(ds), env={**env, **record}, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((ds / "tiny" / "student" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["config"]["grad_accum"] == grad_accum
     log = (ds / "tiny" / "run.log").read_text()
     assert log.count("stages.student: running (--only)") == 1  # only the main rank writes run.log
+    # (rank, parameters not yet partitioned, parameters) of the model each DeepSpeed engine was given
+    given = sorted(tuple(map(int, line.replace(" of", "").split())) for line in engines.read_text().splitlines())
+    if zero_stage == 3:
+        # each rank's two engines, the teacher's and the student's, got models partitioned already: the engine
+        # moves one that is not to the device whole first
+        assert [(rank, whole) for rank, whole, _ in given] == [(0, 0), (0, 0), (1, 0), (1, 0)]
+        # the main rank holds half of the teacher (every parameter of the tiny shape has an even size)
+        teacher = int(json.loads((one / "tiny" / "teacher" / "manifest.json").read_text())["metrics"]["parameters"])
+        assert f"student: the teacher's {teacher} parameters partitioned over 2 processes (ZeRO-3): " in log
+        assert f"(ZeRO-3): {teacher // 2} in this process's partition" in log
+    else:  # ZeRO-2 keeps the weights whole on every rank: the student's engine alone, given it whole
+        assert [(rank, whole == n) for rank, whole, n in given] == [(0, True), (1, True)]
     _assert_same_student(ds, one)
 
     _killed_after_checkpoint_2(launch(killed), env, tmp_path)

@@ -19,9 +19,12 @@ schedule), gradient clipping, gradient accumulation, optional gradient checkpoin
 or `accelerate launch` with several processes (DDP, DeepSpeed, or FSDP2: `--use_fsdp --fsdp_version 2`),
 `batch_size` being global. Under FSDP2 every decoder layer is its own `fully_shard` unit (accelerate's
 transformer-based wrap on the model's `_no_split_modules`, also when the launch names no wrap policy), so a
-QuantLinear's forward sees its whole weight (all-gathered with its layer), never a shard. The memory levers
-(`param_dtype: bfloat16`, `optimizer: adamw_8bit`: pipeline.train.optim) work on one process and under FSDP2,
-not under DeepSpeed, which keeps its own fp32 master weights and optimizer state.
+QuantLinear's forward sees its whole weight (all-gathered with its layer), never a shard. Under ZeRO-3 the model,
+built whole on the CPU, is partitioned over the processes before DeepSpeed's engine gets it, one parameter on the
+device at a time, so that no GPU ever holds it whole (the engine would move it there whole first); DeepSpeed's
+hooks gather each submodule's parameters for its forward. The memory levers (`param_dtype: bfloat16`,
+`optimizer: adamw_8bit`: pipeline.train.optim) work on one process and under FSDP2, not under DeepSpeed, which
+keeps its own fp32 master weights and optimizer state.
 
 Exact resume: the batch at step s is a pure function of (seed, s) (a fresh permutation of the
 examples per epoch), so the data position is the step. A checkpoint (every `checkpoint_every` steps,
@@ -261,6 +264,62 @@ def _zero_stage(acc: Accelerator) -> int:
     return acc.state.deepspeed_plugin.zero_stage if acc.distributed_type == DistributedType.DEEPSPEED else 0
 
 
+def is_zero3(acc: Accelerator) -> bool:
+    """DeepSpeed ZeRO-3: every model's parameters partitioned over the processes."""
+    return _zero_stage(acc) == 3
+
+
+def _partition(acc: Accelerator, model: torch.nn.Module, config: dict) -> None:
+    """ZeRO-3: partition a model built whole on the CPU (`whole_models`) over the processes, one parameter on the
+    device at a time (deepspeed.zero.Init(module=...): each moved there, broadcast from rank 0, cut to this
+    process's partition, the rest freed). DeepSpeed's engine would partition it too, but only after moving the whole
+    model to the device (`module.to(device)` in `DeepSpeedEngine._configure_distributed_model`, skipped for a model
+    already partitioned). First the parameters take the dtype that engine casts them to under bf16/fp16 (it casts
+    only the models it partitions itself; parameters partitioned already, as transformers loads a model under ZeRO-3
+    outside `whole_models`, are left as they are); the buffers go to the device after, as the engine would have
+    moved them."""
+    import deepspeed
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    parsed = DeepSpeedConfig(config)
+    if parsed.bfloat16_config.enabled or parsed.float16_config.enabled:
+        half = torch.bfloat16 if parsed.bfloat16_config.enabled else torch.float16
+        for p in model.parameters():
+            if p.is_floating_point() and not hasattr(p, "ds_id"):
+                p.data = p.data.to(half)
+    deepspeed.zero.Init(module=model, config_dict_or_path=config)
+    model.to(acc.device)  # the parameters are empty tensors on it already: this moves the buffers
+
+
+def partition_frozen(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """Under ZeRO-3, partition a frozen model that only runs forward (the KD teacher), built whole on the CPU, over
+    the processes: a DeepSpeed engine of its own with no optimizer (as TRL does for reference models), whose hooks
+    gather each submodule's parameters for its forward and free them after; also when the decoder and the output
+    head are called apart, as the KD loss calls them (the hooks sit on every submodule). Returns that engine, in
+    eval mode (it passes attribute reads on to the model: `get_decoder()`, `config`). Elsewhere the model itself."""
+    if not is_zero3(accelerator):
+        return model
+    import copy
+
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler", "train_batch_size"):
+        config.pop(key, None)
+    # the engine checks a batch shape; a forward-only one never uses it
+    config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+    _partition(accelerator, model, config)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+def held_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters in this process's partition, parameters of the whole model) of a model partitioned by ZeRO-3."""
+    params = list(model.parameters())
+    return sum(p.ds_tensor.numel() for p in params), sum(p.ds_numel for p in params)
+
+
 def _zero_optimizer_state(zero_optimizer) -> dict:
     """This process's partition of a ZeRO optimizer (DeepSpeed's own state_dict: the fp32 master weights and the
     AdamW state of the partition), saveable as safetensors + JSON. DeepSpeed's engine checkpoint is torch.save
@@ -486,8 +545,8 @@ def whole_model(
 def whole_models(accelerator: Accelerator):
     """Models built in here have all their weights on every rank, also under ZeRO-3, where transformers would
     otherwise build them inside deepspeed.zero.Init (empty, partitioned parameters): the quantized student's
-    meta-device load cannot be partitioned that way, and the teacher, which never enters the DeepSpeed
-    engine, would be left with no weights. The engine partitions the student itself when it is prepared. Under
+    meta-device load cannot be partitioned that way. Build them on the CPU there: `train` partitions the student
+    and `partition_frozen` the teacher from there, a parameter at a time, before their engines get them. Under
     FSDP the same: transformers' rank-0-only load (FSDP_CPU_RAM_EFFICIENT_LOADING) is turned off, the models here
     being loaded on every rank."""
     if _fsdp(accelerator):
@@ -516,7 +575,7 @@ def whole_models(accelerator: Accelerator):
 def gathered(acc: Accelerator, model: torch.nn.Module):
     """Context in which the (unwrapped) model's parameters are whole, to save them: under ZeRO-3 each rank holds
     a shard and the rest are empty tensors, so every rank must enter (it is a collective); elsewhere a no-op."""
-    if acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3:
+    if is_zero3(acc):
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
@@ -646,9 +705,15 @@ def _prepare(
     if args.compile:
         for layer in model.model.layers:
             layer.compile()
-    model.to(acc.device, torch.bfloat16 if args.param_dtype == "bfloat16" else None)
+    zero3 = is_zero3(acc)
+    if not zero3:
+        model.to(acc.device, torch.bfloat16 if args.param_dtype == "bfloat16" else None)
     model.train()
+    # before a ZeRO-3 partition, which leaves every parameter an empty tensor: the optimizer tells matrices (weight
+    # decay) from vectors by their shapes
     raw_optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, acc.device)
+    if zero3:
+        _partition(acc, model, acc.state.deepspeed_plugin.deepspeed_config)
     # the scheduler stays outside accelerate: prepared, it would step once per process
     scheduler = get_cosine_schedule_with_warmup(raw_optimizer, args.warmup_steps, args.steps)
     with _latent_dtype_kept(acc):

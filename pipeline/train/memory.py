@@ -14,7 +14,9 @@ Under FSDP2 (`processes` > 1) each GPU holds its share of what is sharded: every
 and moments, and the teacher's decoder layers (its embeddings and head stay whole, `pipeline.train.loop.shard_frozen`);
 plus the layers it has gathered whole, two of each model at a time (the one computing and the next, prefetched), with
 their gradients in the student's. Activations, quantized weights and logits are each process's own micro-batch's, as
-on one GPU. No FSDP2 peak has been measured yet.
+on one GPU. Under ZeRO-3 every parameter of both models is partitioned, embeddings and head included, each process
+holding its share (the layer gathered whole for its forward is left to the estimate's slack). No FSDP2 or ZeRO-3
+peak has been measured yet.
 """
 
 from __future__ import annotations
@@ -65,10 +67,11 @@ def kd_step_memory(
     gradient_checkpointing: bool,
     activation_quant: bool,
     processes: int = 1,
+    zero3: bool = False,
 ) -> StepMemory:
     """Estimate for a student of transformers `config` with `trainable` of `student_total` parameters trained,
     `teacher_total` parameters of `teacher_bytes` each, `tokens` per micro-batch, bf16 autocast, on each of
-    `processes` GPUs sharing the models under FSDP2 (1: one GPU, or DDP)."""
+    `processes` GPUs sharing the models under FSDP2, or under ZeRO-3 if `zero3` (1: one GPU, or DDP)."""
     weight_bytes = 4 if param_dtype == "float32" else 2
     student = (
         trainable * bytes_per_trainable_parameter(param_dtype, optimizer) + (student_total - trainable) * weight_bytes
@@ -77,7 +80,9 @@ def kd_step_memory(
     embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)  # and the head
     teacher_whole = min(teacher_total, embeddings)
     teacher = teacher_whole * teacher_bytes + (teacher_total - teacher_whole) * teacher_bytes // processes
-    if processes > 1:  # two layers gathered whole: the student's weights and gradients, the teacher's weights
+    if zero3:
+        student, teacher = student // processes, teacher_total * teacher_bytes // processes
+    elif processes > 1:  # two layers gathered whole: the student's weights and gradients, the teacher's weights
         student = student // processes + 2 * ((student_total - embeddings) // layers) * 2 * weight_bytes
         teacher += 2 * ((teacher_total - teacher_whole) // layers) * teacher_bytes
     kv = config.num_key_value_heads * getattr(config, "head_dim", h // config.num_attention_heads)
@@ -111,7 +116,15 @@ def kd_step_memory(
 
 
 def kd_step_memory_of(
-    student, args, *, teacher_total: int, teacher_bytes: int, tokens: int, chunk_size: int, processes: int = 1
+    student,
+    args,
+    *,
+    teacher_total: int,
+    teacher_bytes: int,
+    tokens: int,
+    chunk_size: int,
+    processes: int = 1,
+    zero3: bool = False,
 ) -> StepMemory:
     """`kd_step_memory` of a student model (whole) as it will train under `args` (pipeline.train.loop.TrainArgs):
     its parameters, which of them train, and whether it quantizes activations, read off the model."""
@@ -131,6 +144,7 @@ def kd_step_memory_of(
         gradient_checkpointing=args.gradient_checkpointing,
         activation_quant=not weight_only(student),
         processes=processes,
+        zero3=zero3,
     )
 
 
@@ -141,23 +155,32 @@ REFUSE_ABOVE = 1.10
 
 
 def fit_error(
-    memory: StepMemory, available: int, *, param_dtype: str, optimizer: str, gradient_checkpointing: bool
+    memory: StepMemory,
+    available: int,
+    *,
+    param_dtype: str,
+    optimizer: str,
+    gradient_checkpointing: bool,
+    processes: int = 1,
+    deepspeed: bool = False,
 ) -> str | None:
     """None unless `memory` is clearly more than `available` bytes (REFUSE_ABOVE), else the message: what it
-    needs, what the GPU has, and the levers not yet pulled."""
+    needs, what the GPU has, and the levers not yet pulled (under `deepspeed`, only those DeepSpeed allows)."""
     if memory.total <= REFUSE_ABOVE * available:
         return None
     levers = []
     if not gradient_checkpointing:
         levers.append("gradient_checkpointing: true")
-    if param_dtype == "float32":
+    # DeepSpeed keeps its own fp32 master weights and AdamW state: the bf16 and 8-bit levers are not its
+    if param_dtype == "float32" and not deepspeed:
         levers.append("param_dtype: bfloat16")
-    if optimizer == "adamw":
+    if optimizer == "adamw" and not deepspeed:
         levers.append("optimizer: adamw_8bit")
+    more = "more GPUs" if processes > 1 else "several GPUs (FSDP2, ZeRO-3)"
     advice = (
         "try " + ", ".join(levers) + ", or a smaller batch_size / more grad_accum / chunk_size"
         if levers
-        else "use a smaller batch_size / more grad_accum / a smaller chunk_size, or several GPUs (FSDP2, ZeRO-3)"
+        else f"use a smaller batch_size / more grad_accum / a smaller chunk_size, or {more}"
     )
     return (
         f"a KD-QAT step needs about {memory.total / GIB:.1f} GiB ({memory.describe()} GiB), the GPU has "
