@@ -53,6 +53,10 @@ class StepMemory:
         return ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts.items())
 
 
+COMPILED_SHARE = 0.6
+"""Share of the eager activations (and saved fake-quantized weights) a step keeps with its decoder layers compiled."""
+
+
 def kd_step_memory(
     config,
     *,
@@ -66,6 +70,7 @@ def kd_step_memory(
     chunk_size: int,
     gradient_checkpointing: bool,
     activation_quant: bool,
+    compiled: bool = False,
     processes: int = 1,
     zero3: bool = False,
 ) -> StepMemory:
@@ -104,6 +109,11 @@ def kd_step_memory(
     else:
         activations = tokens * layers * per_token_layer
         quantized_weights = layer_weights * layers
+    if compiled:
+        # Inductor fuses the norms, RoPE, SwiGLU and the fake quantizer and saves fewer intermediates for backward:
+        # measured on H100/H200 without checkpointing, activations + quantized weights took 0.48-0.69 of the eager
+        # count (0.6B fp32 0.69, 1.7B fp32 0.48, 1.7B bf16 + 8-bit 0.51); 0.6 keeps the estimate within ~15%
+        activations, quantized_weights = int(COMPILED_SHARE * activations), int(COMPILED_SHARE * quantized_weights)
     # one chunk of fp32 logits at a time: student and teacher, their log-softmaxes, the gradient (4 copies)
     logits = 4 * min(chunk_size, tokens) * config.vocab_size * 4
     return StepMemory(
@@ -142,6 +152,7 @@ def kd_step_memory_of(
         tokens=tokens,
         chunk_size=chunk_size,
         gradient_checkpointing=args.gradient_checkpointing,
+        compiled=args.compile,
         activation_quant=not weight_only(student),
         processes=processes,
         zero3=zero3,
