@@ -25,11 +25,9 @@ its checkpoints (pipeline.train.loop).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Literal
 
 import torch
-from accelerate import DistributedType
 
 from pipeline.data.chat import chat_example
 from pipeline.data.testbed import make_problems
@@ -94,10 +92,12 @@ def _examples(ctx: StageContext, tokenizer) -> list[tuple[list[int], int]]:
 
 def _model(ctx: StageContext, tokenizer, accelerator):
     """The model to train, as the stage starts it: `init`'s, the recipe's `arch` built from its seed, or the
-    recipe's base model; under FSDP whole on every process (as loaded elsewhere: DeepSpeed's is unchanged)."""
+    recipe's base model; whole on every process, also under FSDP2 and ZeRO-3 (the loop shards or partitions it
+    after building the optimizer, which tells matrices, decayed, from vectors by their shapes: a model loaded
+    partitioned by transformers would show it only empty parameters)."""
     config, recipe = ctx.config, ctx.recipe
     trust = recipe.model.trust_remote_code
-    with whole_models(accelerator) if accelerator.distributed_type == DistributedType.FSDP else nullcontext():
+    with whole_models(accelerator):
         if config.init is not None:
             return load_model(ctx.inputs["init"], dtype="float32", trust_remote_code=trust)
         if recipe.model.arch is not None:
