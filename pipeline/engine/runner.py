@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -527,10 +528,11 @@ def _execute(recipe: Recipe, store: Store, decision: Decision, procs: Processes)
         log=logging.getLogger(f"stages.{name}"),
     )
     seed_everything(recipe.seed)
+    _reset_peak_gpu()
     started, t0 = now_iso(), time.monotonic()
     with signals.stage():
         try:
-            metrics = _metrics(module.run(ctx))
+            metrics = {**_metrics(module.run(ctx)), **_peak_gpu()}
         except (StageInterrupted, signals.Stopped) as e:
             signum = e.signum if isinstance(e, signals.Stopped) else signals.requested()
             step = store.resume_step(name, decision.fingerprint)
@@ -620,6 +622,26 @@ def _metrics(value: Any) -> dict[str, float]:
         except (TypeError, ValueError):
             raise TypeError(f"run() returned metric {key!r} = {metric!r}, which is not a number") from None
     return out
+
+
+def _cuda():
+    """torch.cuda once a stage has used the GPU in this process, else None; never imports torch itself (the engine
+    loads no ML library)."""
+    torch = sys.modules.get("torch")
+    return torch.cuda if torch is not None and torch.cuda.is_initialized() else None
+
+
+def _reset_peak_gpu() -> None:
+    # an earlier stage's peak would hide this one's; before any stage has used the GPU, the peak starts at 0 anyway
+    if (cuda := _cuda()) is not None:
+        cuda.reset_peak_memory_stats()
+
+
+def _peak_gpu() -> dict[str, float]:
+    """`peak_gpu_gib`: the most GPU memory this process's tensors held during the stage (torch's allocator), where
+    the stage used a GPU."""
+    cuda = _cuda()
+    return {} if cuda is None else {"peak_gpu_gib": round(cuda.max_memory_allocated() / 2**30, 3)}
 
 
 def _headline(recipe: Recipe, name: str, manifest: dict | None) -> str:
