@@ -474,7 +474,7 @@ def _run_stages(recipe, store, selected, forced, options, procs, read_only: str 
             stage_log.warning(decision.warning)
         if decision.action == "skip":
             planner.record(decision)
-            outcomes.append(Outcome(name, "up to date", None, _headline(recipe, name, store.manifest(name))))
+            outcomes.append(Outcome(name, "up to date", None, headline(recipe, name, store.manifest(name))))
             continue
         existing = store.manifest(name) if decision.action == "gate" else None
         recorded_skip = (
@@ -497,7 +497,7 @@ def _run_stages(recipe, store, selected, forced, options, procs, read_only: str 
         stage_log.info("running (%s)", decision.reason)
         manifest = _execute(recipe, store, decision, procs)
         planner.record(decision, manifest)
-        outcomes.append(Outcome(name, "ran", manifest["wall_seconds"], _headline(recipe, name, manifest)))
+        outcomes.append(Outcome(name, "ran", manifest["wall_seconds"], headline(recipe, name, manifest)))
     if read_only:
         log.info("%s: nothing to run; %s, so nothing was written", store.base, read_only)
     return outcomes
@@ -644,7 +644,7 @@ def _peak_gpu() -> dict[str, float]:
     return {} if cuda is None else {"peak_gpu_gib": round(cuda.max_memory_allocated() / 2**30, 3)}
 
 
-def _headline(recipe: Recipe, name: str, manifest: dict | None) -> str:
+def headline(recipe: Recipe, name: str, manifest: dict | None) -> str:
     """The stage type's HEADLINE metric (a name, or names to try in order) for the run summary."""
     keys = getattr(recipe.modules[name], "HEADLINE", None) or ()
     metrics = (manifest or {}).get("metrics", {})
