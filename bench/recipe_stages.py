@@ -22,6 +22,9 @@ later stage whose inputs completed still runs on its own (`--only`); the table s
 the stages that could not run as not run (8B: `--set stages.export.model=gptq` exports the GPTQ init, so that the
 export stages are timed even where kd_qat does not fit).
 
+The same command again reuses the model folder and skips the stages already complete (the runner's own rule, their
+recorded times kept), so a run cut short goes on from the stage it was in.
+
 Printed and written to DIR/stages.json and DIR/stages.md: per stage its type, state, wall seconds, peak GPU GiB
 (`peak_gpu_gib`, the runner's record of torch's allocator peak), tokens/s where the stage reports it, and its
 headline metric (a failed stage: its error; a skipped one: why).
@@ -188,9 +191,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--recipe", required=True, help="recipe file or shipped recipe name")
     parser.add_argument("--shape", required=True, choices=SHAPES)
     parser.add_argument("--out", required=True, type=Path, help="model folder, artifacts and the table go here")
-    parser.add_argument("--traces", type=int, default=256, help="traces: prompts (default 256)")
+    parser.add_argument("--traces", type=int, default=128, help="traces: prompts (default 128)")
     parser.add_argument("--new-tokens", type=int, default=4096, help="traces: new tokens each (default 4096)")
-    parser.add_argument("--kd-steps", type=int, default=30, help="kd_qat: optimizer steps (default 30)")
+    parser.add_argument("--kd-steps", type=int, default=20, help="kd_qat: optimizer steps (default 20)")
     parser.add_argument("--eval-limit", type=int, default=16, help="eval, gate: problems (default 16)")
     parser.add_argument("--eval-new-tokens", type=int, default=512, help="eval, gate, rl: new tokens (default 512)")
     parser.add_argument("--flatquant-epochs", type=int, default=1, help="ptq flatquant: epochs (default 1)")
