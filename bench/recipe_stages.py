@@ -14,16 +14,16 @@ chat format. No network: the benchmark files come from REASONING_QAT_BENCHMARKS 
 
 The recipe runs through the CLI's `run` (artifacts under DIR/artifacts) with `model.path` set to that folder and
 overrides that make it a timing run, by stage type: traces `--traces` prompts at `--new-tokens` each (a random model
-never writes its end token, so every trace runs to the limit); ptq as the recipe says, FlatQuant for
-`--flatquant-epochs`; kd_qat `--kd-steps` steps on every trace (`only_correct: false`: random traces are never
-correct), no evals during training; eval and gate `--eval-limit` problems at `--eval-new-tokens`; rl (when its gate
-lets it) `--rl-steps` steps. `--set` overrides go last and win. After a stage fails (out of memory, say), every
-later stage whose inputs completed still runs on its own (`--only`); the table shows the failure with its error and
-the stages that could not run as not run (8B: `--set stages.export.model=gptq` exports the GPTQ init, so that the
-export stages are timed even where kd_qat does not fit).
+seldom samples one of its 2 end tokens among 151,936, so nearly every trace runs to the limit); ptq as the recipe
+says, FlatQuant for `--flatquant-epochs`; kd_qat `--kd-steps` steps on every trace (`only_correct: false`: random
+traces are never correct), no evals during training; eval and gate `--eval-limit` problems at `--eval-new-tokens`;
+rl (when its gate lets it) `--rl-steps` steps. `--set` overrides go last and win. After a stage fails (out of
+memory, say), every later stage whose inputs completed still runs on its own (`--only`); the table shows the failure
+with its error and the stages that could not run as not run (8B: `--set stages.export.model=gptq` exports the GPTQ
+init, so that the export stages are timed even where kd_qat does not fit).
 
 The same command again reuses the model folder and skips the stages already complete (the runner's own rule, their
-recorded times kept), so a run cut short goes on from the stage it was in.
+recorded times kept), so a run cut short goes on with the stage it was in (from its start, or its last checkpoint).
 
 Printed and written to DIR/stages.json and DIR/stages.md: per stage its type, state, wall seconds, peak GPU GiB
 (`peak_gpu_gib`, the runner's record of torch's allocator peak), tokens/s where the stage reports it, and its
@@ -214,8 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model_dir = args.out / f"model-{args.shape}"
     started = time.monotonic()
-    if not (model_dir / "config.json").is_file():
-        build_model_folder(args.shape, model_dir)
+    if not model_dir.is_dir():
+        # built aside and renamed, so that a folder there is always a whole model
+        build_model_folder(args.shape, model_dir.with_name(model_dir.name + ".partial")).rename(model_dir)
     build_s = time.monotonic() - started
     base = [f"model.path={model_dir}"]
     try:
