@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from real_shapes import REAL_SHAPES
 from safetensors.torch import save_file
 
 import stages
@@ -82,68 +83,13 @@ def test_the_wheel_carries_the_shipped_recipes(tmp_path):
     ]
 
 
-# The real base models of the shipped recipes, by `model.path`: (model_type, the config.json values that
-# set layer shapes, as each model's card publishes them). Validation reads only config.json (the ptq
-# stage's scheme check instantiates it on the meta device), so a stand-in folder holds just that file.
-REAL_SHAPES = {
-    "Qwen/Qwen3-0.6B": (
-        "qwen3",
-        dict(
-            hidden_size=1024,
-            intermediate_size=3072,
-            num_hidden_layers=28,
-            num_attention_heads=16,
-            num_key_value_heads=8,
-            head_dim=128,
-            vocab_size=151936,
-            tie_word_embeddings=True,
-        ),
-    ),
-    "Qwen/Qwen3-8B": (
-        "qwen3",
-        dict(
-            hidden_size=4096,
-            intermediate_size=12288,
-            num_hidden_layers=36,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            vocab_size=151936,
-            tie_word_embeddings=False,
-        ),
-    ),
-    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": (
-        "qwen2",
-        dict(
-            hidden_size=1536,
-            intermediate_size=8960,
-            num_hidden_layers=28,
-            num_attention_heads=12,
-            num_key_value_heads=2,
-            vocab_size=151936,
-            tie_word_embeddings=False,
-        ),
-    ),
-    # `reasoning-qat import-gguf --smollm2` writes it (tests/test_gguf.py imports the real file)
-    "artifacts/smollm2-135m-instruct": (
-        "llama",
-        dict(
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            head_dim=64,
-            vocab_size=49152,
-            tie_word_embeddings=True,
-        ),
-    ),
-}
 DEMO_GPU_TEACHER = "artifacts/demo-gpu/teacher/model"
 
 
 def stand_in(raw: dict, out: Path) -> Path:
-    """A local model folder with the shapes of the recipe's `model.path`, in its place."""
+    """A local model folder with the shapes of the recipe's `model.path`, in its place. Validation reads only
+    config.json (the ptq stage's scheme check instantiates it on the meta device), so for a real base model the
+    folder holds just that file."""
     model_path = raw["model"]["path"]
     if model_path in REAL_SHAPES:
         from transformers import AutoConfig

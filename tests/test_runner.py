@@ -314,6 +314,29 @@ def test_bad_metrics_are_a_failure(fake_stages, write_recipe, tmp_path, run_cli,
     assert "stages.a: failed: TypeError: run() returned metric 'loss' = 'low', which is not a number" in err
 
 
+def test_a_stage_that_used_the_gpu_records_its_own_peak_memory(
+    fake_stages, write_recipe, tmp_path, run_cli, monkeypatch
+):
+    """torch's allocator stats, faked (no GPU here): reset before each stage, so b's peak is its own, not a's."""
+    import torch
+
+    peak = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: peak.update(bytes=0))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: peak["bytes"])
+
+    def run(ctx):
+        peak["bytes"] = max(peak["bytes"], ctx.config.value * 2**30)
+        return {"value": ctx.config.value}
+
+    monkeypatch.setattr(fake_stages, "run", run)
+    recipe = write_recipe({"a": {"type": "make", "value": 3}, "b": {"type": "make", "value": 1, "src": "a"}})
+    code, _, err = run_cli("run", recipe, "--artifacts", tmp_path / "art")
+    assert code == 0, err
+    metrics = {s: json.loads((tmp_path / "art" / "t" / s / "manifest.json").read_text())["metrics"] for s in "ab"}
+    assert metrics == {"a": {"value": 3.0, "peak_gpu_gib": 3.0}, "b": {"value": 1.0, "peak_gpu_gib": 1.0}}
+
+
 def test_interrupt_checkpoints_and_rerun_resumes(fake_stages, write_recipe, tmp_path, run_cli):
     recipe = write_recipe({"a": {"type": "make", "steps": 6, "interrupt_at": 3}})
     art = tmp_path / "art"

@@ -3,9 +3,9 @@
 import pytest
 from transformers import AutoTokenizer
 
-from pipeline.data.chat import chat_example, chat_prompt
+from pipeline.data.chat import chat_example, chat_prompt, end_of_turn_id
 from pipeline.data.testbed import TestbedSpec, make_problems
-from pipeline.data.tokenizer import build_tokenizer
+from pipeline.data.tokenizer import QWEN3_LEARNED, build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +61,17 @@ def test_digits_are_single_tokens_and_words_are_merged(saved):
     )
     assert ["4", "0", "9", "6"] == pieces[3:7] and "Ġstickers" in pieces and "Mia" in pieces
     assert build_tokenizer().backend_tokenizer.to_str() == saved[0].backend_tokenizer.to_str()
+
+
+def test_padded_to_qwen3s_layout_the_special_tokens_sit_at_qwen3s_ids(tmp_path):
+    """For a random-weight model of a real Qwen3 shape (bench/recipe_stages.py): Qwen3's 151,669 tokens, its special
+    ids, and a chat prompt that round-trips (no merge produces a filler)."""
+    tokenizer = build_tokenizer(pad_to=QWEN3_LEARNED)
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(loaded) == 151_669 and type(loaded).__name__ == "Qwen2Tokenizer"
+    ids = loaded.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"])
+    assert ids == [151643, 151644, 151645, 151667, 151668]
+    assert (loaded.eos_token_id, loaded.pad_token_id, end_of_turn_id(loaded)) == (151645, 151643, 151645)
+    prompt = chat_prompt(loaded, "What is 12 + 30?")
+    assert loaded.decode(loaded(prompt)["input_ids"]) == prompt == chat_prompt(build_tokenizer(), "What is 12 + 30?")

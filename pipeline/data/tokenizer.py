@@ -53,8 +53,42 @@ def _corpus() -> list[str]:
     ]
 
 
-def build_tokenizer(vocab_size: int = 768) -> PreTrainedTokenizerBase:
-    """Learn BPE merges on testbed text and return a Qwen2Tokenizer (what Qwen3 checkpoints load)."""
+# Qwen3's id layout: 151,643 learned tokens, then <|endoftext|>, <|im_start|>, <|im_end|>, 21 more special tokens
+# (tool calls, vision), then <think> (151,667) and </think> (151,668)
+QWEN3_LEARNED = 151_643
+QWEN3_RESERVED = 21
+
+
+def build_tokenizer(vocab_size: int = 768, pad_to: int | None = None) -> PreTrainedTokenizerBase:
+    """Learn BPE merges on testbed text and return a Qwen2Tokenizer (what Qwen3 checkpoints load).
+
+    `pad_to`: lay the ids out as Qwen3's own tokenizer does (`QWEN3_LEARNED`: a tokenizer the size of
+    Qwen3's, for a model of its shapes): the learned tokens padded with filler tokens that no merge
+    produces up to `pad_to` ids, then the special tokens, `QWEN3_RESERVED` more fillers, `<think>`,
+    `</think>`."""
+    vocab, merges = _learn_bpe(vocab_size)
+    reserved = []
+    if pad_to is not None:
+        learned = [t for t in sorted(vocab, key=vocab.get) if t != ENDOFTEXT]  # <|endoftext|> follows them
+        if len(learned) > pad_to:
+            raise ValueError(f"pad_to {pad_to} is below the {len(learned)} learned tokens")
+        learned += [f"<|filler_{i}|>" for i in range(pad_to - len(learned))]
+        vocab = {t: i for i, t in enumerate(learned)}
+        reserved = [f"<|reserved_{i}|>" for i in range(QWEN3_RESERVED)]
+    # the testbed's own ids (<|im_end|> first: its models and artifacts depend on them); Qwen3's order where padded
+    specials = (ENDOFTEXT, IM_START, IM_END, *reserved) if pad_to is not None else (IM_END, IM_START)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
+    tokenizer.eos_token, tokenizer.pad_token = IM_END, ENDOFTEXT
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK, END_THINK)])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.model_max_length = 32768
+    return tokenizer
+
+
+def _learn_bpe(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) of a byte-level BPE with Qwen's pre-tokenizer, learned on testbed text;
+    <|endoftext|> is id 0."""
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
@@ -72,17 +106,4 @@ def build_tokenizer(vocab_size: int = 768) -> PreTrainedTokenizerBase:
     )
     bpe.train_from_iterator(_corpus(), trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
-    tokenizer = Qwen2Tokenizer(
-        vocab=model["vocab"],
-        merges=[tuple(m) for m in model["merges"]],
-        eos_token=IM_END,
-        pad_token=ENDOFTEXT,
-        unk_token=None,
-    )
-    tokenizer.add_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in (IM_START, IM_END)], special_tokens=True
-    )
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK, END_THINK)])
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.model_max_length = 32768
-    return tokenizer
+    return model["vocab"], [tuple(m) for m in model["merges"]]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -473,7 +474,7 @@ def _run_stages(recipe, store, selected, forced, options, procs, read_only: str 
             stage_log.warning(decision.warning)
         if decision.action == "skip":
             planner.record(decision)
-            outcomes.append(Outcome(name, "up to date", None, _headline(recipe, name, store.manifest(name))))
+            outcomes.append(Outcome(name, "up to date", None, headline(recipe, name, store.manifest(name))))
             continue
         existing = store.manifest(name) if decision.action == "gate" else None
         recorded_skip = (
@@ -496,7 +497,7 @@ def _run_stages(recipe, store, selected, forced, options, procs, read_only: str 
         stage_log.info("running (%s)", decision.reason)
         manifest = _execute(recipe, store, decision, procs)
         planner.record(decision, manifest)
-        outcomes.append(Outcome(name, "ran", manifest["wall_seconds"], _headline(recipe, name, manifest)))
+        outcomes.append(Outcome(name, "ran", manifest["wall_seconds"], headline(recipe, name, manifest)))
     if read_only:
         log.info("%s: nothing to run; %s, so nothing was written", store.base, read_only)
     return outcomes
@@ -527,10 +528,11 @@ def _execute(recipe: Recipe, store: Store, decision: Decision, procs: Processes)
         log=logging.getLogger(f"stages.{name}"),
     )
     seed_everything(recipe.seed)
+    _reset_peak_gpu()
     started, t0 = now_iso(), time.monotonic()
     with signals.stage():
         try:
-            metrics = _metrics(module.run(ctx))
+            metrics = {**_metrics(module.run(ctx)), **_peak_gpu()}
         except (StageInterrupted, signals.Stopped) as e:
             signum = e.signum if isinstance(e, signals.Stopped) else signals.requested()
             step = store.resume_step(name, decision.fingerprint)
@@ -622,7 +624,27 @@ def _metrics(value: Any) -> dict[str, float]:
     return out
 
 
-def _headline(recipe: Recipe, name: str, manifest: dict | None) -> str:
+def _cuda():
+    """torch.cuda once a stage has used the GPU in this process, else None; never imports torch itself (the engine
+    loads no ML library)."""
+    torch = sys.modules.get("torch")
+    return torch.cuda if torch is not None and torch.cuda.is_initialized() else None
+
+
+def _reset_peak_gpu() -> None:
+    # an earlier stage's peak would hide this one's; before any stage has used the GPU, the peak starts at 0 anyway
+    if (cuda := _cuda()) is not None:
+        cuda.reset_peak_memory_stats()
+
+
+def _peak_gpu() -> dict[str, float]:
+    """`peak_gpu_gib`: the most GPU memory this process's tensors held during the stage (torch's allocator), where
+    the stage used a GPU."""
+    cuda = _cuda()
+    return {} if cuda is None else {"peak_gpu_gib": round(cuda.max_memory_allocated() / 2**30, 3)}
+
+
+def headline(recipe: Recipe, name: str, manifest: dict | None) -> str:
     """The stage type's HEADLINE metric (a name, or names to try in order) for the run summary."""
     keys = getattr(recipe.modules[name], "HEADLINE", None) or ()
     metrics = (manifest or {}).get("metrics", {})

@@ -1,0 +1,71 @@
+"""bench/recipe_stages.py on the CPU: a shipped Qwen3 recipe, every stage, on the tiny shape with tiny counts (the GPU
+run uses the real shapes and the bench's defaults)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import stages
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = str(ROOT / "recipes" / "qwen3-0.6b-w3g128.yaml")
+TINY_RUN = ["--shape", "tiny", "--traces", "8", "--new-tokens", "32", "--kd-steps", "2", "--eval-limit", "2"]
+TINY_RUN += ["--eval-new-tokens", "16"]
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.setenv("REASONING_QAT_BENCHMARKS", str(ROOT / "tests" / "data"))
+    spec = importlib.util.spec_from_file_location("bench_recipe_stages", ROOT / "bench" / "recipe_stages.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_stage_of_the_recipe_gets_a_row_with_its_wall_time(bench, tmp_path, capsys):
+    assert bench.main(["--recipe", RECIPE, "--out", str(tmp_path), *TINY_RUN]) == 0
+    report = json.loads((tmp_path / "stages.json").read_text())
+    rows = {r["stage"]: r for r in report["stages"]}
+    assert list(rows) == ["teacher_math500", "teacher_aime24", "teacher_amc23", "traces", "gptq", "gptq_math500"] + [
+        "kd_qat",
+        "kd_qat_math500",
+        "gate",
+        "rl",
+        "export",
+        "export_math500",
+        "export_aime24",
+        "export_amc23",
+    ]
+    assert all(r["wall_s"] is not None for r in rows.values())
+    # a random model fails the gate, so rl is skipped, and says why
+    assert rows["rl"]["state"] == "skipped" and rows["rl"]["note"].startswith("gate 'gate' did not pass")
+    assert {r["state"] for s, r in rows.items() if s != "rl"} == {"complete"}
+    assert rows["traces"]["metrics"]["count"] == 8 and rows["kd_qat"]["metrics"]["steps"] == 2
+    assert rows["teacher_math500"]["metrics"]["num_problems"] == 2
+    assert rows["gptq"]["peak_gpu_gib"] is None  # no GPU here
+    assert "stages.traces.generation.max_new_tokens=32" in report["overrides"]
+    assert (tmp_path / "model-tiny" / "model.safetensors").is_file()
+    table = (tmp_path / "stages.md").read_text()
+    assert table in capsys.readouterr().out and table.count("\n") == 2 + len(rows)
+
+
+def test_after_a_stage_fails_the_stages_that_do_not_need_it_still_run(bench, tmp_path, monkeypatch):
+    def out_of_memory(ctx):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(stages.stage_module("kd_qat"), "run", out_of_memory)
+    argv = ["--recipe", RECIPE, "--out", str(tmp_path), *TINY_RUN, "--set", "stages.export.model=gptq"]
+    assert bench.main(argv) == 1
+    rows = {r["stage"]: r for r in json.loads((tmp_path / "stages.json").read_text())["stages"]}
+    assert rows["kd_qat"]["state"] == "failed" and "CUDA out of memory" in rows["kd_qat"]["note"]
+    assert [s for s, r in rows.items() if r["state"] == "not run"] == ["kd_qat_math500", "gate", "rl"]
+    assert rows["export_amc23"]["state"] == "complete"  # after kd_qat, from the GPTQ init
+
+
+def test_bad_input_is_one_line_and_exit_2(bench, tmp_path, capsys):
+    assert bench.main(["--recipe", "no-such-recipe", "--out", str(tmp_path), *TINY_RUN]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
