@@ -38,24 +38,18 @@ from pathlib import Path
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from real_shapes import QWEN3_SIZES  # noqa: E402
 
 from pipeline.quant.apply import prepare  # noqa: E402
 from pipeline.quant.methods import flatquant, quarot  # noqa: E402
 from pipeline.quant.methods.gptq import gptq_layerwise  # noqa: E402
 from pipeline.quant.scheme import QuantSpec  # noqa: E402
 
-QWEN3_0_6B = dict(
-    vocab_size=151936,
-    hidden_size=1024,
-    intermediate_size=3072,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=40960,
-    tie_word_embeddings=True,
-)
-FULL_LAYERS = 28
+QWEN3_0_6B = dict(QWEN3_SIZES["0.6b"], max_position_embeddings=40960)
+FULL_LAYERS = QWEN3_0_6B["num_hidden_layers"]
 TINY = dict(
     vocab_size=1024,
     hidden_size=256,
@@ -71,7 +65,7 @@ SPEC = QuantSpec.model_validate("w4a4kv4")
 
 def build(shape: dict, layers: int, device: str) -> Qwen3ForCausalLM:
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(Qwen3Config(**shape, num_hidden_layers=layers)).to(device).eval()
+    model = Qwen3ForCausalLM(Qwen3Config(**{**shape, "num_hidden_layers": layers})).to(device).eval()
     prepare(model, SPEC)
     return model
 

@@ -45,22 +45,15 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from real_shapes import QWEN3_SIZES  # noqa: E402
 
 from pipeline import refill  # noqa: E402
 from pipeline.generate import GenerationSpec, generate_ids  # noqa: E402
 
-QWEN3_0_6B = dict(
-    vocab_size=151936,
-    hidden_size=1024,
-    intermediate_size=3072,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=40960,
-    tie_word_embeddings=True,
-)
+QWEN3_0_6B = dict(QWEN3_SIZES["0.6b"], max_position_embeddings=40960)
 TINY = dict(
     vocab_size=1024,
     hidden_size=64,

@@ -31,7 +31,10 @@ from pathlib import Path
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from real_shapes import QWEN3_SIZES  # noqa: E402
 
 from pipeline.data.tokenizer import build_tokenizer  # noqa: E402
 from pipeline.loading import load_pretrained  # noqa: E402
@@ -41,19 +44,7 @@ from pipeline.quant.calibration import calibration_loader  # noqa: E402
 from pipeline.quant.methods.gptq import gptq_modifier, run_gptq  # noqa: E402
 from pipeline.quant.scheme import QuantSpec  # noqa: E402
 
-QWEN3 = dict(
-    vocab_size=151936,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    max_position_embeddings=40960,
-    tie_word_embeddings=True,
-)
-SHAPES = {
-    "0.6b": dict(QWEN3, hidden_size=1024, intermediate_size=3072),
-    "1.7b": dict(QWEN3, hidden_size=2048, intermediate_size=6144),
-}
+SHAPES = {size: dict(QWEN3_SIZES[size], max_position_embeddings=40960) for size in ("0.6b", "1.7b")}
 TINY = dict(
     vocab_size=1024,
     hidden_size=256,

@@ -1,20 +1,12 @@
 """The KD-QAT step-memory estimate and the fit check that refuses a setting before training (pipeline.train.memory)."""
 
+from real_shapes import QWEN3_SIZES
 from transformers import Qwen3Config
 
 from pipeline.train.memory import GIB, fit_error, kd_step_memory
 from pipeline.train.optim import bytes_per_trainable_parameter
 
-QWEN3_8B = Qwen3Config(
-    hidden_size=4096,
-    intermediate_size=12288,
-    num_hidden_layers=36,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=128,
-    vocab_size=151936,
-    tie_word_embeddings=False,
-)
+QWEN3_8B = Qwen3Config(**QWEN3_SIZES["8b"])
 N_8B = 8_190_735_360  # parameters of that shape (embeddings and lm_head untied)
 
 
@@ -103,16 +95,7 @@ def test_under_zero3_each_gpu_holds_its_share_of_student_and_teacher_and_is_offe
 def test_compiled_layers_are_estimated_from_the_measured_share_not_refused_as_eager():
     """1.7B, bf16 latent weights and 8-bit AdamW, no checkpointing, layers compiled: 56.5 GiB measured on an H100
     (bench/kd_qat.py, docs/results/scale). Counted as eager (94 GiB) the stage would refuse a step that runs."""
-    qwen3_1_7b = Qwen3Config(
-        hidden_size=2048,
-        intermediate_size=6144,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    )
+    qwen3_1_7b = Qwen3Config(**QWEN3_SIZES["1.7b"])
     n = 1_720_574_976  # parameters of that shape (tied embeddings)
     settings = dict(param_dtype="bfloat16", optimizer="adamw_8bit", gradient_checkpointing=False)
     eager, compiled = (
