@@ -160,23 +160,7 @@ def test_a_failure_on_one_of_two_ranks_stops_both_with_the_same_message(tmp_path
     """torchrun, 2 CPU ranks (DDP over gloo): a NaN on one rank, an exception on the other, a checkpoint one rank
     cannot write; each time both ranks raise the same RankFailed, and the process group is still in step for
     the next training (a rank left waiting in a collective would hang until the timeout below)."""
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",  # a free port: test runs side by side do not meet on the default one
-            "--nproc_per_node",
-            "2",
-            str(root / "tests" / "two_ranks_fail.py"),
-            str(tmp_path),
-        ],
-        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    done = _two_torchrun_ranks("two_ranks_fail.py", tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = (tmp_path / "rank-0.txt").read_text()
     assert (tmp_path / "rank-1.txt").read_text() == lines
@@ -194,23 +178,7 @@ def test_fsdp2_in_bf16_mixed_precision_keeps_bf16_latent_weights_bf16(tmp_path):
     """torchrun, 2 CPU ranks under FSDP2, the accelerator in bf16 mixed precision as on a GPU: `param_dtype:
     bfloat16` latent weights stay bf16 through accelerate's preparation (which upcasts trainable parameters to fp32
     when mixed precision is on) and train."""
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(root / "tests" / "fsdp2_bf16_latents.py"),
-            str(tmp_path),
-        ],
-        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    done = _two_torchrun_ranks("fsdp2_bf16_latents.py", tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "rank-0.json").read_text())
     assert (tmp_path / "rank-1.json").read_text() == json.dumps(report)
@@ -260,3 +228,24 @@ def test_bf16_weights_and_8bit_adam_resume_exactly_and_still_learn(setup, tmp_pa
     assert [r["loss"] for r in rows_b] == [r["loss"] for r in rows]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def _two_torchrun_ranks(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """tests/`script` on 2 CPU ranks under torchrun, its output folder `tmp_path`."""
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",  # a free port: test runs side by side do not meet on the default one
+            "--nproc_per_node",
+            "2",
+            str(root / "tests" / script),
+            str(tmp_path),
+        ],
+        env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
