@@ -26,6 +26,7 @@ packages=(
     math-verify==0.9.0
     pydantic==2.14.3
     torchao==0.18.0
+    hjson==3.1.0                    # deepspeed (its other dependencies are in the image)
     # theirs
     latex2sympy2_extended==1.11.0   # math-verify
     antlr4-python3-runtime==4.13.2  # latex2sympy2_extended[antlr4-13-2]
@@ -47,6 +48,10 @@ rm -f "$out"/*.whl  # a stale second version of a package would break the instal
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
     --platform any -d "$out" "${packages[@]}"
 "$python" -m pip wheel --quiet --disable-pip-version-check --no-deps -w "$out" .
+# DeepSpeed (ZeRO-2/3 runs) is published as source only: its wheel, pure Python (ops built just in time, or not at
+# all: the loop gives DeepSpeed torch's AdamW), builds here
+DS_BUILD_OPS=0 "$python" -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation -w "$out" \
+    deepspeed==0.19.8
 
 # the same tags as the GPU box: every wheel must be installable there, offline
 check="$(mktemp -d)"
