@@ -19,6 +19,7 @@ one process and under FSDP2, where torchao keeps each moment a DTensor over the 
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -52,6 +53,7 @@ def make_optimizer(
     return cls(groups, lr=lr, betas=BETAS, bf16_stochastic_round=bf16)
 
 
+@functools.cache
 def _adamw_8bit() -> type[torch.optim.Optimizer]:
     """torchao's AdamW8bit, its 8-bit moments of float32 appearance whatever the parameter's dtype. The appearance
     dtype is only what `.dtype` reports (the update dequantizes to float32 either way), but torchao's `aten.view` of
