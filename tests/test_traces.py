@@ -12,6 +12,7 @@ import tiny_lm
 from pipeline import evaluation as evaluate_module
 from pipeline.data.rows import read_jsonl
 from pipeline.data.testbed import TestbedSpec, make_problems
+from pipeline.engine.errors import InputError
 from pipeline.engine.recipe import RecipeError, parse_recipe
 from pipeline.engine.stage_api import StageContext
 from pipeline.generate import Completion
@@ -85,6 +86,39 @@ def test_gsm8k_train_prompts(model_dir, tmp_path):
     run_stage(recipe, model_dir, tmp_path / "out")
     rows = read_rows(tmp_path / "out" / "traces.jsonl")
     assert [(r["id"], r["answer"]) for r in rows] == [("gsm8k-train-0", "72"), ("gsm8k-train-1", "10")]
+
+
+def test_reference_source_writes_each_reference_solution_as_a_trace_and_generates_nothing(
+    model_dir, tmp_path, monkeypatch
+):
+    """source: reference: GSM8K train's worked answers become the traces (the same chat the perplexity eval reads),
+    graded correct, counted in the teacher's tokens; no decoding."""
+    monkeypatch.setattr(evaluate_module, "generate", lambda *a, **k: pytest.fail("reference traces generate nothing"))
+    stage = {"type": "traces", "model": "model", "count": 2, "source": "reference"}
+    recipe = recipe_for(model_dir, stage, task="gsm8k", benchmarks_dir=str(DATA))
+    metrics = run_stage(recipe, model_dir, tmp_path / "out")
+    rows = read_rows(tmp_path / "out" / "traces.jsonl")
+    gold = [json.loads(line) for line in open(DATA / "gsm8k_train.jsonl")][:2]
+    assert [r["completion"] for r in rows] == [g["answer"] for g in gold]
+    assert [(r["id"], r["answer"], r["correct"]) for r in rows] == [
+        ("gsm8k-train-0", "72", True),
+        ("gsm8k-train-1", "10", True),
+    ]
+    tok = tiny_lm.tokenizer()
+    assert [r["num_tokens"] for r in rows] == [
+        len(tok(g["answer"], add_special_tokens=False)["input_ids"]) for g in gold
+    ]
+    assert metrics == {"count": 2, "generated": 0, "kept": 2, "mean_tokens": sum(r["num_tokens"] for r in rows) / 2}
+
+
+def test_reference_source_without_reference_solutions_is_one_clear_error(model_dir, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"question": "What is 2 + 3?", "answer": "5"}) + "\n")
+    stage = {"type": "traces", "model": "model", "count": 1, "source": "reference"}
+    recipe = recipe_for(model_dir, stage, task="jsonl", prompts_file=str(prompts))
+    with pytest.raises(InputError, match=r"stages.traces.source: reference: 1 of 1 jsonl prompts have no reference"):
+        run_stage(recipe, model_dir, tmp_path / "out")
+    assert not (tmp_path / "out" / "traces.jsonl").exists()
 
 
 def test_only_correct_keeps_graded_correct(model_dir, tmp_path, monkeypatch):
