@@ -48,22 +48,13 @@ from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList,
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from real_shapes import QWEN3_SIZES  # noqa: E402
+from real_shapes import QWEN3_SIZES, TINY_QWEN3  # noqa: E402
 
 from pipeline import refill  # noqa: E402
 from pipeline.generate import GenerationSpec, generate_ids  # noqa: E402
 
 QWEN3_0_6B = dict(QWEN3_SIZES["0.6b"], max_position_embeddings=40960)
-TINY = dict(
-    vocab_size=1024,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=2048,
-)
+TINY = dict(TINY_QWEN3, vocab_size=1024, max_position_embeddings=2048)
 EOS, PAD = 151645, 151643  # <|im_end|>, <|endoftext|> in Qwen3's vocabulary
 
 

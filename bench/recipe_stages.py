@@ -42,21 +42,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from real_shapes import REAL_SHAPES  # noqa: E402
+from real_shapes import REAL_SHAPES, TINY_QWEN3  # noqa: E402
 
 from pipeline.engine.errors import InputError  # noqa: E402
 from pipeline.engine.recipe import RecipeError  # noqa: E402
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    vocab_size=1088,  # the tiny tokenizer's 1,026 tokens, padded to a multiple of 64 as Qwen3 pads its own
-    tie_word_embeddings=True,
-)
+# the tiny tokenizer's 1,026 tokens, padded to a multiple of 64 as Qwen3 pads its own
+TINY = dict(TINY_QWEN3, vocab_size=1088, tie_word_embeddings=True)
 # shape -> (config values, learned tokens before the special ones)
 SHAPES = {
     "tiny": (TINY, 1000),

@@ -26,6 +26,16 @@ QWEN3_SIZES = {
     "14b": _qwen3(5120, 17408, 40, 40, tied=False),
 }
 
+# the benchmarks' CPU smoke shape (each sets its own vocabulary)
+TINY_QWEN3 = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
+
 # The real base models of the shipped recipes, by `model.path`: (model_type, the config.json values that
 # set layer shapes, as each model's card publishes them).
 REAL_SHAPES = {

@@ -52,14 +52,15 @@ def recipe(**stage):
     )
 
 
-def run(artifacts, tmp_path, **stage):
+def run(artifacts, tmp_path, init=None, **stage):
+    """The kd stage of `recipe(**stage)` from `init` (the RTN student at artifacts/ptq by default)."""
     rec = recipe(**stage)
     ctx = StageContext(
         name="kd",
         config=rec.stages["kd"],
         recipe=rec,
         out_dir=tmp_path / "out",
-        inputs={"init": artifacts / "ptq", "teacher": artifacts / "teacher", "data": artifacts / "traces"},
+        inputs={"init": init or artifacts / "ptq", "teacher": artifacts / "teacher", "data": artifacts / "traces"},
         input_manifests={},
         checkpointer=Checkpointer(tmp_path / "ckpt"),
         log=logging.getLogger("t"),
@@ -166,22 +167,9 @@ def test_held_out_evaluation_under_bf16_autocast_with_a_static_cache(artifacts, 
         spec = QuantSpec.model_validate(scheme)
         quantize_rtn(student, spec)
         save_quantized(student, load_tokenizer(artifacts / "other"), init / "model", spec)
-    rec = recipe(
-        steps=2, eval_every=1, eval_limit=2, eval_generation={"max_new_tokens": 4, "batch_size": 2, "backend": "static"}
-    )
-    ctx = StageContext(
-        name="kd",
-        config=rec.stages["kd"],
-        recipe=rec,
-        out_dir=tmp_path / "out",
-        inputs={"init": init, "teacher": artifacts / "teacher", "data": artifacts / "traces"},
-        input_manifests={},
-        checkpointer=Checkpointer(tmp_path / "ckpt"),
-        log=logging.getLogger("t"),
-    )
+    generation = {"max_new_tokens": 4, "batch_size": 2, "backend": "static"}
     try:
-        with one_thread():
-            metrics = kd_qat.run(ctx)
+        metrics = run(artifacts, tmp_path, init, steps=2, eval_every=1, eval_limit=2, eval_generation=generation)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.jsonl")]
@@ -216,19 +204,7 @@ def test_transforms_of_a_quarot_init_train_only_when_asked(artifacts, tmp_path, 
     with torch.no_grad():
         assert torch.equal(before(x).logits, logits)
 
-    rec = recipe(transforms=transforms, steps=3)
-    ctx = StageContext(
-        name="kd",
-        config=rec.stages["kd"],
-        recipe=rec,
-        out_dir=tmp_path / "out",
-        inputs={"init": init, "teacher": artifacts / "teacher", "data": artifacts / "traces"},
-        input_manifests={},
-        checkpointer=Checkpointer(tmp_path / "ckpt"),
-        log=logging.getLogger("t"),
-    )
-    with one_thread():
-        kd_qat.run(ctx)
+    run(artifacts, tmp_path, init, transforms=transforms, steps=3)
     after = load_quantized(tmp_path / "out")
     moved = [
         not torch.equal(a.left, b.left) for (_, a), (_, b) in zip(online_transforms(after), online_transforms(before))

@@ -83,13 +83,14 @@ def kd_step_memory(
     )
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)  # and the head
-    teacher_whole = min(teacher_total, embeddings)
-    teacher = teacher_whole * teacher_bytes + (teacher_total - teacher_whole) * teacher_bytes // processes
-    if zero3:
+    if zero3:  # every parameter of both models partitioned
         student, teacher = student // processes, teacher_total * teacher_bytes // processes
-    elif processes > 1:  # two layers gathered whole: the student's weights and gradients, the teacher's weights
-        student = student // processes + 2 * ((student_total - embeddings) // layers) * 2 * weight_bytes
-        teacher += 2 * ((teacher_total - teacher_whole) // layers) * teacher_bytes
+    else:  # FSDP2 (or one GPU): the teacher's embeddings and head stay whole, its decoder layers are sharded
+        teacher_whole = min(teacher_total, embeddings)
+        teacher = teacher_whole * teacher_bytes + (teacher_total - teacher_whole) * teacher_bytes // processes
+        if processes > 1:  # two layers gathered whole: the student's weights and gradients, the teacher's weights
+            student = student // processes + 2 * ((student_total - embeddings) // layers) * 2 * weight_bytes
+            teacher += 2 * ((teacher_total - teacher_whole) // layers) * teacher_bytes
     kv = config.num_key_value_heads * getattr(config, "head_dim", h // config.num_attention_heads)
     # one layer, per token, in bf16 (2 bytes): inputs of q/k/v, o, gate/up, down projections and of the two
     # norms, q/k/v outputs, attention output, gate/up outputs and the SwiGLU product
