@@ -69,3 +69,34 @@ def test_after_a_stage_fails_the_stages_that_do_not_need_it_still_run(bench, tmp
 def test_bad_input_is_one_line_and_exit_2(bench, tmp_path, capsys):
     assert bench.main(["--recipe", "no-such-recipe", "--out", str(tmp_path), *TINY_RUN]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_the_random_model_samples_learned_tokens_that_round_trip_through_the_tokenizer(bench):
+    """The fillers that pad the tokenizer to Qwen3's size re-tokenize to ~10 tokens each: traces of them would make KD
+    sequences ~10x the traces' length (as on the H100). After favour_learned_tokens the model samples none. Hidden
+    1,024 as Qwen3-0.6B's (the scale is set for the real shapes' logits), one small layer."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from pipeline.data.tokenizer import QWEN3_LEARNED, build_tokenizer
+
+    tokenizer = build_tokenizer(pad_to=QWEN3_LEARNED)
+    fillers = {i for t, i in tokenizer.get_vocab().items() if t.startswith("<|filler_")}
+    shape = dict(hidden_size=1024, intermediate_size=256, num_attention_heads=8, num_key_value_heads=4, head_dim=128)
+    config = Qwen3Config(**shape, num_hidden_layers=1, vocab_size=len(tokenizer), tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config).eval()
+    prompt = torch.tensor([tokenizer.encode("Natalia sold clips to 48 of her friends.")])
+
+    def sampled() -> list[int]:
+        torch.manual_seed(1)
+        out = model.generate(
+            prompt, max_new_tokens=32, do_sample=True, temperature=0.6, top_k=20, eos_token_id=None, pad_token_id=0
+        )
+        return out[0, prompt.shape[1] :].tolist()
+
+    assert sum(i in fillers for i in sampled()) > 16  # unscaled, mostly fillers: the check below means something
+    bench.favour_learned_tokens(model, tokenizer)
+    ids = sampled()
+    assert not fillers & set(ids)
+    assert len(tokenizer.encode(tokenizer.decode(ids))) <= 2 * len(ids)
