@@ -195,6 +195,20 @@ def test_accumulation_matches_one_big_batch(setup, tmp_path):
     torch.testing.assert_close(one.lm_head.weight, two.lm_head.weight, rtol=1e-4, atol=1e-6)
 
 
+def test_a_step_groups_sequences_of_like_length_into_its_micro_batches():
+    """Traces of mixed lengths: each micro-batch pads only to its own longest, and every example of the step is in
+    exactly one micro-batch (the padding the step holds is the least a split into grad_accum pieces can have)."""
+    from pipeline.train.loop import _my_batches
+
+    lengths = [10, 100, 12, 95, 11, 98, 13, 97]
+    examples = [(list(range(1, n + 1)), 2) for n in lengths]
+    args = TrainArgs(steps=1, batch_size=8, grad_accum=4, lr=1e-3)
+    batches = _my_batches(examples, seed=0, step=1, args=args, micro=2, rank=0, pad_id=0)
+    assert [b["input_ids"].shape for b in batches] == [(2, 11), (2, 13), (2, 97), (2, 100)]
+    real = sorted(int(n) for b in batches for n in b["attention_mask"].sum(dim=1))
+    assert real == sorted(lengths)
+
+
 def test_checkpoint_of_other_settings_is_not_resumed(setup, tmp_path):
     run(setup, tmp_path, args=ARGS.model_copy(update={"steps": 2}))
     _, _, rows = run(setup, tmp_path, args=ARGS.model_copy(update={"steps": 3, "lr": 1e-3}))
