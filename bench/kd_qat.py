@@ -14,7 +14,7 @@ Random weights and tokens: speed does not depend on them.
     accelerate launch --num_processes 2 --use_fsdp --fsdp_version 2 bench/kd_qat.py --shape 8b --ours-only \
         --gradient-checkpointing --param-dtype bfloat16 --optimizer adamw_8bit --out kd8b-fsdp2.json
     accelerate launch --use_deepspeed --zero_stage 3 --offload_optimizer_device cpu --num_processes 2 \
-        --mixed_precision bf16 bench/kd_qat.py --shape 8b --ours-only --gradient-checkpointing --batch 4 \
+        --mixed_precision bf16 bench/kd_qat.py --shape 8b --ours-only --gradient-checkpointing \
         --out kd8b-zero3.json                               # ZeRO-3, the optimizer in CPU RAM (ZeRO-Offload)
 
 Under `accelerate launch` each process runs `--batch` sequences a step (the global batch grows with the
