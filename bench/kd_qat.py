@@ -13,10 +13,15 @@ Random weights and tokens: speed does not depend on them.
     accelerate launch --num_processes 4 bench/kd_qat.py --shape 1.7b --ours-only --out kd4.json      # DDP
     accelerate launch --num_processes 2 --use_fsdp --fsdp_version 2 bench/kd_qat.py --shape 8b --ours-only \
         --gradient-checkpointing --param-dtype bfloat16 --optimizer adamw_8bit --out kd8b-fsdp2.json
+    accelerate launch --use_deepspeed --zero_stage 3 --offload_optimizer_device cpu --num_processes 2 \
+        --mixed_precision bf16 bench/kd_qat.py --shape 8b --ours-only --gradient-checkpointing \
+        --out kd8b-zero3.json                               # ZeRO-3, the optimizer in CPU RAM (ZeRO-Offload)
 
 Under `accelerate launch` each process runs `--batch` sequences a step (the global batch grows with the
-processes), the teacher is sharded as the kd_qat stage shards it (FSDP2), tokens/s is the global rate, MFU is per
-GPU and the peak memory is the largest of the processes'.
+processes), the teacher is sharded as the kd_qat stage shards it (FSDP2) or partitioned (ZeRO-3: both models are
+built whole on the CPU, the teacher partitioned by an engine of its own, the student by `train`), tokens/s is the
+global rate, MFU is per GPU and the peak memory is the largest of the processes'. ZeRO-3 keeps fp32 latent weights
+and DeepSpeed's AdamW (`--param-dtype` and `--optimizer` stay at their defaults) and runs eager (no `--compile`).
 
 Prints, per run: median step time over the timed steps (after `--warmup` steps), tokens/s, peak
 GPU memory, MFU (student forward+backward 6·N·T plus teacher forward 2·N·T FLOPs, attention left
@@ -49,8 +54,17 @@ from real_shapes import QWEN3_SIZES  # noqa: E402
 from pipeline.engine.checkpoint import Checkpointer  # noqa: E402
 from pipeline.quant.apply import quantize_rtn  # noqa: E402
 from pipeline.quant.scheme import QuantSpec  # noqa: E402
-from pipeline.train.loop import TrainArgs, make_accelerator, shard_frozen, train  # noqa: E402
-from pipeline.train.memory import GIB, kd_step_memory_of  # noqa: E402
+from pipeline.train.loop import (  # noqa: E402
+    TrainArgs,
+    held_parameters,
+    is_zero3,
+    make_accelerator,
+    partition_frozen,
+    shard_frozen,
+    train,
+    whole_models,
+)
+from pipeline.train.memory import GIB, Zero3, kd_step_memory_of  # noqa: E402
 
 SHAPES = {
     **QWEN3_SIZES,
@@ -77,6 +91,26 @@ def build(shape: str, seed: int, device: str, dtype: torch.dtype = torch.float32
     config._attn_implementation = "sdpa"
     with torch.device(device):
         return Qwen3ForCausalLM(config).to(dtype)
+
+
+def build_for(acc, shape: str, seed: int, dtype: torch.dtype, scheme: str | None = None):
+    """`build`, quantized (RTN) to `scheme` if given, where the run needs it: on the accelerator's device, or under
+    ZeRO-3 whole on the CPU, to be partitioned from there (built and quantized on the GPU if there is one, then
+    moved: an 8B model's init and RTN take minutes on the CPU)."""
+    zero3 = is_zero3(acc)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if zero3 else acc.device
+    with whole_models(acc):  # under ZeRO-3 transformers would build it inside deepspeed.zero.Init (partitioned)
+        model = build(shape, seed, device, dtype)
+    if scheme:
+        quantize_rtn(model, QuantSpec.model_validate(scheme))
+    return model.to("cpu") if zero3 else model
+
+
+def parameter_count(acc, model) -> int:
+    """The whole model's parameters, also of one ZeRO-3 partitioned (whose parameters' numel() is 0)."""
+    if is_zero3(acc):
+        return held_parameters(model)[1]
+    return sum(p.numel() for p in model.parameters())
 
 
 def timed_run(student, teacher, examples, args, label: str, acc) -> dict:
@@ -124,8 +158,7 @@ def timed_run(student, teacher, examples, args, label: str, acc) -> dict:
         return {}
     step_s = statistics.median(r["tokens"] / r["tokens_per_s"] for r in rows)
     tokens = rows[0]["tokens"]
-    n_student = sum(p.numel() for p in student.parameters())
-    n_teacher = sum(p.numel() for p in teacher.parameters())
+    n_student, n_teacher = parameter_count(acc, student), parameter_count(acc, teacher)
     result = {
         "step_s": step_s,
         "tokens_per_s": tokens / step_s,
@@ -142,15 +175,19 @@ def timed_run(student, teacher, examples, args, label: str, acc) -> dict:
 
 
 def estimated_gib(student, teacher, train_args: TrainArgs, args, acc) -> float:
-    fsdp = acc.distributed_type == DistributedType.FSDP
+    """The step's estimate, as the kd_qat stage makes it (`stages.kd_qat._check_fits`): the student still whole."""
+    zero3 = is_zero3(acc)
+    shared = zero3 or acc.distributed_type == DistributedType.FSDP
+    config = acc.state.deepspeed_plugin.deepspeed_config if zero3 else {}
     memory = kd_step_memory_of(
         student,
         train_args,
-        teacher_total=sum(p.numel() for p in teacher.parameters()),
+        teacher_total=parameter_count(acc, teacher),
         teacher_bytes=teacher.dtype.itemsize,
         tokens=args.batch * args.seqlen,
         chunk_size=args.chunk,
-        processes=acc.num_processes if fsdp else 1,
+        processes=acc.num_processes if shared else 1,
+        zero3=Zero3.of(config, student.config.hidden_size) if zero3 else None,
     )
     return memory.total / GIB
 
@@ -198,8 +235,11 @@ def main() -> None:
     device = acc.device
     if acc.num_processes > 1 and not args.ours_only:
         raise SystemExit("several processes: time --ours-only (one prepared model per run)")
+    if is_zero3(acc) and args.compile:
+        raise SystemExit("--compile: not under ZeRO-3 (DeepSpeed's hooks on every submodule break the graphs)")
     examples = random_examples(args)
-    teacher = shard_frozen(acc, build(args.shape, 1, device, dtype).eval().requires_grad_(False))
+    teacher = build_for(acc, args.shape, 1, dtype).eval().requires_grad_(False)
+    teacher = partition_frozen(acc, shard_frozen(acc, teacher))
     # the student's latent weights in the dtype the loop would give them (an fp32 8B copy would not fit beside)
     student_dtype = torch.bfloat16 if args.param_dtype == "bfloat16" else torch.float32
 
@@ -217,11 +257,12 @@ def main() -> None:
         param_dtype=args.param_dtype, optimizer=args.optimizer, gradient_checkpointing=args.gradient_checkpointing
     )
     if not args.ours_only:
-        results["plain"] = timed_run(build(args.shape, 0, device, student_dtype), teacher, examples, args, "plain", acc)
+        results["plain"] = timed_run(
+            build_for(acc, args.shape, 0, student_dtype), teacher, examples, args, "plain", acc
+        )
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    student = build(args.shape, 0, device, student_dtype)
-    quantize_rtn(student, QuantSpec.model_validate(args.scheme))
+    student = build_for(acc, args.shape, 0, student_dtype, args.scheme)
     results["ours"] = timed_run(student, teacher, examples, args, "ours", acc)
     if not args.ours_only:
         results["ratio"] = results["ours"]["step_s"] / results["plain"]["step_s"]

@@ -65,7 +65,7 @@ from pipeline.train.loop import (
     whole_model,
     whole_models,
 )
-from pipeline.train.memory import GIB, fit_error, kd_step_memory_of
+from pipeline.train.memory import GIB, Zero3, fit_error, kd_step_memory_of
 
 CODE_VERSION = 2
 USES = ("seed", "model", "data")
@@ -191,13 +191,17 @@ def held_out_eval(ctx: StageContext, tokenizer, accelerator):
 
 
 def _check_fits(ctx: StageContext, student, examples, accelerator, teacher_dtype: str) -> None:
-    """On one GPU (or one per process: DDP; FSDP2 and ZeRO-3, each GPU holding its shares of the models), refuse
-    before training a setting whose step cannot fit; ZeRO-2 is not checked."""
+    """On one GPU (or one per process: DDP; FSDP2 and ZeRO-3, each GPU holding its shares of the models, under ZeRO-3
+    less what its config offloads to the CPU), refuse before training a setting whose step cannot fit; ZeRO-2 is not
+    checked."""
     zero3, fsdp = is_zero3(accelerator), accelerator.distributed_type == DistributedType.FSDP
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if accelerator.device.type != "cuda" or (deepspeed and not zero3):
         return
     processes = accelerator.num_processes if zero3 or fsdp else 1
+    # what ZeRO-3 keeps on the GPU depends on its offloads and bucket sizes
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config if zero3 else {}
+    zero3_memory = Zero3.of(ds_config, student.config.hidden_size) if zero3 else None
     config = ctx.config
     micro = config.batch_size // (accelerator.num_processes * config.grad_accum)
     teacher_total = sum(p.numel() for p in student.parameters()) if config.objective == "kd" else 0
@@ -209,7 +213,7 @@ def _check_fits(ctx: StageContext, student, examples, accelerator, teacher_dtype
         tokens=micro * max(len(ids) for ids, _ in examples),
         chunk_size=config.chunk_size,
         processes=processes,
-        zero3=zero3,
+        zero3=zero3_memory,
     )
     free, _ = torch.cuda.mem_get_info(accelerator.device)
     ctx.log.info(
@@ -227,6 +231,7 @@ def _check_fits(ctx: StageContext, student, examples, accelerator, teacher_dtype
         gradient_checkpointing=config.gradient_checkpointing,
         processes=processes,
         deepspeed=deepspeed,
+        zero3=zero3_memory,
     )
     if error:
         raise InputError(f"stages.{ctx.name}", error)

@@ -241,3 +241,38 @@ def test_traces_kept_are_logged_and_none_left_fails_the_stage(artifacts, tmp_pat
     assert str(err.value).startswith("stages.kd.only_correct: none of the 8 traces was graded correct")
     assert "set only_correct: false to train on every trace" in str(err.value)
     assert run(links, tmp_path / "all", steps=1, batch_size=1, only_correct=False)["examples"] == 8
+
+
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+def test_the_fit_check_under_zero3_reads_the_optimizer_offload_from_the_deepspeed_config(monkeypatch, offload):
+    """Qwen3-8B (meta tensors: only counted), fp32 AdamW, 8 x 2048 tokens a GPU, 2 processes under ZeRO-3 on 80 GB
+    GPUs: refused before training, naming the offload lever, unless accelerate's DeepSpeed config (as `accelerate
+    launch --use_deepspeed --zero_stage 3 --offload_optimizer_device cpu` writes it) offloads the optimizer."""
+    from types import SimpleNamespace
+
+    from accelerate import DistributedType
+    from real_shapes import QWEN3_SIZES
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from pipeline.engine.errors import InputError
+
+    with torch.device("meta"):
+        student = Qwen3ForCausalLM(Qwen3Config(**QWEN3_SIZES["8b"]))
+    ds_config = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": offload, "nvme_path": None}}}
+    plugin = SimpleNamespace(zero_stage=3, deepspeed_config=ds_config)
+    accelerator = SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED,
+        device=torch.device("cuda", 0),
+        num_processes=2,
+        state=SimpleNamespace(deepspeed_plugin=plugin),
+    )
+    settings = dict(batch_size=16, grad_accum=1, objective="kd", chunk_size=2048, compile=False)
+    config = SimpleNamespace(**settings, param_dtype="float32", optimizer="adamw", gradient_checkpointing=True)
+    ctx = SimpleNamespace(config=config, name="student", log=logging.getLogger("test"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(78.6 * 2**30), 80 * 2**30))
+    examples = [(list(range(2048)), 256)]
+    if offload == "cpu":
+        kd_qat._check_fits(ctx, student, examples, accelerator, "bfloat16")  # about 40 GiB: fits
+        return
+    with pytest.raises(InputError, match="--offload_optimizer_device cpu"):
+        kd_qat._check_fits(ctx, student, examples, accelerator, "bfloat16")

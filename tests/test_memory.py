@@ -3,14 +3,14 @@
 from real_shapes import QWEN3_SIZES
 from transformers import Qwen3Config
 
-from pipeline.train.memory import GIB, fit_error, kd_step_memory
+from pipeline.train.memory import GIB, Zero3, fit_error, kd_step_memory
 from pipeline.train.optim import bytes_per_trainable_parameter
 
 QWEN3_8B = Qwen3Config(**QWEN3_SIZES["8b"])
 N_8B = 8_190_735_360  # parameters of that shape (embeddings and lm_head untied)
 
 
-def estimate(param_dtype, optimizer, checkpointing=True, processes=1, zero3=False):
+def estimate(param_dtype, optimizer, checkpointing=True, processes=1, zero3=None):
     return kd_step_memory(
         QWEN3_8B,
         trainable=N_8B,
@@ -75,21 +75,74 @@ def test_under_fsdp2_each_gpu_holds_its_share_of_the_sharded_parts():
     assert two.total < 0.75 * 78.6 * GIB
 
 
-def test_under_zero3_each_gpu_holds_its_share_of_student_and_teacher_and_is_offered_only_zero3_levers():
-    one, two, four = (estimate("float32", "adamw", processes=n, zero3=True) for n in (1, 2, 4))
-    assert two.student == 16 * N_8B // 2 and two.teacher == 2 * N_8B // 2
+HEAD_8B = QWEN3_8B.vocab_size * QWEN3_8B.hidden_size  # the largest module ZeRO-3 gathers whole (a layer: 193M)
+# DeepSpeed's defaults, as `accelerate launch --use_deepspeed` writes a config without them: 2 bytes (bf16) an element
+BUCKETS = 2 * 500_000_000  # the student's gradient bucket (reduce_bucket_size)
+PREFETCH = 2 * 50_000_000  # each model's parameters gathered ahead (stage3_prefetch_bucket_size)
+
+
+def test_under_zero3_each_gpu_holds_its_share_of_student_and_teacher_and_what_deepspeed_gathers():
+    one, two, four = (estimate("float32", "adamw", processes=n, zero3=Zero3()) for n in (1, 2, 4))
+    # DeepSpeed's 16 bytes a parameter halved, plus the head gathered with its gradient, the prefetch and the bucket
+    assert two.student == 16 * N_8B // 2 + 4 * HEAD_8B + PREFETCH + BUCKETS
+    assert two.teacher == 2 * N_8B // 2 + 2 * HEAD_8B + PREFETCH
     # each process runs its own micro-batch through a whole layer at a time: activations as on one GPU
     assert (two.activations, two.quantized_weights, two.logits) == (one.activations, one.quantized_weights, one.logits)
     h100_free = 78.6 * GIB
     # fp32 latent weights and AdamW for 8B at 8 x 2048 tokens a GPU: 4 GPUs under ZeRO-3, not 2
-    fits = {"param_dtype": "float32", "optimizer": "adamw", "gradient_checkpointing": True}
-    assert fit_error(four, h100_free, **fits, processes=4, deepspeed=True) is None
-    message = fit_error(two, h100_free, **fits, processes=2, deepspeed=True)
+    fits = {"param_dtype": "float32", "optimizer": "adamw", "gradient_checkpointing": True, "deepspeed": True}
+    assert fit_error(four, h100_free, **fits, processes=4, zero3=Zero3()) is None
+    eager = estimate("float32", "adamw", checkpointing=False, processes=4, zero3=Zero3())
+    message = fit_error(eager, h100_free, **{**fits, "gradient_checkpointing": False}, processes=4, zero3=Zero3())
     # DeepSpeed refuses param_dtype bfloat16 and adamw_8bit: not offered
-    assert message.endswith("free: use a smaller batch_size / more grad_accum / a smaller chunk_size, or more GPUs")
-    eager = estimate("float32", "adamw", checkpointing=False, processes=4, zero3=True)
-    message = fit_error(eager, h100_free, **{**fits, "gradient_checkpointing": False}, processes=4, deepspeed=True)
-    assert "free: try gradient_checkpointing: true, or a smaller batch_size" in message and "bfloat16" not in message
+    assert "free: try gradient_checkpointing: true, zero_optimization.offload_optimizer" in message
+    assert "bfloat16" not in message and "adamw_8bit" not in message
+
+
+def test_an_8b_step_on_two_80gb_gpus_under_zero3_is_refused_without_offload_and_fits_with_the_optimizer_offloaded():
+    """Qwen3-8B, fp32 AdamW (DeepSpeed's), 8 x 2048 tokens a GPU, checkpointing, 2 processes: the issue's setting."""
+    settings = {"param_dtype": "float32", "optimizer": "adamw", "gradient_checkpointing": True, "deepspeed": True}
+    h100_free = 78.6 * GIB
+    plain = estimate("float32", "adamw", processes=2, zero3=Zero3())
+    message = fit_error(plain, h100_free, **settings, processes=2, zero3=Zero3())
+    assert plain.total / GIB > 90 and message is not None
+    assert (
+        "try zero_optimization.offload_optimizer.device: cpu (accelerate launch --offload_optimizer_device cpu), "
+        "zero_optimization.offload_param.device: cpu (accelerate launch --offload_param_device cpu), or a smaller "
+        "batch_size" in message
+    )
+    offloaded = Zero3(offload_optimizer=True)
+    optimizer_off = estimate("float32", "adamw", processes=2, zero3=offloaded)
+    # by hand: the GPU keeps the student's bf16 partition (2 bytes a parameter, halved), not its fp32 master weights,
+    # gradient partitions or moments (CPU RAM), plus what it gathers and its gradient bucket; the teacher as before
+    assert optimizer_off.student == 2 * N_8B // 2 + 4 * HEAD_8B + PREFETCH + BUCKETS  # 8.19 + 2.49 + 0.1 + 1.0 GB
+    assert optimizer_off.teacher == plain.teacher
+    assert plain.student - optimizer_off.student == 14 * N_8B // 2  # 53.4 GiB moved to CPU RAM
+    assert fit_error(optimizer_off, h100_free, **settings, processes=2, zero3=offloaded) is None
+    assert 38 < optimizer_off.total / GIB < 43
+    # offload_param moves both models' bf16 partitions off the GPU too: only what is gathered stays
+    both = estimate("float32", "adamw", processes=2, zero3=Zero3(offload_optimizer=True, offload_param=True))
+    assert (both.student, both.teacher) == (4 * HEAD_8B + PREFETCH + BUCKETS, 2 * HEAD_8B + PREFETCH)
+
+
+def test_zero3_settings_are_read_from_the_deepspeed_config_accelerate_holds():
+    # as `accelerate launch --use_deepspeed --zero_stage 3 --offload_optimizer_device cpu` writes it: DeepSpeed's
+    # default bucket sizes
+    launched = {
+        "zero_optimization": {
+            "stage": 3,
+            "offload_optimizer": {"device": "cpu", "nvme_path": None},
+            "offload_param": {"device": "none", "nvme_path": None},
+        }
+    }
+    assert Zero3.of(launched, hidden_size=4096) == Zero3(offload_optimizer=True)
+    # a config file's "auto" sizes are those accelerate fills in from the hidden size
+    auto = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto"}}
+    assert Zero3.of(auto, hidden_size=4096) == Zero3(
+        reduce_bucket_size=4096**2, prefetch_bucket_size=int(0.9 * 4096**2)
+    )
+    nvme = {"zero_optimization": {"offload_param": {"device": "nvme"}, "reduce_bucket_size": 2e8}}
+    assert Zero3.of(nvme, hidden_size=4096) == Zero3(offload_param=True, reduce_bucket_size=200_000_000)
 
 
 def test_compiled_layers_are_estimated_from_the_measured_share_not_refused_as_eager():

@@ -14,9 +14,11 @@ Under FSDP2 (`processes` > 1) each GPU holds its share of what is sharded: every
 and moments, and the teacher's decoder layers (its embeddings and head stay whole, `pipeline.train.loop.shard_frozen`);
 plus the layers it has gathered whole, two of each model at a time (the one computing and the next, prefetched), with
 their gradients in the student's. Activations, quantized weights and logits are each process's own micro-batch's, as
-on one GPU. Under ZeRO-3 every parameter of both models is partitioned, embeddings and head included, each process
-holding its share (the layer gathered whole for its forward is left to the estimate's slack). No FSDP2 or ZeRO-3
-peak has been measured yet.
+on one GPU. Under ZeRO-3 (`Zero3`) every parameter of both models is partitioned, embeddings and head included, each
+process holding its share, plus what DeepSpeed gathers whole and its buckets (`_zero3_resident`); with the optimizer
+offloaded (ZeRO-Offload) the student's fp32 master weights, gradient partitions and AdamW moments live in CPU RAM and
+each GPU keeps only its bf16 partition, which offload_param moves to the CPU too. No FSDP2 or ZeRO-3 peak has been
+measured yet.
 """
 
 from __future__ import annotations
@@ -53,6 +55,81 @@ class StepMemory:
         return ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts.items())
 
 
+@dataclass(frozen=True)
+class Zero3:
+    """What a DeepSpeed ZeRO-3 config (its `zero_optimization` section) decides of each GPU's memory. The defaults are
+    DeepSpeed's own, for a key the config leaves out (deepspeed/runtime/zero/config.py, DeepSpeedZeroConfig)."""
+
+    offload_optimizer: bool = False
+    """fp32 master weights, gradient partitions and AdamW moments in CPU RAM (`offload_optimizer.device`)."""
+    offload_param: bool = False
+    """The bf16 parameter partitions in CPU RAM too, fetched for each forward (`offload_param.device`)."""
+    reduce_bucket_size: int = 500_000_000
+    """Elements of the gradient bucket (`reduce_bucket_size`)."""
+    prefetch_bucket_size: int = 50_000_000
+    """Elements gathered ahead of the module computing (`stage3_prefetch_bucket_size`)."""
+
+    @classmethod
+    def of(cls, deepspeed_config: dict, hidden_size: int) -> Zero3:
+        """From a DeepSpeed config as accelerate holds it before `prepare` (accelerate's
+        `deepspeed_plugin.deepspeed_config`): an "auto" bucket size is the one accelerate will fill in from the
+        model's hidden size (`Accelerator._prepare_deepspeed`: hidden², 0.9 hidden²)."""
+        zero = deepspeed_config.get("zero_optimization", {})
+
+        def offloaded(key: str) -> bool:  # "cpu" or "nvme": either way off the GPU
+            return (zero.get(key) or {}).get("device") not in (None, "none")
+
+        def size(key: str, default: int, auto: int) -> int:
+            value = zero.get(key, default)
+            return auto if value == "auto" else int(value)
+
+        return cls(
+            offload_optimizer=offloaded("offload_optimizer"),
+            offload_param=offloaded("offload_param"),
+            reduce_bucket_size=size("reduce_bucket_size", cls.reduce_bucket_size, hidden_size**2),
+            prefetch_bucket_size=size(
+                "stage3_prefetch_bucket_size", cls.prefetch_bucket_size, int(0.9 * hidden_size**2)
+            ),
+        )
+
+
+def _zero3_resident(
+    zero3: Zero3,
+    *,
+    student: int,
+    student_total: int,
+    teacher_total: int,
+    teacher_bytes: int,
+    largest: int,
+    processes: int,
+) -> tuple[int, int]:
+    """(student, teacher) bytes on each GPU under ZeRO-3, `student` being the student's bytes on one GPU without
+    offload and `largest` the parameters of the largest module either model gathers whole (its head or embeddings).
+    bf16 (2 bytes) is what DeepSpeed computes in: `pipeline.train.loop._partition` casts to it under bf16."""
+    if zero3.offload_param:
+        # the bf16 partitions sit in CPU RAM (deepspeed.zero.Init's remote_device is offload_param.device,
+        # partition_parameters.py; DeepSpeedZeroOptimizer_Stage3._create_fp16_partitions_with_defragmentation keeps the
+        # flat fp16 groups in `_create_param_groups_fp16_flat_cpu_memory`): the GPU holds only what is gathered
+        student_part = teacher_part = 0
+    elif zero3.offload_optimizer:
+        # DeepSpeedZeroOptimizer_Stage3.__init__ sets `self.device` to cpu under offload_optimizer: the fp32 master
+        # weights and AdamW moments (`_create_fp32_partitions`) and the flat gradient partitions
+        # (`grad_partitions_flat_buffer`) are made there; the bf16 partition (`lp_param_buffer`) stays on the GPU
+        student_part, teacher_part = 2 * student_total // processes, teacher_total * teacher_bytes // processes
+    else:  # all on the GPU, partitioned: in bf16 DeepSpeed's 16 bytes a trainable parameter are the bf16 weight and
+        # gradient partitions (grad_accum_dtype defaults to the model's) and the fp32 master weight and moments
+        student_part, teacher_part = student // processes, teacher_total * teacher_bytes // processes
+    # gathered whole while it computes, then released (partitioned_param_coordinator.py fetch_sub_module /
+    # release_sub_module): the largest module, the student's with its bf16 gradient before the reduce-scatter; each
+    # model's engine also prefetches `prefetch_bucket_size` elements ahead
+    gathered_student = (2 + 2) * largest + 2 * zero3.prefetch_bucket_size
+    gathered_teacher = teacher_bytes * largest + 2 * zero3.prefetch_bucket_size
+    # the student's gradient bucket, bf16 on the GPU whether or not the optimizer is offloaded (stage3.py __init__,
+    # "IPG": torch.empty(reduce_bucket_size) on the current device, contiguous_gradients being on by default)
+    bucket = 2 * zero3.reduce_bucket_size
+    return student_part + gathered_student + bucket, teacher_part + gathered_teacher
+
+
 COMPILED_SHARE = 0.6
 """Share of the eager activations (and saved fake-quantized weights) a step keeps with its decoder layers compiled."""
 
@@ -72,11 +149,11 @@ def kd_step_memory(
     activation_quant: bool,
     compiled: bool = False,
     processes: int = 1,
-    zero3: bool = False,
+    zero3: Zero3 | None = None,
 ) -> StepMemory:
     """Estimate for a student of transformers `config` with `trainable` of `student_total` parameters trained,
     `teacher_total` parameters of `teacher_bytes` each, `tokens` per micro-batch, bf16 autocast, on each of
-    `processes` GPUs sharing the models under FSDP2, or under ZeRO-3 if `zero3` (1: one GPU, or DDP)."""
+    `processes` GPUs sharing the models under FSDP2, or under ZeRO-3 as `zero3` sets it (1: one GPU, or DDP)."""
     weight_bytes = 4 if param_dtype == "float32" else 2
     student = (
         trainable * bytes_per_trainable_parameter(param_dtype, optimizer) + (student_total - trainable) * weight_bytes
@@ -84,7 +161,15 @@ def kd_step_memory(
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)  # and the head
     if zero3:  # every parameter of both models partitioned
-        student, teacher = student // processes, teacher_total * teacher_bytes // processes
+        student, teacher = _zero3_resident(
+            zero3,
+            student=student,
+            student_total=student_total,
+            teacher_total=teacher_total,
+            teacher_bytes=teacher_bytes,
+            largest=max(config.vocab_size * h, (student_total - embeddings) // layers),
+            processes=processes,
+        )
     else:  # FSDP2 (or one GPU): the teacher's embeddings and head stay whole, its decoder layers are sharded
         teacher_whole = min(teacher_total, embeddings)
         teacher = teacher_whole * teacher_bytes + (teacher_total - teacher_whole) * teacher_bytes // processes
@@ -135,7 +220,7 @@ def kd_step_memory_of(
     tokens: int,
     chunk_size: int,
     processes: int = 1,
-    zero3: bool = False,
+    zero3: Zero3 | None = None,
 ) -> StepMemory:
     """`kd_step_memory` of a student model (whole) as it will train under `args` (pipeline.train.loop.TrainArgs):
     its parameters, which of them train, and whether it quantizes activations, read off the model."""
@@ -175,14 +260,23 @@ def fit_error(
     gradient_checkpointing: bool,
     processes: int = 1,
     deepspeed: bool = False,
+    zero3: Zero3 | None = None,
 ) -> str | None:
     """None unless `memory` is clearly more than `available` bytes (REFUSE_ABOVE), else the message: what it
-    needs, what the GPU has, and the levers not yet pulled (under `deepspeed`, only those DeepSpeed allows)."""
+    needs, what the GPU has, and the levers not yet pulled (under `deepspeed`, only those DeepSpeed allows; under
+    `zero3`, its offloads)."""
     if memory.total <= REFUSE_ABOVE * available:
         return None
     levers = []
     if not gradient_checkpointing:
         levers.append("gradient_checkpointing: true")
+    # ZeRO-Offload: the optimizer's 16 bytes a parameter go to CPU RAM, then the bf16 partitions too
+    if zero3 and not zero3.offload_optimizer:
+        levers.append(
+            "zero_optimization.offload_optimizer.device: cpu (accelerate launch --offload_optimizer_device cpu)"
+        )
+    if zero3 and not zero3.offload_param:
+        levers.append("zero_optimization.offload_param.device: cpu (accelerate launch --offload_param_device cpu)")
     # DeepSpeed keeps its own fp32 master weights and AdamW state: the bf16 and 8-bit levers are not its
     if param_dtype == "float32" and not deepspeed:
         levers.append("param_dtype: bfloat16")
