@@ -63,8 +63,9 @@ from pipeline.train.loop import (  # noqa: E402
     shard_frozen,
     train,
     whole_models,
+    zero3_settings,
 )
-from pipeline.train.memory import GIB, Zero3, kd_step_memory_of  # noqa: E402
+from pipeline.train.memory import GIB, kd_step_memory_of  # noqa: E402
 
 SHAPES = {
     **QWEN3_SIZES,
@@ -176,9 +177,7 @@ def timed_run(student, teacher, examples, args, label: str, acc) -> dict:
 
 def estimated_gib(student, teacher, train_args: TrainArgs, args, acc) -> float:
     """The step's estimate, as the kd_qat stage makes it (`stages.kd_qat._check_fits`): the student still whole."""
-    zero3 = is_zero3(acc)
-    shared = zero3 or acc.distributed_type == DistributedType.FSDP
-    config = acc.state.deepspeed_plugin.deepspeed_config if zero3 else {}
+    shared = is_zero3(acc) or acc.distributed_type == DistributedType.FSDP
     memory = kd_step_memory_of(
         student,
         train_args,
@@ -187,7 +186,7 @@ def estimated_gib(student, teacher, train_args: TrainArgs, args, acc) -> float:
         tokens=args.batch * args.seqlen,
         chunk_size=args.chunk,
         processes=acc.num_processes if shared else 1,
-        zero3=Zero3.of(config, student.config.hidden_size) if zero3 else None,
+        zero3=zero3_settings(acc, student.config.hidden_size),
     )
     return memory.total / GIB
 

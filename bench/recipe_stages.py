@@ -6,7 +6,7 @@ memory, from the runner's own manifests.
     python bench/recipe_stages.py --recipe recipes/qwen3-8b-w3g128.yaml --shape 8b --out DIR
     python bench/recipe_stages.py --recipe recipes/qwen3-0.6b-w3g128.yaml --shape tiny --out DIR   # CPU smoke test
 
-The model (DIR/model-SHAPE, built once and reused) is a Qwen3ForCausalLM with the published config of Qwen3-0.6B
+The model (DIR/model-SHAPE-vN, built once and reused) is a Qwen3ForCausalLM with the published config of Qwen3-0.6B
 or Qwen3-8B (tests/real_shapes.py), random bf16 weights (initialised on the GPU when there is one), saved as
 safetensors, with a tokenizer of Qwen3's layout (pipeline.data.tokenizer.build_tokenizer(pad_to=...): 151,669
 tokens, <|endoftext|> <|im_start|> <|im_end|> at 151643..151645, <think> </think> at 151667/151668) and Qwen3's
@@ -55,6 +55,11 @@ SHAPES = {
     "0.6b": (REAL_SHAPES["Qwen/Qwen3-0.6B"][1], None),
     "8b": (REAL_SHAPES["Qwen/Qwen3-8B"][1], None),
 }
+
+
+MODEL_FOLDER_VERSION = 2
+"""In the model folder's name (DIR/model-SHAPE-vN): a folder an earlier version of build_model_folder made (before
+favour_learned_tokens: traces of fillers) is not reused."""
 
 
 def favour_learned_tokens(model, tokenizer, scale: float = 10.0) -> None:
@@ -129,28 +134,29 @@ def timing_overrides(recipe, args: argparse.Namespace) -> list[str]:
     return sets
 
 
-STOPPED_BY_SIGINT, STOPPED_BY_SIGTERM = 128 + 2, 128 + 15  # as pipeline.engine.signals has the CLI exit
-
-
 def run_what_fits(recipe_arg: str, recipe, artifacts: Path, sets: list[str]) -> int:
     """Run the recipe through the CLI; its exit code. When a stage fails (out of memory, say), the run stops there,
     so then every stage not yet run is tried on its own (`--only`): those whose inputs completed run and are timed,
-    the others are refused at once. Stopped by SIGINT or SIGTERM (the CLI's exit code 128 + the signal), it goes on
-    with no other stage: the next call resumes."""
+    the others are refused at once. A run stopped by SIGINT or SIGTERM (the CLI exits 128 + the signal) stops the
+    bench, there or in a stage run alone: the same command resumes."""
     import gc
 
     from pipeline import cli
-    from pipeline.engine import dag
+    from pipeline.engine import dag, signals
     from pipeline.engine.store import Store
 
+    stopped = {128 + int(sig) for sig in signals.SIGNALS}
     run = ["run", recipe_arg, "--artifacts", str(artifacts), *(a for s in sets for a in ("--set", s))]
     code = cli.main(run)
-    if code not in (0, STOPPED_BY_SIGINT, STOPPED_BY_SIGTERM):  # a run stopped by a signal stops the bench too
-        store = Store(artifacts, recipe.name)
-        for name in dag.topological_order(recipe):
-            if store.manifest(name) is None and store.failed(name) is None:
-                gc.collect()  # what the failed stage held goes before the next one loads its model
-                cli.main([*run, "--only", name])
+    if code in (0, *stopped):
+        return code
+    store = Store(artifacts, recipe.name)
+    for name in dag.topological_order(recipe):
+        if store.manifest(name) is None and store.failed(name) is None:
+            gc.collect()  # what the failed stage held goes before the next one loads its model
+            alone = cli.main([*run, "--only", name])
+            if alone in stopped:
+                return alone
     return code
 
 
@@ -224,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import api
 
     args = parse_args(argv)
-    model_dir = args.out / f"model-{args.shape}"
+    model_dir = args.out / f"model-{args.shape}-v{MODEL_FOLDER_VERSION}"
     started = time.monotonic()
     if not model_dir.is_dir():
         # built aside and renamed, so that a folder there is always a whole model

@@ -64,8 +64,9 @@ from pipeline.train.loop import (
     train,
     whole_model,
     whole_models,
+    zero3_settings,
 )
-from pipeline.train.memory import GIB, Zero3, fit_error, kd_step_memory_of
+from pipeline.train.memory import GIB, fit_error, kd_step_memory_of
 
 CODE_VERSION = 2
 USES = ("seed", "model", "data")
@@ -199,9 +200,7 @@ def _check_fits(ctx: StageContext, student, examples, accelerator, teacher_dtype
     if accelerator.device.type != "cuda" or (deepspeed and not zero3):
         return
     processes = accelerator.num_processes if zero3 or fsdp else 1
-    # what ZeRO-3 keeps on the GPU depends on its offloads and bucket sizes
-    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config if zero3 else {}
-    zero3_memory = Zero3.of(ds_config, student.config.hidden_size) if zero3 else None
+    zero3_config = zero3_settings(accelerator, student.config.hidden_size)
     config = ctx.config
     micro = config.batch_size // (accelerator.num_processes * config.grad_accum)
     teacher_total = sum(p.numel() for p in student.parameters()) if config.objective == "kd" else 0
@@ -213,7 +212,7 @@ def _check_fits(ctx: StageContext, student, examples, accelerator, teacher_dtype
         tokens=micro * max(len(ids) for ids, _ in examples),
         chunk_size=config.chunk_size,
         processes=processes,
-        zero3=zero3_memory,
+        zero3=zero3_config,
     )
     free, _ = torch.cuda.mem_get_info(accelerator.device)
     ctx.log.info(
@@ -231,7 +230,7 @@ def _check_fits(ctx: StageContext, student, examples, accelerator, teacher_dtype
         gradient_checkpointing=config.gradient_checkpointing,
         processes=processes,
         deepspeed=deepspeed,
-        zero3=zero3_memory,
+        zero3=zero3_config,
     )
     if error:
         raise InputError(f"stages.{ctx.name}", error)

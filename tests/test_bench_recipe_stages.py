@@ -48,7 +48,7 @@ def test_every_stage_of_the_recipe_gets_a_row_with_its_wall_time(bench, tmp_path
     assert rows["teacher_math500"]["metrics"]["num_problems"] == 2
     assert rows["gptq"]["peak_gpu_gib"] is None  # no GPU here
     assert "stages.traces.generation.max_new_tokens=32" in report["overrides"]
-    assert (tmp_path / "model-tiny" / "model.safetensors").is_file()
+    assert (tmp_path / f"model-tiny-v{bench.MODEL_FOLDER_VERSION}" / "model.safetensors").is_file()
     table = (tmp_path / "stages.md").read_text()
     assert table in capsys.readouterr().out and table.count("\n") == 2 + len(rows)
 
@@ -64,6 +64,23 @@ def test_after_a_stage_fails_the_stages_that_do_not_need_it_still_run(bench, tmp
     assert rows["kd_qat"]["state"] == "failed" and "CUDA out of memory" in rows["kd_qat"]["note"]
     assert [s for s, r in rows.items() if r["state"] == "not run"] == ["kd_qat_math500", "gate", "rl"]
     assert rows["export_amc23"]["state"] == "complete"  # after kd_qat, from the GPTQ init
+
+
+def test_a_signal_during_a_stage_run_alone_stops_the_bench(bench, tmp_path, monkeypatch):
+    """After a failure the bench runs the remaining stages one by one; a SIGTERM in one of those (the CLI's 143) ends
+    the bench there, as it does in the whole run, instead of going on to the next stage."""
+    from pipeline import cli
+    from pipeline.engine.recipe import load_recipe
+
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        return 1 if len(calls) == 1 else 143  # the whole run fails; the first stage run alone is stopped
+
+    monkeypatch.setattr(cli, "main", fake_main)
+    code = bench.run_what_fits(RECIPE, load_recipe(RECIPE), tmp_path / "artifacts", [])
+    assert code == 143 and len(calls) == 2 and calls[1][-2:] == ["--only", "teacher_math500"]
 
 
 def test_bad_input_is_one_line_and_exit_2(bench, tmp_path, capsys):

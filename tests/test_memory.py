@@ -10,12 +10,12 @@ QWEN3_8B = Qwen3Config(**QWEN3_SIZES["8b"])
 N_8B = 8_190_735_360  # parameters of that shape (embeddings and lm_head untied)
 
 
-def estimate(param_dtype, optimizer, checkpointing=True, processes=1, zero3=None):
+def estimate(param_dtype, optimizer, checkpointing=True, processes=1, zero3=None, teacher_total=N_8B):
     return kd_step_memory(
         QWEN3_8B,
         trainable=N_8B,
         student_total=N_8B,
-        teacher_total=N_8B,
+        teacher_total=teacher_total,
         teacher_bytes=2,
         param_dtype=param_dtype,
         optimizer=optimizer,
@@ -95,7 +95,7 @@ def test_under_zero3_each_gpu_holds_its_share_of_student_and_teacher_and_what_de
     eager = estimate("float32", "adamw", checkpointing=False, processes=4, zero3=Zero3())
     message = fit_error(eager, h100_free, **{**fits, "gradient_checkpointing": False}, processes=4, zero3=Zero3())
     # DeepSpeed refuses param_dtype bfloat16 and adamw_8bit: not offered
-    assert "free: try gradient_checkpointing: true, zero_optimization.offload_optimizer" in message
+    assert "free: try gradient_checkpointing: true, offload_optimizer.device: cpu in the DeepSpeed" in message
     assert "bfloat16" not in message and "adamw_8bit" not in message
 
 
@@ -107,9 +107,9 @@ def test_an_8b_step_on_two_80gb_gpus_under_zero3_is_refused_without_offload_and_
     message = fit_error(plain, h100_free, **settings, processes=2, zero3=Zero3())
     assert plain.total / GIB > 90 and message is not None
     assert (
-        "try zero_optimization.offload_optimizer.device: cpu (accelerate launch --offload_optimizer_device cpu), "
-        "zero_optimization.offload_param.device: cpu (accelerate launch --offload_param_device cpu), or a smaller "
-        "batch_size" in message
+        "try offload_optimizer.device: cpu in the DeepSpeed config's zero_optimization (accelerate launch "
+        "--offload_optimizer_device cpu), offload_param.device: cpu in the DeepSpeed config's zero_optimization "
+        "(accelerate launch --offload_param_device cpu), or a smaller batch_size" in message
     )
     offloaded = Zero3(offload_optimizer=True)
     optimizer_off = estimate("float32", "adamw", processes=2, zero3=offloaded)
@@ -123,6 +123,14 @@ def test_an_8b_step_on_two_80gb_gpus_under_zero3_is_refused_without_offload_and_
     # offload_param moves both models' bf16 partitions off the GPU too: only what is gathered stays
     both = estimate("float32", "adamw", processes=2, zero3=Zero3(offload_optimizer=True, offload_param=True))
     assert (both.student, both.teacher) == (4 * HEAD_8B + PREFETCH + BUCKETS, 2 * HEAD_8B + PREFETCH)
+    # offload_param alone: the bf16 partitions leave, the optimizer's other 14 bytes a parameter stay on the GPU
+    params_off = estimate("float32", "adamw", processes=2, zero3=Zero3(offload_param=True))
+    assert params_off.student == 14 * N_8B // 2 + 4 * HEAD_8B + PREFETCH + BUCKETS
+    assert params_off.total > 0.95 * h100_free  # at the edge of an H100, where offload_optimizer leaves half free
+
+
+def test_under_zero3_sft_counts_no_teacher():
+    assert estimate("float32", "adamw", processes=2, zero3=Zero3(), teacher_total=0).teacher == 0
 
 
 def test_zero3_settings_are_read_from_the_deepspeed_config_accelerate_holds():

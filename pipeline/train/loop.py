@@ -84,6 +84,7 @@ from pipeline.train.args import (
     WeightDecay,
     missing_trackers,
 )
+from pipeline.train.memory import Zero3
 from pipeline.train.optim import OptimizerName, ParamDtype, make_optimizer
 
 Example = tuple[Sequence[int], int]
@@ -267,6 +268,12 @@ def _zero_stage(acc: Accelerator) -> int:
 def is_zero3(acc: Accelerator) -> bool:
     """DeepSpeed ZeRO-3: every model's parameters partitioned over the processes."""
     return _zero_stage(acc) == 3
+
+
+def zero3_settings(acc: Accelerator, hidden_size: int) -> Zero3 | None:
+    """Under ZeRO-3, what its config decides of each GPU's memory (offloads, bucket sizes: pipeline.train.memory's
+    estimate needs them) from the DeepSpeed config accelerate holds; None elsewhere."""
+    return Zero3.of(acc.state.deepspeed_plugin.deepspeed_config, hidden_size) if is_zero3(acc) else None
 
 
 def _partition(acc: Accelerator, model: torch.nn.Module, config: dict) -> None:

@@ -6,8 +6,9 @@ The estimate adds what stays resident (the student's latent weights, gradients a
 one micro-batch. Activations per layer and token follow Korthikanti et al. 2022 ("Reducing Activation
 Recomputation in Large Transformer Models", §4.1) with flash attention (no s×s scores), adapted to a SwiGLU
 MLP and to fake quantization, which saves each quantized input a second time; with gradient checkpointing
-only each layer's input is kept, plus one layer's full set while it is recomputed. It is an estimate,
-within 10% of the peaks measured on an H100: `bench/kd_qat.py` prints it beside the measured peak
+only each layer's input is kept, plus one layer's full set while it is recomputed. It is an estimate that errs high:
+eager single-GPU steps within 10% of the peaks measured on an H100 (-7% to +9%), compiled and FSDP2 steps 20-24%
+above (1.7B compiled 83.8 GiB estimated, 68.1 measured); `bench/kd_qat.py` prints it beside the measured peak
 (`estimate_gib` and `peak_gib`).
 
 Under FSDP2 (`processes` > 1) each GPU holds its share of what is sharded: every student parameter with its gradient
@@ -97,38 +98,36 @@ class Zero3:
 def _zero3_resident(
     zero3: Zero3,
     *,
-    student: int,
-    student_total: int,
-    teacher_total: int,
+    student_bytes: int,
+    student_params: int,
+    teacher_params: int,
     teacher_bytes: int,
-    largest: int,
+    largest_params: int,
     processes: int,
 ) -> tuple[int, int]:
-    """(student, teacher) bytes on each GPU under ZeRO-3, `student` being the student's bytes on one GPU without
-    offload and `largest` the parameters of the largest module either model gathers whole (its head or embeddings).
-    bf16 (2 bytes) is what DeepSpeed computes in: `pipeline.train.loop._partition` casts to it under bf16."""
-    if zero3.offload_param:
-        # the bf16 partitions sit in CPU RAM (deepspeed.zero.Init's remote_device is offload_param.device,
-        # partition_parameters.py; DeepSpeedZeroOptimizer_Stage3._create_fp16_partitions_with_defragmentation keeps the
-        # flat fp16 groups in `_create_param_groups_fp16_flat_cpu_memory`): the GPU holds only what is gathered
-        student_part = teacher_part = 0
-    elif zero3.offload_optimizer:
-        # DeepSpeedZeroOptimizer_Stage3.__init__ sets `self.device` to cpu under offload_optimizer: the fp32 master
-        # weights and AdamW moments (`_create_fp32_partitions`) and the flat gradient partitions
-        # (`grad_partitions_flat_buffer`) are made there; the bf16 partition (`lp_param_buffer`) stays on the GPU
-        student_part, teacher_part = 2 * student_total // processes, teacher_total * teacher_bytes // processes
-    else:  # all on the GPU, partitioned: in bf16 DeepSpeed's 16 bytes a trainable parameter are the bf16 weight and
-        # gradient partitions (grad_accum_dtype defaults to the model's) and the fp32 master weight and moments
-        student_part, teacher_part = student // processes, teacher_total * teacher_bytes // processes
+    """(student, teacher) bytes on each GPU under ZeRO-3, `student_bytes` being the student's resident bytes on one
+    GPU without offload and `largest_params` the parameters of the largest module either model gathers whole (its
+    head or embeddings). bf16 (2 bytes) is what DeepSpeed computes in: `pipeline.train.loop._partition` casts to it
+    under bf16 (fp32 compute would double the gathered and bucket terms). What stays gathered is also capped by
+    `stage3_max_live_parameters` (1e9 elements by default), which this leaves out: no ZeRO-3 peak is measured yet."""
+    # the bf16 partitions: in CPU RAM under offload_param (deepspeed.zero.Init's remote_device is offload_param.device,
+    # partition_parameters.py; DeepSpeedZeroOptimizer_Stage3 keeps the flat fp16 groups in
+    # `_create_param_groups_fp16_flat_cpu_memory`), else on the GPU (`lp_param_buffer`)
+    weights = 0 if zero3.offload_param else 2 * student_params // processes
+    # the fp32 master weights, AdamW moments and flat gradient partitions (`_create_fp32_partitions`,
+    # `grad_partitions_flat_buffer`): made on `self.device`, which DeepSpeedZeroOptimizer_Stage3.__init__ sets to the
+    # CPU under offload_optimizer; otherwise the rest of DeepSpeed's 16 bytes a trainable parameter in bf16
+    optimizer = 0 if zero3.offload_optimizer else student_bytes // processes - 2 * student_params // processes
+    teacher_part = 0 if zero3.offload_param else teacher_params * teacher_bytes // processes
     # gathered whole while it computes, then released (partitioned_param_coordinator.py fetch_sub_module /
     # release_sub_module): the largest module, the student's with its bf16 gradient before the reduce-scatter; each
     # model's engine also prefetches `prefetch_bucket_size` elements ahead
-    gathered_student = (2 + 2) * largest + 2 * zero3.prefetch_bucket_size
-    gathered_teacher = teacher_bytes * largest + 2 * zero3.prefetch_bucket_size
+    gathered_student = (2 + 2) * largest_params + 2 * zero3.prefetch_bucket_size
+    gathered_teacher = teacher_bytes * largest_params + 2 * zero3.prefetch_bucket_size if teacher_params else 0
     # the student's gradient bucket, bf16 on the GPU whether or not the optimizer is offloaded (stage3.py __init__,
     # "IPG": torch.empty(reduce_bucket_size) on the current device, contiguous_gradients being on by default)
     bucket = 2 * zero3.reduce_bucket_size
-    return student_part + gathered_student + bucket, teacher_part + gathered_teacher
+    return weights + optimizer + gathered_student + bucket, teacher_part + gathered_teacher
 
 
 COMPILED_SHARE = 0.6
@@ -164,11 +163,12 @@ def kd_step_memory(
     if zero3:  # every parameter of both models partitioned
         student, teacher = _zero3_resident(
             zero3,
-            student=student,
-            student_total=student_total,
-            teacher_total=teacher_total,
+            student_bytes=student,
+            student_params=student_total,
+            teacher_params=teacher_total,
             teacher_bytes=teacher_bytes,
-            largest=max(config.vocab_size * h, (student_total - embeddings) // layers),
+            # ZeRO-3 gathers leaf modules; a whole decoder layer bounds its largest Linear from above
+            largest_params=max(config.vocab_size * h, (student_total - embeddings) // layers),
             processes=processes,
         )
     else:  # FSDP2 (or one GPU): the teacher's embeddings and head stay whole, its decoder layers are sharded
@@ -246,9 +246,10 @@ def kd_step_memory_of(
     )
 
 
-# The estimate was within 10% of the measured peak of every step bench/kd_qat.py ran on an H100 (Qwen3 shapes
-# 0.6B-8B, 8 x 2048 tokens: -7% to +9%), so only a setting estimated to need more than this much of the free
-# memory is refused; one near the limit is left to try (and may run out of memory at its first step).
+# The estimate was within 10% of the measured peak of every eager one-GPU step bench/kd_qat.py ran on an H100 (Qwen3
+# shapes 0.6B-8B, 8 x 2048 tokens: -7% to +9%) and above it elsewhere (compiled, FSDP2: +20-24%), so only a setting
+# estimated to need more than this much of the free memory is refused; one near the limit is left to try (and may run
+# out of memory at its first step).
 REFUSE_ABOVE = 1.10
 
 
@@ -274,10 +275,14 @@ def fit_error(
     # ZeRO-Offload: the optimizer's 16 bytes a parameter go to CPU RAM, then the bf16 partitions too
     if zero3 and not zero3.offload_optimizer:
         levers.append(
-            "zero_optimization.offload_optimizer.device: cpu (accelerate launch --offload_optimizer_device cpu)"
+            "offload_optimizer.device: cpu in the DeepSpeed config's zero_optimization (accelerate launch "
+            "--offload_optimizer_device cpu)"
         )
     if zero3 and not zero3.offload_param:
-        levers.append("zero_optimization.offload_param.device: cpu (accelerate launch --offload_param_device cpu)")
+        levers.append(
+            "offload_param.device: cpu in the DeepSpeed config's zero_optimization (accelerate launch "
+            "--offload_param_device cpu)"
+        )
     # DeepSpeed keeps its own fp32 master weights and AdamW state: the bf16 and 8-bit levers are not its
     if param_dtype == "float32" and not deepspeed:
         levers.append("param_dtype: bfloat16")
