@@ -26,7 +26,7 @@ QWEN3_SIZES = {
     "14b": _qwen3(5120, 17408, 40, 40, tied=False),
 }
 
-# the benchmarks' CPU smoke shape (each sets its own vocabulary)
+# the benchmarks' CPU smoke shape (each sets its own vocabulary) and the testbed Qwen3 of tests/test_models.py
 TINY_QWEN3 = dict(
     hidden_size=64,
     intermediate_size=128,

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 from pydantic import ValidationError
+from real_shapes import QWEN3_SIZES
 from transformers import LogitsProcessorList, Qwen3Config, Qwen3ForCausalLM, TopKLogitsWarper
 
 import tiny_lm
@@ -332,15 +333,7 @@ def test_out_of_memory_halves_the_slots_and_keeps_the_tokens(lm, caplog):
 
 def test_slots_fit_the_free_memory():
     """Qwen3-0.6B: 112 KiB of KV cache per token in bf16; the slots' caches fit 90% of the free memory."""
-    config = Qwen3Config(
-        vocab_size=151936,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-    )
+    config = Qwen3Config(**QWEN3_SIZES["0.6b"])
     with torch.device("meta"):
         model = Qwen3ForCausalLM(config).to(torch.bfloat16)
     kv = refill.kv_bytes_per_token(model)

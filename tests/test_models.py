@@ -5,20 +5,14 @@ import types
 
 import pytest
 import torch
+from real_shapes import TINY_QWEN3
 from transformers import Qwen3ForCausalLM
 
 from pipeline.data.tokenizer import build_tokenizer
 from pipeline.models import Qwen3Arch, build_model, load_model, load_tokenizer, save_model
 from pipeline.quant.formats import layout
 
-ARCH = Qwen3Arch(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-)
+ARCH = Qwen3Arch(**TINY_QWEN3)
 
 
 @pytest.fixture(scope="module")
