@@ -1,9 +1,10 @@
 """The KD-QAT step-memory estimate and the fit check that refuses a setting before training (pipeline.train.memory)."""
 
-from real_shapes import QWEN3_SIZES
+import pytest
+from real_shapes import QWEN3_SIZES, REAL_SHAPES
 from transformers import Qwen3Config
 
-from pipeline.train.memory import GIB, Zero3, fit_error, kd_step_memory
+from pipeline.train.memory import GIB, Zero3, fit_error, kd_step_memory, trained_transform_width
 from pipeline.train.optim import bytes_per_trainable_parameter
 
 QWEN3_8B = Qwen3Config(**QWEN3_SIZES["8b"])
@@ -179,3 +180,53 @@ def test_compiled_layers_are_estimated_from_the_measured_share_not_refused_as_ea
     assert fit_error(compiled, h100_free, **settings) is None
     assert abs(compiled.total / GIB - 56.5) / 56.5 < 0.15
     assert (compiled.student, compiled.teacher, compiled.logits) == (eager.student, eager.teacher, eager.logits)
+
+
+def smollm2_w4a4kv4_step(trained_transform_width: int):
+    """SmolLM2-135M's W4A4KV4 KD step of recipes/smollm2-study-w4a4kv4.yaml's kd_flatquant_reference: 16 sequences of
+    up to 587 tokens (its longest reference solution with the prompt), fp32 latent weights, AdamW, eager."""
+    from transformers import LlamaConfig
+
+    return kd_step_memory(
+        LlamaConfig(**REAL_SHAPES["artifacts/smollm2-135m-instruct"][1]),
+        trainable=135_189_138,  # the stage's log: weights, transforms and clips
+        student_total=135_189_138,
+        teacher_total=134_515_008,
+        teacher_bytes=2,
+        param_dtype="float32",
+        optimizer="adamw",
+        tokens=16 * 587,
+        chunk_size=2048,
+        gradient_checkpointing=False,
+        activation_quant=True,
+        trained_transform_width=trained_transform_width,
+    )
+
+
+def test_trained_online_transforms_count_what_their_gradients_keep():
+    """Measured on an H200 (docs/results/smollm2/): 28.3 GiB peak with FlatQuant's five transforms a layer trained;
+    the estimate without them said 19.8, and 8 GiB too little is an out-of-memory error where a refusal was due."""
+    h, i = 576, 1536
+    width = 3 * h + i + (9 + 3) * 64  # inputs of q/k/v, o_proj, gate/up and down_proj; every query and key head
+    assert abs(smollm2_w4a4kv4_step(0).total / GIB - 19.8) < 0.05
+    assert abs(smollm2_w4a4kv4_step(width).total / GIB - 28.3) / 28.3 < 0.05
+
+
+@pytest.mark.parametrize("transforms", ["frozen", "trainable"])
+def test_the_width_through_trained_transforms_is_read_off_the_student(transforms):
+    """A QuaRot student (Llama family: 3 heads, 1 KV head of 64, MLP 320) keeps online transforms before o_proj and
+    down_proj and on the attention's queries and keys; only trained ones count."""
+    from pipeline.quant.apply import calibrate, prepare
+    from pipeline.quant.methods import quarot
+    from pipeline.quant.online import transform_parameters
+    from pipeline.quant.scheme import QuantSpec
+    from quant_tiny import family_model
+
+    student = family_model("llama", vocab_size=64)
+    prepare(student, QuantSpec.model_validate("w4a4kv4"))
+    quarot.rotate(student)
+    calibrate(student)
+    for p in transform_parameters(student):
+        p.requires_grad_(transforms == "trainable")
+    expected = 3 * 64 + 320 + (3 + 1) * 64 if transforms == "trainable" else 0
+    assert trained_transform_width(student) == expected

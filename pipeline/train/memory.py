@@ -148,12 +148,15 @@ def kd_step_memory(
     gradient_checkpointing: bool,
     activation_quant: bool,
     compiled: bool = False,
+    trained_transform_width: int = 0,
     processes: int = 1,
     zero3: Zero3 | None = None,
 ) -> StepMemory:
     """Estimate for a student of transformers `config` with `trainable` of `student_total` parameters trained,
     `teacher_total` parameters of `teacher_bytes` each, `tokens` per micro-batch, bf16 autocast, on each of
-    `processes` GPUs sharing the models under FSDP2, or under ZeRO-3 as `zero3` sets it (1: one GPU, or DDP)."""
+    `processes` GPUs sharing the models under FSDP2, or under ZeRO-3 as `zero3` sets it (1: one GPU, or DDP);
+    `trained_transform_width`: elements of a token's activations that pass through trained online transforms in
+    one decoder layer (`trained_transform_width`)."""
     weight_bytes = 4 if param_dtype == "float32" else 2
     student = (
         trainable * bytes_per_trainable_parameter(param_dtype, optimizer) + (student_total - trainable) * weight_bytes
@@ -187,6 +190,13 @@ def kd_step_memory(
     # autograd keeps about twice what is counted above (q/k norms, RoPE, attention output and log-sum-exp,
     # SiLU): calibrated on the Qwen3-0.6B eager step, 57.5 GiB measured on an H100
     per_token_layer *= 2
+    # a trained online transform x -> diag(s)^-1 x (A (x) B) keeps, for the gradients of s, A and B, x / s in the
+    # residual stream's fp32, its bf16 cast for the first matmul and the bf16 half-transformed grid: 8 bytes an
+    # element (pipeline.quant.online.KroneckerTransform.forward). Those before o_proj, down_proj and the heads see
+    # bf16 inputs and keep less; the learned activation clips that come with trained transforms keep more than the
+    # fixed ratio counted above. Counted at 8 bytes throughout, the estimate of SmolLM2-135M's W4A4KV4 step with
+    # FlatQuant's transforms trained is 28.3 GiB, as measured on an H200 (19.8 without it; docs/results/smollm2/)
+    per_token_layer += 8 * trained_transform_width
     # autograd keeps each layer's fake-quantized weight (its bf16 copy, 2 bytes) and the fp32 intermediates
     # of the quantizer that the scale's gradient needs (about 2 more fp32 copies): 10 bytes a weight
     layer_weights = 10 * (student_total - 2 * config.vocab_size * h) // layers
@@ -240,10 +250,27 @@ def kd_step_memory_of(
         chunk_size=chunk_size,
         gradient_checkpointing=args.gradient_checkpointing,
         compiled=args.compile,
+        trained_transform_width=trained_transform_width(student),
         activation_quant=not weight_only(student),
         processes=processes,
         zero3=zero3,
     )
+
+
+def trained_transform_width(student) -> int:
+    """Elements of one token's activations that pass through online transforms being trained, per decoder layer: a
+    transform's own width where it sits before a Linear, every query and key head's where it is the attention's
+    (`self_attn.qk_transform`: k -> kP, q -> q P^-T)."""
+    from pipeline.quant.online import transforms
+
+    config = student.config
+    heads = config.num_attention_heads + config.num_key_value_heads
+    width = 0
+    for name, transform in transforms(student):
+        if transform.left.requires_grad:
+            n1, n2 = transform.sizes
+            width += n1 * n2 * (heads if name.endswith("qk_transform") else 1)
+    return width // config.num_hidden_layers
 
 
 # The estimate was within 10% of the measured peak of every eager one-GPU step bench/kd_qat.py ran on an H100 (Qwen3
