@@ -24,7 +24,9 @@ gradient checkpointing, bf16 autocast on GPU, exact resume, `accelerate launch` 
 processes. Memory levers for large students (`pipeline.train.optim`): `param_dtype: bfloat16` (latent weights
 and gradients in bf16, stochastically rounded updates), `optimizer: adamw_8bit`, `gradient_checkpointing`, on one
 GPU or under FSDP2 (not DeepSpeed); on a GPU (each GPU's share under FSDP2) the step's memory is estimated first
-(`pipeline.train.memory`) and a setting that cannot fit stops before training with the levers that would make it
+(`pipeline.train.memory`). A step that cannot fit as set turns on the levers the recipe leaves unset (`fit:
+levers`, the default: gradient checkpointing first, then bf16 latent weights with 8-bit AdamW) and logs its choice;
+one that cannot fit even so, or under `fit: refuse`, stops before training with the levers that would make it
 fit. Output: the student in the quantized representation
 (`<out_dir>/model/`, loadable with
 `pipeline.load_quantized`) and `metrics.jsonl`.
@@ -44,7 +46,16 @@ from pipeline.data.rows import read_jsonl
 from pipeline.data.testbed import MAX_PROBLEMS
 from pipeline.data.traces import training_traces
 from pipeline.engine.errors import InputError
-from pipeline.engine.stage_api import ANY_MODEL, QUANTIZED, TRACES, StageConfig, StageContext, stage_ref
+from pipeline.engine.stage_api import (
+    ADDED_KEY,
+    ANY_MODEL,
+    QUANTIZED,
+    TRACES,
+    StageConfig,
+    StageContext,
+    result_config,
+    stage_ref,
+)
 from pipeline.generate import GenerationSpec
 from pipeline.models import load_model, load_tokenizer
 from pipeline.quant.apply import decoding_weights, quant_linears, weight_only
@@ -120,6 +131,11 @@ class Config(TrainArgs, StageConfig):
     """Problems per evaluation."""
     eval_generation: GenerationSpec = GenerationSpec()
     """Decoding of that evaluation (greedy by default)."""
+    fit: Literal["levers", "refuse"] = Field("levers", json_schema_extra=ADDED_KEY)
+    """On a GPU, a step estimated not to fit as set: "levers" turns on the memory levers this config leaves unset,
+    `gradient_checkpointing` first (the same update, about a third more compute), then `param_dtype: bfloat16` with
+    `optimizer: adamw_8bit` (a third of the memory a parameter, other rounding), the first that fits, and logs it (a
+    resumed run keeps its checkpoint's); "refuse" stops instead, naming them."""
 
     @model_validator(mode="after")
     def _top_k_needs_forward_kl(self):
@@ -191,49 +207,98 @@ def held_out_eval(ctx: StageContext, tokenizer, accelerator):
     return on_step
 
 
-def _check_fits(ctx: StageContext, student, examples, accelerator, teacher_dtype: str) -> None:
-    """On one GPU (or one per process: DDP; FSDP2 and ZeRO-3, each GPU holding its shares of the models, under ZeRO-3
-    less what its config offloads to the CPU), refuse before training a setting whose step cannot fit; ZeRO-2 is not
-    checked."""
+LEVERS = ("gradient_checkpointing", "param_dtype", "optimizer")
+
+
+def _lever_ladder(config: Config, deepspeed: bool) -> list[Config]:
+    """`config`, then with each lever it leaves unset turned on in turn: gradient checkpointing (the same update),
+    then bf16 latent weights with 8-bit AdamW (not under DeepSpeed, which keeps its own fp32 state)."""
+    unset = set(LEVERS) - config.model_fields_set
+    steps = [{"gradient_checkpointing": True}]
+    if not deepspeed:
+        steps.append({"param_dtype": "bfloat16", "optimizer": "adamw_8bit"})
+    ladder = [config]
+    for step in steps:
+        update = {k: v for k, v in step.items() if k in unset and getattr(ladder[-1], k) != v}
+        if update:
+            ladder.append(ladder[-1].model_copy(update=update))
+    return ladder
+
+
+def _as_checkpointed(config: Config, signature) -> Config | None:
+    """`config` with the levers of the run that saved a checkpoint with `signature`, where those alone (and only
+    levers `config` leaves unset) tell the two apart: resuming with them keeps the checkpoint's steps."""
+    if not isinstance(signature, dict) or not isinstance(signature.get("args"), dict):
+        return None
+    args, fields = signature["args"], type(config).model_fields
+    unset = [k for k in LEVERS if k not in config.model_fields_set]
+    resumed = config.model_copy(update={k: args.get(k, fields[k].get_default()) for k in unset})
+    return resumed if result_config(type(config), resumed.model_dump(mode="json")) == args else None
+
+
+def _least_free(accelerator) -> int:
+    """Free bytes of the GPU with the least, over the processes: every process takes the same levers, or refuses
+    together, from the same number (one deciding alone would leave the others waiting in the first collective)."""
+    free, _ = torch.cuda.mem_get_info(accelerator.device)
+    if accelerator.num_processes == 1:
+        return free
+    least = torch.tensor([free], dtype=torch.int64, device=accelerator.device)
+    torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN)
+    return int(least.item())
+
+
+def _fitting(ctx: StageContext, student, examples, accelerator, teacher_dtype: str) -> Config:
+    """The config to train with. On one GPU (or one per process: DDP; FSDP2 and ZeRO-3, each GPU holding its shares
+    of the models, under ZeRO-3 less what its config offloads to the CPU) a step estimated not to fit as set takes
+    the levers `fit` allows, or is refused before training; ZeRO-2 and the CPU are not checked."""
+    config = ctx.config
     zero3, fsdp = is_zero3(accelerator), accelerator.distributed_type == DistributedType.FSDP
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if accelerator.device.type != "cuda" or (deepspeed and not zero3):
-        return
+        return config
     processes = accelerator.num_processes if zero3 or fsdp else 1
     zero3_config = zero3_settings(accelerator, student.config.hidden_size)
-    config = ctx.config
     micro = config.batch_size // (accelerator.num_processes * config.grad_accum)
     teacher_total = sum(p.numel() for p in student.parameters()) if config.objective == "kd" else 0
-    memory = kd_step_memory_of(
-        student,
-        config,
-        teacher_total=teacher_total,
-        teacher_bytes=getattr(torch, teacher_dtype).itemsize,
-        tokens=micro * max(len(ids) for ids, _ in examples),
-        chunk_size=config.chunk_size,
-        processes=processes,
-        zero3=zero3_config,
-    )
-    free, _ = torch.cuda.mem_get_info(accelerator.device)
-    ctx.log.info(
-        "%s: estimated step memory %.1f GiB (%s GiB), %.1f GiB free",
-        ctx.name,
-        memory.total / GIB,
-        memory.describe(),
-        free / GIB,
-    )
-    error = fit_error(
-        memory,
-        free,
-        param_dtype=config.param_dtype,
-        optimizer=config.optimizer,
-        gradient_checkpointing=config.gradient_checkpointing,
-        processes=processes,
-        deepspeed=deepspeed,
-        zero3=zero3_config,
-    )
-    if error:
-        raise InputError(f"stages.{ctx.name}", error)
+    free = _least_free(accelerator)
+    ladder = _lever_ladder(config, deepspeed) if config.fit == "levers" else [config]
+    resumed = _as_checkpointed(config, ctx.checkpointer.latest_signature()) if config.fit == "levers" else None
+    for candidate in ([resumed] if resumed else []) + ladder:
+        memory = kd_step_memory_of(
+            student,
+            candidate,
+            teacher_total=teacher_total,
+            teacher_bytes=getattr(torch, teacher_dtype).itemsize,
+            tokens=micro * max(len(ids) for ids, _ in examples),
+            chunk_size=config.chunk_size,
+            processes=processes,
+            zero3=zero3_config,
+        )
+        levers = ", ".join(f"{k}: {getattr(candidate, k)}" for k in LEVERS)
+        ctx.log.info(
+            "%s: estimated step memory %.1f GiB (%s GiB) with %s, %.1f GiB free",
+            ctx.name,
+            memory.total / GIB,
+            memory.describe(),
+            levers,
+            free / GIB,
+        )
+        error = fit_error(
+            memory,
+            free,
+            param_dtype=candidate.param_dtype,
+            optimizer=candidate.optimizer,
+            gradient_checkpointing=candidate.gradient_checkpointing,
+            processes=processes,
+            deepspeed=deepspeed,
+            zero3=zero3_config,
+        )
+        if error is None:
+            if candidate is not config:
+                why = "as its checkpoint was made" if candidate is resumed else "to fit the GPU (fit: levers)"
+                ctx.log.warning("%s: training with %s, %s", ctx.name, levers, why)
+            return candidate
+    raise InputError(f"stages.{ctx.name}", error)
 
 
 def run(ctx: StageContext) -> dict[str, float]:
@@ -256,7 +321,7 @@ def run(ctx: StageContext) -> dict[str, float]:
     kept = training_traces(ctx.inputs["data"], config.only_correct, ctx.name, ctx.log)
     examples = [t.example(tokenizer) for t in kept]
     teacher_dtype = recipe.model.dtype if accelerator.device.type == "cuda" else "float32"
-    _check_fits(ctx, student, examples, accelerator, teacher_dtype)
+    config = _fitting(ctx, student, examples, accelerator, teacher_dtype)
     loss_fn = _loss_fn(ctx, student, accelerator, teacher_dtype)
 
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)

@@ -243,36 +243,122 @@ def test_traces_kept_are_logged_and_none_left_fails_the_stage(artifacts, tmp_pat
     assert run(links, tmp_path / "all", steps=1, batch_size=1, only_correct=False)["examples"] == 8
 
 
-@pytest.mark.parametrize("offload", ["none", "cpu"])
-def test_the_fit_check_under_zero3_reads_the_optimizer_offload_from_the_deepspeed_config(monkeypatch, offload):
-    """Qwen3-8B (meta tensors: only counted), fp32 AdamW, 8 x 2048 tokens a GPU, 2 processes under ZeRO-3 on 80 GB
-    GPUs: refused before training, naming the offload lever, unless accelerate's DeepSpeed config (as `accelerate
-    launch --use_deepspeed --zero_stage 3 --offload_optimizer_device cpu` writes it) offloads the optimizer."""
-    from types import SimpleNamespace
-
-    from accelerate import DistributedType
+def _meta_qwen3(size: str):
+    """A Qwen3 of a real size on the meta device: counted by the memory estimate, never allocated."""
     from real_shapes import QWEN3_SIZES
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from pipeline.engine.errors import InputError
-
     with torch.device("meta"):
-        student = Qwen3ForCausalLM(Qwen3Config(**QWEN3_SIZES["8b"]))
-    ds_config = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": offload, "nvme_path": None}}}
-    plugin = SimpleNamespace(zero_stage=3, deepspeed_config=ds_config)
-    accelerator = SimpleNamespace(
-        distributed_type=DistributedType.DEEPSPEED,
+        return Qwen3ForCausalLM(Qwen3Config(**QWEN3_SIZES[size]))
+
+
+def _fit_ctx(tmp_path, **keys):
+    """A kd_qat stage's context as `_fitting` reads it: the config of `keys` (8 sequences a step by default), its
+    checkpoints under tmp_path, a log."""
+    from types import SimpleNamespace
+
+    config = kd_qat.Config.model_validate(
+        {"type": "kd_qat", "init": "ptq", "teacher": "model", "data": "traces", "batch_size": 8, **keys}
+    )
+    return SimpleNamespace(
+        config=config, name="student", log=logging.getLogger("test"), checkpointer=Checkpointer(tmp_path / "ckpt")
+    )
+
+
+def _gpus(monkeypatch, processes=1, distributed="NO", deepspeed_config=None):
+    """An accelerator of `processes` 80 GB GPUs with 78.6 GiB free each (an H100's), as `_fitting` sees it."""
+    from types import SimpleNamespace
+
+    from accelerate import DistributedType
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(78.6 * 2**30), 80 * 2**30))
+    plugin = SimpleNamespace(zero_stage=3, deepspeed_config=deepspeed_config or {})
+    return SimpleNamespace(
+        distributed_type=getattr(DistributedType, distributed),
         device=torch.device("cuda", 0),
-        num_processes=2,
+        num_processes=processes,
         state=SimpleNamespace(deepspeed_plugin=plugin),
     )
-    settings = dict(batch_size=16, grad_accum=1, objective="kd", chunk_size=2048, compile=False)
-    config = SimpleNamespace(**settings, param_dtype="float32", optimizer="adamw", gradient_checkpointing=True)
-    ctx = SimpleNamespace(config=config, name="student", log=logging.getLogger("test"))
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(78.6 * 2**30), 80 * 2**30))
-    examples = [(list(range(2048)), 256)]
+
+
+TOKENS_2048 = [(list(range(2048)), 256)]
+
+
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+def test_the_fit_check_under_zero3_reads_the_optimizer_offload_from_the_deepspeed_config(
+    monkeypatch, tmp_path, offload
+):
+    """Qwen3-8B (meta tensors: only counted), fp32 AdamW, 8 x 2048 tokens a GPU, 2 processes under ZeRO-3 on 80 GB
+    GPUs: refused before training, naming the offload lever, unless accelerate's DeepSpeed config (as `accelerate
+    launch --use_deepspeed --zero_stage 3 --offload_optimizer_device cpu` writes it) offloads the optimizer."""
+    from pipeline.engine.errors import InputError
+
+    monkeypatch.setattr(kd_qat, "_least_free", lambda accelerator: int(78.6 * 2**30))  # the least over the GPUs
+    ds_config = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": offload, "nvme_path": None}}}
+    accelerator = _gpus(monkeypatch, 2, "DEEPSPEED", ds_config)
+    ctx = _fit_ctx(tmp_path, batch_size=16, gradient_checkpointing=True)
+    student = _meta_qwen3("8b")
     if offload == "cpu":
-        kd_qat._check_fits(ctx, student, examples, accelerator, "bfloat16")  # about 40 GiB: fits
+        assert kd_qat._fitting(ctx, student, TOKENS_2048, accelerator, "bfloat16") is ctx.config  # about 40 GiB
         return
     with pytest.raises(InputError, match="--offload_optimizer_device cpu"):
-        kd_qat._check_fits(ctx, student, examples, accelerator, "bfloat16")
+        kd_qat._fitting(ctx, student, TOKENS_2048, accelerator, "bfloat16")
+
+
+def test_a_step_that_does_not_fit_takes_the_levers_the_recipe_leaves_unset(monkeypatch, tmp_path, caplog):
+    """Qwen3-8B, 8 x 2048 tokens on one 80 GB GPU: as set (fp32 AdamW, no checkpointing) and with checkpointing
+    alone it cannot fit; with bf16 latent weights and 8-bit AdamW too it does (70.2 GiB measured on an H100), and
+    the stage trains so, saying why."""
+    ctx = _fit_ctx(tmp_path)
+    with caplog.at_level(logging.INFO):
+        chosen = kd_qat._fitting(ctx, _meta_qwen3("8b"), TOKENS_2048, _gpus(monkeypatch), "bfloat16")
+    assert (chosen.gradient_checkpointing, chosen.param_dtype, chosen.optimizer) == (True, "bfloat16", "adamw_8bit")
+    assert chosen.model_copy(update=dict.fromkeys(kd_qat.LEVERS)) == ctx.config.model_copy(
+        update=dict.fromkeys(kd_qat.LEVERS)
+    )  # nothing else changed
+    estimates = [r.getMessage() for r in caplog.records if "estimated step memory" in r.getMessage()]
+    assert len(estimates) == 3 and "with gradient_checkpointing: False, param_dtype: float32" in estimates[0]
+    assert (
+        "student: training with gradient_checkpointing: True, param_dtype: bfloat16, optimizer: adamw_8bit, to fit "
+        "the GPU (fit: levers)" in caplog.text
+    )
+
+
+@pytest.mark.parametrize(
+    "keys, advice",
+    [
+        ({"fit": "refuse"}, "try gradient_checkpointing: true, param_dtype: bfloat16, optimizer: adamw_8bit"),
+        ({"gradient_checkpointing": False}, "try gradient_checkpointing: true, or a smaller batch_size"),
+        ({"param_dtype": "float32"}, "try param_dtype: bfloat16, or a smaller batch_size"),
+    ],
+    ids=["fit-refuse", "no-checkpointing-set", "fp32-set"],
+)
+def test_levers_the_recipe_sets_are_kept_and_a_step_that_cannot_fit_so_is_refused(monkeypatch, tmp_path, keys, advice):
+    """`fit: refuse`, or a lever the recipe sets to its default: the 8B step is refused before training, naming what
+    is left to try (the other levers taken as far as they go)."""
+    from pipeline.engine.errors import InputError
+
+    with pytest.raises(InputError) as refused:
+        kd_qat._fitting(_fit_ctx(tmp_path, **keys), _meta_qwen3("8b"), TOKENS_2048, _gpus(monkeypatch), "bfloat16")
+    assert str(refused.value).startswith("stages.student: a KD-QAT step needs about ")
+    assert advice in str(refused.value)
+
+
+def test_a_step_that_fits_as_set_keeps_its_settings_unless_its_checkpoint_was_made_with_levers(monkeypatch, tmp_path):
+    """Qwen3-0.6B fits one 80 GB GPU as set. A checkpoint saved with gradient checkpointing (a run that once had less
+    free memory) is resumed with it, where its settings differ from the config's only there; a checkpoint of other
+    settings (another lr) changes nothing: the loop starts that run over."""
+    from pipeline.engine.stage_api import result_config
+
+    ctx, student, gpu = _fit_ctx(tmp_path), _meta_qwen3("0.6b"), _gpus(monkeypatch)
+    assert kd_qat._fitting(ctx, student, TOKENS_2048, gpu, "bfloat16") is ctx.config
+
+    def checkpoint(step, config):
+        args = result_config(kd_qat.Config, config.model_dump(mode="json"))
+        ctx.checkpointer.save(step, {"signature": {"args": args, "seed": 0}, "x": torch.zeros(1)})
+
+    checkpoint(2, ctx.config.model_copy(update={"gradient_checkpointing": True, "lr": 1e-3}))
+    assert kd_qat._fitting(ctx, student, TOKENS_2048, gpu, "bfloat16") is ctx.config
+    checkpoint(4, ctx.config.model_copy(update={"gradient_checkpointing": True}))
+    resumed = kd_qat._fitting(ctx, student, TOKENS_2048, gpu, "bfloat16")
+    assert resumed == ctx.config.model_copy(update={"gradient_checkpointing": True})

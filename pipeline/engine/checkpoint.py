@@ -270,10 +270,20 @@ class Checkpointer:
                 return f"{name} does not match the sha256 in its manifest"
         return None
 
+    def _latest_sized(self) -> Path | None:
+        """The newest checkpoint whose files all have their listed sizes (cheap: nothing is hashed or read), which
+        is the one a run resumes from unless a file's content changed at the same size."""
+        return next((p for p in reversed(self._listed()) if self._damage(p) is None), None)
+
     def latest_step(self) -> int | None:
-        """Step of the newest checkpoint whose files all have their listed sizes (cheap: nothing is hashed or
-        read), which is the one a run resumes from unless a file's content changed at the same size."""
-        return next((_step_of(p) for p in reversed(self._listed()) if self._damage(p) is None), None)
+        """Step of `_latest_sized`."""
+        path = self._latest_sized()
+        return None if path is None else _step_of(path)
+
+    def latest_signature(self) -> Any:
+        """The signature `_latest_sized` was saved with (from its shared JSON alone: `resume` verifies), or None."""
+        path = self._latest_sized()
+        return None if path is None else json.loads((path / f"{SHARED}.json").read_text()).get("signature")
 
     def latest(self, ranks: Ranks = ONE_PROCESS, log=None) -> tuple[int, dict[str, Any]] | None:
         """(step, state) of the newest good checkpoint, or None; state is the shared part merged with this
