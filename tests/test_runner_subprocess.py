@@ -277,9 +277,13 @@ def test_two_processes_train_the_kd_qat_student_that_one_process_trains(tmp_path
     _assert_same_student(two, one)
 
 
-@pytest.mark.parametrize("zero_stage, grad_accum", [(2, 1), (3, 2)])
+@pytest.mark.parametrize(
+    "zero_stage, grad_accum, offload",
+    [(2, 1, False), (3, 2, False), (3, 2, True)],
+    ids=["zero2", "zero3", "zero3-offload"],
+)
 def test_kd_qat_under_deepspeed_trains_the_student_that_one_process_trains_and_resumes_after_kill_9(
-    tmp_path, write_recipe, zero_stage, grad_accum
+    tmp_path, write_recipe, zero_stage, grad_accum, offload
 ):
     """`accelerate launch` with DeepSpeed ZeRO-2/3 on 2 CPU ranks (gloo) runs kd_qat (the teacher outside the
     student's engine: replicated under ZeRO-2, partitioned by an engine of its own under ZeRO-3, where both models
@@ -287,7 +291,9 @@ def test_kd_qat_under_deepspeed_trains_the_student_that_one_process_trains_and_r
     with no parameter left whole (persistence threshold 0), so that a save of the shards instead of the gathered
     weights would show. Then the same run killed with -9 after its checkpoint of step 2 (every rank's
     optimizer partition) and run again: it resumes there and ends with the uninterrupted run's student, to
-    the bit. Needs deepspeed (not a dependency of the project), e.g. DS_BUILD_OPS=0 pip install deepspeed==0.19.8"""
+    the bit. With the optimizer offloaded (ZeRO-Offload: accelerate hands DeepSpeed its CPU AdamW, a C++ op built on
+    first use, in about 2 minutes) the same, its moments in CPU RAM saved and restored. Needs deepspeed (not a
+    dependency of the project), e.g. DS_BUILD_OPS=0 pip install deepspeed==0.19.8"""
     pytest.importorskip("deepspeed")
     pytest.importorskip("stages.kd_qat")
     recipe = _kd_qat_recipe(write_recipe, checkpoint_every=2)
@@ -310,7 +316,11 @@ def test_kd_qat_under_deepspeed_trains_the_student_that_one_process_trains_and_r
     config.write_text(
         json.dumps(
             {
-                "zero_optimization": {"stage": zero_stage, "stage3_param_persistence_threshold": 0},
+                "zero_optimization": {
+                    "stage": zero_stage,
+                    "stage3_param_persistence_threshold": 0,
+                    **({"offload_optimizer": {"device": "cpu"}} if offload else {}),
+                },
                 **dict.fromkeys(
                     (
                         "train_micro_batch_size_per_gpu",

@@ -721,10 +721,13 @@ def _prepare(
     raw_optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, acc.device)
     if zero3:
         _partition(acc, model, acc.state.deepspeed_plugin.deepspeed_config)
-    # the scheduler stays outside accelerate: prepared, it would step once per process
-    scheduler = get_cosine_schedule_with_warmup(raw_optimizer, args.warmup_steps, args.steps)
     with _latent_dtype_kept(acc):
         model, optimizer = acc.prepare(model, raw_optimizer)
+    # the scheduler stays outside accelerate (prepared, it would step once per process) and sets the lr of the
+    # optimizer that steps, which need not be ours: under ZeRO-Offload accelerate hands DeepSpeed a DeepSpeedCPUAdam
+    # made from our AdamW's groups, and a resume's load_state_dict gives it groups of its own, which a scheduler of our
+    # AdamW no longer reached (the steps after a resume kept the checkpoint's lr)
+    scheduler = get_cosine_schedule_with_warmup(_stepping(optimizer), args.warmup_steps, args.steps)
     signature = {
         "args": result_config(type(args), args.model_dump(mode="json")),
         "seed": seed,
@@ -748,6 +751,14 @@ def _prepare(
         metrics_path=metrics_path,
         on_step=on_step,
     )
+
+
+def _stepping(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper and, under DeepSpeed, inside its ZeRO optimizer."""
+    inner = optimizer.optimizer
+    while not isinstance(inner, torch.optim.Optimizer):
+        inner = inner.optimizer
+    return inner
 
 
 def _resume(run: _Run, log: logging.Logger) -> int:
