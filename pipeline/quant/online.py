@@ -62,7 +62,14 @@ class KroneckerTransform(nn.Module):
         if self._inverses is not None and self._inverses[0] == work:
             left_inv, right_inv = self._inverses[1:]
         else:
-            left_inv, right_inv = torch.linalg.inv(self.left.to(work)), torch.linalg.inv(self.right.to(work))
+            # inv_ex, unchecked: linalg.inv's singularity check is a host sync on CUDA, here on every forward (the
+            # queries' side of each attention's key transform, in KD-QAT and in every decoding step). A singular
+            # factor gives non-finite outputs instead, which training stops on (NonFiniteLoss); calibration checks
+            # its factors once an epoch (StepInverses.check)
+            left_inv, right_inv = (
+                torch.linalg.inv_ex(self.left.to(work))[0],
+                torch.linalg.inv_ex(self.right.to(work))[0],
+            )
         return (left_inv.to(dtype) @ grid @ right_inv.to(dtype).T).flatten(-2)
 
     def extra_repr(self) -> str:
