@@ -10,6 +10,7 @@ Random weights and tokens: speed does not depend on them.
     python bench/kd_qat.py --shape 8b --ours-only --gradient-checkpointing --param-dtype bfloat16 \
         --optimizer adamw_8bit --out kd8b.json              # does an 8B student fit one GPU?
     python bench/kd_qat.py --tiny                           # CPU smoke test, seconds
+    python bench/kd_qat.py --shape 1.7b --ours-only --compile --steps 2 --profile prof/   # where a step's time goes
     accelerate launch --num_processes 4 bench/kd_qat.py --shape 1.7b --ours-only --out kd4.json      # DDP
     accelerate launch --num_processes 2 --use_fsdp --fsdp_version 2 bench/kd_qat.py --shape 8b --ours-only \
         --gradient-checkpointing --param-dtype bfloat16 --optimizer adamw_8bit --out kd8b-fsdp2.json
@@ -27,15 +28,20 @@ Prints, per run: median step time over the timed steps (after `--warmup` steps),
 GPU memory, MFU (student forward+backward 6·N·T plus teacher forward 2·N·T FLOPs, attention left
 out, over the H100/H200's 989 TFLOP/s dense bf16), the ratio ours / peer, and `pipeline.train.memory`'s
 estimate of the step's memory beside the measured peak. `--ours-only` skips the peer (for shapes where
-only the levers make the student fit).
+only the levers make the student fit). `--profile DIR` runs torch.profiler over the timed steps and writes, per run,
+the operators by their own GPU time (CPU time on a CPU) with their call counts (`<run>_ops.txt`: host syncs show as
+cudaStreamSynchronize / cudaMemcpy calls) and a gzipped Chrome trace (`<run>_trace.json.gz`, for Perfetto).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gzip
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -133,7 +139,7 @@ def timed_run(student, teacher, examples, args, label: str, acc) -> dict:
     estimate = estimated_gib(student, teacher, train_args, args, acc)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, profiled(args, label, acc) as on_step:
         train(
             student,
             examples,
@@ -146,6 +152,7 @@ def timed_run(student, teacher, examples, args, label: str, acc) -> dict:
             log=logging.getLogger("bench"),
             accelerator=acc,
             desc=label,
+            on_step=on_step,
         )
         # the main process writes the metrics (global tokens a step), the others nothing
         rows = (
@@ -173,6 +180,38 @@ def timed_run(student, teacher, examples, args, label: str, acc) -> dict:
         flush=True,
     )
     return result
+
+
+@contextlib.contextmanager
+def profiled(args, label: str, acc):
+    """With `--profile DIR`: torch.profiler over the timed steps alone, started and stopped by the loop's `on_step`
+    callback (yielded; it runs at the end of each step), then the main process writes the operator table and the
+    trace. Without it, no callback."""
+    if not args.profile:
+        yield None
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    prof = profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])])
+
+    def on_step(step: int, model) -> dict:
+        if step == args.warmup:
+            prof.start()
+        elif step == args.warmup + args.steps:
+            prof.stop()
+        return {}
+
+    yield on_step
+    if acc.is_main_process:
+        out = Path(args.profile)
+        out.mkdir(parents=True, exist_ok=True)
+        by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        (out / f"{label}_ops.txt").write_text(prof.key_averages().table(sort_by=by, row_limit=60) + "\n")
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(str(Path(tmp) / "trace.json"))
+            with open(Path(tmp) / "trace.json", "rb") as raw, gzip.open(out / f"{label}_trace.json.gz", "wb") as packed:
+                shutil.copyfileobj(raw, packed)
 
 
 def estimated_gib(student, teacher, train_args: TrainArgs, args, acc) -> float:
@@ -207,6 +246,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ours-only", action="store_true", help="skip the plain BF16 KD peer")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test")
     parser.add_argument("--out", help="write the results as JSON")
+    parser.add_argument("--profile", metavar="DIR", help="profile the timed steps: operator table and trace here")
     args = parser.parse_args()
     if args.tiny:
         args.shape, args.batch, args.seqlen, args.chunk, args.steps, args.warmup = "tiny", 2, 64, 64, 3, 1

@@ -73,3 +73,22 @@ def test_tiny_step_under_zero3_on_two_cpu_ranks_reports_tokens_per_s_and_the_mfu
     # per process: the student's forward and backward (6·N·T) and the teacher's forward (2·N·T), whole models
     expected = (6 * n_student + 2 * n_teacher) * ours["tokens_per_s"] / bench.H200_BF16_FLOPS / 2
     assert ours["mfu"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_profile_writes_the_operators_of_the_timed_steps_and_a_trace(tmp_path, monkeypatch):
+    """--profile: the profiler records the timed steps only (one optimizer step each, none of the warm-up one), the
+    table lists the operators with their call counts, and the trace is gzipped Chrome-trace JSON."""
+    import gzip
+
+    bench = _bench()
+    prof = tmp_path / "prof"
+    argv = ["kd_qat.py", "--tiny", "--ours-only", "--profile", str(prof)]  # --tiny: 1 warm-up step, 3 timed
+    monkeypatch.setattr(sys, "argv", argv)
+    bench.main()
+    table = (prof / "ours_ops.txt").read_text()
+    assert "# of Calls" in table and "aten::mm" in table
+    step_row = next(line for line in table.splitlines() if line.strip().startswith("Optimizer.step#"))
+    assert step_row.split()[-1] == "3"  # the three timed steps
+    trace = json.loads(gzip.open(prof / "ours_trace.json.gz").read())
+    assert any(event.get("name") == "aten::mm" for event in trace["traceEvents"])
+    assert not (prof / "plain_ops.txt").exists()  # --ours-only
