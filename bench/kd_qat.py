@@ -215,7 +215,7 @@ def profiled(args, label: str, acc):
 
 
 def estimated_gib(student, teacher, train_args: TrainArgs, args, acc) -> float:
-    """The step's estimate, as the kd_qat stage makes it (`stages.kd_qat._check_fits`): the student still whole."""
+    """The step's estimate, as the kd_qat stage makes it (`stages.kd_qat._fitting`): the student still whole."""
     shared = is_zero3(acc) or acc.distributed_type == DistributedType.FSDP
     memory = kd_step_memory_of(
         student,

@@ -53,7 +53,6 @@ from pipeline.engine.stage_api import (
     TRACES,
     StageConfig,
     StageContext,
-    result_config,
     stage_ref,
 )
 from pipeline.generate import GenerationSpec
@@ -71,6 +70,7 @@ from pipeline.train.loop import (
     is_zero3,
     make_accelerator,
     partition_frozen,
+    run_signature,
     shard_frozen,
     train,
     whole_model,
@@ -134,8 +134,10 @@ class Config(TrainArgs, StageConfig):
     fit: Literal["levers", "refuse"] = Field("levers", json_schema_extra=ADDED_KEY)
     """On a GPU, a step estimated not to fit as set: "levers" turns on the memory levers this config leaves unset,
     `gradient_checkpointing` first (the same update, about a third more compute), then `param_dtype: bfloat16` with
-    `optimizer: adamw_8bit` (a third of the memory a parameter, other rounding), the first that fits, and logs it (a
-    resumed run keeps its checkpoint's); "refuse" stops instead, naming them."""
+    `optimizer: adamw_8bit` (a third of the memory a parameter, other rounding), the first that fits, logs it and
+    records it in the metrics (`gradient_checkpointing`, `latent_weight_bits`, `moment_bits`): what trains then
+    depends on the GPU's free memory, which the stage's fingerprint does not know. A checkpoint is resumed with the
+    levers it was made with, or the stage refuses. "refuse" stops instead, naming them."""
 
     @model_validator(mode="after")
     def _top_k_needs_forward_kl(self):
@@ -225,15 +227,13 @@ def _lever_ladder(config: Config, deepspeed: bool) -> list[Config]:
     return ladder
 
 
-def _as_checkpointed(config: Config, signature) -> Config | None:
-    """`config` with the levers of the run that saved a checkpoint with `signature`, where those alone (and only
-    levers `config` leaves unset) tell the two apart: resuming with them keeps the checkpoint's steps."""
-    if not isinstance(signature, dict) or not isinstance(signature.get("args"), dict):
-        return None
-    args, fields = signature["args"], type(config).model_fields
-    unset = [k for k in LEVERS if k not in config.model_fields_set]
-    resumed = config.model_copy(update={k: args.get(k, fields[k].get_default()) for k in unset})
-    return resumed if result_config(type(config), resumed.model_dump(mode="json")) == args else None
+def _levers_used(config: Config) -> dict[str, int]:
+    """The memory levers the student trained with, as metrics (numbers): `fit: levers` may have chosen them."""
+    return {
+        "gradient_checkpointing": int(config.gradient_checkpointing),
+        "latent_weight_bits": 16 if config.param_dtype == "bfloat16" else 32,
+        "moment_bits": 8 if config.optimizer == "adamw_8bit" else 32,
+    }
 
 
 def _least_free(accelerator) -> int:
@@ -250,7 +250,8 @@ def _least_free(accelerator) -> int:
 def _fitting(ctx: StageContext, student, examples, accelerator, teacher_dtype: str) -> Config:
     """The config to train with. On one GPU (or one per process: DDP; FSDP2 and ZeRO-3, each GPU holding its shares
     of the models, under ZeRO-3 less what its config offloads to the CPU) a step estimated not to fit as set takes
-    the levers `fit` allows, or is refused before training; ZeRO-2 and the CPU are not checked."""
+    the levers `fit` allows, or is refused before training; ZeRO-2 and the CPU are not checked. A checkpoint made
+    with one of those settings is resumed with it or refused, never cleared for another."""
     config = ctx.config
     zero3, fsdp = is_zero3(accelerator), accelerator.distributed_type == DistributedType.FSDP
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -262,8 +263,10 @@ def _fitting(ctx: StageContext, student, examples, accelerator, teacher_dtype: s
     teacher_total = sum(p.numel() for p in student.parameters()) if config.objective == "kd" else 0
     free = _least_free(accelerator)
     ladder = _lever_ladder(config, deepspeed) if config.fit == "levers" else [config]
-    resumed = _as_checkpointed(config, ctx.checkpointer.latest_signature()) if config.fit == "levers" else None
-    for candidate in ([resumed] if resumed else []) + ladder:
+    saved = ctx.checkpointer.latest_signature()
+    sign = lambda c: run_signature(c, ctx.recipe.seed, len(examples), accelerator.num_processes)  # noqa: E731
+    checkpointed = [c for c in ladder if saved is not None and sign(c) == saved]
+    for candidate in checkpointed or ladder:
         memory = kd_step_memory_of(
             student,
             candidate,
@@ -294,10 +297,15 @@ def _fitting(ctx: StageContext, student, examples, accelerator, teacher_dtype: s
             zero3=zero3_config,
         )
         if error is None:
-            if candidate is not config:
-                why = "as its checkpoint was made" if candidate is resumed else "to fit the GPU (fit: levers)"
+            if candidate != config:
+                why = "as its checkpoint was made" if checkpointed else "to fit the GPU (fit: levers)"
                 ctx.log.warning("%s: training with %s, %s", ctx.name, levers, why)
             return candidate
+    if checkpointed:
+        error += (
+            f"; the checkpoint of step {ctx.checkpointer.latest_step()} was made with {levers} and resumes only so: "
+            f"free GPU memory and run again, or delete {ctx.checkpointer.directory} to start over"
+        )
     raise InputError(f"stages.{ctx.name}", error)
 
 
@@ -349,7 +357,7 @@ def run(ctx: StageContext) -> dict[str, float]:
         on_step=held_out_eval(ctx, tokenizer, accelerator) if config.eval_every else None,
     )
     _save(ctx, student, tokenizer, spec, accelerator)
-    metrics = {**result, "examples": len(examples), "trainable_parameters": trainable}
+    metrics = {**result, "examples": len(examples), "trainable_parameters": trainable, **_levers_used(config)}
     if config.eval_every:  # the last step always evaluates
         metrics["eval_accuracy"] = read_jsonl(ctx.out_dir / "metrics.jsonl", ctx.name)[-1]["eval_accuracy"]
     return metrics

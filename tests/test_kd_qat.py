@@ -261,7 +261,11 @@ def _fit_ctx(tmp_path, **keys):
         {"type": "kd_qat", "init": "ptq", "teacher": "model", "data": "traces", "batch_size": 8, **keys}
     )
     return SimpleNamespace(
-        config=config, name="student", log=logging.getLogger("test"), checkpointer=Checkpointer(tmp_path / "ckpt")
+        config=config,
+        name="student",
+        log=logging.getLogger("test"),
+        checkpointer=Checkpointer(tmp_path / "ckpt"),
+        recipe=SimpleNamespace(seed=0),
     )
 
 
@@ -344,21 +348,58 @@ def test_levers_the_recipe_sets_are_kept_and_a_step_that_cannot_fit_so_is_refuse
     assert advice in str(refused.value)
 
 
-def test_a_step_that_fits_as_set_keeps_its_settings_unless_its_checkpoint_was_made_with_levers(monkeypatch, tmp_path):
-    """Qwen3-0.6B fits one 80 GB GPU as set. A checkpoint saved with gradient checkpointing (a run that once had less
-    free memory) is resumed with it, where its settings differ from the config's only there; a checkpoint of other
-    settings (another lr) changes nothing: the loop starts that run over."""
-    from pipeline.engine.stage_api import result_config
+def _checkpoint(ctx, step: int, config, processes: int = 1) -> None:
+    """A checkpoint of `step` as the loop signs it, for a run of `config` over TOKENS_2048's one example."""
+    from pipeline.train.loop import run_signature
 
+    signature = run_signature(config, ctx.recipe.seed, len(TOKENS_2048), processes)
+    ctx.checkpointer.save(step, {"signature": signature, "x": torch.zeros(1)})
+
+
+def test_a_checkpoint_made_with_levers_resumes_with_them_and_one_of_other_settings_changes_nothing(
+    monkeypatch, tmp_path, caplog
+):
+    """Qwen3-0.6B fits one 80 GB GPU as set. A checkpoint saved with gradient checkpointing (a run that once had less
+    free memory) is resumed with it; one of other settings (another lr, or bf16 latents under DeepSpeed, which cannot
+    take them) changes nothing: the loop starts that run over, as it always did."""
     ctx, student, gpu = _fit_ctx(tmp_path), _meta_qwen3("0.6b"), _gpus(monkeypatch)
     assert kd_qat._fitting(ctx, student, TOKENS_2048, gpu, "bfloat16") is ctx.config
 
-    def checkpoint(step, config):
-        args = result_config(kd_qat.Config, config.model_dump(mode="json"))
-        ctx.checkpointer.save(step, {"signature": {"args": args, "seed": 0}, "x": torch.zeros(1)})
-
-    checkpoint(2, ctx.config.model_copy(update={"gradient_checkpointing": True, "lr": 1e-3}))
+    _checkpoint(ctx, 2, ctx.config.model_copy(update={"gradient_checkpointing": True, "lr": 1e-3}))
     assert kd_qat._fitting(ctx, student, TOKENS_2048, gpu, "bfloat16") is ctx.config
-    checkpoint(4, ctx.config.model_copy(update={"gradient_checkpointing": True}))
-    resumed = kd_qat._fitting(ctx, student, TOKENS_2048, gpu, "bfloat16")
+    _checkpoint(ctx, 4, ctx.config)
+    with caplog.at_level(logging.INFO):
+        assert kd_qat._fitting(ctx, student, TOKENS_2048, gpu, "bfloat16") is ctx.config
+    assert "training with" not in caplog.text  # its own settings: nothing to say
+    _checkpoint(ctx, 6, ctx.config.model_copy(update={"gradient_checkpointing": True}))
+    with caplog.at_level(logging.INFO):
+        resumed = kd_qat._fitting(ctx, student, TOKENS_2048, gpu, "bfloat16")
     assert resumed == ctx.config.model_copy(update={"gradient_checkpointing": True})
+    assert "as its checkpoint was made" in caplog.text
+
+    # under ZeRO-3 the bf16 and 8-bit levers are not on offer: a checkpoint made with them is not resumed
+    monkeypatch.setattr(kd_qat, "_least_free", lambda accelerator: int(78.6 * 2**30))
+    zero3 = _gpus(monkeypatch, 2, "DEEPSPEED", {"zero_optimization": {"stage": 3}})
+    levers = {"gradient_checkpointing": True, "param_dtype": "bfloat16", "optimizer": "adamw_8bit"}
+    _checkpoint(ctx, 8, ctx.config.model_copy(update=levers), processes=2)
+    chosen = kd_qat._fitting(ctx, student, TOKENS_2048, zero3, "bfloat16")
+    assert (chosen.param_dtype, chosen.optimizer) == ("float32", "adamw")
+
+
+def test_a_checkpoint_whose_settings_no_longer_fit_is_refused_not_cleared(monkeypatch, tmp_path):
+    """Qwen3-8B checkpointed with every lever, run again with 40 GiB free: the levers would not fit, and no other
+    setting may take over (the loop would clear the checkpoint): refused, naming the checkpoint and both ways out."""
+    from pipeline.engine.errors import InputError
+
+    ctx = _fit_ctx(tmp_path)
+    levers = {"gradient_checkpointing": True, "param_dtype": "bfloat16", "optimizer": "adamw_8bit"}
+    _checkpoint(ctx, 300, ctx.config.model_copy(update=levers))
+    gpu = _gpus(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (40 * 2**30, 80 * 2**30))
+    with pytest.raises(InputError) as refused:
+        kd_qat._fitting(ctx, _meta_qwen3("8b"), TOKENS_2048, gpu, "bfloat16")
+    message = str(refused.value)
+    assert "the GPU has 40.0 GiB free" in message
+    assert "the checkpoint of step 300 was made with gradient_checkpointing: True, param_dtype: bfloat16, " in message
+    assert f"free GPU memory and run again, or delete {ctx.checkpointer.directory} to start over" in message
+    assert ctx.checkpointer.latest_step() == 300

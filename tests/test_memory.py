@@ -184,7 +184,8 @@ def test_compiled_layers_are_estimated_from_the_measured_share_not_refused_as_ea
 
 def smollm2_w4a4kv4_step(trained_transform_width: int):
     """SmolLM2-135M's W4A4KV4 KD step of recipes/smollm2-study-w4a4kv4.yaml's kd_flatquant_reference: 16 sequences of
-    up to 587 tokens (its longest reference solution with the prompt), fp32 latent weights, AdamW, eager."""
+    up to 587 tokens (the longest of the 4,000 reference solutions with its prompt in SmolLM2's tokenizer; 16 x 587
+    tokens give the 19.8 GiB the stage logged, run-6-h200-reference.log), fp32 latent weights, AdamW, eager."""
     from transformers import LlamaConfig
 
     return kd_step_memory(
@@ -205,7 +206,8 @@ def smollm2_w4a4kv4_step(trained_transform_width: int):
 
 def test_trained_online_transforms_count_what_their_gradients_keep():
     """Measured on an H200 (docs/results/smollm2/): 28.3 GiB peak with FlatQuant's five transforms a layer trained;
-    the estimate without them said 19.8, and 8 GiB too little is an out-of-memory error where a refusal was due."""
+    the estimate without them said 19.8, and 8 GiB too little is an out-of-memory error where a refusal was due.
+    The one measurement there is: this pins the count of 8 bytes an element to it (within 5%)."""
     h, i = 576, 1536
     width = 3 * h + i + (9 + 3) * 64  # inputs of q/k/v, o_proj, gate/up and down_proj; every query and key head
     assert abs(smollm2_w4a4kv4_step(0).total / GIB - 19.8) < 0.05

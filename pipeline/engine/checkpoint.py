@@ -281,9 +281,14 @@ class Checkpointer:
         return None if path is None else _step_of(path)
 
     def latest_signature(self) -> Any:
-        """The signature `_latest_sized` was saved with (from its shared JSON alone: `resume` verifies), or None."""
+        """The signature `_latest_sized` was saved with (from its shared JSON alone, unverified), or None, also for
+        a JSON that does not read: `resume` verifies the files and falls back to an older checkpoint."""
         path = self._latest_sized()
-        return None if path is None else json.loads((path / f"{SHARED}.json").read_text()).get("signature")
+        try:
+            state = None if path is None else json.loads((path / f"{SHARED}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return state.get("signature") if isinstance(state, dict) else None
 
     def latest(self, ranks: Ranks = ONE_PROCESS, log=None) -> tuple[int, dict[str, Any]] | None:
         """(step, state) of the newest good checkpoint, or None; state is the shared part merged with this

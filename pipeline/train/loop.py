@@ -728,12 +728,7 @@ def _prepare(
     # made from our AdamW's groups, and a resume's load_state_dict gives it groups of its own, which a scheduler of our
     # AdamW no longer reached (the steps after a resume kept the checkpoint's lr)
     scheduler = get_cosine_schedule_with_warmup(_stepping(optimizer), args.warmup_steps, args.steps)
-    signature = {
-        "args": result_config(type(args), args.model_dump(mode="json")),
-        "seed": seed,
-        "examples": len(examples),
-        "processes": acc.num_processes,
-    }
+    signature = run_signature(args, seed, len(examples), acc.num_processes)
     return _Run(
         acc=acc,
         ranks=AcceleratorRanks(acc),
@@ -751,6 +746,16 @@ def _prepare(
         metrics_path=metrics_path,
         on_step=on_step,
     )
+
+
+def run_signature(args: TrainArgs, seed: int, examples: int, processes: int) -> dict:
+    """What a checkpoint of `train` is signed with: a run resumes only a checkpoint of the same signature."""
+    return {
+        "args": result_config(type(args), args.model_dump(mode="json")),
+        "seed": seed,
+        "examples": examples,
+        "processes": processes,
+    }
 
 
 def _stepping(optimizer) -> torch.optim.Optimizer:
