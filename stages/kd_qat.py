@@ -264,8 +264,9 @@ def _fitting(ctx: StageContext, student, examples, accelerator, teacher_dtype: s
     free = _least_free(accelerator)
     ladder = _lever_ladder(config, deepspeed) if config.fit == "levers" else [config]
     saved = ctx.checkpointer.latest_signature()
-    sign = lambda c: run_signature(c, ctx.recipe.seed, len(examples), accelerator.num_processes)  # noqa: E731
-    checkpointed = [c for c in ladder if saved is not None and sign(c) == saved]
+    checkpointed = [
+        c for c in ladder if run_signature(c, ctx.recipe.seed, len(examples), accelerator.num_processes) == saved
+    ]
     for candidate in checkpointed or ladder:
         memory = kd_step_memory_of(
             student,
