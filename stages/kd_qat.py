@@ -261,6 +261,7 @@ def _fitting(ctx: StageContext, student, examples, accelerator, teacher_dtype: s
     zero3_config = zero3_settings(accelerator, student.config.hidden_size)
     micro = config.batch_size // (accelerator.num_processes * config.grad_accum)
     teacher_total = sum(p.numel() for p in student.parameters()) if config.objective == "kd" else 0
+    tokens = micro * max(len(ids) for ids, _ in examples)
     free = _least_free(accelerator)
     ladder = _lever_ladder(config, deepspeed) if config.fit == "levers" else [config]
     saved = ctx.checkpointer.latest_signature()
@@ -273,7 +274,7 @@ def _fitting(ctx: StageContext, student, examples, accelerator, teacher_dtype: s
             candidate,
             teacher_total=teacher_total,
             teacher_bytes=getattr(torch, teacher_dtype).itemsize,
-            tokens=micro * max(len(ids) for ids, _ in examples),
+            tokens=tokens,
             chunk_size=config.chunk_size,
             processes=processes,
             zero3=zero3_config,

@@ -62,15 +62,19 @@ class KroneckerTransform(nn.Module):
         if self._inverses is not None and self._inverses[0] == work:
             left_inv, right_inv = self._inverses[1:]
         else:
-            # inv_ex, unchecked: linalg.inv's singularity check is a host sync on CUDA, here on every forward (the
-            # queries' side of each attention's key transform, in KD-QAT and in every decoding step). A singular
-            # factor gives non-finite outputs instead, which training stops on (NonFiniteLoss); calibration checks
-            # its factors once an epoch (StepInverses.check)
-            left_inv, right_inv = (
-                torch.linalg.inv_ex(self.left.to(work))[0],
-                torch.linalg.inv_ex(self.right.to(work))[0],
-            )
+            # unchecked here: a singular factor gives non-finite outputs, which training stops on (NonFiniteLoss);
+            # calibration checks its factors once an epoch (StepInverses.check)
+            left_inv, right_inv, _ = self.inverse_factors(work)
         return (left_inv.to(dtype) @ grid @ right_inv.to(dtype).T).flatten(-2)
+
+    def inverse_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A⁻¹, B⁻¹ in `dtype`, and whether either factor was singular (a bool tensor, left on the device).
+        `inv_ex`, not `inv`: linalg.inv's singularity check is a host sync on CUDA, which `inverse_transpose` would
+        pay on every forward (the queries' side of each attention's key transform, in KD-QAT and in every decoding
+        step)."""
+        left_inv, left_info = torch.linalg.inv_ex(self.left.to(dtype))
+        right_inv, right_info = torch.linalg.inv_ex(self.right.to(dtype))
+        return left_inv, right_inv, (left_info != 0) | (right_info != 0)
 
     def extra_repr(self) -> str:
         n1, n2 = self.sizes
@@ -95,10 +99,8 @@ class StepInverses:
     def refresh(self) -> None:
         """Invert every transform's current factors (after each optimizer step, before the next forward)."""
         for m in self.modules:
-            left_inv, left_info = torch.linalg.inv_ex(m.left.float())
-            right_inv, right_info = torch.linalg.inv_ex(m.right.float())
+            left_inv, right_inv, failed = m.inverse_factors(torch.float32)
             m._inverses = (torch.float32, left_inv, right_inv)
-            failed = (left_info != 0) | (right_info != 0)
             self._failed = failed if self._failed is None else self._failed | failed
 
     def check(self) -> None:
