@@ -308,6 +308,9 @@ def main() -> None:
         print(f"KD-QAT ({args.scheme}) step time / plain BF16 KD step: {results['ratio']:.3f}")
     if args.out and acc.is_main_process:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    # every rank leaves the process group before the interpreter's teardown, where gloo's threads may abort the
+    # process (SIGABRT after a finished run: pytorch/pytorch#190489)
+    acc.end_training()
 
 
 if __name__ == "__main__":

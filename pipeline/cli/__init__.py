@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.engine.recipe import RecipeError
 
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        _leave_process_group()
+        return code
     except RecipeError as e:
         for line in e.lines():
             error(line)
@@ -94,6 +96,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             error(f"internal error: {type(e).__name__}: {e}")
         return 1
+
+
+def _leave_process_group() -> None:
+    """After a command that went well on every rank of a multi-process run: a gloo process group left to the
+    interpreter's teardown aborts the process now and then (SIGABRT, "terminate called without an active exception",
+    pytorch/pytorch#190489), turning a finished run's exit 0 into a failure. Not after an error: a rank still waiting
+    in a collective could hang the destroy (pytorch/torchtitan#1342)."""
+    dist = sys.modules.get("torch.distributed")  # a command that never imported torch has no group to leave
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
