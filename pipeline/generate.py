@@ -16,7 +16,8 @@ own forward (transformers), through one of these backends (`GenerationSpec.backe
   completions do not depend on batch size or memory. Made for reasoning lengths (thousands of tokens
   of very different lengths); bench/generate.py measures it.
 - `generate`: `model.generate` with the dynamic KV cache, left-padded batches of `batch_size` sequences
-  of prompts of similar length (sorted, so padding is small; results come back in the caller's order).
+  of prompts of similar length (sorted, so padding is small; results come back in the caller's order), fewer
+  when the free memory cannot hold that many caches of prompt + max_new_tokens.
 - `static`: the same with `cache_implementation="static"`, which transformers compiles on CUDA.
 - `continuous`: transformers' continuous batching (`model.generate_batch`, a paged KV cache). K samples
   are K requests of the same prompt: `generate_batch` returns only the first of `num_return_sequences`
@@ -39,6 +40,7 @@ here) and needs an explicit ContinuousBatchingConfig to run.
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -63,6 +65,8 @@ from pipeline.engine.progress import Bar, progress
 from pipeline.engine.stage_api import SEED_MAX
 from pipeline.stops import first_stop_end
 
+log = logging.getLogger(__name__)
+
 _STATIC_WIDTH_STEP = 64
 """Prompt widths of the static backend are rounded up to a multiple of this."""
 
@@ -83,8 +87,8 @@ class GenerationSpec(BaseModel):
     num_samples: int = Field(1, ge=1)
     """Completions per prompt (K of avg@K / pass@K); > 1 needs temperature > 0."""
     batch_size: int = Field(64, ge=1)
-    """Sequences decoded together (prompts x samples); `refill` decodes fewer when the free device
-    memory cannot hold that many KV caches at full length; `continuous` sizes its batches itself."""
+    """Sequences decoded together (prompts x samples); fewer when the free device memory cannot hold that many KV
+    caches at full length (prompt + max_new_tokens; a warning says so); `continuous` sizes its batches itself."""
     seed: int = Field(0, ge=0, le=SEED_MAX)
     """Seeds the sampler, so the same model, prompts and spec give the same completions."""
     backend: Literal["auto", "refill", "generate", "static", "continuous"] = "auto"
@@ -176,17 +180,27 @@ def _generate_padded(
     bar: Bar,
 ) -> list[list[list[int]]]:
     k = spec.num_samples
-    per_batch = max(1, spec.batch_size // k)
+    # a batch's cache grows to batch x (prompt + max new tokens) (the static cache holds that from its first step):
+    # batches are cut to what the free memory holds, as refill sizes its slots, rather than running out of memory
+    # minutes in on a max_new_tokens the user set for the longest answer
+    capacity = _padded_width(max(map(len, prompt_ids)), cache_implementation) + spec.max_new_tokens
+    fitting = refill.slot_count(model, capacity, spec.batch_size, refill.free_memory_bytes(model.device))
+    per_batch = max(1, min(spec.batch_size, fitting) // k)
+    if per_batch < min(max(1, spec.batch_size // k), len(prompt_ids)):
+        log.warning(
+            "generate: %d sequences at a time, not batch_size %d: the free memory holds %d caches of %d tokens",
+            per_batch * k,
+            spec.batch_size,
+            fitting,
+            capacity,
+        )
     config = _generation_config(spec, stops, pad_id, k, cache_implementation)
     # Sorting by length keeps each batch's left padding small; `order` maps back to the caller's order.
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     out: list[list[list[int]]] = [[] for _ in prompt_ids]
     for start in range(0, len(order), per_batch):
         batch = order[start : start + per_batch]
-        width = max(len(prompt_ids[i]) for i in batch)
-        if cache_implementation == "static":
-            # the compiled step is specialised to the cache length: few distinct widths, few recompiles
-            width = -(-width // _STATIC_WIDTH_STEP) * _STATIC_WIDTH_STEP
+        width = _padded_width(max(len(prompt_ids[i]) for i in batch), cache_implementation)
         input_ids = torch.tensor([[pad_id] * (width - len(prompt_ids[i])) + prompt_ids[i] for i in batch])
         attention_mask = torch.tensor([[0] * (width - len(prompt_ids[i])) + [1] * len(prompt_ids[i]) for i in batch])
         generated = model.generate(
@@ -199,6 +213,14 @@ def _generate_padded(
             out[i] = rows[j * k : (j + 1) * k]
         bar.advance(len(rows), tokens=_decoded_tokens(rows, set(stops)))
     return out
+
+
+def _padded_width(width: int, cache_implementation: str | None) -> int:
+    """The static backend's compiled step is specialised to the cache length: its prompt widths are rounded up, so
+    that few distinct widths mean few recompiles."""
+    if cache_implementation == "static":
+        return -(-width // _STATIC_WIDTH_STEP) * _STATIC_WIDTH_STEP
+    return width
 
 
 def _decoded_tokens(rows: list[list[int]], stops: set[int]) -> int:

@@ -331,6 +331,32 @@ def test_out_of_memory_halves_the_slots_and_keeps_the_tokens(lm, caplog):
         generate_ids(model, prompts, spec, [pad], pad)
 
 
+@pytest.mark.parametrize("backend", ["generate", "static"])
+def test_padded_batches_shrink_to_the_caches_the_free_memory_holds(lm, monkeypatch, caplog, backend):
+    """`generate` / `static` hold batch x (prompt + max new tokens) of cache at the end (the static one from the
+    start): with free memory for two such caches, batches of 2 rows, the same tokens, and a warning that says why."""
+    model, tok = lm
+    prompts, pad = prompt_ids(tok), tok.pad_token_id
+    spec = GenerationSpec(max_new_tokens=6, batch_size=8, backend=backend)
+    expected = generate_ids(model, prompts, spec, [pad], pad)
+    capacity = max(map(len, prompts)) + 6
+    if backend == "static":
+        capacity = -(-max(map(len, prompts)) // 64) * 64 + 6
+    free = next(b for b in range(2**16, 2**34, 1024) if refill.slot_count(model, capacity, 8, b) == 2)
+    monkeypatch.setattr(refill, "free_memory_bytes", lambda device: free)
+    rows = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipeline.generate"):
+            assert generate_ids(model, prompts, spec, [pad], pad) == expected
+    finally:
+        handle.remove()
+    assert max(rows) == 2 and len(prompts) > 2
+    assert (
+        f"2 sequences at a time, not batch_size 8: the free memory holds 2 caches of {capacity} tokens" in caplog.text
+    )
+
+
 def test_slots_fit_the_free_memory():
     """Qwen3-0.6B: 112 KiB of KV cache per token in bf16; the slots' caches fit 90% of the free memory."""
     config = Qwen3Config(**QWEN3_SIZES["0.6b"])
