@@ -209,6 +209,17 @@ def test_force_reruns_everything(chain, fake_stages, run_cli):
     assert code == 0 and fake_stages.calls == ["a", "b", "c"]
 
 
+def test_force_with_from_reruns_that_stage_and_downstream_not_its_upstream(chain, fake_stages, run_cli):
+    """`--from b --force`: b and c run again; a, up to date, is not retrained."""
+    recipe, art = chain
+    code, out, _ = run_cli("run", recipe, "--artifacts", art, "--from", "b", "--force", "--dry-run")
+    assert code == 0 and fake_stages.calls == []
+    lines = {line.split()[1]: line for line in out.splitlines() if line.startswith("│")}
+    assert "skip" in lines["a"] and "--force" in lines["b"] and "--force" in lines["c"]
+    code, _, _ = run_cli("run", recipe, "--artifacts", art, "--from", "b", "--force")
+    assert code == 0 and fake_stages.calls == ["b", "c"]
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(fake_stages, write_recipe, tmp_path, run_cli, chain):
     recipe, art = chain
     snapshot = {p: p.stat().st_mtime_ns for p in art.rglob("*")}

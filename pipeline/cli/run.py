@@ -22,7 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--only", metavar="STAGE", help="run just this stage, even if up to date; its inputs must be up to date"
     )
     parser.add_argument(
-        "--force", action="store_true", help="re-run every selected stage, and stages whose gate did not pass"
+        "--force",
+        action="store_true",
+        help="re-run every stage (with --from / --only: the stages they select to re-run), also past a gate "
+        "that did not pass",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
 

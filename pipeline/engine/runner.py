@@ -353,7 +353,9 @@ def selection(recipe: Recipe, options: Options) -> tuple[list[str], dict[str, st
     else:
         selected, forced = set(order), {}
     if options.force:
-        forced = {s: "--force" for s in selected}
+        # what --from / --only name, or else every stage: the upstream stages --from brings along run only when
+        # missing or stale (forcing them would retrain the teacher to re-run an export)
+        forced = {s: "--force" for s in (forced or selected)}
     return [s for s in order if s in selected], forced
 
 
