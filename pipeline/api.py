@@ -221,13 +221,14 @@ def _check_out(path: str) -> None:
 
 
 def _check_model_dir(path: str, where: str, trust_remote_code: bool) -> None:
+    from pipeline.data.chat import NO_TOKENIZER, TOKENIZER_FILES
     from pipeline.models import PASS_TRUST_FLAG, check_model_dir
 
     if not Path(path).exists():
         raise InputError(where, f"no such directory: {path}")
     inner = Path(check_model_dir(path, where, trust_remote_code, allow=PASS_TRUST_FLAG))
-    if not any((inner / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        raise InputError(where, f"{inner} has no tokenizer (tokenizer.json / tokenizer_config.json)")
+    if not any((inner / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(where, f"{inner} {NO_TOKENIZER}")
 
 
 def _tokenizer(path: str, where: str, needs_chat: bool, trust_remote_code: bool):

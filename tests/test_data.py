@@ -12,7 +12,7 @@ from pipeline.data.chat import (
     BOXED_INSTRUCTION,
     chat_example,
     chat_prompt,
-    check_chat_template,
+    check_tokenizer,
     end_of_turn,
     end_of_turn_id,
 )
@@ -94,7 +94,7 @@ def base_model_dir(tmp_path):
 
 
 def test_recipe_with_a_base_model_fails_validation(base_model_dir, tmp_path, run_cli):
-    assert check_chat_template(ModelSpec(path=str(base_model_dir))) == [
+    assert check_tokenizer(ModelSpec(path=str(base_model_dir))) == [
         (
             "model.path",
             f"{base_model_dir} has no chat template, which every prompt and trace is rendered with; use "
@@ -122,10 +122,28 @@ def test_recipe_with_a_base_model_fails_validation(base_model_dir, tmp_path, run
     ]
 
 
+def test_recipe_with_a_model_without_a_tokenizer_fails_validation(tmp_path, run_cli):
+    """Weights and config but no tokenizer files: refused when the recipe is validated, not by the first stage
+    that tokenizes (which failed naming the calibration text's length), and nothing written."""
+    folder = tmp_path / "untokenized"
+    save_model(tiny_lm.model(), tiny_lm.tokenizer(), folder)
+    for name in folder.glob("*"):
+        if name.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            name.unlink()
+    recipe = tmp_path / "r.yaml"
+    stages = {"eval": {"type": "eval", "model": "model"}}
+    recipe.write_text(yaml.safe_dump({"name": "r", "model": {"path": str(folder)}, "stages": stages}))
+    for command in (("validate", recipe), ("run", recipe, "--artifacts", tmp_path / "art")):
+        code, _, err = run_cli(*command)
+        assert code == 2
+        assert err.strip() == f"model.path: {folder} has no tokenizer (tokenizer.json / tokenizer_config.json)"
+    assert not (tmp_path / "art").exists()
+
+
 def test_chat_template_check_accepts_saved_templates(tmp_path):
     save_model(tiny_lm.model(), tiny_lm.tokenizer(), tmp_path / "stage" / "model")  # a stage directory
-    assert check_chat_template(ModelSpec(path=str(tmp_path / "stage"))) == []
-    assert check_chat_template(ModelSpec(path="org/hub-model")) == []  # checked when a stage loads it
+    assert check_tokenizer(ModelSpec(path=str(tmp_path / "stage"))) == []
+    assert check_tokenizer(ModelSpec(path="org/hub-model")) == []  # checked when a stage loads it
 
 
 def test_read_texts(tmp_path):

@@ -3,7 +3,7 @@
 A user turn is `question + "\\n" + data.instruction`; every training example is that prompt, the completion,
 and the end of turn the template writes after an assistant message (`end_of_turn`): `<|im_end|>` for Qwen /
 ChatML, `<|eot_id|>` for Llama-3, `</s>` for Mistral. Nothing here knows a model family; a tokenizer without
-a chat template is refused (`check_chat_template` at validation, `InputError` at run time).
+a chat template is refused (`check_tokenizer` at validation, `InputError` at run time).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ def user_message(question: str, instruction: str = BOXED_INSTRUCTION) -> str:
     return f"{question}\n{instruction}" if instruction else question
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+NO_TOKENIZER = "has no tokenizer (tokenizer.json / tokenizer_config.json)"
 NO_CHAT_TEMPLATE = (
     "has no chat template, which every prompt and trace is rendered with; use the model's "
     "chat / instruct version, or give its tokenizer one (tokenizer.chat_template = ...; "
@@ -87,17 +89,20 @@ def end_of_turn_id(tokenizer) -> int:
     return tokenizer(end_of_turn(tokenizer), add_special_tokens=False)["input_ids"][-1]
 
 
-def check_chat_template(model) -> list[tuple[str, str]]:
-    """At validation: a local `model.path` (the recipe's ModelSpec) whose tokenizer has no chat template.
-    Reads only the tokenizer's files; a hub id is checked when a stage loads it."""
+def check_tokenizer(model) -> list[tuple[str, str]]:
+    """At validation: a local `model.path` (the recipe's ModelSpec) with no tokenizer, or one without a chat
+    template. Reads only the tokenizer's files; a hub id is checked when a stage loads it."""
     from pipeline.quant.formats.layout import model_dir
 
     if model.path is None or not Path(model.path).expanduser().is_dir():
         return []
     where = Path(model_dir(Path(model.path).expanduser()))
+    if not any((where / name).is_file() for name in TOKENIZER_FILES):
+        # else the first stage to tokenize would fail with its own, less clear, message
+        return [("model.path", f"{where} {NO_TOKENIZER}")]
     config = where / "tokenizer_config.json"
     if not config.is_file():
-        return []  # no tokenizer here at all: loading it fails with its own message
+        return []  # tokenizer.json alone: loading it fails with its own message
     try:
         if json.loads(config.read_text(encoding="utf-8")).get("chat_template"):
             return []

@@ -191,9 +191,9 @@ def parse_recipe(raw: dict, source: str = "<recipe>", overrides: typing.Sequence
 
     with reading_each_file_once():  # stage checks that name the same benchmark or prompts file read it once
         errors += _run_stage_checks(recipe)
-    from pipeline.data.chat import check_chat_template  # the data layer's check: loaded when a recipe is validated
+    from pipeline.data.chat import check_tokenizer  # the data layer's check: loaded when a recipe is validated
 
-    errors += model_errors or check_chat_template(recipe.model)
+    errors += model_errors or check_tokenizer(recipe.model)
     if errors:
         raise RecipeError(errors)
     return recipe
