@@ -78,9 +78,9 @@ class GenerationSpec(BaseModel):
 
     max_new_tokens: int = Field(512, gt=0)
     """Longest completion; one that reaches it without an end token is `truncated`."""
-    temperature: float = Field(0.0, ge=0)
+    temperature: float = Field(0.0, ge=0, allow_inf_nan=False)
     """0 = greedy decoding; > 0 = sampling (Qwen3 cards: 0.6 for thinking mode)."""
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     """Nucleus sampling mass (sampling only; 1 = off)."""
     top_k: int = Field(0, ge=0)
     """Sample among the k most likely tokens (sampling only; 0 = off)."""

@@ -1,5 +1,6 @@
-"""Stage `eval`: a model's accuracy on a benchmark (the testbed's test split, GSM8K, MATH-500, AIME, AMC),
-and/or its perplexity and KL to a teacher, teacher-forced.
+"""Stage `eval`: a model's accuracy on a benchmark, and/or its perplexity and KL to a teacher, teacher-forced.
+
+Benchmarks: the testbed's test split, GSM8K, MATH-500, AIME, AMC.
 
 Generation (`generate`, on by default): samples K = `generation.num_samples` completions per problem
 through the one generation path (pipeline.generate), grades them with math-verify

@@ -95,8 +95,10 @@ def explain(config: Config, metrics: dict[str, float]) -> str:
     if config.min_accuracy is not None:
         op = ">=" if metrics["accuracy"] >= config.min_accuracy else "<"
         parts.append(f"accuracy {metrics['accuracy']:.3f} {op} min_accuracy {config.min_accuracy:g}")
-    if config.min_retention is not None:
-        op = ">=" if metrics["teacher_accuracy"] > 0 and metrics["retention"] >= config.min_retention else "<"
+    if config.min_retention is not None and metrics["teacher_accuracy"] == 0:
+        parts.append("the teacher solved none of the problems, so retention is undefined and min_retention fails")
+    elif config.min_retention is not None:
+        op = ">=" if metrics["retention"] >= config.min_retention else "<"
         parts.append(
             f"retention {metrics['retention']:.3f} ({metrics['accuracy']:.3f} / "
             f"{metrics['teacher_accuracy']:.3f}) {op} min_retention {config.min_retention:g}"

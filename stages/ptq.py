@@ -333,9 +333,9 @@ def _sqnr_report(model, originals, samples, reference, config: Config, ctx: Stag
 
     report, hidden, logits = sqnr.layer_sqnr_and_outputs(model, originals, samples)
     ctx.log.info(
-        "per-layer SQNR (dB), %s %s, %d x %d tokens:\n%s",
+        "per-layer SQNR (dB), %s, %s text, %d x %d tokens:\n%s",
         config.method,
-        config.calibration_source,
+        "traces" if config.calibration is not None else "generic",  # as _calibration_samples chose (RTN: generic)
         len(samples),
         max(len(s) for s in samples),
         sqnr.format_table(report),

@@ -216,7 +216,7 @@ def test_sqnr_report_is_optional_and_truncated(teacher, tmp_path, caplog):
         on = ptq.run(
             _ptq_context(teacher, tmp_path / "on", method="rtn", nsamples=4, seqlen=64, sqnr_samples=2, sqnr_seqlen=16)
         )
-    assert "per-layer SQNR (dB), rtn traces, 2 x 16 tokens" in caplog.text
+    assert "per-layer SQNR (dB), rtn, traces text, 2 x 16 tokens" in caplog.text
     assert {"output_sqnr_mean", "logits_sqnr", "hidden_sqnr"} <= set(on)
     assert len(json.loads((tmp_path / "on" / "sqnr.json").read_text())) == 14
 

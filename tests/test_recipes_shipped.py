@@ -87,9 +87,9 @@ DEMO_GPU_TEACHER = "artifacts/demo-gpu/teacher/model"
 
 
 def stand_in(raw: dict, out: Path) -> Path:
-    """A local model folder with the shapes of the recipe's `model.path`, in its place. Validation reads only
-    config.json (the ptq stage's scheme check instantiates it on the meta device), so for a real base model the
-    folder holds just that file."""
+    """A local model folder with the shapes of the recipe's `model.path`, in its place. Validation reads
+    config.json (the ptq stage's scheme check instantiates it on the meta device) and checks a tokenizer with a chat
+    template is there, so for a real base model the folder holds that file and the testbed's tokenizer."""
     model_path = raw["model"]["path"]
     if model_path in REAL_SHAPES:
         from transformers import AutoConfig
@@ -98,6 +98,7 @@ def stand_in(raw: dict, out: Path) -> Path:
         AutoConfig.for_model(model_type, **shapes).save_pretrained(out)
         # validation reads config.json alone, but refuses a folder without safetensors weights: a placeholder
         save_file({"placeholder": torch.zeros(1)}, out / "model.safetensors")
+        build_tokenizer().save_pretrained(out)
         return out
     # another recipe's artifact (demo-gpu-w4a4kv4 starts from demo-gpu's teacher, its -rl recipe from a
     # student of it): a model of demo-gpu's widths, quantized (RTN, the recipe's scheme) where the
