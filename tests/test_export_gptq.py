@@ -210,6 +210,7 @@ def test_gptq_refuses_what_it_cannot_hold(tmp_path, run_cli, capsys, spec, edit,
     capsys.readouterr()
     code, _, stderr = run_cli("export", path, "--format", "gptq", "--out", tmp_path / "ckpt")
     assert code == 2 and len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
+    assert stderr.strip().endswith("; export it with --format pack-quantized (the default)")
     assert "Traceback" not in stderr and not (tmp_path / "ckpt").exists()
 
 

@@ -52,7 +52,7 @@ def gptq_refusal(model: nn.Module, spec, lowered: dict[str, int]) -> str | None:
     if spec.activations is not None or spec.kv_cache is not None or any(describe(model).values()):
         return (
             "GPTQ checkpoints hold weight-only models; this one quantizes activations / the KV cache or has online "
-            "transforms (W4A4KV4): export it with --format pack-quantized"
+            "transforms (W4A4KV4)"
         )
     if w.num_bits not in GPTQ_BITS:
         return f"GPTQ takes {'/'.join(map(str, GPTQ_BITS))}-bit weights, the model has {w.num_bits}"
@@ -158,7 +158,8 @@ def export_gptq(model: nn.Module, tokenizer, spec, out_dir: str | Path) -> None:
         except ValueError as e:
             refusal = str(e)
     if refusal is not None:
-        raise InputError("format", f"gptq: {refusal}")
+        # the way out every refusal shares: the default format holds whatever this project quantizes
+        raise InputError("format", f"gptq: {refusal}; export it with --format pack-quantized (the default)")
     quantized = {name for name, _ in quant_linears(model)}
     for key, tensor in _plain_state(model).items():
         owner, _, leaf = key.rpartition(".")
