@@ -234,11 +234,22 @@ def _check_out(path: str) -> None:
 
 
 def _check_model_dir(path: str, where: str, trust_remote_code: bool) -> None:
+    import json
+
     from pipeline.models import PASS_TRUST_FLAG, check_model_dir
 
     if not Path(path).exists():
         raise InputError(where, f"no such directory: {path}")
     inner = Path(check_model_dir(path, where, trust_remote_code, allow=PASS_TRUST_FLAG))
+    # transformers hands a GPTQ checkpoint to optimum / gptqmodel, which this project does not install (their pins
+    # are not ours): refused here, before the ImportError a load would end in
+    quantization = json.loads((inner / "config.json").read_text()).get("quantization_config") or {}
+    if quantization.get("quant_method") == "gptq":
+        raise InputError(
+            where,
+            f"{inner} is a GPTQ-format checkpoint (export --format gptq), for vLLM / SGLang (docs/serving.md); "
+            "evaluate the stage directory it was exported from, or its default (pack-quantized) export",
+        )
     if not any((inner / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         raise InputError(where, f"{inner} has no tokenizer (tokenizer.json / tokenizer_config.json)")
 
