@@ -147,9 +147,7 @@ def evaluate(
     spec = generation if isinstance(generation, GenerationSpec) else GenerationSpec(**(generation or {}))
     if samples_path is not None:
         _check_out(str(samples_path))
-    problems, instruction = bench_problems(
-        bench, limit, data_dir, hub, load(recipe).data if recipe is not None else None
-    )
+    problems, instruction = bench_problems(bench, limit, data_dir, hub, _recipe_data(recipe))
     tokenizer = _tokenizer(str(model_dir), "MODEL_DIR", needs_chat=True, trust_remote_code=trust_remote_code)
     model = _model(str(model_dir), dtype, trust_remote_code)
     return evaluate_model(model, tokenizer, problems, spec, samples_path=samples_path, instruction=instruction)
@@ -182,8 +180,7 @@ def perplexity(
         raise InputError("--max-length", f"must be >= 2, got {max_length}")
     texts = read_texts(text, "--text") if text else None
     if texts is None:
-        data = load(recipe).data if recipe is not None else None
-        problems, instruction = bench_problems(bench, limit, data_dir, hub, data)
+        problems, instruction = bench_problems(bench, limit, data_dir, hub, _recipe_data(recipe))
     tokenizer = _tokenizer(str(model_dir), "MODEL_DIR", needs_chat=texts is None, trust_remote_code=trust_remote_code)
     if teacher:
         _tokenizer(str(teacher), "--teacher", needs_chat=False, trust_remote_code=trust_remote_code)
@@ -205,6 +202,22 @@ def perplexity(
     return metrics
 
 
+def _recipe_data(recipe: "Recipe | str | Path | None"):
+    """The `data` section of the recipe `evaluate` / `perplexity` take problems from, if any. Loading validates its
+    stages, whose benchmarks --data-dir does not reach, and `eval` has no --set: a missing benchmark directory names
+    the ways out that are left."""
+    from pipeline.data.benchmarks import naming_ways_out
+    from pipeline.engine.recipe import RecipeError
+
+    if recipe is None:
+        return None
+    try:
+        return load(recipe).data
+    except RecipeError as e:
+        ways_out = "set it in the recipe or set $REASONING_QAT_BENCHMARKS"
+        raise naming_ways_out(e, "data.benchmarks_dir", ways_out) from None
+
+
 # -- checks of what the caller named, before anything is loaded or written --------------------------------------
 
 
@@ -221,12 +234,23 @@ def _check_out(path: str) -> None:
 
 
 def _check_model_dir(path: str, where: str, trust_remote_code: bool) -> None:
+    import json
+
     from pipeline.data.chat import NO_TOKENIZER, TOKENIZER_FILES
     from pipeline.models import PASS_TRUST_FLAG, check_model_dir
 
     if not Path(path).exists():
         raise InputError(where, f"no such directory: {path}")
     inner = Path(check_model_dir(path, where, trust_remote_code, allow=PASS_TRUST_FLAG))
+    # transformers hands a GPTQ checkpoint to optimum / gptqmodel, which this project does not install (their pins
+    # are not ours): refused here, before the ImportError a load would end in
+    quantization = json.loads((inner / "config.json").read_text()).get("quantization_config") or {}
+    if quantization.get("quant_method") == "gptq":
+        raise InputError(
+            where,
+            f"{inner} is a GPTQ-format checkpoint (export --format gptq), for vLLM / SGLang (docs/serving.md); "
+            "evaluate the stage directory it was exported from, or its default (pack-quantized) export",
+        )
     if not any((inner / name).is_file() for name in TOKENIZER_FILES):
         raise InputError(where, f"{inner} {NO_TOKENIZER}")
 

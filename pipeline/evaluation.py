@@ -30,7 +30,7 @@ import math
 import time
 from pathlib import Path
 
-from pipeline.data.benchmarks import HUB_IDS, load_benchmark
+from pipeline.data.benchmarks import HUB_IDS, NoBenchmarkDir, load_benchmark
 from pipeline.data.chat import BOXED_INSTRUCTION, chat_example
 from pipeline.data.grading import grade_many
 from pipeline.data.problem import Problem
@@ -238,6 +238,12 @@ def solution_perplexity(
 
 # -- problems ------------------------------------------------------------------------------------
 
+EVAL_WAYS_OUT = (
+    "pass --data-dir DIR or set $REASONING_QAT_BENCHMARKS, "
+    f"or read {' / '.join(HUB_IDS)} with --hub ({', '.join(HUB_IDS.values())})"
+)
+"""How `eval` (pipeline.api.evaluate / perplexity) names the benchmark directory: NoBenchmarkDir's ways out."""
+
 
 def bench_problems(
     bench: str, limit: int | None, data_dir: str | None, hub: str | None, data=None
@@ -257,4 +263,7 @@ def bench_problems(
         if bench not in HUB_IDS:
             raise InputError("--hub", f"{bench} is not read from the hub here; --hub serves {', '.join(HUB_IDS)}")
         hubs[bench] = hub
-    return load_benchmark(bench, limit=limit, data_dir=data_dir, testbed=testbed, hub=hubs), instruction
+    try:
+        return load_benchmark(bench, limit=limit, data_dir=data_dir, testbed=testbed, hub=hubs), instruction
+    except NoBenchmarkDir:
+        raise NoBenchmarkDir("--data-dir", EVAL_WAYS_OUT) from None

@@ -11,7 +11,9 @@ Reads only manifests and `metrics.jsonl` files (nothing runs). Writes `<root>/<r
 
 Retention = accuracy / the baseline's accuracy. The baseline is `--baseline`, else the eval stage of
 the teacher: the first eval stage whose model is an `sft` stage trained from scratch or the recipe's
-base model. A plot needs at least one stage with something to draw; otherwise it is not written.
+base model. Until that default has an accuracy (a run part way through) the report has no retention and says why;
+a `--baseline` must name a stage that measures accuracy and has. A plot needs at least one stage with something to
+draw; otherwise it is not written.
 """
 
 from __future__ import annotations
@@ -56,18 +58,14 @@ def default_baseline(recipe) -> str | None:
 
 
 def build_rows(recipe, root: str | Path, baseline: str | None) -> list[dict]:
+    """A row per stage: its state and metrics, and an eval's retention when the `baseline` stage has an accuracy."""
     from pipeline.engine.runner import status
     from pipeline.engine.store import Store
 
     store = Store(root, recipe.name)
     decisions = status(recipe, store)
     manifests = {d.name: store.manifest(d.name) for d in decisions}
-    base_accuracy = None
-    if baseline is not None:
-        base = manifests.get(baseline)
-        if base is None or "accuracy" not in base.get("metrics", {}):
-            raise InputError("--baseline", f"stage {baseline!r} has no accuracy to compare with (has it run?)")
-        base_accuracy = base["metrics"]["accuracy"]
+    base_accuracy = (manifests.get(baseline) or {}).get("metrics", {}).get("accuracy")
     rows = []
     for d in decisions:
         manifest = manifests[d.name] or {}
@@ -108,9 +106,11 @@ def format_value(value) -> str:
     return "" if value is None else str(value)
 
 
-def markdown(recipe_name: str, rows: list[dict], baseline: str | None, plots: list[str]) -> str:
+def markdown(recipe_name: str, rows: list[dict], baseline: str | None, plots: list[str], note: str | None) -> str:
     lines = [f"# {recipe_name}", ""]
-    if baseline:
+    if note:
+        lines += [note[0].upper() + note[1:] + ".", ""]
+    elif baseline:
         lines += [f"Retention is accuracy over `{baseline}`'s.", ""]
     lines += ["| stage | type | state | of | wall (s) | metrics |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -232,19 +232,40 @@ def _bars_figure(rows: list[dict], metric: str, baseline: str | None):
     return fig
 
 
-def write_report(recipe, root: str | Path, baseline: str | None = None) -> tuple[Path, list[dict]]:
-    if baseline is not None and baseline not in recipe.stages:
-        raise InputError("--baseline", f"no stage named {baseline!r}")
-    baseline = baseline or default_baseline(recipe)
-    rows = build_rows(recipe, root, baseline)
+def write_report(recipe, root: str | Path, baseline: str | None = None) -> tuple[Path, list[dict], str | None]:
+    """The report's folder, its rows and a note saying why there is no retention when the default baseline has not
+    measured an accuracy yet (a run part way through). A `baseline` the caller named must have one."""
+    if baseline is not None:
+        _check_baseline(recipe, baseline)
+    chosen = baseline or default_baseline(recipe)
+    rows = build_rows(recipe, root, chosen)
     if not any(r["state"] in ("complete", "skipped") for r in rows):
         raise InputError(
             str(Path(root) / recipe.name),
             f"nothing to report: no stage of {recipe.name!r} has run (reasoning-qat run {recipe.source})",
         )
+    base = next((r for r in rows if r["stage"] == chosen), None)
+    note = None
+    if base is not None and "accuracy" not in base["metrics"]:
+        if baseline is not None:
+            raise InputError("--baseline", f"stage {baseline!r} has not measured an accuracy yet ({base['state']})")
+        note = f"no retention: the baseline {chosen!r} has not measured an accuracy yet ({base['state']})"
     out_dir = Path(root) / recipe.name / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = plot(out_dir, rows, _curves(Path(root), recipe.name, rows), baseline)
-    (out_dir / "report.json").write_text(json.dumps({"baseline": baseline, "stages": rows}, indent=2) + "\n")
-    (out_dir / "report.md").write_text(markdown(recipe.name, rows, baseline, plots))
-    return out_dir, rows
+    plots = plot(out_dir, rows, _curves(Path(root), recipe.name, rows), chosen)
+    (out_dir / "report.json").write_text(json.dumps({"baseline": chosen, "stages": rows}, indent=2) + "\n")
+    (out_dir / "report.md").write_text(markdown(recipe.name, rows, chosen, plots, note))
+    return out_dir, rows, note
+
+
+def _check_baseline(recipe, baseline: str) -> None:
+    """A baseline the user named must be a stage that measures accuracy, whether or not it has run."""
+    if baseline not in recipe.stages:
+        raise InputError("--baseline", f"no stage named {baseline!r}")
+    config = recipe.stages[baseline]
+    if config.type == "eval" and not config.generate:
+        raise InputError(
+            "--baseline", f"stage {baseline!r} measures perplexity only (generate: false), no accuracy to compare with"
+        )
+    if "accuracy" not in COLUMNS.get(config.type, ()):
+        raise InputError("--baseline", f"stage {baseline!r} is a {config.type} stage; it measures no accuracy")

@@ -195,7 +195,8 @@ quant:
 def write_starter(model: str | Path, scheme: str, out: str | Path | None = None) -> Path:
     """Write the starting recipe for the model folder `model` in `scheme` to `out` (default `<name>.yaml` here);
     returns its path. Bad input raises InputError or RecipeError before anything is written."""
-    from pipeline.engine.recipe import parse_recipe
+    from pipeline.data.benchmarks import naming_ways_out
+    from pipeline.engine.recipe import RecipeError, parse_recipe
 
     if scheme not in SCHEMES:
         raise InputError("--scheme", f"unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}")
@@ -204,7 +205,12 @@ def write_starter(model: str | Path, scheme: str, out: str | Path | None = None)
     out = Path(out) if out is not None else Path(f"{name}.yaml")
     _check_out(out)
     text = render(name, Path(model).resolve(), scheme, config, out)
-    parse_recipe(yaml.safe_load(text), source=str(out))  # RecipeError: every reason it would not validate
+    try:
+        parse_recipe(yaml.safe_load(text), source=str(out))  # RecipeError: every reason it would not validate
+    except RecipeError as e:  # the recipe is not written yet: the environment is the one way to its benchmarks
+        raise naming_ways_out(
+            e, "data.benchmarks_dir", "export REASONING_QAT_BENCHMARKS=DIR and run init again"
+        ) from None
     with open(out, "x") as f:  # "x": never replace a file that appeared meanwhile
         f.write(text)
     return out

@@ -221,16 +221,45 @@ def test_hub_source_that_cannot_load(monkeypatch, tmp_path):
     assert "\n" not in str(err.value)
 
 
+NO_DIRECTORY = (
+    "no benchmark directory is set, and every benchmark but the testbed is read from its files there "
+    "(<dir>/<bench>_<split>.jsonl or .parquet): "
+)
+
+
 def test_no_benchmark_directory_says_how_to_give_one(monkeypatch):
     monkeypatch.delenv("REASONING_QAT_BENCHMARKS", raising=False)
     assert benchmarks.benchmarks_dir() is None
     with pytest.raises(InputError) as err:
         load_benchmark("gsm8k")
     assert str(err.value) == (
-        "data_dir: gsm8k needs the file gsm8k_test.jsonl (or .parquet) and no benchmark directory is set: set "
-        "data.benchmarks_dir (CLI --data-dir) or $REASONING_QAT_BENCHMARKS, or name a hub dataset "
-        "(data.hub.gsm8k: openai/gsm8k)"
+        f"data.benchmarks_dir: {NO_DIRECTORY}set data.benchmarks_dir (--set data.benchmarks_dir=DIR) or "
+        "$REASONING_QAT_BENCHMARKS, or read gsm8k / math500 through data.hub (openai/gsm8k, HuggingFaceH4/MATH-500)"
     )
+
+
+def test_a_missing_benchmark_directory_is_one_line_naming_the_commands_ways_out(monkeypatch, run_cli, tmp_path):
+    """Every stage that reads a benchmark needs the same directory: one line however many stages and benchmarks
+    (the shipped recipe's evals read gsm8k and math500, its traces gsm8k train); `--set` only where the command has
+    it, `--data-dir` only for `eval`."""
+    monkeypatch.delenv("REASONING_QAT_BENCHMARKS", raising=False)
+    code, stdout, stderr = run_cli("validate", "qwen3-0.6b-w3g128")
+    assert (code, stdout) == (2, "")
+    assert stderr.splitlines() == [
+        f"data.benchmarks_dir: {NO_DIRECTORY}set data.benchmarks_dir (--set data.benchmarks_dir=DIR) or "
+        "$REASONING_QAT_BENCHMARKS, or read gsm8k / math500 through data.hub (openai/gsm8k, HuggingFaceH4/MATH-500)"
+    ]
+    code, stdout, stderr = run_cli("eval", tmp_path, "--bench", "gsm8k")
+    assert (code, stdout) == (2, "")
+    assert stderr.splitlines() == [
+        f"--data-dir: {NO_DIRECTORY}pass --data-dir DIR or set $REASONING_QAT_BENCHMARKS, "
+        "or read gsm8k / math500 with --hub (openai/gsm8k, HuggingFaceH4/MATH-500)"
+    ]
+    code, stdout, stderr = run_cli("eval", tmp_path, "--bench", "gsm8k", "--recipe", "qwen3-0.6b-w3g128")
+    assert (code, stdout) == (2, "")
+    assert stderr.splitlines() == [
+        f"data.benchmarks_dir: {NO_DIRECTORY}set it in the recipe or set $REASONING_QAT_BENCHMARKS"
+    ]
 
 
 def test_validation_finds_missing_sources(monkeypatch, tmp_path):
@@ -249,7 +278,7 @@ def test_validation_finds_missing_sources(monkeypatch, tmp_path):
         ("data.hub.math500", f"no such directory: {tmp_path / 'nope'}")
     ]
     [(where, message)] = check_training_data(DataSpec(task="gsm8k"))
-    assert where == "data.benchmarks_dir" and "gsm8k needs the file gsm8k_train.jsonl" in message
+    assert where == "data.benchmarks_dir" and message.startswith(NO_DIRECTORY)
     assert check_training_data(DataSpec(task="jsonl", prompts_file=str(tmp_path / "p.jsonl"))) == [
         ("data.prompts_file", f"no such file: {tmp_path / 'p.jsonl'}")
     ]

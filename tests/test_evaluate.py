@@ -129,6 +129,46 @@ def test_cli_eval_bad_input_exit_2(run_cli, model_dir, tmp_path, args, message, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-length", "16"], "--max-length: sets the windows of --text, which is not given; drop it or add --text"),
+        (
+            ["--perplexity", "--max-new-tokens", "4"],
+            "--max-new-tokens: perplexity is teacher-forced, nothing is generated; "
+            "drop --max-new-tokens or --perplexity",
+        ),
+        (
+            ["--text", "{tmp}/t.jsonl", "--samples", "3", "--temperature", "0.5"],
+            "--temperature: perplexity is teacher-forced, nothing is generated; drop --temperature or --text",
+        ),
+        (
+            ["--text", "{tmp}/t.jsonl", "--bench", "math500", "--limit", "1"],
+            "--bench: --text measures its own file, not a benchmark; drop --bench or --text",
+        ),
+        (
+            ["--text", "{tmp}/t.jsonl", "--limit", "1"],
+            "--limit: --text measures its own file, not a benchmark; drop --limit or --text",
+        ),
+        (
+            ["--text", "{tmp}/t.jsonl", "--out", "{tmp}/s.jsonl"],
+            "--out: perplexity generates no samples to write; drop --out or --text",
+        ),
+        (
+            ["--bench", "gsm8k", "--hub", "openai/gsm8k", "--data-dir", str(DATA)],
+            "--hub: reads --bench from the hub, --data-dir from files; give one of them",
+        ),
+    ],
+)
+def test_cli_eval_refuses_flags_its_measurement_ignores(run_cli, model_dir, tmp_path, args, message, monkeypatch):
+    """A flag the chosen measurement would ignore: exit 2, one line naming it and the flag that makes it moot,
+    before anything is read, loaded or written."""
+    monkeypatch.setattr("pipeline.models.load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    code, stdout, stderr = run_cli("eval", model_dir, *[a.format(tmp=tmp_path) for a in args])
+    assert (code, stdout, stderr) == (2, "", message.format(tmp=tmp_path) + "\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_eval_bad_model_dir_exit_2(run_cli, model_dir, tmp_path):
     code, _, stderr = run_cli("eval", tmp_path / "nope")
     assert code == 2 and f"MODEL_DIR: no such directory: {tmp_path / 'nope'}" in stderr
@@ -262,7 +302,7 @@ def test_cli_perplexity_of_reference_solutions(run_cli, model_dir, teacher_dir):
 def test_cli_perplexity_of_text(run_cli, model_dir, tmp_path):
     text = tmp_path / "heldout.jsonl"
     text.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS), encoding="utf-8")
-    code, stdout, stderr = run_cli("eval", model_dir, "--text", text, "--max-length", "16")
+    code, stdout, stderr = run_cli("eval", model_dir, "--text", text, "--max-length", "16", "--batch-size", "2")
     assert code == 0, stderr
     assert "perplexity" in stdout and "KL" not in stdout
 

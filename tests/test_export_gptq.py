@@ -138,6 +138,24 @@ def test_gptq_checkpoint_dequantizes_to_the_fake_quant_weights(stage, tmp_path, 
     assert w.num_bits < size["bits_per_weight"] < w.num_bits + (16 + w.num_bits) / group + 32 / 128 + 1e-9
 
 
+def test_eval_of_a_gptq_export_points_to_what_this_project_evaluates(stage, tmp_path, run_cli, monkeypatch):
+    """transformers would hand the checkpoint to optimum / gptqmodel (not installed): one line, exit 2, before any
+    weights load, naming the engines it is for and what to evaluate instead."""
+    assert run_cli("export", stage.path, "--format", "gptq", "--out", tmp_path / "ckpt")[0] == 0
+    monkeypatch.setattr("pipeline.models.load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    for args, where in (
+        ([tmp_path / "ckpt"], "MODEL_DIR"),
+        ([stage.path, "--teacher", tmp_path / "ckpt"], "--teacher"),
+    ):
+        code, stdout, stderr = run_cli("eval", *args, "--perplexity")
+        assert (code, stdout) == (2, "")
+        assert stderr == (
+            f"{where}: {tmp_path / 'ckpt'} is a GPTQ-format checkpoint (export --format gptq), for vLLM / SGLang "
+            "(docs/serving.md); evaluate the stage directory it was exported from, or its default (pack-quantized) "
+            "export\n"
+        )
+
+
 def test_gptq_stage_and_pack_quantized_modes(tmp_path):
     """The export stage's `format: gptq`; the default format's files also get the umask's mode (0600 before)."""
     import logging

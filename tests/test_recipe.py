@@ -377,12 +377,17 @@ def test_valid_recipe_and_overrides(fake_stages):
     assert list(recipe.stages) == ["teacher", "g", "student"]
 
 
+CHAT_TOKENIZER_CONFIG = '{"chat_template": "{{ messages }}"}'
+"""What validation reads of a model folder's tokenizer: that it is there, with a chat template."""
+
+
 def test_hub_ids_and_existing_local_paths_are_allowed(fake_stages, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert parse_recipe(with_("model", {"path": "Qwen/Qwen3-0.6B"})).model.path == "Qwen/Qwen3-0.6B"
     (tmp_path / "models" / "mine").mkdir(parents=True)
     (tmp_path / "models" / "mine" / "config.json").write_text('{"model_type": "qwen3"}')
     save_file({"w": torch.zeros(1)}, tmp_path / "models" / "mine" / "model.safetensors")
+    (tmp_path / "models" / "mine" / "tokenizer_config.json").write_text(CHAT_TOKENIZER_CONFIG)
     assert parse_recipe(with_("model", {"path": "models/mine"})).model.path == "models/mine"
     with pytest.raises(RecipeError) as e:
         parse_recipe(with_("model", {"path": "models/theirs"}))  # an existing parent: a local path
@@ -416,10 +421,11 @@ def test_bad_data_files_are_found_at_validation(fake_stages, tmp_path, run_cli):
     (data_dir / "gsm8k_test.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n{"question": "q"}\n')
     prompts = data_dir / "prompts.jsonl"
     prompts.write_text('{"question": "q", "answer": 1}\n{"question": "r"}\n')
-    model_dir = tmp_path / "model"  # a folder that passes the model checks (config and safetensors weights)
+    model_dir = tmp_path / "model"  # a folder that passes the model checks (config, safetensors, a chat tokenizer)
     model_dir.mkdir()
     (model_dir / "config.json").write_text('{"model_type": "qwen3"}')
     save_file({"w": torch.zeros(1)}, model_dir / "model.safetensors")
+    (model_dir / "tokenizer_config.json").write_text(CHAT_TOKENIZER_CONFIG)
     # a teacher from model.path solves the user's prompts; traces graded (only_correct) need answers
     on_prompts = {
         "name": "t",

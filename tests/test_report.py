@@ -52,3 +52,47 @@ def test_cross_entropy_and_kl_curves_get_separate_axes_and_rl_accuracy_is_named_
     assert [ax.get_ylabel() for ax in fig.axes] == ["cross-entropy", "reverse KL"]
     assert [[line.get_label() for line in ax.get_lines()] for ax in fig.axes] == [["sft_qat"], ["kd"]]
     assert (_column("rl", "accuracy"), _column("eval", "accuracy")) == ("rollout_accuracy", "accuracy")
+
+
+def test_report_part_way_names_the_baseline_that_has_not_run_and_refuses_one_without_accuracy(tmp_path, run_cli):
+    """Before the teacher's eval has run, `report` shows what has (no retention, saying why, exit 0) and blames
+    --baseline only when the user named it: one that has not run, or a perplexity-only eval, exit 2."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    import tiny_lm
+    from pipeline.models import save_model
+
+    save_model(tiny_lm.model(), tiny_lm.tokenizer(), tmp_path / "model")
+    recipe = tmp_path / "r.yaml"
+    ppl = {"type": "eval", "model": "model", "bench": "gsm8k", "limit": 2, "generate": False, "perplexity": True}
+    teacher = {"type": "eval", "model": "model", "limit": 1, "generation": {"max_new_tokens": 2}}
+    data = {"benchmarks_dir": str(Path(__file__).parent / "data")}
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "r",
+                "model": {"path": str(tmp_path / "model")},
+                "data": data,
+                "stages": {"teacher": teacher, "ppl": ppl},
+            },
+            sort_keys=False,
+        )
+    )
+    art = tmp_path / "art"
+    assert run_cli("run", recipe, "--artifacts", art, "--only", "ppl")[0] == 0
+
+    code, stdout, stderr = run_cli("report", recipe, "--artifacts", art)
+    assert code == 0 and "perplexity" in stdout
+    assert stderr == "no retention: the baseline 'teacher' has not measured an accuracy yet (pending)\n"
+    assert "No retention: the baseline 'teacher' has not measured" in (art / "r" / "report" / "report.md").read_text()
+    rows = json.loads((art / "r" / "report" / "report.json").read_text())["stages"]
+    assert [(r["stage"], r["state"]) for r in rows] == [("teacher", "pending"), ("ppl", "complete")]
+
+    code, stdout, stderr = run_cli("report", recipe, "--artifacts", art, "--baseline", "teacher")
+    assert (code, stdout, stderr) == (2, "", "--baseline: stage 'teacher' has not measured an accuracy yet (pending)\n")
+    code, stdout, stderr = run_cli("report", recipe, "--artifacts", art, "--baseline", "ppl")
+    assert (code, stdout) == (2, "")
+    assert stderr == "--baseline: stage 'ppl' measures perplexity only (generate: false), no accuracy to compare with\n"

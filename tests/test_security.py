@@ -324,6 +324,7 @@ def test_bad_model_path_is_one_line_at_validate_and_run_writes_nothing(tmp_path,
     if case in ("bad-json", "unknown-type"):
         (path / "config.json").write_text("{" if case == "bad-json" else '{"model_type": "no_such_type"}')
         save_file({"w": torch.zeros(1)}, path / "model.safetensors")
+        tiny_lm.tokenizer().save_pretrained(path)  # the folder's one problem is its config
     recipe = _recipe(tmp_path, {"path": str(path)})
     code, _, stderr = run_cli("validate", recipe)
     assert code == 2 and stderr.startswith(f"model.path: {path}{problem}") and len(stderr.splitlines()) == 1, stderr

@@ -95,3 +95,28 @@ def test_a_scheme_that_fits_no_layer_is_refused_with_the_validation_line(tmp_pat
     code, _, stderr = run_cli("init", "--model", odd, "--scheme", "w3g128", "--out", tmp_path / "r.yaml")
     assert code == 2 and stderr.startswith("quant.weights.group_size: ") and "does not divide in_features 100" in stderr
     assert not (tmp_path / "r.yaml").exists()
+
+
+def test_without_a_benchmark_directory_the_model_comes_first_and_the_directory_once(
+    models, tmp_path, monkeypatch, run_cli, capsys
+):
+    """A base model (no chat template) and no benchmark directory: the model's line first, then one line for the
+    directory naming the way out `init` has (the environment: its recipe is not written yet)."""
+    import chat_tokenizers
+    import tiny_lm
+    from pipeline.models import save_model
+
+    monkeypatch.delenv("REASONING_QAT_BENCHMARKS")
+    save_model(tiny_lm.model(), chat_tokenizers.plain(None), tmp_path / "base")
+    capsys.readouterr()
+    code, stdout, stderr = run_cli(
+        "init", "--model", tmp_path / "base", "--scheme", "w3g128", "--out", tmp_path / "r.yaml"
+    )
+    assert (code, stdout) == (2, "")
+    lines = stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"model.path: {tmp_path / 'base'} has no chat template")
+    assert lines[1] == (
+        "data.benchmarks_dir: no benchmark directory is set, and every benchmark but the testbed is read from its "
+        "files there (<dir>/<bench>_<split>.jsonl or .parquet): export REASONING_QAT_BENCHMARKS=DIR and run init again"
+    )
+    assert not (tmp_path / "r.yaml").exists()

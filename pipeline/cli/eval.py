@@ -12,7 +12,8 @@ The decoding flags are GenerationSpec's fields (pipeline.generate), each `--<fie
 `--samples`), with the field's default, type and documentation: a field added there is a flag here.
 The testbed problems come from `TestbedSpec()` unless `--recipe` names a recipe, whose `data.testbed`,
 `data.benchmarks_dir`, `data.hub` and `data.instruction` are then used: the same prompts that recipe's eval
-stages see.
+stages see. A flag the chosen measurement would ignore (`--max-length` without `--text`, decoding flags but
+`--batch-size` with perplexity, benchmark flags with `--text`, `--hub` with `--data-dir`) is refused, exit 2.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ HELP = "evaluate a model on a benchmark (accuracy, samples.jsonl), or its perple
 FLAG_NAMES = {"num_samples": "--samples"}
 """GenerationSpec fields whose flag is not `--<field-name>`."""
 METAVARS = {int: "N", float: "X", str: "TEXT"}
+DEFAULT_BENCH = "testbed"
+DEFAULT_MAX_LENGTH = 2048
+BENCH_FLAGS = ("--bench", "--limit", "--hub", "--data-dir", "--recipe")
+"""The flags that choose benchmark problems, which --text replaces."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="a stage directory or a Hugging Face model directory")
     parser.add_argument(
-        "--bench", default="testbed", metavar="NAME", help=f"benchmark: {', '.join(BENCHMARKS)} (default testbed)"
+        "--bench",
+        default=DEFAULT_BENCH,
+        metavar="NAME",
+        help=f"benchmark: {', '.join(BENCHMARKS)} (default {DEFAULT_BENCH})",
     )
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N problems")
     parser.add_argument("--out", default=None, metavar="FILE", help="write every sample here (jsonl)")
@@ -82,7 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="also the mean per-token KL(teacher || model) on the same text; implies --perplexity",
     )
-    parser.add_argument("--max-length", type=int, default=2048, metavar="N", help="tokens per window of --text")
+    parser.add_argument(
+        "--max-length", type=int, default=DEFAULT_MAX_LENGTH, metavar="N", help="tokens per window of --text"
+    )
 
 
 def flag(field: str) -> str:
@@ -149,7 +159,49 @@ def spec_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    _refuse_ignored_flags(args)
     return (_perplexity if args.perplexity or args.text or args.teacher else _generate)(args)
+
+
+def _refuse_ignored_flags(args: argparse.Namespace) -> None:
+    """A flag that the chosen measurement would ignore is refused, naming it and the flag that makes it moot, before
+    any model loads: run anyway, the user would take the numbers for what the flag asked."""
+    from pipeline.engine.errors import InputError
+    from pipeline.generate import GenerationSpec
+
+    given = _given_flags(args)
+    if "--hub" in given and "--data-dir" in given:
+        raise InputError("--hub", "reads --bench from the hub, --data-dir from files; give one of them")
+    if args.text:
+        moot = next((f for f in BENCH_FLAGS if f in given), None)
+        if moot:
+            raise InputError(moot, f"--text measures its own file, not a benchmark; drop {moot} or --text")
+    elif "--max-length" in given:
+        raise InputError("--max-length", "sets the windows of --text, which is not given; drop it or add --text")
+    mode = next((f for f in ("--perplexity", "--text", "--teacher") if f in given), None)
+    if mode is None:
+        return
+    if "--out" in given:
+        raise InputError("--out", f"perplexity generates no samples to write; drop --out or {mode}")
+    # --batch-size is the one decoding flag perplexity uses: sequences per forward pass
+    decoding = [flag(name) for name in GenerationSpec.model_fields if name != "batch_size"]
+    moot = next((f for f in decoding if f in given), None)
+    if moot:
+        raise InputError(moot, f"perplexity is teacher-forced, nothing is generated; drop {moot} or {mode}")
+
+
+def _given_flags(args: argparse.Namespace) -> set[str]:
+    """The flags set to something other than their default (a flag given its default changes nothing)."""
+    from pipeline.generate import GenerationSpec
+
+    defaults = {"bench": DEFAULT_BENCH, "max_length": DEFAULT_MAX_LENGTH} | {
+        name: info.get_default(call_default_factory=True) for name, info in GenerationSpec.model_fields.items()
+    }
+    return {
+        flag(dest)
+        for dest, value in vars(args).items()
+        if value is not None and value is not False and value != defaults.get(dest)
+    }
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -195,10 +247,7 @@ def _perplexity(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from pipeline import api
-    from pipeline.engine.errors import InputError
 
-    if args.out is not None:
-        raise InputError("--out", "perplexity generates no samples to write; drop --out or --perplexity")
     metrics = api.perplexity(
         args.model_dir,
         args.bench,

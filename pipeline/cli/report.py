@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipeline.cli.common import recipe_arguments
+from pipeline.cli.common import error, recipe_arguments
 
 HELP = "accuracy per stage, retention against the teacher, training curves (table + plots)"
 
@@ -25,7 +25,9 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.report import format_value, write_report
 
     recipe = api.load(args.recipe, args.overrides)
-    out_dir, rows = write_report(recipe, args.artifacts, args.baseline)
+    out_dir, rows, note = write_report(recipe, args.artifacts, args.baseline)
+    if note:  # on stderr, so that --json stays JSON
+        error(note)
     if args.json:
         print(json.dumps({"stages": rows}, indent=2))
         return 0

@@ -74,17 +74,44 @@ def _field(row: dict, key: str, at: str, where: str, numbers: bool = False) -> s
     return value
 
 
+RECIPE_WAYS_OUT = (
+    "set data.benchmarks_dir (--set data.benchmarks_dir=DIR) or "
+    f"$REASONING_QAT_BENCHMARKS, or read {' / '.join(HUB_IDS)} through data.hub ({', '.join(HUB_IDS.values())})"
+)
+"""How a recipe names its benchmark directory, for the commands that load one with --set."""
+
+
+class NoBenchmarkDir(InputError):
+    """No directory to read benchmark files from. Its line is the same whichever benchmark or stage needs one, so a
+    recipe's validation says it once; `where` and `ways_out` are those of the command at hand."""
+
+    def __init__(self, where: str = "data.benchmarks_dir", ways_out: str = RECIPE_WAYS_OUT):
+        super().__init__(
+            where,
+            "no benchmark directory is set, and every benchmark but the testbed is read from its files there "
+            f"(<dir>/<bench>_<split>.jsonl or .parquet): {ways_out}",
+        )
+
+
+def naming_ways_out(error, where: str, ways_out: str):
+    """The RecipeError `error` with its missing-directory line (NoBenchmarkDir's) blaming `where` and naming
+    `ways_out`: for a command that validates a recipe but takes no --set (init, eval --recipe)."""
+    from pipeline.engine.recipe import RecipeError
+
+    default = NoBenchmarkDir()
+    ours = NoBenchmarkDir(where, ways_out)
+    return RecipeError(
+        [(ours.where, ours.message) if e == (default.where, default.message) else e for e in error.errors]
+    )
+
+
 def benchmark_file(name: str, split: str, data_dir: str | os.PathLike | None, where: str = "data_dir") -> Path:
     """`<dir>/<name>_<split>.jsonl` (or `.parquet`); InputError, blamed on `where`, naming the file
-    looked for and how to point at another when there is none."""
+    looked for and how to point at another when there is none (NoBenchmarkDir when no directory is set)."""
     directory = benchmarks_dir(data_dir)
-    hub = f", or name a hub dataset (data.hub.{name}: {HUB_IDS[name]})" if name in HUB_IDS else ""
     if directory is None:
-        raise InputError(
-            where,
-            f"{name} needs the file {name}_{split}.jsonl (or .parquet) and no benchmark "
-            f"directory is set: set data.benchmarks_dir (CLI --data-dir) or $REASONING_QAT_BENCHMARKS{hub}",
-        )
+        raise NoBenchmarkDir()
+    hub = f", or name a hub dataset (data.hub.{name}: {HUB_IDS[name]})" if name in HUB_IDS else ""
     for suffix in _FORMATS:
         if (directory / f"{name}_{split}{suffix}").is_file():
             return directory / f"{name}_{split}{suffix}"

@@ -10,8 +10,8 @@ pydantic `Config` from the closed registry in `stages/`; nothing in a YAML file 
 
 `load_recipe` raises `RecipeError` holding every problem found, each as (key path, message), in the
 order the checks run: YAML -> top-level keys -> sections -> each stage's type and schema ->
-references -> cycles -> what each reference reads (`export.model` must name a stage that writes a
-quantized model) -> each stage type's `check` hook -> the base model's local path and chat template.
+references -> cycles -> the base model's local path and chat template -> what each reference reads
+(`export.model` must name a stage that writes a quantized model) -> each stage type's `check` hook.
 """
 
 from __future__ import annotations
@@ -186,14 +186,15 @@ def parse_recipe(raw: dict, source: str = "<recipe>", overrides: typing.Sequence
     )
     # Semantic checks presuppose a well-formed recipe, so they run only once everything above passed.
     model_errors = _check_model_path(recipe.model)  # once: it may hash a stage folder's weights
+    from pipeline.data.chat import check_tokenizer  # the data layer's check: loaded when a recipe is validated
+
+    # the base model's problems first: every stage starts from it, and `init` validates a recipe written for it
+    errors += model_errors or check_tokenizer(recipe.model)
     errors += check_input_kinds(recipe, model_ok=not model_errors)
     from pipeline.data.rows import reading_each_file_once  # the data layer's reader: loaded when a recipe is validated
 
     with reading_each_file_once():  # stage checks that name the same benchmark or prompts file read it once
         errors += _run_stage_checks(recipe)
-    from pipeline.data.chat import check_tokenizer  # the data layer's check: loaded when a recipe is validated
-
-    errors += model_errors or check_tokenizer(recipe.model)
     if errors:
         raise RecipeError(errors)
     return recipe
