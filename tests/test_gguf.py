@@ -173,6 +173,8 @@ def test_cli_import(tmp_path, run_cli):
         ("architecture", "architecture bert is not supported"),
         ("tensor_type", "holds Q8_1 tensors, which the gguf package cannot dequantize"),
         ("out_exists", "already exists"),
+        ("out_in_a_file", "is a file, so"),
+        ("out_cannot_be_created", "cannot be created ("),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, run_cli, case, expected):
@@ -188,6 +190,13 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, run_cli, case, expected)
     elif case == "out_exists":
         write_tiny_gguf(path)
         out.mkdir()
+    elif case == "out_in_a_file":
+        write_tiny_gguf(path)
+        out.write_text("")
+        out = out / "model"
+    elif case == "out_cannot_be_created":
+        write_tiny_gguf(path)
+        out = Path("/proc/reasoning-qat")  # root passes permission checks, yet can create nothing here
     code, _, err = run_cli("import-gguf", path, "--out", out)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and expected in err, err
