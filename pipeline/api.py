@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from pipeline.engine.errors import InputError
+from pipeline.engine.files import check_can_create
 
 if TYPE_CHECKING:
     from torch import nn
@@ -118,8 +119,11 @@ def export(
 
     source, out = Path(source), Path(out)
     _check_quantized(source, "stage_dir", trust_remote_code)
+    if out.exists() and not out.is_dir():
+        raise InputError("--out", f"{out} is a file, not a directory")
     if out.exists() and any(out.iterdir()):
         raise InputError("--out", f"{out} exists and is not empty")
+    check_can_create(out, "--out")
     return export_checkpoint(source, scheme, out, trust_remote_code, format)
 
 
@@ -226,10 +230,8 @@ def _check_out(path: str) -> None:
     out = Path(path)
     if out.is_dir():
         raise InputError("--out", f"{path} is a directory; give a file name, e.g. {out / 'samples.jsonl'}")
-    folder = next(p for p in out.absolute().parents if p.exists())
-    if not folder.is_dir():
-        raise InputError("--out", f"{folder} is a file, so {path} cannot be written")
-    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+    check_can_create(out, "--out")
+    if out.exists() and not os.access(out, os.W_OK):
         raise InputError("--out", f"{path} cannot be written (permission denied)")
 
 

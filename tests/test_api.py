@@ -85,8 +85,12 @@ def test_export_and_load_quantized_refuse_bad_input(quantized, tmp_path):
     root, _ = quantized
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
+    (tmp_path / "a_file").write_text("")
     cases = [
         (lambda: api.export(root / "ptq", tmp_path / "full"), "--out: ", "exists and is not empty"),
+        (lambda: api.export(root / "ptq", tmp_path / "a_file"), "--out: ", "a_file is a file, not a directory"),
+        (lambda: api.export(root / "ptq", tmp_path / "a_file" / "o"), "--out: ", "a_file is a file, so"),
+        (lambda: api.export(root / "ptq", "/proc/reasoning-qat"), "--out: ", "reasoning-qat cannot be created ("),
         (lambda: api.export(root / "ptq", tmp_path / "o", scheme="w4g128"), "scheme: ", "does not match"),
         (lambda: api.export(root / "teacher", tmp_path / "o"), "stage_dir: ", "holds no quantized model"),
         (lambda: api.load_quantized(tmp_path / "nope"), "path: ", "does not exist"),
@@ -96,7 +100,7 @@ def test_export_and_load_quantized_refuse_bad_input(quantized, tmp_path):
         with pytest.raises(InputError) as e:
             call()
         assert str(e.value).startswith(where) and message in str(e.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "full"]
 
 
 def test_evaluate_returns_metrics_and_writes_samples(tmp_path):

@@ -116,6 +116,7 @@ def test_cli_eval_testbed_k_samples(run_cli, model_dir, tmp_path):
             "--out: {tmp}/a_file is a file, so {tmp}/a_file/samples.jsonl cannot",
         ),
         (["--out", "{tmp}/a_file/x/samples.jsonl"], "--out: {tmp}/a_file is a file"),
+        (["--out", "/proc/samples.jsonl"], "--out: /proc/samples.jsonl cannot be created ("),  # root too
     ],
 )
 def test_cli_eval_bad_input_exit_2(run_cli, model_dir, tmp_path, args, message, monkeypatch):

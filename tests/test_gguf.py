@@ -43,9 +43,12 @@ def _byte_alphabet() -> list[str]:
     return [chr(codes[b]) for b in range(256)]
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", odd_tensor_type=None, seed: int = 0) -> Path:
+def write_tiny_gguf(
+    path: Path, arch: str = "llama", odd_tensor_type=None, seed: int = 0, tokenizer: bool = True
+) -> Path:
     """A 2-layer Llama GGUF with random weights (Q4_1 linears, Q8_0 embedding, F32 norms, tied lm_head).
-    `odd_tensor_type`: write blk.0.ffn_up in that GGML type instead (raw zero blocks)."""
+    `odd_tensor_type`: write blk.0.ffn_up in that GGML type instead (raw zero blocks); `tokenizer=False`: no
+    tokenizer.ggml.* keys (nor a chat template)."""
     rng = np.random.default_rng(seed)
     tokens = SPECIALS + _byte_alphabet() + ["Ġt", "he", "Ġthe"]
     # the writer logs what it writes; once an earlier test has set up the run log's handlers that reaches the
@@ -62,15 +65,17 @@ def write_tiny_gguf(path: Path, arch: str = "llama", odd_tensor_type=None, seed:
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(len(tokens))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (len(tokens) - 3))
-    writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
-    writer.add_chat_template(CHATML)
+    if tokenizer:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("smollm")
+        writer.add_token_list(tokens)
+        types = [gguf.TokenType.CONTROL] * len(SPECIALS) + [gguf.TokenType.NORMAL] * (len(tokens) - 3)
+        writer.add_token_types(types)
+        writer.add_token_merges(["Ġ t", "h e", "Ġt he"])
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_unk_token_id(0)
+        writer.add_chat_template(CHATML)
 
     def add(name, shape, qtype):
         if qtype == gguf.GGMLQuantizationType.F32:
@@ -160,6 +165,7 @@ def test_cli_import(tmp_path, run_cli):
     code, out, err = run_cli("import-gguf", path, "--out", tmp_path / "model")
     assert code == 0, err
     assert "llama, eos id 2" in out
+    assert "GGUF tensors" not in err  # transformers' tqdm bar, shown only with --verbose
     assert (tmp_path / "model" / "model.safetensors").is_file()
     assert not (tmp_path / "model.partial").exists()
 
@@ -170,12 +176,20 @@ def test_cli_import(tmp_path, run_cli):
         ("not_gguf", "not a GGUF file"),
         ("truncated", "not a readable GGUF file"),
         ("missing", "no such file"),
-        ("architecture", "architecture bert is not supported"),
+        ("architecture", "architecture bert is not supported (supported: llama, qwen2, qwen3)"),
+        ("transformers_reads_it", "architecture gpt2 is not supported (supported: llama, qwen2, qwen3)"),
+        ("no_tokenizer", "carries no tokenizer (tokenizer.ggml.tokens with tokenizer.ggml.merges or .scores)"),
         ("tensor_type", "holds Q8_1 tensors, which the gguf package cannot dequantize"),
         ("out_exists", "already exists"),
+        ("out_in_a_file", "is a file, so"),
+        ("out_cannot_be_created", "cannot be created ("),
     ],
 )
-def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, run_cli, case, expected):
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, run_cli, monkeypatch, case, expected):
+    """Refused from the file's own bytes and metadata, before transformers reads it."""
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: pytest.fail("transformers read it"))
     path, out = tmp_path / "m.gguf", tmp_path / "model"
     if case == "not_gguf":
         path.write_text("this is not a GGUF file\n" * 10)
@@ -183,11 +197,22 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, run_cli, case, expected)
         path.write_bytes(write_tiny_gguf(tmp_path / "whole.gguf").read_bytes()[:1000])
     elif case == "architecture":
         write_tiny_gguf(path, arch="bert")
+    elif case == "transformers_reads_it":  # transformers has a gpt2 GGUF loader, whose tokenizer then fails
+        write_tiny_gguf(path, arch="gpt2")
+    elif case == "no_tokenizer":
+        write_tiny_gguf(path, tokenizer=False)
     elif case == "tensor_type":
         write_tiny_gguf(path, odd_tensor_type=gguf.GGMLQuantizationType.Q8_1)
     elif case == "out_exists":
         write_tiny_gguf(path)
         out.mkdir()
+    elif case == "out_in_a_file":
+        write_tiny_gguf(path)
+        out.write_text("")
+        out = out / "model"
+    elif case == "out_cannot_be_created":
+        write_tiny_gguf(path)
+        out = Path("/proc/reasoning-qat")  # root passes permission checks, yet can create nothing here
     code, _, err = run_cli("import-gguf", path, "--out", out)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and expected in err, err

@@ -1,5 +1,5 @@
 """pipeline.engine.logs through the CLI: a GPTQ ptq run shows our progress lines and none of llmcompressor's or
-DeepSpeed's chatter; --verbose brings that back."""
+DeepSpeed's chatter, an export and its eval none of compressed-tensors' progress bars; --verbose brings them back."""
 
 import os
 import subprocess
@@ -13,6 +13,8 @@ from quant_tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 CHATTER = ("METRIC", "No accelerator available", "Setting accelerator to CPU")
+BARS = ("Compressing model", "Applying quantization config", "Dispatching model", "Decompressing model")
+"""compressed-tensors' tqdm bars: saving an export, and transformers loading it (the last two pass disable=False)."""
 
 
 def _run(recipe: Path, artifacts: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -59,3 +61,37 @@ def test_gptq_run_is_quiet_unless_verbose(tmp_path):
     verbose = _run(recipe, tmp_path / "b", "--verbose")
     assert verbose.returncode == 0, verbose.stderr
     assert "METRIC" in verbose.stdout + verbose.stderr and "No accelerator available" in verbose.stdout + verbose.stderr
+
+
+def test_export_and_its_eval_show_no_library_progress_bars_unless_verbose(tmp_path):
+    recipe = tmp_path / "e.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "e",
+                "seed": 0,
+                "model": {"path": str(save_tiny(tmp_path / "model")), "dtype": "float32"},
+                "quant": "w3g128",
+                "data": {"task": "gsm8k", "benchmarks_dir": str(ROOT / "tests" / "data")},
+                "stages": {
+                    "rtn": {"type": "ptq", "method": "rtn", "nsamples": 2, "seqlen": 32, "sqnr_samples": 0},
+                    "export": {"type": "export", "model": "rtn"},
+                    "export_eval": {
+                        "type": "eval",
+                        "model": "export",
+                        "bench": "gsm8k",
+                        "limit": 1,
+                        "generate": False,
+                        "perplexity": True,
+                    },
+                },
+            }
+        )
+    )
+    quiet = _run(recipe, tmp_path / "a")
+    assert quiet.returncode == 0, quiet.stderr
+    assert not [bar for bar in BARS if bar in quiet.stdout + quiet.stderr], quiet.stderr
+    assert "stages.export_eval: done" in quiet.stderr
+    verbose = _run(recipe, tmp_path / "b", "--verbose")
+    assert verbose.returncode == 0, verbose.stderr
+    assert [bar for bar in BARS if bar in verbose.stderr] == list(BARS)

@@ -498,20 +498,43 @@ def test_read_only_artifacts_status_and_a_run_with_nothing_to_do_work(fake_stage
         assert states(run_cli, recipe, art) == {s: ("complete", "up to date") for s in "abc"}
         code, out, err = run_cli("run", recipe, "--artifacts", art)
         assert code == 0, err
-        assert "cannot write here (Permission denied), so nothing was written" in err
+        assert f"nothing to run; cannot write {art}/t (Permission denied), so nothing was written" in err
         assert [line.split("│")[2].strip() for line in out.splitlines() if line.startswith("│")] == ["up to date"] * 3
 
         code, out, err = run_cli("run", recipe, "--artifacts", art, "--set", "stages.c.value=6")
         assert code == 2 and err.strip() == (
-            f"{art}/t: cannot write here (Permission denied), and stage 'c' needs to run (config changed: value 5 -> 6)"
+            f"--artifacts: cannot write {art}/t (Permission denied), and stage 'c' needs to run "
+            "(config changed: value 5 -> 6)"
         )
         code, out, err = run_cli("run", recipe, "--artifacts", shared_dir / "new")
         assert code == 2 and err.strip() == (
-            f"{shared_dir}/new/t: cannot write here (Permission denied), and stage 'a' needs to run (never run)"
+            f"--artifacts: cannot write {shared_dir}/new/t (Permission denied), and stage 'a' needs to run (never run)"
         )
     assert fake_stages.calls == []
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in art.rglob("*")} == snapshot
     assert not (shared_dir / "new").exists()
+
+
+def test_an_artifacts_folder_that_cannot_be_created_is_bad_input(fake_stages, write_recipe, tmp_path, run_cli):
+    """A file where the folder or one above it should be, or a parent that takes no new entries (/proc): exit 2,
+    one line naming --artifacts and what is wrong, nothing written."""
+    recipe = write_recipe(CHAIN)
+    a_file, taken = tmp_path / "a_file", tmp_path / "art" / "t"
+    a_file.write_text("")
+    taken.parent.mkdir()
+    taken.write_text("")
+    before = sorted(tmp_path.rglob("*"))
+    cases = {
+        a_file: f"--artifacts: cannot create {a_file}/t: {a_file} is a file, not a directory",
+        taken.parent: f"--artifacts: {taken} is a file, not a directory",
+        # as root the folder cannot be created (No such file or directory); as anyone else not written
+        Path("/proc/reasoning-qat"): "--artifacts: cannot ",
+    }
+    for art, message in cases.items():
+        code, _, err = run_cli("run", recipe, "--artifacts", art)
+        assert code == 2 and err.startswith(message), err
+        assert err.strip().endswith(", and stage 'a' needs to run (never run)") and len(err.splitlines()) == 1
+    assert fake_stages.calls == [] and sorted(tmp_path.rglob("*")) == before
 
 
 def test_a_signal_stops_a_stage_that_does_not_train_at_once(fake_stages, write_recipe, tmp_path, run_cli, monkeypatch):

@@ -15,7 +15,7 @@
     accelerate launch -m pipeline.cli run RECIPE
 
 Exit codes: 0 done (a stage skipped by its gate counts as done), 2 bad input (one line per problem,
-nothing written; also a run with work to do in an artifacts directory it may not write), 1 a failure
+nothing written; also a run with work to do in an artifacts directory it may not write or create), 1 a failure
 while running (one line naming the stage; the traceback is in run.log), 128 + the signal's number when
 SIGINT / SIGTERM stopped a run (130 / 143; training stages resume from the checkpoint it saved).
 

@@ -1,4 +1,5 @@
-"""File primitives the store and the checkpoints share: sha256 of a file and of a tree, durable renames.
+"""File primitives the store and the checkpoints share: sha256 of a file and of a tree, durable renames; and the
+check that an output path the user named (`--out`) can be written, before the work that would fill it.
 
 `MANIFEST` is the name both write: a stage directory's manifest.json (pipeline.engine.store) and a checkpoint's
 (pipeline.engine.checkpoint); `hash_tree` leaves it out of what it lists.
@@ -8,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
+
+from pipeline.engine.errors import InputError
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
@@ -46,3 +50,18 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_can_create(path: str | Path, where: str) -> None:
+    """InputError(where, ...) unless this process can create `path` (a file or a folder, with any missing folders
+    above it), or write into it if it is a folder already. Tried with a temporary folder in the nearest folder
+    that exists, removed at once: permission bits do not tell (root passes them, yet can create nothing in /proc
+    or on a read-only mount)."""
+    path = Path(path)
+    folder = path if path.is_dir() else next(p for p in path.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise InputError(where, f"{folder} is a file, so {path} cannot be created")
+    try:
+        Path(tempfile.mkdtemp(dir=folder)).rmdir()
+    except OSError as e:
+        raise InputError(where, f"{path} cannot be created ({e.strerror})") from None

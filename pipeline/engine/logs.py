@@ -76,7 +76,7 @@ QUIET_ENV = {
     # its loguru lines: "No accelerator available!" (WARNING), a GPTQ METRIC line (level 38) per module; not
     # LLM_COMPRESSOR_LOG_DISABLED, which skips defining METRIC, and GPTQ then fails logging at it
     "LLM_COMPRESSOR_LOG_LEVEL": "ERROR",
-    "TQDM_DISABLE": "1",  # llmcompressor's and compressed-tensors' calibration / compression bars
+    "TQDM_DISABLE": "1",  # tqdm's bars in processes this one starts without running the CLI (_no_tqdm_bars)
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' weight loading / shard writing bars follow this one
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     "TRANSFORMERS_VERBOSITY": "error",
@@ -102,7 +102,28 @@ def quiet_libraries(verbose: bool = False) -> None:
     deepspeed = logging.getLogger("DeepSpeed")
     if _errors_only not in deepspeed.filters:
         deepspeed.addFilter(_errors_only)
+    _no_tqdm_bars()
     _quiet_imported()
+
+
+def _no_tqdm_bars() -> None:
+    """Every tqdm bar of this process off, whatever its caller passes. TQDM_DISABLE alone misses them: tqdm
+    reads it once, when imported, and torch imports tqdm before this runs (export's and eval's arguments import
+    torch; so may an earlier call in the same process); and compressed-tensors passes `disable=False` itself
+    ("Applying quantization config", "Dispatching model" when transformers loads an export), which the variable
+    does not override. Transformers' own switch (disable_progress_bar) covers only the bars it draws through its
+    logging module, not "Converting and de-quantizing GGUF tensors" nor "Compressing / Decompressing model"."""
+    from tqdm import std
+
+    init = std.tqdm.__init__
+    if getattr(init, "quiet", False):  # already replaced (the CLI called twice in one process)
+        return
+
+    def quiet(self, *args, **kwargs):
+        init(self, *args, **{**kwargs, "disable": True})
+
+    quiet.quiet = True
+    std.tqdm.__init__ = quiet
 
 
 def _quiet_imported() -> None:

@@ -485,7 +485,7 @@ def _run_stages(recipe, store, selected, forced, options, procs, read_only: str 
             and existing.get("fingerprint") == decision.fingerprint
         )
         if read_only and not recorded_skip:
-            raise InputError(str(store.base), f"{read_only}, and stage '{name}' needs to run ({decision.reason})")
+            raise InputError("--artifacts", f"{read_only}, and stage '{name}' needs to run ({decision.reason})")
         if decision.action == "gate":
             stage_log.info("skipped: %s", decision.reason)
             if procs.is_main and not recorded_skip:
@@ -501,7 +501,7 @@ def _run_stages(recipe, store, selected, forced, options, procs, read_only: str 
         planner.record(decision, manifest)
         outcomes.append(Outcome(name, "ran", manifest["wall_seconds"], headline(recipe, name, manifest)))
     if read_only:
-        log.info("%s: nothing to run; %s, so nothing was written", store.base, read_only)
+        log.info("nothing to run; %s, so nothing was written", read_only)
     return outcomes
 
 

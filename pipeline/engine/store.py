@@ -41,10 +41,12 @@ class LockedError(RuntimeError):
 
 
 class NotWritable(RuntimeError):
-    """This process may not write into the artifacts directory (permissions, a read-only file system)."""
+    """This process may not write into the artifacts directory (permissions, a read-only file system), or cannot
+    create it (a file where a folder should be, a parent that takes no new entries)."""
 
 
 _NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+_NOT_CREATABLE = (errno.ENOTDIR, errno.EEXIST, errno.ENOENT)  # EEXIST: mkdir(exist_ok=True) found a file
 _LOCK_TRIES = 5
 
 
@@ -210,7 +212,7 @@ class Store:
             self.base.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.base / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise _not_writable(e) from None
+            raise _not_writable(e, self.base) from None
         if not _flock_exclusive(fd):
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
             os.close(fd)
@@ -223,7 +225,7 @@ class Store:
             try:  # the first write into the directory itself (a lock file of an earlier run may be writable)
                 self.mark_running(None)
             except OSError as e:
-                raise _not_writable(e) from None
+                raise _not_writable(e, self.base) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()}, started {self._locked_at}\n".encode(), 0)
             try:
@@ -257,11 +259,21 @@ class Store:
         return None
 
 
-def _not_writable(error: OSError) -> Exception:
-    """NotWritable for a permission or read-only file system error; other errors as they are."""
+def _not_writable(error: OSError, base: Path) -> Exception:
+    """NotWritable, naming `base` and why, for an error creating or writing it that is the user's to fix
+    (permissions, a read-only file system, a path through a file, a parent that takes no new entries such as
+    /proc); other errors as they are."""
     if error.errno in _NOT_WRITABLE:
-        return NotWritable(f"cannot write here ({error.strerror})")
-    return error
+        return NotWritable(f"cannot write {base} ({error.strerror})")
+    if error.errno not in _NOT_CREATABLE:
+        return error
+    # "Not a directory" names the folder to create, not the file in its way: name that file
+    blocker = next((p for p in (base, *base.parents) if p.exists() and not p.is_dir()), None)
+    if blocker == base:
+        return NotWritable(f"{base} is a file, not a directory")
+    if blocker is not None:
+        return NotWritable(f"cannot create {base}: {blocker} is a file, not a directory")
+    return NotWritable(f"cannot create {base} ({error.strerror})")
 
 
 def _flock_exclusive(fd: int) -> bool:
