@@ -152,6 +152,8 @@ def import_gguf(path: str | Path, out_dir: str | Path, dtype: str = "float32") -
     from pipeline.models import save_model
 
     path, out = Path(path), Path(out_dir)
+    if path.is_dir():
+        raise InputError("FILE", f"{path} is a directory; give the .gguf file in it")
     if not path.is_file():
         raise InputError("FILE", f"no such file: {path}")
     with path.open("rb") as f:

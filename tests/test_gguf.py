@@ -176,6 +176,7 @@ def test_cli_import(tmp_path, run_cli):
         ("not_gguf", "not a GGUF file"),
         ("truncated", "not a readable GGUF file"),
         ("missing", "no such file"),
+        ("directory", "is a directory; give the .gguf file in it"),
         ("architecture", "architecture bert is not supported (supported: llama, qwen2, qwen3)"),
         ("transformers_reads_it", "architecture gpt2 is not supported (supported: llama, qwen2, qwen3)"),
         ("no_tokenizer", "carries no tokenizer (tokenizer.ggml.tokens with tokenizer.ggml.merges or .scores)"),
@@ -193,6 +194,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, run_cli, monkeypatch, ca
     path, out = tmp_path / "m.gguf", tmp_path / "model"
     if case == "not_gguf":
         path.write_text("this is not a GGUF file\n" * 10)
+    elif case == "directory":
+        path.mkdir()
     elif case == "truncated":
         path.write_bytes(write_tiny_gguf(tmp_path / "whole.gguf").read_bytes()[:1000])
     elif case == "architecture":
