@@ -12,7 +12,6 @@ are capped by its context, and the text is validated as `reasoning-qat validate`
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from string import Template
@@ -20,6 +19,7 @@ from string import Template
 import yaml
 
 from pipeline.engine.errors import InputError
+from pipeline.engine.files import check_can_create
 
 SCHEMES = ("w3g128", "w4a4kv4")
 TOKEN_CAPS = {"eval": 32768, "traces": 8192, "train_eval": 4096}
@@ -268,8 +268,7 @@ def _check_out(out: Path) -> None:
         raise InputError("--out", f"{out} exists; give another name or remove it")
     if not out.parent.is_dir():
         raise InputError("--out", f"no such directory: {out.parent}")
-    if not os.access(out.parent, os.W_OK | os.X_OK):
-        raise InputError("--out", f"{out} cannot be written (permission denied)")
+    check_can_create(out, "--out")  # permission bits do not tell root that /proc or a read-only mount refuses
 
 
 def _completion_budget(cap: int, context: int | None) -> int:

@@ -66,6 +66,10 @@ def test_name_default_out_and_group_note(models, tmp_path, monkeypatch, run_cli)
             ["--model", "{qwen3}", "--scheme", "w3g128", "--out", "{tmp}/no/r.yaml"],
             "--out: no such directory: {tmp}/no",
         ),
+        (  # root passes the permission bits, yet can create nothing here
+            ["--model", "{qwen3}", "--scheme", "w3g128", "--out", "/proc/r.yaml"],
+            "--out: /proc/r.yaml cannot be created (",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(models, args, message, tmp_path, monkeypatch, run_cli, capsys):
