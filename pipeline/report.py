@@ -246,7 +246,7 @@ def write_report(recipe, root: str | Path, baseline: str | None = None) -> tuple
         )
     base = next((r for r in rows if r["stage"] == chosen), None)
     note = None
-    if base is not None and "accuracy" not in base["metrics"]:
+    if base is not None and _column(recipe.stages[chosen].type, "accuracy") not in base["metrics"]:
         if baseline is not None:
             raise InputError("--baseline", f"stage {baseline!r} has not measured an accuracy yet ({base['state']})")
         note = f"no retention: the baseline {chosen!r} has not measured an accuracy yet ({base['state']})"

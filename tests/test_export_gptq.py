@@ -228,7 +228,7 @@ def test_gptq_refuses_what_it_cannot_hold(tmp_path, run_cli, capsys, spec, edit,
     capsys.readouterr()
     code, _, stderr = run_cli("export", path, "--format", "gptq", "--out", tmp_path / "ckpt")
     assert code == 2 and len(stderr.strip().splitlines()) == 1 and message in stderr, stderr
-    assert stderr.strip().endswith("; export it with --format pack-quantized (the default)")
+    assert stderr.strip().endswith("; export it in the pack-quantized format (the default)")
     assert "Traceback" not in stderr and not (tmp_path / "ckpt").exists()
 
 
@@ -244,5 +244,5 @@ def test_gptq_refuses_w4a4kv4(tmp_path, run_cli, capsys):
     capsys.readouterr()
     code, _, stderr = run_cli("export", tmp_path / "ptq", "--format", "gptq", "--out", tmp_path / "ckpt")
     assert code == 2 and len(stderr.strip().splitlines()) == 1
-    assert "GPTQ checkpoints hold weight-only models" in stderr and "--format pack-quantized" in stderr
+    assert "GPTQ checkpoints hold weight-only models" in stderr and "pack-quantized format (the default)" in stderr
     assert not (tmp_path / "ckpt").exists()

@@ -90,9 +90,12 @@ def _errors_only(record: logging.LogRecord) -> bool:
 
 def quiet_libraries(verbose: bool = False) -> None:
     """Silence third-party progress bars and info / warning lines (errors still show): our own progress lines
-    say what is happening. `verbose` leaves every library as it sets itself up."""
+    say what is happening. `verbose` leaves every library as it sets itself up (and gives tqdm its bars back if
+    an earlier call in this process took them)."""
     if verbose:
+        _tqdm_bars_back()
         return
+    user_tqdm = "TQDM_DISABLE" in os.environ
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)  # the user's own setting wins
     for name in QUIET_LOGGERS:
@@ -102,7 +105,8 @@ def quiet_libraries(verbose: bool = False) -> None:
     deepspeed = logging.getLogger("DeepSpeed")
     if _errors_only not in deepspeed.filters:
         deepspeed.addFilter(_errors_only)
-    _no_tqdm_bars()
+    if not user_tqdm:  # the user's own TQDM_DISABLE wins here too
+        _no_tqdm_bars()
     _quiet_imported()
 
 
@@ -116,14 +120,23 @@ def _no_tqdm_bars() -> None:
     from tqdm import std
 
     init = std.tqdm.__init__
-    if getattr(init, "quiet", False):  # already replaced (the CLI called twice in one process)
+    if hasattr(init, "original"):  # already replaced (the CLI called twice in one process)
         return
 
     def quiet(self, *args, **kwargs):
         init(self, *args, **{**kwargs, "disable": True})
 
-    quiet.quiet = True
+    quiet.original = init
     std.tqdm.__init__ = quiet
+
+
+def _tqdm_bars_back() -> None:
+    """Undo _no_tqdm_bars (a --verbose call after a quiet one in the same process)."""
+    import sys
+
+    std = sys.modules.get("tqdm.std")
+    if std is not None and hasattr(std.tqdm.__init__, "original"):
+        std.tqdm.__init__ = std.tqdm.__init__.original
 
 
 def _quiet_imported() -> None:

@@ -159,7 +159,7 @@ def export_gptq(model: nn.Module, tokenizer, spec, out_dir: str | Path) -> None:
             refusal = str(e)
     if refusal is not None:
         # the way out every refusal shares: the default format holds whatever this project quantizes
-        raise InputError("format", f"gptq: {refusal}; export it with --format pack-quantized (the default)")
+        raise InputError("format", f"gptq: {refusal}; export it in the pack-quantized format (the default)")
     quantized = {name for name, _ in quant_linears(model)}
     for key, tensor in _plain_state(model).items():
         owner, _, leaf = key.rpartition(".")
