@@ -187,14 +187,17 @@ stages:
 
 
 def test_two_processes_share_one_run(tmp_path, run_cli):
-    """torchrun (as `accelerate launch` does) with 2 CPU ranks: one lock, one writer, both finish."""
+    """torchrun (as `accelerate launch` does) with 2 CPU ranks: one lock, one writer, both finish; with a tracker,
+    whose end must not take the process group the ranks still share."""
     pytest.importorskip("stages.sft")
     recipe = _sft_recipe(tmp_path / "tiny.yaml")
-    command = _torchrun("run", recipe, "--artifacts", tmp_path / "art", "--set", "stages.teacher.steps=8")
+    tracked = ["--set", "stages.teacher.steps=8", "--set", "stages.teacher.report_to=[tensorboard]"]
+    command = _torchrun("run", recipe, "--artifacts", tmp_path / "art", *tracked)
     done = subprocess.run(command, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((tmp_path / "art" / "tiny" / "teacher" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["metrics"]["steps"] == 8
+    assert list((tmp_path / "art" / "tiny" / "teacher" / "tensorboard").glob("*/events.out.tfevents.*"))
     log = (tmp_path / "art" / "tiny" / "run.log").read_text()
     assert log.count("stages.teacher: running (never run)") == 1  # only the main rank writes run.log
     assert "in use by another run" not in done.stdout + done.stderr

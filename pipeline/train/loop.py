@@ -877,9 +877,11 @@ def _save(run: _Run, done: int) -> None:
 
 
 def _finish(run: _Run, seconds: float) -> dict[str, float]:
-    if run.acc.log_with:
-        run.acc.end_training()  # flushes the event files before the stage directory is renamed into place
     run.acc.wait_for_everyone()
+    # flushes the event files before the stage directory is renamed into place; not end_training, which also
+    # destroys the process group that this stage's last collectives and the stages after it still use
+    for tracker in run.acc.trackers:
+        tracker.finish()
     tail = [r["loss"] for r in run.rows[-10:]]
     return {
         "final_loss": sum(tail) / len(tail),
