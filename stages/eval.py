@@ -92,6 +92,17 @@ class Config(StageConfig):
 
 def check(config: Config, recipe) -> list[tuple[str, str]]:
     errors = untrained_base_model(config, recipe, "model", *(["teacher"] if config.teacher else []))
+    for key in ("model", "teacher"):
+        source = recipe.stages.get(getattr(config, key) or "")
+        if source is not None and source.type == "export" and source.format == "gptq":
+            # transformers hands a GPTQ checkpoint to optimum / gptqmodel, which this project does not install
+            errors.append(
+                (
+                    key,
+                    f"{getattr(config, key)!r} writes the GPTQ format, for vLLM / SGLang (docs/serving.md); evaluate "
+                    f"{source.model!r}, the stage it exports, or an export in the pack-quantized format",
+                )
+            )
     if config.text is not None and not Path(config.text).expanduser().is_file():
         errors.append(("text", f"no such file: {config.text}"))
     if config.generate or config.text is None:

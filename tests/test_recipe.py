@@ -313,6 +313,13 @@ MALFORMED = [
         "(written by sft, ptq, kd_qat, rl or export stages)",
     ),
     (
+        "eval-of-a-gptq-export",
+        with_("stages.export_eval", {"type": "eval", "model": "export"}, with_("stages.export.format", "gptq", REAL)),
+        [],
+        "stages.export_eval.model: 'export' writes the GPTQ format, for vLLM / SGLang (docs/serving.md); evaluate "
+        "'kd_qat', the stage it exports, or an export in the pack-quantized format",
+    ),
+    (
         "export-of-base",
         with_("stages.export.model", "model", REAL),
         [],
