@@ -222,8 +222,8 @@ def test_hub_source_that_cannot_load(monkeypatch, tmp_path):
 
 
 NO_DIRECTORY = (
-    "no benchmark directory is set, and every benchmark but the testbed is read from its files there "
-    "(<dir>/<bench>_<split>.jsonl or .parquet): "
+    "no benchmark directory is set, where the benchmarks not read from the hub are files "
+    "(<dir>/<bench>_<split>.jsonl or .parquet; the testbed needs none): "
 )
 
 
@@ -270,7 +270,7 @@ def test_validation_finds_missing_sources(monkeypatch, tmp_path):
     assert check_bench("gsm8k", DataSpec(benchmarks_dir=str(DATA))) == []
     [(where, message)] = check_bench("aime24", DataSpec(benchmarks_dir=str(tmp_path)), "stages.e.bench")
     assert where == "stages.e.bench" and message == (
-        f"no such file: {tmp_path}/aime24_test.jsonl (nor .parquet); point data.benchmarks_dir (CLI --data-dir) "
+        f"no such file: {tmp_path}/aime24_test.jsonl (nor .parquet); point data.benchmarks_dir (eval: --data-dir) "
         "or $REASONING_QAT_BENCHMARKS at a directory that has it"
     )
     assert check_bench("math500", DataSpec(hub={"math500": "HuggingFaceH4/MATH-500"})) == []  # loaded at run time

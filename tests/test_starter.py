@@ -120,7 +120,8 @@ def test_without_a_benchmark_directory_the_model_comes_first_and_the_directory_o
     lines = stderr.splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"model.path: {tmp_path / 'base'} has no chat template")
     assert lines[1] == (
-        "data.benchmarks_dir: no benchmark directory is set, and every benchmark but the testbed is read from its "
-        "files there (<dir>/<bench>_<split>.jsonl or .parquet): export REASONING_QAT_BENCHMARKS=DIR and run init again"
+        "data.benchmarks_dir: no benchmark directory is set, where the benchmarks not read from the hub are files "
+        "(<dir>/<bench>_<split>.jsonl or .parquet; the testbed needs none): export REASONING_QAT_BENCHMARKS=DIR and "
+        "run init again"
     )
     assert not (tmp_path / "r.yaml").exists()

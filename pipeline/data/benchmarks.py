@@ -88,8 +88,8 @@ class NoBenchmarkDir(InputError):
     def __init__(self, where: str = "data.benchmarks_dir", ways_out: str = RECIPE_WAYS_OUT):
         super().__init__(
             where,
-            "no benchmark directory is set, and every benchmark but the testbed is read from its files there "
-            f"(<dir>/<bench>_<split>.jsonl or .parquet): {ways_out}",
+            "no benchmark directory is set, where the benchmarks not read from the hub are files "
+            f"(<dir>/<bench>_<split>.jsonl or .parquet; the testbed needs none): {ways_out}",
         )
 
 
@@ -118,7 +118,7 @@ def benchmark_file(name: str, split: str, data_dir: str | os.PathLike | None, wh
     raise InputError(
         where,
         f"no such file: {directory / f'{name}_{split}.jsonl'} (nor .parquet); point "
-        f"data.benchmarks_dir (CLI --data-dir) or $REASONING_QAT_BENCHMARKS at a directory that has it{hub}",
+        f"data.benchmarks_dir (eval: --data-dir) or $REASONING_QAT_BENCHMARKS at a directory that has it{hub}",
     )
 
 
