@@ -67,6 +67,8 @@ from pipeline.stops import first_stop_end
 
 log = logging.getLogger(__name__)
 
+_CUTS_SAID: set[tuple[int, int, int]] = set()
+"""(sequences at a time, batch_size, cache length) of the batch cuts already logged by this process."""
 _STATIC_WIDTH_STEP = 64
 """Prompt widths of the static backend are rounded up to a multiple of this."""
 
@@ -186,7 +188,9 @@ def _generate_padded(
     capacity = _padded_width(max(map(len, prompt_ids)), cache_implementation) + spec.max_new_tokens
     fitting = refill.slot_count(model, capacity, spec.batch_size, refill.free_memory_bytes(model.device))
     per_batch = max(1, min(spec.batch_size, fitting) // k)
-    if per_batch < min(max(1, spec.batch_size // k), len(prompt_ids)):
+    cut = (per_batch, spec.batch_size, capacity)
+    if per_batch < min(max(1, spec.batch_size // k), len(prompt_ids)) and cut not in _CUTS_SAID:
+        _CUTS_SAID.add(cut)  # once: RL rollouts and held-out evals generate again every few steps
         log.warning(
             "generate: %d sequences at a time, not batch_size %d: the free memory holds %d caches of %d tokens",
             per_batch * k,

@@ -22,7 +22,8 @@ def user_message(question: str, instruction: str = BOXED_INSTRUCTION) -> str:
     return f"{question}\n{instruction}" if instruction else question
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+"""A tokenizer's own files (fast; sentencepiece; BPE's vocabulary): a folder with none has no tokenizer."""
 NO_TOKENIZER = "has no tokenizer (tokenizer.json / tokenizer_config.json)"
 NO_CHAT_TEMPLATE = (
     "has no chat template, which every prompt and trace is rendered with; use the model's "
