@@ -225,7 +225,7 @@ class Store:
             try:  # the first write into the directory itself (a lock file of an earlier run may be writable)
                 self.mark_running(None)
             except OSError as e:
-                raise _not_writable(e, self.base) from None
+                raise _not_writable(e, self.base, creating=False) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()}, started {self._locked_at}\n".encode(), 0)
             try:
@@ -259,13 +259,13 @@ class Store:
         return None
 
 
-def _not_writable(error: OSError, base: Path) -> Exception:
-    """NotWritable, naming `base` and why, for an error creating or writing it that is the user's to fix
-    (permissions, a read-only file system, a path through a file, a parent that takes no new entries such as
-    /proc); other errors as they are."""
+def _not_writable(error: OSError, base: Path, creating: bool = True) -> Exception:
+    """NotWritable, naming `base` and why, for an error creating (`creating`) or writing it that is the user's to
+    fix (permissions, a read-only file system; when creating, a path through a file, a parent that takes no new
+    entries such as /proc); other errors as they are (writing into a folder that exists, a missing path is a bug)."""
     if error.errno in _NOT_WRITABLE:
         return NotWritable(f"cannot write {base} ({error.strerror})")
-    if error.errno not in _NOT_CREATABLE:
+    if not creating or error.errno not in _NOT_CREATABLE:
         return error
     # "Not a directory" names the folder to create, not the file in its way: name that file
     blocker = next((p for p in (base, *base.parents) if p.exists() and not p.is_dir()), None)
