@@ -17,6 +17,17 @@ BARS = ("Compressing model", "Applying quantization config", "Dispatching model"
 """compressed-tensors' tqdm bars: saving an export, and transformers loading it (the last two pass disable=False)."""
 
 
+def _tiny_recipe(tmp_path: Path, quant, stages: dict) -> Path:
+    """A recipe of `stages` on a tiny saved model, the test benchmarks as its data."""
+    recipe = tmp_path / "r.yaml"
+    model = {"path": str(save_tiny(tmp_path / "model")), "dtype": "float32"}
+    data = {"task": "gsm8k", "benchmarks_dir": str(ROOT / "tests" / "data")}
+    recipe.write_text(
+        yaml.safe_dump({"name": "r", "seed": 0, "model": model, "quant": quant, "data": data, "stages": stages})
+    )
+    return recipe
+
+
 def _run(recipe: Path, artifacts: Path, *extra: str) -> subprocess.CompletedProcess:
     # without the settings an in-process CLI call of another test left in this process's environment
     env = {k: v for k, v in os.environ.items() if k not in QUIET_ENV}
@@ -31,28 +42,16 @@ def _run(recipe: Path, artifacts: Path, *extra: str) -> subprocess.CompletedProc
 
 
 def test_gptq_run_is_quiet_unless_verbose(tmp_path):
-    recipe = tmp_path / "q.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "name": "q",
-                "seed": 0,
-                "model": {"path": str(save_tiny(tmp_path / "model")), "dtype": "float32"},
-                "quant": {"weights": {"num_bits": 3, "group_size": 128, "symmetric": False}},
-                "stages": {
-                    "ptq": {
-                        "type": "ptq",
-                        "model": "model",
-                        "method": "gptq",
-                        "calibration_source": "generic",
-                        "nsamples": 2,
-                        "seqlen": 32,
-                        "sqnr_samples": 1,
-                    }
-                },
-            }
-        )
-    )
+    ptq = {
+        "type": "ptq",
+        "model": "model",
+        "method": "gptq",
+        "calibration_source": "generic",
+        "nsamples": 2,
+        "seqlen": 32,
+        "sqnr_samples": 1,
+    }
+    recipe = _tiny_recipe(tmp_path, {"weights": {"num_bits": 3, "group_size": 128, "symmetric": False}}, {"ptq": ptq})
     quiet = _run(recipe, tmp_path / "a")
     assert quiet.returncode == 0, quiet.stderr
     both = quiet.stdout + quiet.stderr
@@ -64,30 +63,13 @@ def test_gptq_run_is_quiet_unless_verbose(tmp_path):
 
 
 def test_export_and_its_eval_show_no_library_progress_bars_unless_verbose(tmp_path):
-    recipe = tmp_path / "e.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "name": "e",
-                "seed": 0,
-                "model": {"path": str(save_tiny(tmp_path / "model")), "dtype": "float32"},
-                "quant": "w3g128",
-                "data": {"task": "gsm8k", "benchmarks_dir": str(ROOT / "tests" / "data")},
-                "stages": {
-                    "rtn": {"type": "ptq", "method": "rtn", "nsamples": 2, "seqlen": 32, "sqnr_samples": 0},
-                    "export": {"type": "export", "model": "rtn"},
-                    "export_eval": {
-                        "type": "eval",
-                        "model": "export",
-                        "bench": "gsm8k",
-                        "limit": 1,
-                        "generate": False,
-                        "perplexity": True,
-                    },
-                },
-            }
-        )
-    )
+    ppl = {"type": "eval", "model": "export", "bench": "gsm8k", "limit": 1, "generate": False, "perplexity": True}
+    stages = {
+        "rtn": {"type": "ptq", "method": "rtn", "nsamples": 2, "seqlen": 32, "sqnr_samples": 0},
+        "export": {"type": "export", "model": "rtn"},
+        "export_eval": ppl,
+    }
+    recipe = _tiny_recipe(tmp_path, "w3g128", stages)
     quiet = _run(recipe, tmp_path / "a")
     assert quiet.returncode == 0, quiet.stderr
     assert not [bar for bar in BARS if bar in quiet.stdout + quiet.stderr], quiet.stderr
